@@ -1,0 +1,230 @@
+"""Layer discovery and capture: which ``nn.Linear`` pairs with which transfer function.
+
+LocoProp splits a network into layers ``â_m = W_m ŷ_{m-1}``, ``ŷ_m = f_m(â_m)``
+(paper Sec. 1.2, biases folded into ``W_m``).  This module finds those pairs
+(:func:`discover_layers`) and, during the one forward and backward pass of a
+step, records each layer's input ``ŷ_{m-1}``, pre-activation ``â_m`` and the
+loss gradients (:class:`LayerCapture`).  It knows nothing about the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .transfer import Linear as LinearTransfer
+from .transfer import TransferFunction, get_transfer, transfer_from_module
+
+__all__ = ["Layer", "LayerBatch", "discover_layers", "LayerCapture"]
+
+
+@dataclass
+class Layer:
+    """One LocoProp layer: a linear map and the transfer function after it.
+
+    ``transfer`` is ``None`` when the module after the linear map is not a
+    known monotone transfer function (only squared-loss, pre-activation
+    variants accept that).  ``transfer_module`` is the activation module, when
+    there is one, so that its output (the post-activation) can be captured.
+    """
+
+    name: str
+    linear: nn.Linear
+    transfer: TransferFunction | None
+    transfer_module: nn.Module | None = None
+    transfer_desc: str = ""
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in (self.linear.weight, self.linear.bias) if p is not None]
+
+
+@dataclass
+class LayerBatch:
+    """What one forward and backward pass captured for a layer (Algorithms 1-4).
+
+    Attributes:
+        inputs: ``ŷ_{m-1}``, shape ``(b, n)``.
+        pre: ``â_m``, shape ``(b, d)``.
+        grad_pre: ``∇_{â_m} L``.
+        post: ``ŷ_m = f(â_m)`` when captured from the model.
+        grad_post: ``∇_{ŷ_m} L`` when captured (Algorithms 3, 4).
+        grad_pre_sampled: ``∇_{â_m}`` of the loss on labels sampled from the
+            model's predictive distribution (for a sampled Fisher, Prop. 1).
+    """
+
+    layer: Layer
+    inputs: torch.Tensor
+    pre: torch.Tensor
+    grad_pre: torch.Tensor | None = None
+    post: torch.Tensor | None = None
+    grad_post: torch.Tensor | None = None
+    grad_pre_sampled: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def transfer(self) -> TransferFunction:
+        return self.layer.transfer
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs.shape[0]
+
+
+def _flatten_sequential(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in module.named_children():
+        qual = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.Sequential):
+            out.extend(_flatten_sequential(child, qual))
+        else:
+            out.append((qual, child))
+    return out
+
+
+def _check_not_inplace(name: str, module: nn.Module | None) -> None:
+    if module is not None and getattr(module, "inplace", False):
+        raise ValueError(
+            f"layer {name!r}: the activation {type(module).__name__}(inplace=True) overwrites the "
+            "pre-activation LocoProp needs; use inplace=False"
+        )
+
+
+def discover_layers(
+    model: nn.Module,
+    layers: Sequence[tuple[nn.Module, object]] | None = None,
+    output_transfer=None,
+) -> list[Layer]:
+    """Pair each ``nn.Linear`` with its transfer function.
+
+    Args:
+        model: the network.  For an ``nn.Sequential`` (nested ones are
+            flattened) every ``nn.Linear`` is a layer and the module right after
+            it, if it is one of Tanh, ReLU, LeakyReLU, Sigmoid, Softmax,
+            Softplus, ELU or Identity, is its transfer function; a Linear
+            followed by another Linear (or nothing) is linear.
+        layers: for any other model, the explicit ``(linear_module, transfer)``
+            pairs, ``transfer`` a name (``"tanh"``), a
+            :class:`~locoprop.transfer.TransferFunction` or an activation module.
+        output_transfer: the transfer function of the last layer implied by the
+            loss (``"sigmoid"`` for BCE-with-logits, ``"softmax"`` for
+            cross-entropy, ``"linear"`` for MSE).  ``None`` keeps what the model
+            shows (a trailing activation module, or linear).
+
+    Raises:
+        ValueError: no Linear layer, a module that is not ``nn.Linear``, a
+            Linear listed twice, or an unknown transfer name.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    found: list[Layer] = []
+    if layers is not None:
+        for i, pair in enumerate(layers):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"layers[{i}]: expected a (nn.Linear, transfer) pair, got {pair!r}")
+            lin, spec = pair
+            if not isinstance(lin, nn.Linear):
+                raise ValueError(f"layers[{i}]: expected an nn.Linear, got {type(lin).__name__}")
+            name = names.get(id(lin), f"layers[{i}]")
+            module = spec if isinstance(spec, nn.Module) else None
+            _check_not_inplace(name, module)
+            try:
+                transfer = get_transfer(spec)
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
+            found.append(Layer(name, lin, transfer, module, type(spec).__name__ if module else str(spec)))
+    elif isinstance(model, nn.Sequential):
+        flat = _flatten_sequential(model, "")
+        for i, (name, mod) in enumerate(flat):
+            if not isinstance(mod, nn.Linear):
+                continue
+            nxt_name, nxt = flat[i + 1] if i + 1 < len(flat) else (None, None)
+            if nxt is None or isinstance(nxt, nn.Linear):
+                found.append(Layer(name, mod, LinearTransfer(), None, "none"))
+                continue
+            _check_not_inplace(name, nxt)
+            transfer = transfer_from_module(nxt)
+            found.append(Layer(name, mod, transfer, nxt if transfer is not None else None, type(nxt).__name__))
+    else:
+        raise ValueError(
+            f"model: layer discovery needs an nn.Sequential; for a {type(model).__name__} pass "
+            "layers=[(model.linear1, 'tanh'), ...]"
+        )
+    if not found:
+        raise ValueError(f"model: no nn.Linear layer found in {type(model).__name__}; LocoProp updates Linear layers")
+    seen: set[int] = set()
+    for lay in found:
+        if id(lay.linear) in seen:
+            raise ValueError(f"layer {lay.name!r} is listed twice")
+        seen.add(id(lay.linear))
+    if output_transfer is not None:
+        last = found[-1]
+        try:
+            last.transfer = get_transfer(output_transfer)
+        except ValueError as exc:
+            raise ValueError(f"output_transfer: {exc}") from None
+        last.transfer_module = None  # the transfer lives inside the loss
+        last.transfer_desc = f"{output_transfer} (output_transfer)"
+    return found
+
+
+class LayerCapture:
+    """Forward hooks that record each layer's input, pre- and post-activation.
+
+    Use as a context manager around the closure; hooks are removed on exit, so
+    the user's model is unchanged outside a step.
+    """
+
+    def __init__(self, layers: Iterable[Layer], capture_post: bool = False) -> None:
+        self.layers = list(layers)
+        self.capture_post = capture_post
+        self.batches: list[LayerBatch | None] = [None] * len(self.layers)
+        self.calls = [0] * len(self.layers)
+        self._by_pre: dict[int, int] = {}
+        self._handles: list = []
+
+    def _linear_hook(self, index: int):
+        def hook(module, inputs, output):
+            self.calls[index] += 1
+            x = inputs[0].detach()
+            self.batches[index] = LayerBatch(
+                layer=self.layers[index],
+                inputs=x.reshape(-1, x.shape[-1]),
+                pre=output,
+            )
+            self._by_pre[id(output)] = index
+
+        return hook
+
+    def _transfer_hook(self, module, inputs, output):
+        index = self._by_pre.get(id(inputs[0]))
+        if index is not None and self.layers[index].transfer_module is module:
+            self.batches[index].post = output
+
+    def __enter__(self) -> "LayerCapture":
+        hooked_transfers: set[int] = set()
+        for i, lay in enumerate(self.layers):
+            self._handles.append(lay.linear.register_forward_hook(self._linear_hook(i)))
+            mod = lay.transfer_module
+            if self.capture_post and mod is not None and id(mod) not in hooked_transfers:
+                hooked_transfers.add(id(mod))
+                self._handles.append(mod.register_forward_hook(self._transfer_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._by_pre.clear()
+
+    def check(self) -> list[LayerBatch]:
+        """The captured batches, or a ``RuntimeError`` naming a layer called 0 or 2+ times."""
+        for lay, n in zip(self.layers, self.calls):
+            if n != 1:
+                raise RuntimeError(
+                    f"layer {lay.name!r} ran {n} times in the closure's forward pass; LocoProp needs "
+                    "exactly one call per layer per step (the closure must run the forward pass once)"
+                )
+        return list(self.batches)  # type: ignore[arg-type]

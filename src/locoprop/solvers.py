@@ -1,0 +1,148 @@
+r"""Local solvers: minimise every layer's local problem (paper Sec. 2, Algorithms 1-4).
+
+A solver receives one :class:`LocalProblem` per layer (input, target, the
+layer's parameters and their values at the start of the step) and changes the
+parameters in place.  It knows nothing about how the targets were built.
+
+* :class:`IterativeSolver`: ``T`` local iterations; in iteration ``k`` every
+  layer's local gradient ``δᵀx̃`` (closed form, summed over the batch) is
+  computed, then one inner-optimizer step updates all layers together, with
+  learning rate ``η_k = η max(1 - k/T, 0.25)`` (reference notes, step 5).
+* :class:`ClosedFormSolver`: the implicit update of LocoProp-S,
+  ``ΔW = -η_e ∇_W L (I + η x̃x̃ᵀ)⁻¹`` (Sec. 2.1; Eq. 15 with natural-gradient
+  targets), through the Woodbury identity when the batch is smaller than the
+  layer's input width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim import Optimizer
+
+from .layers import LayerBatch
+from .losses import LocalLoss
+from .regularizers import Regularizer
+
+__all__ = ["LocalProblem", "IterativeSolver", "ClosedFormSolver", "local_lr", "local_objective"]
+
+
+@dataclass
+class LocalProblem:
+    """One layer's local problem for this step."""
+
+    batch: LayerBatch
+    target: torch.Tensor
+    params: list[torch.Tensor]
+    anchor: list[torch.Tensor] | None = None
+    group: dict = field(default_factory=dict)
+
+    def pre_activation(self, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``x W̃ᵀ + b̃`` for the fixed layer input ``x``."""
+        params = self.params if params is None else params
+        pre = self.batch.inputs @ params[0].T
+        return pre + params[1] if len(params) == 2 else pre
+
+
+def local_lr(lr: float, k: int, steps: int, decay: bool, min_ratio: float) -> float:
+    """``η_k = η max(1 - k/T, min_ratio)`` (reference notes, step 5), or ``η`` without decay."""
+    return lr * max(1.0 - k / steps, min_ratio) if decay else lr
+
+
+def local_objective(problem: LocalProblem, loss: LocalLoss, regularizer: Regularizer,
+                    params: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Value of ``loss(W̃) + R(W̃, W)`` at ``params`` (default: the current ones)."""
+    params = problem.params if params is None else params
+    value = loss.value(problem.pre_activation(params), problem.target, problem.batch.transfer)
+    if problem.anchor is not None:
+        delta = [p - a for p, a in zip(params, problem.anchor)]
+        value = value + regularizer.value(problem.batch, delta, problem.group["lr"])
+    return value
+
+
+def _weight_grads(problem: LocalProblem, loss: LocalLoss) -> list[torch.Tensor]:
+    """``[δᵀx, Σδ]`` with ``δ = ∇_â`` of the local loss (closed form, summed over the batch)."""
+    delta = loss.grad(problem.pre_activation(), problem.target, problem.batch.transfer)
+    grads = [delta.T @ problem.batch.inputs]
+    if len(problem.params) == 2:
+        grads.append(delta.sum(0))
+    return grads
+
+
+class IterativeSolver:
+    """``T`` local iterations of an inner optimizer, all layers in each (Algorithms 1-4).
+
+    This is the readable reference path: a Python loop over iterations and
+    layers, with one multi-tensor inner-optimizer update per iteration.
+    """
+
+    name = "iterative"
+
+    def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
+              inner: Optimizer) -> None:
+        steps = [int(p.group["local_steps"]) for p in problems]
+        inner_groups = inner.param_groups
+        for k in range(max(steps)):
+            for m, problem in enumerate(problems):
+                g = problem.group
+                active = k < steps[m]
+                inner_groups[m]["lr"] = local_lr(g["lr"], k, steps[m], g["lr_decay"], g["min_lr_ratio"])
+                if not active:
+                    for p in problem.params:
+                        p.grad = None
+                    continue
+                grads = _weight_grads(problem, loss)
+                if problem.anchor is not None:
+                    delta = [p - a for p, a in zip(problem.params, problem.anchor)]
+                    extra = regularizer.grad(problem.batch, delta, g["lr"])
+                    if extra is not None:
+                        grads = [gr + e for gr, e in zip(grads, extra)]
+                for p, gr in zip(problem.params, grads):
+                    p.grad = gr
+            inner.step()
+            for m, problem in enumerate(problems):
+                if k < steps[m] and problem.anchor is not None:
+                    regularizer.prox(problem.params, problem.anchor, inner_groups[m]["lr"], problem.group["lr"])
+        for problem in problems:
+            for p in problem.params:
+                p.grad = None
+
+
+class ClosedFormSolver:
+    r"""Exact minimiser of ``½‖x̃Θ̃ - a‖² + (c/2)‖Θ̃ - Θ‖²`` (Eq. 4 solved; Eq. 15).
+
+    ``Θ̃ - Θ = -(x̃ᵀx̃ + cI)⁻¹ x̃ᵀ (x̃Θ - a)``, computed as
+    ``-x̃ᵀ (x̃x̃ᵀ + cI)⁻¹ (x̃Θ - a)`` (Woodbury / push-through identity) when the
+    batch ``b`` is smaller than the input width ``n + 1``.  With ``c = 1/η``
+    this is ``ΔW = -η_e ∇_W L (I + η x̃x̃ᵀ)⁻¹`` for GD targets.
+    """
+
+    name = "closed_form"
+
+    def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
+              inner: Optimizer | None = None) -> None:
+        for problem in problems:
+            c = regularizer.coefficient(problem.group["lr"])
+            x = problem.batch.inputs
+            has_bias = len(problem.params) == 2
+            if has_bias:
+                x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+            residual = problem.pre_activation() - problem.target  # (b, d)
+            b, n1 = x.shape
+            if b < n1:
+                K = x @ x.T
+                K.diagonal().add_(c)
+                step = x.T @ torch.cholesky_solve(residual, torch.linalg.cholesky(K))
+            else:
+                M = x.T @ x
+                M.diagonal().add_(c)
+                step = torch.cholesky_solve(x.T @ residual, torch.linalg.cholesky(M))
+            step = step.T  # (d, n+1)
+            W = problem.params[0]
+            W.sub_(step[:, : W.shape[1]])
+            if has_bias:
+                problem.params[1].sub_(step[:, -1])
+
+
+SOLVER_CLASSES = {"iterative": IterativeSolver, "closed_form": ClosedFormSolver}

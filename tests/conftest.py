@@ -1,0 +1,30 @@
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def mixed_mlp(dtype=torch.float64, widths=(12, 10, 9, 8, 7, 12)):
+    """A random MLP with several transfer functions of Table 2 (outputs are logits)."""
+    acts = [nn.Tanh(), nn.Softplus(), nn.LeakyReLU(0.1), nn.ELU(0.7), nn.Sigmoid()]
+    mods = []
+    for i in range(len(widths) - 1):
+        mods.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            mods.append(acts[i % len(acts)])
+    return nn.Sequential(*mods).to(dtype)
+
+
+def small_autoencoder(dtype=torch.float32, d=20):
+    return nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 6), nn.Linear(6, 16), nn.Tanh(),
+                         nn.Linear(16, d)).to(dtype)
+
+
+def bce_sum_mean(logits, x):
+    """The paper's loss: sigmoid cross-entropy summed over pixels, mean over the batch."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]

@@ -1,0 +1,87 @@
+"""One local iteration with SGD equals a BackProp SGD step with learning rate η·γ (Sec. 2.1, 2.2.3, App. E)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import locoprop
+from conftest import bce_sum_mean, mixed_mlp
+
+ETA, GAMMA = 0.05, 0.7
+
+
+def backprop_step(model, loss_fn, lr):
+    model = copy.deepcopy(model)
+    loss = loss_fn(model)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p.sub_(lr * g)
+    return model
+
+
+def assert_close_models(a, b, rtol=1e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        err = (p - q).norm() / q.norm()
+        assert err < rtol, f"{name}: relative error {err:.3g}"
+
+
+def assert_changed(a, b):
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("variant", ["S", "M", "post-S", "poco-M"])
+@pytest.mark.parametrize("output", ["sigmoid", "softmax", "linear"])
+def test_one_local_sgd_iteration_is_backprop(variant, output):
+    model = mixed_mlp()
+    x = torch.rand(32, 12, dtype=torch.float64)
+    if output == "sigmoid":
+        loss_fn = lambda m: bce_sum_mean(m(x), x)  # noqa: E731
+    elif output == "softmax":
+        labels = torch.randint(0, 12, (32,))
+        loss_fn = lambda m: nn.functional.cross_entropy(m(x), labels)  # noqa: E731
+    else:
+        loss_fn = lambda m: nn.functional.mse_loss(m(x), x)  # noqa: E731
+    expected = backprop_step(model, loss_fn, ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=1, inner="sgd",
+                            output_transfer=output)
+    before = copy.deepcopy(model)
+    opt.step(lambda: loss_fn(model))
+    assert_changed(model, before)
+    assert_close_models(model, expected)
+
+
+@pytest.mark.parametrize("variant", ["S", "M", "post-S", "poco-M"])
+def test_backprop_identity_with_explicit_pairs_and_arctan(variant):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(9, 7)
+            self.mid = nn.Linear(7, 5)
+            self.out = nn.Linear(5, 9)
+
+        def forward(self, x):
+            return self.out(torch.atan(self.mid(torch.tanh(self.enc(x)))))
+
+    model = Net().double()
+    x = torch.rand(16, 9, dtype=torch.float64)
+    loss_fn = lambda m: bce_sum_mean(m(x), x)  # noqa: E731
+    expected = backprop_step(model, loss_fn, ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=1, inner="sgd",
+                            layers=[(model.enc, "tanh"), (model.mid, "arctan"), (model.out, "sigmoid")])
+    opt.step(lambda: loss_fn(model))
+    assert_close_models(model, expected)
+
+
+def test_more_local_iterations_move_further_than_backprop():
+    model = mixed_mlp()
+    x = torch.rand(32, 12, dtype=torch.float64)
+    loss_fn = lambda m: bce_sum_mean(m(x), x)  # noqa: E731
+    bp = backprop_step(model, loss_fn, ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant="M", lr=ETA, activation_lr=GAMMA, local_steps=5, inner="sgd",
+                            output_transfer="sigmoid")
+    opt.step(lambda: loss_fn(model))
+    diffs = [(p - q).norm() / q.norm() for p, q in zip(model.parameters(), bp.parameters())]
+    assert max(diffs) > 1e-4

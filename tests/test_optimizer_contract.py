@@ -1,0 +1,97 @@
+"""The torch.optim.Optimizer contract: param groups, schedulers, state_dict round trip, zero_grad."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import locoprop
+from conftest import bce_sum_mean, small_autoencoder
+
+
+def _run(model, opt, xs):
+    for x in xs:
+        opt.step(lambda: bce_sum_mean(model(x), x))
+
+
+@pytest.mark.parametrize("inner", ["tf_rmsprop", "adam", "momentum"])
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_state_dict_round_trip_is_bit_identical(inner, variant):
+    torch.manual_seed(0)
+    xs = [torch.rand(32, 20) for _ in range(6)]
+    kw = dict(variant=variant, lr=1e-2, activation_lr=2.0, local_steps=4, inner=inner,
+              inner_kwargs={"momentum": 0.5} if inner != "adam" else {}, output_transfer="sigmoid")
+    model_a = small_autoencoder()
+    opt_a = locoprop.LocoProp(model_a, **kw)
+    _run(model_a, opt_a, xs[:3])
+    # save mid-run through bytes, as a checkpoint would, and load with weights_only=True
+    buf = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_b = small_autoencoder()
+    model_b.load_state_dict(ckpt["model"])
+    opt_b = locoprop.LocoProp(model_b, **kw)
+    opt_b.load_state_dict(ckpt["opt"])
+    _run(model_a, opt_a, xs[3:])
+    _run(model_b, opt_b, xs[3:])
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_scheduler_drives_the_local_learning_rate():
+    torch.manual_seed(0)
+    x = torch.rand(16, 20, dtype=torch.float64)
+    base = small_autoencoder(torch.float64)
+    deltas = []
+    for factor in (1.0, 0.5):
+        model = copy.deepcopy(base)
+        opt = locoprop.LocoProp(model, variant="M", lr=0.1, local_steps=1, inner="sgd", output_transfer="sigmoid")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch, f=factor: f)
+        assert all(g["lr"] == pytest.approx(0.1 * factor) for g in opt.param_groups)
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        sched.step()
+        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), base.parameters())]))
+    torch.testing.assert_close(deltas[1], 0.5 * deltas[0])
+
+
+def test_param_groups_are_layers():
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    assert [g["name"] for g in opt.param_groups] == ["0", "2", "3", "5"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    model(torch.rand(2, 20)).sum().backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_returns_the_loss_before_the_update_and_leaves_no_grads():
+    model = small_autoencoder()
+    x = torch.rand(8, 20)
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    expected = bce_sum_mean(model(x), x).item()
+    got = opt.step(lambda: bce_sum_mean(model(x), x))
+    assert got.item() == pytest.approx(expected)
+    assert not got.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_per_layer_local_steps():
+    """A layer whose group has fewer local steps stops early (grad None skips it in the inner optimizer)."""
+    torch.manual_seed(0)
+    model = small_autoencoder(torch.float64)
+    x = torch.rand(16, 20, dtype=torch.float64)
+    opt = locoprop.LocoProp(model, lr=0.01, local_steps=3, inner="adam", output_transfer="sigmoid")
+    opt.param_groups[0]["local_steps"] = 1
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    steps = [int(opt.inner.state[g["params"][0]]["step"]) for g in opt.param_groups]
+    assert steps == [1, 3, 3, 3]
+
+
+def test_works_on_inputs_with_extra_leading_dimensions():
+    model = small_autoencoder()
+    x = torch.rand(4, 3, 20)
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    l0 = opt.step(lambda: bce_sum_mean(model(x), x))
+    assert torch.isfinite(l0)
