@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; on a machine with a GPU use e.g. `make TORCH_SPEC=torch setup`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.locoprop-installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup test demo data clean
 

@@ -28,3 +28,8 @@ def small_autoencoder(dtype=torch.float32, d=20):
 def bce_sum_mean(logits, x):
     """The paper's loss: sigmoid cross-entropy summed over pixels, mean over the batch."""
     return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+# One intra-op thread per test process: `make test` runs two pytest-xdist workers on the two cores,
+# and small matrix products thrash when OpenMP threads compete for a busy core.
+torch.set_num_threads(1)

@@ -1,0 +1,365 @@
+"""One training run of the paper's protocol (Sec. 3, reference notes "Schedule").
+
+:func:`train` trains an autoencoder with one optimizer and writes, into its
+output folder:
+
+* ``config.json``: every setting, library versions, device, data source;
+* ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss`` over
+  the whole training set, ``test_loss``, ``wall_time`` (training seconds,
+  evaluation excluded), ``lr``, ...), and a final ``{"event": ...}`` line when
+  a run stops early;
+* ``checkpoint.pt``: written atomically after every epoch, loaded with
+  ``weights_only=True``; ``resume=True`` continues a killed run so that its
+  losses are identical to a run that was never stopped (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import locoprop
+
+from .data import load_dataset
+from .models import AutoencoderLoss, build_autoencoder, num_parameters
+from .optimizers import OPTIMIZER_NAMES, build_optimizer, is_locoprop
+
+__all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "early_exit_reason", "read_metrics",
+           "save_checkpoint_atomic", "load_checkpoint"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+
+
+def _opt(help: str, **kw) -> Any:
+    default = kw.pop("default")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; each field is a ``locoprop train`` option of the same name."""
+
+    dataset: str = _opt("mnist, fashion-mnist or curves", default="mnist")
+    model: str = _opt("autoencoder: standard, deep or wide", default="standard")
+    activation: str = _opt("hidden transfer function: tanh or relu", default="tanh")
+    optimizer: str = _opt("optimizer name", default="locoprop-m")
+    epochs: int = _opt("number of epochs", default=100)
+    batch_size: int = _opt("batch size", default=1000)
+    lr: float = _opt("learning rate η (LocoProp: the local learning rate)", default=1e-3)
+    beta1: float | None = _opt("β1: momentum (SGD, TF-RMSProp, LocoProp's inner), Adam β1", default=None)
+    beta2: float | None = _opt("β2: Adam β2, RMSProp decay, Shampoo/K-FAC statistics decay", default=None)
+    eps: float | None = _opt("ε of the (inner) optimizer", default=None)
+    activation_lr: float = _opt("LocoProp activation step size γ", default=1.0)
+    local_steps: int = _opt("LocoProp local iterations T", default=10)
+    inner: str = _opt("LocoProp inner optimizer", default="tf_rmsprop")
+    inverse_every: int = _opt("Shampoo/K-FAC: recompute the inverse (root) every k steps (@k)", default=1)
+    damping: float | None = _opt("Shampoo/K-FAC damping", default=None)
+    weight_decay: float = _opt("decoupled weight decay (the paper lists 1e-5; its notebook applies none)",
+                               default=0.0)
+    warmup_epochs: int = _opt("linear warm-up epochs before the linear decay", default=5)
+    seed: int = _opt("random seed (initialisation, shuffling, sampling)", default=0)
+    device: str = _opt("cpu, cuda or auto", default="auto")
+    dtype: str = _opt("float32 or float64", default="float32")
+    limit_train: int | None = _opt("use only the first N training images", default=None)
+    limit_test: int | None = _opt("use only the first N test images", default=None)
+    data_dir: str | None = _opt("folder holding the dataset files", default=None)
+    early_exit: bool = _opt("apply the notebook's early-exit rules", default=True)
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer: unknown {self.optimizer!r}; valid: {list(OPTIMIZER_NAMES)}")
+        for name in ("epochs", "batch_size", "local_steps", "inverse_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs, got {self.warmup_epochs}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: expected cpu, cuda or auto, got {self.device!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < 1:
+                raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
+        return cls(**values)
+
+    def label(self) -> str:
+        """A short legend label: optimizer and key settings."""
+        parts = [self.optimizer, f"η={self.lr:.3g}"]
+        if is_locoprop(self.optimizer):
+            parts += [f"γ={self.activation_lr:g}", f"T={self.local_steps}"]
+            if self.inner != "tf_rmsprop":
+                parts.append(f"inner={self.inner}")
+        if self.optimizer in ("shampoo", "kfac") and self.inverse_every > 1:
+            parts[0] = f"{self.optimizer}@{self.inverse_every}"
+        return " ".join(parts)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    status: str  # "finished" | "diverged" | "early-exit"
+    epochs_done: int
+    final_train_loss: float | None
+    final_test_loss: float | None
+    reason: str = ""
+
+
+def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """The notebook's schedule: ``e/W`` for ``e < W``, then ``1 - (e + 1 - W)/(E - W)`` (0-based epoch)."""
+    if epoch < warmup:
+        return epoch / warmup
+    return max(0.0, 1.0 - (epoch + 1 - warmup) / (epochs - warmup))
+
+
+def early_exit_reason(loss: float, best: float, epochs_done: int) -> str | None:
+    """The notebook's rules for abandoning a run (reference notes, "Tuning protocol")."""
+    if not math.isfinite(loss):
+        return f"train loss is {loss}"
+    if loss > 1000:
+        return f"train loss {loss:.4g} exceeds 1000"
+    if best > 600:
+        return f"best train loss {best:.4g} exceeds 600"
+    if epochs_done >= 10 and best > 350:
+        return f"best train loss {best:.4g} still above 350 after epoch {epochs_done}"
+    return None
+
+
+def save_checkpoint_atomic(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(epoch records, event records) of a run's ``metrics.jsonl``."""
+    records, events = [], []
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            (events if "event" in rec else records).append(rec)
+    return records, events
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "locoprop": locoprop.__version__}
+    for pkg in ("pytorch_optimizer", "backpack-for-pytorch", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: torch.Tensor, chunk: int = 10000) -> float:
+    """The paper's loss over a whole split (sum over pixels, mean over examples)."""
+    total = 0.0
+    for i in range(0, data.shape[0], chunk):
+        x = data[i:i + chunk]
+        total += torch.nn.functional.binary_cross_entropy_with_logits(model(x), x, reduction="sum").item()
+    return total / data.shape[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, stop_after_epochs: int | None = None) -> RunResult:
+    """Train one run into ``out``; see the module docstring.
+
+    ``stop_after_epochs`` ends the process's work after that many epochs of
+    this call (used to simulate a killed run in tests).
+    """
+    cfg.validate()
+    out = Path(out)
+    ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
+    if out.exists() and (metrics_path.exists() or ckpt_path.exists()) and not resume:
+        raise FileExistsError(f"{out}: a run is already there; pass resume=True (--resume) or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    data = load_dataset(cfg.dataset, cfg.data_dir, device=device, dtype=dtype, limit_train=cfg.limit_train,
+                        limit_test=cfg.limit_test, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_autoencoder(cfg.model, cfg.activation, input_dim=data.train.shape[1], dtype=dtype, device=device)
+    loss_fn = AutoencoderLoss()
+    opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                          activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
+                          inverse_every=cfg.inverse_every, damping=cfg.damping)
+
+    start_epoch, wall, best, step = 0, 0.0, math.inf, 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        saved = ckpt["config"]
+        differ = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+        if differ:
+            raise ValueError(f"{ckpt_path}: saved with different settings {differ}; resume with the same settings")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        start_epoch, wall, best, step = ckpt["epoch"], ckpt["wall_time"], ckpt["best"], ckpt["step"]
+        # keep the metrics the checkpoint covers (a kill may land between the two writes)
+        if metrics_path.exists():
+            recs = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and "event" not in json.loads(ln) and json.loads(ln)["epoch"] <= start_epoch]
+            metrics_path.write_text("".join(r + "\n" for r in recs))
+        log(f"resuming {out} at epoch {start_epoch}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    config_record = {
+        "settings": asdict(cfg), "label": cfg.label(), "versions": _versions(), "device": _device_name(device),
+        "data_source": data.source, "synthetic_data": data.synthetic, "train_examples": int(data.train.shape[0]),
+        "test_examples": int(data.test.shape[0]), "parameters": num_parameters(model),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+    }
+    (out / CONFIG).write_text(json.dumps(config_record, indent=2) + "\n")
+
+    def write(rec: dict) -> None:
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    if start_epoch == 0:
+        write({"epoch": 0, "train_loss": evaluate(model, data.train), "test_loss": evaluate(model, data.test),
+               "wall_time": 0.0, "lr": 0.0, "step": 0})
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a harness dependency
+        tqdm = None
+
+    n = data.train.shape[0]
+    batches = math.ceil(n / cfg.batch_size)
+    status, reason, epochs_this_call = "finished", "", 0
+    last_train = last_test = None
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = cfg.lr * lr_factor(epoch, cfg.epochs, cfg.warmup_epochs)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        perm = _epoch_permutation(n, cfg.seed, epoch).to(device)
+        bar = tqdm(total=batches, desc=f"{cfg.optimizer} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not progress or tqdm is None) if tqdm else None
+        _sync(device)
+        t0 = time.perf_counter()
+        running = 0.0
+        diverged = None
+        for i in range(batches):
+            xb = data.train[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+            try:
+                loss = opt.step(lambda: loss_fn(model(xb), xb))
+            except locoprop.DivergenceError as exc:
+                diverged = str(exc)
+                break
+            value = float(loss)
+            if not math.isfinite(value):
+                diverged = f"batch loss is {value}"
+                break
+            if cfg.weight_decay:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(1.0 - lr * cfg.weight_decay)
+            step += 1
+            running += (value - running) / (i + 1)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}")
+        _sync(device)
+        wall += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if diverged:
+            status, reason = "diverged", f"epoch {epoch + 1}: {diverged}"
+            break
+        train_loss, test_loss = evaluate(model, data.train), evaluate(model, data.test)
+        best = min(best, train_loss)
+        rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "wall_time": wall, "lr": lr,
+               "step": step, "batch_loss": running}
+        why = early_exit_reason(train_loss, best, epoch + 1) if cfg.early_exit else (
+            None if math.isfinite(train_loss) else f"train loss is {train_loss}")
+        if why and not math.isfinite(train_loss):
+            status, reason = "diverged", f"epoch {epoch + 1}: {why}"
+            break
+        write(rec)
+        last_train, last_test = train_loss, test_loss
+        save_checkpoint_atomic({
+            "format": 1, "config": asdict(cfg), "epoch": epoch + 1, "step": step, "wall_time": wall, "best": best,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }, ckpt_path)
+        log(f"epoch {epoch + 1}/{cfg.epochs}  train {train_loss:.4f}  test {test_loss:.4f}  lr {lr:.3g}  "
+            f"{wall:.1f}s")
+        if why:
+            status, reason = "early-exit", f"epoch {epoch + 1}: {why}"
+            break
+        epochs_this_call += 1
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and epoch + 1 < cfg.epochs:
+            return RunResult(out, "stopped", epoch + 1, train_loss, test_loss, "stop_after_epochs")
+    if status != "finished":
+        write({"event": status, "reason": reason})
+        log(f"{out}: stopped ({status}): {reason}; the last good checkpoint is kept")
+    records, _ = read_metrics(out)
+    done = records[-1]["epoch"] if records else 0
+    if last_train is None and records:
+        last_train, last_test = records[-1]["train_loss"], records[-1]["test_loss"]
+    return RunResult(out, status, done, last_train, last_test, reason)

@@ -1,0 +1,198 @@
+"""Harness: models, schedule, training runs, checkpoints and resume, divergence, plots, CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from locoprop.harness.cli import main as cli_main
+from locoprop.harness.models import WIDTHS, autoencoder_loss, build_autoencoder
+from locoprop.harness.optimizers import OPTIMIZER_NAMES, build_optimizer
+from locoprop.harness.models import AutoencoderLoss
+from locoprop.harness.plots import plot_runs
+from locoprop.harness.train import TrainConfig, early_exit_reason, lr_factor, read_metrics, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(dataset="mnist", model="tiny", epochs=4, warmup_epochs=1, batch_size=50, limit_train=150,
+            limit_test=100, device="cpu")
+
+
+@pytest.mark.parametrize("size", sorted(WIDTHS))
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_autoencoders_have_the_reference_widths(size, activation):
+    model = build_autoencoder(size, activation)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == WIDTHS[size] + [784]
+    assert linears[0].in_features == 784
+    # every hidden layer has the activation, except the linear code layer; the output is linear
+    kinds = [type(m).__name__ for m in model]
+    code_index = kinds.index("Linear", 2 * WIDTHS[size].index(min(WIDTHS[size])))
+    assert kinds.count({"tanh": "Tanh", "relu": "ReLU"}[activation]) == len(WIDTHS[size]) - 1
+    assert kinds[-1] == "Linear"
+    for m in linears:  # Glorot-uniform weights and 1-D Glorot biases
+        assert m.weight.abs().max() <= math.sqrt(6 / (m.in_features + m.out_features))
+        assert m.bias.abs().max() <= math.sqrt(3 / m.out_features)
+    assert code_index >= 0
+
+
+def test_fresh_standard_model_scores_about_547_on_mnist():
+    from locoprop.harness.data import load_dataset
+
+    data = load_dataset("mnist", limit_train=5000)
+    torch.manual_seed(0)
+    loss = autoencoder_loss(build_autoencoder("standard")(data.train), data.train).item()
+    assert 530 < loss < 565
+
+
+def test_schedule_is_the_notebooks():
+    assert [lr_factor(e, 100, 5) for e in range(6)] == [0, 0.2, 0.4, 0.6, 0.8, 1 - 1 / 95]
+    assert lr_factor(99, 100, 5) == 0.0
+    assert lr_factor(50, 100, 5) == pytest.approx(1 - 46 / 95)
+
+
+def test_early_exit_rules():
+    assert early_exit_reason(float("nan"), 500, 1)
+    assert early_exit_reason(1001, 500, 1)
+    assert early_exit_reason(601, 601, 1)
+    assert early_exit_reason(351, 351, 10)
+    assert early_exit_reason(351, 351, 9) is None
+    assert early_exit_reason(100, 100, 50) is None
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_optimizer_name_takes_a_step(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4),
+                                torch.nn.Linear(4, 12), torch.nn.Tanh(), torch.nn.Linear(12, 20))
+    x = torch.rand(32, 20)
+    loss_fn = AutoencoderLoss()
+    opt = build_optimizer(name, model, loss_fn, lr=1e-3 if "closed" not in name else 0.1, beta1=0.9, beta2=0.99,
+                          eps=1e-8, activation_lr=1.0, local_steps=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(lambda: loss_fn(model(x), x))
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unknown_optimizer_name():
+    with pytest.raises(ValueError, match="valid names"):
+        build_optimizer("lbfgs", torch.nn.Sequential(torch.nn.Linear(2, 2)), AutoencoderLoss(), lr=0.1)
+
+
+def test_run_writes_config_metrics_and_checkpoint(tmp_path):
+    cfg = TrainConfig(optimizer="rmsprop", lr=1e-3, beta1=0.9, beta2=0.9, **TINY)
+    result = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert result.status == "finished"
+    records, events = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3, 4] and not events
+    assert {"epoch", "train_loss", "test_loss", "wall_time", "lr"} <= set(records[1])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["settings"]["optimizer"] == "rmsprop"
+    assert "torch" in config["versions"] and config["device"].startswith("cpu")
+    assert "mnist" in config["data_source"].lower() and config["synthetic_data"] is False
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 4
+    with pytest.raises(FileExistsError, match="resume"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("optimizer,extra", [
+    ("locoprop-m", dict(lr=1e-4, activation_lr=10.0, beta1=0.9, beta2=0.9, eps=1e-8, local_steps=3)),
+    ("kfac", dict(lr=1e-3, inverse_every=2, early_exit=False)),
+    ("shampoo", dict(lr=1e-3, inverse_every=2, early_exit=False)),
+])
+def test_resume_after_stop_gives_identical_metrics(tmp_path, optimizer, extra):
+    cfg = TrainConfig(optimizer=optimizer, **{**TINY, **extra})
+    train(cfg, tmp_path / "full", progress=False, log=lambda s: None)
+    first = train(cfg, tmp_path / "cut", progress=False, log=lambda s: None, stop_after_epochs=2)
+    assert first.status == "stopped"
+    train(cfg, tmp_path / "cut", resume=True, progress=False, log=lambda s: None)
+    full, _ = read_metrics(tmp_path / "full")
+    cut, _ = read_metrics(tmp_path / "cut")
+    assert [(r["epoch"], r["train_loss"], r["test_loss"]) for r in full] == \
+        [(r["epoch"], r["train_loss"], r["test_loss"]) for r in cut]
+
+
+def test_resume_after_sigkill_of_the_cli(tmp_path):
+    """A real kill -9 of `locoprop train`, then --resume: the same losses as an uninterrupted run."""
+    args = ["--optimizer", "locoprop-m", "--lr", "1e-4", "--activation-lr", "10", "--beta1", "0.9", "--beta2", "0.9",
+            "--local-steps", "3", "--epochs", "8", "--model", "tiny", "--warmup-epochs", "1", "--batch-size", "50",
+            "--limit-train", "300", "--limit-test", "100", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "locoprop", "train"]
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + args + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 2 <= done < 8, "the run was not killed mid-way; make it longer"
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "cut"), "--resume"], check=True, env=env,
+                   capture_output=True)
+    full, _ = read_metrics(tmp_path / "full")
+    cut, _ = read_metrics(tmp_path / "cut")
+    assert [(r["epoch"], r["train_loss"], r["test_loss"]) for r in full] == \
+        [(r["epoch"], r["train_loss"], r["test_loss"]) for r in cut]
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = TrainConfig(optimizer="sgd", lr=1e38, early_exit=False, **TINY)
+    result = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert result.status == "diverged"
+    records, events = read_metrics(tmp_path / "run")
+    assert events and events[-1]["event"] == "diverged" and events[-1]["reason"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ckpt["epoch"] == records[-1]["epoch"]
+
+
+def test_early_exit_is_recorded(tmp_path):
+    cfg = TrainConfig(optimizer="sgd", lr=1e-9, **{**TINY, "epochs": 12})
+    result = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert result.status == "early-exit"
+    _, events = read_metrics(tmp_path / "run")
+    assert "350" in events[-1]["reason"]
+
+
+def test_plot_and_compare_via_the_cli(tmp_path, capsys):
+    spec = tmp_path / "cmp.yaml"
+    spec.write_text(
+        f"out: {tmp_path / 'cmp'}\n"
+        "defaults: {dataset: mnist, model: tiny, epochs: 2, warmup_epochs: 1, batch_size: 50, "
+        "limit_train: 100, limit_test: 50, device: cpu}\n"
+        "runs:\n"
+        "  - {name: rms, optimizer: rmsprop, lr: 0.001, beta1: 0.9, beta2: 0.9}\n"
+        "  - {name: loco, optimizer: locoprop-m, lr: 0.0001, activation_lr: 10, beta1: 0.9, beta2: 0.9, "
+        "local_steps: 2}\n")
+    assert cli_main(["compare", str(spec), "--no-progress"]) == 0
+    fig = tmp_path / "cmp" / "train_loss.png"
+    assert fig.exists() and fig.stat().st_size > 10_000
+    assert (tmp_path / "cmp" / "test_loss.png").stat().st_size > 10_000
+    assert "loco" in capsys.readouterr().out
+    out = tmp_path / "again.png"
+    assert cli_main(["plot", str(tmp_path / "cmp" / "rms"), str(tmp_path / "cmp" / "loco"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs: !!python/object/apply:os.system ['echo hacked']\n")
+    assert cli_main(["compare", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli_main(["train", "--optimizer", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "optimizer" in capsys.readouterr().err
