@@ -79,6 +79,12 @@ class IterativeSolver:
 
     name = "iterative"
 
+    def __init__(self, reduce_grads=None) -> None:
+        #: Called with the local problems after every iteration's local gradients
+        #: are set (``p.grad``) and before the inner update; a distributed
+        #: wrapper all-reduces them here.  ``None``: nothing.
+        self.reduce_grads = reduce_grads
+
     def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
               inner: Optimizer) -> None:
         steps = [int(p.group["local_steps"]) for p in problems]
@@ -100,6 +106,8 @@ class IterativeSolver:
                         grads = [gr + e for gr, e in zip(grads, extra)]
                 for p, gr in zip(problem.params, grads):
                     p.grad = gr
+            if self.reduce_grads is not None:
+                self.reduce_grads(problems)
             inner.step()
             for m, problem in enumerate(problems):
                 if k < steps[m] and problem.anchor is not None:

@@ -18,7 +18,12 @@ import yaml
 
 from .train import TrainConfig
 
-__all__ = ["main", "build_parser", "load_yaml", "run_compare"]
+__all__ = ["main", "build_parser", "load_yaml", "run_compare", "SUBCOMMAND_MODULES"]
+
+#: Further subcommands, each a module of this package with ``register(subparsers)``
+#: (adds its parser and sets ``func`` to a callable taking the parsed args and
+#: returning an exit code).
+SUBCOMMAND_MODULES = ("tune", "reproduce")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -86,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="image file (png, pdf, svg)")
     p.add_argument("--metric", default="train_loss", choices=["train_loss", "test_loss"])
     p.add_argument("--title", default=None)
+
+    import importlib
+
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plot_runs(args.runs, args.out, metric=args.metric, title=args.title))
             return 0
+        if getattr(args, "func", None) is not None:
+            return int(args.func(args))
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"locoprop {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -120,7 +120,7 @@ class TrainConfig:
 @dataclass
 class RunResult:
     out: Path
-    status: str  # "finished" | "diverged" | "early-exit"
+    status: str  # "finished" | "diverged" | "early-exit" | "pruned" | "stopped"
     epochs_done: int
     final_train_loss: float | None
     final_test_loss: float | None
@@ -222,11 +222,15 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, stop_after_epochs: int | None = None) -> RunResult:
+          log: Callable[[str], None] = print, stop_after_epochs: int | None = None,
+          on_epoch: Callable[[dict], str | None] | None = None) -> RunResult:
     """Train one run into ``out``; see the module docstring.
 
     ``stop_after_epochs`` ends the process's work after that many epochs of
-    this call (used to simulate a killed run in tests).
+    this call (used to simulate a killed run in tests).  ``on_epoch`` is called
+    with each epoch's metrics record after its checkpoint is written; a string
+    it returns stops the run with status ``"pruned"`` and that reason (the
+    tuner's pruning).
     """
     cfg.validate()
     out = Path(out)
@@ -351,6 +355,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             f"{wall:.1f}s")
         if why:
             status, reason = "early-exit", f"epoch {epoch + 1}: {why}"
+            break
+        pruned = on_epoch(rec) if on_epoch is not None else None
+        if pruned:
+            status, reason = "pruned", f"epoch {epoch + 1}: {pruned}"
             break
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and epoch + 1 < cfg.epochs:
