@@ -33,7 +33,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m locoprop.harness.demo
+	$(VENV)/bin/locoprop compare configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

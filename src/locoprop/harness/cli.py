@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("epochs", "limit_train", "limit_test"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--only", nargs="+", default=None, help="run only these runs (by name); plot all finished")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("plot", help="draw loss against epochs and wall-clock time")
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_compare(config_path: str | Path, *, out: str | None = None, overrides: dict | None = None,
-                progress: bool = True, log=print) -> tuple[list[Path], Path | None]:
+                progress: bool = True, log=print, only: list[str] | None = None) -> tuple[list[Path], Path | None]:
     """Run (or reuse) every run of a comparison file, then draw its plot(s) and print a table."""
     from .plots import plot_runs, summary_table
     from .train import train
@@ -127,19 +128,23 @@ def run_compare(config_path: str | Path, *, out: str | None = None, overrides: d
         values = {**defaults, **{k: v for k, v in run.items() if k != "name"}, **(overrides or {})}
         cfg = TrainConfig.from_dict(values)
         run_dir = root / str(run["name"])
+        if only is not None and run["name"] not in only:
+            if (run_dir / "metrics.jsonl").exists():
+                dirs.append(run_dir)
+            continue
         log(f"== {run['name']}: {cfg.label()}")
         result = train(cfg, run_dir, resume=True, progress=progress, log=log)
         log(f"   {result.status}: final train loss {result.final_train_loss}")
         dirs.append(run_dir)
     figure = None
-    if spec.get("plot", True):
+    if spec.get("plot", True) and dirs:
         figure = root / (spec.get("plot") if isinstance(spec.get("plot"), str) else "train_loss.png")
         plot_runs(dirs, figure, title=spec.get("title"))
         test_fig = figure.with_name(figure.stem.replace("train_loss", "") + "test_loss.png") \
             if "train_loss" in figure.stem else figure.with_name(figure.stem + "_test_loss.png")
         plot_runs(dirs, test_fig, metric="test_loss", title=spec.get("title"))
         log(f"plots: {figure}, {test_fig}")
-    table = summary_table(dirs)
+    table = summary_table(dirs) if dirs else "(no finished runs)"
     (root / "summary.txt").write_text(table + "\n")
     log(table)
     return dirs, figure
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             overrides = {k: getattr(args, k) for k in ("epochs", "limit_train", "limit_test", "device")
                          if getattr(args, k) is not None}
-            run_compare(args.config, out=args.out, overrides=overrides, progress=not args.no_progress)
+            run_compare(args.config, out=args.out, overrides=overrides, progress=not args.no_progress, only=args.only)
             return 0
         if args.command == "plot":
             from .plots import plot_runs
