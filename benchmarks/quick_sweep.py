@@ -53,12 +53,21 @@ def main(argv=None) -> int:
     p.add_argument("--emit", help="write a comparison YAML with the best setting of each optimizer")
     p.add_argument("--emit-epochs", type=int, default=10)
     p.add_argument("--emit-out", default="runs/cpu-standard")
+    p.add_argument("--lrs", nargs="*", type=float, default=None, help="override the learning-rate grid")
+    p.add_argument("--previous", nargs="*", default=[], help="earlier sweep JSON files whose trials are merged in")
     args = p.parse_args(argv)
 
     trials, best = [], {}
+    for prev in args.previous:
+        for rec in json.loads(Path(prev).read_text())["trials"]:
+            rec = dict(rec, source=str(prev))
+            trials.append(rec)
+            if rec["status"] == "finished" and rec["final_train_loss"] is not None and (
+                    rec["optimizer"] not in best or rec["final_train_loss"] < best[rec["optimizer"]]["final_train_loss"]):
+                best[rec["optimizer"]] = rec
     work = Path(tempfile.mkdtemp(prefix="sweep-"))
     for name in args.optimizers:
-        grid = GRIDS[name]
+        grid = dict(GRIDS[name], **({"lr": args.lrs} if args.lrs else {}))
         keys = sorted(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
             hp = dict(zip(keys, values))
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
     if args.emit:
         runs = []
         for name, rec in best.items():
-            settings = {k: v for k, v in rec.items() if k not in ("optimizer", "status", "final_train_loss")}
+            settings = {k: v for k, v in rec.items() if k not in ("optimizer", "status", "final_train_loss", "source")}
             runs.append({"name": name, "optimizer": name, **settings})
         spec = {
             "title": f"MNIST standard tanh autoencoder, {args.emit_epochs} epochs on CPU (settings from "

@@ -63,6 +63,7 @@ class TFRMSprop(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
+        """One update of every parameter with a gradient (the recurrence in the class docstring)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

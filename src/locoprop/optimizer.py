@@ -315,6 +315,7 @@ class LocoProp(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` output; checks the layer structure first and changes nothing on error."""
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict made by LocoProp.state_dict()")
         sd = dict(state_dict)

@@ -39,16 +39,18 @@ class Regularizer:
     needs_anchor = True
 
     def coefficient(self, lr: float) -> float:
+        """The strength ``c`` for local learning rate ``lr`` (0: no gradient term)."""
         return 0.0
 
     def prepare(self, batch: LayerBatch) -> None:
-        pass
+        """Per-step statistics (e.g. Fisher factors) stored in ``batch.extras``."""
 
     def grad(self, batch: LayerBatch, delta: list[torch.Tensor], lr: float) -> list[torch.Tensor] | None:
         """Gradients added to the local gradients of ``[W, b]`` (``None``: nothing)."""
         return None
 
     def value(self, batch: LayerBatch, delta: list[torch.Tensor], lr: float) -> torch.Tensor:
+        """``R`` at the change ``delta = [ΔW, Δb]`` since the start of the step."""
         return delta[0].new_zeros(())
 
     def prox(self, params: list[torch.Tensor], anchor: list[torch.Tensor], step_lr: float, lr: float) -> None:

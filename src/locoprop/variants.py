@@ -77,6 +77,7 @@ class Variant:
                 )
 
     def with_components(self, target=None, local_loss=None, regularizer=None, solver=None) -> "Variant":
+        """This variant with the given components replaced (``None`` keeps the variant's)."""
         changes = {k: v for k, v in dict(target=target, local_loss=local_loss, regularizer=regularizer,
                                          solver=solver).items() if v is not None}
         return replace(self, **changes) if changes else self
