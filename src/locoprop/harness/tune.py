@@ -197,6 +197,19 @@ def _safe_url(url: str) -> str:
         return url
 
 
+def _storage_tag(url: str) -> str:
+    """A folder name for the storage: the SQLite file's stem, else the database's name (default runs dirs)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        name = Path(u.database).stem if u.drivername.startswith("sqlite") and u.database else \
+            f"{u.host or 'local'}-{u.database or 'db'}"
+    except Exception:
+        name = "storage"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "storage"
+
+
 def open_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int | None = None,
                  max_retry: int | None = 1):
     """``optuna.storages.RDBStorage`` with a heartbeat and a retry of stale trials.
@@ -210,7 +223,7 @@ def open_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int | 
     """
     import optuna
     from optuna.exceptions import ExperimentalWarning
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
     if heartbeat_interval < 1:
         raise ValueError(f"--heartbeat-interval: expected an integer >= 1, got {heartbeat_interval}")
@@ -218,27 +231,28 @@ def open_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int | 
         raise ValueError(f"--grace-period: must exceed --heartbeat-interval ({heartbeat_interval}), "
                          f"got {grace_period}")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # Optuna >= 4.9 renamed RetryFailedTrialCallback / failed_trial_callback (the old names are deprecated)
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    key = "heartbeat_stale_trial_callback"
+    if retry_cls is None:  # pragma: no cover - older Optuna
+        retry_cls, key = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
     for attempt in range(6):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
+                retry = retry_cls(max_retry=max_retry, inherit_intermediate_values=True)
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=max_retry, inherit_intermediate_values=True),
-                )
+                    grace_period=grace_period, **{key: retry})
         except (OperationalError, IntegrityError) as exc:
             if attempt == 5:
                 raise ValueError(f"--storage {_safe_url(url)}: cannot open the database ({exc})") from None
             time.sleep(0.3 * (attempt + 1))
-        except (ImportError, ModuleNotFoundError) as exc:
+        except ImportError as exc:
             raise ValueError(f"--storage {_safe_url(url)}: no database driver for this URL ({exc}); "
                              "install it (e.g. psycopg2 for PostgreSQL, PyMySQL for MySQL)") from None
-        except Exception as exc:
-            if type(exc).__name__ == "ArgumentError":
-                raise ValueError(f"--storage {_safe_url(url)}: not a database URL ({exc})") from None
-            raise
+        except ArgumentError as exc:
+            raise ValueError(f"--storage {_safe_url(url)}: not a database URL SQLAlchemy knows ({exc})") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -336,6 +350,10 @@ def open_study(storage, study_name: str, given: dict | None = None, *, sampler=N
             study.set_user_attr("objective", "final train loss (paper App. F), minimised")
             study.set_user_attr("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     stored = study.user_attrs.get("settings")
+    deadline = time.monotonic() + 10.0
+    while stored is None and time.monotonic() < deadline:  # another worker may be creating it right now
+        time.sleep(0.2)
+        stored = study.user_attrs.get("settings")
     if stored is None:
         raise ValueError(f"--study {study_name}: exists but was not made by `locoprop tune` (no 'settings' attr)")
     settings = _study_settings(given, stored, study_name)
@@ -391,7 +409,8 @@ def make_objective(settings: dict, worker: dict, space: Sequence[Dimension], run
                 return f"pruned by Optuna's {type(trial.study.pruner).__name__}"
             return None
 
-        result = train(cfg, run_dir, resume=True, progress=progress, log=lambda s: None, on_epoch=on_epoch)
+        # a new trial never reuses a folder (it would hold another study's run); a retry resumes its own
+        result = train(cfg, run_dir, resume=resumed, progress=progress, log=lambda s: None, on_epoch=on_epoch)
         records, _ = read_metrics(run_dir)
         info = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).exists() else {}
         trial.set_user_attr("status", result.status)
@@ -405,6 +424,9 @@ def make_objective(settings: dict, worker: dict, space: Sequence[Dimension], run
         loss = result.final_train_loss
         log(f"trial {trial.number}: {result.status} after {result.epochs_done} epochs, train loss {loss}"
             + (f" ({result.reason})" if result.reason else ""))
+        if result.status == "early-exit" and loss is not None and math.isfinite(loss):
+            # train stops before on_epoch at an early exit; report that epoch's loss so the sampler sees it
+            trial.report(float(loss), int(result.epochs_done))
         if result.status in ("early-exit", "diverged", "pruned"):
             raise optuna.TrialPruned(f"{result.status}: {result.reason}")
         if loss is None or not math.isfinite(loss):
@@ -609,7 +631,9 @@ def register(subparsers) -> None:
     g.add_argument("--trials", type=int, default=None, help="trials this command runs")
     g.add_argument("--max-trials", type=int, default=None,
                    help="stop once the study holds this many finished (complete or pruned) trials")
-    g.add_argument("--runs-dir", default=None, help="folder of the trials' run folders (default: runs/tune/STUDY)")
+    g.add_argument("--runs-dir", default=None,
+                   help="folder of the trials' run folders (default: runs/tune/STORAGE/STUDY, STORAGE being the "
+                        "SQLite file's name or the database's)")
     g.add_argument("--device", default=None, help="this worker's device: cpu, cuda or auto (default: auto)")
     g.add_argument("--data-dir", default=None, help="this worker's dataset folder")
     g.add_argument("--sampler", choices=("tpe", "gp"), default="tpe",
@@ -674,7 +698,7 @@ def main_tune(args: argparse.Namespace) -> int:
                                         create=running)
     if running:
         worker = {"device": args.device or "auto", "data_dir": args.data_dir}
-        runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "tune" / name
+        runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "tune" / _storage_tag(url) / name
         enqueue = [_parse_assignments([e], "--enqueue") for e in args.enqueue]
         _log(f"study {name} in {_safe_url(url)}: {settings['optimizer']} on {settings['dataset']} "
              f"{settings['model']} {settings['activation']}, {settings['epochs']} epochs; sampler {args.sampler}; "
