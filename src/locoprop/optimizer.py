@@ -15,6 +15,10 @@ One step (paper Algorithms 1-4, reference notes "LocoProp step"):
 Each layer is one parameter group (``param_groups[m]``, with ``name``,
 ``lr`` = ``η``, ``activation_lr`` = ``γ``, ``local_steps`` = ``T``), so
 ``torch.optim.lr_scheduler`` schedulers drive the local learning rate.
+
+With ``distributed=`` / ``process_group=`` a distributor of
+:mod:`locoprop.distributed` is called at three points of the step (global
+loss, gradient scaling and row exchange, solve); the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -85,6 +89,16 @@ class LocoProp(Optimizer):
             weights and inner state per step).
         retain_problems: keep the last step's local problems (inputs and
             targets) for :meth:`local_objective`.
+        distributed: split each step over the ranks of ``process_group``
+            (:mod:`locoprop.distributed`): ``"data"`` (exact data parallelism,
+            the default when only ``process_group`` is given), ``"layers"``
+            (layer sharding) or a ``DataParallelConfig`` /
+            ``LayerShardedConfig``.  ``None`` with no ``process_group``: one
+            process.  Construction is then a collective (every rank calls it;
+            parameters are broadcast from rank 0) and each rank's closure runs
+            on its shard of the global batch.
+        process_group: the ``torch.distributed`` group (default: the world
+            group when ``distributed`` is given).
     """
 
     def __init__(
@@ -107,6 +121,8 @@ class LocoProp(Optimizer):
         reset_inner_state: bool = False,
         check_finite: bool = True,
         retain_problems: bool = False,
+        distributed=None,
+        process_group=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -154,6 +170,11 @@ class LocoProp(Optimizer):
                 f"optimizer: {others[:5]}{' ...' if len(others) > 5 else ''}",
                 stacklevel=2,
             )
+        self.distributor = None
+        if distributed is not None or process_group is not None:
+            from .distributed import make_distributor
+
+            self.distributor = make_distributor(self, distributed, process_group)
 
     # -- construction checks ------------------------------------------------------------------
     def _check_layers(self, output_transfer) -> None:
@@ -187,8 +208,6 @@ class LocoProp(Optimizer):
             raise ValueError("closure: the returned loss does not depend on the model's parameters "
                              "(was it computed under torch.no_grad or detached?)")
         batches = cap.check()
-        if not torch.isfinite(loss.detach()).all():
-            raise DivergenceError(f"the closure's loss is {loss.item()}; the step was not taken")
         return loss.reshape(()), batches
 
     def _gradients(self, loss: torch.Tensor, batches: list[LayerBatch]) -> None:
@@ -231,6 +250,9 @@ class LocoProp(Optimizer):
         problems = []
         needs_anchor = v.regularizer.needs_anchor and v.solver == "iterative"
         for m, (b, group) in enumerate(zip(batches, self.param_groups)):
+            if b is None:  # layer-sharded: another rank solves this layer
+                problems.append(None)
+                continue
             with torch.no_grad():
                 target = v.target(b, group["activation_lr"])
             if target.shape != b.pre.shape:
@@ -275,13 +297,22 @@ class LocoProp(Optimizer):
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
                              "the loss (LocoProp needs the layer inputs of the current batch)")
         loss, batches = self._capture(closure)
+        reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
+        if not torch.isfinite(reported.detach()).all():  # the global loss: every rank decides alike
+            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
         self._gradients(loss, batches)
+        if self.distributor is not None:
+            batches = self.distributor.exchange(batches)
         problems = self._problems(batches)
         if self.inner is not None and self.reset_inner_state:
             self.inner.state.clear()
         snapshot = self._snapshot() if self.check_finite else None
         with torch.no_grad():
-            self.solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
+            if self.distributor is None:
+                self.solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
+            else:
+                self.distributor.solve(self.solver, problems, self.variant.local_loss, self.variant.regularizer,
+                                       self.inner)
         if snapshot is not None:
             bad = [p for p in snapshot[0] if not torch.isfinite(p).all()]
             if bad:
@@ -295,7 +326,7 @@ class LocoProp(Optimizer):
         self.last_problems = problems if self.retain_problems else None
         for g in self.param_groups:
             g["step"] = g.get("step", 0) + 1
-        return loss.detach()
+        return reported.detach()
 
     # -- introspection --------------------------------------------------------------------------
     def local_objective(self, layer: int, params: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -303,15 +334,25 @@ class LocoProp(Optimizer):
         if self.last_problems is None:
             raise RuntimeError("local_objective: construct LocoProp(..., retain_problems=True) and take a step first")
         problem = self.last_problems[layer]
+        if problem is None:
+            raise RuntimeError(f"local_objective: layer {layer} is solved by rank "
+                               f"{self.distributor.assignment[layer]} (distributed='layers'); call it there")
         if problem.anchor is None:
             problem.anchor = [p.detach().clone() for p in problem.params]
         return local_objective(problem, self.variant.local_loss, self.variant.regularizer, params)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Optimizer state, including the inner optimizer's (round-trips exactly)."""
+        """Optimizer state, including the inner optimizer's (round-trips exactly).
+
+        Distributed, it is the same on every rank and loads on any number of
+        ranks; with ``distributed="layers"`` it is a collective (call it on
+        every rank), since each layer's inner state lives on its owner.
+        """
         sd = super().state_dict()
         sd["inner"] = self.inner.state_dict() if self.inner is not None else None
+        if self.distributor is not None and sd["inner"] is not None:
+            sd["inner"] = self.distributor.inner_state_dict(sd["inner"])
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -339,6 +380,8 @@ class LocoProp(Optimizer):
                 raise
         else:
             super().load_state_dict(sd)
+        if self.distributor is not None:
+            self.distributor.after_load_state_dict()
 
     def __repr__(self) -> str:
         lines = [f"LocoProp({self.variant.name}: target={self.variant.target!r}, local_loss="
@@ -347,6 +390,8 @@ class LocoProp(Optimizer):
         for lay, g in zip(self.layers, self.param_groups):
             lines.append(f"  {lay.name}: {tuple(lay.linear.weight.shape)} -> {lay.transfer!r}  lr={g['lr']}, "
                          f"activation_lr={g['activation_lr']}, local_steps={g['local_steps']}")
+        if self.distributor is not None:
+            lines.append(f"  distributed: {self.distributor!r}")
         return "\n".join(lines) + "\n)"
 
 

@@ -1,6 +1,7 @@
 """The ``locoprop`` command line (argparse).
 
     locoprop train --optimizer locoprop-m --lr 1e-5 --activation-lr 10 --out runs/NAME
+    torchrun --nproc_per_node 4 -m locoprop train ... --distributed layers --out runs/NAME
     locoprop compare configs/demo.yaml
     locoprop plot runs/A runs/B --out fig.png
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ..distributed import DistributedError
 from .train import TrainConfig
 
 __all__ = ["main", "build_parser", "load_yaml", "run_compare", "SUBCOMMAND_MODULES"]
@@ -161,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 base = base["settings"]
             cfg = _config_from(args, base)
             result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-            print(f"{result.status}: {result.epochs_done} epochs, train loss {result.final_train_loss}, "
-                  f"test loss {result.final_test_loss}" + (f" ({result.reason})" if result.reason else ""))
+            if cfg.distributed is None or int(os.environ.get("RANK", "0")) == 0:  # rank 0 reports
+                print(f"{result.status}: {result.epochs_done} epochs, train loss {result.final_train_loss}, "
+                      f"test loss {result.final_test_loss}" + (f" ({result.reason})" if result.reason else ""))
             return 0 if result.status in ("finished", "early-exit") else 3
         if args.command == "compare":
             overrides = {k: getattr(args, k) for k in ("epochs", "limit_train", "limit_test", "device")
@@ -179,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"locoprop {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:  # a rank died or hung: the message names it
+        print(f"locoprop {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return 4
     return 1
 
 

@@ -11,6 +11,13 @@ output folder:
 * ``checkpoint.pt``: written atomically after every epoch, loaded with
   ``weights_only=True``; ``resume=True`` continues a killed run so that its
   losses are identical to a run that was never stopped (bit for bit on CPU).
+
+With ``distributed="data"`` or ``"layers"`` (one process per rank, e.g.
+``torchrun --nproc_per_node N -m locoprop train ... --distributed data``) each
+rank trains on its slice of every global batch (:mod:`locoprop.distributed`),
+the evaluation is split over the ranks, and rank 0 alone writes the files and
+the progress bar.  The checkpoint holds the full model and optimizer state, so
+a run resumes on any number of ranks (or on one process).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch
 
 import locoprop
 
+from locoprop.distributed import batch_shard
+
 from .data import load_dataset
 from .models import AutoencoderLoss, build_autoencoder, num_parameters
 from .optimizers import OPTIMIZER_NAMES, build_optimizer, is_locoprop
@@ -40,6 +49,8 @@ __all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "early_exit_reason"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+#: Settings that do not change the computed losses: a run may resume with other values.
+RUNTIME_SETTINGS = ("distributed", "dist_timeout")
 
 
 def _opt(help: str, **kw) -> Any:
@@ -76,6 +87,11 @@ class TrainConfig:
     limit_test: int | None = _opt("use only the first N test images", default=None)
     data_dir: str | None = _opt("folder holding the dataset files", default=None)
     early_exit: bool = _opt("apply the notebook's early-exit rules", default=True)
+    distributed: str | None = _opt("split each step over torch.distributed ranks (launch with torchrun): data "
+                                   "(exact data-parallel) or layers (layer-sharded); LocoProp optimizers only",
+                                   default=None)
+    dist_timeout: float = _opt("seconds a collective may wait before the job stops with an error naming the rank "
+                               "that stopped answering (with --distributed)", default=600.0)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZER_NAMES:
@@ -96,6 +112,13 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v < 1:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
+        if self.distributed is not None:
+            if self.distributed not in ("data", "layers"):
+                raise ValueError(f"distributed: expected data or layers, got {self.distributed!r}")
+            if not is_locoprop(self.optimizer):
+                raise ValueError(f"distributed: only the LocoProp optimizers run distributed, not {self.optimizer!r}")
+        if not (isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0):
+            raise ValueError(f"dist_timeout: expected a number of seconds > 0, got {self.dist_timeout!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -202,13 +225,90 @@ def _device_name(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: torch.Tensor, chunk: int = 10000) -> float:
-    """The paper's loss over a whole split (sum over pixels, mean over examples)."""
+def evaluate(model: torch.nn.Module, data: torch.Tensor, chunk: int = 10000, ranks: "_Ranks | None" = None) -> float:
+    """The paper's loss over a whole split (sum over pixels, mean over examples).
+
+    With ``ranks``, chunk ``j`` is evaluated by rank ``j mod N`` and the chunk
+    sums are added in chunk order on every rank: the same value as one process.
+    """
+    starts = range(0, data.shape[0], chunk)
+    sums = [0.0] * len(starts)
+    for j, i in enumerate(starts):
+        if ranks is None or j % ranks.world == ranks.rank:
+            x = data[i:i + chunk]
+            sums[j] = torch.nn.functional.binary_cross_entropy_with_logits(model(x), x, reduction="sum").item()
+    if ranks is not None and ranks.world > 1:
+        sums = ranks.sum(sums, "evaluation")
     total = 0.0
-    for i in range(0, data.shape[0], chunk):
-        x = data[i:i + chunk]
-        total += torch.nn.functional.binary_cross_entropy_with_logits(model(x), x, reduction="sum").item()
+    for v in sums:
+        total += v
     return total / data.shape[0]
+
+
+class _Ranks:
+    """What :func:`train` needs of torch.distributed: rank 0 decides, reads and writes; every rank follows.
+
+    One process: ``rank 0 of 1`` and no communication.
+    """
+
+    def __init__(self, comm=None, created: bool = False) -> None:
+        self.comm, self.created = comm, created
+        self.rank = comm.rank if comm is not None else 0
+        self.world = comm.world_size if comm is not None else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, obj, what: str):
+        """Rank 0's ``obj`` on every rank."""
+        return obj if self.comm is None else self.comm.broadcast_object(obj, 0, what)
+
+    def decide(self, fn: Callable[[], Any], what: str):
+        """Run ``fn`` on rank 0 and give its result to every rank, or raise its error on every rank."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except (ValueError, FileExistsError, FileNotFoundError) as exc:
+                if self.comm is None:
+                    raise
+                error = (type(exc).__name__, str(exc))
+        if self.comm is None:
+            return result
+        result, error = self.share((result, error), what)
+        if error is not None:
+            kind = {"ValueError": ValueError, "FileExistsError": FileExistsError}.get(error[0], FileNotFoundError)
+            raise kind(error[1])
+        return result
+
+    def close(self) -> None:
+        """Destroy the process group if :func:`train` created it, once every rank is done with it."""
+        if self.created:
+            self.comm.barrier("end of the run")
+            torch.distributed.destroy_process_group()
+            self.created = False
+
+    def sum(self, values: list[float], what: str) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.comm.group is not None and torch.distributed.get_backend(self.comm.group) == "nccl":
+            t = t.cuda()
+        self.comm.all_reduce(t, what)
+        return t.cpu().tolist()
+
+
+def _start_ranks(cfg: "TrainConfig", device: torch.device) -> _Ranks:
+    """Join (or, from torchrun's environment, create) the process group for ``cfg.distributed``."""
+    if cfg.distributed is None:
+        return _Ranks()
+    from locoprop.distributed import Communicator, init_from_environment
+
+    created = init_from_environment("nccl" if device.type == "cuda" else "gloo", cfg.dist_timeout)
+    comm = Communicator.for_group(None)
+    if cfg.batch_size < comm.world_size:
+        raise ValueError(f"batch_size: the global batch ({cfg.batch_size}) must have at least one row per rank "
+                         f"({comm.world_size} ranks)")
+    return _Ranks(comm, created)
 
 
 def _sync(device: torch.device) -> None:
@@ -235,11 +335,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     cfg.validate()
     out = Path(out)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
-    if out.exists() and (metrics_path.exists() or ckpt_path.exists()) and not resume:
-        raise FileExistsError(f"{out}: a run is already there; pass resume=True (--resume) or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if cfg.distributed is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    ranks = _start_ranks(cfg, device)
+    if not ranks.main:
+        log = lambda s: None  # noqa: E731 - rank 0 reports
+
+    def prepare_out() -> None:
+        if out.exists() and (metrics_path.exists() or ckpt_path.exists()) and not resume:
+            raise FileExistsError(f"{out}: a run is already there; pass resume=True (--resume) or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+
+    ranks.decide(prepare_out, "run folder check")
     dtype = getattr(torch, cfg.dtype)
     data = load_dataset(cfg.dataset, cfg.data_dir, device=device, dtype=dtype, limit_train=cfg.limit_train,
                         limit_test=cfg.limit_test, seed=cfg.seed)
@@ -249,12 +358,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping)
+    if cfg.distributed is not None:
+        from locoprop.distributed import distribute
+
+        distribute(opt, cfg.distributed)
 
     start_epoch, wall, best, step = 0, 0.0, math.inf, 0
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt = ranks.decide(lambda: load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None, "checkpoint")
+    if ckpt is not None:
         saved = ckpt["config"]
-        differ = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+        differ = sorted(k for k in saved if saved[k] != asdict(cfg).get(k) and k not in RUNTIME_SETTINGS)
         if differ:
             raise ValueError(f"{ckpt_path}: saved with different settings {differ}; resume with the same settings")
         model.load_state_dict(ckpt["model"])
@@ -264,12 +377,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, wall, best, step = ckpt["epoch"], ckpt["wall_time"], ckpt["best"], ckpt["step"]
         # keep the metrics the checkpoint covers (a kill may land between the two writes)
-        if metrics_path.exists():
+        if ranks.main and metrics_path.exists():
             recs = [ln for ln in metrics_path.read_text().splitlines()
                     if ln.strip() and "event" not in json.loads(ln) and json.loads(ln)["epoch"] <= start_epoch]
             metrics_path.write_text("".join(r + "\n" for r in recs))
         log(f"resuming {out} at epoch {start_epoch}")
-    elif metrics_path.exists():
+    elif ranks.main and metrics_path.exists():
         metrics_path.unlink()
 
     config_record = {
@@ -278,15 +391,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         "test_examples": int(data.test.shape[0]), "parameters": num_parameters(model),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
     }
-    (out / CONFIG).write_text(json.dumps(config_record, indent=2) + "\n")
+    if cfg.distributed is not None:
+        config_record["distributed"] = opt.distributor.describe()
+    if ranks.main:
+        (out / CONFIG).write_text(json.dumps(config_record, indent=2) + "\n")
 
     def write(rec: dict) -> None:
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        if ranks.main:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
 
+    dranks = ranks if ranks.world > 1 else None
     if start_epoch == 0:
-        write({"epoch": 0, "train_loss": evaluate(model, data.train), "test_loss": evaluate(model, data.test),
-               "wall_time": 0.0, "lr": 0.0, "step": 0})
+        write({"epoch": 0, "train_loss": evaluate(model, data.train, ranks=dranks),
+               "test_loss": evaluate(model, data.test, ranks=dranks), "wall_time": 0.0, "lr": 0.0, "step": 0})
 
     try:
         from tqdm.auto import tqdm
@@ -303,13 +421,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             g["lr"] = lr
         perm = _epoch_permutation(n, cfg.seed, epoch).to(device)
         bar = tqdm(total=batches, desc=f"{cfg.optimizer} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress or tqdm is None) if tqdm else None
+                   disable=not progress or not ranks.main) if tqdm else None
         _sync(device)
         t0 = time.perf_counter()
         running = 0.0
         diverged = None
         for i in range(batches):
-            xb = data.train[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+            index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            if ranks.world > 1:  # this rank's slice of the global batch
+                index = batch_shard(index, ranks.rank, ranks.world)
+            xb = data.train[index]
             try:
                 loss = opt.step(lambda: loss_fn(model(xb), xb))
             except locoprop.DivergenceError as exc:
@@ -335,7 +456,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         if diverged:
             status, reason = "diverged", f"epoch {epoch + 1}: {diverged}"
             break
-        train_loss, test_loss = evaluate(model, data.train), evaluate(model, data.test)
+        train_loss, test_loss = evaluate(model, data.train, ranks=dranks), evaluate(model, data.test, ranks=dranks)
         best = min(best, train_loss)
         rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "wall_time": wall, "lr": lr,
                "step": step, "batch_loss": running}
@@ -346,28 +467,38 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             break
         write(rec)
         last_train, last_test = train_loss, test_loss
-        save_checkpoint_atomic({
-            "format": 1, "config": asdict(cfg), "epoch": epoch + 1, "step": step, "wall_time": wall, "best": best,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }, ckpt_path)
+        opt_state = opt.state_dict()  # the full state; a collective with --distributed layers
+        if ranks.main:
+            save_checkpoint_atomic({
+                "format": 1, "config": asdict(cfg), "epoch": epoch + 1, "step": step, "wall_time": wall, "best": best,
+                "model": model.state_dict(), "optimizer": opt_state, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }, ckpt_path)
         log(f"epoch {epoch + 1}/{cfg.epochs}  train {train_loss:.4f}  test {test_loss:.4f}  lr {lr:.3g}  "
             f"{wall:.1f}s")
         if why:
             status, reason = "early-exit", f"epoch {epoch + 1}: {why}"
             break
-        pruned = on_epoch(rec) if on_epoch is not None else None
+        pruned = on_epoch(rec) if on_epoch is not None and ranks.main else None
+        if on_epoch is not None and ranks.world > 1:
+            pruned = ranks.share(pruned, "on_epoch decision")
         if pruned:
             status, reason = "pruned", f"epoch {epoch + 1}: {pruned}"
             break
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and epoch + 1 < cfg.epochs:
+            ranks.close()
             return RunResult(out, "stopped", epoch + 1, train_loss, test_loss, "stop_after_epochs")
     if status != "finished":
         write({"event": status, "reason": reason})
         log(f"{out}: stopped ({status}): {reason}; the last good checkpoint is kept")
-    records, _ = read_metrics(out)
-    done = records[-1]["epoch"] if records else 0
-    if last_train is None and records:
-        last_train, last_test = records[-1]["train_loss"], records[-1]["test_loss"]
+    done = None
+    if ranks.main:
+        records, _ = read_metrics(out)
+        done = records[-1]["epoch"] if records else 0
+        if last_train is None and records:
+            last_train, last_test = records[-1]["train_loss"], records[-1]["test_loss"]
+    if ranks.world > 1:
+        done, last_train, last_test = ranks.share((done, last_train, last_test), "result")
+    ranks.close()
     return RunResult(out, status, done, last_train, last_test, reason)
