@@ -377,14 +377,9 @@ def main(argv=None) -> int:
             r = runs[-1]
             print(f"{mode} x{n}: {r['step_seconds_median']:.3f} s per step, {r['traffic_bytes_per_step'] / 1e6:.2f} MB "
                   "traffic per step", flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from locoprop.harness.reproduce import cpu_model
+
+    cpu = cpu_model()
     date = datetime.date.today().isoformat()
     from locoprop.harness.models import build_autoencoder, num_parameters
 

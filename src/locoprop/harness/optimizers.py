@@ -38,7 +38,7 @@ def is_locoprop(name: str) -> bool:
 def inner_kwargs_for(inner: str, beta1: float | None, beta2: float | None, eps: float | None) -> dict:
     """Map the paper's (β1, β2, ε) onto the inner optimizer's torch.optim names."""
     kw: dict = {}
-    if inner == "tf_rmsprop":
+    if inner in ("tf_rmsprop", "rmsprop"):  # both name them momentum, alpha (the decay), eps
         if beta1 is not None:
             kw["momentum"] = beta1
         if beta2 is not None:
@@ -48,13 +48,6 @@ def inner_kwargs_for(inner: str, beta1: float | None, beta2: float | None, eps: 
     elif inner in ("adam", "adamw"):
         if beta1 is not None or beta2 is not None:
             kw["betas"] = (0.9 if beta1 is None else beta1, 0.999 if beta2 is None else beta2)
-        if eps is not None:
-            kw["eps"] = eps
-    elif inner == "rmsprop":
-        if beta1 is not None:
-            kw["momentum"] = beta1
-        if beta2 is not None:
-            kw["alpha"] = beta2
         if eps is not None:
             kw["eps"] = eps
     elif inner in ("momentum", "nesterov"):

@@ -406,16 +406,20 @@ def measure_table1(dims: Sequence[int] = (128, 256, 512), batches: Sequence[int]
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _machine() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    return cpu
+
+
+def _machine() -> str:
+    return f"{platform.node()}: {cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
 
 
 def fit_power_law(points: Sequence[tuple[float, float, float]]) -> dict | None:
