@@ -39,6 +39,7 @@ Typical use, one process per rank (``torchrun`` sets the environment)::
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import time
@@ -419,7 +420,7 @@ class _InnerView:
         return self.inner.step(closure)
 
 
-class Distributor:
+class Distributor(abc.ABC):
     """Base class: the three hooks of :meth:`locoprop.LocoProp.step` and the state hooks.
 
     1. :meth:`reduce_loss` after the forward pass: the global batch's loss and
@@ -533,11 +534,13 @@ class Distributor:
             if b.grad_post is not None:
                 b.grad_post.mul_(self._scale)
 
+    @abc.abstractmethod
     def exchange(self, batches: list[LayerBatch]) -> list[LayerBatch | None]:
-        raise NotImplementedError
+        """Move the rows each rank needs; ``None`` for the layers this rank does not solve."""
 
+    @abc.abstractmethod
     def solve(self, solver, problems, local_loss, regularizer, inner) -> None:
-        raise NotImplementedError
+        """Run ``solver`` on ``problems`` with this mode's communication."""
 
     # -- state hooks ------------------------------------------------------------------------------
     def inner_state_dict(self, local: dict) -> dict:

@@ -328,6 +328,7 @@ def _make_kfac_extension(mc_samples: int):
     from backpack.extensions.secondorder.hbp.losses import HBPLoss
 
     class _BCEWithLogitsDerivatives(BCELossWithLogitsDerivatives):
+        # NotImplementedError is BackPACK's own signal for an unsupported module configuration.
         def _verify_support(self, module: nn.BCEWithLogitsLoss) -> None:
             self._check_is_default(module)
             if module.input0.dim() != 2:
