@@ -313,7 +313,7 @@ def readme(result: dict, json_name: str) -> str:
                      f"**{c['data']:.2f} ms** (data; break-even at {_rate(be['data'])} TFLOP/s) vs "
                      f"**{c['layers']:.2f} ms** (layers; break-even at {_rate(be['layers'])} TFLOP/s).")
     share = {n: est[n]["layers"]["local_iteration_share_of_busiest_rank"] for n in ("2", "4", "8")}
-    eth, nvl = e8["break_even_tflops_ethernet_8_machines"], e8["break_even_tflops_nvlink_8gpu"]
+    eth = e8["break_even_tflops_ethernet_8_machines"]
     x_eth, x_nvl = e8["crossover_tflops_ethernet_8_machines"], e8["crossover_tflops_nvlink_8gpu"]
     lines += [
         "",

@@ -1,6 +1,5 @@
 """Inner optimizers, including TensorFlow-1 RMSProp with momentum (reference notes)."""
 
-import copy
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from locoprop.harness import baselines
 from locoprop.harness.baselines import BASELINE_NAMES, ClosureOptimizer, KFACOptimizer, build_baseline
 from locoprop.inner import TFRMSprop
 

@@ -16,7 +16,6 @@ from locoprop.harness.cli import main as cli_main
 from locoprop.harness.models import WIDTHS, autoencoder_loss, build_autoencoder
 from locoprop.harness.optimizers import OPTIMIZER_NAMES, build_optimizer
 from locoprop.harness.models import AutoencoderLoss
-from locoprop.harness.plots import plot_runs
 from locoprop.harness.train import TrainConfig, early_exit_reason, lr_factor, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[2]

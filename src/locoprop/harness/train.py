@@ -378,9 +378,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         start_epoch, wall, best, step = ckpt["epoch"], ckpt["wall_time"], ckpt["best"], ckpt["step"]
         # keep the metrics the checkpoint covers (a kill may land between the two writes)
         if ranks.main and metrics_path.exists():
-            recs = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and "event" not in json.loads(ln) and json.loads(ln)["epoch"] <= start_epoch]
-            metrics_path.write_text("".join(r + "\n" for r in recs))
+            records, _ = read_metrics(out)
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= start_epoch))
         log(f"resuming {out} at epoch {start_epoch}")
     elif ranks.main and metrics_path.exists():
         metrics_path.unlink()
