@@ -8,7 +8,15 @@ process's resident set before the optimizer's first step), and computes the FLOP
 shapes and the matrix-product rate measured on the same machine:
 
 * BackProp: 3 products per layer (forward, backward to the input, backward to the weights);
-* LocoProp with T local iterations: those 3 plus 2 per layer per local iteration.
+* LocoProp with T local iterations: those 3 plus 2 per layer per local iteration (at the rate of the
+  local precision: fp32, tf32 or bf16).
+
+Modes: BackProp with SGD, Adam and TF-RMSProp runs ``eager`` and, on a GPU, ``graph`` (forward, backward
+and update captured in one CUDA graph, Adam with ``capturable=True``: the fair comparison for a
+graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop), ``fused`` (what
+``LocoProp`` does by default on CUDA: the layer-parallel solver with its solve captured in a CUDA graph)
+and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
+``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost).
 
 It writes ``results/perf/DEVICE-DATE.json`` (a list of records with ``device``, ``model``, ``optimizer``,
 ``local_steps``, ``batch_size``, ``step_ms_median``, ``peak_mem_mb``, ``floor_ms``, ...) and prints a table.
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import math
 import multiprocessing as mp
 import platform
 import resource
@@ -52,8 +62,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
-def matmul_rate(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 10) -> float:
-    """Measured FLOP/s of a large square matrix product on ``device``."""
+def matmul_rate(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int = 10) -> float:
+    """Measured FLOP/s of a large square matrix product on ``device`` (4096² on a GPU, 2048² on the CPU)."""
+    n = n or (4096 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -81,59 +92,153 @@ def product_flops(model: torch.nn.Module, batch: int, local_steps: int, locoprop
     return flops
 
 
+def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
+    """BackProp + a torch optimizer with forward, backward and update captured in one CUDA graph."""
+    from locoprop.inner import TFRMSprop
+
+    params = list(model.parameters())
+    if name == "sgd":
+        opt = torch.optim.SGD(params, lr=kwargs["lr"])
+    elif name == "adam":
+        opt = torch.optim.Adam(params, lr=kwargs["lr"], betas=(kwargs["beta1"], kwargs["beta2"]), eps=kwargs["eps"],
+                               capturable=True, foreach=True)
+    elif name == "rmsprop":
+        opt = TFRMSprop(params, lr=kwargs["lr"], momentum=kwargs["beta1"], alpha=kwargs["beta2"], eps=kwargs["eps"])
+    else:
+        raise ValueError(f"no graphed BackProp step for {name!r}")
+
+    def body():
+        loss = loss_fn(model(x), x)
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def step():
+        graph.replay()
+        return static_loss
+    return step
+
+
+def build_step(spec: dict, model, loss_fn, x):
+    """A zero-argument callable that runs one step of the configuration in ``spec``."""
+    name, mode = spec["optimizer"], spec["mode"]
+    kwargs = dict(OPTIMIZERS[name])
+    if name.startswith("locoprop"):
+        kwargs["local_steps"] = spec["local_steps"]
+        kwargs["precision"] = spec["precision"]
+        opt = build_optimizer(name, model, loss_fn, **kwargs)
+        if mode.endswith("-nocheck"):  # without check_finite's rollback copies (memory)
+            opt.check_finite = False
+            mode = mode[:-len("-nocheck")]
+        opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
+        if mode == "graphed":
+            return opt.graphed_step(lambda: loss_fn(model(x), x))
+        return lambda: opt.step(lambda: loss_fn(model(x), x))
+    if mode == "graph":
+        return _graphed_backprop(model, loss_fn, name, kwargs, x)
+    opt = build_optimizer(name, model, loss_fn, **kwargs)
+    return lambda: opt.step(lambda: loss_fn(model(x), x))
+
+
 def measure(spec: dict) -> dict:
     """Run one configuration (in its own process on the CPU) and return its record."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 (precision="tf32" turns it on locally)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)
     model = build_autoencoder(spec["model"], "tanh", device=device)
     loss_fn = AutoencoderLoss()
-    kwargs = dict(OPTIMIZERS[spec["optimizer"]])
-    if spec["local_steps"]:
-        kwargs["local_steps"] = spec["local_steps"]
-    opt = build_optimizer(spec["optimizer"], model, loss_fn, **kwargs)
     x = torch.rand(spec["batch_size"], 784, device=device)
-    closure = lambda: loss_fn(model(x), x)  # noqa: E731
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    step = build_step(spec, model, loss_fn, x)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            opt.step(closure)
+            loss = step()
             end.record()
             torch.cuda.synchronize(device)
             elapsed = start.elapsed_time(end)
         else:
             t0 = time.perf_counter()
-            opt.step(closure)
+            loss = step()
             elapsed = (time.perf_counter() - t0) * 1e3
         if i >= spec["warmup"]:
             times.append(elapsed)
+    if not math.isfinite(float(loss)):
+        raise RuntimeError(f"the loss is {float(loss)}")
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     else:  # ru_maxrss is in KiB on Linux
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     locoprop = spec["optimizer"].startswith("locoprop")
-    flops = product_flops(model, spec["batch_size"], spec["local_steps"] or 0, locoprop)
+    T = spec["local_steps"] or 0
+    bp_flops = product_flops(model, spec["batch_size"], 0, False)
+    local_flops = product_flops(model, spec["batch_size"], T, locoprop) - bp_flops
+    rates = spec["rates"]
+    floor = bp_flops / rates["fp32"] + local_flops / rates[spec["precision"]]
     return {
         "device": spec["device_name"], "model": spec["model"], "optimizer": spec["optimizer"],
-        "local_steps": spec["local_steps"], "batch_size": spec["batch_size"],
+        "local_steps": spec["local_steps"], "batch_size": spec["batch_size"], "mode": spec["mode"],
+        "precision": spec["precision"],
         "step_ms_median": statistics.median(times), "step_ms_min": min(times), "steps_timed": len(times),
-        "peak_mem_mb": peak, "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda"
-        else "CPU peak RSS growth of a fresh process during the steps",
-        "product_gflop": flops / 1e9, "floor_ms": flops / spec["rate"] * 1e3,
+        "peak_mem_mb": peak, "peak_mem_kind": "cuda max_memory_allocated during the steps (model, data, state, "
+        "graphs)" if device.type == "cuda" else "CPU peak RSS growth of a fresh process during the steps",
+        "product_gflop": (bp_flops + local_flops) / 1e9, "floor_ms": floor * 1e3,
     }
+
+
+def plan(device: torch.device, models, batches, optimizers, local_steps, precisions) -> list[dict]:
+    """The configurations, most important first: (model, batch, optimizer, T, mode, precision)."""
+    cuda = device.type == "cuda"
+    out = []
+    for model in models:
+        for batch in batches:
+            for opt in optimizers:
+                if opt.startswith("locoprop"):
+                    for T in local_steps:
+                        modes = ["fused", "graphed"] if cuda else ["fused"]
+                        if T == max(local_steps):
+                            modes = ["reference"] + modes
+                        for mode in modes:
+                            out.append((model, batch, opt, T, mode, "fp32"))
+                        if opt == "locoprop-m" and T == max(local_steps):
+                            out.append((model, batch, opt, T, "graphed-nocheck" if cuda else "fused-nocheck", "fp32"))
+                            for prec in precisions:
+                                if prec != "fp32":
+                                    out.append((model, batch, opt, T, "graphed" if cuda else "fused", prec))
+                elif opt in ("sgd", "adam", "rmsprop"):
+                    for mode in (["eager", "graph"] if cuda else ["eager"]):
+                        out.append((model, batch, opt, 0, mode, "fp32"))
+                else:
+                    out.append((model, batch, opt, 0, "eager", "fp32"))
+    return out
 
 
 def _worker(spec, queue):
     try:
         queue.put(measure(spec))
     except Exception as exc:  # report, do not hide
-        queue.put({"error": f"{type(exc).__name__}: {exc}", **{k: spec[k] for k in ("model", "optimizer",
-                                                                                     "batch_size")}})
+        queue.put({"error": f"{type(exc).__name__}: {exc}", **{k: spec[k] for k in (
+            "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}})
 
 
 def main(argv=None) -> int:
@@ -142,59 +247,86 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[100, 1000])
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     p.add_argument("--local-steps", nargs="+", type=int, default=[1, 5, 10])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"],
+                   help="LocoProp-M at the largest T is also timed in these local-product precisions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no new configuration after this many seconds (the rest are listed as skipped)")
     p.add_argument("--out", default=None, help="JSON file (default results/perf/DEVICE-DATE.json)")
     args = p.parse_args(argv)
 
+    started = time.perf_counter()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    rate = matmul_rate(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rates = {"fp32": matmul_rate(device)}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        rates["tf32"] = matmul_rate(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    else:
+        rates["tf32"] = rates["fp32"]  # TF32 is a CUDA mode: the CPU computes FP32
+    rates["bf16"] = matmul_rate(device, torch.bfloat16)
     name = device_name(device)
     date = datetime.date.today().isoformat()
     records = []
     ctx = mp.get_context("spawn")
-    for model in args.models:
-        for batch in args.batch_sizes:
-            for opt in args.optimizers:
-                for T in (args.local_steps if opt.startswith("locoprop") else [0]):
-                    spec = dict(device=args.device, device_name=name, model=model, batch_size=batch, optimizer=opt,
-                                local_steps=T, steps=args.steps, warmup=args.warmup, rate=rate,
-                                threads=args.threads)
-                    if device.type == "cpu":  # a fresh process per configuration, for its peak RSS
-                        q = ctx.Queue()
-                        proc = ctx.Process(target=_worker, args=(spec, q))
-                        proc.start()
-                        rec = q.get()
-                        proc.join()
-                    else:
-                        rec = measure(spec)
-                    records.append(rec)
-                    print(json.dumps(rec), flush=True)
-    # ratios to the BackProp + RMSProp step of the same model and batch
-    base = {(r["model"], r["batch_size"]): r["step_ms_median"] for r in records if r.get("optimizer") == "rmsprop"}
-    for r in records:
-        if "error" not in r and (r["model"], r["batch_size"]) in base:
-            r["ratio_to_rmsprop"] = r["step_ms_median"] / base[(r["model"], r["batch_size"])]
-            r["ratio_to_floor"] = r["step_ms_median"] / r["floor_ms"]
-    out = Path(args.out or f"results/perf/{name}-{date}.json")
+    for model, batch, opt, T, mode, prec in plan(device, args.models, args.batch_sizes, args.optimizers,
+                                                   args.local_steps, args.precisions):
+        spec = dict(device=args.device, device_name=name, model=model, batch_size=batch, optimizer=opt,
+                    local_steps=T, mode=mode, precision=prec, steps=args.steps, warmup=args.warmup, rates=rates,
+                    threads=args.threads)
+        if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
+            rec = {"skipped": f"deadline of {args.deadline_s} s", **{k: spec[k] for k in (
+                "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}}
+        elif device.type == "cpu":  # a fresh process per configuration, for its peak RSS
+            q = ctx.Queue()
+            proc = ctx.Process(target=_worker, args=(spec, q))
+            proc.start()
+            rec = q.get()
+            proc.join()
+        else:
+            try:
+                rec = measure(spec)
+            except Exception as exc:  # report, do not hide
+                rec = {"error": f"{type(exc).__name__}: {exc}", **{k: spec[k] for k in (
+                    "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}}
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    # ratios to the BackProp + RMSProp (eager) and BackProp + Adam steps of the same model and batch
+    ok = [r for r in records if "error" not in r and "skipped" not in r]
+    base = {(r["model"], r["batch_size"]): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "eager"}
+    adam = {(r["model"], r["batch_size"]): r for r in ok if r["optimizer"] == "adam" and r["mode"] == "eager"}
+    for r in ok:
+        r["ratio_to_floor"] = r["step_ms_median"] / r["floor_ms"]
+        key = (r["model"], r["batch_size"])
+        if key in base:
+            r["ratio_to_rmsprop"] = r["step_ms_median"] / base[key]["step_ms_median"]
+        if key in adam and adam[key]["peak_mem_mb"] > 0:
+            r["mem_ratio_to_adam"] = r["peak_mem_mb"] / adam[key]["peak_mem_mb"]
+    out = Path(args.out or f"results/perf/{name.replace(' ', '-')}-{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name,
-            "torch": torch.__version__, "matmul_tflops": rate / 1e12, "threads": args.threads}
+    meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "torch": torch.__version__,
+            "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "threads": args.threads,
+            "floor": "products of forward+backward (3 per layer) at the fp32 rate plus 2 per layer per local "
+                     "iteration at the rate of the local precision; rates measured here on 4096^2 products"}
     out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-    print(f"\n{name}, fp32 product rate {rate / 1e12:.3f} TFLOP/s; written {out}\n")
-    head = f"{'model':9} {'batch':>5} {'optimizer':11} {'T':>2} {'step ms':>9} {'floor ms':>9} {'x floor':>7} " \
-           f"{'x rmsprop':>9} {'peak MB':>8}"
-    print(head)
+    print(f"\n{name}; product rates (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items())
+          + f"; written {out}\n")
+    print(f"{'model':9} {'batch':>5} {'optimizer':11} {'T':>2} {'mode':9} {'prec':5} {'step ms':>9} {'floor ms':>9} "
+          f"{'x floor':>7} {'x rmsprop':>9} {'peak MB':>8} {'x adam':>6}")
     for r in records:
-        if "error" in r:
-            print(f"{r['model']:9} {r['batch_size']:>5} {r['optimizer']:11} ERROR {r['error']}")
+        head = f"{r['model']:9} {r['batch_size']:>5} {r['optimizer']:11} {r['local_steps']:>2} {r['mode']:9} " \
+               f"{r['precision']:5}"
+        if "error" in r or "skipped" in r:
+            print(f"{head} {r.get('error') or 'skipped: ' + r['skipped']}")
             continue
-        print(f"{r['model']:9} {r['batch_size']:>5} {r['optimizer']:11} {r['local_steps']:>2} "
-              f"{r['step_ms_median']:9.1f} {r['floor_ms']:9.1f} {r.get('ratio_to_floor', 0):7.2f} "
-              f"{r.get('ratio_to_rmsprop', 0):9.2f} {r['peak_mem_mb']:8.1f}")
+        print(f"{head} {r['step_ms_median']:9.2f} {r['floor_ms']:9.2f} {r['ratio_to_floor']:7.2f} "
+              f"{r.get('ratio_to_rmsprop', 0):9.2f} {r['peak_mem_mb']:8.1f} {r.get('mem_ratio_to_adam', 0):6.2f}")
     return 0
 
 

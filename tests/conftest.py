@@ -2,6 +2,10 @@ import pytest
 import torch
 from torch import nn
 
+# tests/cuda checks the fast solver on a GPU (run by benchmarks/gpu_session.py); without one it is not collected
+if not torch.cuda.is_available():
+    collect_ignore_glob = ["cuda/*"]
+
 
 @pytest.fixture(autouse=True)
 def _seed():

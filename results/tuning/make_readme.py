@@ -16,7 +16,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 DB = HERE / "standard-mnist-tanh-cpu.db"
-OPTIMIZERS = ("rmsprop", "adam", "locoprop-m", "locoprop-s", "shampoo", "kfac")
+OPTIMIZERS = ("rmsprop", "adam", "sgd", "momentum", "nesterov", "adagrad", "locoprop-m", "locoprop-s", "shampoo", "kfac")
 
 
 def cpu() -> str:

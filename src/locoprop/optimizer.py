@@ -35,10 +35,14 @@ from torch.optim import Optimizer
 from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import Layer, LayerBatch, LayerCapture, discover_layers
+from .fused import PRECISIONS, FusedIterativeSolver
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
 
-__all__ = ["LocoProp"]
+__all__ = ["LocoProp", "BACKENDS", "CapturedStep"]
+
+#: Solver back-ends of :class:`LocoProp` (its ``backend`` argument).
+BACKENDS = ("auto", "fused", "reference")
 
 
 def _positive(name: str, value) -> float:
@@ -99,6 +103,18 @@ class LocoProp(Optimizer):
             on its shard of the global batch.
         process_group: the ``torch.distributed`` group (default: the world
             group when ``distributed`` is given).
+        backend: ``"auto"`` (default): the fast layer-parallel solver of
+            :mod:`locoprop.fused` on CUDA when it supports the inner optimizer
+            and regularizer, the reference loop otherwise; ``"fused"``: the
+            fast solver on every device (an error if it does not support the
+            components); ``"reference"``: always the readable reference loop.
+        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
+            matrix products of the fast solver (accumulation in float32);
+            anything but ``"fp32"`` selects the fast solver.
+        cuda_graph: on CUDA, the fast solver captures the local iterations in
+            a CUDA graph after one warm-up step and replays it (the static
+            copies of the layer inputs and targets it reads cost memory; see
+            :meth:`graphed_step` for a capture of the whole step without them).
     """
 
     def __init__(
@@ -123,6 +139,9 @@ class LocoProp(Optimizer):
         retain_problems: bool = False,
         distributed=None,
         process_group=None,
+        backend: str = "auto",
+        precision: str = "fp32",
+        cuda_graph: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -157,6 +176,24 @@ class LocoProp(Optimizer):
         if self.variant.solver == "iterative":
             self.inner = make_inner_optimizer(inner, [{"params": lay.params} for lay in self.layers], lr,
                                               self.inner_kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.backend, self.precision = backend, precision
+        self.fused_solver: FusedIterativeSolver | None = None
+        if self.variant.solver == "iterative":
+            self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph)
+            why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
+            if why and (backend == "fused" or precision != "fp32"):
+                raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
+                                 f"{why}; use backend='reference' with precision='fp32'")
+        elif backend == "fused" or precision != "fp32":
+            raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver runs local iterations; "
+                             f"variant {self.variant.name} uses solver {self.variant.solver!r}")
+        #: Which solver ran the last step: "fused", "reference" or "closed_form".
+        self.last_solver = ""
+        self._rollback = _Rollback()
         self.reset_inner_state = bool(reset_inner_state)
         self.check_finite = bool(check_finite)
         self.retain_problems = bool(retain_problems)
@@ -263,27 +300,69 @@ class LocoProp(Optimizer):
             v.regularizer.prepare(b)
             params = group["params"]
             anchor = [p.detach().clone() for p in params] if needs_anchor else None
+            if not self.retain_problems:  # the solvers read inputs, pre and target only: free the rest now
+                b.grad_pre = b.grad_post = b.grad_pre_sampled = None
             problems.append(LocalProblem(b, target, params, anchor, group))
         return problems
 
-    def _snapshot(self):
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = None
-        if self.inner is not None:
-            saved_state = {p: copy.deepcopy(self.inner.state[p]) for p in params if p in self.inner.state}
-        return params, saved_params, saved_state
+    def _select_solver(self, problems: list[LocalProblem]):
+        """The fast solver where ``backend`` and the problems allow it, else the variant's own."""
+        if self.fused_solver is None or self.distributor is not None or self.backend == "reference":
+            return self.solver
+        device = next((p.params[0].device for p in problems if p is not None), None)
+        if self.backend == "auto" and self.precision == "fp32" and (device is None or device.type != "cuda"):
+            return self.solver
+        why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner, problems)
+        if why:
+            if self.backend == "fused" or self.precision != "fp32":
+                raise ValueError(f"backend={self.backend!r}: the fast solver cannot run this step: {why}")
+            return self.solver
+        return self.fused_solver
 
-    def _restore(self, snapshot) -> None:
-        params, saved_params, saved_state = snapshot
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _all_finite(self) -> torch.Tensor:
+        """One device flag: every weight is finite (a norm is finite iff every entry is)."""
+        norms = torch._foreach_norm(self._params())
+        return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+
+    def _divergence(self) -> DivergenceError:
+        names = [g["name"] for g in self.param_groups if not all(torch.isfinite(p).all() for p in g["params"])]
+        return DivergenceError(f"the local update of layer(s) {sorted(names)} is not finite; the step was undone "
+                               "(lower lr or activation_lr)")
+
+    def _step_body(self, closure: Callable[[], torch.Tensor], capturing: bool = False):
+        """Forward, backward, targets and solve; the loss and problems.  ``capturing``: no host syncs."""
+        loss, batches = self._capture(closure)
+        reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
+        if not capturing and not torch.isfinite(reported.detach()).all():  # every rank decides alike
+            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
+        self._gradients(loss, batches)
+        if self.distributor is not None:
+            batches = self.distributor.exchange(batches)
+        problems = self._problems(batches)
+        if self.inner is not None and self.reset_inner_state:
+            self.inner.state.clear()
+        solver = self._select_solver(problems)
+        if capturing and solver is not self.fused_solver:
+            raise ValueError("graphed_step: this step would not run on the fast solver; use backend='auto' on CUDA")
+        if self.check_finite:
+            self._rollback.save(self._params(), self.inner, host=not capturing)
         with torch.no_grad():
-            for p, s in zip(params, saved_params):
-                p.copy_(s)
-        if self.inner is not None:
-            for p in params:
-                self.inner.state.pop(p, None)
-                if p in saved_state:
-                    self.inner.state[p] = saved_state[p]
+            if self.distributor is None:
+                solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
+            else:
+                self.distributor.solve(solver, problems, self.variant.local_loss, self.variant.regularizer,
+                                       self.inner)
+        self.last_solver = solver.name if solver is not self.solver else (
+            "reference" if self.variant.solver == "iterative" else self.variant.solver)
+        return reported.detach(), problems
+
+    def _finish(self, problems) -> None:
+        self.last_problems = problems if self.retain_problems else None
+        for g in self.param_groups:
+            g["step"] = g.get("step", 0) + 1
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One LocoProp step; ``closure()`` runs the forward pass and returns the scalar loss.
@@ -296,37 +375,30 @@ class LocoProp(Optimizer):
         if closure is None:
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
                              "the loss (LocoProp needs the layer inputs of the current batch)")
-        loss, batches = self._capture(closure)
-        reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
-        if not torch.isfinite(reported.detach()).all():  # the global loss: every rank decides alike
-            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
-        self._gradients(loss, batches)
-        if self.distributor is not None:
-            batches = self.distributor.exchange(batches)
-        problems = self._problems(batches)
-        if self.inner is not None and self.reset_inner_state:
-            self.inner.state.clear()
-        snapshot = self._snapshot() if self.check_finite else None
-        with torch.no_grad():
-            if self.distributor is None:
-                self.solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
-            else:
-                self.distributor.solve(self.solver, problems, self.variant.local_loss, self.variant.regularizer,
-                                       self.inner)
-        if snapshot is not None:
-            bad = [p for p in snapshot[0] if not torch.isfinite(p).all()]
-            if bad:
-                self._restore(snapshot)
-                names = sorted({g["name"] for g in self.param_groups for p in g["params"]
-                                if any(p is q for q in bad)})
-                raise DivergenceError(
-                    f"the local update of layer(s) {names} is not finite; the step was undone (lower lr or "
-                    "activation_lr)"
-                )
-        self.last_problems = problems if self.retain_problems else None
-        for g in self.param_groups:
-            g["step"] = g.get("step", 0) + 1
-        return reported.detach()
+        loss, problems = self._step_body(closure)
+        if self.check_finite and not bool(self._all_finite()):
+            err = self._divergence()
+            self._rollback.restore(self.inner)
+            raise err
+        if self.last_solver == "fused":
+            self.fused_solver.count_steps(problems, self.inner)
+        self._finish(problems)
+        return loss
+
+    def graphed_step(self, closure: Callable[[], torch.Tensor], warmup: int = 2) -> "CapturedStep":
+        """The whole step (forward, backward, targets, ``T`` local iterations) as one CUDA graph.
+
+        Returns a callable that runs one step and returns its loss.  The first
+        ``warmup`` calls are ordinary steps; the next one captures the step and
+        every later call replays it.  A replay re-runs exactly what
+        ``closure`` did at capture, on the same tensors: the closure must read
+        its batch from tensors that you overwrite in place
+        (``x_static.copy_(batch)``) and keep the batch shape; learning rates
+        (``param_groups[m]["lr"]``) may change between calls, any other
+        hyper-parameter change makes a new capture.  CUDA only; the fast
+        solver must support the components.
+        """
+        return CapturedStep(self, closure, warmup)
 
     # -- introspection --------------------------------------------------------------------------
     def local_objective(self, layer: int, params: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -359,7 +431,7 @@ class LocoProp(Optimizer):
         """Restore :meth:`state_dict` output; checks the layer structure first and changes nothing on error."""
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict made by LocoProp.state_dict()")
-        sd = dict(state_dict)
+        sd = copy.deepcopy(dict(state_dict))  # never share tensors with the source (a live optimizer's state)
         inner_sd = sd.pop("inner", None)
         if (inner_sd is None) != (self.inner is None):
             raise ValueError("state_dict: it was saved with a different solver (inner optimizer state "
@@ -393,6 +465,153 @@ class LocoProp(Optimizer):
         if self.distributor is not None:
             lines.append(f"  distributed: {self.distributor!r}")
         return "\n".join(lines) + "\n)"
+
+
+class _Rollback:
+    """Copies of the weights and the inner optimizer's state taken before the solve (``check_finite``).
+
+    The device tensors are copied with one multi-tensor copy into buffers kept
+    from step to step (no allocation after the first step); host tensors and
+    numbers (step counters) are copied on the host.  :meth:`restore` writes
+    them back in place (the tensors keep their storage, so captured CUDA
+    graphs stay valid) and drops state entries created during the step.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []
+        self._host: list[tuple[dict, str, object]] = []
+        self._keys: dict[torch.Tensor, list[str]] = {}
+        self._params: list[torch.Tensor] = []
+
+    def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
+        device = params[0].device
+        tensors, keys, hosts = list(params), {}, []
+        if inner is not None:
+            for p in params:
+                if p not in inner.state:
+                    continue
+                st = inner.state[p]
+                keys[p] = list(st)
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.device == device:
+                        tensors.append(v)
+                    elif host:
+                        hosts.append((st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
+        if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype
+                                                     for b, t in zip(self._buffers, tensors)):
+            self._buffers = [torch.empty_like(t) for t in tensors]
+        with torch.no_grad():
+            torch._foreach_copy_(self._buffers, tensors)
+        self._tensors, self._keys, self._params = tensors, keys, list(params)
+        if host:
+            self._host = hosts
+
+    def restore(self, inner: Optimizer | None, host: bool = True) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self._tensors, self._buffers)
+        if inner is None:
+            return
+        for p in self._params:
+            if p not in self._keys:
+                inner.state.pop(p, None)
+                continue
+            st = inner.state[p]
+            for k in [k for k in st if k not in self._keys[p]]:
+                del st[k]
+        if host:
+            for st, k, v in self._host:
+                if torch.is_tensor(v) and torch.is_tensor(st.get(k)):
+                    st[k].copy_(v)
+                else:
+                    st[k] = v
+
+
+class CapturedStep:
+    """:meth:`LocoProp.graphed_step`: the whole LocoProp step captured in one CUDA graph."""
+
+    def __init__(self, optimizer: LocoProp, closure: Callable[[], torch.Tensor], warmup: int = 2) -> None:
+        opt = optimizer
+        device = opt._params()[0].device
+        if device.type != "cuda":
+            raise ValueError(f"graphed_step: needs the model on a CUDA device, its parameters are on {device}")
+        if opt.fused_solver is None or opt.backend == "reference" or opt.distributor is not None:
+            raise ValueError("graphed_step: needs the fast solver (an iterative variant, backend 'auto' or 'fused', "
+                             "not distributed)")
+        why = FusedIterativeSolver.unsupported(opt.variant.regularizer, opt.inner)
+        if why:
+            raise ValueError(f"graphed_step: the fast solver does not support {why}")
+        if opt.variant.needs_sampled_grad:
+            raise ValueError("graphed_step: sampled-Fisher targets draw random labels; use fisher='empirical'")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup: expected an integer >= 1, got {warmup!r}")
+        self.optimizer, self.closure, self.warmup = opt, closure, warmup
+        self.calls = 0
+        self.graph = None
+        self._key = None
+        #: How the last call ran: "eager", "capture" or "replay".
+        self.last_mode = ""
+
+    def _hyper_key(self) -> tuple:
+        opt = self.optimizer
+        groups = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr", "step"))
+                       for g in opt.param_groups)
+        inner = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr"))
+                      for g in opt.inner.param_groups)
+        return groups, inner, opt.reset_inner_state, opt.check_finite
+
+    def __call__(self) -> torch.Tensor:
+        opt, solver = self.optimizer, self.optimizer.fused_solver
+        if self.calls < self.warmup:  # ordinary steps on a side stream (CUDA graph capture needs warm-up)
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            previous, solver.cuda_graph = solver.cuda_graph, False
+            try:
+                with torch.cuda.stream(side):
+                    loss = opt.step(self.closure)
+            finally:
+                solver.cuda_graph = previous
+                torch.cuda.current_stream().wait_stream(side)
+            self.last_mode = "eager"
+            return loss
+        key = self._hyper_key()
+        if self.graph is None or key != self._key:
+            self._capture(key)
+            self.last_mode = "capture"
+        else:
+            solver.static_table.copy_(solver.table_for(self.problems, opt.variant.regularizer))
+            self.last_mode = "replay"
+        self.graph.replay()
+        if opt.check_finite and not bool(self.flag):
+            opt._rollback.restore(opt.inner, host=False)
+            raise DivergenceError("the loss or the local update of this step is not finite; the step was undone "
+                                  "(lower lr or activation_lr)")
+        solver.count_steps(self.problems, opt.inner)
+        opt.last_solver = "fused"
+        opt._finish(self.problems)
+        return self.loss.clone()
+
+    def _capture(self, key) -> None:
+        opt, solver = self.optimizer, self.optimizer.fused_solver
+        self.graph = None
+        solver.release_graph()
+        # the learning-rate table the graph reads, filled before every replay
+        solver.static_table = solver.table_for([_GroupView(g, opt) for g in opt.param_groups],
+                                               opt.variant.regularizer).to(opt._params()[0].device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, problems = opt._step_body(self.closure, capturing=True)
+            flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
+        self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key
+
+
+class _GroupView:
+    """What :meth:`FusedIterativeSolver.table_for` reads of a problem, from a parameter group."""
+
+    def __init__(self, group: dict, opt: LocoProp) -> None:
+        self.group = group
+        self.anchor = True if (opt.variant.regularizer.needs_anchor and opt.variant.solver == "iterative") else None
 
 
 def _output_sampler(last: Layer) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -41,8 +41,9 @@ class LocalProblem:
     def pre_activation(self, params: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``x W̃ᵀ + b̃`` for the fixed layer input ``x``."""
         params = self.params if params is None else params
-        pre = self.batch.inputs @ params[0].T
-        return pre + params[1] if len(params) == 2 else pre
+        if len(params) == 2:  # as nn.Linear computes it (one product with the bias added in its epilogue)
+            return torch.addmm(params[1], self.batch.inputs, params[0].T)
+        return self.batch.inputs @ params[0].T
 
 
 def local_lr(lr: float, k: int, steps: int, decay: bool, min_ratio: float) -> float:

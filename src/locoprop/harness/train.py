@@ -87,6 +87,10 @@ class TrainConfig:
     limit_test: int | None = _opt("use only the first N test images", default=None)
     data_dir: str | None = _opt("folder holding the dataset files", default=None)
     early_exit: bool = _opt("apply the notebook's early-exit rules", default=True)
+    precision: str = _opt("LocoProp: precision of the local matrix products, fp32, tf32 or bf16 (float32 "
+                          "accumulation)", default="fp32")
+    cuda_graph: bool = _opt("LocoProp on CUDA: run each full batch as one captured CUDA graph of the whole step "
+                            "(LocoProp.graphed_step)", default=True)
     distributed: str | None = _opt("split each step over torch.distributed ranks (launch with torchrun): data "
                                    "(exact data-parallel) or layers (layer-sharded); LocoProp optimizers only",
                                    default=None)
@@ -104,6 +108,11 @@ class TrainConfig:
             raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs, got {self.warmup_epochs}")
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"precision: expected fp32, tf32 or bf16, got {self.precision!r}")
+        if self.precision != "fp32" and not is_locoprop(self.optimizer):
+            raise ValueError(f"precision: {self.precision!r} applies to the LocoProp optimizers only, not "
+                             f"{self.optimizer!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
@@ -357,7 +366,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     loss_fn = AutoencoderLoss()
     opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
-                          inverse_every=cfg.inverse_every, damping=cfg.damping)
+                          inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
@@ -412,6 +421,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
 
     n = data.train.shape[0]
     batches = math.ceil(n / cfg.batch_size)
+    graphed = static_x = None
+    if (device.type == "cuda" and cfg.cuda_graph and is_locoprop(cfg.optimizer) and cfg.distributed is None
+            and opt.fused_solver is not None and opt.backend != "reference"):
+        # the whole step as one CUDA graph; the closure reads the batch from static_x (LocoProp.graphed_step)
+        static_x = torch.empty(min(cfg.batch_size, n), data.train.shape[1], device=device, dtype=dtype)
+        graphed = opt.graphed_step(lambda: loss_fn(model(static_x), static_x))
     status, reason, epochs_this_call = "finished", "", 0
     last_train = last_test = None
     for epoch in range(start_epoch, cfg.epochs):
@@ -431,7 +446,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 index = batch_shard(index, ranks.rank, ranks.world)
             xb = data.train[index]
             try:
-                loss = opt.step(lambda: loss_fn(model(xb), xb))
+                if graphed is not None and xb.shape == static_x.shape:
+                    static_x.copy_(xb)
+                    loss = graphed()
+                else:
+                    loss = opt.step(lambda: loss_fn(model(xb), xb))
             except locoprop.DivergenceError as exc:
                 diverged = str(exc)
                 break

@@ -1,0 +1,210 @@
+"""One prepared GPU session for issues 4 and 5, sized to fit a 15-minute device lease.
+
+Run from the repository root on a machine with a CUDA GPU (the package importable, e.g.
+``PYTHONPATH=src``; MNIST in ``--data-dir``)::
+
+    python benchmarks/gpu_session.py --out $OUT --data-dir .carrydata/mnist --budget-s 500
+
+Each part has its own time limit and the script goes on when a part fails, so a short lease still
+brings back what finished.  In order:
+
+1. ``tests/cuda`` and ``tests/test_fused.py`` (the fast solver against the reference loop on CUDA);
+2. ``benchmarks/step_time.py`` (step times, peak memory and FLOP floors; stops starting new
+   configurations at its deadline);
+3. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of
+   ``results/tuning`` where there are some (``locoprop reproduce``'s rules), plus LocoProp-M with
+   TF32 and bf16 local products.  RMSProp and LocoProp-M run first, alone on the GPU, so that their
+   wall-clock times are uncontended (time to RMSProp's final loss); the rest then run at once and are
+   stopped at the session's deadline (their folders resume with ``locoprop train --resume``).
+
+Everything lands in ``--out`` as at most eight files (``session.log``, ``tests.txt``, ``perf.json``,
+``perf.txt``, ``runs.tar.gz``, ``env.txt``), the limit of what a device call returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("fig4-standard", "fig3a", "fig3b")
+ALONE = ("rmsprop", "locoprop-m")  # uncontended, first
+
+
+def _log(fh, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    fh.write(line + "\n")
+    fh.flush()
+
+
+def _run(cmd: list[str], timeout: float, out_file: Path, log) -> int | str:
+    _log(log, f"$ {' '.join(cmd)}  (limit {timeout:.0f} s)")
+    t0 = time.time()
+    with out_file.open("a") as fh:
+        try:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=max(timeout, 1), cwd=ROOT).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    _log(log, f"  -> {rc} after {time.time() - t0:.0f} s")
+    return rc
+
+
+def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, device: str = "cuda") -> dict[str, dict]:
+    """``name -> settings`` of every run of the figures, tuned where ``results/tuning`` has settings."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from locoprop.harness.reproduce import figure_runs, load_figure
+
+    overrides = {"device": device, "data_dir": data_dir}
+    if epochs:
+        overrides["epochs"] = epochs
+    if limit_train:
+        overrides["limit_train"] = limit_train
+        overrides["limit_test"] = limit_train
+    runs: dict[str, dict] = {}
+    origins: dict[str, str] = {}
+    for fig in FIGURES:
+        for name, cfg, origin in figure_runs(load_figure(fig), overrides, ROOT / "results" / "tuning", log=print):
+            settings = asdict(cfg)
+            if name in runs and runs[name] != settings:
+                name = f"{fig}-{name}"
+            runs[name] = settings
+            origins[name] = origin
+    for prec in ("tf32", "bf16"):
+        runs[f"locoprop-m-{prec}"] = dict(runs["locoprop-m"], precision=prec)
+        origins[f"locoprop-m-{prec}"] = origins["locoprop-m"]
+    for name in runs:
+        runs[name]["_origin"] = origins[name]
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-session")
+    p.add_argument("--data-dir", default=".carrydata/mnist")
+    p.add_argument("--budget-s", type=float, default=500.0, help="the whole script's time")
+    p.add_argument("--tests-s", type=float, default=90.0)
+    p.add_argument("--perf-s", type=float, default=140.0)
+    p.add_argument("--alone-s", type=float, default=90.0, help="limit for each of the uncontended runs")
+    p.add_argument("--perf-args", default="--models standard wide deep --batch-sizes 1000 100 --steps 20 --warmup 5")
+    p.add_argument("--epochs", type=int, default=None, help="override (a smoke test); default: the figures' 100")
+    p.add_argument("--limit-train", type=int, default=None, help="override (a smoke test)")
+    p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
+    p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
+    p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")
+    p.add_argument("--device", default="cuda", help="device of the training runs (cpu: a smoke test)")
+    p.add_argument("--work", default="/tmp/locoprop-gpu-work", help="run folders (packed into runs.tar.gz)")
+    args = p.parse_args(argv)
+
+    start = time.time()
+    deadline = start + args.budget_s
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "runs").mkdir(parents=True)
+    log = (out / "session.log").open("a")
+    env = os.environ.copy()
+    env.setdefault("PYTHONPATH", str(ROOT / "src"))
+    py = sys.executable
+
+    with (out / "env.txt").open("w") as fh:
+        if shutil.which("nvidia-smi"):
+            subprocess.run(["nvidia-smi"], stdout=fh, stderr=subprocess.STDOUT)
+        subprocess.run([py, "-c", "import torch, sys; print(sys.version); print('torch', torch.__version__, "
+                        "torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"],
+                       stdout=fh, stderr=subprocess.STDOUT)
+    _log(log, (out / "env.txt").read_text().strip().splitlines()[-1])
+
+    # 1. correctness on CUDA
+    if args.tests:
+        _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests.split()],
+             min(args.tests_s, deadline - time.time()), out / "tests.txt", log)
+
+    # 2. step times (uncontended)
+    perf_limit = min(args.perf_s, deadline - time.time() - 60)
+    _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
+          "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
+
+    # 3. training runs
+    runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device)
+    if args.runs is not None:
+        unknown = sorted(set(args.runs) - set(runs))
+        if unknown:
+            _log(log, f"unknown runs {unknown}; known: {sorted(runs)}")
+        runs = {n: runs[n] for n in runs if n in args.runs}
+    for name, settings in runs.items():
+        origin = settings.pop("_origin")
+        (work / "runs" / f"{name}.json").write_text(json.dumps(settings, indent=1))
+        _log(log, f"run {name}: {origin}")
+
+    def command(name):
+        return [py, "-m", "locoprop", "train", "--config", str(work / "runs" / f"{name}.json"),
+                "--out", str(work / "runs" / name), "--resume", "--no-progress"]
+
+    child_env = dict(env, OMP_NUM_THREADS="1")
+    for name in [n for n in args.alone if n in runs]:
+        limit = min(args.alone_s, deadline - time.time() - 30)
+        if limit < 10:
+            _log(log, f"{name}: no time left")
+            continue
+        _log(log, f"$ {' '.join(command(name))}  (alone, limit {limit:.0f} s)")
+        t0 = time.time()
+        with (work / "runs" / f"{name}.log").open("a") as fh:
+            try:
+                rc = subprocess.run(command(name), stdout=fh, stderr=subprocess.STDOUT, timeout=limit, cwd=ROOT,
+                                    env=child_env).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        _log(log, f"  -> {rc} after {time.time() - t0:.0f} s")
+
+    rest = [n for n in runs if n not in args.alone]
+    procs = {}
+    for name in rest:
+        fh = (work / "runs" / f"{name}.log").open("a")
+        procs[name] = (subprocess.Popen(command(name), stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env,
+                                        start_new_session=True), fh, time.time())
+    _log(log, f"started together: {', '.join(rest)}")
+    stop_at = deadline - 25
+    while procs and time.time() < stop_at:
+        for name, (proc, fh, t0) in list(procs.items()):
+            if proc.poll() is not None:
+                _log(log, f"{name}: exit {proc.returncode} after {time.time() - t0:.0f} s")
+                fh.close()
+                del procs[name]
+        time.sleep(1)
+    for name, (proc, fh, t0) in procs.items():
+        _log(log, f"{name}: stopped at the session deadline after {time.time() - t0:.0f} s (resumable)")
+        os.killpg(proc.pid, signal.SIGTERM)
+    for name, (proc, fh, t0) in procs.items():
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        fh.close()
+
+    # 4. pack (no checkpoints: they stay out of git anyway)
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        tar.add(work / "runs", arcname="runs",
+                filter=lambda ti: None if ".pt" in Path(ti.name).name or ti.name.endswith(".tmp") else ti)
+    _log(log, f"packed runs.tar.gz ({(out / 'runs.tar.gz').stat().st_size / 1e6:.1f} MB); "
+              f"total {time.time() - start:.0f} s")
+    summary = (out / "perf.txt").read_text().splitlines() if (out / "perf.txt").exists() else []
+    tail = [ln for ln in summary if ln and not ln.startswith("{")]
+    print("\n".join(tail[-60:]))
+    tests = (out / "tests.txt").read_text().splitlines() if (out / "tests.txt").exists() else []
+    print("\n".join(tests[-5:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

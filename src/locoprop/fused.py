@@ -1,0 +1,419 @@
+r"""Fast local solver: every layer's ``T`` local iterations as one layer-parallel program.
+
+The reference :class:`~locoprop.solvers.IterativeSolver` loops over
+iterations, then layers, in Python and calls the inner optimizer's ``step``
+once per iteration.  Each layer's local problem is independent of every other
+layer's (paper Sec. 3.4, "embarrassingly parallel"), so this solver instead
+runs each layer's whole chain of ``T`` iterations (Algorithms 1-4, reference
+notes steps 4-5) as one unit:
+
+* the local gradient ``δᵀx̃`` and ``Σδ`` are written into persistent buffers
+  (no allocation per iteration); the pre-activation of the first iteration is
+  the forward pass's;
+* the inner-optimizer update is done here, on the inner optimizer's own state
+  tensors (so ``state_dict``, checkpoints and the reference path stay
+  interchangeable), with the local learning rates
+  ``η_k = η max(1 - k/T, 0.25)`` read from a device tensor, so nothing returns
+  to the host inside a step;
+* on CUDA each layer's chain is issued on its own stream, so small layers run
+  beside large ones, and the whole solve is captured once in a CUDA graph and
+  replayed on later steps (static shapes; a new shape, dtype or parameter
+  storage makes a new capture);
+* ``precision="tf32"`` or ``"bf16"`` runs the local products in TF32 or with
+  bfloat16 operands (results and every accumulator in float32).
+
+It supports the inner optimizers whose update it implements
+(:class:`~locoprop.inner.TFRMSprop`, :class:`torch.optim.SGD` with or without
+(Nesterov) momentum) and the :class:`~locoprop.regularizers.L2Proximity`
+regularizer; :meth:`FusedIterativeSolver.unsupported` names what else makes
+:class:`~locoprop.LocoProp` fall back to the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.optim import Optimizer
+
+from .inner import TFRMSprop
+from .losses import LocalLoss
+from .regularizers import L2Proximity, Regularizer
+from .solvers import LocalProblem, local_lr
+
+__all__ = ["PRECISIONS", "FusedIterativeSolver", "UpdateRule", "TFRMSpropRule", "SGDRule", "update_rule_for"]
+
+#: Precisions of the local matrix products.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inner-optimizer updates on tensors (same recurrences and state as the torch optimizers)
+# ---------------------------------------------------------------------------------------------------------------
+class UpdateRule:
+    """One inner optimizer's update, applied to a layer's tensors with a tensor learning rate.
+
+    ``state(p)`` returns (creating it like the optimizer would) the state
+    tensors of parameter ``p`` in the optimizer's own ``state`` dict;
+    ``update`` overwrites ``grads`` (they are the solver's scratch buffers).
+    """
+
+    def __init__(self, inner: Optimizer) -> None:
+        self.inner = inner
+
+    def hyper(self) -> tuple:
+        """Hyper-parameters baked into a captured graph (a change makes a new capture)."""
+        return ()
+
+    def state(self, p: torch.Tensor) -> list[torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} must implement state")
+
+    def update(self, params, grads, states, lr: torch.Tensor) -> None:
+        raise TypeError(f"{type(self).__name__} must implement update")
+
+    def count_steps(self, p: torch.Tensor, steps: int) -> None:
+        """Host-side bookkeeping after ``steps`` updates of ``p`` (step counters)."""
+
+
+class TFRMSpropRule(UpdateRule):
+    """:class:`~locoprop.inner.TFRMSprop`: ``ms ← α ms + (1-α) g²``, ``m ← μ m + η g/√(ms+ε)``, ``w ← w - m``."""
+
+    def _group(self):
+        g = self.inner.param_groups[0]
+        return float(g["alpha"]), float(g["momentum"]), float(g["eps"])
+
+    def hyper(self):
+        return self._group()
+
+    def state(self, p):
+        s = self.inner._init_state(p)
+        return [s["mean_square"], s["momentum_buffer"]]
+
+    def update(self, params, grads, states, lr):
+        alpha, mom, eps = self._group()
+        squares = [s[0] for s in states]
+        buffers = [s[1] for s in states]
+        torch._foreach_mul_(squares, alpha)
+        torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
+        denom = torch._foreach_add(squares, eps)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_div_(grads, denom)
+        torch._foreach_mul_(grads, lr)
+        torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
+        torch._foreach_add_(buffers, grads)
+        torch._foreach_sub_(params, buffers)
+
+    def count_steps(self, p, steps):
+        self.inner.state[p]["step"] += steps
+
+
+class SGDRule(UpdateRule):
+    """:class:`torch.optim.SGD` (``dampening=0``, ``weight_decay=0``): ``m ← μ m + g``, ``w ← w - η m``
+    (Nesterov: ``w ← w - η (g + μ m)``)."""
+
+    def _group(self):
+        g = self.inner.param_groups[0]
+        return float(g["momentum"]), bool(g["nesterov"])
+
+    def hyper(self):
+        return self._group()
+
+    def state(self, p):
+        mom, _ = self._group()
+        if mom == 0.0:
+            return []
+        s = self.inner.state[p]
+        if s.get("momentum_buffer") is None:  # torch starts it at the first gradient: same as 0·μ + g
+            s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [s["momentum_buffer"]]
+
+    def update(self, params, grads, states, lr):
+        mom, nesterov = self._group()
+        if mom != 0.0:
+            buffers = [s[0] for s in states]
+            torch._foreach_mul_(buffers, mom)
+            torch._foreach_add_(buffers, grads)
+            if nesterov:
+                torch._foreach_add_(grads, buffers, alpha=mom)
+            else:
+                torch._foreach_copy_(grads, buffers)
+        torch._foreach_mul_(grads, lr)
+        torch._foreach_sub_(params, grads)
+
+
+def update_rule_for(inner: Optimizer | None) -> tuple[UpdateRule | None, str | None]:
+    """The :class:`UpdateRule` of ``inner``, or ``(None, reason)``."""
+    if inner is None:
+        return None, "no inner optimizer"
+    first = inner.param_groups[0]
+    if any(g.get(k) != first.get(k) for g in inner.param_groups for k in g if k not in ("params", "lr")):
+        return None, "inner optimizer groups differ in hyper-parameters other than lr"
+    g = inner.param_groups[0]
+    if type(inner) is TFRMSprop:
+        return TFRMSpropRule(inner), None
+    if type(inner) is torch.optim.SGD:
+        if g.get("dampening", 0) or g.get("weight_decay", 0) or g.get("maximize", False):
+            return None, "SGD with dampening, weight_decay or maximize"
+        return SGDRule(inner), None
+    return None, f"inner optimizer {type(inner).__name__} (the fast path implements TFRMSprop and SGD)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the solver
+# ---------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    if precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@dataclass
+class _Layer:
+    """One layer's tensors for the fused chain (persistent across steps)."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[list[torch.Tensor]]
+    steps: int
+
+
+class _CapturedSolve:
+    """A CUDA graph of the whole solve with the static inputs it reads."""
+
+    def __init__(self, static: list[dict], graph) -> None:
+        self.static = static
+        self.graph = graph
+
+
+class FusedIterativeSolver:
+    """Layer-parallel, allocation-free local iterations (see the module docstring).
+
+    Args:
+        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
+            matrix products.
+        cuda_graph: on CUDA, capture the solve in a CUDA graph after one eager
+            warm-up step with the same shapes and replay it afterwards.
+        layer_streams: on CUDA, issue each layer's chain on its own stream.
+    """
+
+    name = "fused"
+
+    def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool = True) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.cuda_graph = bool(cuda_graph)
+        self.layer_streams = bool(layer_streams)
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._streams: list = []
+        self._seen: dict[tuple, int] = {}
+        self._captured: tuple[tuple, _CapturedSolve] | None = None
+        #: The learning-rate table read inside a capture of the whole step (:class:`~locoprop.CapturedStep`).
+        self.static_table: torch.Tensor | None = None
+        #: How the last solve ran: "eager", "graph-capture", "graph-replay", "inside-capture".
+        self.last_mode = ""
+
+    # -- support -----------------------------------------------------------------------------
+    @staticmethod
+    def unsupported(regularizer: Regularizer, inner: Optimizer | None, problems=None) -> str | None:
+        """Why the fast path cannot run (``None``: it can), from the components and, if given, the problems."""
+        _, reason = update_rule_for(inner)
+        if reason:
+            return reason
+        if type(regularizer) is not L2Proximity:
+            return f"regularizer {regularizer!r} (the fast path implements L2Proximity)"
+        if problems is not None:
+            if len(inner.param_groups) != len(problems):
+                return "inner optimizer groups do not match the layers"
+            for m, (pr, g) in enumerate(zip(problems, inner.param_groups)):
+                if pr is None:
+                    return "layer-sharded problems"
+                if len(g["params"]) != len(pr.params) or any(a is not b for a, b in zip(g["params"], pr.params)):
+                    return f"inner optimizer group {m} does not hold layer {m}'s parameters"
+        return None
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _grad_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(id(p))
+        if buf is None or buf.shape != p.shape or buf.device != p.device or buf.dtype != p.dtype:
+            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+            self._buffers[id(p)] = buf
+        return buf
+
+    def _layers(self, problems, rule: UpdateRule) -> list[_Layer]:
+        return [_Layer(list(pr.params), [self._grad_buffer(p) for p in pr.params], [rule.state(p) for p in pr.params],
+                       int(pr.group["local_steps"])) for pr in problems]
+
+    @staticmethod
+    def table_for(problems, regularizer: L2Proximity) -> torch.Tensor:
+        """Host tensor ``[m, k]``: ``η_k`` of layer ``m`` in iteration ``k`` (reference notes, step 5); its
+        last column is the L2 coefficient ``c`` of layers with an anchor (Eqs. 3, 7)."""
+        width = max(int(p.group["local_steps"]) for p in problems)
+        rows = []
+        for p in problems:
+            g = p.group
+            T = int(g["local_steps"])
+            row = [local_lr(g["lr"], k, T, g["lr_decay"], g["min_lr_ratio"]) if k < T else 0.0 for k in range(width)]
+            rows.append(row + [regularizer.coefficient(g["lr"]) if p.anchor is not None else 0.0])
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def release_graph(self) -> None:
+        """Drop the captured solve (its memory returns to the allocator)."""
+        self._captured = None
+        self._seen = {}
+
+    # -- the chain of one layer ---------------------------------------------------------------------
+    def _products(self, x: torch.Tensor):
+        """``(pre(W, b), grad(δ))`` closures in the chosen precision."""
+        if self.precision == "bf16":
+            xb = x.to(torch.bfloat16)
+
+            def pre(W, b):
+                out = (xb @ W.to(torch.bfloat16).T).float()
+                return out if b is None else out.add_(b)
+
+            def wgrad(delta, out):
+                out.copy_(delta.to(torch.bfloat16).T @ xb)  # fp32 accumulation inside the product
+            return pre, wgrad
+
+        def pre(W, b):
+            return x @ W.T if b is None else torch.addmm(b, x, W.T)
+
+        def wgrad(delta, out):
+            torch.mm(delta.T, x, out=out)
+        return pre, wgrad
+
+    def _chain(self, lay: _Layer, x, pre0, target, anchor, transfer, loss: LocalLoss, rule: UpdateRule,
+               table: torch.Tensor, m: int) -> None:
+        """``T`` local iterations of one layer (Algorithm 1/2 inner loop)."""
+        W = lay.params[0]
+        b = lay.params[1] if len(lay.params) == 2 else None
+        pre_fn, wgrad = self._products(x)
+        for k in range(lay.steps):
+            pre = pre0 if k == 0 else pre_fn(W, b)
+            delta = loss.grad(pre, target, transfer)
+            wgrad(delta, lay.grads[0])
+            if b is not None:
+                torch.sum(delta, 0, out=lay.grads[1])
+            if anchor is not None:  # L2 proximity: + c (Θ̃ - Θ)
+                c = table[m, -1]
+                for gr, p, a in zip(lay.grads, lay.params, anchor):
+                    gr.add_((p - a) * c)
+            rule.update(lay.params, lay.grads, lay.states, table[m, k])
+
+    def _run(self, layers: list[_Layer], inputs, loss, rule, table, use_streams: bool) -> None:
+        """All layers' chains; ``inputs[m] = (x, pre0, target, anchor, transfer)``."""
+        with _matmul_precision(self.precision):
+            if not use_streams:
+                for m, (lay, inp) in enumerate(zip(layers, inputs)):
+                    self._chain(lay, *inp, loss, rule, table, m)
+                return
+            main = torch.cuda.current_stream()
+            while len(self._streams) < len(layers):
+                self._streams.append(torch.cuda.Stream(device=main.device))
+            for m, (lay, inp) in enumerate(zip(layers, inputs)):
+                s = self._streams[m]
+                s.wait_stream(main)
+                with torch.cuda.stream(s):
+                    self._chain(lay, *inp, loss, rule, table, m)
+            for s in self._streams[:len(layers)]:
+                main.wait_stream(s)
+
+    # -- the solver interface ---------------------------------------------------------------------
+    def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
+              inner: Optimizer) -> None:
+        reason = self.unsupported(regularizer, inner, problems)
+        if reason:
+            raise ValueError(f"FusedIterativeSolver: cannot solve these problems: {reason}")
+        rule, _ = update_rule_for(inner)
+        layers = self._layers(problems, rule)
+        param = problems[0].params[0]
+        cuda = param.device.type == "cuda"
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            table = self.static_table
+            if table is None or table.shape[0] != len(problems):
+                raise RuntimeError("FusedIterativeSolver: inside a CUDA graph capture the learning-rate table must "
+                                   "be prepared first (use LocoProp.graphed_step)")
+        else:
+            table = self.table_for(problems, regularizer).to(param.device, param.dtype)
+        inputs = [(pr.batch.inputs, pr.batch.pre, pr.target, pr.anchor, pr.batch.transfer) for pr in problems]
+        use_streams = cuda and self.layer_streams and len(problems) > 1
+        if capturing or not (cuda and self.cuda_graph):
+            self.last_mode = "inside-capture" if capturing else "eager"
+            self._run(layers, inputs, loss, rule, table, use_streams)
+        else:
+            self._solve_graphed(problems, layers, inputs, loss, rule, table, use_streams)
+
+    def count_steps(self, problems, inner) -> None:
+        """Host-side bookkeeping of one solve, done by the caller once the step is kept (the inner
+        optimizer's step counters)."""
+        rule, _ = update_rule_for(inner)
+        for pr in problems:
+            for p in pr.params:
+                rule.count_steps(p, int(pr.group["local_steps"]))
+
+    # -- CUDA graph ----------------------------------------------------------------------------------
+    def _key(self, layers, inputs, loss, rule, table) -> tuple:
+        parts = [type(loss).__name__, rule.hyper(), self.precision, tuple(table.shape)]
+        for lay, (x, pre0, target, anchor, transfer) in zip(layers, inputs):
+            parts.append((lay.steps, tuple(x.shape), tuple(pre0.shape), tuple(target.shape), x.dtype, target.dtype,
+                          anchor is not None, repr(transfer),
+                          tuple(t.data_ptr() for t in lay.params + lay.grads + [s for st in lay.states for s in st])))
+        return tuple(parts)
+
+    def _solve_graphed(self, problems, layers, inputs, loss, rule, table, use_streams) -> None:
+        key = self._key(layers, inputs, loss, rule, table)
+        if self._captured is not None and self._captured[0] == key:
+            cap = self._captured[1]
+            cap.static[0]["table"].copy_(table)
+            for st, (x, pre0, target, anchor, _) in zip(cap.static[1:], inputs):
+                st["x"].copy_(x)
+                st["pre0"].copy_(pre0)
+                st["target"].copy_(target)
+                if anchor is not None:
+                    torch._foreach_copy_(st["anchor"], anchor)
+            cap.graph.replay()
+            self.last_mode = "graph-replay"
+            return
+        seen = self._seen.get(key, 0)
+        self._seen = {key: seen + 1}  # only the current shapes are remembered
+        if seen == 0:  # warm-up: eager, on a side stream (as CUDA graph capture requires)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run(layers, inputs, loss, rule, table, use_streams)
+            torch.cuda.current_stream().wait_stream(side)
+            self.last_mode = "eager"
+            return
+        self._captured = None  # free the old graph before capturing a new one
+        static = [{"table": table.clone()}]
+        static_inputs = []
+        for x, pre0, target, anchor, transfer in inputs:
+            st = {"x": x.clone(), "pre0": pre0.clone(), "target": target.clone(),
+                  "anchor": [a.clone() for a in anchor] if anchor is not None else None}
+            static.append(st)
+            static_inputs.append((st["x"], st["pre0"], st["target"], st["anchor"], transfer))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._run(layers, static_inputs, loss, rule, static[0]["table"], use_streams)
+        except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
+            self.cuda_graph = False
+            import warnings
+
+            warnings.warn(f"FusedIterativeSolver: CUDA graph capture failed ({exc}); running eagerly", stacklevel=3)
+            self._run(layers, inputs, loss, rule, table, use_streams)
+            self.last_mode = "eager"
+            return
+        self._captured = (key, _CapturedSolve(static, graph))
+        graph.replay()  # capture records, it does not run: this is the step
+        self.last_mode = "graph-capture"

@@ -1,0 +1,136 @@
+"""The fast solver on CUDA: streams, the captured solve and the captured whole step equal the reference loop."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import locoprop
+
+DEV = torch.device("cuda")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 300), nn.Tanh(), nn.Linear(300, 30), nn.Linear(30, 300), nn.Tanh(),
+                         nn.Linear(300, 784)).to(DEV)
+
+
+def _loss(logits, x):
+    return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+def _batches(n, b=256):
+    g = torch.Generator(device=DEV).manual_seed(3)
+    return [torch.rand(b, 784, device=DEV, generator=g) for _ in range(n)]
+
+
+def _rel(model_a, model_b):
+    return max(((p - q).norm() / p.norm()).item() for p, q in zip(model_a.parameters(), model_b.parameters()))
+
+
+def _opt(model, **kw):
+    base = dict(variant="M", lr=1e-4, activation_lr=10.0, local_steps=10, inner_kwargs={"momentum": 0.9,
+                "alpha": 0.9, "eps": 1e-8}, output_transfer="sigmoid")
+    base.update(kw)
+    return locoprop.LocoProp(model, **base)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_default_cuda_path_equals_reference(variant):
+    """Eager warm-up, capture and replays of the solve; 8 steps, weights within 1e-5 (issue 5)."""
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, variant=variant, backend="reference")
+    fast = _opt(fast_model, variant=variant)  # backend auto: fused, streams, CUDA graph
+    modes = []
+    for i, x in enumerate(_batches(8)):
+        if i == 5:
+            for g in ref.param_groups + fast.param_groups:
+                g["lr"] *= 0.5  # a new learning rate reaches the captured graph
+        ref.step(lambda: _loss(ref_model(x), x))
+        fast.step(lambda: _loss(fast_model(x), x))
+        modes.append(fast.fused_solver.last_mode)
+    assert fast.last_solver == "fused"
+    assert modes[:3] == ["eager", "graph-capture", "graph-replay"] and modes[-1] == "graph-replay"
+    assert _rel(ref_model, fast_model) < 1e-5
+
+
+def test_streams_off_and_on_agree():
+    a, b = _model(), _model()
+    oa = _opt(a, backend="fused", cuda_graph=False)
+    ob = _opt(b, backend="fused", cuda_graph=False)
+    ob.fused_solver.layer_streams = False
+    for x in _batches(4):
+        oa.step(lambda: _loss(a(x), x))
+        ob.step(lambda: _loss(b(x), x))
+    assert _rel(a, b) < 1e-6
+
+
+def test_graphed_step_equals_reference():
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, backend="reference")
+    fast = _opt(fast_model)
+    static_x = torch.empty(256, 784, device=DEV)
+    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
+    modes, losses = [], []
+    for i, x in enumerate(_batches(8)):
+        if i == 5:
+            for g in ref.param_groups + fast.param_groups:
+                g["lr"] *= 0.5
+        lr = ref.step(lambda: _loss(ref_model(x), x))
+        static_x.copy_(x)
+        lf = step()
+        modes.append(step.last_mode)
+        losses.append((float(lr), float(lf)))
+    assert modes[:4] == ["eager", "eager", "capture", "replay"]
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in losses)
+    assert _rel(ref_model, fast_model) < 1e-5
+    assert ref.state_dict()["param_groups"][0]["step"] == fast.state_dict()["param_groups"][0]["step"]
+    for p, q in zip(ref_model.parameters(), fast_model.parameters()):
+        assert torch.equal(ref.inner.state[p]["step"], fast.inner.state[q]["step"])
+
+
+def test_graphed_step_divergence_is_undone():
+    model = _model()
+    opt = _opt(model)
+    static_x = torch.empty(256, 784, device=DEV)
+    step = opt.graphed_step(lambda: _loss(model(static_x), static_x))
+    batches = _batches(5)
+    for x in batches[:4]:
+        static_x.copy_(x)
+        step()
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    for g in opt.param_groups:
+        g["lr"] = float("inf")  # only lr changes: the captured graph is replayed and its update is not finite
+    static_x.copy_(batches[4])
+    with pytest.raises(locoprop.DivergenceError):
+        step()
+    assert step.last_mode == "replay"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    now = opt.state_dict()["inner"]["state"]
+    for k, s in state["inner"]["state"].items():
+        for name, v in s.items():
+            assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
+
+
+@pytest.mark.parametrize("precision, tol", [("tf32", 5e-3), ("bf16", 3e-2)])
+def test_reduced_precision_stays_close(precision, tol):
+    a, b = _model(), _model()
+    oa = _opt(a)
+    ob = _opt(b, precision=precision)
+    for x in _batches(6):
+        la = oa.step(lambda: _loss(a(x), x))
+        lb = ob.step(lambda: _loss(b(x), x))
+    assert abs(float(la) - float(lb)) / float(la) < tol
+    assert 0 < _rel(a, b) < 10 * tol

@@ -1,0 +1,156 @@
+"""The fast layer-parallel solver (:mod:`locoprop.fused`) against the reference loop, on the CPU.
+
+The CUDA graph and stream paths are checked by ``tests/cuda`` on a machine with a GPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import locoprop
+from locoprop.fused import FusedIterativeSolver
+
+from conftest import bce_sum_mean, small_autoencoder
+from test_errors import _assert_unchanged, _snapshot
+
+
+def _run(backend, steps=5, dtype=torch.float32, variant="M", inner="tf_rmsprop", inner_kwargs=None,
+         regularizer=None, precision="fp32", local_steps=5, lr=1e-2, activation_lr=1.0):
+    torch.manual_seed(0)
+    model = small_autoencoder(dtype)
+    opt = locoprop.LocoProp(model, variant=variant, lr=lr, activation_lr=activation_lr, local_steps=local_steps,
+                            inner=inner, inner_kwargs=inner_kwargs or {}, output_transfer="sigmoid",
+                            regularizer=regularizer, backend=backend, precision=precision)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.rand(32, 20, generator=gen, dtype=dtype)
+        losses.append(float(opt.step(lambda: bce_sum_mean(model(x), x))))
+    return model, opt, losses
+
+
+def _max_rel(a_tensors, b_tensors):
+    return max(((a - b).norm() / a.norm().clamp_min(1e-30)).item() for a, b in zip(a_tensors, b_tensors))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(variant="M"),
+    dict(variant="S"),
+    dict(variant="post-S"),
+    dict(variant="poco-M"),
+    dict(variant="M", regularizer="l2-paper"),
+    dict(variant="M", inner_kwargs={"momentum": 0.9, "alpha": 0.95, "eps": 1e-8}),
+])
+def test_fused_equals_reference_in_float32(kwargs):
+    """Several steps of T = 5 local iterations: weights and inner state agree to 1e-5 (issue 5)."""
+    m_ref, o_ref, _ = _run("reference", **kwargs)
+    m_fast, o_fast, _ = _run("fused", **kwargs)
+    assert o_ref.last_solver == "reference" and o_fast.last_solver == "fused"
+    assert _max_rel(list(m_ref.parameters()), list(m_fast.parameters())) < 1e-5
+    for p, q in zip(m_ref.parameters(), m_fast.parameters()):
+        s_ref, s_fast = o_ref.inner.state[p], o_fast.inner.state[q]
+        assert s_ref.keys() == s_fast.keys()
+        assert torch.equal(s_ref["step"], s_fast["step"])  # T counted per step, as inner.step() does
+        assert _max_rel([s_ref["mean_square"]], [s_fast["mean_square"]]) < 1e-5
+
+
+@pytest.mark.parametrize("inner", ["sgd", "momentum", "nesterov"])
+def test_fused_equals_reference_in_float64_for_sgd_rules(inner):
+    m_ref, _, _ = _run("reference", dtype=torch.float64, inner=inner, lr=1e-3)
+    m_fast, _, _ = _run("fused", dtype=torch.float64, inner=inner, lr=1e-3)
+    assert _max_rel(list(m_ref.parameters()), list(m_fast.parameters())) < 1e-12
+
+
+def test_fused_and_reference_state_dicts_are_interchangeable():
+    model, opt, _ = _run("fused", steps=2)
+    ref_model = copy.deepcopy(model)
+    ref_opt = locoprop.LocoProp(ref_model, variant="M", lr=1e-2, local_steps=5, output_transfer="sigmoid",
+                                backend="reference")
+    ref_opt.load_state_dict(opt.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x = torch.rand(32, 20, generator=gen)
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        ref_opt.step(lambda: bce_sum_mean(ref_model(x), x))
+    assert ref_opt.last_solver == "reference" and opt.last_solver == "fused"
+    assert _max_rel(list(ref_model.parameters()), list(model.parameters())) < 1e-5
+
+
+def test_precisions_on_the_cpu():
+    """bf16 operands change the result a little, not much; TF32 is a CUDA mode and leaves the CPU exact."""
+    m32, _, l32 = _run("fused")
+    m16, _, l16 = _run("fused", precision="bf16")
+    mtf, _, _ = _run("fused", precision="tf32")
+    d16 = _max_rel(list(m32.parameters()), list(m16.parameters()))
+    assert 0 < d16 < 1e-2
+    assert abs(l16[-1] - l32[-1]) / l32[-1] < 1e-2
+    assert all(torch.equal(a, b) for a, b in zip(m32.parameters(), mtf.parameters()))
+
+
+def test_backend_auto_uses_the_reference_loop_on_the_cpu():
+    _, opt, _ = _run("auto", steps=1)
+    assert opt.last_solver == "reference"
+    _, opt, _ = _run("auto", steps=1, precision="bf16")  # only the fast solver has precisions
+    assert opt.last_solver == "fused"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(backend="fused", inner="adam"), "inner optimizer Adam"),
+    (dict(precision="bf16", regularizer="l1"), "regularizer L1Proximity"),
+    (dict(backend="fused", variant="S-closed"), "solver 'closed_form'"),
+    (dict(backend="gpu"), "backend: expected one of"),
+    (dict(precision="fp16"), "precision: expected one of"),
+])
+def test_unsupported_fast_paths_raise_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", **kwargs)
+
+
+def test_auto_falls_back_for_components_the_fast_solver_lacks():
+    assert FusedIterativeSolver.unsupported(locoprop.L1Proximity(1.0), None) == "no inner optimizer"
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid", inner="adam")  # auto: no error
+    x = torch.rand(8, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert opt.last_solver == "reference"
+
+
+def test_fused_divergence_leaves_weights_and_state_untouched():
+    model, opt, _ = _run("fused", steps=2)
+    x = torch.rand(16, 20)
+    snap = _snapshot(model, opt)
+    for g in opt.param_groups:
+        g["activation_lr"] = 1e300
+    with pytest.raises(locoprop.DivergenceError, match="undone"):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    _assert_unchanged(model, opt, snap)
+    for g in opt.param_groups:
+        g["activation_lr"] = 1.0
+    assert torch.isfinite(opt.step(lambda: bce_sum_mean(model(x), x)))
+
+
+def test_first_fused_step_divergence_removes_the_state_it_created():
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid", backend="fused", activation_lr=1e300)
+    x = torch.rand(16, 20)
+    with pytest.raises(locoprop.DivergenceError):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    assert len(opt.inner.state) == 0
+
+
+def test_graphed_step_needs_cuda():
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    x = torch.rand(8, 20)
+    with pytest.raises(ValueError, match="graphed_step: needs the model on a CUDA device"):
+        opt.graphed_step(lambda: bce_sum_mean(model(x), x))
+
+
+def test_fused_is_bitwise_the_reference_with_tf_rmsprop_on_the_cpu():
+    """Same products (addmm as nn.Linear), same update arithmetic: not merely close, identical."""
+    m_ref, _, l_ref = _run("reference", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+    m_fast, _, l_fast = _run("fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+    assert l_ref == l_fast
+    assert all(torch.equal(p, q) for p, q in zip(m_ref.parameters(), m_fast.parameters()))
