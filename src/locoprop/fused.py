@@ -183,6 +183,7 @@ class _Layer:
     grads: list[torch.Tensor]
     states: list[list[torch.Tensor]]
     steps: int
+    scratch: torch.Tensor  # (b, d): the pre-activation, then δ, of iterations 1..T-1
 
 
 class _CapturedSolve:
@@ -212,7 +213,7 @@ class FusedIterativeSolver:
         self.precision = precision
         self.cuda_graph = bool(cuda_graph)
         self.layer_streams = bool(layer_streams)
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._buffers: dict = {}  # persistent gradient and scratch buffers
         self._streams: list = []
         self._seen: dict[tuple, int] = {}
         self._captured: tuple[tuple, _CapturedSolve] | None = None
@@ -248,9 +249,18 @@ class FusedIterativeSolver:
             self._buffers[id(p)] = buf
         return buf
 
+    def _scratch_buffer(self, m: int, like: torch.Tensor) -> torch.Tensor:
+        key = ("scratch", m)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != like.shape or buf.device != like.device or buf.dtype != like.dtype:
+            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+            self._buffers[key] = buf
+        return buf
+
     def _layers(self, problems, rule: UpdateRule) -> list[_Layer]:
         return [_Layer(list(pr.params), [self._grad_buffer(p) for p in pr.params], [rule.state(p) for p in pr.params],
-                       int(pr.group["local_steps"])) for pr in problems]
+                       int(pr.group["local_steps"]), self._scratch_buffer(m, pr.batch.pre))
+                for m, pr in enumerate(problems)]
 
     @staticmethod
     def table_for(problems, regularizer: L2Proximity) -> torch.Tensor:
@@ -272,20 +282,20 @@ class FusedIterativeSolver:
 
     # -- the chain of one layer ---------------------------------------------------------------------
     def _products(self, x: torch.Tensor):
-        """``(pre(W, b), grad(δ))`` closures in the chosen precision."""
+        """``(pre(W, b, out), grad(δ, out))`` in the chosen precision, writing into ``out``."""
         if self.precision == "bf16":
             xb = x.to(torch.bfloat16)
 
-            def pre(W, b):
-                out = (xb @ W.to(torch.bfloat16).T).float()
+            def pre(W, b, out):
+                out.copy_(xb @ W.to(torch.bfloat16).T)  # fp32 accumulation inside the product
                 return out if b is None else out.add_(b)
 
             def wgrad(delta, out):
-                out.copy_(delta.to(torch.bfloat16).T @ xb)  # fp32 accumulation inside the product
+                out.copy_(delta.to(torch.bfloat16).T @ xb)
             return pre, wgrad
 
-        def pre(W, b):
-            return x @ W.T if b is None else torch.addmm(b, x, W.T)
+        def pre(W, b, out):
+            return torch.mm(x, W.T, out=out) if b is None else torch.addmm(b, x, W.T, out=out)
 
         def wgrad(delta, out):
             torch.mm(delta.T, x, out=out)
@@ -293,13 +303,19 @@ class FusedIterativeSolver:
 
     def _chain(self, lay: _Layer, x, pre0, target, anchor, transfer, loss: LocalLoss, rule: UpdateRule,
                table: torch.Tensor, m: int) -> None:
-        """``T`` local iterations of one layer (Algorithm 1/2 inner loop)."""
+        """``T`` local iterations of one layer (Algorithm 1/2 inner loop).
+
+        Iteration 0 reads the forward pass's pre-activation; later ones compute
+        the pre-activation and then ``δ`` in place in one scratch buffer.
+        """
         W = lay.params[0]
         b = lay.params[1] if len(lay.params) == 2 else None
         pre_fn, wgrad = self._products(x)
         for k in range(lay.steps):
-            pre = pre0 if k == 0 else pre_fn(W, b)
-            delta = loss.grad(pre, target, transfer)
+            if k == 0:
+                delta = loss.grad(pre0, target, transfer)
+            else:
+                delta = loss.grad_(pre_fn(W, b, lay.scratch), target, transfer)
             wgrad(delta, lay.grads[0])
             if b is not None:
                 torch.sum(delta, 0, out=lay.grads[1])
@@ -367,7 +383,8 @@ class FusedIterativeSolver:
         for lay, (x, pre0, target, anchor, transfer) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(pre0.shape), tuple(target.shape), x.dtype, target.dtype,
                           anchor is not None, repr(transfer),
-                          tuple(t.data_ptr() for t in lay.params + lay.grads + [s for st in lay.states for s in st])))
+                          tuple(t.data_ptr() for t in lay.params + lay.grads + [lay.scratch]
+                                + [s for st in lay.states for s in st])))
         return tuple(parts)
 
     def _solve_graphed(self, problems, layers, inputs, loss, rule, table, use_streams) -> None:

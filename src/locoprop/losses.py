@@ -42,6 +42,10 @@ class LocalLoss:
         """Gradient of :meth:`value` with respect to ``pre``, in closed form."""
         raise TypeError(f"{type(self).__name__} must implement grad")
 
+    def grad_(self, pre: torch.Tensor, target: torch.Tensor, transfer: TransferFunction) -> torch.Tensor:
+        """:meth:`grad`, free to overwrite ``pre`` with it (the fast solver's scratch buffer)."""
+        return self.grad(pre, target, transfer)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -56,6 +60,9 @@ class SquaredPreLoss(LocalLoss):
 
     def grad(self, pre, target, transfer=None):
         return pre - target
+
+    def grad_(self, pre, target, transfer=None):
+        return pre.sub_(target)
 
 
 class MatchingLoss(LocalLoss):
@@ -74,6 +81,9 @@ class MatchingLoss(LocalLoss):
 
     def grad(self, pre, target, transfer):
         return transfer.f(pre) - target
+
+    def grad_(self, pre, target, transfer):
+        return transfer.f_(pre).sub_(target)
 
 
 class SquaredPostLoss(LocalLoss):

@@ -72,6 +72,10 @@ class TransferFunction:
         """The transfer function ``f(a)``."""
         raise TypeError(f"{type(self).__name__} does not define f")
 
+    def f_(self, a: torch.Tensor) -> torch.Tensor:
+        """``f(a)`` written into ``a`` (the fast solver's scratch buffers); returns ``a``."""
+        return a.copy_(self.f(a))
+
     def F(self, a: torch.Tensor) -> torch.Tensor:  # noqa: N802 - the paper's name
         """The convex integral ``F(a)`` (Table 2), summed over the last dimension."""
         raise TypeError(f"{type(self).__name__} does not define F")
@@ -182,6 +186,9 @@ class Linear(TransferFunction):
     def f(self, a):
         return a
 
+    def f_(self, a):
+        return a
+
     def F(self, a):
         return 0.5 * (a * a).sum(-1)
 
@@ -258,6 +265,9 @@ class Sigmoid(TransferFunction):
     def f(self, a):
         return torch.sigmoid(a)
 
+    def f_(self, a):
+        return a.sigmoid_()
+
     def F(self, a):
         return Fn.softplus(a).sum(-1)
 
@@ -320,6 +330,9 @@ class Tanh(TransferFunction):
 
     def f(self, a):
         return torch.tanh(a)
+
+    def f_(self, a):
+        return a.tanh_()
 
     def F(self, a):
         # log cosh a = |a| + log1p(exp(-2|a|)) - log 2, stable for large |a|.

@@ -195,3 +195,27 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert cli_main(["train", "--optimizer", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "optimizer" in capsys.readouterr().err
+
+
+def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
+    """`--precision bf16` trains LocoProp-M on the fast solver and lands close to FP32 on the same run."""
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(optimizer="locoprop-m", lr=1e-4, activation_lr=10.0, beta1=0.9, beta2=0.9, eps=1e-8,
+                          local_steps=3, precision=precision, **TINY)
+        result = train(cfg, tmp_path / precision, progress=False, log=lambda s: None)
+        assert result.status == "finished"
+        finals[precision] = result.final_train_loss
+        saved = json.loads((tmp_path / precision / "config.json").read_text())["settings"]
+        assert saved["precision"] == precision and saved["cuda_graph"] is True
+    assert finals["bf16"] != finals["fp32"]
+    assert abs(finals["bf16"] - finals["fp32"]) / finals["fp32"] < 0.01
+
+
+@pytest.mark.parametrize("values, match", [
+    (dict(optimizer="adam", precision="bf16"), "precision: 'bf16' applies to the LocoProp optimizers only"),
+    (dict(optimizer="locoprop-m", precision="fp16"), "precision: expected fp32, tf32 or bf16"),
+])
+def test_precision_setting_errors_name_it(values, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**values).validate()

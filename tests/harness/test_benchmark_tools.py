@@ -1,0 +1,59 @@
+"""The result generators in benchmarks/: time to a reference loss, and the perf README."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(folder: Path, name: str, losses, walls, optimizer="rmsprop", local_steps=10):
+    d = folder / name
+    d.mkdir(parents=True)
+    settings = {"optimizer": optimizer, "model": "standard", "batch_size": 1000, "epochs": len(losses),
+                "local_steps": local_steps, "inverse_every": 1}
+    (d / "config.json").write_text(json.dumps({"settings": settings, "label": name, "device": "cpu",
+                                               "train_examples": 60000}))
+    lines = [{"epoch": 0, "train_loss": 500.0, "wall_time": 0.0}]
+    lines += [{"epoch": i + 1, "train_loss": v, "wall_time": w} for i, (v, w) in enumerate(zip(losses, walls))]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+
+
+def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
+    _run(tmp_path, "ref", [100.0, 60.0, 50.0], [1.0, 2.0, 3.0])
+    _run(tmp_path, "fast", [70.0, 49.0, 40.0], [0.5, 1.0, 1.5], optimizer="locoprop-m")
+    _run(tmp_path, "never", [90.0, 80.0, 70.0], [1.0, 2.0, 3.0], optimizer="adam")
+    perf = tmp_path / "perf.json"
+    perf.write_text(json.dumps({"meta": {}, "records": [
+        {"model": "standard", "batch_size": 1000, "optimizer": "locoprop-m", "mode": "graphed", "local_steps": 10,
+         "precision": "fp32", "step_ms_median": 5.0}]}))
+    _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--runs", "fast", "never", "--alone", "ref",
+                                  "fast", "--perf", str(perf), "--out", str(tmp_path / "ttl")])
+    rows = {r["run"]: r for r in json.loads((tmp_path / "ttl.json").read_text())["rows"]}
+    assert rows["ref"]["epoch"] == 3 and rows["ref"]["wall_s"] == 3.0
+    assert rows["fast"]["epoch"] == 2 and rows["fast"]["wall_ratio_to_reference"] == 1.0 / 3.0
+    assert rows["fast"]["estimate_s"] == 2 * 60 * 5.0 / 1e3
+    assert rows["never"]["reaches_target"] is False and rows["never"]["epoch"] is None
+    assert "| fast |" in (tmp_path / "ttl.md").read_text()
+
+
+def test_perf_readme_lists_every_record(tmp_path):
+    records = [{"model": "standard", "batch_size": 1000, "optimizer": "rmsprop", "local_steps": 0, "mode": "eager",
+                "precision": "fp32", "step_ms_median": 2.0, "floor_ms": 1.0, "peak_mem_mb": 60.0,
+                "ratio_to_floor": 2.0, "ratio_to_rmsprop": 1.0},
+               {"model": "wide", "batch_size": 100, "optimizer": "kfac", "local_steps": 0, "mode": "eager",
+                "precision": "fp32", "skipped": "deadline of 5 s"}]
+    (tmp_path / "dev-2026-01-01.json").write_text(json.dumps({"meta": {
+        "command": "python benchmarks/step_time.py", "date": "2026-01-01", "device": "dev", "torch": "x",
+        "threads": 2, "matmul_tflops": {"fp32": 1.0}}, "records": records}))
+    _module("perf_readme").main([str(tmp_path), "--note", "a note"])
+    text = (tmp_path / "README.md").read_text()
+    assert "| standard | 1000 | rmsprop |" in text and "2.00" in text
+    assert "1 configurations were not run" in text and "a note" in text
