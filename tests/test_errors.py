@@ -76,11 +76,11 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         locoprop.LocoProp(small_autoencoder(), **kwargs)
 
 
-def _trained():
+def _trained(backend="auto"):
     torch.manual_seed(0)
     model = small_autoencoder()
     x = torch.rand(16, 20)
-    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid")
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", backend=backend)
     for _ in range(2):
         opt.step(lambda: bce_sum_mean(model(x), x))
     return model, opt, x
@@ -120,14 +120,16 @@ def test_missing_closure():
         opt.step()
 
 
-def test_non_finite_local_update_is_undone_and_raises():
-    model, opt, x = _trained()
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_non_finite_local_update_is_undone_and_raises(backend):
+    model, opt, x = _trained(backend)
     snap = _snapshot(model, opt)
     for g in opt.param_groups:
         g["activation_lr"] = 1e300  # targets overflow: the local update is inf/nan
     with pytest.raises(locoprop.DivergenceError, match="undone"):
         opt.step(lambda: bce_sum_mean(model(x), x))
     _assert_unchanged(model, opt, snap)
+    assert opt.last_solver == ("fused" if backend == "fused" else "reference")  # the undone step ran there
     # and the optimizer still works afterwards
     for g in opt.param_groups:
         g["activation_lr"] = 1.0
@@ -155,3 +157,14 @@ def test_load_state_dict_mismatch():
         other.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="state_dict"):
         opt.load_state_dict({"foo": 1})
+
+
+def test_finiteness_check_does_not_overflow_on_large_finite_weights():
+    """A norm of squares would overflow at 1e20; the check must call only inf and NaN non-finite."""
+    model, opt, _ = _trained()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1e30
+    assert bool(opt._all_finite())
+    with torch.no_grad():
+        model[0].weight[0, 1] = float("nan")
+    assert not bool(opt._all_finite())

@@ -285,7 +285,7 @@ class LocoProp(Optimizer):
     def _problems(self, batches: list[LayerBatch]) -> list[LocalProblem]:
         v = self.variant
         problems = []
-        needs_anchor = v.regularizer.needs_anchor and v.solver == "iterative"
+        needs_anchor = self._needs_anchor()
         for m, (b, group) in enumerate(zip(batches, self.param_groups)):
             if b is None:  # layer-sharded: another rank solves this layer
                 problems.append(None)
@@ -305,6 +305,10 @@ class LocoProp(Optimizer):
             problems.append(LocalProblem(b, target, params, anchor, group))
         return problems
 
+    def _needs_anchor(self) -> bool:
+        """Whether the local problems keep the weights from the start of the step (an explicit regularizer)."""
+        return self.variant.regularizer.needs_anchor and self.variant.solver == "iterative"
+
     def _select_solver(self, problems: list[LocalProblem]):
         """The fast solver where ``backend`` and the problems allow it, else the variant's own."""
         if self.fused_solver is None or self.distributor is not None or self.backend == "reference":
@@ -323,9 +327,9 @@ class LocoProp(Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _all_finite(self) -> torch.Tensor:
-        """One device flag: every weight is finite (a norm is finite iff every entry is)."""
-        norms = torch._foreach_norm(self._params())
-        return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+        """One device flag: every weight is finite (the max-abs norm is finite iff every entry is)."""
+        norms = torch._foreach_norm(self._params(), float("inf"))
+        return torch.isfinite(torch.stack(norms)).all()
 
     def _divergence(self) -> DivergenceError:
         names = [g["name"] for g in self.param_groups if not all(torch.isfinite(p).all() for p in g["params"])]
@@ -611,7 +615,7 @@ class _GroupView:
 
     def __init__(self, group: dict, opt: LocoProp) -> None:
         self.group = group
-        self.anchor = True if (opt.variant.regularizer.needs_anchor and opt.variant.solver == "iterative") else None
+        self.anchor = True if opt._needs_anchor() else None
 
 
 def _output_sampler(last: Layer) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -422,11 +422,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     n = data.train.shape[0]
     batches = math.ceil(n / cfg.batch_size)
     graphed = static_x = None
-    if (device.type == "cuda" and cfg.cuda_graph and is_locoprop(cfg.optimizer) and cfg.distributed is None
-            and opt.fused_solver is not None and opt.backend != "reference"):
+    if device.type == "cuda" and cfg.cuda_graph and is_locoprop(cfg.optimizer) and cfg.distributed is None:
         # the whole step as one CUDA graph; the closure reads the batch from static_x (LocoProp.graphed_step)
         static_x = torch.empty(min(cfg.batch_size, n), data.train.shape[1], device=device, dtype=dtype)
-        graphed = opt.graphed_step(lambda: loss_fn(model(static_x), static_x))
+        try:
+            graphed = opt.graphed_step(lambda: loss_fn(model(static_x), static_x))
+        except ValueError as exc:  # e.g. an inner optimizer the fast solver lacks: ordinary steps
+            log(f"cuda_graph: {exc}; taking ordinary steps")
     status, reason, epochs_this_call = "finished", "", 0
     last_train = last_test = None
     for epoch in range(start_epoch, cfg.epochs):
