@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from locoprop.harness.plots import load_run
+from locoprop.harness.plots import load_run, run_label
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         if not run["events"] and last["epoch"] < run["config"]["settings"]["epochs"]:
             status = f"stopped after epoch {last['epoch']} of {run['config']['settings']['epochs']}"
         cfg = run["config"]
-        lines.append(f"| {run['dir'].name} | {cfg.get('label', '')} | {last['epoch']} | {last['train_loss']:.3f} | "
+        lines.append(f"| {run['dir'].name} | {run_label(run)} | {last['epoch']} | {last['train_loss']:.3f} | "
                      f"{last['test_loss']:.3f} | {min(r['train_loss'] for r in recs):.3f} | {last['wall_time']:.0f} | "
                      f"{status} | {cfg.get('device', '?')} | {cfg.get('started', '?')} |")
     first = runs[0]["config"]

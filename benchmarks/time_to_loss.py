@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+from locoprop.harness.plots import run_label
+
 # how the harness runs each optimizer on CUDA -> the benchmark's mode of the same configuration
 _MODE = {"locoprop": "graphed", "first-order": "eager", "other": "eager"}
 
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         steps_per_epoch = math.ceil(cfg.get("train_examples", 60000) / s["batch_size"])
         hit = next((r for r in recs if r["epoch"] > 0 and r["train_loss"] <= target), None)
         step_ms = _step_ms(perf, s)
-        row = {"run": name, "label": cfg.get("label"), "device": cfg.get("device"),
+        row = {"run": name, "label": run_label({"config": cfg, "dir": folder / name}), "device": cfg.get("device"),
                "epochs_run": recs[-1]["epoch"], "epochs_planned": s["epochs"], "final_train_loss": recs[-1]["train_loss"],
                "alone_on_device": name in args.alone, "reaches_target": hit is not None,
                "epoch": hit["epoch"] if hit else None, "wall_s": hit["wall_time"] if hit else None,

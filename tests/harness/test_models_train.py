@@ -210,6 +210,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
         assert saved["precision"] == precision and saved["cuda_graph"] is True
     assert finals["bf16"] != finals["fp32"]
     assert abs(finals["bf16"] - finals["fp32"]) / finals["fp32"] < 0.01
+    assert TrainConfig(optimizer="locoprop-m", precision="bf16").label().endswith(" bf16")
+    assert "fp32" not in TrainConfig(optimizer="locoprop-m").label()
 
 
 @pytest.mark.parametrize("values, match", [

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .train import CONFIG, read_metrics
+from .train import CONFIG, TrainConfig, read_metrics
 
-__all__ = ["load_run", "plot_runs", "summary_table"]
+__all__ = ["load_run", "plot_runs", "run_label", "summary_table"]
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -25,8 +25,16 @@ def load_run(run_dir: str | Path) -> dict:
     return {"dir": run_dir, "config": config, "records": records, "events": events}
 
 
+def run_label(run: dict) -> str:
+    """A run's label, recomputed from its settings (so older folders get today's labels)."""
+    try:
+        return TrainConfig.from_dict(run["config"]["settings"]).label()
+    except (KeyError, TypeError, ValueError):  # not a harness run folder, or settings of another version
+        return run["config"].get("label") or run["dir"].name
+
+
 def _label(run: dict) -> str:
-    label = run["config"].get("label") or run["dir"].name
+    label = run_label(run)
     if run["events"]:
         label += f" [{run['events'][-1]['event']}]"
     return label
@@ -84,7 +92,7 @@ def summary_table(run_dirs: Sequence[str | Path]) -> str:
         run = load_run(d)
         last = run["records"][-1] if run["records"] else {}
         status = run["events"][-1]["event"] if run["events"] else "ok"
-        rows.append((Path(d).name, run["config"].get("label", ""), str(last.get("epoch", 0)),
+        rows.append((Path(d).name, run_label(run), str(last.get("epoch", 0)),
                      f"{last.get('train_loss', float('nan')):.4f}", f"{last.get('test_loss', float('nan')):.4f}",
                      f"{last.get('wall_time', 0.0):.1f}", status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -144,6 +144,8 @@ class TrainConfig:
             parts += [f"γ={self.activation_lr:g}", f"T={self.local_steps}"]
             if self.inner != "tf_rmsprop":
                 parts.append(f"inner={self.inner}")
+            if self.precision != "fp32":
+                parts.append(self.precision)
         if self.optimizer in ("shampoo", "kfac") and self.inverse_every > 1:
             parts[0] = f"{self.optimizer}@{self.inverse_every}"
         return " ".join(parts)
