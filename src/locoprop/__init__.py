@@ -4,8 +4,9 @@ The optimizer is :class:`LocoProp`; its components live in
 :mod:`locoprop.transfer` (Table 2), :mod:`locoprop.targets`,
 :mod:`locoprop.losses`, :mod:`locoprop.regularizers` (Sec. 2, App. E),
 :mod:`locoprop.variants` (named combinations), :mod:`locoprop.layers` (layer
-discovery), :mod:`locoprop.solvers` (local iterations, closed form) and
-:mod:`locoprop.inner` (inner optimizers).  The experiment harness is
+discovery), :mod:`locoprop.solvers` (local iterations, closed form),
+:mod:`locoprop.fused` (the fast layer-parallel solver: CUDA streams and graphs,
+reduced-precision products) and :mod:`locoprop.inner` (inner optimizers).  The experiment harness is
 :mod:`locoprop.harness`.
 """
 
@@ -13,7 +14,8 @@ from .errors import DivergenceError
 from .inner import INNER_OPTIMIZERS, TFRMSprop
 from .layers import Layer, discover_layers
 from .losses import DualMatchingLoss, LocalLoss, MatchingLoss, SquaredPostLoss, SquaredPreLoss
-from .optimizer import LocoProp
+from .fused import FusedIterativeSolver
+from .optimizer import CapturedStep, LocoProp
 from .regularizers import FisherProximity, L1Proximity, L2Proximity, Regularizer
 from .targets import DualMDTarget, GDTarget, MDTarget, NaturalGradientTarget, PostGDTarget, Target
 from .transfer import TRANSFER_FUNCTIONS, TransferFunction, get_transfer, register_transfer
@@ -22,7 +24,7 @@ from .variants import VARIANTS, Variant, get_variant
 __version__ = "0.1.0"
 
 __all__ = [
-    "LocoProp", "DivergenceError", "TFRMSprop", "INNER_OPTIMIZERS",
+    "LocoProp", "CapturedStep", "FusedIterativeSolver", "DivergenceError", "TFRMSprop", "INNER_OPTIMIZERS",
     "Layer", "discover_layers",
     "LocalLoss", "SquaredPreLoss", "MatchingLoss", "SquaredPostLoss", "DualMatchingLoss",
     "Regularizer", "L2Proximity", "L1Proximity", "FisherProximity",
