@@ -195,7 +195,7 @@ class _CapturedSolve:
 
 
 class FusedIterativeSolver:
-    """Layer-parallel, allocation-free local iterations (see the module docstring).
+    """Layer-parallel local iterations on persistent buffers (see the module docstring).
 
     Args:
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
@@ -242,15 +242,8 @@ class FusedIterativeSolver:
         return None
 
     # -- buffers -------------------------------------------------------------------------------
-    def _grad_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(id(p))
-        if buf is None or buf.shape != p.shape or buf.device != p.device or buf.dtype != p.dtype:
-            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-            self._buffers[id(p)] = buf
-        return buf
-
-    def _scratch_buffer(self, m: int, like: torch.Tensor) -> torch.Tensor:
-        key = ("scratch", m)
+    def _buffer(self, key, like: torch.Tensor) -> torch.Tensor:
+        """A persistent buffer shaped like ``like`` (kept from step to step, remade when the shape changes)."""
         buf = self._buffers.get(key)
         if buf is None or buf.shape != like.shape or buf.device != like.device or buf.dtype != like.dtype:
             buf = torch.empty_like(like, memory_format=torch.contiguous_format)
@@ -258,8 +251,9 @@ class FusedIterativeSolver:
         return buf
 
     def _layers(self, problems, rule: UpdateRule) -> list[_Layer]:
-        return [_Layer(list(pr.params), [self._grad_buffer(p) for p in pr.params], [rule.state(p) for p in pr.params],
-                       int(pr.group["local_steps"]), self._scratch_buffer(m, pr.batch.pre))
+        return [_Layer(list(pr.params), [self._buffer(("grad", id(p)), p) for p in pr.params],
+                       [rule.state(p) for p in pr.params], int(pr.group["local_steps"]),
+                       self._buffer(("scratch", m), pr.batch.pre))
                 for m, pr in enumerate(problems)]
 
     @staticmethod
