@@ -47,12 +47,13 @@ def _log(fh, msg: str) -> None:
     fh.flush()
 
 
-def _run(cmd: list[str], timeout: float, out_file: Path, log) -> int | str:
-    _log(log, f"$ {' '.join(cmd)}  (limit {timeout:.0f} s)")
+def _run(cmd: list[str], timeout: float, out_file: Path, log, env: dict | None = None, note: str = "") -> int | str:
+    _log(log, f"$ {' '.join(cmd)}  ({note}limit {timeout:.0f} s)")
     t0 = time.time()
     with out_file.open("a") as fh:
         try:
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=max(timeout, 1), cwd=ROOT).returncode
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=max(timeout, 1), cwd=ROOT,
+                                env=env).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     _log(log, f"  -> {rc} after {time.time() - t0:.0f} s")
@@ -157,15 +158,7 @@ def main(argv=None) -> int:
         if limit < 10:
             _log(log, f"{name}: no time left")
             continue
-        _log(log, f"$ {' '.join(command(name))}  (alone, limit {limit:.0f} s)")
-        t0 = time.time()
-        with (work / "runs" / f"{name}.log").open("a") as fh:
-            try:
-                rc = subprocess.run(command(name), stdout=fh, stderr=subprocess.STDOUT, timeout=limit, cwd=ROOT,
-                                    env=child_env).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        _log(log, f"  -> {rc} after {time.time() - t0:.0f} s")
+        _run(command(name), limit, work / "runs" / f"{name}.log", log, env=child_env, note="alone, ")
 
     rest = [n for n in runs if n not in args.alone]
     procs = {}

@@ -257,16 +257,16 @@ class FusedIterativeSolver:
                 for m, pr in enumerate(problems)]
 
     @staticmethod
-    def table_for(problems, regularizer: L2Proximity) -> torch.Tensor:
-        """Host tensor ``[m, k]``: ``η_k`` of layer ``m`` in iteration ``k`` (reference notes, step 5); its
-        last column is the L2 coefficient ``c`` of layers with an anchor (Eqs. 3, 7)."""
-        width = max(int(p.group["local_steps"]) for p in problems)
+    def table_for(groups: list[dict], regularizer: L2Proximity, anchored: bool) -> torch.Tensor:
+        """Host tensor ``[m, k]``: ``η_k`` of layer ``m`` (parameter group ``groups[m]``) in iteration ``k``
+        (reference notes, step 5); its last column is the L2 coefficient ``c`` when the problems keep an
+        anchor (Eqs. 3, 7), else 0."""
+        width = max(int(g["local_steps"]) for g in groups)
         rows = []
-        for p in problems:
-            g = p.group
+        for g in groups:
             T = int(g["local_steps"])
             row = [local_lr(g["lr"], k, T, g["lr_decay"], g["min_lr_ratio"]) if k < T else 0.0 for k in range(width)]
-            rows.append(row + [regularizer.coefficient(g["lr"]) if p.anchor is not None else 0.0])
+            rows.append(row + [regularizer.coefficient(g["lr"]) if anchored else 0.0])
         return torch.tensor(rows, dtype=torch.float64)
 
     def release_graph(self) -> None:
@@ -354,7 +354,8 @@ class FusedIterativeSolver:
                 raise RuntimeError("FusedIterativeSolver: inside a CUDA graph capture the learning-rate table must "
                                    "be prepared first (use LocoProp.graphed_step)")
         else:
-            table = self.table_for(problems, regularizer).to(param.device, param.dtype)
+            table = self.table_for([pr.group for pr in problems], regularizer,
+                                   problems[0].anchor is not None).to(param.device, param.dtype)
         inputs = [(pr.batch.inputs, pr.batch.pre, pr.target, pr.anchor, pr.batch.transfer) for pr in problems]
         use_streams = cuda and self.layer_streams and len(problems) > 1
         if capturing or not (cuda and self.cuda_graph):

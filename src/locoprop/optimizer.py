@@ -584,7 +584,7 @@ class CapturedStep:
             self._capture(key)
             self.last_mode = "capture"
         else:
-            solver.static_table.copy_(solver.table_for(self.problems, opt.variant.regularizer))
+            solver.static_table.copy_(solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor()))
             self.last_mode = "replay"
         self.graph.replay()
         if opt.check_finite and not bool(self.flag):
@@ -601,21 +601,14 @@ class CapturedStep:
         self.graph = None
         solver.release_graph()
         # the learning-rate table the graph reads, filled before every replay
-        solver.static_table = solver.table_for([_GroupView(g, opt) for g in opt.param_groups],
-                                               opt.variant.regularizer).to(opt._params()[0].device)
+        first = opt._params()[0]  # the same dtype as the eager path's table
+        solver.static_table = solver.table_for(opt.param_groups, opt.variant.regularizer,
+                                               opt._needs_anchor()).to(first.device, first.dtype)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss, problems = opt._step_body(self.closure, capturing=True)
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
         self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key
-
-
-class _GroupView:
-    """What :meth:`FusedIterativeSolver.table_for` reads of a problem, from a parameter group."""
-
-    def __init__(self, group: dict, opt: LocoProp) -> None:
-        self.group = group
-        self.anchor = True if opt._needs_anchor() else None
 
 
 def _output_sampler(last: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
