@@ -60,8 +60,10 @@ def _run(cmd: list[str], timeout: float, out_file: Path, log, env: dict | None =
     return rc
 
 
-def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, device: str = "cuda") -> dict[str, dict]:
-    """``name -> settings`` of every run of the figures, tuned where ``results/tuning`` has settings."""
+def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, device: str = "cuda",
+                  settings_dirs=("results/tuning",)) -> dict[str, dict]:
+    """``name -> settings`` of every run of the figures, tuned where ``settings_dirs`` have settings (the first
+    folder with a matching ``best-OPTIMIZER.yaml`` wins)."""
     sys.path.insert(0, str(ROOT / "src"))
     from locoprop.harness.reproduce import figure_runs, load_figure
 
@@ -74,7 +76,8 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     runs: dict[str, dict] = {}
     origins: dict[str, str] = {}
     for fig in FIGURES:
-        for name, cfg, origin in figure_runs(load_figure(fig), overrides, ROOT / "results" / "tuning", log=print):
+        for name, cfg, origin in figure_runs(load_figure(fig), overrides, [ROOT / d for d in settings_dirs],
+                                             log=print):
             settings = asdict(cfg)
             if name in runs and runs[name] != settings:
                 name = f"{fig}-{name}"
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override (a smoke test); default: the figures' 100")
     p.add_argument("--limit-train", type=int, default=None, help="override (a smoke test)")
     p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
+    p.add_argument("--settings-dirs", nargs="+", default=["results/tuning-5epoch", "results/tuning"],
+                   help="folders of tuned settings, first match wins")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
     p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")
     p.add_argument("--device", default="cuda", help="device of the training runs (cpu: a smoke test)")
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
           "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
 
     # 3. training runs
-    runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device)
+    runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, args.settings_dirs)
     if args.runs is not None:
         unknown = sorted(set(args.runs) - set(runs))
         if unknown:

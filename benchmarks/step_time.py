@@ -16,7 +16,8 @@ and update captured in one CUDA graph, Adam with ``capturable=True``: the fair c
 graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop), ``fused`` (what
 ``LocoProp`` does by default on CUDA: the layer-parallel solver with its solve captured in a CUDA graph)
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
-``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost).
+``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
+with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes).
 
 It writes ``results/perf/DEVICE-DATE.json`` (a list of records with ``device``, ``model``, ``optimizer``,
 ``local_steps``, ``batch_size``, ``step_ms_median``, ``peak_mem_mb``, ``floor_ms``, ...) and prints a table.
@@ -142,6 +143,9 @@ def build_step(spec: dict, model, loss_fn, x):
         if mode.endswith("-nocheck"):  # without check_finite's rollback copies (memory)
             opt.check_finite = False
             mode = mode[:-len("-nocheck")]
+        elif mode.endswith("-host"):  # the rollback copies in pinned host memory
+            opt.rollback = "host"
+            mode = mode[:-len("-host")]
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
         if mode == "graphed":
             return opt.graphed_step(lambda: loss_fn(model(x), x))
@@ -222,6 +226,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, mode, "fp32"))
                         if opt == "locoprop-m" and T == max(local_steps):
                             out.append((model, batch, opt, T, "graphed-nocheck" if cuda else "fused-nocheck", "fp32"))
+                            if cuda:
+                                out.append((model, batch, opt, T, "graphed-host", "fp32"))
                             for prec in precisions:
                                 if prec != "fp32":
                                     out.append((model, batch, opt, T, "graphed" if cuda else "fused", prec))

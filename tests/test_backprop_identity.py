@@ -85,3 +85,43 @@ def test_more_local_iterations_move_further_than_backprop():
     opt.step(lambda: loss_fn(model))
     diffs = [(p - q).norm() / q.norm() for p, q in zip(model.parameters(), bp.parameters())]
     assert max(diffs) > 1e-4
+
+
+class _RecordingSolver:
+    """A solver that records what the local problems hold when the solve starts (and changes nothing)."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.seen = []
+
+    def solve(self, problems, loss, regularizer, inner):
+        self.seen = [(pr.batch.pre, pr.residual) for pr in problems]
+
+
+@pytest.mark.parametrize("variant", ["S", "M"])
+@pytest.mark.parametrize("retain", [False, True])
+def test_first_residual_is_the_scaled_backprop_gradient_and_the_pre_activation_is_released(variant, retain):
+    """δ of iteration 1 is ``γ ∇_â L`` (GD target ``â - γ∇``, MD target ``f(â) - γ∇``), computed when the problem
+    is built; the forward pass's pre-activation is then dropped unless ``retain_problems``."""
+    model = mixed_mlp()
+    x = torch.rand(16, 12, dtype=torch.float64)
+    captured = {}
+
+    def hook(index):
+        def record(module, inputs, out):
+            out.register_hook(lambda g: captured.__setitem__(index, g))
+        return record
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    handles = [lin.register_forward_hook(hook(i)) for i, lin in enumerate(linears)]
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=3, inner="sgd",
+                            output_transfer="sigmoid", retain_problems=retain)
+    opt.solver = recorder = _RecordingSolver()
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    for h in handles:
+        h.remove()
+    assert len(recorder.seen) == len(linears)
+    for i, (pre, residual) in enumerate(recorder.seen):
+        assert (pre is not None) == retain, f"layer {i}: pre-activation {'dropped' if retain else 'kept'}"
+        torch.testing.assert_close(residual, GAMMA * captured[i], rtol=1e-10, atol=1e-12)

@@ -69,7 +69,7 @@ def test_inplace_activation_is_rejected():
     ({"activation_lr": float("nan")}, "activation_lr"), ({"local_steps": 0}, "local_steps"),
     ({"local_steps": 2.5}, "local_steps"), ({"variant": "Q"}, "variant"), ({"output_transfer": "swish"},
                                                                            "output_transfer"),
-    ({"min_lr_ratio": 2.0}, "min_lr_ratio"), ({"solver": "magic"}, "solver"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio"), ({"solver": "magic"}, "solver"), ({"rollback": "disk"}, "rollback"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -120,9 +120,10 @@ def test_missing_closure():
         opt.step()
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
-def test_non_finite_local_update_is_undone_and_raises(backend):
+@pytest.mark.parametrize("backend, rollback", [("reference", "device"), ("fused", "device"), ("fused", "host")])
+def test_non_finite_local_update_is_undone_and_raises(backend, rollback):
     model, opt, x = _trained(backend)
+    opt.rollback = rollback
     snap = _snapshot(model, opt)
     for g in opt.param_groups:
         g["activation_lr"] = 1e300  # targets overflow: the local update is inf/nan

@@ -1,6 +1,7 @@
-"""Write results/tuning/README.md from the study database, the report files and run.log (no typed numbers).
+"""Write a tuning folder's README.md from its study database, report files, run.log and notes.md (no typed
+numbers; notes.md is prose).
 
-    .venv/bin/python results/tuning/make_readme.py
+    .venv/bin/python results/tuning/make_readme.py [FOLDER]     # default: results/tuning
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import yaml
 
-HERE = Path(__file__).resolve().parent
-DB = HERE / "standard-mnist-tanh-cpu.db"
 OPTIMIZERS = ("rmsprop", "adam", "sgd", "momentum", "nesterov", "adagrad", "locoprop-m", "locoprop-s", "shampoo", "kfac")
 
 
@@ -26,8 +26,11 @@ def cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def main(folder: Path) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    HERE = folder.resolve()
+    DB, = HERE.glob("*.db")
+    rel = HERE.relative_to(HERE.parents[1])  # results/NAME
     storage = f"sqlite:///{DB}"
     log = (HERE / "run.log").read_text() if (HERE / "run.log").exists() else ""
     commands = re.findall(r"start (\S+): (locoprop tune .*)", log)
@@ -70,14 +73,21 @@ def main() -> None:
         torch_v = "?"
     dates = sorted(re.findall(r"^(\S+) (?:start|done) ", log, flags=re.M))
     size = DB.stat().st_size if DB.exists() else 0
-    text = f"""# Small CPU tuning studies: standard MNIST autoencoder, tanh
+    notes = (HERE / "notes.md").read_text() if (HERE / "notes.md").exists() else ""
+    title = notes.splitlines()[0].lstrip("# ") if notes.startswith("# ") else "CPU tuning studies"
+    notes = "\n".join(notes.splitlines()[1:]).strip() + "\n" if notes.startswith("# ") else notes
+
+    def images(n, kind):
+        return f"all {kind} images" if n is None else f"the first {n} {kind} images"
+
+    text = f"""# {title}: standard MNIST autoencoder, tanh
 
 Written by `make_readme.py` from `{DB.name}` (Optuna storage, {size / 1e6:.2f} MB), the report
 files `best-<optimizer>.yaml` and `run.log`. Nothing here is typed by hand.
 
-**Scale.** Each study ran {any_settings.get('epochs')} epochs per trial on the first
-{any_settings.get('limit_train')} MNIST training images (test loss on the first
-{any_settings.get('limit_test')} test images), batch {any_settings.get('batch_size')}, warm-up
+**Scale.** Each study ran {any_settings.get('epochs')} epochs per trial on
+{images(any_settings.get('limit_train'), 'MNIST training')} (test loss on
+{images(any_settings.get('limit_test'), 'test')}), batch {any_settings.get('batch_size')}, warm-up
 {any_settings.get('warmup_epochs')} epochs, with the trial counts below (the first trials of each study
 are random: `--startup-trials`). The paper's protocol (App. F) is up to 4096 trials of 100 epochs on
 all 60000 images on V100 GPUs; these studies are far below it. The schedule's last epoch trains at
@@ -88,7 +98,7 @@ suit this short budget, not the paper's 100 epochs: use them for CPU-sized runs,
 
 - Machine: {machine}; torch {torch_v}, one thread per study (`OMP_NUM_THREADS=1`), two studies at a time.
 - Date (UTC): {dates[0] if dates else '?'} to {dates[-1] if dates else '?'} (from `run.log`).
-- Script: `bash results/tuning/run.sh` (writes `run.log`, `log-<optimizer>.txt`, the reports, this file).
+- Script: `bash {rel}/run.sh` (writes `run.log`, `log-<optimizer>.txt`, the reports, this file).
 
 ## Best final train loss per optimizer
 
@@ -100,24 +110,14 @@ suit this short budget, not the paper's 100 epochs: use them for CPU-sized runs,
 
 ## Notes
 
-- Shampoo recomputed its inverse roots every 5 steps (`--set inverse_every=5`, shown as "fixed"
-  above), because a root every step cost about 5 s per step on this CPU. The other studies use the
-  paper's settings (K-FAC's inverse every step, LocoProp T = 10, inner TF-RMSProp).
-- The machine was shared with other jobs (load average well above 2), so the wall times recorded in
-  the trials are not comparable between optimizers.
-- The shampoo, locoprop-m and locoprop-s studies started before two changes to `locoprop tune`:
-  reporting to Optuna the train loss of the epoch at which a trial exits early (before, such a
-  pruned trial reported only its earlier epochs), and the default run folder
-  (`runs/tune/STUDY/` then, `runs/tune/STORAGE/STUDY/` now; `run_dir` in each trial records it).
-  The kfac, rmsprop and adam studies ran with both changes.
-
+""" + notes + """
 ## Commands
 
-""" + "\n".join(f"- `{c}`" for _, c in commands) + """
-- then, for each: `locoprop tune --storage results/tuning/standard-mnist-tanh-cpu.db --study mnist-standard-tanh-OPTIMIZER --report results/tuning/best-OPTIMIZER.yaml --top 5`
+""" + "\n".join(f"- `{c}`" for _, c in commands) + f"""
+- then, for each: `locoprop tune --storage {rel}/{DB.name} --study mnist-standard-tanh-OPTIMIZER --report {rel}/best-OPTIMIZER.yaml --top 5`
 
-Train a best setting: `locoprop train --config results/tuning/best-rmsprop.yaml --out runs/NAME`.
-Use them in figures: `locoprop reproduce fig4-standard --settings-dir results/tuning` (only where
+Train a best setting: `locoprop train --config {rel}/best-OPTIMIZER.yaml --out runs/NAME`.
+Use them in figures: `locoprop reproduce fig4-standard --settings-dir {rel}` (only where
 dataset, model, activation and batch size match).
 """
     (HERE / "README.md").write_text(text)
@@ -125,4 +125,4 @@ dataset, model, activation and batch size match).
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent)

@@ -8,17 +8,25 @@ runs each layer's whole chain of ``T`` iterations (Algorithms 1-4, reference
 notes steps 4-5) as one unit:
 
 * the local gradient ``δᵀx̃`` and ``Σδ`` are written into persistent buffers
-  (no allocation per iteration); the pre-activation of the first iteration is
-  the forward pass's;
+  (no allocation per iteration); ``δ`` of the first iteration is the problem's
+  :attr:`~locoprop.solvers.LocalProblem.residual` (made from the forward
+  pass's pre-activation, which is freed before the solve), and later
+  iterations compute the pre-activation and ``δ`` in place in that same
+  tensor;
 * the inner-optimizer update is done here, on the inner optimizer's own state
   tensors (so ``state_dict``, checkpoints and the reference path stay
   interchangeable), with the local learning rates
   ``η_k = η max(1 - k/T, 0.25)`` read from a device tensor, so nothing returns
   to the host inside a step;
 * on CUDA each layer's chain is issued on its own stream, so small layers run
-  beside large ones, and the whole solve is captured once in a CUDA graph and
+  beside large ones, and the whole solve is captured in a CUDA graph and
   replayed on later steps (static shapes; a new shape, dtype or parameter
-  storage makes a new capture);
+  storage makes a new capture).  A graph reads the step's own inputs, targets
+  and residuals where they lie: PyTorch's caching allocator gives a training
+  loop's tensors the same few addresses step after step, so a handful of
+  graphs (one per recurring layout, sharing one memory pool) cover it without
+  copying anything; only when the inputs keep moving does one more graph read
+  static copies of them;
 * ``precision="tf32"`` or ``"bf16"`` runs the local products in TF32 or with
   bfloat16 operands (results and every accumulator in float32).
 
@@ -183,7 +191,6 @@ class _Layer:
     grads: list[torch.Tensor]
     states: list[list[torch.Tensor]]
     steps: int
-    scratch: torch.Tensor  # (b, d): the pre-activation, then δ, of iterations 1..T-1
 
 
 class _CapturedSolve:
@@ -201,7 +208,8 @@ class FusedIterativeSolver:
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
             matrix products.
         cuda_graph: on CUDA, capture the solve in a CUDA graph after one eager
-            warm-up step with the same shapes and replay it afterwards.
+            warm-up step with the same shapes and replay it afterwards
+            (:attr:`max_zero_copy_graphs`).
         layer_streams: on CUDA, issue each layer's chain on its own stream.
     """
 
@@ -213,13 +221,22 @@ class FusedIterativeSolver:
         self.precision = precision
         self.cuda_graph = bool(cuda_graph)
         self.layer_streams = bool(layer_streams)
-        self._buffers: dict = {}  # persistent gradient and scratch buffers
+        self._buffers: dict = {}  # persistent gradient buffers and the learning-rate table
         self._streams: list = []
-        self._seen: dict[tuple, int] = {}
-        self._captured: tuple[tuple, _CapturedSolve] | None = None
+        #: Zero-copy graphs of the solve, by where the step's inputs live (the caching allocator usually
+        #: hands a training loop's tensors the same addresses again: one graph per recurring layout).
+        #: Once this many are captured and the inputs are somewhere else again, one more graph is
+        #: captured that reads static copies of the inputs (copied every step, more memory).
+        self.max_zero_copy_graphs = 4
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._copying: _CapturedSolve | None = None
+        self._graph_key: tuple | None = None
+        self._pool = None
+        self._warm = False
         #: The learning-rate table read inside a capture of the whole step (:class:`~locoprop.CapturedStep`).
         self.static_table: torch.Tensor | None = None
-        #: How the last solve ran: "eager", "graph-capture", "graph-replay", "inside-capture".
+        #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
+        #: "graph-replay-copy" (the graph of static copies), "inside-capture".
         self.last_mode = ""
 
     # -- support -----------------------------------------------------------------------------
@@ -242,19 +259,19 @@ class FusedIterativeSolver:
         return None
 
     # -- buffers -------------------------------------------------------------------------------
-    def _buffer(self, key, like: torch.Tensor) -> torch.Tensor:
-        """A persistent buffer shaped like ``like`` (kept from step to step, remade when the shape changes)."""
+    def _buffer(self, key, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A persistent contiguous buffer (kept from step to step, remade when its shape, dtype or device
+        changes)."""
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != like.shape or buf.device != like.device or buf.dtype != like.dtype:
-            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if buf is None or buf.shape != shape or buf.device != device or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device=device)
             self._buffers[key] = buf
         return buf
 
     def _layers(self, problems, rule: UpdateRule) -> list[_Layer]:
-        return [_Layer(list(pr.params), [self._buffer(("grad", id(p)), p) for p in pr.params],
-                       [rule.state(p) for p in pr.params], int(pr.group["local_steps"]),
-                       self._buffer(("scratch", m), pr.batch.pre))
-                for m, pr in enumerate(problems)]
+        return [_Layer(list(pr.params), [self._buffer(("grad", id(p)), p.shape, p.dtype, p.device) for p in pr.params],
+                       [rule.state(p) for p in pr.params], int(pr.group["local_steps"]))
+                for pr in problems]
 
     @staticmethod
     def table_for(groups: list[dict], regularizer: L2Proximity, anchored: bool) -> torch.Tensor:
@@ -270,9 +287,11 @@ class FusedIterativeSolver:
         return torch.tensor(rows, dtype=torch.float64)
 
     def release_graph(self) -> None:
-        """Drop the captured solve (its memory returns to the allocator)."""
-        self._captured = None
-        self._seen = {}
+        """Drop the captured solves (their memory returns to the allocator)."""
+        self._graphs = {}
+        self._copying = None
+        self._graph_key = None
+        self._pool = None
 
     # -- the chain of one layer ---------------------------------------------------------------------
     def _products(self, x: torch.Tensor):
@@ -295,21 +314,20 @@ class FusedIterativeSolver:
             torch.mm(delta.T, x, out=out)
         return pre, wgrad
 
-    def _chain(self, lay: _Layer, x, pre0, target, anchor, transfer, loss: LocalLoss, rule: UpdateRule,
+    def _chain(self, lay: _Layer, x, delta, target, anchor, transfer, loss: LocalLoss, rule: UpdateRule,
                table: torch.Tensor, m: int) -> None:
         """``T`` local iterations of one layer (Algorithm 1/2 inner loop).
 
-        Iteration 0 reads the forward pass's pre-activation; later ones compute
-        the pre-activation and then ``δ`` in place in one scratch buffer.
+        Iteration 0 uses ``delta``, the problem's first residual; later ones
+        compute the pre-activation and then ``δ`` in place in that tensor.
         """
         W = lay.params[0]
         b = lay.params[1] if len(lay.params) == 2 else None
         pre_fn, wgrad = self._products(x)
+        scratch = delta
         for k in range(lay.steps):
-            if k == 0:
-                delta = loss.grad(pre0, target, transfer)
-            else:
-                delta = loss.grad_(pre_fn(W, b, lay.scratch), target, transfer)
+            if k > 0:
+                delta = loss.grad_(pre_fn(W, b, scratch), target, transfer)
             wgrad(delta, lay.grads[0])
             if b is not None:
                 torch.sum(delta, 0, out=lay.grads[1])
@@ -320,7 +338,7 @@ class FusedIterativeSolver:
             rule.update(lay.params, lay.grads, lay.states, table[m, k])
 
     def _run(self, layers: list[_Layer], inputs, loss, rule, table, use_streams: bool) -> None:
-        """All layers' chains; ``inputs[m] = (x, pre0, target, anchor, transfer)``."""
+        """All layers' chains; ``inputs[m] = (x, residual, target, anchor, transfer)``."""
         with _matmul_precision(self.precision):
             if not use_streams:
                 for m, (lay, inp) in enumerate(zip(layers, inputs)):
@@ -353,10 +371,15 @@ class FusedIterativeSolver:
             if table is None or table.shape[0] != len(problems):
                 raise RuntimeError("FusedIterativeSolver: inside a CUDA graph capture the learning-rate table must "
                                    "be prepared first (use LocoProp.graphed_step)")
-        else:
-            table = self.table_for([pr.group for pr in problems], regularizer,
-                                   problems[0].anchor is not None).to(param.device, param.dtype)
-        inputs = [(pr.batch.inputs, pr.batch.pre, pr.target, pr.anchor, pr.batch.transfer) for pr in problems]
+        else:  # into a persistent device tensor, so that captured graphs find it where they read it
+            host = self.table_for([pr.group for pr in problems], regularizer,
+                                  problems[0].anchor is not None).to(param.dtype)
+            table = self._buffer(("table",), host.shape, host.dtype, param.device)
+            table.copy_(host)
+        inputs = [(pr.batch.inputs, pr.first_residual(loss), pr.target, pr.anchor, pr.batch.transfer)
+                  for pr in problems]
+        for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
+            pr.residual = None
         use_streams = cuda and self.layer_streams and len(problems) > 1
         if capturing or not (cuda and self.cuda_graph):
             self.last_mode = "inside-capture" if capturing else "eager"
@@ -374,31 +397,66 @@ class FusedIterativeSolver:
 
     # -- CUDA graph ----------------------------------------------------------------------------------
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
+        """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.precision, tuple(table.shape)]
-        for lay, (x, pre0, target, anchor, transfer) in zip(layers, inputs):
-            parts.append((lay.steps, tuple(x.shape), tuple(pre0.shape), tuple(target.shape), x.dtype, target.dtype,
+        for lay, (x, delta, target, anchor, transfer) in zip(layers, inputs):
+            parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,
                           anchor is not None, repr(transfer),
-                          tuple(t.data_ptr() for t in lay.params + lay.grads + [lay.scratch]
-                                + [s for st in lay.states for s in st])))
+                          tuple(t.data_ptr() for t in lay.params + lay.grads + [s for st in lay.states for s in st])))
         return tuple(parts)
 
+    @staticmethod
+    def _where(inputs, table) -> tuple:
+        """Addresses and strides of this step's inputs (a zero-copy graph replays only where they match)."""
+        tensors = [table]
+        for x, delta, target, anchor, _ in inputs:
+            tensors += [x, delta, target] + (list(anchor) if anchor is not None else [])
+        return tuple((t.data_ptr(), t.stride()) for t in tensors)
+
+    def _capture(self, layers, inputs, loss, rule, table, use_streams) -> torch.cuda.CUDAGraph | None:
+        """Capture the solve reading ``inputs`` and ``table`` where they are; ``None`` if capture failed
+        (then the solve has run eagerly and the solver stays eager)."""
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._run(layers, inputs, loss, rule, table, use_streams)
+        except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
+            self.release_graph()
+            self.cuda_graph = False
+            import warnings
+
+            warnings.warn(f"FusedIterativeSolver: CUDA graph capture failed ({exc}); running eagerly", stacklevel=4)
+            return None
+        graph.replay()  # capture records, it does not run: this is the step
+        return graph
+
     def _solve_graphed(self, problems, layers, inputs, loss, rule, table, use_streams) -> None:
+        """Replay a captured solve (see :attr:`max_zero_copy_graphs`), capturing one first if needed."""
         key = self._key(layers, inputs, loss, rule, table)
-        if self._captured is not None and self._captured[0] == key:
-            cap = self._captured[1]
+        if key != self._graph_key:  # new shapes, parameters or hyper-parameters: forget the old graphs
+            self.release_graph()
+            self._graph_key, self._warm = key, False
+        where = self._where(inputs, table)
+        if where in self._graphs:
+            self._graphs[where].replay()
+            self.last_mode = "graph-replay"
+            return
+        if self._copying is not None:
+            cap = self._copying
             cap.static[0]["table"].copy_(table)
-            for st, (x, pre0, target, anchor, _) in zip(cap.static[1:], inputs):
+            for st, (x, delta, target, anchor, _) in zip(cap.static[1:], inputs):
                 st["x"].copy_(x)
-                st["pre0"].copy_(pre0)
+                st["delta"].copy_(delta)
                 st["target"].copy_(target)
                 if anchor is not None:
                     torch._foreach_copy_(st["anchor"], anchor)
             cap.graph.replay()
-            self.last_mode = "graph-replay"
+            self.last_mode = "graph-replay-copy"
             return
-        seen = self._seen.get(key, 0)
-        self._seen = {key: seen + 1}  # only the current shapes are remembered
-        if seen == 0:  # warm-up: eager, on a side stream (as CUDA graph capture requires)
+        if not self._warm:  # warm-up: eager, on a side stream (as CUDA graph capture requires)
+            self._warm = True
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -406,26 +464,27 @@ class FusedIterativeSolver:
             torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
             return
-        self._captured = None  # free the old graph before capturing a new one
-        static = [{"table": table.clone()}]
-        static_inputs = []
-        for x, pre0, target, anchor, transfer in inputs:
-            st = {"x": x.clone(), "pre0": pre0.clone(), "target": target.clone(),
-                  "anchor": [a.clone() for a in anchor] if anchor is not None else None}
-            static.append(st)
-            static_inputs.append((st["x"], st["pre0"], st["target"], st["anchor"], transfer))
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._run(layers, static_inputs, loss, rule, static[0]["table"], use_streams)
-        except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
-            self.cuda_graph = False
-            import warnings
-
-            warnings.warn(f"FusedIterativeSolver: CUDA graph capture failed ({exc}); running eagerly", stacklevel=3)
+        if len(self._graphs) < self.max_zero_copy_graphs:
+            graph = self._capture(layers, inputs, loss, rule, table, use_streams)
+            if graph is not None:
+                self._graphs[where] = graph
+                self.last_mode = "graph-capture"
+                return
             self._run(layers, inputs, loss, rule, table, use_streams)
             self.last_mode = "eager"
             return
-        self._captured = (key, _CapturedSolve(static, graph))
-        graph.replay()  # capture records, it does not run: this is the step
-        self.last_mode = "graph-capture"
+        # the inputs keep moving: one graph that reads static copies of them
+        static = [{"table": table.clone()}]
+        static_inputs = []
+        for x, delta, target, anchor, transfer in inputs:
+            st = {"x": x.clone(), "delta": delta.clone(), "target": target.clone(),
+                  "anchor": [a.clone() for a in anchor] if anchor is not None else None}
+            static.append(st)
+            static_inputs.append((st["x"], st["delta"], st["target"], st["anchor"], transfer))
+        graph = self._capture(layers, static_inputs, loss, rule, static[0]["table"], use_streams)
+        if graph is None:
+            self._run(layers, inputs, loss, rule, table, use_streams)
+            self.last_mode = "eager"
+            return
+        self._copying = _CapturedSolve(static, graph)
+        self.last_mode = "graph-capture-copy"

@@ -48,7 +48,10 @@ class LayerBatch:
 
     Attributes:
         inputs: ``ŷ_{m-1}``, shape ``(b, n)``.
-        pre: ``â_m``, shape ``(b, d)``.
+        pre: ``â_m``, shape ``(b, d)`` (``None`` once :class:`~locoprop.LocoProp`
+            has built the layer's local problem, unless ``retain_problems``:
+            the problem keeps the first residual instead, see
+            :class:`~locoprop.solvers.LocalProblem`).
         grad_pre: ``∇_{â_m} L``.
         post: ``ŷ_m = f(â_m)`` when captured from the model.
         grad_post: ``∇_{ŷ_m} L`` when captured (Algorithms 3, 4).
@@ -58,7 +61,7 @@ class LayerBatch:
 
     layer: Layer
     inputs: torch.Tensor
-    pre: torch.Tensor
+    pre: torch.Tensor | None
     grad_pre: torch.Tensor | None = None
     post: torch.Tensor | None = None
     grad_post: torch.Tensor | None = None

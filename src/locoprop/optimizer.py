@@ -39,10 +39,12 @@ from .fused import PRECISIONS, FusedIterativeSolver
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
 
-__all__ = ["LocoProp", "BACKENDS", "CapturedStep"]
+__all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CapturedStep"]
 
 #: Solver back-ends of :class:`LocoProp` (its ``backend`` argument).
 BACKENDS = ("auto", "fused", "reference")
+#: Where ``check_finite`` keeps its copy of the weights and inner state (the ``rollback`` argument).
+ROLLBACKS = ("device", "host")
 
 
 def _positive(name: str, value) -> float:
@@ -91,6 +93,11 @@ class LocoProp(Optimizer):
         check_finite: undo a step whose local update is NaN or infinite and
             raise :class:`~locoprop.DivergenceError` (costs one copy of the
             weights and inner state per step).
+        rollback: where ``check_finite`` keeps that copy: ``"device"``
+            (default; on a GPU it costs GPU memory the size of the weights and
+            the inner state) or ``"host"`` (pinned CPU memory: no GPU memory;
+            on CUDA the device-to-host copy runs on a side stream during the
+            forward and backward passes).  On the CPU both are the same.
         retain_problems: keep the last step's local problems (inputs and
             targets) for :meth:`local_objective`.
         distributed: split each step over the ranks of ``process_group``
@@ -112,9 +119,10 @@ class LocoProp(Optimizer):
             matrix products of the fast solver (accumulation in float32);
             anything but ``"fp32"`` selects the fast solver.
         cuda_graph: on CUDA, the fast solver captures the local iterations in
-            a CUDA graph after one warm-up step and replays it (the static
-            copies of the layer inputs and targets it reads cost memory; see
-            :meth:`graphed_step` for a capture of the whole step without them).
+            a CUDA graph after one warm-up step and replays it, reading the
+            step's tensors where the caching allocator put them (a few graphs,
+            one per recurring layout; static copies only if the layout keeps
+            changing); :meth:`graphed_step` captures the whole step.
     """
 
     def __init__(
@@ -136,6 +144,7 @@ class LocoProp(Optimizer):
         min_lr_ratio: float = 0.25,
         reset_inner_state: bool = False,
         check_finite: bool = True,
+        rollback: str = "device",
         retain_problems: bool = False,
         distributed=None,
         process_group=None,
@@ -193,7 +202,9 @@ class LocoProp(Optimizer):
                              f"variant {self.variant.name} uses solver {self.variant.solver!r}")
         #: Which solver ran the last step: "fused", "reference" or "closed_form".
         self.last_solver = ""
-        self._rollback = _Rollback()
+        if rollback not in ROLLBACKS:
+            raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {rollback!r}")
+        self._rollback = _Rollback(rollback)
         self.reset_inner_state = bool(reset_inner_state)
         self.check_finite = bool(check_finite)
         self.retain_problems = bool(retain_problems)
@@ -300,9 +311,15 @@ class LocoProp(Optimizer):
             v.regularizer.prepare(b)
             params = group["params"]
             anchor = [p.detach().clone() for p in params] if needs_anchor else None
-            if not self.retain_problems:  # the solvers read inputs, pre and target only: free the rest now
+            residual = None
+            if v.solver == "iterative":  # δ of the first local iteration, so that the pre-activation can go
+                with torch.no_grad():
+                    residual = v.local_loss.grad(b.pre, target, b.transfer)
+            if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
                 b.grad_pre = b.grad_post = b.grad_pre_sampled = None
-            problems.append(LocalProblem(b, target, params, anchor, group))
+                if residual is not None:
+                    b.pre = None
+            problems.append(LocalProblem(b, target, params, anchor, group, residual))
         return problems
 
     def _needs_anchor(self) -> bool:
@@ -336,8 +353,27 @@ class LocoProp(Optimizer):
         return DivergenceError(f"the local update of layer(s) {sorted(names)} is not finite; the step was undone "
                                "(lower lr or activation_lr)")
 
+    @property
+    def rollback(self) -> str:
+        """Where ``check_finite`` keeps its copy (``"device"`` or ``"host"``); may be changed between steps."""
+        return self._rollback.where
+
+    @rollback.setter
+    def rollback(self, where: str) -> None:
+        if where not in ROLLBACKS:
+            raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {where!r}")
+        self._rollback = _Rollback(where)
+
     def _step_body(self, closure: Callable[[], torch.Tensor], capturing: bool = False):
-        """Forward, backward, targets and solve; the loss and problems.  ``capturing``: no host syncs."""
+        """Forward, backward, targets and solve; the loss and problems.  ``capturing``: no host syncs.
+
+        The rollback copy is started before the forward pass (on CUDA with
+        ``rollback="host"`` it runs beside it) unless the inner state is reset
+        in this step, in which case it is taken after the reset.
+        """
+        early_copy = self.check_finite and not (self.inner is not None and self.reset_inner_state)
+        if early_copy:
+            self._rollback.save(self._params(), self.inner, host=not capturing)
         loss, batches = self._capture(closure)
         reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
         if not capturing and not torch.isfinite(reported.detach()).all():  # every rank decides alike
@@ -352,7 +388,9 @@ class LocoProp(Optimizer):
         if capturing and solver is not self.fused_solver:
             raise ValueError("graphed_step: this step would not run on the fast solver; use backend='auto' on CUDA")
         if self.check_finite:
-            self._rollback.save(self._params(), self.inner, host=not capturing)
+            if not early_copy:
+                self._rollback.save(self._params(), self.inner, host=not capturing)
+            self._rollback.wait()  # the copy is complete before the solve changes the weights
         with torch.no_grad():
             if self.distributor is None:
                 solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
@@ -474,19 +512,25 @@ class LocoProp(Optimizer):
 class _Rollback:
     """Copies of the weights and the inner optimizer's state taken before the solve (``check_finite``).
 
-    The device tensors are copied with one multi-tensor copy into buffers kept
-    from step to step (no allocation after the first step); host tensors and
+    The device tensors are copied into buffers kept from step to step (no
+    allocation after the first step): on the same device with one
+    multi-tensor copy (``where="device"``), or, for CUDA tensors with
+    ``where="host"``, into pinned host memory by asynchronous copies on a side
+    stream, which the solve waits for (:meth:`wait`).  Host tensors and
     numbers (step counters) are copied on the host.  :meth:`restore` writes
     them back in place (the tensors keep their storage, so captured CUDA
     graphs stay valid) and drops state entries created during the step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, where: str = "device") -> None:
+        self.where = where
         self._tensors: list[torch.Tensor] = []
         self._buffers: list[torch.Tensor] = []
         self._host: list[tuple[dict, str, object]] = []
         self._keys: dict[torch.Tensor, list[str]] = {}
         self._params: list[torch.Tensor] = []
+        self._stream = None  # the side stream of the device-to-host copies
+        self._pending = False
 
     def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
         device = params[0].device
@@ -502,18 +546,42 @@ class _Rollback:
                         tensors.append(v)
                     elif host:
                         hosts.append((st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
-        if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype
+        to_host = self.where == "host" and device.type == "cuda"
+        home = torch.device("cpu") if to_host else device
+        if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != home
                                                      for b, t in zip(self._buffers, tensors)):
-            self._buffers = [torch.empty_like(t) for t in tensors]
+            self._buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if to_host else torch.empty_like(t)
+                             for t in tensors]
         with torch.no_grad():
-            torch._foreach_copy_(self._buffers, tensors)
+            if to_host:
+                main = torch.cuda.current_stream(device)
+                if self._stream is None or self._stream.device != device:
+                    self._stream = torch.cuda.Stream(device)
+                self._stream.wait_stream(main)
+                with torch.cuda.stream(self._stream):
+                    for b, t in zip(self._buffers, tensors):
+                        b.copy_(t, non_blocking=True)
+                self._pending = True
+            else:
+                torch._foreach_copy_(self._buffers, tensors)
         self._tensors, self._keys, self._params = tensors, keys, list(params)
         if host:
             self._host = hosts
 
+    def wait(self) -> None:
+        """Make the current stream wait for the device-to-host copies (before anything changes the weights)."""
+        if self._pending:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+            self._pending = False
+
     def restore(self, inner: Optimizer | None, host: bool = True) -> None:
+        self.wait()
         with torch.no_grad():
-            torch._foreach_copy_(self._tensors, self._buffers)
+            if self._buffers and self._buffers[0].device != self._tensors[0].device:
+                for t, b in zip(self._tensors, self._buffers):  # from pinned host memory
+                    t.copy_(b)
+            else:
+                torch._foreach_copy_(self._tensors, self._buffers)
         if inner is None:
             return
         for p in self._params:
@@ -562,7 +630,7 @@ class CapturedStep:
                        for g in opt.param_groups)
         inner = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr"))
                       for g in opt.inner.param_groups)
-        return groups, inner, opt.reset_inner_state, opt.check_finite
+        return groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback
 
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver

@@ -30,13 +30,33 @@ __all__ = ["LocalProblem", "IterativeSolver", "ClosedFormSolver", "local_lr", "l
 
 @dataclass
 class LocalProblem:
-    """One layer's local problem for this step."""
+    """One layer's local problem for this step.
+
+    ``residual`` is ``δ`` of the first local iteration, ``∇_â`` of the local
+    loss at the forward pass's pre-activation (``f(â) - target`` for
+    LocoProp-M, ``â - target`` for LocoProp-S: ``γ ∇_â L``, the BackProp
+    gradient, Sec. 2).  :class:`~locoprop.LocoProp` computes it when it builds
+    the target, so that the pre-activation itself can be freed before the
+    solve; a solver computes it from ``batch.pre`` when it is ``None``.  The
+    fast solver overwrites it (it is that layer's scratch buffer) and then
+    sets it to ``None``.
+    """
 
     batch: LayerBatch
     target: torch.Tensor
     params: list[torch.Tensor]
     anchor: list[torch.Tensor] | None = None
     group: dict = field(default_factory=dict)
+    residual: torch.Tensor | None = None
+
+    def first_residual(self, loss: LocalLoss) -> torch.Tensor:
+        """``residual``, computed from the forward pass's pre-activation if it is not set."""
+        if self.residual is not None:
+            return self.residual
+        if self.batch.pre is None:
+            raise RuntimeError(f"layer {self.batch.layer.name!r}: the local problem has neither its first "
+                               "residual nor the pre-activation (it was already solved by the fast solver)")
+        return loss.grad(self.batch.pre, self.target, self.batch.transfer)
 
     def pre_activation(self, params: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``x W̃ᵀ + b̃`` for the fixed layer input ``x``."""
@@ -66,10 +86,13 @@ def _weight_grads(problem: LocalProblem, loss: LocalLoss, first: bool = False) -
     """``[δᵀx, Σδ]`` with ``δ = ∇_â`` of the local loss (closed form, summed over the batch).
 
     In the first local iteration the weights are those of the forward pass, so
-    its pre-activation is reused instead of recomputed (one product saved).
+    ``δ`` is the problem's :attr:`~LocalProblem.residual`, made from the
+    forward pass's pre-activation (one product saved).
     """
-    pre = problem.batch.pre if first else problem.pre_activation()
-    delta = loss.grad(pre, problem.target, problem.batch.transfer)
+    if first:
+        delta = problem.first_residual(loss)
+    else:
+        delta = loss.grad(problem.pre_activation(), problem.target, problem.batch.transfer)
     grads = [delta.T @ problem.batch.inputs]
     if len(problem.params) == 2:
         grads.append(delta.sum(0))

@@ -60,7 +60,32 @@ def test_default_cuda_path_equals_reference(variant):
         fast.step(lambda: _loss(fast_model(x), x))
         modes.append(fast.fused_solver.last_mode)
     assert fast.last_solver == "fused"
-    assert modes[:3] == ["eager", "graph-capture", "graph-replay"] and modes[-1] == "graph-replay"
+    # eight batch tensors alive at once: the first layer's input is somewhere new in every step, so after
+    # max_zero_copy_graphs captures the solver falls back to the graph that reads static copies
+    n = fast.fused_solver.max_zero_copy_graphs
+    assert modes[:n + 3] == ["eager"] + ["graph-capture"] * n + ["graph-capture-copy", "graph-replay-copy"], modes
+    assert modes[-1] == "graph-replay-copy"
+    assert _rel(ref_model, fast_model) < 1e-5
+
+
+def test_zero_copy_graphs_replay_where_the_inputs_recur():
+    """A loop that refills one batch tensor: the solve graphs read the step's own tensors (no static copies)."""
+    ref_model, fast_model = _model(), _model()
+    ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
+    x_static = torch.empty(256, 784, device=DEV)
+    modes = []
+    for opt, model in ((ref, ref_model), (fast, fast_model)):  # one after the other: each loop's own layout
+        for i, x in enumerate(_batches(10)):
+            if i == 6:
+                for g in opt.param_groups:
+                    g["lr"] *= 0.5
+            x_static.copy_(x)
+            opt.step(lambda: _loss(model(x_static), x_static))
+            if opt is fast:
+                modes.append(fast.fused_solver.last_mode)
+    assert modes[0] == "eager" and modes[1] == "graph-capture", modes
+    assert modes[-3:] == ["graph-replay"] * 3, modes
+    assert "graph-capture-copy" not in modes, modes
     assert _rel(ref_model, fast_model) < 1e-5
 
 
@@ -99,9 +124,10 @@ def test_graphed_step_equals_reference():
         assert torch.equal(ref.inner.state[p]["step"], fast.inner.state[q]["step"])
 
 
-def test_graphed_step_divergence_is_undone():
+@pytest.mark.parametrize("rollback", ["device", "host"])
+def test_graphed_step_divergence_is_undone(rollback):
     model = _model()
-    opt = _opt(model)
+    opt = _opt(model, rollback=rollback)
     static_x = torch.empty(256, 784, device=DEV)
     step = opt.graphed_step(lambda: _loss(model(static_x), static_x))
     batches = _batches(5)
@@ -134,3 +160,26 @@ def test_reduced_precision_stays_close(precision, tol):
         lb = ob.step(lambda: _loss(b(x), x))
     assert abs(float(la) - float(lb)) / float(la) < tol
     assert 0 < _rel(a, b) < 10 * tol
+
+
+def test_host_rollback_matches_device_rollback_and_saves_gpu_memory():
+    """rollback="host": the same steps (its copies run on a side stream) and no weight-sized GPU copies."""
+    peaks, models = {}, {}
+    for where in ("device", "host"):
+        model = _model()
+        opt = _opt(model, rollback=where)
+        static_x = torch.empty(256, 784, device=DEV)
+        step = opt.graphed_step(lambda: _loss(model(static_x), static_x))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for x in _batches(5):
+            static_x.copy_(x)
+            step()
+        torch.cuda.synchronize()
+        peaks[where] = torch.cuda.max_memory_allocated() - base
+        models[where] = model
+        del step, opt
+    assert _rel(models["device"], models["host"]) < 1e-6
+    copies = 3 * sum(p.numel() * p.element_size() for p in models["host"].parameters())  # weights, ms, momentum
+    assert peaks["device"] - peaks["host"] >= 0.9 * copies, peaks

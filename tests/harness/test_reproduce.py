@@ -65,6 +65,16 @@ def test_settings_from_replaces_the_placeholders(tmp_path):
         "plots": [{"file": "g"}]}))
     (_, r, origin), = figure_runs(load_figure("g", fig), settings_dir=tmp_path, log=lambda s: None)
     assert r.lr == 0.0123 and origin.endswith("best-rmsprop.yaml")
+    # several folders: the first with a file tuned for the same problem wins; one for another model is passed over
+    other, longer = tmp_path / "other-model", tmp_path / "longer"
+    for folder, model, lr in ((other, "wide", 0.5), (longer, "standard", 0.0077)):
+        folder.mkdir()
+        (folder / "best-rmsprop.yaml").write_text(yaml.safe_dump({"settings": {"optimizer": "rmsprop", "lr": lr,
+                                                                               "model": model}}))
+    notes = []
+    (_, r, origin), = figure_runs(load_figure("g", fig), settings_dir=[other, longer, tmp_path], log=notes.append)
+    assert r.lr == 0.0077 and origin == str(longer / "best-rmsprop.yaml")
+    assert len(notes) == 1 and "other-model" in notes[0] and "model" in notes[0]
     bad = dict(yaml.safe_load((fig / "f.yaml").read_text()), colour="red")
     (fig / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match=r"bad.yaml: unknown key\(s\) \['colour'\]"):

@@ -170,12 +170,23 @@ def _scaled_warmup(warmup: int, old_epochs: int, new_epochs: int) -> int:
     return min(int(round(warmup * new_epochs / old_epochs)), new_epochs - 1)
 
 
-def figure_runs(spec: dict, overrides: dict | None = None, settings_dir: Path | None = None,
+def _settings_dirs(settings_dir) -> list[Path]:
+    if settings_dir is None:
+        return []
+    if isinstance(settings_dir, (str, os.PathLike)):
+        return [Path(settings_dir)]
+    return [Path(d) for d in settings_dir]
+
+
+def figure_runs(spec: dict, overrides: dict | None = None, settings_dir=None,
                 log: Callable[[str], None] = print) -> list[tuple[str, TrainConfig, str]]:
     """``(name, config, origin)`` of each run: defaults, the run's settings, tuned values, then overrides.
 
-    ``origin`` says where the tuned hyper-parameters came from, or
-    ``"untuned"`` when the configuration's placeholders are used.
+    ``settings_dir`` is a folder or a list of folders of ``best-OPTIMIZER.yaml``
+    files; a run takes its tuned values from the first that has a file for its
+    optimizer tuned in the same context (:data:`CONTEXT_KEYS`).  ``origin``
+    says where the tuned hyper-parameters came from, or ``"untuned"`` when the
+    configuration's placeholders are used.
     """
     overrides = dict(overrides or {})
     defaults = dict(spec.get("defaults") or {})
@@ -186,16 +197,19 @@ def figure_runs(spec: dict, overrides: dict | None = None, settings_dir: Path | 
         source = None
         if run.get("settings_from"):
             source = _resolve_file(str(run["settings_from"]), spec, f"runs '{run['name']}': settings_from")
-        elif settings_dir is not None:
-            candidate = Path(settings_dir) / f"best-{values.get('optimizer')}.yaml"
-            if candidate.exists():
+        else:
+            for folder in _settings_dirs(settings_dir):
+                candidate = folder / f"best-{values.get('optimizer')}.yaml"
+                if not candidate.exists():
+                    continue
                 tuned = _tuned_settings(candidate)
                 base = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
                 differ = [k for k in CONTEXT_KEYS if tuned.get(k, base[k]) != values.get(k, base[k])]
                 if differ:
-                    log(f"   {run['name']}: {candidate} was tuned for other {differ}; keeping the placeholders")
-                else:
-                    source = candidate
+                    log(f"   {run['name']}: {candidate} was tuned for other {differ}; not used")
+                    continue
+                source = candidate
+                break
         if source is not None:
             tuned = _tuned_settings(source)
             if tuned.get("optimizer", values.get("optimizer")) != values.get("optimizer"):
@@ -238,14 +252,14 @@ def _finished(run_dir: Path, cfg: TrainConfig) -> bool:
 
 
 def reproduce_figure(name: str, *, out: str | os.PathLike = "runs/figures", overrides: dict | None = None,
-                     settings_dir: str | os.PathLike | None = None, folder: Path | None = None,
+                     settings_dir=None, folder: Path | None = None,
                      progress: bool = True, log: Callable[[str], None] = print) -> list[Path]:
     """Run what is missing for figure ``name`` and draw it; returns the image files."""
     from .plots import plot_runs, summary_table
 
     overrides = dict(overrides or {})
     spec = load_figure(name, folder)
-    runs = figure_runs(spec, overrides, Path(settings_dir) if settings_dir else None, log=log)
+    runs = figure_runs(spec, overrides, settings_dir, log=log)
     out = Path(out)
     suffix = _suffix(overrides)
     root = out / (spec["experiment"] + suffix)
@@ -316,11 +330,12 @@ def _tensor_bytes(obj, seen: set, floating_only: bool = True) -> int:
 
 
 def _problem_bytes(problems, seen: set) -> int:
-    """Bytes LocoProp keeps per step: each layer's input, pre-activation, gradients and target."""
+    """Bytes LocoProp keeps per step: each layer's input, first residual (or pre-activation), gradients and target."""
     total = 0
     for pr in problems or []:
         b = pr.batch
-        parts = [b.inputs, b.pre, b.grad_pre, b.post, b.grad_post, b.grad_pre_sampled, pr.target, pr.anchor,
+        first = pr.residual if pr.residual is not None else b.pre  # one (b, d) tensor in a step (the other is freed)
+        parts = [b.inputs, first, b.grad_pre, b.post, b.grad_post, b.grad_pre_sampled, pr.target, pr.anchor,
                  list(b.extras.values())]
         total += sum(_tensor_bytes(x, seen) for x in parts if x is not None)
     return total
@@ -502,9 +517,9 @@ def register(subparsers) -> None:
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.add_argument("--out", default="runs/figures", help="folder of runs and figures (default: runs/figures)")
     p.add_argument("--figures-dir", default=None, help="folder of figure files (default: configs/figures)")
-    p.add_argument("--settings-dir", default=None,
+    p.add_argument("--settings-dir", action="append", default=None,
                    help="take a run's tuned values from DIR/best-OPTIMIZER.yaml when it matches the run "
-                        "(e.g. results/tuning)")
+                        "(e.g. results/tuning); repeat it to search several folders, first match wins")
     g = p.add_argument_group("overrides (a quick, smaller version; runs go to a folder named after them)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (the warm-up keeps its share)")
     g.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
