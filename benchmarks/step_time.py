@@ -4,8 +4,11 @@ speed of its matrix products; paper Table 1 and Sec. 3.4).
 For each (model, batch size, optimizer, T) it times the median of many steps after warm-up (CUDA events
 on a GPU, ``time.perf_counter`` on the CPU), records the peak memory (``torch.cuda.max_memory_allocated``
 on a GPU; on the CPU the peak resident set of a fresh process running only that configuration, minus the
-process's resident set before the optimizer's first step), and computes the FLOP floor from the layer
-shapes and the matrix-product rate measured on the same machine:
+process's resident set before the optimizer's first step; and, on the CPU, ``peak_tensor_mb``: the peak
+of the tensors alive during one more step, from PyTorch's profiler memory timeline, which counts what
+the step allocates and every tensor it touches, exactly, where the resident set also holds allocator
+slack), and computes the FLOP floor from the layer shapes and the matrix-product rate measured on the
+same machine:
 
 * BackProp: 3 products per layer (forward, backward to the input, backward to the weights);
 * LocoProp with T local iterations: those 3 plus 2 per layer per local iteration (at the rate of the
@@ -17,7 +20,10 @@ graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop),
 ``LocoProp`` does by default on CUDA: the layer-parallel solver with its solve captured in a CUDA graph)
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
 ``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
-with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes).
+with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes),
+``-sN`` with at most N layer streams (``-s0``: none).  On a GPU each configuration starts with cuBLAS's
+workspaces freed, so its peak counts the workspaces of the streams it uses (one per stream: 32 MiB on
+Hopper; ``cublas_workspace_mb`` and ``streams`` in the record, ``peak_mem_mb_without_workspaces``).
 
 It writes ``results/perf/DEVICE-DATE.json`` (a list of records with ``device``, ``model``, ``optimizer``,
 ``local_steps``, ``batch_size``, ``step_ms_median``, ``peak_mem_mb``, ``floor_ms``, ...) and prints a table.
@@ -140,20 +146,52 @@ def build_step(spec: dict, model, loss_fn, x):
         kwargs["local_steps"] = spec["local_steps"]
         kwargs["precision"] = spec["precision"]
         opt = build_optimizer(name, model, loss_fn, **kwargs)
-        if mode.endswith("-nocheck"):  # without check_finite's rollback copies (memory)
-            opt.check_finite = False
-            mode = mode[:-len("-nocheck")]
-        elif mode.endswith("-host"):  # the rollback copies in pinned host memory
-            opt.rollback = "host"
-            mode = mode[:-len("-host")]
+        mode, *flags = mode.split("-")
+        for flag in flags:
+            if flag == "nocheck":  # without check_finite's rollback copies (memory)
+                opt.check_finite = False
+            elif flag == "host":  # the rollback copies in pinned host memory
+                opt.rollback = "host"
+            elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
+                opt.fused_solver.layer_streams = int(flag[1:]) or False
+            else:
+                raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
         if mode == "graphed":
-            return opt.graphed_step(lambda: loss_fn(model(x), x))
-        return lambda: opt.step(lambda: loss_fn(model(x), x))
+            return opt.graphed_step(lambda: loss_fn(model(x), x))  # a CapturedStep: has .optimizer
+
+        def step():
+            return opt.step(lambda: loss_fn(model(x), x))
+        step.optimizer = opt
+        return step
     if mode == "graph":
         return _graphed_backprop(model, loss_fn, name, kwargs, x)
     opt = build_optimizer(name, model, loss_fn, **kwargs)
     return lambda: opt.step(lambda: loss_fn(model(x), x))
+
+
+def cublas_workspace_mb(device: torch.device) -> float:
+    """Memory cuBLAS takes for its workspace on a stream (it keeps one per stream), measured."""
+    torch.cuda.synchronize(device)
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    a = torch.ones(64, 64, device=device)
+    before = torch.cuda.memory_allocated(device)
+    c = a @ a
+    torch.cuda.synchronize(device)
+    return (torch.cuda.memory_allocated(device) - before - c.numel() * c.element_size()) / 2 ** 20
+
+
+def peak_tensor_bytes(step) -> int:
+    """Peak bytes of the CPU tensors alive during ``step()`` (allocated by it or touched by it), from the
+    profiler's memory timeline (``torch.profiler._memory_profiler``, a private API: a benchmark tool)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return max(sum(s) for s in sizes) if sizes else 0
 
 
 def measure(spec: dict) -> dict:
@@ -163,6 +201,8 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 (precision="tf32" turns it on locally)
         gc.collect()
+        torch.cuda.synchronize(device)
+        torch._C._cuda_clearCublasWorkspaces()  # each configuration pays for the workspaces of its streams
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -189,10 +229,18 @@ def measure(spec: dict) -> dict:
             times.append(elapsed)
     if not math.isfinite(float(loss)):
         raise RuntimeError(f"the loss is {float(loss)}")
+    tensors = None
+    extra = {}
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        solver = getattr(getattr(step, "optimizer", None), "fused_solver", None)
+        layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        streams = 1 + (solver.stream_count(layers) if solver is not None and spec["mode"] != "reference" else 0)
+        extra = {"streams": streams, "cublas_workspace_mb": spec["workspace_mb"],
+                 "peak_mem_mb_without_workspaces": peak - streams * spec["workspace_mb"]}
     else:  # ru_maxrss is in KiB on Linux
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        tensors = peak_tensor_bytes(step) / 2 ** 20
     locoprop = spec["optimizer"].startswith("locoprop")
     T = spec["local_steps"] or 0
     bp_flops = product_flops(model, spec["batch_size"], 0, False)
@@ -206,6 +254,7 @@ def measure(spec: dict) -> dict:
         "step_ms_median": statistics.median(times), "step_ms_min": min(times), "steps_timed": len(times),
         "peak_mem_mb": peak, "peak_mem_kind": "cuda max_memory_allocated during the steps (model, data, state, "
         "graphs)" if device.type == "cuda" else "CPU peak RSS growth of a fresh process during the steps",
+        "peak_tensor_mb": tensors, **extra,
         "product_gflop": (bp_flops + local_flops) / 1e9, "floor_ms": floor * 1e3,
     }
 
@@ -227,7 +276,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                         if opt == "locoprop-m" and T == max(local_steps):
                             out.append((model, batch, opt, T, "graphed-nocheck" if cuda else "fused-nocheck", "fp32"))
                             if cuda:
-                                out.append((model, batch, opt, T, "graphed-host", "fp32"))
+                                for flags in ("host", "s0", "s2", "s4", "host-s2"):
+                                    out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                             for prec in precisions:
                                 if prec != "fp32":
                                     out.append((model, batch, opt, T, "graphed" if cuda else "fused", prec))
@@ -277,6 +327,7 @@ def main(argv=None) -> int:
     else:
         rates["tf32"] = rates["fp32"]  # TF32 is a CUDA mode: the CPU computes FP32
     rates["bf16"] = matmul_rate(device, torch.bfloat16)
+    workspace_mb = cublas_workspace_mb(device) if device.type == "cuda" else 0.0
     name = device_name(device)
     date = datetime.date.today().isoformat()
     records = []
@@ -285,7 +336,7 @@ def main(argv=None) -> int:
                                                    args.local_steps, args.precisions):
         spec = dict(device=args.device, device_name=name, model=model, batch_size=batch, optimizer=opt,
                     local_steps=T, mode=mode, precision=prec, steps=args.steps, warmup=args.warmup, rates=rates,
-                    threads=args.threads)
+                    threads=args.threads, workspace_mb=workspace_mb)
         if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
             rec = {"skipped": f"deadline of {args.deadline_s} s", **{k: spec[k] for k in (
                 "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}}
@@ -314,6 +365,8 @@ def main(argv=None) -> int:
             r["ratio_to_rmsprop"] = r["step_ms_median"] / base[key]["step_ms_median"]
         if key in adam and adam[key]["peak_mem_mb"] > 0:
             r["mem_ratio_to_adam"] = r["peak_mem_mb"] / adam[key]["peak_mem_mb"]
+        if key in adam and r.get("peak_tensor_mb") and adam[key].get("peak_tensor_mb"):
+            r["tensor_mem_ratio_to_adam"] = r["peak_tensor_mb"] / adam[key]["peak_tensor_mb"]
     out = Path(args.out or f"results/perf/{name.replace(' ', '-')}-{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "torch": torch.__version__,
@@ -324,7 +377,7 @@ def main(argv=None) -> int:
     print(f"\n{name}; product rates (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items())
           + f"; written {out}\n")
     print(f"{'model':9} {'batch':>5} {'optimizer':11} {'T':>2} {'mode':9} {'prec':5} {'step ms':>9} {'floor ms':>9} "
-          f"{'x floor':>7} {'x rmsprop':>9} {'peak MB':>8} {'x adam':>6}")
+          f"{'x floor':>7} {'x rmsprop':>9} {'peak MB':>8} {'x adam':>6} {'tensor MB':>9} {'x adam':>6}")
     for r in records:
         head = f"{r['model']:9} {r['batch_size']:>5} {r['optimizer']:11} {r['local_steps']:>2} {r['mode']:9} " \
                f"{r['precision']:5}"
@@ -332,7 +385,8 @@ def main(argv=None) -> int:
             print(f"{head} {r.get('error') or 'skipped: ' + r['skipped']}")
             continue
         print(f"{head} {r['step_ms_median']:9.2f} {r['floor_ms']:9.2f} {r['ratio_to_floor']:7.2f} "
-              f"{r.get('ratio_to_rmsprop', 0):9.2f} {r['peak_mem_mb']:8.1f} {r.get('mem_ratio_to_adam', 0):6.2f}")
+              f"{r.get('ratio_to_rmsprop', 0):9.2f} {r['peak_mem_mb']:8.1f} {r.get('mem_ratio_to_adam', 0):6.2f} "
+              f"{r.get('peak_tensor_mb') or 0:9.1f} {r.get('tensor_mem_ratio_to_adam', 0):6.2f}")
     return 0
 
 

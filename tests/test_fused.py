@@ -139,3 +139,19 @@ def test_fused_is_bitwise_the_reference_with_tf_rmsprop_on_the_cpu():
     m_fast, _, l_fast = _run("fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
     assert l_ref == l_fast
     assert all(torch.equal(p, q) for p, q in zip(m_ref.parameters(), m_fast.parameters()))
+
+
+def test_layer_streams_share_the_layers_out_by_cost():
+    solver = FusedIterativeSolver(layer_streams=3)
+    assert [solver.stream_count(n) for n in (1, 2, 3, 8)] == [0, 2, 3, 3]
+    assert FusedIterativeSolver(layer_streams=True).stream_count(8) == 8
+    assert FusedIterativeSolver(layer_streams=False).stream_count(8) == 0
+    # longest-processing-time: the two large layers apart, the small ones filling the lighter stream
+    where = FusedIterativeSolver.stream_assignment([8.0, 1.0, 8.0, 1.0, 2.0], 2)
+    assert where[0] != where[2]
+    loads = [sum(c for c, s in zip([8.0, 1.0, 8.0, 1.0, 2.0], where) if s == k) for k in range(2)]
+    assert sorted(loads) == [10.0, 10.0]
+    with pytest.raises(ValueError, match="layer_streams"):
+        FusedIterativeSolver(layer_streams=-1)
+    opt = locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", layer_streams=2)
+    assert opt.fused_solver.layer_streams == 2

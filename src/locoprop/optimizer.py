@@ -123,6 +123,10 @@ class LocoProp(Optimizer):
             step's tensors where the caching allocator put them (a few graphs,
             one per recurring layout; static copies only if the layout keeps
             changing); :meth:`graphed_step` captures the whole step.
+        layer_streams: on CUDA, the fast solver runs the layers side by side
+            on one stream per layer (``True``), on at most ``n`` streams (an
+            integer), or on the current stream (``False``); each stream costs
+            a cuBLAS workspace (32 MiB on Hopper).
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class LocoProp(Optimizer):
         backend: str = "auto",
         precision: str = "fp32",
         cuda_graph: bool = True,
+        layer_streams: bool | int = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -192,7 +197,8 @@ class LocoProp(Optimizer):
         self.backend, self.precision = backend, precision
         self.fused_solver: FusedIterativeSolver | None = None
         if self.variant.solver == "iterative":
-            self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph)
+            self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph,
+                                                     layer_streams=layer_streams)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
             if why and (backend == "fused" or precision != "fp32"):
                 raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "

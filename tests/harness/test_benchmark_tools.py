@@ -57,3 +57,19 @@ def test_perf_readme_lists_every_record(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert "| standard | 1000 | rmsprop |" in text and "2.00" in text
     assert "1 configurations were not run" in text and "a note" in text
+
+
+def test_peak_tensor_bytes_counts_what_a_step_holds_at_once():
+    import torch
+
+    kept = torch.ones(250_000)  # alive before the step and read by it: counted (1 MB)
+
+    def step():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = kept * 2  # 1 MB
+        del a
+        c = torch.empty(2_000_000)  # 8 MB, after a is gone
+        return b, c
+
+    peak = _module("step_time").peak_tensor_bytes(step)
+    assert peak == 1_000_000 + 1_000_000 + 8_000_000  # kept, b and c
