@@ -21,7 +21,7 @@ graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop),
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
 ``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
 with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes),
-``-sN`` with at most N layer streams (``-s0``: none).  On a GPU each configuration starts with cuBLAS's
+``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``.  On a GPU each configuration starts with cuBLAS's
 workspaces freed, so its peak counts the workspaces of the streams it uses (one per stream: 32 MiB on
 Hopper; ``cublas_workspace_mb`` and ``streams`` in the record, ``peak_mem_mb_without_workspaces``).
 
@@ -152,6 +152,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.check_finite = False
             elif flag == "host":  # the rollback copies in pinned host memory
                 opt.rollback = "host"
+            elif flag == "compiled":  # δ + Σδ and the update fused by torch.compile
+                opt.fused_solver.compile_elementwise = True
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             else:
@@ -275,8 +277,9 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, mode, "fp32"))
                         if opt == "locoprop-m" and T == max(local_steps):
                             out.append((model, batch, opt, T, "graphed-nocheck" if cuda else "fused-nocheck", "fp32"))
+                            out.append((model, batch, opt, T, "graphed-compiled" if cuda else "fused-compiled", "fp32"))
                             if cuda:
-                                for flags in ("host", "s0", "s2", "s4", "host-s2"):
+                                for flags in ("host", "s0", "s2", "s4", "host-s2", "compiled-s2"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                             for prec in precisions:
                                 if prec != "fp32":

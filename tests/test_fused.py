@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import locoprop
 from locoprop.fused import FusedIterativeSolver
@@ -155,3 +156,32 @@ def test_layer_streams_share_the_layers_out_by_cost():
         FusedIterativeSolver(layer_streams=-1)
     opt = locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", layer_streams=2)
     assert opt.fused_solver.layer_streams == 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_compiled_elementwise_agrees_with_the_eager_fast_solver():
+    """compile_elementwise (torch.compile of δ + Σδ and of the TF-RMSProp update) equals the eager update up to
+    rounding over a few steps (fused multiply-adds change the last bits)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 12))
+    x = torch.rand(32, 12)
+    models, opts = [], []
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=10.0, local_steps=4, output_transfer="sigmoid",
+                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+        opt.fused_solver.compile_elementwise = compiled
+        models.append(model)
+        opts.append(opt)
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+    for p, q, p0 in zip(models[0].parameters(), models[1].parameters(), base.parameters()):
+        assert not torch.equal(p, p0)  # the steps moved the weights
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    from locoprop import fused
+
+    assert {fused._tf_rmsprop_tensor_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # it ran compiled
+    s0, s1 = opts[0].inner.state, opts[1].inner.state
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(s1[q]["momentum_buffer"], s0[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)

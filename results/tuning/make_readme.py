@@ -35,36 +35,41 @@ def main(folder: Path) -> None:
     log = (HERE / "run.log").read_text() if (HERE / "run.log").exists() else ""
     commands = re.findall(r"start (\S+): (locoprop tune .*)", log)
     rows, details = [], []
-    for opt in OPTIMIZERS:
-        report = HERE / f"best-{opt}.yaml"
-        try:
-            study = optuna.load_study(study_name=f"mnist-standard-tanh-{opt}", storage=storage)
-        except KeyError:
-            rows.append(f"| {opt} | not run | | | | | |")
-            continue
+    # one row per study: its report file names it (best-NAME.yaml); studies without a report follow
+    reports = {}
+    for report in sorted(HERE.glob("best-*.yaml")):
+        reports[yaml.safe_load(report.read_text())["tuning"]["study"]] = report
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    order = {f"mnist-standard-tanh-{o}": i for i, o in enumerate(OPTIMIZERS)}
+    names.sort(key=lambda n: (order.get(n, len(order)), n))
+    any_settings = {}
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
         s = study.user_attrs["settings"]
+        any_settings = any_settings or s
+        opt = s["optimizer"]
         states = {}
         for t in study.trials:
             states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-        fixed = {k: s[k] for k in ("inverse_every",) if opt in ("shampoo", "kfac")}
-        if report.exists():
-            doc = yaml.safe_load(report.read_text())
-            tun = doc["tuning"]
-            best = doc["settings"]
-            rows.append(f"| {opt} | {tun['final_train_loss']:.4f} | {tun['final_test_loss']:.4f} | "
-                        f"trial {tun['best_trial']} | {', '.join(f'{k} {v}' for k, v in states.items())} | "
-                        f"{s['epochs']} | [best-{opt}.yaml](best-{opt}.yaml) |")
-            space = study.user_attrs.get("search_space", [])
-            keys = [k for k in ("lr", "beta1", "beta2", "eps", "activation_lr")
-                    if any(d.startswith((f"{k} in", f"1 - {k} in")) for d in space)]
-            tuned = ", ".join(f"{k}={best[k]:.4g}" for k in keys)
-            details.append(f"- **{opt}**: best {tuned}" + (f"; fixed {fixed}" if fixed else "")
-                           + f"; searched: {'; '.join(study.user_attrs.get('search_space', []))}. "
-                           f"Trials ran {tun['first_trial_start']} to {tun['last_trial_end']} (UTC).")
-        else:
-            rows.append(f"| {opt} | no completed trial | | | {states} | {s['epochs']} | |")
-    any_settings = next((optuna.load_study(study_name=f"mnist-standard-tanh-{o}", storage=storage).user_attrs["settings"]
-                         for o in OPTIMIZERS if (HERE / f"best-{o}.yaml").exists()), {})
+        fixed = {k: s[k] for k in ("inverse_every", "kl_clip") if opt in ("shampoo", "kfac") and s.get(k) is not None}
+        report = reports.get(name)
+        if report is None:
+            rows.append(f"| {opt} (`{name}`) | no report | | | {', '.join(f'{k} {v}' for k, v in states.items())} "
+                        f"| {s['epochs']} | |")
+            continue
+        doc = yaml.safe_load(report.read_text())
+        tun = doc["tuning"]
+        best = doc["settings"]
+        rows.append(f"| {opt} | {tun['final_train_loss']:.4f} | {tun['final_test_loss']:.4f} | "
+                    f"trial {tun['best_trial']} | {', '.join(f'{k} {v}' for k, v in states.items())} | "
+                    f"{s['epochs']} | [{report.name}]({report.name}) |")
+        space = study.user_attrs.get("search_space", [])
+        keys = [k for k in ("lr", "beta1", "beta2", "eps", "activation_lr")
+                if any(d.startswith((f"{k} in", f"1 - {k} in")) for d in space)]
+        tuned = ", ".join(f"{k}={best[k]:.4g}" for k in keys)
+        details.append(f"- **{opt}** (`{name}`): best {tuned}" + (f"; fixed {fixed}" if fixed else "")
+                       + f"; searched: {'; '.join(space)}. "
+                       f"Trials ran {tun['first_trial_start']} to {tun['last_trial_end']} (UTC).")
     machine = f"{cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, shared with other jobs"
     try:
         torch_v = subprocess.run([str(HERE.parents[1] / ".venv/bin/python"), "-c", "import torch;print(torch.__version__)"],

@@ -183,3 +183,22 @@ def test_host_rollback_matches_device_rollback_and_saves_gpu_memory():
     assert _rel(models["device"], models["host"]) < 1e-6
     copies = 3 * sum(p.numel() * p.element_size() for p in models["host"].parameters())  # weights, ms, momentum
     assert peaks["device"] - peaks["host"] >= 0.9 * copies, peaks
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_elementwise_graphed_step_equals_reference():
+    """compile_elementwise (Triton kernels from torch.compile) inside the captured whole step."""
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, backend="reference")
+    fast = _opt(fast_model, layer_streams=2)
+    fast.fused_solver.compile_elementwise = True
+    static_x = torch.empty(256, 784, device=DEV)
+    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
+    modes = []
+    for x in _batches(6):
+        ref.step(lambda: _loss(ref_model(x), x))
+        static_x.copy_(x)
+        step()
+        modes.append(step.last_mode)
+    assert modes[-1] == "replay"
+    assert _rel(ref_model, fast_model) < 1e-5

@@ -411,3 +411,31 @@ def test_shampoo_inverse_roots_every_k_steps(monkeypatch):
     assert sorted(calls) == sorted([3, 6] * n_params)
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     assert all(len(opt.optimizer.state[w]["pre_conditioner"].pre_conditioners) > 0 for w in weights)
+
+
+def test_kfac_kl_clip_scales_every_update_to_the_bound():
+    """kl_clip: the step is the unclipped one times nu = min(1, sqrt(kl_clip / (lr^2 sum <U, G>))), the same
+    nu for every layer (Ba, Grosse & Martens 2017); a loose bound changes nothing."""
+    torch.manual_seed(0)
+    base, loss_fn = tiny_autoencoder(), paper_loss_fn()
+    x = pixels()
+    lr = 0.5
+    moved = {}
+    for clip in (None, 1e-4, 1e9):
+        model = copy.deepcopy(base)
+        opt = build_baseline("kfac", model, loss_fn, lr=lr, eps=1e-3, kl_clip=clip)
+        opt.step(closure_for(model, loss_fn, x))
+        moved[clip] = [p.detach() - q.detach() for p, q in zip(model.parameters(), base.parameters())]
+        if clip is None:
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+    # lr^2 <U, G> summed over layers, from the unclipped step  -lr U = moved
+    vg = -lr * sum(float((d * g).sum()) for d, g in zip(moved[None], grads))
+    nu = math.sqrt(1e-4 / vg)
+    assert 0 < nu < 1
+    for d_clip, d_free, d_loose in zip(moved[1e-4], moved[None], moved[1e9]):
+        torch.testing.assert_close(d_clip, nu * d_free, rtol=1e-3, atol=1e-3 * float(d_free.abs().max()))
+        assert torch.equal(d_loose, d_free)
+    with pytest.raises(ValueError, match="kl_clip"):
+        build_baseline("adam", tiny_autoencoder(), loss_fn, lr=0.1, kl_clip=1e-3)
+    with pytest.raises(ValueError, match="kl_clip"):
+        KFACOptimizer(tiny_autoencoder(), loss_fn, 0.1, kl_clip=-1.0)

@@ -75,6 +75,14 @@ def test_settings_from_replaces_the_placeholders(tmp_path):
     (_, r, origin), = figure_runs(load_figure("g", fig), settings_dir=[other, longer, tmp_path], log=notes.append)
     assert r.lr == 0.0077 and origin == str(longer / "best-rmsprop.yaml")
     assert len(notes) == 1 and "other-model" in notes[0] and "model" in notes[0]
+    # K-FAC's kl_clip belongs to the method the values were tuned for: it comes along; inverse_every does not
+    (longer / "best-kfac.yaml").write_text(yaml.safe_dump({"settings": {
+        "optimizer": "kfac", "model": "standard", "lr": 0.01, "kl_clip": 0.001, "inverse_every": 50}}))
+    (fig / "k.yaml").write_text(yaml.safe_dump({
+        "experiment": "e", "defaults": {"model": "standard"}, "runs": [{"name": "kfac", "optimizer": "kfac"}],
+        "plots": [{"file": "k"}]}))
+    (_, k, _), = figure_runs(load_figure("k", fig), settings_dir=[longer], log=lambda s: None)
+    assert (k.lr, k.kl_clip, k.inverse_every) == (0.01, 0.001, 1)
     bad = dict(yaml.safe_load((fig / "f.yaml").read_text()), colour="red")
     (fig / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match=r"bad.yaml: unknown key\(s\) \['colour'\]"):

@@ -401,7 +401,11 @@ class KFACOptimizer(Optimizer):
     ``pi = sqrt((tr A / dim A) / (tr D / dim D))`` (``pi = 1`` when
     ``pi_damping`` is false).  The update is ``U = D^{-1} [G | g_b] A^{-1}``,
     with heavy-ball momentum ``v = momentum v + U`` when ``momentum > 0``, and
-    ``[W | b] -= lr U``.
+    ``[W | b] -= lr U``.  With ``kl_clip`` every ``U`` is first scaled by
+    ``nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <U, [G | g_b]>)))``, which
+    bounds the step's predicted change of the model's distribution (the KL
+    clipping of Ba, Grosse & Martens 2017, Sec. 4, also the default of the
+    ``kfac-pytorch`` library); ``None`` (default) applies none.
 
     Call :meth:`backward` (not ``loss.backward()``) before :meth:`step`;
     :class:`ClosureOptimizer` does.  The model's leaf modules and the loss
@@ -426,6 +430,7 @@ class KFACOptimizer(Optimizer):
         inverse_every: int = 1,
         mc_samples: int = 1,
         pi_damping: bool = True,
+        kl_clip: float | None = None,
     ) -> None:
         from backpack import extend
 
@@ -452,6 +457,8 @@ class KFACOptimizer(Optimizer):
             raise ValueError(f"kfac: stat_decay must be in [0, 1), got {stat_decay}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"kfac: momentum must be in [0, 1), got {momentum}")
+        if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and math.isfinite(kl_clip) and kl_clip > 0):
+            raise ValueError(f"kfac: kl_clip must be a finite number > 0 or None, got {kl_clip!r}")
 
         layers = []
         for module in model.modules():
@@ -472,6 +479,7 @@ class KFACOptimizer(Optimizer):
         self.inverse_every = int(inverse_every)
         self.mc_samples = mc_samples
         self.pi_damping = bool(pi_damping)
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
         self._layers = layers
         self._input_means: dict[nn.Module, torch.Tensor] = {}
 
@@ -545,6 +553,7 @@ class KFACOptimizer(Optimizer):
             self.backward(loss)
         group = self.param_groups[0]
         lr, momentum, decay = group["lr"], group["momentum"], group["stat_decay"]
+        updates = []  # (layer, preconditioned update, gradient)
         for layer in self._layers:
             w, b = layer.weight, layer.bias
             if w.grad is None:
@@ -566,7 +575,18 @@ class KFACOptimizer(Optimizer):
             if has_bias:
                 g_b = b.grad if b.grad is not None else torch.zeros_like(b)
                 grad = torch.cat([grad, g_b.unsqueeze(1)], dim=1)
-            update = state["D_inv"] @ grad @ state["A_inv"]
+            updates.append((layer, state["D_inv"] @ grad @ state["A_inv"], grad))
+        scale = 1.0
+        if self.kl_clip is not None and updates:
+            vg = sum(float(torch.sum(u * g)) for _, u, g in updates) * lr * lr
+            if vg > 0 and math.isfinite(vg):
+                scale = min(1.0, math.sqrt(self.kl_clip / vg))
+        for layer, update, _ in updates:
+            w, b = layer.weight, layer.bias
+            state = self.state[w]
+            has_bias = b is not None
+            if scale != 1.0:
+                update = update * scale
             if momentum > 0:
                 buf = state.get("momentum_buffer")
                 if buf is None:
@@ -610,6 +630,7 @@ def build_baseline(
     inverse_every: int = 1,
     damping: float | None = None,
     weight_decay: float = 0.0,
+    kl_clip: float | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> ClosureOptimizer:
     """Build the baseline optimizer ``name`` over ``model``'s trainable parameters.
@@ -619,7 +640,9 @@ def build_baseline(
     ``eps`` the epsilon; ``None`` takes the documented default, and one that
     does not apply to ``name`` is ignored (docs/baselines.md has the table).
     ``inverse_every`` is the paper's "@k" for ``shampoo`` and ``kfac``;
-    ``damping`` is K-FAC's / Shampoo's matrix damping (``eps`` when ``None``).
+    ``damping`` is K-FAC's / Shampoo's matrix damping (``eps`` when ``None``);
+    ``kl_clip`` K-FAC's KL clipping (:class:`KFACOptimizer`; an error for
+    other names).
     ``weight_decay`` is decoupled: ``w <- w (1 - lr weight_decay)`` each step.
     ``loss_fn`` is only used by ``kfac`` (BackPACK extends it; the closure must
     compute its loss with it).  ``options`` are extra keyword arguments for
@@ -641,6 +664,8 @@ def build_baseline(
         raise ValueError(f"damping must be > 0, got {damping!r}")
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if kl_clip is not None and name != "kfac":
+        raise ValueError(f"kl_clip applies to kfac only, not {name!r}")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping of keyword arguments, got {type(options).__name__}")
     extra = dict(options or {})
@@ -692,6 +717,7 @@ def build_baseline(
             stat_decay=_pick(beta2, d),
             damping=damping if damping is not None else _pick(eps, e),
             inverse_every=inverse_every,
+            kl_clip=kl_clip,
         )
         opt = KFACOptimizer(model, loss_fn, lr, **(kw | extra))
         rng = _PrivateRNG(_seed(), params[0].device)

@@ -62,7 +62,7 @@ def inner_kwargs_for(inner: str, beta1: float | None, beta2: float | None, eps: 
 def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: float, beta1: float | None = None,
                     beta2: float | None = None, eps: float | None = None, activation_lr: float = 1.0,
                     local_steps: int = 10, inner: str = "tf_rmsprop", inverse_every: int = 1,
-                    damping: float | None = None, precision: str = "fp32"):
+                    damping: float | None = None, precision: str = "fp32", kl_clip: float | None = None):
     """An optimizer with ``step(closure)``, ``param_groups`` and ``state_dict``.
 
     Raises ``ValueError`` naming ``optimizer`` and the valid names when ``name`` is unknown.
@@ -75,5 +75,5 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
         )
     if name in BASELINE_NAMES:
         return build_baseline(name, model, loss_fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                              inverse_every=inverse_every, damping=damping)
+                              inverse_every=inverse_every, damping=damping, kl_clip=kl_clip)
     raise ValueError(f"optimizer: unknown optimizer {name!r}; valid names are {list(OPTIMIZER_NAMES)}")

@@ -54,6 +54,9 @@ RUN_META_KEYS = {"name", "settings_from"}
 PLOT_KEYS = {"file", "metric", "views", "title"}
 #: The hyper-parameters a tuned settings file supplies (the searched ones of Tables 3-5).
 TUNED_KEYS = ("lr", "beta1", "beta2", "eps", "activation_lr")
+#: Fixed settings of a study that belong to the method its values were tuned for (K-FAC's KL clipping):
+#: taken from a tuned file along with :data:`TUNED_KEYS`.
+METHOD_KEYS = ("kl_clip",)
 #: Settings a tuned file must share with a run for ``--settings-dir`` to apply it.
 CONTEXT_KEYS = ("optimizer", "dataset", "model", "activation", "batch_size", "inner")
 
@@ -215,7 +218,7 @@ def figure_runs(spec: dict, overrides: dict | None = None, settings_dir=None,
             if tuned.get("optimizer", values.get("optimizer")) != values.get("optimizer"):
                 raise ValueError(f"{spec['_runs_path']}: runs '{run['name']}': settings_from {source} is for "
                                  f"optimizer {tuned.get('optimizer')!r}, the run is {values.get('optimizer')!r}")
-            values.update({k: tuned[k] for k in TUNED_KEYS if k in tuned})
+            values.update({k: tuned[k] for k in TUNED_KEYS + METHOD_KEYS if k in tuned})
             origin = str(source)
         if "epochs" in overrides and "warmup_epochs" not in overrides:
             old = values.get("epochs", TrainConfig.epochs)

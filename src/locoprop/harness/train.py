@@ -77,6 +77,8 @@ class TrainConfig:
     inner: str = _opt("LocoProp inner optimizer", default="tf_rmsprop")
     inverse_every: int = _opt("Shampoo/K-FAC: recompute the inverse (root) every k steps (@k)", default=1)
     damping: float | None = _opt("Shampoo/K-FAC damping", default=None)
+    kl_clip: float | None = _opt("K-FAC: KL clipping of the preconditioned step (Ba et al. 2017), e.g. 0.001; "
+                                 "default none", default=None)
     weight_decay: float = _opt("decoupled weight decay (the paper lists 1e-5; its notebook applies none)",
                                default=0.0)
     warmup_epochs: int = _opt("linear warm-up epochs before the linear decay", default=5)
@@ -113,6 +115,11 @@ class TrainConfig:
         if self.precision != "fp32" and not is_locoprop(self.optimizer):
             raise ValueError(f"precision: {self.precision!r} applies to the LocoProp optimizers only, not "
                              f"{self.optimizer!r}")
+        if self.kl_clip is not None:
+            if self.optimizer != "kfac":
+                raise ValueError(f"kl_clip: applies to kfac only, not {self.optimizer!r}")
+            if not (isinstance(self.kl_clip, (int, float)) and self.kl_clip > 0 and self.kl_clip != float("inf")):
+                raise ValueError(f"kl_clip: expected a number > 0, got {self.kl_clip!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
@@ -148,6 +155,8 @@ class TrainConfig:
                 parts.append(self.precision)
         if self.optimizer in ("shampoo", "kfac") and self.inverse_every > 1:
             parts[0] = f"{self.optimizer}@{self.inverse_every}"
+        if self.kl_clip is not None:
+            parts.append(f"kl_clip={self.kl_clip:g}")
         return " ".join(parts)
 
 
@@ -368,7 +377,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     loss_fn = AutoencoderLoss()
     opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
-                          inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision)
+                          inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
+                          kl_clip=cfg.kl_clip)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
