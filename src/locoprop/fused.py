@@ -129,11 +129,16 @@ class TFRMSpropRule(UpdateRule):
         return [s["mean_square"], s["momentum_buffer"]]
 
     def update_compiled(self, params, grads, states, lr):
-        """:meth:`update` with one compiled kernel per tensor (equal up to rounding)."""
+        """:meth:`update` with one compiled kernel per tensor (equal up to rounding).  The kernel sees flat
+        plain tensors (not parameters, whose shapes torch.compile would specialise on), so one compilation
+        serves every layer's weight and bias."""
+        tensors = [(p.detach(), g, ms, m) for p, g, (ms, m) in zip(params, grads, states)]
+        if not all(t.is_contiguous() for four in tensors for t in four):
+            return self.update(params, grads, states, lr)
         alpha, mom, eps = self._group()
         kernel = _compiled(_tf_rmsprop_tensor_)
-        for p, g, (ms, m) in zip(params, grads, states):
-            kernel(p, g, ms, m, lr, alpha, mom, eps)
+        for p, g, ms, m in tensors:
+            kernel(p.view(-1), g.view(-1), ms.view(-1), m.view(-1), lr, alpha, mom, eps)
 
     def update(self, params, grads, states, lr):
         alpha, mom, eps = self._group()
