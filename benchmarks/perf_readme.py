@@ -11,18 +11,27 @@ import sys
 from pathlib import Path
 
 
+#: Optional columns, shown for a file when any of its records has them: (key, header, format).
+EXTRA_COLUMNS = (("peak_tensor_mb", "tensor MB", ".1f"), ("tensor_mem_ratio_to_adam", "tensor x Adam", ".2f"),
+                 ("streams", "streams", "d"), ("peak_mem_mb_without_workspaces", "peak MB w/o cuBLAS workspaces",
+                                               ".1f"))
+
+
 def _table(records: list[dict]) -> list[str]:
-    lines = ["| model | batch | optimizer | T | mode | precision | step ms | floor ms | x floor | x RMSProp | "
-             "peak MB | x Adam |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    extra = [c for c in EXTRA_COLUMNS if any(r.get(c[0]) is not None for r in records)]
+    heads = ["model", "batch", "optimizer", "T", "mode", "precision", "step ms", "floor ms", "x floor", "x RMSProp",
+             "peak MB", "x Adam"] + [c[1] for c in extra]
+    lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     for r in records:
         head = (f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r.get('local_steps') or ''} | "
                 f"{r.get('mode', 'eager')} | {r.get('precision', 'fp32')} |")
         if "error" in r or "skipped" in r:
-            lines.append(f"{head} {r.get('error') or 'skipped: ' + r['skipped']} | | | | | |")
+            lines.append(f"{head} {r.get('error') or 'skipped: ' + r['skipped']} |" + " |" * (len(heads) - 7))
             continue
-        f = lambda k, fmt: format(r[k], fmt) if k in r else ""  # noqa: E731
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else ""  # noqa: E731
         lines.append(f"{head} {r['step_ms_median']:.2f} | {r['floor_ms']:.2f} | {f('ratio_to_floor', '.2f')} | "
-                     f"{f('ratio_to_rmsprop', '.2f')} | {r['peak_mem_mb']:.1f} | {f('mem_ratio_to_adam', '.2f')} |")
+                     f"{f('ratio_to_rmsprop', '.2f')} | {r['peak_mem_mb']:.1f} | {f('mem_ratio_to_adam', '.2f')} |"
+                     + "".join(f" {f(k, fmt)} |" for k, _, fmt in extra))
     return lines
 
 

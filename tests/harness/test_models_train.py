@@ -186,6 +186,11 @@ def test_plot_and_compare_via_the_cli(tmp_path, capsys):
     out = tmp_path / "again.png"
     assert cli_main(["plot", str(tmp_path / "cmp" / "rms"), str(tmp_path / "cmp" / "loco"), "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
+    import matplotlib.image
+
+    one = tmp_path / "epochs.png"  # --views epoch: one panel, so a narrower image
+    assert cli_main(["plot", str(tmp_path / "cmp" / "rms"), "--out", str(one), "--views", "epoch"]) == 0
+    assert matplotlib.image.imread(one).shape[1] < matplotlib.image.imread(out).shape[1]
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

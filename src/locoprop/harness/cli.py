@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="image file (png, pdf, svg)")
     p.add_argument("--metric", default="train_loss", choices=["train_loss", "test_loss"])
     p.add_argument("--title", default=None)
+    p.add_argument("--views", nargs="+", default=["epoch", "wall_time"], choices=["epoch", "wall_time"],
+                   help="x axes, one panel each (default: both; epoch alone for runs from different machines)")
 
     import importlib
 
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             from .plots import plot_runs
 
-            print(plot_runs(args.runs, args.out, metric=args.metric, title=args.title))
+            print(plot_runs(args.runs, args.out, metric=args.metric, title=args.title, views=args.views))
             return 0
         if getattr(args, "func", None) is not None:
             return int(args.func(args))
