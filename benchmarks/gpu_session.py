@@ -11,14 +11,17 @@ brings back what finished.  In order:
 1. ``tests/cuda`` and ``tests/test_fused.py`` (the fast solver against the reference loop on CUDA);
 2. ``benchmarks/step_time.py`` (step times, peak memory and FLOP floors; stops starting new
    configurations at its deadline);
-3. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of
+3. with ``--tune OPTIMIZER[:TRIALS[:EPOCHS]] ...``: Optuna studies on the GPU (one ``locoprop tune``
+   process per study, side by side, in one SQLite file), stopped at ``--tune-s``; their best settings
+   then come first for the runs of part 4 (``tuning.tar.gz`` holds the database, reports and logs);
+4. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of
    ``results/tuning`` where there are some (``locoprop reproduce``'s rules), plus LocoProp-M with
    TF32 and bf16 local products.  RMSProp and LocoProp-M run first, alone on the GPU, so that their
    wall-clock times are uncontended (time to RMSProp's final loss); the rest then run at once and are
    stopped at the session's deadline (their folders resume with ``locoprop train --resume``).
 
 Everything lands in ``--out`` as at most eight files (``session.log``, ``tests.txt``, ``perf.json``,
-``perf.txt``, ``runs.tar.gz``, ``env.txt``), the limit of what a device call returns.
+``perf.txt``, ``tuning.tar.gz``, ``runs.tar.gz``, ``env.txt``), the limit of what a device call returns.
 """
 
 from __future__ import annotations
@@ -91,6 +94,43 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     return runs
 
 
+def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: float) -> Path:
+    """Part 3: the ``--tune`` studies side by side until ``limit`` s; returns the folder of their reports."""
+    folder = work / "tuning"
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "standard-mnist-tanh-gpu.db"
+    procs = []
+    for spec in args.tune:
+        parts = spec.split(":")
+        opt, trials, epochs = parts[0], (parts[1:2] or ["32"])[0], (parts[2:3] or ["10"])[0]
+        cmd = [py, "-m", "locoprop", "tune", "--dataset", "mnist", "--model", "standard", "--activation", "tanh",
+               "--batch-size", "1000", "--epochs", epochs, "--trials", trials, "--startup-trials", "8",
+               "--sampler", "tpe", "--device", args.device, "--data-dir", args.data_dir, "--storage", str(db),
+               "--runs-dir", str(folder / "trials"), "--optimizer", opt]
+        _log(log, f"$ {' '.join(cmd)}")
+        fh = (folder / f"log-{opt}.txt").open("a")
+        procs.append((opt, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                            start_new_session=True), fh))
+    stop_at = time.time() + max(limit, 10)
+    while any(pr.poll() is None for _, pr, _ in procs) and time.time() < stop_at:
+        time.sleep(1)
+    for opt, pr, fh in procs:
+        if pr.poll() is None:
+            _log(log, f"tune {opt}: stopped at its time limit (the study keeps its finished trials)")
+            os.killpg(pr.pid, signal.SIGTERM)
+            try:
+                pr.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(pr.pid, signal.SIGKILL)
+        fh.close()
+        _run([py, "-m", "locoprop", "tune", "--storage", str(db), "--study", f"mnist-standard-tanh-{opt}",
+              "--report", str(folder / f"best-{opt}.yaml"), "--top", "5"], 60, folder / f"log-{opt}.txt", log, env=env)
+    with tarfile.open(out / "tuning.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="tuning", filter=lambda ti: None if "/trials/" in ti.name and
+                ti.name.endswith(".pt") else ti)
+    return folder
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-session")
@@ -105,6 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
     p.add_argument("--settings-dirs", nargs="+", default=["results/tuning-5epoch", "results/tuning"],
                    help="folders of tuned settings, first match wins")
+    p.add_argument("--tune", nargs="*", default=[], metavar="OPTIMIZER[:TRIALS[:EPOCHS]]",
+                   help="studies to run on the GPU before the runs (default 32 trials of 10 epochs each)")
+    p.add_argument("--tune-s", type=float, default=240.0, help="time for all studies together")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
     p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")
     p.add_argument("--device", default="cuda", help="device of the training runs (cpu: a smoke test)")
@@ -141,8 +184,14 @@ def main(argv=None) -> int:
     _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
           "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
 
-    # 3. training runs
-    runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, args.settings_dirs)
+    # 3. tuning on the GPU
+    settings_dirs = list(args.settings_dirs)
+    if args.tune:
+        tuned = tune_on_gpu(args, work, out, log, env, py, min(args.tune_s, deadline - time.time() - 60))
+        settings_dirs = [str(tuned)] + settings_dirs
+
+    # 4. training runs
+    runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, settings_dirs)
     if args.runs is not None:
         unknown = sorted(set(args.runs) - set(runs))
         if unknown:
@@ -190,7 +239,7 @@ def main(argv=None) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         fh.close()
 
-    # 4. pack (no checkpoints: they stay out of git anyway)
+    # 5. pack (no checkpoints: they stay out of git anyway)
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         tar.add(work / "runs", arcname="runs",
                 filter=lambda ti: None if ".pt" in Path(ti.name).name or ti.name.endswith(".tmp") else ti)
