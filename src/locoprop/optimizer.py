@@ -165,6 +165,8 @@ class LocoProp(Optimizer):
             raise ValueError(f"local_steps: expected an integer >= 1, got {local_steps!r}")
         if not 0.0 <= float(min_lr_ratio) <= 1.0:
             raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {min_lr_ratio!r}")
+        if rollback not in ROLLBACKS:
+            raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {rollback!r}")
 
         base = get_variant(variant)
         if regularizer is not None:
@@ -208,8 +210,6 @@ class LocoProp(Optimizer):
                              f"variant {self.variant.name} uses solver {self.variant.solver!r}")
         #: Which solver ran the last step: "fused", "reference" or "closed_form".
         self.last_solver = ""
-        if rollback not in ROLLBACKS:
-            raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {rollback!r}")
         self._rollback = _Rollback(rollback)
         self.reset_inner_state = bool(reset_inner_state)
         self.check_finite = bool(check_finite)
