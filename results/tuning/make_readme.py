@@ -60,7 +60,8 @@ def main(folder: Path) -> None:
         doc = yaml.safe_load(report.read_text())
         tun = doc["tuning"]
         best = doc["settings"]
-        rows.append(f"| {opt} | {tun['final_train_loss']:.4f} | {tun['final_test_loss']:.4f} | "
+        label = opt if report.name == f"best-{opt}.yaml" else f"{opt} (`{name}`)"
+        rows.append(f"| {label} | {tun['final_train_loss']:.4f} | {tun['final_test_loss']:.4f} | "
                     f"trial {tun['best_trial']} | {', '.join(f'{k} {v}' for k, v in states.items())} | "
                     f"{s['epochs']} | [{report.name}]({report.name}) |")
         space = study.user_attrs.get("search_space", [])
