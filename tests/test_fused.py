@@ -185,3 +185,130 @@ def test_compiled_elementwise_agrees_with_the_eager_fast_solver():
     s0, s1 = opts[0].inner.state, opts[1].inner.state
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(s1[q]["momentum_buffer"], s0[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: replaying runs the captured solve on the tensors that lie where
+    the capture read them (for a zero-copy graph: this step's own inputs, which must be at those addresses)."""
+
+    def __init__(self, solver, layers, inputs, loss, rule, table, zero_copy):
+        self.solver, self.layers, self.loss, self.rule, self.zero_copy = solver, layers, loss, rule, zero_copy
+        self.where = self.addresses(inputs, table)
+        self.static = None if zero_copy else (inputs, table)  # the static copies stay alive with the graph
+
+    @staticmethod
+    def addresses(inputs, table):
+        return [table.data_ptr()] + [t.data_ptr() for x, d, y, a, _ in inputs for t in [x, d, y] + list(a or [])]
+
+    def replay(self):
+        inputs, table = self.static or (self.solver.step_inputs, self.solver.step_table)
+        assert self.addresses(inputs, table) == self.where, "a graph replayed where its inputs are not"
+        self.solver._run(self.layers, inputs, self.loss, self.rule, table, False)
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+def _fake_cuda_graphs(monkeypatch, solver):
+    """Route the fast solver's CUDA-graph logic through _FakeGraph on the CPU."""
+    import contextlib
+
+    monkeypatch.setattr(solver, "_graphs_for", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    original = solver._solve_graphed
+
+    def spy(problems, layers, inputs, loss, rule, table, use_streams):
+        solver.step_inputs, solver.step_table = inputs, table
+        try:
+            return original(problems, layers, inputs, loss, rule, table, use_streams)
+        finally:  # hold nothing of this step (the caching allocator may hand its memory to the next one)
+            solver.step_inputs = solver.step_table = None
+
+    def capture(layers, inputs, loss, rule, table, use_streams):
+        graph = _FakeGraph(solver, layers, inputs, loss, rule, table, zero_copy=inputs is solver.step_inputs)
+        graph.replay()  # as the real capture: recorded, then replayed once for this step
+        return graph
+
+    monkeypatch.setattr(solver, "_solve_graphed", spy)
+    monkeypatch.setattr(solver, "_capture", capture)
+
+
+@pytest.mark.parametrize("max_graphs", [4, 0])
+def test_solve_graphs_replay_only_where_the_inputs_lie_and_equal_the_eager_solver(monkeypatch, max_graphs):
+    """The selection logic of the captured solve (zero-copy graphs keyed by the inputs' addresses, the copying
+    graph as the fallback), run on the CPU with a stand-in graph: bit for bit the eager fast solver."""
+    torch.manual_seed(0)
+    base = small_autoencoder()
+    xs = [torch.rand(32, 20) for _ in range(7)]
+    models, opts = [], []
+    for graphs in (False, True):
+        model = copy.deepcopy(base)
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+        if graphs:
+            opt.fused_solver.max_zero_copy_graphs = max_graphs
+            _fake_cuda_graphs(monkeypatch, opt.fused_solver)
+        models.append(model)
+        opts.append(opt)
+    modes = []
+    for i, x in enumerate(xs):
+        if i == 4:
+            for opt in opts:
+                for g in opt.param_groups:
+                    g["lr"] *= 0.5  # reaches the graphs through the persistent learning-rate table
+        for model, opt in zip(models, opts):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        modes.append(opts[1].fused_solver.last_mode)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(p, q), (i, modes)
+    assert modes[0] == "eager" and "graph-capture" not in modes[:1]
+    if max_graphs == 0:
+        assert modes[1:3] == ["graph-capture-copy", "graph-replay-copy"] and set(modes[3:]) == {"graph-replay-copy"}
+    else:  # the CPU allocator rarely hands a step's tensors the same addresses: captures, then the copying graph
+        assert modes[1] == "graph-capture" and 1 <= modes.count("graph-capture") <= max_graphs
+        assert set(modes[2:]) <= {"graph-capture", "graph-replay", "graph-capture-copy", "graph-replay-copy"}
+
+
+def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
+    """Inputs refilled in place (recurring addresses) replay the zero-copy graph; inputs elsewhere get a graph of
+    their own; each call equals the eager solve of the same inputs from the same weights and state."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x0 = torch.rand(32, 20)
+    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                            backend="fused", retain_problems=True)
+    opt.step(lambda: bce_sum_mean(model(x0), x0))  # creates the inner state; keeps the problems
+    solver, problems, loss = opt.fused_solver, opt.last_problems, opt.variant.local_loss
+    rule = locoprop.fused.update_rule_for(opt.inner)[0]
+    layers = solver._layers(problems, rule)
+    table = solver.table_for(opt.param_groups, opt.variant.regularizer, False).float()
+    shapes = [(pr.batch.inputs.shape, pr.batch.pre.shape, pr.batch.transfer) for pr in problems]
+    persistent = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t) for a, b, t in shapes]
+    elsewhere = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t) for a, b, t in shapes]
+    _fake_cuda_graphs(monkeypatch, solver)
+    state = [s for lay in layers for st in lay.states for s in st] + [p for lay in layers for p in lay.params]
+    modes = []
+    for i, where in enumerate([persistent] * 4 + [elsewhere, persistent, elsewhere]):
+        data = [(torch.rand(a), torch.randn(b) * 0.1, torch.rand(b)) for a, b, _ in shapes]
+        for (x, d, y, _, _), (dx, dd, dy) in zip(where, data):
+            x.copy_(dx), d.copy_(dd), y.copy_(dy)
+        before = [t.clone() for t in state]
+        with torch.no_grad():
+            solver._solve_graphed(problems, layers, where, loss, rule, table, False)
+        modes.append(solver.last_mode)
+        graphed = [t.clone() for t in state]
+        with torch.no_grad():  # the same solve, eagerly, from the same weights and state
+            for t, b in zip(state, before):
+                t.copy_(b)
+            fresh = [(dx.clone(), dd.clone(), dy.clone(), None, tr) for (dx, dd, dy), (_, _, tr) in zip(data, shapes)]
+            solver._run(layers, fresh, loss, rule, table, False)
+        assert all(torch.equal(a, b) for a, b in zip(state, graphed)), (i, modes)
+    assert modes == ["eager", "graph-capture", "graph-replay", "graph-replay", "graph-capture", "graph-replay",
+                     "graph-replay"], modes

@@ -476,7 +476,7 @@ class FusedIterativeSolver:
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
             pr.residual = None
         use_streams = cuda and self.stream_count(len(problems)) > 0
-        if capturing or not (cuda and self.cuda_graph):
+        if capturing or not self._graphs_for(param.device):
             self.last_mode = "inside-capture" if capturing else "eager"
             self._run(layers, inputs, loss, rule, table, use_streams)
         else:
@@ -491,6 +491,10 @@ class FusedIterativeSolver:
                 rule.count_steps(p, int(pr.group["local_steps"]))
 
     # -- CUDA graph ----------------------------------------------------------------------------------
+    def _graphs_for(self, device: torch.device) -> bool:
+        """Whether solves on ``device`` are captured in CUDA graphs."""
+        return device.type == "cuda" and self.cuda_graph
+
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, tuple(table.shape)]
