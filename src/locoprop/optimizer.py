@@ -322,9 +322,7 @@ class LocoProp(Optimizer):
                 with torch.no_grad():
                     residual = v.local_loss.grad(b.pre, target, b.transfer)
             if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
-                b.grad_pre = b.grad_post = b.grad_pre_sampled = None
-                if residual is not None:
-                    b.pre = None
+                b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None
             problems.append(LocalProblem(b, target, params, anchor, group, residual))
         return problems
 
