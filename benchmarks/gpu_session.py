@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=".carrydata/mnist")
     p.add_argument("--budget-s", type=float, default=500.0, help="the whole script's time")
     p.add_argument("--tests-s", type=float, default=90.0)
-    p.add_argument("--perf-s", type=float, default=140.0)
+    p.add_argument("--perf-s", type=float, default=140.0, help="time for the step-time benchmark (0: skip it)")
     p.add_argument("--alone-s", type=float, default=90.0, help="limit for each of the uncontended runs")
     p.add_argument("--perf-args", default="--models standard wide deep --batch-sizes 1000 100 --steps 20 --warmup 5")
     p.add_argument("--epochs", type=int, default=None, help="override (a smoke test); default: the figures' 100")
@@ -179,10 +179,11 @@ def main(argv=None) -> int:
         _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests.split()],
              min(args.tests_s, deadline - time.time()), out / "tests.txt", log)
 
-    # 2. step times (uncontended)
+    # 2. step times (uncontended); --perf-s 0 skips them
     perf_limit = min(args.perf_s, deadline - time.time() - 60)
-    _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
-          "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
+    if args.perf_s > 0:
+        _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
+              "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
 
     # 3. tuning on the GPU
     settings_dirs = list(args.settings_dirs)
