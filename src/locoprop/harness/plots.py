@@ -76,7 +76,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, metric: str = 
     synthetic = any(r["config"].get("synthetic_data") for r in runs)
     sub = ("GENERATED CURVES-like data, not the original digs3pts_1.mat; " if synthetic else "") + \
         f"data: {'; '.join(sources)[:110]} | device: {'; '.join(devices)[:80]}"
-    fig.suptitle(head + "\n" + sub, fontsize=9)
+    import textwrap
+
+    width = 78 * len(views)  # characters that fit across the figure at this font size
+    fig.suptitle("\n".join(textwrap.wrap(head, width) + textwrap.wrap(sub, width)), fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
