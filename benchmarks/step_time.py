@@ -173,11 +173,16 @@ def build_step(spec: dict, model, loss_fn, x):
     return lambda: opt.step(lambda: loss_fn(model(x), x))
 
 
-def cublas_workspace_mb(device: torch.device) -> float:
-    """Memory cuBLAS takes for its workspace on a stream (it keeps one per stream), measured."""
+def free_cublas_workspaces(device: torch.device) -> None:
+    """Return cuBLAS's per-stream workspaces (and the cached blocks) to the device."""
     torch.cuda.synchronize(device)
     torch._C._cuda_clearCublasWorkspaces()
     torch.cuda.empty_cache()
+
+
+def cublas_workspace_mb(device: torch.device) -> float:
+    """Memory cuBLAS takes for its workspace on a stream (it keeps one per stream), measured."""
+    free_cublas_workspaces(device)
     a = torch.ones(64, 64, device=device)
     before = torch.cuda.memory_allocated(device)
     c = a @ a
@@ -204,9 +209,7 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 (precision="tf32" turns it on locally)
         gc.collect()
-        torch.cuda.synchronize(device)
-        torch._C._cuda_clearCublasWorkspaces()  # each configuration pays for the workspaces of its streams
-        torch.cuda.empty_cache()
+        free_cublas_workspaces(device)  # each configuration pays for the workspaces of its streams
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)

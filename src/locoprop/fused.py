@@ -513,8 +513,8 @@ class FusedIterativeSolver:
         return tuple((t.data_ptr(), t.stride()) for t in tensors)
 
     def _capture(self, layers, inputs, loss, rule, table, use_streams) -> torch.cuda.CUDAGraph | None:
-        """Capture the solve reading ``inputs`` and ``table`` where they are; ``None`` if capture failed
-        (then the solve has run eagerly and the solver stays eager)."""
+        """Capture the solve reading ``inputs`` and ``table`` where they are, and replay it once (this step);
+        ``None`` if capture failed: nothing ran, and from then on the solver runs eagerly."""
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
@@ -563,27 +563,23 @@ class FusedIterativeSolver:
             torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
             return
-        if len(self._graphs) < self.max_zero_copy_graphs:
-            graph = self._capture(layers, inputs, loss, rule, table, use_streams)
-            if graph is not None:
-                self._graphs[where] = graph
-                self.last_mode = "graph-capture"
-                return
+        static, graph_inputs, graph_table = None, inputs, table
+        if len(self._graphs) >= self.max_zero_copy_graphs:  # the inputs keep moving: a graph of static copies
+            static = [{"table": table.clone()}]
+            graph_inputs = []
+            for x, delta, target, anchor, transfer in inputs:
+                st = {"x": x.clone(), "delta": delta.clone(), "target": target.clone(),
+                      "anchor": [a.clone() for a in anchor] if anchor is not None else None}
+                static.append(st)
+                graph_inputs.append((st["x"], st["delta"], st["target"], st["anchor"], transfer))
+            graph_table = static[0]["table"]
+        graph = self._capture(layers, graph_inputs, loss, rule, graph_table, use_streams)
+        if graph is None:  # capture failed: this solve runs eagerly, and so do the later ones
             self._run(layers, inputs, loss, rule, table, use_streams)
             self.last_mode = "eager"
-            return
-        # the inputs keep moving: one graph that reads static copies of them
-        static = [{"table": table.clone()}]
-        static_inputs = []
-        for x, delta, target, anchor, transfer in inputs:
-            st = {"x": x.clone(), "delta": delta.clone(), "target": target.clone(),
-                  "anchor": [a.clone() for a in anchor] if anchor is not None else None}
-            static.append(st)
-            static_inputs.append((st["x"], st["delta"], st["target"], st["anchor"], transfer))
-        graph = self._capture(layers, static_inputs, loss, rule, static[0]["table"], use_streams)
-        if graph is None:
-            self._run(layers, inputs, loss, rule, table, use_streams)
-            self.last_mode = "eager"
-            return
-        self._copying = _CapturedSolve(static, graph)
-        self.last_mode = "graph-capture-copy"
+        elif static is None:
+            self._graphs[where] = graph
+            self.last_mode = "graph-capture"
+        else:
+            self._copying = _CapturedSolve(static, graph)
+            self.last_mode = "graph-capture-copy"
