@@ -11,8 +11,9 @@ brings back what finished.  In order:
 1. ``tests/cuda`` and ``tests/test_fused.py`` (the fast solver against the reference loop on CUDA);
 2. ``benchmarks/step_time.py`` (step times, peak memory and FLOP floors; stops starting new
    configurations at its deadline);
-3. with ``--tune OPTIMIZER[:TRIALS[:EPOCHS]] ...``: Optuna studies on the GPU (one ``locoprop tune``
-   process per study, side by side, in one SQLite file), stopped at ``--tune-s``; their best settings
+3. with ``--tune OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]] ...``: Optuna studies on the GPU (WORKERS
+   ``locoprop tune`` processes per study, every study side by side, each in its own SQLite file, the
+   first trial being the best settings found so far), stopped at ``--tune-s``; their best settings
    then come first for the runs of part 4 (``tuning.tar.gz`` holds the database, reports and logs);
 4. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of
    ``results/tuning`` where there are some (``locoprop reproduce``'s rules), plus LocoProp-M with
@@ -94,23 +95,45 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     return runs
 
 
+def enqueued_settings(opt: str, settings_dirs) -> str | None:
+    """``KEY=VALUE,...`` of the searched parameters of the best trial in the first of ``settings_dirs`` holding a
+    ``best-OPT.yaml`` (``locoprop tune --enqueue``), so that a new study starts from what earlier ones found."""
+    import yaml
+
+    for d in settings_dirs:
+        path = ROOT / d / f"best-{opt}.yaml"
+        if path.exists():
+            top = yaml.safe_load(path.read_text())["tuning"]["top"][0]
+            searched = {k: v for k, v in top.items() if k not in ("trial", "run_dir") and not k.startswith("final_")}
+            return ",".join(f"{k}={v}" for k, v in searched.items())
+    return None
+
+
 def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: float) -> Path:
-    """Part 3: the ``--tune`` studies side by side until ``limit`` s; returns the folder of their reports."""
+    """Part 3: the ``--tune`` studies side by side until ``limit`` s; returns the folder of their reports.
+
+    ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file), stop once it
+    holds TRIALS finished trials, and the first worker enqueues the best settings of ``--settings-dirs``."""
     folder = work / "tuning"
     folder.mkdir(parents=True, exist_ok=True)
-    db = folder / "standard-mnist-tanh-gpu.db"
-    procs = []
+    procs, dbs = [], {}
     for spec in args.tune:
-        parts = spec.split(":")
-        opt, trials, epochs = parts[0], (parts[1:2] or ["32"])[0], (parts[2:3] or ["10"])[0]
+        parts = spec.split(":") + [None] * 3
+        opt, trials, epochs, workers = parts[0], parts[1] or "32", parts[2] or "10", int(parts[3] or 1)
+        dbs[opt] = db = folder / f"standard-mnist-tanh-{opt}-gpu.db"
         cmd = [py, "-m", "locoprop", "tune", "--dataset", "mnist", "--model", "standard", "--activation", "tanh",
-               "--batch-size", "1000", "--epochs", epochs, "--trials", trials, "--startup-trials", "8",
-               "--sampler", "tpe", "--device", args.device, "--data-dir", args.data_dir, "--storage", str(db),
-               "--runs-dir", str(folder / "trials"), "--optimizer", opt]
-        _log(log, f"$ {' '.join(cmd)}")
-        fh = (folder / f"log-{opt}.txt").open("a")
-        procs.append((opt, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                            start_new_session=True), fh))
+               "--batch-size", "1000", "--epochs", epochs, "--trials", trials, "--max-trials", trials,
+               "--startup-trials", str(args.startup_trials), "--sampler", "tpe", "--device", args.device,
+               "--data-dir", args.data_dir, "--storage", str(db), "--runs-dir", str(folder / "trials" / opt),
+               "--optimizer", opt]
+        first = enqueued_settings(opt, args.settings_dirs)
+        for w in range(workers):
+            full = cmd + (["--enqueue", first] if first and w == 0 else [])
+            _log(log, f"$ {' '.join(full)}  (worker {w + 1} of {workers})")
+            fh = (folder / f"log-{opt}-{w}.txt").open("a")
+            procs.append((opt, subprocess.Popen(full, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                                env=dict(env, OMP_NUM_THREADS="1"), start_new_session=True), fh))
+            time.sleep(3 if w == 0 else 0.5)  # the first worker creates the study
     stop_at = time.time() + max(limit, 10)
     while any(pr.poll() is None for _, pr, _ in procs) and time.time() < stop_at:
         time.sleep(1)
@@ -123,6 +146,7 @@ def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: flo
             except subprocess.TimeoutExpired:
                 os.killpg(pr.pid, signal.SIGKILL)
         fh.close()
+    for opt, db in dbs.items():
         _run([py, "-m", "locoprop", "tune", "--storage", str(db), "--study", f"mnist-standard-tanh-{opt}",
               "--report", str(folder / f"best-{opt}.yaml"), "--top", "5"], 60, folder / f"log-{opt}.txt", log, env=env)
     with tarfile.open(out / "tuning.tar.gz", "w:gz") as tar:
@@ -145,8 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
     p.add_argument("--settings-dirs", nargs="+", default=["results/tuning-5epoch", "results/tuning"],
                    help="folders of tuned settings, first match wins")
-    p.add_argument("--tune", nargs="*", default=[], metavar="OPTIMIZER[:TRIALS[:EPOCHS]]",
-                   help="studies to run on the GPU before the runs (default 32 trials of 10 epochs each)")
+    p.add_argument("--tune", nargs="*", default=[], metavar="OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]]",
+                   help="studies to run on the GPU before the runs (default 32 trials of 10 epochs each, 1 worker)")
+    p.add_argument("--startup-trials", type=int, default=8, help="random trials before TPE models a study")
     p.add_argument("--tune-s", type=float, default=240.0, help="time for all studies together")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
     p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")

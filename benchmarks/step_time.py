@@ -268,7 +268,7 @@ def measure(spec: dict) -> dict:
 def plan(device: torch.device, models, batches, optimizers, local_steps, precisions) -> list[dict]:
     """The configurations, most important first: (model, batch, optimizer, T, mode, precision)."""
     cuda = device.type == "cuda"
-    out = []
+    out, late = [], []  # late: the compiled modes, after every model (their first compilation is slow)
     for model in models:
         for batch in batches:
             for opt in optimizers:
@@ -281,10 +281,11 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, mode, "fp32"))
                         if opt == "locoprop-m" and T == max(local_steps):
                             out.append((model, batch, opt, T, "graphed-nocheck" if cuda else "fused-nocheck", "fp32"))
-                            out.append((model, batch, opt, T, "graphed-compiled" if cuda else "fused-compiled", "fp32"))
+                            late.append((model, batch, opt, T, "graphed-compiled" if cuda else "fused-compiled", "fp32"))
                             if cuda:
-                                for flags in ("host", "s0", "s2", "s4", "host-s2", "compiled-s2"):
+                                for flags in ("host", "s0", "s2", "s4", "host-s2"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
+                                late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))
                             for prec in precisions:
                                 if prec != "fp32":
                                     out.append((model, batch, opt, T, "graphed" if cuda else "fused", prec))
@@ -293,7 +294,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                         out.append((model, batch, opt, 0, mode, "fp32"))
                 else:
                     out.append((model, batch, opt, 0, "eager", "fp32"))
-    return out
+    return out + late
 
 
 def _worker(spec, queue):

@@ -29,22 +29,25 @@ def cpu() -> str:
 def main(folder: Path) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     HERE = folder.resolve()
-    DB, = HERE.glob("*.db")
+    dbs = sorted(HERE.glob("*.db"))
     rel = HERE.relative_to(HERE.parents[1])  # results/NAME
-    storage = f"sqlite:///{DB}"
-    log = (HERE / "run.log").read_text() if (HERE / "run.log").exists() else ""
-    commands = re.findall(r"start (\S+): (locoprop tune .*)", log)
+    log = "".join((HERE / f).read_text() for f in ("run.log", "session.log") if (HERE / f).exists())
+    commands = [c for _, c in re.findall(r"start (\S+): (locoprop tune .*)", log)]
+    commands += [c.split("  (")[0] for c in re.findall(r"\$ \S*python3? -m (locoprop tune .*--epochs.*)", log)]
+    commands = list(dict.fromkeys(commands))  # parallel workers of one study run the same command
     rows, details = [], []
     # one row per study: its report file names it (best-NAME.yaml); studies without a report follow
     reports = {}
     for report in sorted(HERE.glob("best-*.yaml")):
         reports[yaml.safe_load(report.read_text())["tuning"]["study"]] = report
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    names = [(s.study_name, f"sqlite:///{db}") for db in dbs
+             for s in optuna.get_all_study_summaries(f"sqlite:///{db}")]
     order = {f"mnist-standard-tanh-{o}": i for i, o in enumerate(OPTIMIZERS)}
-    names.sort(key=lambda n: (order.get(n, len(order)), n))
-    any_settings = {}
-    for name in names:
+    names.sort(key=lambda n: (order.get(n[0], len(order)), n))
+    any_settings, times = {}, []
+    for name, storage in names:
         study = optuna.load_study(study_name=name, storage=storage)
+        times += [t for tr in study.trials for t in (tr.datetime_start, tr.datetime_complete) if t is not None]
         s = study.user_attrs["settings"]
         any_settings = any_settings or s
         opt = s["optimizer"]
@@ -71,14 +74,16 @@ def main(folder: Path) -> None:
         details.append(f"- **{opt}** (`{name}`): best {tuned}" + (f"; fixed {fixed}" if fixed else "")
                        + f"; searched: {'; '.join(space)}. "
                        f"Trials ran {tun['first_trial_start']} to {tun['last_trial_end']} (UTC).")
-    machine = f"{cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, shared with other jobs"
     try:
         torch_v = subprocess.run([str(HERE.parents[1] / ".venv/bin/python"), "-c", "import torch;print(torch.__version__)"],
                                  capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         torch_v = "?"
-    dates = sorted(re.findall(r"^(\S+) (?:start|done) ", log, flags=re.M))
-    size = DB.stat().st_size if DB.exists() else 0
+    machine = (HERE / "machine.txt").read_text().strip() if (HERE / "machine.txt").exists() else (
+        f"{cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, shared with other jobs; "
+        f"torch {torch_v}, one thread per study (`OMP_NUM_THREADS=1`), two studies at a time")
+    span = f"{min(times):%Y-%m-%dT%H:%M:%S} to {max(times):%Y-%m-%dT%H:%M:%S}" if times else "?"
+    size = ", ".join(f"`{db.name}` ({db.stat().st_size / 1e6:.2f} MB)" for db in dbs)
     notes = (HERE / "notes.md").read_text() if (HERE / "notes.md").exists() else ""
     title = notes.splitlines()[0].lstrip("# ") if notes.startswith("# ") else "CPU tuning studies"
     notes = "\n".join(notes.splitlines()[1:]).strip() + "\n" if notes.startswith("# ") else notes
@@ -88,8 +93,8 @@ def main(folder: Path) -> None:
 
     text = f"""# {title}: standard MNIST autoencoder, tanh
 
-Written by `make_readme.py` from `{DB.name}` (Optuna storage, {size / 1e6:.2f} MB), the report
-files `best-<optimizer>.yaml` and `run.log`. Nothing here is typed by hand.
+Written by `make_readme.py` from the Optuna storage {size}, the report
+files `best-<optimizer>.yaml` and the log. Nothing here is typed by hand.
 
 **Scale.** Each study ran {any_settings.get('epochs')} epochs per trial on
 {images(any_settings.get('limit_train'), 'MNIST training')} (test loss on
@@ -98,14 +103,17 @@ files `best-<optimizer>.yaml` and `run.log`. Nothing here is typed by hand.
 are random: `--startup-trials`). The paper's protocol (App. F) is up to 4096 trials of 100 epochs on
 all 60000 images on V100 GPUs; these studies are far below it. The schedule's last epoch trains at
 learning rate 0 (the notebook's linear decay ends there), so each trial has
-{max(0, (any_settings.get('epochs') or 1) - 1)} epochs of effective training. The best settings here
-suit this short budget, not the paper's 100 epochs: use them for CPU-sized runs, and rerun
-`locoprop tune` with `--epochs 100` and thousands of trials for the paper's.
+{max(0, (any_settings.get('epochs') or 1) - 1)} epochs of effective training. """ + (
+        "Each trial has the paper's length; only the number of trials is far below the paper's, so rerun "
+        "`locoprop tune` on these databases with more workers to go on."
+        if (any_settings.get("epochs") or 0) >= 100 else
+        "The best settings here suit this short budget, not the paper's 100 epochs: use them for CPU-sized "
+        "runs, and rerun\n`locoprop tune` with `--epochs 100` and thousands of trials for the paper's.") + f"""
 
-- Machine: {machine}; torch {torch_v}, one thread per study (`OMP_NUM_THREADS=1`), two studies at a time.
-- Date (UTC): {dates[0] if dates else '?'} to {dates[-1] if dates else '?'} (from `run.log`).
-- Script: `bash {rel}/run.sh` (writes `run.log`, `log-<optimizer>.txt`, the reports, this file).
-
+- Machine: {machine}.
+- Trials ran (UTC): {span} (from the studies).
+""" + (f"- Script: `bash {rel}/run.sh` (writes `run.log`, `log-<optimizer>.txt`, the reports, this file).\n"
+       if (HERE / "run.sh").exists() else "") + f"""
 ## Best final train loss per optimizer
 
 | optimizer | best final train loss | its test loss | trial | trials | epochs | settings |
@@ -119,8 +127,8 @@ suit this short budget, not the paper's 100 epochs: use them for CPU-sized runs,
 """ + notes + """
 ## Commands
 
-""" + "\n".join(f"- `{c}`" for _, c in commands) + f"""
-- then, for each: `locoprop tune --storage {rel}/{DB.name} --study mnist-standard-tanh-OPTIMIZER --report {rel}/best-OPTIMIZER.yaml --top 5`
+""" + "\n".join(f"- `{c}`" for c in commands) + f"""
+- then, for each: `locoprop tune --storage {rel}/{dbs[0].name if len(dbs) == 1 else 'STUDY.db'} --study mnist-standard-tanh-OPTIMIZER --report {rel}/best-OPTIMIZER.yaml --top 5`
 
 Train a best setting: `locoprop train --config {rel}/best-OPTIMIZER.yaml --out runs/NAME`.
 Use them in figures: `locoprop reproduce fig4-standard --settings-dir {rel}` (only where

@@ -73,3 +73,22 @@ def test_peak_tensor_bytes_counts_what_a_step_holds_at_once():
 
     peak = _module("step_time").peak_tensor_bytes(step)
     assert peak == 1_000_000 + 1_000_000 + 8_000_000  # kept, b and c
+
+
+def test_gpu_session_enqueues_the_searched_parameters_of_the_best_trial(tmp_path):
+    """``gpu_session.py --tune`` starts each study from the best trial of ``--settings-dirs``: the enqueued
+    string names exactly the searched parameters, which ``locoprop tune --enqueue`` accepts."""
+    import yaml
+
+    from locoprop.harness.tune import _parse_assignments, search_space
+
+    mod = _module("gpu_session")
+    best = REPO / "results" / "tuning" / "best-locoprop-m.yaml"
+    (tmp_path / "a").mkdir()
+    assert mod.enqueued_settings("locoprop-m", [str(tmp_path / "a")]) is None  # no report there
+    (tmp_path / "a" / "best-locoprop-m.yaml").write_text(best.read_text())
+    text = mod.enqueued_settings("locoprop-m", [str(tmp_path / "b"), str(tmp_path / "a")])
+    values = _parse_assignments([text], "--enqueue")
+    top = yaml.safe_load(best.read_text())["tuning"]["top"][0]
+    assert values == {k: top[k] for k in ("lr", "beta1", "beta2", "eps", "activation_lr")}
+    assert set(values) == {f.field for f in search_space("locoprop-m")}
