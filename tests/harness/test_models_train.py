@@ -222,7 +222,41 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
 @pytest.mark.parametrize("values, match", [
     (dict(optimizer="adam", precision="bf16"), "precision: 'bf16' applies to the LocoProp optimizers only"),
     (dict(optimizer="locoprop-m", precision="fp16"), "precision: expected fp32, tf32 or bf16"),
+    (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
+    (dict(optimizer="rmsprop", rollback="host"), "rollback: applies to the LocoProp optimizers only"),
+    (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: applies to the LocoProp optimizers"),
 ])
 def test_precision_setting_errors_name_it(values, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**values).validate()
+
+
+def test_rollback_and_compile_settings_reach_the_locoprop_optimizer(tmp_path):
+    """`--rollback host` and `--compile-elementwise` are LocoProp's arguments of the same names: a run records
+    them, and the optimizer it builds carries them."""
+    from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+    from locoprop.harness.optimizers import build_optimizer
+
+    model = build_autoencoder("tiny", "tanh", input_dim=784)
+    opt = build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-4, rollback="host", compile_elementwise=True)
+    assert opt.rollback == "host" and opt.fused_solver.compile_elementwise is True
+    opt = build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-4)
+    assert opt.rollback == "device" and opt.fused_solver.compile_elementwise is False
+    cfg = TrainConfig(optimizer="locoprop-m", lr=1e-4, activation_lr=10.0, local_steps=2, rollback="host", **TINY)
+    assert train(cfg, tmp_path / "run", progress=False, log=lambda s: None).status == "finished"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
+    assert saved["rollback"] == "host" and saved["compile_elementwise"] is False
+
+
+def test_every_command_prints_its_help(capsys):
+    """Each subcommand's --help formats (a stray % in a help string breaks argparse only when printed)."""
+    from locoprop.harness.cli import build_parser
+
+    parser = build_parser()
+    commands = [a for a in parser._subparsers._group_actions[0].choices]
+    assert "train" in commands and "tune" in commands
+    for name in commands:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage:" in capsys.readouterr().out

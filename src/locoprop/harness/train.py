@@ -93,6 +93,11 @@ class TrainConfig:
                           "accumulation)", default="fp32")
     cuda_graph: bool = _opt("LocoProp on CUDA: run each full batch as one captured CUDA graph of the whole step "
                             "(LocoProp.graphed_step)", default=True)
+    rollback: str = _opt("LocoProp: where the copy that undoes a diverged step lives, device or host (pinned "
+                         "host memory: less GPU memory, slightly slower)", default="device")
+    compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work with "
+                                     "torch.compile (steps 10 to 15 percent faster on an H200, after a compilation on the "
+                                     "first step)", default=False)
     distributed: str | None = _opt("split each step over torch.distributed ranks (launch with torchrun): data "
                                    "(exact data-parallel) or layers (layer-sharded); LocoProp optimizers only",
                                    default=None)
@@ -115,6 +120,11 @@ class TrainConfig:
         if self.precision != "fp32" and not is_locoprop(self.optimizer):
             raise ValueError(f"precision: {self.precision!r} applies to the LocoProp optimizers only, not "
                              f"{self.optimizer!r}")
+        if self.rollback not in ("device", "host"):
+            raise ValueError(f"rollback: expected device or host, got {self.rollback!r}")
+        for name, default in (("rollback", "device"), ("compile_elementwise", False)):
+            if getattr(self, name) != default and not is_locoprop(self.optimizer):
+                raise ValueError(f"{name}: applies to the LocoProp optimizers only, not {self.optimizer!r}")
         if self.kl_clip is not None:
             if self.optimizer != "kfac":
                 raise ValueError(f"kl_clip: applies to kfac only, not {self.optimizer!r}")
@@ -378,7 +388,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
-                          kl_clip=cfg.kl_clip)
+                          kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
