@@ -14,9 +14,9 @@ same machine:
 * LocoProp with T local iterations: those 3 plus 2 per layer per local iteration (at the rate of the
   local precision: fp32, tf32 or bf16).
 
-Modes: BackProp with SGD, Adam and TF-RMSProp runs ``eager`` and, on a GPU, ``graph`` (forward, backward
-and update captured in one CUDA graph, Adam with ``capturable=True``: the fair comparison for a
-graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop), ``fused`` (what
+Modes: BackProp with SGD, Adam and TF-RMSProp runs ``eager``, ``compiled`` (forward, backward and update
+through ``torch.compile``) and, on a GPU, ``graph`` (forward, backward and update captured in one CUDA
+graph, Adam with ``capturable=True``: the fair comparison for a graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop), ``fused`` (what
 ``LocoProp`` does by default on CUDA: the layer-parallel solver with its solve captured in a CUDA graph)
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
 ``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
@@ -100,20 +100,23 @@ def product_flops(model: torch.nn.Module, batch: int, local_steps: int, locoprop
     return flops
 
 
-def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
-    """BackProp + a torch optimizer with forward, backward and update captured in one CUDA graph."""
+def _backprop_optimizer(name: str, params, kwargs: dict, capturable: bool = False) -> torch.optim.Optimizer:
+    """The torch optimizer of a BackProp baseline (TF-RMSProp from :mod:`locoprop.inner`, as the harness uses)."""
     from locoprop.inner import TFRMSprop
 
-    params = list(model.parameters())
     if name == "sgd":
-        opt = torch.optim.SGD(params, lr=kwargs["lr"])
-    elif name == "adam":
-        opt = torch.optim.Adam(params, lr=kwargs["lr"], betas=(kwargs["beta1"], kwargs["beta2"]), eps=kwargs["eps"],
-                               capturable=True, foreach=True)
-    elif name == "rmsprop":
-        opt = TFRMSprop(params, lr=kwargs["lr"], momentum=kwargs["beta1"], alpha=kwargs["beta2"], eps=kwargs["eps"])
-    else:
-        raise ValueError(f"no graphed BackProp step for {name!r}")
+        return torch.optim.SGD(params, lr=kwargs["lr"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=kwargs["lr"], betas=(kwargs["beta1"], kwargs["beta2"]), eps=kwargs["eps"],
+                                capturable=capturable, foreach=True)
+    if name == "rmsprop":
+        return TFRMSprop(params, lr=kwargs["lr"], momentum=kwargs["beta1"], alpha=kwargs["beta2"], eps=kwargs["eps"])
+    raise ValueError(f"no graphed or compiled BackProp step for {name!r}")
+
+
+def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
+    """BackProp + a torch optimizer with forward, backward and update captured in one CUDA graph."""
+    opt = _backprop_optimizer(name, list(model.parameters()), kwargs, capturable=True)
 
     def body():
         loss = loss_fn(model(x), x)
@@ -136,6 +139,23 @@ def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
     def step():
         graph.replay()
         return static_loss
+    return step
+
+
+def _compiled_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
+    """BackProp + a torch optimizer with ``torch.compile``: the forward pass (and through AOTAutograd its
+    backward) and the optimizer's update each compiled, the way PyTorch's tutorials compile a training
+    step.  The first calls compile (the benchmark's warm-up steps)."""
+    opt = _backprop_optimizer(name, list(model.parameters()), kwargs)
+    forward = torch.compile(lambda: loss_fn(model(x), x))
+    update = torch.compile(opt.step)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = forward()
+        loss.backward()
+        update()
+        return loss.detach()
     return step
 
 
@@ -169,6 +189,8 @@ def build_step(spec: dict, model, loss_fn, x):
         return step
     if mode == "graph":
         return _graphed_backprop(model, loss_fn, name, kwargs, x)
+    if mode == "compiled":
+        return _compiled_backprop(model, loss_fn, name, kwargs, x)
     opt = build_optimizer(name, model, loss_fn, **kwargs)
     return lambda: opt.step(lambda: loss_fn(model(x), x))
 
@@ -292,6 +314,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                 elif opt in ("sgd", "adam", "rmsprop"):
                     for mode in (["eager", "graph"] if cuda else ["eager"]):
                         out.append((model, batch, opt, 0, mode, "fp32"))
+                    late.append((model, batch, opt, 0, "compiled", "fp32"))
                 else:
                     out.append((model, batch, opt, 0, "eager", "fp32"))
     return out + late

@@ -92,3 +92,33 @@ def test_gpu_session_enqueues_the_searched_parameters_of_the_best_trial(tmp_path
     top = yaml.safe_load(best.read_text())["tuning"]["top"][0]
     assert values == {k: top[k] for k in ("lr", "beta1", "beta2", "eps", "activation_lr")}
     assert set(values) == {f.field for f in search_space("locoprop-m")}
+
+
+def test_compiled_backprop_step_equals_the_eager_step():
+    """The benchmark's ``compiled`` BackProp baseline computes the eager baseline's update (TF-RMSProp)."""
+    import torch
+
+    from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+
+    mod = _module("step_time")
+    kwargs = mod.OPTIMIZERS["rmsprop"]
+    x = torch.rand(32, 784, generator=torch.Generator().manual_seed(0))
+    weights = []
+    for build in (mod._compiled_backprop, None):
+        torch.manual_seed(0)
+        model = build_autoencoder("tiny", "tanh")
+        if build is None:  # eager: the same optimizer and loop without compilation
+            opt = mod._backprop_optimizer("rmsprop", list(model.parameters()), kwargs)
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                AutoencoderLoss()(model(x), x).backward()
+                opt.step()
+        else:
+            step = build(model, AutoencoderLoss(), "rmsprop", kwargs, x)
+            for _ in range(3):
+                assert torch.isfinite(step())
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for p in build_autoencoder("tiny", "tanh").parameters()])
+    assert not torch.allclose(weights[1], initial)  # the steps moved the weights
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
