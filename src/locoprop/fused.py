@@ -28,7 +28,10 @@ notes steps 4-5) as one unit:
   copying anything; only when the inputs keep moving does one more graph read
   static copies of them;
 * ``precision="tf32"`` or ``"bf16"`` runs the local products in TF32 or with
-  bfloat16 operands (results and every accumulator in float32).
+  bfloat16 operands: each product accumulates in float32 and is rounded to
+  bfloat16 once, on output (PyTorch's bfloat16 matrix product), then stored in
+  the float32 pre-activation or gradient buffer; the residual, the gradients'
+  sums and the inner optimizer's state stay in float32.
 
 It supports the inner optimizers whose update it implements
 (:class:`~locoprop.inner.TFRMSprop`, :class:`torch.optim.SGD` with or without

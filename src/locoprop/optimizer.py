@@ -116,7 +116,8 @@ class LocoProp(Optimizer):
             fast solver on every device (an error if it does not support the
             components); ``"reference"``: always the readable reference loop.
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
-            matrix products of the fast solver (accumulation in float32);
+            matrix products of the fast solver (accumulation in float32; a
+            bf16 product is rounded to bfloat16 once, on output);
             anything but ``"fp32"`` selects the fast solver.
         cuda_graph: on CUDA, the fast solver captures the local iterations in
             a CUDA graph after one warm-up step and replays it, reading the
