@@ -113,7 +113,8 @@ def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: flo
     """Part 3: the ``--tune`` studies side by side until ``limit`` s; returns the folder of their reports.
 
     ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file), stop once it
-    holds TRIALS finished trials, and the first worker enqueues the best settings of ``--settings-dirs``."""
+    holds TRIALS finished trials, and the first worker enqueues the best settings of ``--settings-dirs``; with
+    ``--tune-from`` a study found there continues instead (each worker runs up to TRIALS more trials)."""
     folder = work / "tuning"
     folder.mkdir(parents=True, exist_ok=True)
     procs, dbs = [], {}
@@ -121,12 +122,18 @@ def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: flo
         parts = spec.split(":") + [None] * 3
         opt, trials, epochs, workers = parts[0], parts[1] or "32", parts[2] or "10", int(parts[3] or 1)
         dbs[opt] = db = folder / f"standard-mnist-tanh-{opt}-gpu.db"
+        earlier = Path(args.tune_from) / db.name if args.tune_from else None
+        if earlier is not None and earlier.exists():  # continue that study: TRIALS more, no new first trial
+            shutil.copyfile(earlier, db)
+            _log(log, f"tune {opt}: continuing the study in {earlier}")
+            limits, first = ["--trials", trials], None
+        else:
+            limits, first = ["--trials", trials, "--max-trials", trials], enqueued_settings(opt, args.settings_dirs)
         cmd = [py, "-m", "locoprop", "tune", "--dataset", "mnist", "--model", "standard", "--activation", "tanh",
-               "--batch-size", "1000", "--epochs", epochs, "--trials", trials, "--max-trials", trials,
+               "--batch-size", "1000", "--epochs", epochs, *limits,
                "--startup-trials", str(args.startup_trials), "--sampler", "tpe", "--device", args.device,
                "--data-dir", args.data_dir, "--storage", str(db), "--runs-dir", str(folder / "trials" / opt),
                "--optimizer", opt]
-        first = enqueued_settings(opt, args.settings_dirs)
         for w in range(workers):
             full = cmd + (["--enqueue", first] if first and w == 0 else [])
             _log(log, f"$ {' '.join(full)}  (worker {w + 1} of {workers})")
@@ -172,6 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--tune", nargs="*", default=[], metavar="OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]]",
                    help="studies to run on the GPU before the runs (default 32 trials of 10 epochs each, 1 worker)")
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before TPE models a study")
+    p.add_argument("--tune-from", default=None,
+                   help="folder holding standard-mnist-tanh-OPTIMIZER-gpu.db files of an earlier session: those "
+                        "studies continue (each worker runs up to TRIALS more; trials left running are retried)")
     p.add_argument("--tune-s", type=float, default=240.0, help="time for all studies together")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
     p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")
