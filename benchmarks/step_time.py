@@ -16,15 +16,17 @@ same machine:
 
 Modes: BackProp with SGD, Adam and TF-RMSProp runs ``eager``, ``compiled`` (forward, backward and update
 through ``torch.compile``) and, on a GPU, ``graph`` (forward, backward and update captured in one CUDA
-graph, Adam with ``capturable=True``: the fair comparison for a graph-captured LocoProp step).  LocoProp runs ``reference`` (the readable loop), ``fused`` (what
-``LocoProp`` does by default on CUDA: the layer-parallel solver with its solve captured in a CUDA graph)
+graph, Adam with ``capturable=True``: the fair comparison for a graph-captured LocoProp step).  LocoProp
+runs ``reference`` (the readable loop), ``fused`` (what ``LocoProp`` does by default on CUDA: the
+layer-parallel solver with its solve captured in a CUDA graph)
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
 ``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
 with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes),
 ``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``.  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
-record, ``peak_mem_mb_without_workspaces``).
+record, ``peak_mem_mb_without_workspaces``).  The compiled modes run after all others, so that their
+first compilation does not use up a ``--deadline-s`` meant for the rest.
 
 It writes ``results/perf/DEVICE-DATE.json`` (a list of records with ``device``, ``model``, ``optimizer``,
 ``local_steps``, ``batch_size``, ``step_ms_median``, ``peak_mem_mb``, ``floor_ms``, ...) and prints a table.

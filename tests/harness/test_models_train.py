@@ -226,7 +226,7 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="rmsprop", rollback="host"), "rollback: applies to the LocoProp optimizers only"),
     (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: applies to the LocoProp optimizers"),
 ])
-def test_precision_setting_errors_name_it(values, match):
+def test_locoprop_setting_errors_name_the_setting(values, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**values).validate()
 

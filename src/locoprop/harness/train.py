@@ -38,6 +38,8 @@ import torch
 import locoprop
 
 from locoprop.distributed import batch_shard
+from locoprop.fused import PRECISIONS
+from locoprop.optimizer import ROLLBACKS
 
 from .data import load_dataset
 from .models import AutoencoderLoss, build_autoencoder, num_parameters
@@ -95,9 +97,9 @@ class TrainConfig:
                             "(LocoProp.graphed_step)", default=True)
     rollback: str = _opt("LocoProp: where the copy that undoes a diverged step lives, device or host (pinned "
                          "host memory: less GPU memory, slightly slower)", default="device")
-    compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work with "
-                                     "torch.compile (steps 10 to 15 percent faster on an H200, after a compilation on the "
-                                     "first step)", default=False)
+    compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
+                                     "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
+                                     "compilation on the first step)", default=False)
     distributed: str | None = _opt("split each step over torch.distributed ranks (launch with torchrun): data "
                                    "(exact data-parallel) or layers (layer-sharded); LocoProp optimizers only",
                                    default=None)
@@ -115,13 +117,14 @@ class TrainConfig:
             raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs, got {self.warmup_epochs}")
-        if self.precision not in ("fp32", "tf32", "bf16"):
-            raise ValueError(f"precision: expected fp32, tf32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                             f"got {self.precision!r}")
         if self.precision != "fp32" and not is_locoprop(self.optimizer):
             raise ValueError(f"precision: {self.precision!r} applies to the LocoProp optimizers only, not "
                              f"{self.optimizer!r}")
-        if self.rollback not in ("device", "host"):
-            raise ValueError(f"rollback: expected device or host, got {self.rollback!r}")
+        if self.rollback not in ROLLBACKS:
+            raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
         for name, default in (("rollback", "device"), ("compile_elementwise", False)):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
                 raise ValueError(f"{name}: applies to the LocoProp optimizers only, not {self.optimizer!r}")
