@@ -109,36 +109,47 @@ def enqueued_settings(opt: str, settings_dirs) -> str | None:
     return None
 
 
-def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: float) -> Path:
-    """Part 3: the ``--tune`` studies side by side until ``limit`` s; returns the folder of their reports.
-
-    ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file), stop once it
-    holds TRIALS finished trials, and the first worker enqueues the best settings of ``--settings-dirs``; with
-    ``--tune-from`` a study found there continues instead (each worker runs up to TRIALS more trials)."""
-    folder = work / "tuning"
-    folder.mkdir(parents=True, exist_ok=True)
-    procs, dbs = [], {}
+def tune_commands(args, folder: Path, py: str) -> list[tuple[str, Path, Path | None, list[list[str]]]]:
+    """``(optimizer, database, earlier database or None, one command per worker)`` for each ``--tune`` spec
+    ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file) and stop once it
+    holds TRIALS finished trials, the first worker enqueuing the best settings of ``--settings-dirs``; a study
+    found in ``--tune-from`` continues instead (each worker runs up to TRIALS more trials, nothing enqueued)."""
+    out = []
     for spec in args.tune:
         parts = spec.split(":") + [None] * 3
         opt, trials, epochs, workers = parts[0], parts[1] or "32", parts[2] or "10", int(parts[3] or 1)
-        dbs[opt] = db = folder / f"standard-mnist-tanh-{opt}-gpu.db"
+        db = folder / f"standard-mnist-tanh-{opt}-gpu.db"
         earlier = Path(args.tune_from) / db.name if args.tune_from else None
-        if earlier is not None and earlier.exists():  # continue that study: TRIALS more, no new first trial
-            shutil.copyfile(earlier, db)
-            _log(log, f"tune {opt}: continuing the study in {earlier}")
+        if earlier is not None and earlier.exists():
             limits, first = ["--trials", trials], None
         else:
+            earlier = None
             limits, first = ["--trials", trials, "--max-trials", trials], enqueued_settings(opt, args.settings_dirs)
         cmd = [py, "-m", "locoprop", "tune", "--dataset", "mnist", "--model", "standard", "--activation", "tanh",
                "--batch-size", "1000", "--epochs", epochs, *limits,
                "--startup-trials", str(args.startup_trials), "--sampler", "tpe", "--device", args.device,
                "--data-dir", args.data_dir, "--storage", str(db), "--runs-dir", str(folder / "trials" / opt),
                "--optimizer", opt]
-        for w in range(workers):
-            full = cmd + (["--enqueue", first] if first and w == 0 else [])
-            _log(log, f"$ {' '.join(full)}  (worker {w + 1} of {workers})")
+        out.append((opt, db, earlier, [cmd + (["--enqueue", first] if first and w == 0 else [])
+                                       for w in range(workers)]))
+    return out
+
+
+def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: float) -> Path:
+    """Part 3: the ``--tune`` studies (:func:`tune_commands`) side by side until ``limit`` s; returns the folder
+    of their reports."""
+    folder = work / "tuning"
+    folder.mkdir(parents=True, exist_ok=True)
+    procs, dbs = [], {}
+    for opt, db, earlier, commands in tune_commands(args, folder, py):
+        dbs[opt] = db
+        if earlier is not None:
+            shutil.copyfile(earlier, db)
+            _log(log, f"tune {opt}: continuing the study in {earlier}")
+        for w, cmd in enumerate(commands):
+            _log(log, f"$ {' '.join(cmd)}  (worker {w + 1} of {len(commands)})")
             fh = (folder / f"log-{opt}-{w}.txt").open("a")
-            procs.append((opt, subprocess.Popen(full, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+            procs.append((opt, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
                                                 env=dict(env, OMP_NUM_THREADS="1"), start_new_session=True), fh))
             time.sleep(3 if w == 0 else 0.5)  # the first worker creates the study
     stop_at = time.time() + max(limit, 10)

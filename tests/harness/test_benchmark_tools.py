@@ -122,3 +122,31 @@ def test_compiled_backprop_step_equals_the_eager_step():
     initial = torch.cat([p.detach().flatten() for p in build_autoencoder("tiny", "tanh").parameters()])
     assert not torch.allclose(weights[1], initial)  # the steps moved the weights
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_session_tune_commands_start_or_continue_a_study(tmp_path):
+    """``--tune OPT:TRIALS:EPOCHS:WORKERS``: a new study's workers share one database and stop at TRIALS
+    finished trials, the first enqueuing the best known setting; with ``--tune-from`` holding that study's
+    database, it continues (TRIALS more per worker, nothing enqueued)."""
+    import argparse
+
+    mod = _module("gpu_session")
+    args = argparse.Namespace(tune=["rmsprop:6:100:3", "locoprop-m:4"], tune_from=None, startup_trials=5,
+                              settings_dirs=["results/tuning"], device="cuda", data_dir="data")
+    studies = mod.tune_commands(args, tmp_path, "python3")
+    assert [(s[0], s[1].name, s[2], len(s[3])) for s in studies] == [
+        ("rmsprop", "standard-mnist-tanh-rmsprop-gpu.db", None, 3),
+        ("locoprop-m", "standard-mnist-tanh-locoprop-m-gpu.db", None, 1)]
+    rms = studies[0][3]
+    assert all(c[c.index("--max-trials") + 1] == "6" and c[c.index("--epochs") + 1] == "100" for c in rms)
+    assert "--enqueue" in rms[0] and not any("--enqueue" in c for c in rms[1:])
+    assert len({c[c.index("--storage") + 1] for c in rms}) == 1
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "standard-mnist-tanh-rmsprop-gpu.db").write_bytes(b"")
+    args.tune_from = str(earlier)
+    studies = mod.tune_commands(args, tmp_path, "python3")
+    assert studies[0][2] == earlier / "standard-mnist-tanh-rmsprop-gpu.db" and studies[1][2] is None
+    assert not any("--max-trials" in c or "--enqueue" in c for c in studies[0][3])
+    assert "--max-trials" in studies[1][3][0] and "--enqueue" in studies[1][3][0]
