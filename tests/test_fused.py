@@ -312,3 +312,46 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(state, graphed)), (i, modes)
     assert modes == ["eager", "graph-capture", "graph-replay", "graph-replay", "graph-capture", "graph-replay",
                      "graph-replay"], modes
+
+
+def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(monkeypatch):
+    """An exception inside the solve (here torch.compile failing after some layers were already updated)
+    restores the weights and inner state from check_finite's copy, and a compile failure names
+    compile_elementwise."""
+    import torch._dynamo.exc
+
+    from locoprop import fused
+
+    class CompileError(torch._dynamo.exc.TorchDynamoException):
+        pass
+
+    calls, fail_after = [], [None]
+
+    def fake_compile(fn, **kwargs):
+        def kernel(*args):
+            calls.append(fn.__name__)
+            if fail_after[0] is not None and len(calls) > fail_after[0]:  # then "the compiler" fails
+                raise CompileError("no C++ compiler")
+            return fn(*args)
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 12))
+    x = torch.rand(32, 12)
+    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=10.0, local_steps=4, output_transfer="sigmoid",
+                            backend="fused", compile_elementwise=True)
+    opt.step(lambda: bce_sum_mean(model(x), x))  # a step that works, so the inner state exists
+    calls.clear()
+    fail_after[0] = 3  # three kernels of the next step run (and change weights), the fourth fails
+    before = copy.deepcopy(model.state_dict())
+    inner_before = copy.deepcopy(opt.inner.state_dict())
+    with pytest.raises(RuntimeError, match="compile_elementwise: torch.compile of .* failed .*no C\\+\\+ compiler"):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    assert len(calls) == 4 and "_tf_rmsprop_tensor_" in calls[:3]  # weights changed before the failure
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for p, s in opt.inner.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(inner_before["state"][p][k])), (p, k)

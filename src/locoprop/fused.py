@@ -43,6 +43,7 @@ regularizer; :meth:`FusedIterativeSolver.unsupported` names what else makes
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -111,9 +112,19 @@ _COMPILED: dict = {}
 
 
 def _compiled(fn):
-    """``torch.compile(fn)`` (shapes dynamic: one compilation serves every layer), made once per process."""
+    """``torch.compile(fn)`` (shapes dynamic: one compilation serves every layer), made once per process; a
+    failure (no compiler for this device, say) is raised as a ``RuntimeError`` that names the option."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        kernel = torch.compile(fn, dynamic=True, fullgraph=True)
+
+        @functools.wraps(fn)
+        def call(*args):
+            try:
+                return kernel(*args)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # compile errors, not the kernel's own
+                raise RuntimeError(f"compile_elementwise: torch.compile of {fn.__name__} failed "
+                                   f"({type(exc).__name__}: {exc}); use compile_elementwise=False") from exc
+        _COMPILED[fn] = call
     return _COMPILED[fn]
 
 

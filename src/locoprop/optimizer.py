@@ -405,12 +405,17 @@ class LocoProp(Optimizer):
             if not early_copy:
                 self._rollback.save(self._params(), self.inner, host=not capturing)
             self._rollback.wait()  # the copy is complete before the solve changes the weights
-        with torch.no_grad():
-            if self.distributor is None:
-                solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
-            else:
-                self.distributor.solve(solver, problems, self.variant.local_loss, self.variant.regularizer,
-                                       self.inner)
+        try:
+            with torch.no_grad():
+                if self.distributor is None:
+                    solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
+                else:
+                    self.distributor.solve(solver, problems, self.variant.local_loss, self.variant.regularizer,
+                                           self.inner)
+        except Exception:  # out of memory, a failed compilation, ...: undo the layers already updated
+            if self.check_finite and not capturing:
+                self._rollback.restore(self.inner)
+            raise
         self.last_solver = solver.name if solver is not self.solver else (
             "reference" if self.variant.solver == "iterative" else self.variant.solver)
         return reported.detach(), problems
@@ -426,7 +431,9 @@ class LocoProp(Optimizer):
         The closure must not call ``backward()``.  Returns the loss (detached),
         measured before the update.  Raises :class:`~locoprop.DivergenceError`
         and leaves weights and inner state untouched when the loss or the
-        local update is not finite.
+        local update is not finite.  An exception raised inside the local
+        solve (out of memory, a failed ``torch.compile``) also leaves them
+        untouched when ``check_finite`` keeps its copy (the default).
         """
         if closure is None:
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
