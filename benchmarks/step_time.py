@@ -14,6 +14,10 @@ same machine:
 * LocoProp with T local iterations: those 3 plus 2 per layer per local iteration (at the rate of the
   local precision: fp32, tf32 or bf16).
 
+``shape_floor_ms`` is a second floor: the same products, each timed alone at its own shape and precision
+(:func:`shape_floor`) and summed, since small products run below the large-square rate; a step that runs
+layers side by side on streams can beat it.
+
 Modes: BackProp with SGD, Adam and TF-RMSProp runs ``eager``, ``compiled`` (forward, backward and update
 through ``torch.compile``) and, on a GPU, ``graph`` (forward, backward and update captured in one CUDA
 graph, Adam with ``capturable=True``: the fair comparison for a graph-captured LocoProp step).  LocoProp
@@ -90,6 +94,55 @@ def matmul_rate(device: torch.device, dtype=torch.float32, n: int | None = None,
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` after 3 warm-up calls (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def shape_floor(model: torch.nn.Module, batch: int, precision: str, device: torch.device) -> dict:
+    """The floor from the products' own shapes: each product of one step timed alone, one after another.
+
+    ``{"backprop_ms": ..., "iteration_ms": ...}``: the 3 products per layer of the forward and backward pass
+    (FP32), and the 2 per layer of one local iteration (pre-activation ``x Wᵀ + b`` and weight gradient
+    ``δᵀ x``) in ``precision``.  Where the large-square rate of :func:`matmul_rate` overstates what the
+    layers' small products reach, this is the fairer floor; layer streams can beat it by running products
+    side by side."""
+    backprop = iteration = 0.0
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        x = torch.randn(batch, m.in_features, device=device)
+        g = torch.randn(batch, m.out_features, device=device)
+        W = torch.randn(m.out_features, m.in_features, device=device)
+        bias = torch.randn(m.out_features, device=device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        backprop += _time_ms(lambda: torch.addmm(bias, x, W.T), device)  # forward
+        backprop += _time_ms(lambda: g @ W, device)  # backward to the input
+        backprop += _time_ms(lambda: g.T @ x, device)  # backward to the weights
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        xl, gl, Wl = x.to(dtype), g.to(dtype), W.to(dtype)
+        iteration += _time_ms(lambda: xl @ Wl.T, device) + _time_ms(lambda: gl.T @ xl, device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return {"backprop_ms": backprop, "iteration_ms": iteration}
 
 
 def product_flops(model: torch.nn.Module, batch: int, local_steps: int, locoprop: bool) -> float:
@@ -277,6 +330,9 @@ def measure(spec: dict) -> dict:
     local_flops = product_flops(model, spec["batch_size"], T, locoprop) - bp_flops
     rates = spec["rates"]
     floor = bp_flops / rates["fp32"] + local_flops / rates[spec["precision"]]
+    shapes = spec.get("shape_floor")
+    if shapes is not None:
+        extra["shape_floor_ms"] = shapes["backprop_ms"] + (T * shapes["iteration_ms"] if locoprop else 0.0)
     return {
         "device": spec["device_name"], "model": spec["model"], "optimizer": spec["optimizer"],
         "local_steps": spec["local_steps"], "batch_size": spec["batch_size"], "mode": spec["mode"],
@@ -365,11 +421,16 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     records = []
     ctx = mp.get_context("spawn")
+    floors: dict = {}  # (model, batch, precision) -> shape_floor(...)
     for model, batch, opt, T, mode, prec in plan(device, args.models, args.batch_sizes, args.optimizers,
                                                    args.local_steps, args.precisions):
+        if (model, batch, prec) not in floors and not (args.deadline_s is not None and
+                                                       time.perf_counter() - started > args.deadline_s):
+            floors[model, batch, prec] = shape_floor(build_autoencoder(model, "tanh", device=device), batch, prec,
+                                                     device)
         spec = dict(device=args.device, device_name=name, model=model, batch_size=batch, optimizer=opt,
                     local_steps=T, mode=mode, precision=prec, steps=args.steps, warmup=args.warmup, rates=rates,
-                    threads=args.threads, workspace_mb=workspace_mb)
+                    threads=args.threads, workspace_mb=workspace_mb, shape_floor=floors.get((model, batch, prec)))
         if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
             rec = {"skipped": f"deadline of {args.deadline_s} s", **{k: spec[k] for k in (
                 "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}}
@@ -393,6 +454,8 @@ def main(argv=None) -> int:
     adam = {(r["model"], r["batch_size"]): r for r in ok if r["optimizer"] == "adam" and r["mode"] == "eager"}
     for r in ok:
         r["ratio_to_floor"] = r["step_ms_median"] / r["floor_ms"]
+        if r.get("shape_floor_ms"):
+            r["ratio_to_shape_floor"] = r["step_ms_median"] / r["shape_floor_ms"]
         key = (r["model"], r["batch_size"])
         if key in base:
             r["ratio_to_rmsprop"] = r["step_ms_median"] / base[key]["step_ms_median"]
@@ -405,12 +468,14 @@ def main(argv=None) -> int:
     meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "torch": torch.__version__,
             "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "threads": args.threads,
             "floor": "products of forward+backward (3 per layer) at the fp32 rate plus 2 per layer per local "
-                     "iteration at the rate of the local precision; rates measured here on 4096^2 products"}
+                     "iteration at the rate of the local precision; rates measured here on 4096^2 products",
+            "shape_floor": "the same products, each timed alone at its own shape and precision, summed"}
     out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     print(f"\n{name}; product rates (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items())
           + f"; written {out}\n")
     print(f"{'model':9} {'batch':>5} {'optimizer':11} {'T':>2} {'mode':9} {'prec':5} {'step ms':>9} {'floor ms':>9} "
-          f"{'x floor':>7} {'x rmsprop':>9} {'peak MB':>8} {'x adam':>6} {'tensor MB':>9} {'x adam':>6}")
+          f"{'x floor':>7} {'x rmsprop':>9} {'peak MB':>8} {'x adam':>6} {'tensor MB':>9} {'x adam':>6} "
+          f"{'shape floor':>11} {'x shape':>7}")
     for r in records:
         head = f"{r['model']:9} {r['batch_size']:>5} {r['optimizer']:11} {r['local_steps']:>2} {r['mode']:9} " \
                f"{r['precision']:5}"
@@ -419,7 +484,8 @@ def main(argv=None) -> int:
             continue
         print(f"{head} {r['step_ms_median']:9.2f} {r['floor_ms']:9.2f} {r['ratio_to_floor']:7.2f} "
               f"{r.get('ratio_to_rmsprop', 0):9.2f} {r['peak_mem_mb']:8.1f} {r.get('mem_ratio_to_adam', 0):6.2f} "
-              f"{r.get('peak_tensor_mb') or 0:9.1f} {r.get('tensor_mem_ratio_to_adam', 0):6.2f}")
+              f"{r.get('peak_tensor_mb') or 0:9.1f} {r.get('tensor_mem_ratio_to_adam', 0):6.2f} "
+              f"{r.get('shape_floor_ms') or 0:11.2f} {r.get('ratio_to_shape_floor', 0):7.2f}")
     return 0
 
 
