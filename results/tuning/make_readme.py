@@ -26,6 +26,17 @@ def cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def this_cpu(here: Path) -> str:
+    """This machine, for studies run here (a folder's ``machine.txt`` describes any other)."""
+    try:
+        torch_v = subprocess.run([str(here.parents[1] / ".venv/bin/python"), "-c", "import torch;print(torch.__version__)"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        torch_v = "?"
+    return (f"{cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, shared with other jobs; "
+            f"torch {torch_v}, one thread per study (`OMP_NUM_THREADS=1`), two studies at a time")
+
+
 def main(folder: Path) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     HERE = folder.resolve()
@@ -74,14 +85,7 @@ def main(folder: Path) -> None:
         details.append(f"- **{opt}** (`{name}`): best {tuned}" + (f"; fixed {fixed}" if fixed else "")
                        + f"; searched: {'; '.join(space)}. "
                        f"Trials ran {tun['first_trial_start']} to {tun['last_trial_end']} (UTC).")
-    try:
-        torch_v = subprocess.run([str(HERE.parents[1] / ".venv/bin/python"), "-c", "import torch;print(torch.__version__)"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        torch_v = "?"
-    machine = (HERE / "machine.txt").read_text().strip() if (HERE / "machine.txt").exists() else (
-        f"{cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, shared with other jobs; "
-        f"torch {torch_v}, one thread per study (`OMP_NUM_THREADS=1`), two studies at a time")
+    machine = (HERE / "machine.txt").read_text().strip() if (HERE / "machine.txt").exists() else this_cpu(HERE)
     span = f"{min(times):%Y-%m-%dT%H:%M:%S} to {max(times):%Y-%m-%dT%H:%M:%S}" if times else "?"
     size = ", ".join(f"`{db.name}` ({db.stat().st_size / 1e6:.2f} MB)" for db in dbs)
     notes = (HERE / "notes.md").read_text() if (HERE / "notes.md").exists() else ""
