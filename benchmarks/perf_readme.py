@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 #: Optional columns, shown for a file when any of its records has them: (key, header, format).
-EXTRA_COLUMNS = (("peak_tensor_mb", "tensor MB", ".1f"), ("tensor_mem_ratio_to_adam", "tensor x Adam", ".2f"),
+EXTRA_COLUMNS = (("repeat", "pass", "d"), ("ratio_to_rmsprop_compiled", "x RMSProp compiled", ".2f"),
+                 ("peak_tensor_mb", "tensor MB", ".1f"), ("tensor_mem_ratio_to_adam", "tensor x Adam", ".2f"),
                  ("shape_floor_ms", "shape floor ms", ".2f"), ("ratio_to_shape_floor", "x shape floor", ".2f"),
                  ("streams", "streams", "d"), ("peak_mem_mb_without_workspaces", "peak MB w/o cuBLAS workspaces",
                                                ".1f"))

@@ -398,6 +398,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole plan this many times, one pass after another (records carry 'repeat'; "
+                        "ratios compare rows of the same pass), to see the run-to-run variation")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new configuration after this many seconds (the rest are listed as skipped)")
     p.add_argument("--out", default=None, help="JSON file (default results/perf/DEVICE-DATE.json)")
@@ -422,8 +425,8 @@ def main(argv=None) -> int:
     records = []
     ctx = mp.get_context("spawn")
     floors: dict = {}  # (model, batch, precision) -> shape_floor(...)
-    for model, batch, opt, T, mode, prec in plan(device, args.models, args.batch_sizes, args.optimizers,
-                                                   args.local_steps, args.precisions):
+    configs = plan(device, args.models, args.batch_sizes, args.optimizers, args.local_steps, args.precisions)
+    for repeat, (model, batch, opt, T, mode, prec) in [(i, c) for i in range(args.repeat) for c in configs]:
         if (model, batch, prec) not in floors and not (args.deadline_s is not None and
                                                        time.perf_counter() - started > args.deadline_s):
             floors[model, batch, prec] = shape_floor(build_autoencoder(model, "tanh", device=device), batch, prec,
@@ -446,19 +449,28 @@ def main(argv=None) -> int:
             except Exception as exc:  # report, do not hide
                 rec = {"error": f"{type(exc).__name__}: {exc}", **{k: spec[k] for k in (
                     "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}}
+        if args.repeat > 1:
+            rec["repeat"] = repeat
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    # ratios to the BackProp + RMSProp (eager) and BackProp + Adam steps of the same model and batch
+    # ratios to the BackProp + RMSProp (eager, compiled) and BackProp + Adam steps of the same model and batch
     ok = [r for r in records if "error" not in r and "skipped" not in r]
-    base = {(r["model"], r["batch_size"]): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "eager"}
-    adam = {(r["model"], r["batch_size"]): r for r in ok if r["optimizer"] == "adam" and r["mode"] == "eager"}
+
+    def key_of(r):  # ratios compare configurations of the same model, batch and repetition
+        return r["model"], r["batch_size"], r.get("repeat", 0)
+
+    base = {key_of(r): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "eager"}
+    compiled = {key_of(r): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "compiled"}
+    adam = {key_of(r): r for r in ok if r["optimizer"] == "adam" and r["mode"] == "eager"}
     for r in ok:
         r["ratio_to_floor"] = r["step_ms_median"] / r["floor_ms"]
         if r.get("shape_floor_ms"):
             r["ratio_to_shape_floor"] = r["step_ms_median"] / r["shape_floor_ms"]
-        key = (r["model"], r["batch_size"])
+        key = key_of(r)
         if key in base:
             r["ratio_to_rmsprop"] = r["step_ms_median"] / base[key]["step_ms_median"]
+        if key in compiled:
+            r["ratio_to_rmsprop_compiled"] = r["step_ms_median"] / compiled[key]["step_ms_median"]
         if key in adam and adam[key]["peak_mem_mb"] > 0:
             r["mem_ratio_to_adam"] = r["peak_mem_mb"] / adam[key]["peak_mem_mb"]
         if key in adam and r.get("peak_tensor_mb") and adam[key].get("peak_tensor_mb"):
