@@ -33,13 +33,18 @@ def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
     perf = tmp_path / "perf.json"
     perf.write_text(json.dumps({"meta": {}, "records": [
         {"model": "standard", "batch_size": 1000, "optimizer": "locoprop-m", "mode": "graphed", "local_steps": 10,
-         "precision": "fp32", "step_ms_median": 5.0}]}))
+         "precision": "fp32", "step_ms_median": 5.0},
+        {"model": "standard", "batch_size": 1000, "optimizer": "rmsprop", "mode": "eager", "step_ms_median": 2.5},
+        {"model": "standard", "batch_size": 1000, "optimizer": "rmsprop", "mode": "graph", "step_ms_median": 1.0}]}))
     _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--runs", "fast", "never", "--alone", "ref",
                                   "fast", "--perf", str(perf), "--out", str(tmp_path / "ttl")])
     rows = {r["run"]: r for r in json.loads((tmp_path / "ttl.json").read_text())["rows"]}
     assert rows["ref"]["epoch"] == 3 and rows["ref"]["wall_s"] == 3.0
     assert rows["fast"]["epoch"] == 2 and rows["fast"]["wall_ratio_to_reference"] == 1.0 / 3.0
-    assert rows["fast"]["estimate_s"] == 2 * 60 * 5.0 / 1e3
+    assert rows["fast"]["estimate_s"] == rows["fast"]["estimate_captured_s"] == 2 * 60 * 5.0 / 1e3
+    assert rows["ref"]["estimate_s"] == 3 * 60 * 2.5 / 1e3  # the harness runs RMSProp eagerly
+    assert rows["ref"]["estimate_captured_s"] == 3 * 60 * 1.0 / 1e3  # its captured step
+    assert rows["never"]["step_ms_captured"] is None  # no graph row for Adam in this file
     assert rows["never"]["reaches_target"] is False and rows["never"]["epoch"] is None
     assert "| fast |" in (tmp_path / "ttl.md").read_text()
 
