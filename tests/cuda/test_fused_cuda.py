@@ -204,3 +204,21 @@ def test_compiled_elementwise_graphed_step_equals_reference():
         modes.append(step.last_mode)
     assert modes[-1] == "replay"
     assert _rel(ref_model, fast_model) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_elementwise_default_step_equals_reference():
+    """compile_elementwise=True on the default CUDA path (eager warm-up, then the zero-copy solve graphs)."""
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, backend="reference")
+    fast = _opt(fast_model, compile_elementwise=True)
+    x_static = torch.empty(256, 784, device=DEV)
+    modes = []
+    for opt, model in ((ref, ref_model), (fast, fast_model)):
+        for x in _batches(6):
+            x_static.copy_(x)
+            opt.step(lambda: _loss(model(x_static), x_static))
+            if opt is fast:
+                modes.append(fast.fused_solver.last_mode)
+    assert modes[0] == "eager" and modes[-1] == "graph-replay", modes
+    assert _rel(ref_model, fast_model) < 1e-5
