@@ -15,10 +15,11 @@ brings back what finished.  In order:
    ``locoprop tune`` processes per study, every study side by side, each in its own SQLite file, the
    first trial being the best settings found so far), stopped at ``--tune-s``; their best settings
    then come first for the runs of part 4 (``tuning.tar.gz`` holds the database, reports and logs);
-4. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of
-   ``results/tuning`` where there are some (``locoprop reproduce``'s rules), plus LocoProp-M with
-   TF32 and bf16 local products.  RMSProp and LocoProp-M run first, alone on the GPU, so that their
-   wall-clock times are uncontended (time to RMSProp's final loss); the rest then run at once and are
+4. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of the first of
+   ``--settings-dirs`` that has some for the run (``locoprop reproduce``'s rules), plus LocoProp-M with
+   TF32 and bf16 local products.  The ``--alone`` runs (default RMSProp and LocoProp-M) go first, one at a
+   time on the GPU, so that their wall-clock times are uncontended (time to RMSProp's final loss); the rest
+   then run at once and are
    stopped at the session's deadline (their folders resume with ``locoprop train --resume``).
 
 Everything lands in ``--out`` as at most eight files (``session.log``, ``tests.txt``, ``perf.json``,
