@@ -19,8 +19,8 @@ brings back what finished.  In order:
    ``--settings-dirs`` that has some for the run (``locoprop reproduce``'s rules), plus LocoProp-M with
    TF32 and bf16 local products.  The ``--alone`` runs (default RMSProp and LocoProp-M) go first, one at a
    time on the GPU, so that their wall-clock times are uncontended (time to RMSProp's final loss); the rest
-   then run at once and are
-   stopped at the session's deadline (their folders resume with ``locoprop train --resume``).
+   then run at once and are stopped at the session's deadline (their folders resume with
+   ``locoprop train --resume``).
 
 Everything lands in ``--out`` as at most eight files (``session.log``, ``tests.txt``, ``perf.json``,
 ``perf.txt``, ``tuning.tar.gz``, ``runs.tar.gz``, ``env.txt``), the limit of what a device call returns.
