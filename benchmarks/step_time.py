@@ -96,25 +96,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()`` after 3 warm-up calls (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
+def timed_calls(fn, device: torch.device, warmup: int, reps: int):
+    """``(milliseconds of each of the last reps calls, the last call's result)`` of ``warmup + reps`` calls of
+    ``fn()``, each timed alone (CUDA events and a synchronize on a GPU, ``time.perf_counter`` on the CPU)."""
+    times, result = [], None
+    for i in range(warmup + reps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            result = fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
+            elapsed = start.elapsed_time(end)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            result = fn()
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return times, result
+
+
+def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` after 3 warm-up calls."""
+    return statistics.median(timed_calls(fn, device, 3, reps)[0])
 
 
 def shape_floor(model: torch.nn.Module, batch: int, precision: str, device: torch.device) -> dict:
@@ -221,18 +226,16 @@ def build_step(spec: dict, model, loss_fn, x):
     if name.startswith("locoprop"):
         kwargs["local_steps"] = spec["local_steps"]
         kwargs["precision"] = spec["precision"]
-        opt = build_optimizer(name, model, loss_fn, **kwargs)
         mode, *flags = mode.split("-")
+        kwargs["rollback"] = "host" if "host" in flags else "device"  # the rollback copies in pinned host memory
+        kwargs["compile_elementwise"] = "compiled" in flags  # δ + Σδ and the update fused by torch.compile
+        opt = build_optimizer(name, model, loss_fn, **kwargs)
         for flag in flags:
             if flag == "nocheck":  # without check_finite's rollback copies (memory)
                 opt.check_finite = False
-            elif flag == "host":  # the rollback copies in pinned host memory
-                opt.rollback = "host"
-            elif flag == "compiled":  # δ + Σδ and the update fused by torch.compile
-                opt.fused_solver.compile_elementwise = True
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
-            else:
+            elif flag not in ("host", "compiled"):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
         if mode == "graphed":
@@ -295,21 +298,7 @@ def measure(spec: dict) -> dict:
     x = torch.rand(spec["batch_size"], 784, device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = build_step(spec, model, loss_fn, x)
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            torch.cuda.synchronize(device)
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            elapsed = (time.perf_counter() - t0) * 1e3
-        if i >= spec["warmup"]:
-            times.append(elapsed)
+    times, loss = timed_calls(step, device, spec["warmup"], spec["steps"])
     if not math.isfinite(float(loss)):
         raise RuntimeError(f"the loss is {float(loss)}")
     tensors = None
