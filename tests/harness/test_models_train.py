@@ -223,8 +223,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="adam", precision="bf16"), "precision: 'bf16' applies to the LocoProp optimizers only"),
     (dict(optimizer="locoprop-m", precision="fp16"), "precision: expected fp32, tf32 or bf16"),
     (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
-    (dict(optimizer="rmsprop", rollback="host"), "rollback: applies to the LocoProp optimizers only"),
-    (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: applies to the LocoProp optimizers"),
+    (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
+    (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: True applies to the LocoProp optimizers"),
 ])
 def test_locoprop_setting_errors_name_the_setting(values, match):
     with pytest.raises(ValueError, match=match):

@@ -120,14 +120,12 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
                              f"got {self.precision!r}")
-        if self.precision != "fp32" and not is_locoprop(self.optimizer):
-            raise ValueError(f"precision: {self.precision!r} applies to the LocoProp optimizers only, not "
-                             f"{self.optimizer!r}")
         if self.rollback not in ROLLBACKS:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
-        for name, default in (("rollback", "device"), ("compile_elementwise", False)):
+        for name, default in (("precision", "fp32"), ("rollback", "device"), ("compile_elementwise", False)):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
-                raise ValueError(f"{name}: applies to the LocoProp optimizers only, not {self.optimizer!r}")
+                raise ValueError(f"{name}: {getattr(self, name)!r} applies to the LocoProp optimizers only, not "
+                                 f"{self.optimizer!r}")
         if self.kl_clip is not None:
             if self.optimizer != "kfac":
                 raise ValueError(f"kl_clip: applies to kfac only, not {self.optimizer!r}")
