@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit-train", type=int, default=None, help="override (a smoke test)")
     p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
     p.add_argument("--settings-dirs", nargs="+",
-                   default=["results/tuning-h200-100epoch", "results/tuning-5epoch", "results/tuning"],
+                   default=["results/tuning-h200-100epoch", "results/tuning-kfac-at1-cpu",
+                            "results/tuning-shampoo-at1-cpu", "results/tuning-5epoch", "results/tuning"],
                    help="folders of tuned settings, first match wins")
     p.add_argument("--tune", nargs="*", default=[], metavar="OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]]",
                    help="studies to run on the GPU before the runs (default 32 trials of 10 epochs each, 1 worker)")

@@ -43,7 +43,8 @@ def main(folder: Path) -> None:
     dbs = sorted(HERE.glob("*.db"))
     rel = HERE.relative_to(HERE.parents[1])  # results/NAME
     log = "".join((HERE / f).read_text() for f in ("run.log", "session.log") if (HERE / f).exists())
-    commands = [c for _, c in re.findall(r"start (\S+): (locoprop tune .*)", log)]
+    # "start OPT: locoprop tune ...", "start: locoprop tune ..." or "start: N workers x locoprop tune ..."
+    commands = re.findall(r"start(?: \S+)?: (?:\d+ workers x )?(locoprop tune .*)", log)
     commands += [c.split("  (")[0] for c in re.findall(r"\$ \S*python3? -m (locoprop tune .*--epochs.*)", log)]
     commands = list(dict.fromkeys(commands))  # parallel workers of one study run the same command
     rows, details = [], []
@@ -55,7 +56,7 @@ def main(folder: Path) -> None:
              for s in optuna.get_all_study_summaries(f"sqlite:///{db}")]
     order = {f"mnist-standard-tanh-{o}": i for i, o in enumerate(OPTIMIZERS)}
     names.sort(key=lambda n: (order.get(n[0], len(order)), n))
-    any_settings, times = {}, []
+    any_settings, times, report_commands = {}, [], []
     for name, storage in names:
         study = optuna.load_study(study_name=name, storage=storage)
         times += [t for tr in study.trials for t in (tr.datetime_start, tr.datetime_complete) if t is not None]
@@ -65,8 +66,12 @@ def main(folder: Path) -> None:
         states = {}
         for t in study.trials:
             states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-        fixed = {k: s[k] for k in ("inverse_every", "kl_clip") if opt in ("shampoo", "kfac") and s.get(k) is not None}
+        fixed = {k: s[k] for k in ("inverse_every", "kl_clip", "shampoo_root")
+                 if opt in ("shampoo", "kfac") and s.get(k) is not None and not (k == "shampoo_root" and opt != "shampoo")}
         report = reports.get(name)
+        if report is not None:
+            report_commands.append(f"locoprop tune --storage {rel}/{Path(storage).name} --study {name} "
+                                   f"--report {rel}/{report.name} --top 5")
         if report is None:
             rows.append(f"| {opt} (`{name}`) | no report | | | {', '.join(f'{k} {v}' for k, v in states.items())} "
                         f"| {s['epochs']} | |")
@@ -131,8 +136,8 @@ learning rate 0 (the notebook's linear decay ends there), so each trial has
 """ + notes + """
 ## Commands
 
-""" + "\n".join(f"- `{c}`" for c in commands) + f"""
-- then, for each: `locoprop tune --storage {rel}/{dbs[0].name if len(dbs) == 1 else 'STUDY.db'} --study mnist-standard-tanh-OPTIMIZER --report {rel}/best-OPTIMIZER.yaml --top 5`
+""" + "\n".join(f"- `{c}`" for c in commands) + "\n- then the reports:\n" + "\n".join(
+        f"  - `{c}`" for c in report_commands) + f"""
 
 Train a best setting: `locoprop train --config {rel}/best-OPTIMIZER.yaml --out runs/NAME`.
 Use them in figures: `locoprop reproduce fig4-standard --settings-dir {rel}` (only where

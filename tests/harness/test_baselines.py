@@ -66,13 +66,16 @@ def test_one_step_changes_weights(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", BASELINE_NAMES)
+@pytest.mark.parametrize("name", BASELINE_NAMES + ("shampoo-eigh",))
 def test_state_dict_round_trip_is_bit_identical(name):
     """Run A for 3 steps; B is a copy of A's model restored from A's state dict (through
     torch.save / torch.load(weights_only=True)); both continue 3 steps on the same batches."""
     data = batches(6)
     model_a, loss_a = tiny_autoencoder(), paper_loss_fn()
+    name, _, root = name.partition("-")
     kw = dict(lr=LRS[name], beta1=0.5 if name != "sgd" else None, inverse_every=2, weight_decay=1e-3)
+    if root:
+        kw["shampoo_root"] = root
     opt_a = build_baseline(name, model_a, loss_a, **kw)
     for x in data[:3]:
         opt_a.step(closure_for(model_a, loss_a, x))
@@ -411,6 +414,88 @@ def test_shampoo_inverse_roots_every_k_steps(monkeypatch):
     assert sorted(calls) == sorted([3, 6] * n_params)
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     assert all(len(opt.optimizer.state[w]["pre_conditioner"].pre_conditioners) > 0 for w in weights)
+
+
+def test_shampoo_eigh_root_equals_the_converged_newton_root():
+    """_eigh_inverse_root is the regularised inverse p-th root the library's coupled Newton iteration approximates:
+    (S + eps lambda_max I)^(-1/p), here for rank-deficient statistics (MNIST's border pixels never change), one
+    matrix and a stacked batch."""
+    from pytorch_optimizer.optimizer.utils.matrix import compute_power_schur_newton
+
+    from locoprop.harness.baselines import _eigh_inverse_root
+
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for rank in (12, 30):
+        a = torch.randn(30, rank, generator=g, dtype=torch.float64)
+        mats.append(a @ a.T)
+    for s in mats:
+        for eps in (1e-6, 1e-3):
+            newton = compute_power_schur_newton(s, 4, max_iters=500, error_tolerance=1e-12, ridge_epsilon=eps)
+            eigh = _eigh_inverse_root(s, 4, eps)
+            assert torch.allclose(eigh, newton, rtol=1e-7, atol=0), float((eigh - newton).abs().max())
+            # the root's defining property: root^-p = S + eps lambda_max I
+            ridged = s + eps * torch.linalg.eigvalsh(s).max() * torch.eye(30, dtype=s.dtype)
+            assert torch.allclose(torch.linalg.matrix_power(torch.linalg.inv(eigh), 4), ridged, rtol=1e-8, atol=1e-8)
+    stacked = torch.stack(mats)
+    assert torch.allclose(_eigh_inverse_root(stacked, 4, 1e-6),
+                          torch.stack([_eigh_inverse_root(s, 4, 1e-6) for s in mats]), rtol=1e-12, atol=0)
+    assert _eigh_inverse_root(mats[0].float(), 4, 1e-6).dtype == torch.float32
+
+
+def test_shampoo_eigh_root_replaces_newton_and_equals_it_converged(monkeypatch):
+    """shampoo_root="eigh": every inverse root comes from the eigendecomposition (the library's Newton iteration is
+    never called), and in float64 the run equals the library's own run with its Newton iteration converged:
+    tolerance 1e-12 instead of the library's 1e-3, and no early exit where the residual first grows (the
+    library's guard, max_error_ratio=1.2, returns the starting guess, a scaled identity, on this model's
+    third step)."""
+    import pytorch_optimizer.optimizer.utils.preconditioner as pc_module
+
+    newton_calls = []
+    original = pc_module.compute_power_schur_newton
+
+    def converged_newton(*args, **kwargs):
+        newton_calls.append(1)
+        return original(*args, **{**kwargs, "max_iters": 500, "error_tolerance": 1e-12,
+                                  "max_error_ratio": math.inf})
+
+    data = [x.double() for x in batches(6)]
+
+    def run(root):
+        torch.manual_seed(0)
+        model, loss_fn = tiny_autoencoder().double(), paper_loss_fn()
+        opt = build_baseline("shampoo", model, loss_fn, lr=LRS["shampoo"], shampoo_root=root)
+        newton_calls.clear()
+        for x in data:
+            opt.step(closure_for(model, loss_fn, x))
+        assert (len(newton_calls) > 0) == (root == "newton"), (root, len(newton_calls))
+        return list(model.parameters())
+
+    def distance(a, b):  # the largest relative distance between two runs' parameters
+        with torch.no_grad():
+            return max(float((p - q).norm() / q.norm()) for p, q in zip(a, b))
+
+    def library_newton(*args, **kwargs):
+        newton_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pc_module, "compute_power_schur_newton", library_newton)
+    library = run("newton")
+    monkeypatch.setattr(pc_module, "compute_power_schur_newton", converged_newton)
+    newton, eigh = run("newton"), run("eigh")
+    torch.manual_seed(0)
+    start = list(tiny_autoencoder().double().parameters())
+    assert distance(start, eigh) > 0.1
+    assert distance(newton, eigh) < 1e-8
+    assert distance(library, eigh) > 1e-2  # the library's early exit on the third step
+
+
+def test_shampoo_root_is_checked():
+    loss_fn = paper_loss_fn()
+    with pytest.raises(ValueError, match="shampoo_root: expected newton or eigh, got 'svd'"):
+        build_baseline("shampoo", tiny_autoencoder(), loss_fn, lr=0.1, shampoo_root="svd")
+    with pytest.raises(ValueError, match="shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"):
+        build_baseline("kfac", tiny_autoencoder(), loss_fn, lr=0.1, shampoo_root="eigh")
 
 
 def test_kfac_kl_clip_scales_every_update_to_the_bound():

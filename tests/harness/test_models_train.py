@@ -225,10 +225,36 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
     (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
     (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: True applies to the LocoProp optimizers"),
+    (dict(optimizer="shampoo", shampoo_root="svd"), "shampoo_root: expected newton or eigh, got 'svd'"),
+    (dict(optimizer="kfac", shampoo_root="eigh"), "shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"),
 ])
-def test_locoprop_setting_errors_name_the_setting(values, match):
+def test_method_setting_errors_name_the_setting(values, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**values).validate()
+
+
+def test_shampoo_root_setting_reaches_the_shampoo_optimizer(tmp_path, monkeypatch):
+    """`--shampoo-root eigh` trains Shampoo with the eigendecomposition roots: the run records the setting and its
+    label, and its optimizer never calls the library's Newton iteration."""
+    import pytorch_optimizer.optimizer.utils.preconditioner as pc_module
+
+    calls = []
+    original = pc_module.compute_power_schur_newton
+
+    def counting_newton(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pc_module, "compute_power_schur_newton", counting_newton)
+    for root in ("newton", "eigh"):
+        cfg = TrainConfig(optimizer="shampoo", lr=1e-3, shampoo_root=root, **TINY)
+        calls.clear()
+        assert train(cfg, tmp_path / root, progress=False, log=lambda s: None).status == "finished"
+        assert (len(calls) > 0) == (root == "newton")
+    saved = json.loads((tmp_path / "eigh" / "config.json").read_text())["settings"]
+    assert saved["shampoo_root"] == "eigh"
+    assert TrainConfig(optimizer="shampoo", shampoo_root="eigh").label().endswith(" root=eigh")
+    assert "root" not in TrainConfig(optimizer="shampoo").label()
 
 
 def test_rollback_and_compile_settings_reach_the_locoprop_optimizer(tmp_path):

@@ -83,6 +83,14 @@ def test_settings_from_replaces_the_placeholders(tmp_path):
         "plots": [{"file": "k"}]}))
     (_, k, _), = figure_runs(load_figure("k", fig), settings_dir=[longer], log=lambda s: None)
     assert (k.lr, k.kl_clip, k.inverse_every) == (0.01, 0.001, 1)
+    # so does Shampoo's root method
+    (longer / "best-shampoo.yaml").write_text(yaml.safe_dump({"settings": {
+        "optimizer": "shampoo", "model": "standard", "lr": 0.002, "shampoo_root": "eigh", "inverse_every": 1}}))
+    (fig / "s.yaml").write_text(yaml.safe_dump({
+        "experiment": "e", "defaults": {"model": "standard"},
+        "runs": [{"name": "shampoo-at50", "optimizer": "shampoo", "inverse_every": 50}], "plots": [{"file": "s"}]}))
+    (_, sh, _), = figure_runs(load_figure("s", fig), settings_dir=[longer], log=lambda s: None)
+    assert (sh.lr, sh.shampoo_root, sh.inverse_every) == (0.002, "eigh", 50)
     bad = dict(yaml.safe_load((fig / "f.yaml").read_text()), colour="red")
     (fig / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match=r"bad.yaml: unknown key\(s\) \['colour'\]"):

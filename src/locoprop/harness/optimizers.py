@@ -63,11 +63,12 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
                     beta2: float | None = None, eps: float | None = None, activation_lr: float = 1.0,
                     local_steps: int = 10, inner: str = "tf_rmsprop", inverse_every: int = 1,
                     damping: float | None = None, precision: str = "fp32", kl_clip: float | None = None,
-                    rollback: str = "device", compile_elementwise: bool = False):
+                    rollback: str = "device", compile_elementwise: bool = False, shampoo_root: str = "newton"):
     """An optimizer with ``step(closure)``, ``param_groups`` and ``state_dict``.
 
     ``precision``, ``rollback`` and ``compile_elementwise`` are :class:`locoprop.LocoProp`'s arguments of the
-    same names (LocoProp optimizers only).
+    same names (LocoProp optimizers only); ``kl_clip`` and ``shampoo_root`` are
+    :func:`~locoprop.harness.baselines.build_baseline`'s (K-FAC and Shampoo only).
 
     Raises ``ValueError`` naming ``optimizer`` and the valid names when ``name`` is unknown.
     """
@@ -79,5 +80,6 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
         )
     if name in BASELINE_NAMES:
         return build_baseline(name, model, loss_fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                              inverse_every=inverse_every, damping=damping, kl_clip=kl_clip)
+                              inverse_every=inverse_every, damping=damping, kl_clip=kl_clip,
+                              shampoo_root=shampoo_root)
     raise ValueError(f"optimizer: unknown optimizer {name!r}; valid names are {list(OPTIMIZER_NAMES)}")

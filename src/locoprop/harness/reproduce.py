@@ -54,9 +54,10 @@ RUN_META_KEYS = {"name", "settings_from"}
 PLOT_KEYS = {"file", "metric", "views", "title"}
 #: The hyper-parameters a tuned settings file supplies (the searched ones of Tables 3-5).
 TUNED_KEYS = ("lr", "beta1", "beta2", "eps", "activation_lr")
-#: Fixed settings of a study that belong to the method its values were tuned for (K-FAC's KL clipping):
-#: taken from a tuned file along with :data:`TUNED_KEYS`.
-METHOD_KEYS = ("kl_clip",)
+#: Fixed settings of a study that belong to the method its values were tuned for (K-FAC's KL clipping,
+#: Shampoo's inverse-root method, whose tiny epsilons act differently with each root): taken from a tuned
+#: file along with :data:`TUNED_KEYS`.
+METHOD_KEYS = ("kl_clip", "shampoo_root")
 #: Settings a tuned file must share with a run for ``--settings-dir`` to apply it.
 CONTEXT_KEYS = ("optimizer", "dataset", "model", "activation", "batch_size", "inner")
 

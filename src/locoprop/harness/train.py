@@ -41,6 +41,7 @@ from locoprop.distributed import batch_shard
 from locoprop.fused import PRECISIONS
 from locoprop.optimizer import ROLLBACKS
 
+from .baselines import SHAMPOO_ROOTS
 from .data import load_dataset
 from .models import AutoencoderLoss, build_autoencoder, num_parameters
 from .optimizers import OPTIMIZER_NAMES, build_optimizer, is_locoprop
@@ -81,6 +82,9 @@ class TrainConfig:
     damping: float | None = _opt("Shampoo/K-FAC damping", default=None)
     kl_clip: float | None = _opt("K-FAC: KL clipping of the preconditioned step (Ba et al. 2017), e.g. 0.001; "
                                  "default none", default=None)
+    shampoo_root: str = _opt("Shampoo: inverse p-th roots by the library's coupled Newton iteration (newton) or by "
+                             "an exact eigendecomposition of the same ridged statistics (eigh, several times "
+                             "faster on a CPU)", default="newton")
     weight_decay: float = _opt("decoupled weight decay (the paper lists 1e-5; its notebook applies none)",
                                default=0.0)
     warmup_epochs: int = _opt("linear warm-up epochs before the linear decay", default=5)
@@ -131,6 +135,10 @@ class TrainConfig:
                 raise ValueError(f"kl_clip: applies to kfac only, not {self.optimizer!r}")
             if not (isinstance(self.kl_clip, (int, float)) and self.kl_clip > 0 and self.kl_clip != float("inf")):
                 raise ValueError(f"kl_clip: expected a number > 0, got {self.kl_clip!r}")
+        if self.shampoo_root not in SHAMPOO_ROOTS:
+            raise ValueError(f"shampoo_root: expected {' or '.join(SHAMPOO_ROOTS)}, got {self.shampoo_root!r}")
+        if self.shampoo_root != "newton" and self.optimizer != "shampoo":
+            raise ValueError(f"shampoo_root: {self.shampoo_root!r} applies to shampoo only, not {self.optimizer!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
@@ -168,6 +176,8 @@ class TrainConfig:
             parts[0] = f"{self.optimizer}@{self.inverse_every}"
         if self.kl_clip is not None:
             parts.append(f"kl_clip={self.kl_clip:g}")
+        if self.shampoo_root != "newton":
+            parts.append(f"root={self.shampoo_root}")
         return " ".join(parts)
 
 
@@ -389,7 +399,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
-                          kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise)
+                          kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise,
+                          shampoo_root=cfg.shampoo_root)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
