@@ -20,7 +20,8 @@ layers side by side on streams can beat it.
 
 Modes: BackProp with SGD, Adam and TF-RMSProp runs ``eager``, ``compiled`` (forward, backward and update
 through ``torch.compile``) and, on a GPU, ``graph`` (forward, backward and update captured in one CUDA
-graph, Adam with ``capturable=True``: the fair comparison for a graph-captured LocoProp step).  LocoProp
+graph, Adam with ``capturable=True``: the fair comparison for a graph-captured LocoProp step); Shampoo
+runs ``eager`` (the library's Newton roots) and ``eager-eigh`` (``shampoo_root="eigh"``).  LocoProp
 runs ``reference`` (the readable loop), ``fused`` (what ``LocoProp`` does by default on CUDA: the
 layer-parallel solver with its solve captured in a CUDA graph)
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
@@ -249,6 +250,10 @@ def build_step(spec: dict, model, loss_fn, x):
         return _graphed_backprop(model, loss_fn, name, kwargs, x)
     if mode == "compiled":
         return _compiled_backprop(model, loss_fn, name, kwargs, x)
+    if mode == "eager-eigh":  # Shampoo with the exact eigendecomposition roots (shampoo_root="eigh")
+        kwargs["shampoo_root"] = "eigh"
+    elif mode != "eager":
+        raise ValueError(f"unknown mode {mode!r} for {name}")
     opt = build_optimizer(name, model, loss_fn, **kwargs)
     return lambda: opt.step(lambda: loss_fn(model(x), x))
 
@@ -363,7 +368,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                         out.append((model, batch, opt, 0, mode, "fp32"))
                     late.append((model, batch, opt, 0, "compiled", "fp32"))
                 else:
-                    out.append((model, batch, opt, 0, "eager", "fp32"))
+                    for mode in (["eager", "eager-eigh"] if opt == "shampoo" else ["eager"]):
+                        out.append((model, batch, opt, 0, mode, "fp32"))
     return out + late
 
 
