@@ -39,6 +39,7 @@ __all__ = [
     "BASELINE_NAMES",
     "SHAMPOO_ROOTS",
     "ClosureOptimizer",
+    "check_shampoo_root",
     "KFACOptimizer",
     "build_baseline",
 ]
@@ -655,6 +656,15 @@ class KFACOptimizer(Optimizer):
 # ---------------------------------------------------------------------------
 
 
+def check_shampoo_root(root: str, optimizer: str) -> None:
+    """Raise ``ValueError`` naming ``shampoo_root`` unless ``root`` is one of :data:`SHAMPOO_ROOTS` and, when it is
+    not the default ``"newton"``, ``optimizer`` is ``shampoo``."""
+    if root not in SHAMPOO_ROOTS:
+        raise ValueError(f"shampoo_root: expected {' or '.join(SHAMPOO_ROOTS)}, got {root!r}")
+    if root != "newton" and optimizer != "shampoo":
+        raise ValueError(f"shampoo_root: {root!r} applies to shampoo only, not {optimizer!r}")
+
+
 def _check_beta(name: str, value: float | None) -> None:
     if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -717,10 +727,7 @@ def build_baseline(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if kl_clip is not None and name != "kfac":
         raise ValueError(f"kl_clip applies to kfac only, not {name!r}")
-    if shampoo_root not in SHAMPOO_ROOTS:
-        raise ValueError(f"shampoo_root: expected {' or '.join(SHAMPOO_ROOTS)}, got {shampoo_root!r}")
-    if shampoo_root != "newton" and name != "shampoo":
-        raise ValueError(f"shampoo_root: {shampoo_root!r} applies to shampoo only, not {name!r}")
+    check_shampoo_root(shampoo_root, name)
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping of keyword arguments, got {type(options).__name__}")
     extra = dict(options or {})

@@ -41,7 +41,7 @@ from locoprop.distributed import batch_shard
 from locoprop.fused import PRECISIONS
 from locoprop.optimizer import ROLLBACKS
 
-from .baselines import SHAMPOO_ROOTS
+from .baselines import check_shampoo_root
 from .data import load_dataset
 from .models import AutoencoderLoss, build_autoencoder, num_parameters
 from .optimizers import OPTIMIZER_NAMES, build_optimizer, is_locoprop
@@ -135,10 +135,7 @@ class TrainConfig:
                 raise ValueError(f"kl_clip: applies to kfac only, not {self.optimizer!r}")
             if not (isinstance(self.kl_clip, (int, float)) and self.kl_clip > 0 and self.kl_clip != float("inf")):
                 raise ValueError(f"kl_clip: expected a number > 0, got {self.kl_clip!r}")
-        if self.shampoo_root not in SHAMPOO_ROOTS:
-            raise ValueError(f"shampoo_root: expected {' or '.join(SHAMPOO_ROOTS)}, got {self.shampoo_root!r}")
-        if self.shampoo_root != "newton" and self.optimizer != "shampoo":
-            raise ValueError(f"shampoo_root: {self.shampoo_root!r} applies to shampoo only, not {self.optimizer!r}")
+        check_shampoo_root(self.shampoo_root, self.optimizer)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
