@@ -15,6 +15,9 @@ brings back what finished.  In order:
    ``locoprop tune`` processes per study, every study side by side, each in its own SQLite file, the
    first trial being the best settings found so far), stopped at ``--tune-s``; their best settings
    then come first for the runs of part 4 (``tuning.tar.gz`` holds the database, reports and logs);
+   ``--with-tune RUN ...`` starts those runs of part 4 beside the studies, with the settings found before
+   them, and lets them go on through part 4 (so their wall-clock times are contended: use them for loss
+   against epochs only);
 4. 100-epoch MNIST runs of Figs. 3(a), 3(b) and 4 (standard), with the tuned settings of the first of
    ``--settings-dirs`` that has some for the run (``locoprop reproduce``'s rules), plus LocoProp-M with
    TF32 and bf16 local products.  The ``--alone`` runs (default RMSProp and LocoProp-M) go first, one at a
@@ -63,6 +66,13 @@ def _run(cmd: list[str], timeout: float, out_file: Path, log, env: dict | None =
             rc = "timeout"
     _log(log, f"  -> {rc} after {time.time() - t0:.0f} s")
     return rc
+
+
+def without_checkpoints(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """``tarfile`` filter leaving out checkpoints, finished (``checkpoint.pt``) or cut off mid-write by a time
+    limit (``checkpoint.pt.XXXX.tmp``): they do not fit what a device call returns, and stay out of git anyway."""
+    name = Path(info.name).name
+    return None if ".pt" in name or name.endswith(".tmp") else info
 
 
 def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, device: str = "cuda",
@@ -169,8 +179,7 @@ def tune_on_gpu(args, work: Path, out: Path, log, env: dict, py: str, limit: flo
         _run([py, "-m", "locoprop", "tune", "--storage", str(db), "--study", f"mnist-standard-tanh-{opt}",
               "--report", str(folder / f"best-{opt}.yaml"), "--top", "5"], 60, folder / f"log-{opt}.txt", log, env=env)
     with tarfile.open(out / "tuning.tar.gz", "w:gz") as tar:
-        tar.add(folder, arcname="tuning", filter=lambda ti: None if "/trials/" in ti.name and
-                ti.name.endswith(".pt") else ti)
+        tar.add(folder, arcname="tuning", filter=without_checkpoints)
     return folder
 
 
@@ -198,9 +207,15 @@ def main(argv=None) -> int:
                         "studies continue (each worker runs up to TRIALS more; trials left running are retried)")
     p.add_argument("--tune-s", type=float, default=240.0, help="time for all studies together")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
+    p.add_argument("--with-tune", nargs="*", default=[], metavar="RUN",
+                   help="runs started beside the --tune studies, with the settings of --settings-dirs (not those "
+                        "studies'); they go on with the rest after the studies end (their wall times are contended)")
     p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")
     p.add_argument("--device", default="cuda", help="device of the training runs (cpu: a smoke test)")
     p.add_argument("--work", default="/tmp/locoprop-gpu-work", help="run folders (packed into runs.tar.gz)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep what an earlier call left in --work on this machine: its runs resume from their "
+                        "checkpoints and its tuning folder can be one of --settings-dirs")
     args = p.parse_args(argv)
 
     start = time.time()
@@ -208,8 +223,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "runs").mkdir(parents=True)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
     log = (out / "session.log").open("a")
     env = os.environ.copy()
     env.setdefault("PYTHONPATH", str(ROOT / "src"))
@@ -234,29 +250,46 @@ def main(argv=None) -> int:
         _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
               "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
 
-    # 3. tuning on the GPU
-    settings_dirs = list(args.settings_dirs)
-    if args.tune:
-        tuned = tune_on_gpu(args, work, out, log, env, py, min(args.tune_s, deadline - time.time() - 60))
-        settings_dirs = [str(tuned)] + settings_dirs
-
-    # 4. training runs
-    runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, settings_dirs)
-    if args.runs is not None:
-        unknown = sorted(set(args.runs) - set(runs))
-        if unknown:
-            _log(log, f"unknown runs {unknown}; known: {sorted(runs)}")
-        runs = {n: runs[n] for n in runs if n in args.runs}
-    for name, settings in runs.items():
-        origin = settings.pop("_origin")
-        (work / "runs" / f"{name}.json").write_text(json.dumps(settings, indent=1))
-        _log(log, f"run {name}: {origin}")
+    def chosen_runs(settings_dirs, names) -> dict[str, dict]:
+        """The runs named by ``names`` (None: all), their settings written to ``work/runs/NAME.json``."""
+        runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, settings_dirs)
+        if names is not None:
+            unknown = sorted(set(names) - set(runs))
+            if unknown:
+                _log(log, f"unknown runs {unknown}; known: {sorted(runs)}")
+            runs = {n: runs[n] for n in runs if n in names}
+        for name, settings in runs.items():
+            origin = settings.pop("_origin")
+            (work / "runs" / f"{name}.json").write_text(json.dumps(settings, indent=1))
+            _log(log, f"run {name}: {origin}")
+        return runs
 
     def command(name):
         return [py, "-m", "locoprop", "train", "--config", str(work / "runs" / f"{name}.json"),
                 "--out", str(work / "runs" / name), "--resume", "--no-progress"]
 
     child_env = dict(env, OMP_NUM_THREADS="1")
+    procs = {}  # name -> (process, log file, start time) of the runs going on in the background
+
+    def start_runs(names):
+        for name in names:
+            fh = (work / "runs" / f"{name}.log").open("a")
+            procs[name] = (subprocess.Popen(command(name), stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env=child_env, start_new_session=True), fh, time.time())
+        if names:
+            _log(log, f"started together: {', '.join(names)}")
+
+    # 3. tuning on the GPU, with the --with-tune runs beside it
+    settings_dirs = list(args.settings_dirs)
+    if args.tune:
+        if args.with_tune:
+            start_runs(list(chosen_runs(settings_dirs, args.with_tune)))
+        tuned = tune_on_gpu(args, work, out, log, env, py, min(args.tune_s, deadline - time.time() - 60))
+        settings_dirs = [str(tuned)] + settings_dirs
+
+    # 4. training runs
+    runs = chosen_runs(settings_dirs, args.runs)
+    runs = {n: s for n, s in runs.items() if n not in procs}
     for name in [n for n in args.alone if n in runs]:
         limit = min(args.alone_s, deadline - time.time() - 30)
         if limit < 10:
@@ -264,13 +297,7 @@ def main(argv=None) -> int:
             continue
         _run(command(name), limit, work / "runs" / f"{name}.log", log, env=child_env, note="alone, ")
 
-    rest = [n for n in runs if n not in args.alone]
-    procs = {}
-    for name in rest:
-        fh = (work / "runs" / f"{name}.log").open("a")
-        procs[name] = (subprocess.Popen(command(name), stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env,
-                                        start_new_session=True), fh, time.time())
-    _log(log, f"started together: {', '.join(rest)}")
+    start_runs([n for n in runs if n not in args.alone])
     stop_at = deadline - 25
     while procs and time.time() < stop_at:
         for name, (proc, fh, t0) in list(procs.items()):
@@ -292,7 +319,7 @@ def main(argv=None) -> int:
     # 5. pack (no checkpoints: they stay out of git anyway)
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         tar.add(work / "runs", arcname="runs",
-                filter=lambda ti: None if ".pt" in Path(ti.name).name or ti.name.endswith(".tmp") else ti)
+                filter=without_checkpoints)
     _log(log, f"packed runs.tar.gz ({(out / 'runs.tar.gz').stat().st_size / 1e6:.1f} MB); "
               f"total {time.time() - start:.0f} s")
     summary = (out / "perf.txt").read_text().splitlines() if (out / "perf.txt").exists() else []

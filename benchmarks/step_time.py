@@ -47,6 +47,7 @@ import gc
 import json
 import math
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -381,6 +382,36 @@ def _worker(spec, queue):
             "model", "optimizer", "batch_size", "local_steps", "mode", "precision")}})
 
 
+def write_results(out: Path, meta: dict, records: list[dict]) -> None:
+    """Add the ratios to each record (to the BackProp + RMSProp step, eager and compiled, and to the BackProp +
+    Adam memory, of the same model, batch and repetition) and write ``{"meta", "records"}`` to ``out``
+    atomically."""
+    ok = [r for r in records if "error" not in r and "skipped" not in r]
+
+    def key_of(r):  # ratios compare configurations of the same model, batch and repetition
+        return r["model"], r["batch_size"], r.get("repeat", 0)
+
+    base = {key_of(r): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "eager"}
+    compiled = {key_of(r): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "compiled"}
+    adam = {key_of(r): r for r in ok if r["optimizer"] == "adam" and r["mode"] == "eager"}
+    for r in ok:
+        r["ratio_to_floor"] = r["step_ms_median"] / r["floor_ms"]
+        if r.get("shape_floor_ms"):
+            r["ratio_to_shape_floor"] = r["step_ms_median"] / r["shape_floor_ms"]
+        key = key_of(r)
+        if key in base:
+            r["ratio_to_rmsprop"] = r["step_ms_median"] / base[key]["step_ms_median"]
+        if key in compiled:
+            r["ratio_to_rmsprop_compiled"] = r["step_ms_median"] / compiled[key]["step_ms_median"]
+        if key in adam and adam[key]["peak_mem_mb"] > 0:
+            r["mem_ratio_to_adam"] = r["peak_mem_mb"] / adam[key]["peak_mem_mb"]
+        if key in adam and r.get("peak_tensor_mb") and adam[key].get("peak_tensor_mb"):
+            r["tensor_mem_ratio_to_adam"] = r["peak_tensor_mb"] / adam[key]["peak_tensor_mb"]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["standard"])
@@ -417,6 +448,14 @@ def main(argv=None) -> int:
     workspace_mb = cublas_workspace_mb(device) if device.type == "cuda" else 0.0
     name = device_name(device)
     date = datetime.date.today().isoformat()
+    out = Path(args.out or f"results/perf/{name.replace(' ', '-')}-{date}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "torch": torch.__version__,
+            "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "threads": args.threads,
+            "floor": "products of forward+backward (3 per layer) at the fp32 rate plus 2 per layer per local "
+                     "iteration at the rate of the local precision; rates measured here on 4096^2 products",
+            "shape_floor": "the same products, each timed alone at its own shape and precision, summed"}
+    print(json.dumps({"meta": meta}), flush=True)
     records = []
     ctx = mp.get_context("spawn")
     floors: dict = {}  # (model, batch, precision) -> shape_floor(...)
@@ -448,36 +487,8 @@ def main(argv=None) -> int:
             rec["repeat"] = repeat
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    # ratios to the BackProp + RMSProp (eager, compiled) and BackProp + Adam steps of the same model and batch
-    ok = [r for r in records if "error" not in r and "skipped" not in r]
-
-    def key_of(r):  # ratios compare configurations of the same model, batch and repetition
-        return r["model"], r["batch_size"], r.get("repeat", 0)
-
-    base = {key_of(r): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "eager"}
-    compiled = {key_of(r): r for r in ok if r["optimizer"] == "rmsprop" and r["mode"] == "compiled"}
-    adam = {key_of(r): r for r in ok if r["optimizer"] == "adam" and r["mode"] == "eager"}
-    for r in ok:
-        r["ratio_to_floor"] = r["step_ms_median"] / r["floor_ms"]
-        if r.get("shape_floor_ms"):
-            r["ratio_to_shape_floor"] = r["step_ms_median"] / r["shape_floor_ms"]
-        key = key_of(r)
-        if key in base:
-            r["ratio_to_rmsprop"] = r["step_ms_median"] / base[key]["step_ms_median"]
-        if key in compiled:
-            r["ratio_to_rmsprop_compiled"] = r["step_ms_median"] / compiled[key]["step_ms_median"]
-        if key in adam and adam[key]["peak_mem_mb"] > 0:
-            r["mem_ratio_to_adam"] = r["peak_mem_mb"] / adam[key]["peak_mem_mb"]
-        if key in adam and r.get("peak_tensor_mb") and adam[key].get("peak_tensor_mb"):
-            r["tensor_mem_ratio_to_adam"] = r["peak_tensor_mb"] / adam[key]["peak_tensor_mb"]
-    out = Path(args.out or f"results/perf/{name.replace(' ', '-')}-{date}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "torch": torch.__version__,
-            "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "threads": args.threads,
-            "floor": "products of forward+backward (3 per layer) at the fp32 rate plus 2 per layer per local "
-                     "iteration at the rate of the local precision; rates measured here on 4096^2 products",
-            "shape_floor": "the same products, each timed alone at its own shape and precision, summed"}
-    out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+        write_results(out, meta, records)  # after every record, so that a command killed at its limit keeps them
+    write_results(out, meta, records)
     print(f"\n{name}; product rates (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items())
           + f"; written {out}\n")
     print(f"{'model':9} {'batch':>5} {'optimizer':11} {'T':>2} {'mode':9} {'prec':5} {'step ms':>9} {'floor ms':>9} "

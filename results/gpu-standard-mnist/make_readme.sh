@@ -10,7 +10,7 @@ PY=${PYTHON:-.venv/bin/python}
 $L plot $R/sgd $R/momentum $R/nesterov $R/adagrad $R/adam $R/rmsprop --out $R/fig3a-first-order.png \
     --title "Fig. 3(a) on an H100: first-order methods, MNIST standard AE, tanh, 100 epochs (tuned: 3-epoch CPU studies)"
 $L plot $R/locoprop-s $R/locoprop-m-T5 $R/locoprop-m $R/locoprop-m-T50 --out $R/fig3b-locoprop.png \
-    --title "Fig. 3(b) on an H100: LocoProp-S vs -M, T = 5/10/50 (T50 stopped at epoch 28)"
+    --title "Fig. 3(b) on an H100: LocoProp-S vs -M, T = 5/10/50 (T50 stopped at epoch 28; complete on an H200: ../gpu-h200-standard-mnist/)"
 $L plot $R/rmsprop $R/locoprop-m $R/shampoo $R/shampoo-at50 $R/kfac $R/kfac-at50 --out $R/fig4-standard.png \
     --title "Fig. 4 (standard) on an H100 (Shampoo stopped at 1 and 56 epochs; K-FAC left early: loss > 1000)"
 $L plot $R/locoprop-m $R/locoprop-m-tf32 $R/locoprop-m-bf16 --out $R/precision-locoprop-m.png \

@@ -64,6 +64,28 @@ def test_perf_readme_lists_every_record(tmp_path):
     assert "1 configurations were not run" in text and "a note" in text
 
 
+def test_step_time_writes_its_records_with_ratios_after_each_one(tmp_path):
+    """step_time.py rewrites its JSON after every configuration (a command killed at its time limit keeps what it
+    measured), each time with the ratios to the RMSProp step and the Adam memory of the same model and batch."""
+    mod = _module("step_time")
+    out = tmp_path / "perf.json"
+    base = {"model": "standard", "batch_size": 1000, "local_steps": 0, "mode": "eager", "precision": "fp32",
+            "floor_ms": 1.0}
+    records = [dict(base, optimizer="rmsprop", step_ms_median=2.0, peak_mem_mb=60.0)]
+    mod.write_results(out, {"device": "dev"}, records)
+    assert json.loads(out.read_text())["records"][0]["ratio_to_rmsprop"] == 1.0
+    records += [dict(base, optimizer="adam", step_ms_median=3.0, peak_mem_mb=30.0),
+                dict(base, optimizer="locoprop-m", local_steps=10, mode="fused", step_ms_median=8.0,
+                     peak_mem_mb=45.0),
+                dict(base, optimizer="kfac", skipped="deadline of 5 s")]
+    mod.write_results(out, {"device": "dev"}, records)
+    written = json.loads(out.read_text())
+    assert written["meta"] == {"device": "dev"} and len(written["records"]) == 4
+    loco = written["records"][2]
+    assert (loco["ratio_to_rmsprop"], loco["ratio_to_floor"], loco["mem_ratio_to_adam"]) == (4.0, 8.0, 1.5)
+    assert "ratio_to_rmsprop" not in written["records"][3] and not list(tmp_path.glob("*.tmp"))
+
+
 def test_peak_tensor_bytes_counts_what_a_step_holds_at_once():
     import torch
 
@@ -180,3 +202,22 @@ def test_shampoo_is_timed_with_both_roots(newton_roots):
     with pytest.raises(ValueError, match="unknown mode 'fused' for shampoo"):
         mod.build_step({"optimizer": "shampoo", "mode": "fused"}, build_autoencoder("tiny", "tanh"),
                        AutoencoderLoss(), x)
+
+
+def test_gpu_session_packs_run_folders_without_checkpoints(tmp_path):
+    """What a device call returns is size-limited: ``without_checkpoints`` leaves out finished checkpoints and
+    those cut off mid-write by a time limit (``checkpoint.pt.XXXX.tmp``), and keeps metrics and configs."""
+    import tarfile
+
+    mod = _module("gpu_session")
+    trial = tmp_path / "tuning" / "trials" / "kfac" / "trial-00003"
+    trial.mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.json", "checkpoint.pt", "checkpoint.pt.k2j1x.tmp"):
+        (trial / name).write_text("x")
+    (tmp_path / "tuning" / "best-kfac.yaml").write_text("x")
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "tuning", arcname="tuning", filter=mod.without_checkpoints)
+    with tarfile.open(tmp_path / "t.tar.gz") as tar:
+        files = sorted(m.name for m in tar.getmembers() if m.isfile())
+    assert files == ["tuning/best-kfac.yaml", "tuning/trials/kfac/trial-00003/config.json",
+                     "tuning/trials/kfac/trial-00003/metrics.jsonl"]
