@@ -221,3 +221,27 @@ def test_gpu_session_packs_run_folders_without_checkpoints(tmp_path):
         files = sorted(m.name for m in tar.getmembers() if m.isfile())
     assert files == ["tuning/best-kfac.yaml", "tuning/trials/kfac/trial-00003/config.json",
                      "tuning/trials/kfac/trial-00003/metrics.jsonl"]
+
+
+def test_paper_ordering_says_where_runs_agree_with_the_paper():
+    """benchmarks/paper_ordering.py: each claim of the paper is decided from the runs' final losses, and a claim
+    whose runs are missing is 'not shown' rather than decided."""
+    mod = _module("paper_ordering")
+
+    def runs(**losses):
+        return {role.replace("__", ":").replace("_", "-"): {"train_loss": v} for role, v in losses.items()}
+
+    claims = {c["claim"].split(" (")[0]: c["agrees"] for c in mod.check(runs(
+        first_order__rmsprop=53.8, first_order__adam=58.5, locoprop_s=87.4, locoprop_m_T5=56.2, locoprop_m=55.0,
+        locoprop_m_T50=54.5, second_order__kfac=120.0), close=0.10)}
+    assert claims == {"RMSProp is the best first-order method": True, "LocoProp-M beats LocoProp-S": True,
+                      "more local iterations help, up to about T = 10": True,
+                      "LocoProp-M is close to Shampoo and K-FAC": False, "LocoProp-M beats RMSProp": False}
+    flipped = {c["claim"].split(" (")[0]: c["agrees"] for c in mod.check(runs(
+        first_order__rmsprop=60.0, first_order__adam=58.5, locoprop_s=50.0, locoprop_m=55.0, locoprop_m_T50=56.0,
+        second_order__shampoo=52.0), close=0.10)}
+    assert flipped == {"RMSProp is the best first-order method": False, "LocoProp-M beats LocoProp-S": False,
+                       "more local iterations help, up to about T = 10": False,
+                       "LocoProp-M is close to Shampoo and K-FAC": True, "LocoProp-M beats RMSProp": True}
+    alone = mod.check(runs(first_order__rmsprop=53.8), close=0.10)
+    assert [c["agrees"] for c in alone] == [None]
