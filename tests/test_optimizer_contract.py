@@ -95,3 +95,41 @@ def test_works_on_inputs_with_extra_leading_dimensions():
     opt = locoprop.LocoProp(model, output_transfer="sigmoid")
     l0 = opt.step(lambda: bce_sum_mean(model(x), x))
     assert torch.isfinite(l0)
+
+
+@pytest.mark.parametrize("check_finite, retain_problems, shared", [(True, False, True), (False, False, False),
+                                                                    (True, True, False)])
+def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch, check_finite, retain_problems,
+                                                                     shared):
+    """An explicit L2 proximity term's anchor (the weights at the start of the step, Eq. 7) is the copy that
+    check_finite takes anyway, so a step holds one copy of the weights, not two; where there is no such copy, or the problems
+    outlive the step (retain_problems), it is a fresh one.  Either way the update is the same, bit for bit."""
+    import locoprop.optimizer as lo
+
+    anchors = []
+
+    class Recording(lo.LocalProblem):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            anchors.append(self.anchor)
+
+    torch.manual_seed(0)
+    xs = [torch.rand(32, 20) for _ in range(3)]
+    kw = dict(lr=1e-2, activation_lr=2.0, local_steps=4, output_transfer="sigmoid",
+              regularizer=locoprop.L2Proximity(0.5))  # an explicit proximity term (the default has none)
+    model = small_autoencoder()
+    plain_model = copy.deepcopy(model)
+    opt = locoprop.LocoProp(model, check_finite=check_finite, retain_problems=retain_problems, **kw)
+    plain = locoprop.LocoProp(plain_model, check_finite=False, **kw)
+    _run(plain_model, plain, xs)
+    monkeypatch.setattr(lo, "LocalProblem", Recording)
+    for x in xs:
+        start = [p.detach().clone() for p in model.parameters()]
+        anchors.clear()
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        flat = [a for layer in anchors for a in layer]
+        assert all(torch.equal(a, s) for a, s in zip(flat, start)) and len(flat) == len(start)
+        copies = opt._rollback.copies_of(list(model.parameters())) if check_finite else None
+        assert (copies is not None and all(a is c for a, c in zip(flat, copies))) == shared
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(p, q)

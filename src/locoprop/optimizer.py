@@ -309,7 +309,9 @@ class LocoProp(Optimizer):
                     b.grad_post = b.grad_post.detach().reshape(-1, d)
             b.post = None
 
-    def _problems(self, batches: list[LayerBatch]) -> list[LocalProblem]:
+    def _problems(self, batches: list[LayerBatch], saved: "_Rollback | None" = None) -> list[LocalProblem]:
+        """Each layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback
+        holding this step's starting weights on their device, whose copies then serve as the anchors."""
         v = self.variant
         problems = []
         needs_anchor = self._needs_anchor()
@@ -326,7 +328,10 @@ class LocoProp(Optimizer):
                 )
             v.regularizer.prepare(b)
             params = group["params"]
-            anchor = [p.detach().clone() for p in params] if needs_anchor else None
+            anchor = None
+            if needs_anchor:
+                anchor = (saved.copies_of(params) if saved is not None else None) or \
+                    [p.detach().clone() for p in params]
             residual = None
             if v.solver == "iterative":  # δ of the first local iteration, so that the pre-activation can go
                 with torch.no_grad():
@@ -395,7 +400,9 @@ class LocoProp(Optimizer):
         self._gradients(loss, batches)
         if self.distributor is not None:
             batches = self.distributor.exchange(batches)
-        problems = self._problems(batches)
+        # the L2 proximity anchor (the weights at the start of the step) can be the rollback's copy of them,
+        # taken before the forward pass, instead of a second copy; not when problems outlive the step
+        problems = self._problems(batches, self._rollback if early_copy and not self.retain_problems else None)
         if self.inner is not None and self.reset_inner_state:
             self.inner.state.clear()
         solver = self._select_solver(problems)
@@ -550,6 +557,7 @@ class _Rollback:
         self._host: list[tuple[dict, str, object]] = []
         self._keys: dict[torch.Tensor, list[str]] = {}
         self._params: list[torch.Tensor] = []
+        self._param_copies: dict[int, torch.Tensor] = {}  # id(param) -> its copy, where kept on its device
         self._stream = None  # the side stream of the device-to-host copies
         self._pending = False
 
@@ -586,8 +594,17 @@ class _Rollback:
             else:
                 torch._foreach_copy_(self._buffers, tensors)
         self._tensors, self._keys, self._params = tensors, keys, list(params)
+        self._param_copies = {} if to_host else {id(p): b for p, b in zip(params, self._buffers)}
         if host:
             self._host = hosts
+
+    def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The copies of ``params`` taken by the last :meth:`save`, where they are kept on the parameters'
+        device (read them, never write them); None otherwise."""
+        try:
+            return [self._param_copies[id(p)] for p in params]
+        except KeyError:
+            return None
 
     def wait(self) -> None:
         """Make the current stream wait for the device-to-host copies (before anything changes the weights)."""
