@@ -122,9 +122,10 @@ def enqueued_settings(opt: str, settings_dirs) -> str | None:
 
 def tune_commands(args, folder: Path, py: str) -> list[tuple[str, Path, Path | None, list[list[str]]]]:
     """``(optimizer, database, earlier database or None, one command per worker)`` for each ``--tune`` spec
-    ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file) and stop once it
-    holds TRIALS finished trials, the first worker enqueuing the best settings of ``--settings-dirs``; a study
-    found in ``--tune-from`` continues instead (each worker runs up to TRIALS more trials, nothing enqueued)."""
+    ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file, with the fixed
+    settings ``--tune-set OPTIMIZER:KEY=VALUE``) and stop once it holds TRIALS finished trials, the first worker
+    enqueuing the best settings of ``--settings-dirs``; a study found in ``--tune-from`` continues instead (each
+    worker runs up to TRIALS more trials, nothing enqueued)."""
     out = []
     for spec in args.tune:
         parts = spec.split(":") + [None] * 3
@@ -136,11 +137,13 @@ def tune_commands(args, folder: Path, py: str) -> list[tuple[str, Path, Path | N
         else:
             earlier = None
             limits, first = ["--trials", trials, "--max-trials", trials], enqueued_settings(opt, args.settings_dirs)
+        fixed = [a for spec_set in getattr(args, "tune_set", []) if spec_set.partition(":")[0] == opt
+                 for a in ("--set", spec_set.partition(":")[2])]
         cmd = [py, "-m", "locoprop", "tune", "--dataset", "mnist", "--model", "standard", "--activation", "tanh",
                "--batch-size", "1000", "--epochs", epochs, *limits,
                "--startup-trials", str(args.startup_trials), "--sampler", "tpe", "--device", args.device,
                "--data-dir", args.data_dir, "--storage", str(db), "--runs-dir", str(folder / "trials" / opt),
-               "--optimizer", opt]
+               "--optimizer", opt, *fixed]
         out.append((opt, db, earlier, [cmd + (["--enqueue", first] if first and w == 0 else [])
                                        for w in range(workers)]))
     return out
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune", nargs="*", default=[], metavar="OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]]",
                    help="studies to run on the GPU before the runs (default 32 trials of 10 epochs each, 1 worker)")
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before TPE models a study")
+    p.add_argument("--tune-set", nargs="*", default=[], metavar="OPTIMIZER:KEY=VALUE",
+                   help="a fixed setting of that optimizer's study (locoprop tune --set), e.g. shampoo:shampoo_root=eigh")
     p.add_argument("--tune-from", default=None,
                    help="folder holding standard-mnist-tanh-OPTIMIZER-gpu.db files of an earlier session: those "
                         "studies continue (each worker runs up to TRIALS more; trials left running are retried)")

@@ -159,8 +159,12 @@ def test_gpu_session_tune_commands_start_or_continue_a_study(tmp_path):
 
     mod = _module("gpu_session")
     args = argparse.Namespace(tune=["rmsprop:6:100:3", "locoprop-m:4"], tune_from=None, startup_trials=5,
-                              settings_dirs=["results/tuning"], device="cuda", data_dir="data")
+                              settings_dirs=["results/tuning"], device="cuda", data_dir="data",
+                              tune_set=["locoprop-m:local_steps=5", "shampoo:shampoo_root=eigh"])
     studies = mod.tune_commands(args, tmp_path, "python3")
+    loco = studies[1][3][0]
+    assert loco[loco.index("--set") + 1] == "local_steps=5" and loco.count("--set") == 1
+    assert "--set" not in studies[0][3][0]
     assert [(s[0], s[1].name, s[2], len(s[3])) for s in studies] == [
         ("rmsprop", "standard-mnist-tanh-rmsprop-gpu.db", None, 3),
         ("locoprop-m", "standard-mnist-tanh-locoprop-m-gpu.db", None, 1)]
