@@ -557,7 +557,6 @@ class _Rollback:
         self._host: list[tuple[dict, str, object]] = []
         self._keys: dict[torch.Tensor, list[str]] = {}
         self._params: list[torch.Tensor] = []
-        self._param_copies: dict[int, torch.Tensor] = {}  # id(param) -> its copy, where kept on its device
         self._stream = None  # the side stream of the device-to-host copies
         self._pending = False
 
@@ -594,15 +593,15 @@ class _Rollback:
             else:
                 torch._foreach_copy_(self._buffers, tensors)
         self._tensors, self._keys, self._params = tensors, keys, list(params)
-        self._param_copies = {} if to_host else {id(p): b for p, b in zip(params, self._buffers)}
         if host:
             self._host = hosts
 
     def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The copies of ``params`` taken by the last :meth:`save`, where they are kept on the parameters'
         device (read them, never write them); None otherwise."""
+        copies = {id(p): b for p, b in zip(self._params, self._buffers) if b.device == p.device}
         try:
-            return [self._param_copies[id(p)] for p in params]
+            return [copies[id(p)] for p in params]
         except KeyError:
             return None
 
