@@ -27,7 +27,8 @@ layer-parallel solver with its solve captured in a CUDA graph)
 and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole step in one graph);
 ``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
 with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes),
-``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``.  On a
+``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``, ``-iter``
+with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The compiled modes run after all others, so that their
@@ -237,6 +238,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.check_finite = False
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
+            elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
+                opt.fused_solver.order = "iteration-major"
             elif flag not in ("host", "compiled"):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
@@ -355,15 +358,21 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                         for mode in modes:
                             out.append((model, batch, opt, T, mode, "fp32"))
                         if opt == "locoprop-m" and T == max(local_steps):
-                            out.append((model, batch, opt, T, "graphed-nocheck" if cuda else "fused-nocheck", "fp32"))
-                            late.append((model, batch, opt, T, "graphed-compiled" if cuda else "fused-compiled", "fp32"))
+                            fast = "graphed" if cuda else "fused"
+                            out.append((model, batch, opt, T, f"{fast}-iter", "fp32"))
+                            out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
+                            late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
+                            late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
-                                for flags in ("host", "s0", "s2", "s4", "host-s2"):
+                                for flags in ("iter-s0", "host", "s0", "s2", "s4", "host-s2"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))
                             for prec in precisions:
                                 if prec != "fp32":
-                                    out.append((model, batch, opt, T, "graphed" if cuda else "fused", prec))
+                                    out.append((model, batch, opt, T, fast, prec))
+                                    out.append((model, batch, opt, T, f"{fast}-iter", prec))
+                                    late.append((model, batch, opt, T, f"{fast}-compiled", prec))
+                                    late.append((model, batch, opt, T, f"{fast}-iter-compiled", prec))
                 elif opt in ("sgd", "adam", "rmsprop"):
                     for mode in (["eager", "graph"] if cuda else ["eager"]):
                         out.append((model, batch, opt, 0, mode, "fp32"))
@@ -372,6 +381,18 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                     for mode in (["eager", "eager-eigh"] if opt == "shampoo" else ["eager"]):
                         out.append((model, batch, opt, 0, mode, "fp32"))
     return out + late
+
+
+def select_modes(configs: list[tuple], modes: list[str] | None) -> list[tuple]:
+    """The configurations of :func:`plan` whose mode is one of ``modes`` (all of them for ``None``); an unknown
+    mode is a ``ValueError`` naming ``--modes`` and the modes the plan has."""
+    if not modes:
+        return configs
+    known = sorted({c[4] for c in configs})
+    unknown = [m for m in modes if m not in known]
+    if unknown:
+        raise ValueError(f"--modes: {unknown} are not in this plan; its modes are {known}")
+    return [c for c in configs if c[4] in modes]
 
 
 def _worker(spec, queue):
@@ -427,6 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the whole plan this many times, one pass after another (records carry 'repeat'; "
                         "ratios compare rows of the same pass), to see the run-to-run variation")
+    p.add_argument("--modes", nargs="+", default=None,
+                   help="time only these modes of the plan (e.g. eager graph graphed graphed-iter); default all")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new configuration after this many seconds (the rest are listed as skipped)")
     p.add_argument("--out", default=None, help="JSON file (default results/perf/DEVICE-DATE.json)")
@@ -460,6 +483,10 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     floors: dict = {}  # (model, batch, precision) -> shape_floor(...)
     configs = plan(device, args.models, args.batch_sizes, args.optimizers, args.local_steps, args.precisions)
+    try:
+        configs = select_modes(configs, args.modes)
+    except ValueError as exc:
+        p.error(str(exc))
     for repeat, (model, batch, opt, T, mode, prec) in [(i, c) for i in range(args.repeat) for c in configs]:
         if (model, batch, prec) not in floors and not (args.deadline_s is not None and
                                                        time.perf_counter() - started > args.deadline_s):

@@ -16,12 +16,17 @@ from conftest import bce_sum_mean, small_autoencoder
 
 
 def _run(backend, steps=5, dtype=torch.float32, variant="M", inner="tf_rmsprop", inner_kwargs=None,
-         regularizer=None, precision="fp32", local_steps=5, lr=1e-2, activation_lr=1.0):
+         regularizer=None, precision="fp32", local_steps=5, lr=1e-2, activation_lr=1.0, solve_order="layer-major",
+         per_layer=False):
     torch.manual_seed(0)
     model = small_autoencoder(dtype)
     opt = locoprop.LocoProp(model, variant=variant, lr=lr, activation_lr=activation_lr, local_steps=local_steps,
                             inner=inner, inner_kwargs=inner_kwargs or {}, output_transfer="sigmoid",
-                            regularizer=regularizer, backend=backend, precision=precision)
+                            regularizer=regularizer, backend=backend, precision=precision, solve_order=solve_order)
+    if per_layer:  # layers with their own learning rates and numbers of local iterations
+        opt.param_groups[1]["lr"] *= 3.0
+        opt.param_groups[2]["local_steps"] = 2
+        opt.param_groups[3]["local_steps"] = local_steps + 2
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
@@ -142,6 +147,78 @@ def test_fused_is_bitwise_the_reference_with_tf_rmsprop_on_the_cpu():
     assert all(torch.equal(p, q) for p, q in zip(m_ref.parameters(), m_fast.parameters()))
 
 
+def _states_equal(o_a, o_b, m_a, m_b):
+    for p, q in zip(m_a.parameters(), m_b.parameters()):
+        s_a, s_b = o_a.inner.state[p], o_b.inner.state[q]
+        assert s_a.keys() == s_b.keys()
+        assert all(torch.equal(s_a[k], s_b[k]) for k in s_a), [k for k in s_a if not torch.equal(s_a[k], s_b[k])]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(variant="M", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}),
+    dict(variant="S"),
+    dict(variant="post-S"),
+    dict(variant="M", regularizer="l2-paper"),
+    dict(variant="M", precision="bf16"),
+    dict(variant="M", inner="momentum", lr=1e-3),
+    dict(variant="M", inner="nesterov", lr=1e-3),
+    dict(variant="M", inner="sgd", lr=1e-3),
+    dict(variant="M", per_layer=True),
+])
+def test_iteration_major_order_is_bitwise_the_layer_major_order(kwargs):
+    """Iteration k of every layer, then one multi-tensor update of all layers (issue 5's first lead): the same
+    elementwise arithmetic as each layer's own chain, so the same weights and inner state to the bit."""
+    m_lay, o_lay, l_lay = _run("fused", **kwargs)
+    m_it, o_it, l_it = _run("fused", solve_order="iteration-major", **kwargs)
+    assert o_it.fused_solver.order == "iteration-major" and o_it.last_solver == "fused"
+    assert l_lay == l_it
+    assert all(torch.equal(p, q) for p, q in zip(m_lay.parameters(), m_it.parameters()))
+    _states_equal(o_lay, o_it, m_lay, m_it)
+
+
+def test_iteration_major_order_is_bitwise_the_reference_with_per_layer_settings():
+    """Layers with their own η and their own T (the inner loop stops early for some): as the reference loop."""
+    kw = dict(inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}, per_layer=True)
+    m_ref, o_ref, l_ref = _run("reference", **kw)
+    m_it, o_it, l_it = _run("fused", solve_order="iteration-major", **kw)
+    assert o_ref.last_solver == "reference"
+    assert l_ref == l_it
+    assert all(torch.equal(p, q) for p, q in zip(m_ref.parameters(), m_it.parameters()))
+    _states_equal(o_ref, o_it, m_ref, m_it)
+    assert int(o_it.inner.state[o_it.param_groups[3]["params"][0]]["step"]) == 5 * 7  # its own T = 7, 5 steps
+
+
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+def test_solve_orders_issue_the_work_in_their_order(monkeypatch, order):
+    """Layer-major: each layer's gradient and update alternate through its T iterations; iteration-major:
+    every layer's gradient of iteration k, then one update of all layers."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, lr=1e-2, local_steps=2, output_transfer="sigmoid", backend="fused",
+                            solve_order=order)
+    solver, calls = opt.fused_solver, []
+    gradient, update = solver._local_gradient, solver._update
+    monkeypatch.setattr(solver, "_local_gradient", lambda c, k, *a: (calls.append(("g", c.index, k)),
+                                                                      gradient(c, k, *a)))
+    monkeypatch.setattr(solver, "_update", lambda chains, rule, table, k: (
+        calls.append(("u", tuple(c.index for c in chains), k)), update(chains, rule, table, k)))
+    x = torch.rand(8, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    layers = range(4)
+    if order == "layer-major":
+        expected = [c for m in layers for k in range(2) for c in (("g", m, k), ("u", (m,), k))]
+    else:
+        expected = [c for k in range(2) for c in [("g", m, k) for m in layers] + [("u", tuple(layers), k)]]
+    assert calls == expected
+
+
+def test_solve_order_is_checked_by_name():
+    with pytest.raises(ValueError, match="solve_order: expected one of"):
+        locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", solve_order="rows")
+    with pytest.raises(ValueError, match="order: expected one of"):
+        FusedIterativeSolver(order="rows")
+
+
 def test_layer_streams_share_the_layers_out_by_cost():
     solver = FusedIterativeSolver(layer_streams=3)
     assert [solver.stream_count(n) for n in (1, 2, 3, 8)] == [0, 2, 3, 3]
@@ -159,7 +236,8 @@ def test_layer_streams_share_the_layers_out_by_cost():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
-def test_compiled_elementwise_agrees_with_the_eager_fast_solver():
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+def test_compiled_elementwise_agrees_with_the_eager_fast_solver(order):
     """compile_elementwise (torch.compile of δ + Σδ and of the TF-RMSProp update) equals the eager update up to
     rounding over a few steps (fused multiply-adds change the last bits)."""
     torch.manual_seed(0)
@@ -169,7 +247,8 @@ def test_compiled_elementwise_agrees_with_the_eager_fast_solver():
     for compiled in (False, True):
         model = copy.deepcopy(base)
         opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=10.0, local_steps=4, output_transfer="sigmoid",
-                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8},
+                                solve_order=order)
         opt.fused_solver.compile_elementwise = compiled
         models.append(model)
         opts.append(opt)
@@ -181,7 +260,7 @@ def test_compiled_elementwise_agrees_with_the_eager_fast_solver():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     from locoprop import fused
 
-    assert {fused._tf_rmsprop_tensor_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # it ran compiled
+    assert {fused._tf_rmsprop_tensors_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # it ran compiled
     s0, s1 = opts[0].inner.state, opts[1].inner.state
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(s1[q]["momentum_buffer"], s0[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
@@ -349,7 +428,7 @@ def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(mo
     inner_before = copy.deepcopy(opt.inner.state_dict())
     with pytest.raises(RuntimeError, match="compile_elementwise: torch.compile of .* failed .*no C\\+\\+ compiler"):
         opt.step(lambda: bce_sum_mean(model(x), x))
-    assert len(calls) == 4 and "_tf_rmsprop_tensor_" in calls[:3]  # weights changed before the failure
+    assert len(calls) == 4 and "_tf_rmsprop_tensors_" in calls[:3]  # weights changed before the failure
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for p, s in opt.inner.state_dict()["state"].items():

@@ -18,6 +18,10 @@ notes steps 4-5) as one unit:
   interchangeable), with the local learning rates
   ``η_k = η max(1 - k/T, 0.25)`` read from a device tensor, so nothing returns
   to the host inside a step;
+* ``order="iteration-major"`` instead runs iteration ``k`` of every layer
+  (each layer's products on its stream), then one multi-tensor
+  inner-optimizer update of all layers, then iteration ``k + 1``: the same
+  arithmetic in fewer kernels (issue 5's first lead);
 * on CUDA each layer's chain is issued on its own stream, so small layers run
   beside large ones, and the whole solve is captured in a CUDA graph and
   replayed on later steps (static shapes; a new shape, dtype or parameter
@@ -54,21 +58,24 @@ from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
 
-__all__ = ["PRECISIONS", "FusedIterativeSolver", "UpdateRule", "TFRMSpropRule", "SGDRule", "update_rule_for"]
+__all__ = ["PRECISIONS", "SOLVE_ORDERS", "FusedIterativeSolver", "UpdateRule", "TFRMSpropRule", "SGDRule",
+           "update_rule_for"]
 
 #: Precisions of the local matrix products.
 PRECISIONS = ("fp32", "tf32", "bf16")
+SOLVE_ORDERS = ("layer-major", "iteration-major")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # inner-optimizer updates on tensors (same recurrences and state as the torch optimizers)
 # ---------------------------------------------------------------------------------------------------------------
 class UpdateRule:
-    """One inner optimizer's update, applied to a layer's tensors with a tensor learning rate.
+    """One inner optimizer's update, applied to layers' tensors with a tensor learning rate per layer.
 
     ``state(p)`` returns (creating it like the optimizer would) the state
     tensors of parameter ``p`` in the optimizer's own ``state`` dict;
-    ``update`` overwrites ``grads`` (they are the solver's scratch buffers).
+    ``update_layers`` overwrites the gradients (they are the solver's scratch
+    buffers).
     """
 
     def __init__(self, inner: Optimizer) -> None:
@@ -81,11 +88,14 @@ class UpdateRule:
     def state(self, p: torch.Tensor) -> list[torch.Tensor]:
         raise TypeError(f"{type(self).__name__} must implement state")
 
-    def update(self, params, grads, states, lr: torch.Tensor) -> None:
-        raise TypeError(f"{type(self).__name__} must implement update")
+    def update_layers(self, layers: list[tuple]) -> None:
+        """One update of several layers, ``layers[i] = (params, grads, states, lr)``: what does not depend on
+        the learning rate as one multi-tensor operation over every layer's tensors (elementwise, so the
+        result is that of updating each layer alone, to the bit)."""
+        raise TypeError(f"{type(self).__name__} must implement update_layers")
 
-    #: ``update_compiled(params, grads, states, lr)``: the same update through ``torch.compile``, or ``None``.
-    update_compiled = None
+    #: ``update_layers_compiled(layers)``: :meth:`update_layers` through ``torch.compile``, or ``None``.
+    update_layers_compiled = None
 
     def count_steps(self, p: torch.Tensor, steps: int) -> None:
         """Host-side bookkeeping after ``steps`` updates of ``p`` (step counters)."""
@@ -97,6 +107,12 @@ def _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha: float, mom: float, eps: float) -
     ms.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
     m.mul_(mom).add_(lr * (g / (ms + eps).sqrt()))
     p.sub_(m)
+
+
+def _tf_rmsprop_tensors_(params, grads, squares, buffers, lrs, alpha: float, mom: float, eps: float) -> None:
+    """:func:`_tf_rmsprop_tensor_` over lists of tensors (one compiled program for all of them)."""
+    for p, g, ms, m, lr in zip(params, grads, squares, buffers, lrs):
+        _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha, mom, eps)
 
 
 def _residual_and_bias_grad_(loss, pre, target, transfer, bias_grad):
@@ -142,28 +158,32 @@ class TFRMSpropRule(UpdateRule):
         s = self.inner._init_state(p)
         return [s["mean_square"], s["momentum_buffer"]]
 
-    def update_compiled(self, params, grads, states, lr):
-        """:meth:`update` with one compiled kernel per tensor (equal up to rounding).  The kernel sees flat
-        plain tensors (not parameters, whose shapes torch.compile would specialise on), so one compilation
-        serves every layer's weight and bias."""
-        tensors = [(p.detach(), g, ms, m) for p, g, (ms, m) in zip(params, grads, states)]
+    def update_layers_compiled(self, layers):
+        """:meth:`update_layers` as one compiled program: one pass over each tensor instead of nine (equal up
+        to rounding).  It sees flat plain tensors (not parameters, whose shapes torch.compile would
+        specialise on), so one compilation serves every layer of the same number of tensors."""
+        tensors = [(p.detach(), g, ms, m) for params, grads, states, _ in layers
+                   for p, g, (ms, m) in zip(params, grads, states)]
         if not all(t.is_contiguous() for four in tensors for t in four):
-            return self.update(params, grads, states, lr)
+            return self.update_layers(layers)
         alpha, mom, eps = self._group()
-        kernel = _compiled(_tf_rmsprop_tensor_)
-        for p, g, ms, m in tensors:
-            kernel(p.view(-1), g.view(-1), ms.view(-1), m.view(-1), lr, alpha, mom, eps)
+        lrs = [lr for params, _, _, lr in layers for _ in params]
+        flat = [[t[i].view(-1) for t in tensors] for i in range(4)]
+        _compiled(_tf_rmsprop_tensors_)(*flat, lrs, alpha, mom, eps)
 
-    def update(self, params, grads, states, lr):
+    def update_layers(self, layers):
         alpha, mom, eps = self._group()
-        squares = [s[0] for s in states]
-        buffers = [s[1] for s in states]
+        params = [p for lay in layers for p in lay[0]]
+        grads = [g for lay in layers for g in lay[1]]
+        squares = [s[0] for lay in layers for s in lay[2]]
+        buffers = [s[1] for lay in layers for s in lay[2]]
         torch._foreach_mul_(squares, alpha)
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
         denom = torch._foreach_add(squares, eps)
         torch._foreach_sqrt_(denom)
         torch._foreach_div_(grads, denom)
-        torch._foreach_mul_(grads, lr)
+        for _, layer_grads, _, lr in layers:  # each layer's own η_k
+            torch._foreach_mul_(layer_grads, lr)
         torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
         torch._foreach_add_(buffers, grads)
         torch._foreach_sub_(params, buffers)
@@ -192,17 +212,20 @@ class SGDRule(UpdateRule):
             s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return [s["momentum_buffer"]]
 
-    def update(self, params, grads, states, lr):
+    def update_layers(self, layers):
         mom, nesterov = self._group()
+        params = [p for lay in layers for p in lay[0]]
+        grads = [g for lay in layers for g in lay[1]]
         if mom != 0.0:
-            buffers = [s[0] for s in states]
+            buffers = [s[0] for lay in layers for s in lay[2]]
             torch._foreach_mul_(buffers, mom)
             torch._foreach_add_(buffers, grads)
             if nesterov:
                 torch._foreach_add_(grads, buffers, alpha=mom)
             else:
                 torch._foreach_copy_(grads, buffers)
-        torch._foreach_mul_(grads, lr)
+        for _, layer_grads, _, lr in layers:  # each layer's own η_k
+            torch._foreach_mul_(layer_grads, lr)
         torch._foreach_sub_(params, grads)
 
 
@@ -259,6 +282,20 @@ class _Layer:
     steps: int
 
 
+@dataclass
+class _Chain:
+    """One layer's local problem during one solve: its tensors, inputs and product functions."""
+
+    layer: _Layer
+    index: int  # the layer's row in the learning-rate table
+    scratch: torch.Tensor  # the first residual δ₀, then each iteration's pre-activation and δ, in place
+    target: torch.Tensor
+    anchor: list[torch.Tensor] | None
+    transfer: object
+    pre: object  # pre(W, b, out): the pre-activation x W̃ᵀ + b̃ into out
+    wgrad: object  # wgrad(δ, out): δᵀx into out
+
+
 class _CapturedSolve:
     """A CUDA graph of the whole solve with the static inputs it reads."""
 
@@ -287,14 +324,26 @@ class FusedIterativeSolver:
             one pass over each tensor instead of nine.  It compiles on the
             first step (tens of seconds) and agrees with the eager update up
             to rounding (fused multiply-adds).
+        order: ``"layer-major"`` (default): each layer's ``T`` iterations
+            run as one chain, the chains side by side on the layer streams;
+            ``"iteration-major"``: iteration ``k`` of every layer, then one
+            multi-tensor inner-optimizer update of all layers (nine kernels
+            for TF-RMSProp plus one per layer for its ``η_k``, where the
+            layer-major order issues nine per layer), then iteration ``k+1``
+            (issue 5's first lead; the products of an iteration still run on
+            the layer streams).  Both give the same result, to the bit on the
+            CPU.
     """
 
     name = "fused"
 
     def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool | int = True,
-                 compile_elementwise: bool = False) -> None:
+                 compile_elementwise: bool = False, order: str = "layer-major") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        if order not in SOLVE_ORDERS:
+            raise ValueError(f"order: expected one of {SOLVE_ORDERS}, got {order!r}")
+        self.order = order
         self.precision = precision
         self.cuda_graph = bool(cuda_graph)
         self.compile_elementwise = bool(compile_elementwise)
@@ -375,15 +424,15 @@ class FusedIterativeSolver:
         self._graph_key = None
         self._pool = None
 
-    # -- the chain of one layer ---------------------------------------------------------------------
+    # -- the local iterations of one layer ----------------------------------------------------------
     def _products(self, x: torch.Tensor):
         """``(pre(W, b, out), grad(δ, out))`` in the chosen precision, writing into ``out``."""
         if self.precision == "bf16":
             xb = x.to(torch.bfloat16)
 
-            def pre(W, b, out):
-                out.copy_(xb @ W.to(torch.bfloat16).T)  # fp32 accumulation inside the product
-                return out if b is None else out.add_(b)
+            def pre(W, b, out):  # fp32 accumulation inside the product, rounded to bf16 once on output
+                product = xb @ W.to(torch.bfloat16).T
+                return out.copy_(product) if b is None else torch.add(product, b, out=out)  # one pass
 
             def wgrad(delta, out):
                 out.copy_(delta.to(torch.bfloat16).T @ xb)
@@ -396,38 +445,54 @@ class FusedIterativeSolver:
             torch.mm(delta.T, x, out=out)
         return pre, wgrad
 
-    def _chain(self, lay: _Layer, x, delta, target, anchor, transfer, loss: LocalLoss, rule: UpdateRule,
-               table: torch.Tensor, m: int) -> None:
-        """``T`` local iterations of one layer (Algorithm 1/2 inner loop).
+    def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer) -> _Chain:
+        pre, wgrad = self._products(x)
+        return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad)
 
-        Iteration 0 uses ``delta``, the problem's first residual; later ones
-        compute the pre-activation and then ``δ`` in place in that tensor.
+    def _local_gradient(self, c: _Chain, k: int, loss: LocalLoss, table: torch.Tensor) -> None:
+        """Iteration ``k``'s local gradient of one layer into its gradient buffers: ``δᵀx``, ``Σδ`` and, with
+        an anchor, ``+ c (Θ̃ - Θ)`` (Algorithms 1/2, inner loop; reference notes, step 4).
+
+        Iteration 0 uses the problem's first residual, which is the layer's
+        scratch buffer; later ones compute the pre-activation and then ``δ``
+        in place in it.
         """
+        lay = c.layer
         W = lay.params[0]
         b = lay.params[1] if len(lay.params) == 2 else None
-        pre_fn, wgrad = self._products(x)
-        scratch = delta
-        compiled = self.compile_elementwise
         bias_grad = lay.grads[1] if b is not None else None
-        for k in range(lay.steps):
-            if k == 0:
-                if b is not None:
-                    torch.sum(delta, 0, out=bias_grad)
-            elif compiled:
-                delta = _compiled(_residual_and_bias_grad_)(loss, pre_fn(W, b, scratch), target, transfer, bias_grad)
-            else:
-                delta = loss.grad_(pre_fn(W, b, scratch), target, transfer)
-                if b is not None:
-                    torch.sum(delta, 0, out=bias_grad)
-            wgrad(delta, lay.grads[0])
-            if anchor is not None:  # L2 proximity: + c (Θ̃ - Θ)
-                c = table[m, -1]
-                for gr, p, a in zip(lay.grads, lay.params, anchor):
-                    gr.add_((p - a) * c)
-            if compiled and rule.update_compiled is not None:
-                rule.update_compiled(lay.params, lay.grads, lay.states, table[m, k])
-            else:
-                rule.update(lay.params, lay.grads, lay.states, table[m, k])
+        if k == 0:
+            delta = c.scratch
+            if b is not None:
+                torch.sum(delta, 0, out=bias_grad)
+        elif self.compile_elementwise:
+            delta = _compiled(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch), c.target, c.transfer,
+                                                        bias_grad)
+        else:
+            delta = loss.grad_(c.pre(W, b, c.scratch), c.target, c.transfer)
+            if b is not None:
+                torch.sum(delta, 0, out=bias_grad)
+        c.wgrad(delta, lay.grads[0])
+        if c.anchor is not None:  # L2 proximity: + c (Θ̃ - Θ)
+            coefficient = table[c.index, -1]
+            for gr, p, a in zip(lay.grads, lay.params, c.anchor):
+                gr.add_((p - a) * coefficient)
+
+    def _update(self, chains: list[_Chain], rule: UpdateRule, table: torch.Tensor, k: int) -> None:
+        """Iteration ``k``'s inner-optimizer update of the layers of ``chains`` (learning rate ``η_k`` of
+        each layer from ``table``): one multi-tensor update over all of them, or, with
+        ``compile_elementwise``, one compiled program (one pass per tensor)."""
+        layers = [(c.layer.params, c.layer.grads, c.layer.states, table[c.index, k]) for c in chains]
+        if self.compile_elementwise and rule.update_layers_compiled is not None:
+            rule.update_layers_compiled(layers)
+        else:
+            rule.update_layers(layers)
+
+    def _chain(self, c: _Chain, loss: LocalLoss, rule: UpdateRule, table: torch.Tensor) -> None:
+        """All ``T`` local iterations of one layer, one after another (layer-major)."""
+        for k in range(c.layer.steps):
+            self._local_gradient(c, k, loss, table)
+            self._update([c], rule, table, k)
 
     def stream_count(self, n_layers: int) -> int:
         """Streams the chains of ``n_layers`` layers run on (0: all on the current stream)."""
@@ -444,25 +509,49 @@ class FusedIterativeSolver:
             where[m], load[s] = s, load[s] + costs[m]
         return where
 
+    @staticmethod
+    def _each_layer(indices, work, streams: list, where: list[int]) -> None:
+        """``work(m)`` for every layer ``m`` of ``indices``: in order on the current stream, or each on its
+        layer's stream (``streams[where[m]]``), forked from and joined back to the current stream."""
+        if not streams:
+            for m in indices:
+                work(m)
+            return
+        main = torch.cuda.current_stream()
+        for s in streams:
+            s.wait_stream(main)
+        for m in indices:
+            with torch.cuda.stream(streams[where[m]]):
+                work(m)
+        for s in streams:
+            main.wait_stream(s)
+
     def _run(self, layers: list[_Layer], inputs, loss, rule, table, use_streams: bool) -> None:
-        """All layers' chains; ``inputs[m] = (x, residual, target, anchor, transfer)``."""
+        """All layers' local iterations; ``inputs[m] = (x, residual, target, anchor, transfer)``.
+
+        ``"layer-major"``: each layer's whole chain of iterations on its
+        stream.  ``"iteration-major"``: iteration ``k`` of every layer (its
+        products on the layer's stream), then one multi-tensor update of all
+        layers, then iteration ``k + 1``: fewer, larger kernels, a join per
+        iteration.
+        """
         with _matmul_precision(self.precision):
             n = self.stream_count(len(layers)) if use_streams else 0
-            if not n:
-                for m, (lay, inp) in enumerate(zip(layers, inputs)):
-                    self._chain(lay, *inp, loss, rule, table, m)
+            streams, where = [], []
+            if n:
+                streams = _shared_streams(torch.cuda.current_stream().device, n)
+                where = self.stream_assignment(
+                    [lay.steps * inp[0].shape[0] * lay.params[0].numel() for lay, inp in zip(layers, inputs)], n)
+            if self.order == "layer-major":  # a chain's working tensors (bf16 input copy) live only in its turn
+                self._each_layer(range(len(layers)), lambda m: self._chain(
+                    self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, where)
                 return
-            main = torch.cuda.current_stream()
-            streams = _shared_streams(main.device, n)
-            costs = [lay.steps * inp[0].shape[0] * lay.params[0].numel() for lay, inp in zip(layers, inputs)]
-            where = self.stream_assignment(costs, n)
-            for s in streams:
-                s.wait_stream(main)
-            for m, (lay, inp) in enumerate(zip(layers, inputs)):
-                with torch.cuda.stream(streams[where[m]]):
-                    self._chain(lay, *inp, loss, rule, table, m)
-            for s in streams:
-                main.wait_stream(s)
+            chains = [self._open_chain(lay, m, *inp) for m, (lay, inp) in enumerate(zip(layers, inputs))]
+            for k in range(max(lay.steps for lay in layers)):
+                active = [c for c in chains if k < c.layer.steps]
+                self._each_layer([c.index for c in active], lambda m: self._local_gradient(chains[m], k, loss, table),
+                                 streams, where)
+                self._update(active, rule, table, k)
 
     # -- the solver interface ---------------------------------------------------------------------
     def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
@@ -511,7 +600,8 @@ class FusedIterativeSolver:
 
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
-        parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, tuple(table.shape)]
+        parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
+                 tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,
                           anchor is not None, repr(transfer),

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import Layer, LayerBatch, LayerCapture, discover_layers
-from .fused import PRECISIONS, FusedIterativeSolver
+from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
 
@@ -135,6 +135,12 @@ class LocoProp(Optimizer):
             5.11 -> 4.37 ms, wide 30.1 -> 27.1, deep 11.6 -> 9.9;
             ``results/perf/NVIDIA-H200-2026-11-27.json``), but it compiles on
             the first step, which a short run may not win back.
+        solve_order: the fast solver's order of work: ``"layer-major"``
+            (default: each layer's ``T`` iterations as one chain on its
+            stream) or ``"iteration-major"`` (iteration ``k`` of every layer,
+            then one multi-tensor update of all layers: fewer kernels, one
+            join per iteration).  The same result; which is faster depends on
+            the device (``docs/performance.md``).
     """
 
     def __init__(
@@ -165,6 +171,7 @@ class LocoProp(Optimizer):
         cuda_graph: bool = True,
         layer_streams: bool | int = True,
         compile_elementwise: bool = False,
+        solve_order: str = "layer-major",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -205,12 +212,14 @@ class LocoProp(Optimizer):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        if solve_order not in SOLVE_ORDERS:
+            raise ValueError(f"solve_order: expected one of {SOLVE_ORDERS}, got {solve_order!r}")
         self.backend, self.precision = backend, precision
         self.fused_solver: FusedIterativeSolver | None = None
         if self.variant.solver == "iterative":
             self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph,
                                                      layer_streams=layer_streams,
-                                                     compile_elementwise=compile_elementwise)
+                                                     compile_elementwise=compile_elementwise, order=solve_order)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
             if why and (backend == "fused" or precision != "fp32"):
                 raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
@@ -667,7 +676,9 @@ class CapturedStep:
                        for g in opt.param_groups)
         inner = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr"))
                       for g in opt.inner.param_groups)
-        return groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback
+        solver = opt.fused_solver
+        return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, solver.order,
+                solver.layer_streams, solver.compile_elementwise)
 
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver

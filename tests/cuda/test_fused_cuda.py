@@ -45,12 +45,12 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-@pytest.mark.parametrize("variant", ["M", "S"])
-def test_default_cuda_path_equals_reference(variant):
+@pytest.mark.parametrize("variant, order", [("M", "layer-major"), ("S", "layer-major"), ("M", "iteration-major")])
+def test_default_cuda_path_equals_reference(variant, order):
     """Eager warm-up, capture and replays of the solve; 8 steps, weights within 1e-5 (issue 5)."""
     ref_model, fast_model = _model(), _model()
     ref = _opt(ref_model, variant=variant, backend="reference")
-    fast = _opt(fast_model, variant=variant)  # backend auto: fused, streams, CUDA graph
+    fast = _opt(fast_model, variant=variant, solve_order=order)  # backend auto: fused, streams, CUDA graph
     modes = []
     for i, x in enumerate(_batches(8)):
         if i == 5:
@@ -89,10 +89,11 @@ def test_zero_copy_graphs_replay_where_the_inputs_recur():
     assert _rel(ref_model, fast_model) < 1e-5
 
 
-def test_streams_off_and_on_agree():
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+def test_streams_off_and_on_agree(order):
     a, b = _model(), _model()
-    oa = _opt(a, backend="fused", cuda_graph=False)
-    ob = _opt(b, backend="fused", cuda_graph=False)
+    oa = _opt(a, backend="fused", cuda_graph=False, solve_order=order)
+    ob = _opt(b, backend="fused", cuda_graph=False, solve_order=order)
     ob.fused_solver.layer_streams = False
     for x in _batches(4):
         oa.step(lambda: _loss(a(x), x))
@@ -100,10 +101,11 @@ def test_streams_off_and_on_agree():
     assert _rel(a, b) < 1e-6
 
 
-def test_graphed_step_equals_reference():
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+def test_graphed_step_equals_reference(order):
     ref_model, fast_model = _model(), _model()
     ref = _opt(ref_model, backend="reference")
-    fast = _opt(fast_model)
+    fast = _opt(fast_model, solve_order=order)
     static_x = torch.empty(256, 784, device=DEV)
     step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
     modes, losses = [], []
@@ -188,11 +190,12 @@ def test_host_rollback_matches_device_rollback_and_saves_gpu_memory():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_compiled_elementwise_graphed_step_equals_reference():
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+def test_compiled_elementwise_graphed_step_equals_reference(order):
     """compile_elementwise (Triton kernels from torch.compile) inside the captured whole step."""
     ref_model, fast_model = _model(), _model()
     ref = _opt(ref_model, backend="reference")
-    fast = _opt(fast_model, layer_streams=2)
+    fast = _opt(fast_model, layer_streams=2, solve_order=order)
     fast.fused_solver.compile_elementwise = True
     static_x = torch.empty(256, 784, device=DEV)
     step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))

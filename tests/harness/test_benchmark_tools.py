@@ -249,3 +249,55 @@ def test_paper_ordering_says_where_runs_agree_with_the_paper():
                        "LocoProp-M is close to Shampoo and K-FAC": True, "LocoProp-M beats RMSProp": True}
     alone = mod.check(runs(first_order__rmsprop=53.8), close=0.10)
     assert [c["agrees"] for c in alone] == [None]
+
+
+def test_step_time_times_the_iteration_major_order_and_selects_modes():
+    """The -iter flag builds LocoProp with solve_order="iteration-major"; --modes keeps only the named modes and
+    names the plan's modes when one is unknown."""
+    import pytest
+    import torch
+
+    from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+
+    mod = _module("step_time")
+    cuda = mod.plan(torch.device("cuda"), ["standard"], [1000], ["rmsprop", "locoprop-m"], [10], ["fp32", "tf32"])
+    chosen = mod.select_modes(cuda, ["eager", "graphed", "graphed-iter", "graphed-iter-compiled"])
+    assert [(c[2], c[4], c[5]) for c in chosen] == [
+        ("rmsprop", "eager", "fp32"), ("locoprop-m", "graphed", "fp32"), ("locoprop-m", "graphed-iter", "fp32"),
+        ("locoprop-m", "graphed", "tf32"), ("locoprop-m", "graphed-iter", "tf32"),
+        ("locoprop-m", "graphed-iter-compiled", "fp32"), ("locoprop-m", "graphed-iter-compiled", "tf32")]
+    assert mod.select_modes(cuda, None) == cuda
+    with pytest.raises(ValueError, match=r"--modes: \['graphed-rows'\] are not in this plan; its modes are"):
+        mod.select_modes(cuda, ["graphed-rows"])
+    cpu = mod.plan(torch.device("cpu"), ["standard"], [1000], ["locoprop-m"], [10], ["fp32", "bf16"])
+    assert {("standard", 1000, "locoprop-m", 10, mode, "bf16") for mode in ("fused-iter", "fused-iter-compiled")} <= set(cpu)
+    torch.manual_seed(0)
+    model, x = build_autoencoder("tiny", "tanh"), torch.rand(16, 784)
+    step = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-iter", "local_steps": 2, "precision": "fp32"},
+                          model, AutoencoderLoss(), x)
+    assert step.optimizer.fused_solver.order == "iteration-major"
+    assert torch.isfinite(step()) and step.optimizer.last_solver == "fused"
+
+
+def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_iteration():
+    """benchmarks/kernel_count.py counts the operations of one solve: the per-layer work (products, residuals,
+    column sums) is the same in both orders; TF-RMSProp's nine multi-tensor operations run once per layer
+    and iteration in the layer-major order and once per iteration (plus one η_k multiply per layer) in the
+    iteration-major order."""
+    from torch import nn
+
+    from locoprop.harness.models import build_autoencoder
+
+    mod = _module("kernel_count")
+    T = 3
+    L = sum(isinstance(m, nn.Linear) for m in build_autoencoder("tiny", "tanh").modules())
+    lay = mod.solve_operations("tiny", T, "layer-major", batch_size=8)
+    it = mod.solve_operations("tiny", T, "iteration-major", batch_size=8)
+    once = ("_foreach_addcmul_", "_foreach_add", "_foreach_sqrt_", "_foreach_div_", "_foreach_add_", "_foreach_sub_")
+    for name in once:
+        assert (lay[name], it[name]) == (L * T, T), name
+    assert (lay["_foreach_mul_"], it["_foreach_mul_"]) == (3 * L * T, (2 + L) * T)
+    per_layer = {n: c for n, c in lay.items() if not n.startswith("_foreach")}
+    assert per_layer == {n: c for n, c in it.items() if not n.startswith("_foreach")}
+    assert (per_layer["mm"], per_layer["addmm"], per_layer["sum"]) == (L * T, L * (T - 1), L * T)
+    assert sum(lay.values()) - sum(it.values()) == T * (9 * L - (8 + L))

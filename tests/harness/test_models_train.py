@@ -225,6 +225,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
     (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
     (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: True applies to the LocoProp optimizers"),
+    (dict(optimizer="adam", solve_order="iteration-major"), "solve_order: 'iteration-major' applies to the LocoProp"),
+    (dict(optimizer="locoprop-m", solve_order="rows"), "solve_order: expected layer-major or iteration-major"),
     (dict(optimizer="shampoo", shampoo_root="svd"), "shampoo_root: expected newton or eigh, got 'svd'"),
     (dict(optimizer="kfac", shampoo_root="eigh"), "shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"),
 ])
@@ -254,14 +256,19 @@ def test_rollback_and_compile_settings_reach_the_locoprop_optimizer(tmp_path):
     from locoprop.harness.optimizers import build_optimizer
 
     model = build_autoencoder("tiny", "tanh", input_dim=784)
-    opt = build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-4, rollback="host", compile_elementwise=True)
+    opt = build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-4, rollback="host", compile_elementwise=True,
+                          solve_order="iteration-major")
     assert opt.rollback == "host" and opt.fused_solver.compile_elementwise is True
+    assert opt.fused_solver.order == "iteration-major"
     opt = build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-4)
     assert opt.rollback == "device" and opt.fused_solver.compile_elementwise is False
-    cfg = TrainConfig(optimizer="locoprop-m", lr=1e-4, activation_lr=10.0, local_steps=2, rollback="host", **TINY)
+    assert opt.fused_solver.order == "layer-major"
+    cfg = TrainConfig(optimizer="locoprop-m", lr=1e-4, activation_lr=10.0, local_steps=2, rollback="host",
+                      solve_order="iteration-major", **TINY)
     assert train(cfg, tmp_path / "run", progress=False, log=lambda s: None).status == "finished"
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
     assert saved["rollback"] == "host" and saved["compile_elementwise"] is False
+    assert saved["solve_order"] == "iteration-major"
 
 
 def test_every_command_prints_its_help(capsys):

@@ -38,7 +38,7 @@ import torch
 import locoprop
 
 from locoprop.distributed import batch_shard
-from locoprop.fused import PRECISIONS
+from locoprop.fused import PRECISIONS, SOLVE_ORDERS
 from locoprop.optimizer import ROLLBACKS
 
 from .baselines import check_shampoo_root
@@ -104,6 +104,9 @@ class TrainConfig:
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
                                      "compilation on the first step)", default=False)
+    solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
+                            "on its CUDA stream) or iteration-major (iteration k of every layer, then one "
+                            "multi-tensor update of all layers); the same result", default="layer-major")
     distributed: str | None = _opt("split each step over torch.distributed ranks (launch with torchrun): data "
                                    "(exact data-parallel) or layers (layer-sharded); LocoProp optimizers only",
                                    default=None)
@@ -126,7 +129,10 @@ class TrainConfig:
                              f"got {self.precision!r}")
         if self.rollback not in ROLLBACKS:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
-        for name, default in (("precision", "fp32"), ("rollback", "device"), ("compile_elementwise", False)):
+        if self.solve_order not in SOLVE_ORDERS:
+            raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
+        for name, default in (("precision", "fp32"), ("rollback", "device"), ("compile_elementwise", False),
+                              ("solve_order", "layer-major")):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
                 raise ValueError(f"{name}: {getattr(self, name)!r} applies to the LocoProp optimizers only, not "
                                  f"{self.optimizer!r}")
@@ -397,7 +403,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
                           kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise,
-                          shampoo_root=cfg.shampoo_root)
+                          solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 

@@ -1,0 +1,107 @@
+"""Operations a LocoProp step's local solve issues, counted by the dispatcher, for each order of the fast solver.
+
+On a GPU each counted ATen operation is (at least) one kernel launch, and a captured graph replays them all:
+with small products the step's time follows this count (issue 5; ``docs/performance.md``).  This script
+runs one step of LocoProp-M on the CPU (the same Python path issues the same operations on CUDA, apart from
+the streams' fork and join), counts the non-view ATen operations of its local solve with a
+``TorchDispatchMode`` (multi-tensor ``_foreach_*`` operations count once: one launch for up to a few hundred
+64K-element chunks on CUDA), and writes them per order and in total.
+
+    python benchmarks/kernel_count.py --models standard wide deep --local-steps 10 \\
+        --out results/kernel-counts/kernel-counts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import locoprop
+from locoprop.fused import SOLVE_ORDERS
+from locoprop.harness.models import OUTPUT_TRANSFER, AutoencoderLoss, build_autoencoder
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the ATen operations dispatched inside it, views left out (they launch nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def solve_operations(model_name: str, local_steps: int, order: str, batch_size: int = 64) -> collections.Counter:
+    """The operations of one local solve of LocoProp-M (TF-RMSProp inner optimizer) on ``model_name``."""
+    torch.manual_seed(0)
+    model = build_autoencoder(model_name, "tanh")
+    loss_fn = AutoencoderLoss()
+    x = torch.rand(batch_size, 784)
+    opt = locoprop.LocoProp(model, variant="M", lr=1e-4, activation_lr=10.0, local_steps=local_steps,
+                            output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order)
+    opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
+    solver, run = opt.fused_solver, opt.fused_solver._run
+    counter = OperationCount()
+
+    def counted(*args):
+        with counter:
+            run(*args)
+
+    solver._run = counted
+    opt.step(lambda: loss_fn(model(x), x))
+    return counter.ops
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["standard"])
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = p.parse_args(argv)
+    records = []
+    for model_name in args.models:
+        for order in SOLVE_ORDERS:
+            ops = solve_operations(model_name, args.local_steps, order)
+            records.append({"model": model_name, "local_steps": args.local_steps, "order": order,
+                            "operations": sum(ops.values()),
+                            "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
+            print(f"{model_name:9} T={args.local_steps:<3} {order:16} {sum(ops.values()):6d} operations "
+                  f"({sum(ops.values()) / args.local_steps:.1f} per iteration)", flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
+                "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
+                "counted by a TorchDispatchMode on the CPU (the fast solver's eager path; compile_elementwise "
+                "off; without the CUDA streams' fork and join)"}
+        out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+        (out.parent / "README.md").write_text(readme(meta, records, out.name))
+    return 0
+
+
+def readme(meta: dict, records: list[dict], json_name: str) -> str:
+    """A Markdown page of the counts (written beside the JSON; nothing in it typed by hand)."""
+    lines = ["# Operations of one local solve, by order of the fast solver", "",
+             f"Written by `benchmarks/kernel_count.py` with `{json_name}` (its docstring says what is counted): "
+             f"{meta['what']}. Command: `{meta['command']}`; torch {meta['torch']}; {meta['date']}.", "",
+             "| model | T | order | operations | per iteration | TF-RMSProp multi-tensor operations |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        update = sum(c for n, c in r["by_name"].items() if n.startswith("_foreach"))
+        lines.append(f"| {r['model']} | {r['local_steps']} | {r['order']} | {r['operations']} | "
+                     f"{r['per_iteration']:.1f} | {update} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
