@@ -361,6 +361,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             fast = "graphed" if cuda else "fused"
                             out.append((model, batch, opt, T, f"{fast}-iter", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
+                            out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
