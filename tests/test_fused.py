@@ -393,6 +393,33 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
                      "graph-replay"], modes
 
 
+def test_a_new_solve_order_is_captured_anew_and_stays_bitwise_the_other(monkeypatch):
+    """The captured solves are specific to the order of work: switching it between steps warms up and captures
+    again (never replays the other order's graph), and the weights stay those of the layer-major order."""
+    torch.manual_seed(0)
+    base = small_autoencoder()
+    models, opts = [], []
+    for graphs in (False, True):
+        model = copy.deepcopy(base)
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+        if graphs:
+            opt.fused_solver.max_zero_copy_graphs = 0  # the copying graph: replayed whatever the addresses
+            _fake_cuda_graphs(monkeypatch, opt.fused_solver)
+        models.append(model)
+        opts.append(opt)
+    modes = []
+    for i in range(6):
+        x = torch.rand(32, 20)
+        if i == 3:
+            opts[1].fused_solver.order = "iteration-major"
+        for model, opt in zip(models, opts):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        modes.append(opts[1].fused_solver.last_mode)
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters())), (i, modes)
+    assert modes == ["eager", "graph-capture-copy", "graph-replay-copy"] * 2, modes
+
+
 def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(monkeypatch):
     """An exception inside the solve (here torch.compile failing after some layers were already updated)
     restores the weights and inner state from check_finite's copy, and a compile failure names
