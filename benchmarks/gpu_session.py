@@ -10,7 +10,8 @@ brings back what finished.  In order:
 
 1. ``tests/cuda`` and ``tests/test_fused.py`` (the fast solver against the reference loop on CUDA);
 2. ``benchmarks/step_time.py`` (step times, peak memory and FLOP floors; stops starting new
-   configurations at its deadline);
+   configurations at its deadline), then, with ``--profile-s``, ``benchmarks/step_profile.py`` (the
+   kernels of a step by kind: where its time goes);
 3. with ``--tune OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]] ...``: Optuna studies on the GPU (WORKERS
    ``locoprop tune`` processes per study, every study side by side, each in its own SQLite file, the
    first trial being the best settings found so far), stopped at ``--tune-s``; their best settings
@@ -26,7 +27,8 @@ brings back what finished.  In order:
    ``locoprop train --resume``).
 
 Everything lands in ``--out`` as at most eight files (``session.log``, ``tests.txt``, ``perf.json``,
-``perf.txt``, ``tuning.tar.gz``, ``runs.tar.gz``, ``env.txt``), the limit of what a device call returns.
+``perf.txt``, ``profile.json``, ``tuning.tar.gz``, ``runs.tar.gz``, ``env.txt``), the limit of what a device
+call returns.
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=500.0, help="the whole script's time")
     p.add_argument("--tests-s", type=float, default=90.0)
     p.add_argument("--perf-s", type=float, default=140.0, help="time for the step-time benchmark (0: skip it)")
+    p.add_argument("--profile-s", type=float, default=0.0, help="time for the step profile (0: skip it)")
+    p.add_argument("--profile-args", default="--model standard --modes graph graphed graphed-iter",
+                   help="arguments of benchmarks/step_profile.py")
     p.add_argument("--alone-s", type=float, default=90.0, help="limit for each of the uncontended runs")
     p.add_argument("--perf-args", default="--models standard wide deep --batch-sizes 1000 100 --steps 20 --warmup 5")
     p.add_argument("--epochs", type=int, default=None, help="override (a smoke test); default: the figures' 100")
@@ -254,6 +259,9 @@ def main(argv=None) -> int:
     if args.perf_s > 0:
         _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
               "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
+    if args.profile_s > 0:
+        _run([py, "benchmarks/step_profile.py", *args.profile_args.split(), "--out", str(out / "profile.json")],
+             min(args.profile_s, deadline - time.time() - 30), out / "perf.txt", log)
 
     def chosen_runs(settings_dirs, names) -> dict[str, dict]:
         """The runs named by ``names`` (None: all), their settings written to ``work/runs/NAME.json``."""

@@ -301,3 +301,24 @@ def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_ite
     assert per_layer == {n: c for n, c in it.items() if not n.startswith("_foreach")}
     assert (per_layer["mm"], per_layer["addmm"], per_layer["sum"]) == (L * T, L * (T - 1), L * T)
     assert sum(lay.values()) - sum(it.values()) == T * (9 * L - (8 + L))
+
+
+def test_step_profile_sorts_kernels_by_kind_and_counts_a_step(tmp_path):
+    """benchmarks/step_profile.py: kernel names of cuBLAS, CUTLASS, PyTorch and Triton land in their kinds; on
+    the CPU it profiles each mode's steps (the iteration-major order issues fewer operations) and writes JSON."""
+    mod = _module("step_profile")
+    assert mod.kind_of("ampere_sgemm_128x64_tn") == "product"
+    assert mod.kind_of("sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32") == "product"
+    assert mod.kind_of("void cutlass::Kernel2<cutlass_80_simt_sgemm_128x64_8x5_nt_align1>(Params)") == "product"
+    assert mod.kind_of("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>") == "multi-tensor"
+    assert mod.kind_of("void at::native::reduce_kernel<512, 1, ReduceOp<float, SumOps<float, float>>>") == "reduction"
+    assert mod.kind_of("triton_red_fused_sub_sum_tanh_0") == "reduction"
+    assert mod.kind_of("void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>") == "elementwise"
+    out = tmp_path / "profile.json"
+    assert mod.main(["--model", "tiny", "--batch-size", "16", "--local-steps", "2", "--modes", "eager", "fused",
+                     "fused-iter", "--warmup", "1", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    records = {r["mode"]: r for r in json.loads(out.read_text())["records"]}
+    assert records["eager"]["optimizer"] == "rmsprop" and records["fused"]["optimizer"] == "locoprop-m"
+    assert all(r["wall_ms_median"] > 0 and r["kinds"]["product"]["count_per_step"] > 0 for r in records.values())
+    assert records["fused-iter"]["count_per_step"] < records["fused"]["count_per_step"]
+    assert records["fused"]["profiler_table"]
