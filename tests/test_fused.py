@@ -393,6 +393,44 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
                      "graph-replay"], modes
 
 
+def test_layers_sharing_learning_rates_are_grouped_from_the_table():
+    table = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 2.0], [3.0, 1.5, 0.0], [1.0, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert FusedIterativeSolver.rate_groups(table) == ((0, 1, 3), (2,), (4,))  # the last column is c, not η_k
+
+
+def test_iteration_major_graphs_follow_a_layer_whose_learning_rate_changes(monkeypatch):
+    """Captured iteration-major solves scale the gradients of layers with the same η_k by one multiply: when
+    one layer's learning rate moves away from the others' (and back) the solve is captured anew, and the
+    weights stay those of the reference loop to the bit."""
+    torch.manual_seed(0)
+    base = small_autoencoder()
+    models, opts = [], []
+    for backend in ("reference", "fused"):
+        model = copy.deepcopy(base)
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                                backend=backend, solve_order="iteration-major",
+                                inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+        if backend == "fused":
+            opt.fused_solver.max_zero_copy_graphs = 0
+            _fake_cuda_graphs(monkeypatch, opt.fused_solver)
+        models.append(model)
+        opts.append(opt)
+    modes, groups = [], []
+    for i in range(9):
+        x = torch.rand(32, 20)
+        for opt in opts:
+            if i in (3, 6):
+                opt.param_groups[2]["lr"] *= 2.0 if i == 3 else 0.5
+        for model, opt in zip(models, opts):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        modes.append(opts[1].fused_solver.last_mode)
+        groups.append(opts[1].fused_solver.shared_rates)
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters())), (i, modes)
+    assert groups[:3] == [((0, 1, 2, 3),)] * 3 and groups[3:6] == [((0, 1, 3), (2,))] * 3, groups
+    assert groups[6:] == [((0, 1, 2, 3),)] * 3, groups
+    assert modes == ["eager", "graph-capture-copy", "graph-replay-copy"] * 3, modes
+
+
 def test_a_new_solve_order_is_captured_anew_and_stays_bitwise_the_other(monkeypatch):
     """The captured solves are specific to the order of work: switching it between steps warms up and captures
     again (never replays the other order's graph), and the weights stay those of the layer-major order."""

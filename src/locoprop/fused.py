@@ -328,8 +328,9 @@ class FusedIterativeSolver:
             run as one chain, the chains side by side on the layer streams;
             ``"iteration-major"``: iteration ``k`` of every layer, then one
             multi-tensor inner-optimizer update of all layers (nine kernels
-            for TF-RMSProp plus one per layer for its ``η_k``, where the
-            layer-major order issues nine per layer), then iteration ``k+1``
+            for TF-RMSProp, its ``η_k`` multiply once per group of layers
+            that share their learning rates, where the layer-major order
+            issues nine per layer), then iteration ``k+1``
             (issue 5's first lead; the products of an iteration still run on
             the layer streams).  Both give the same result, to the bit on the
             CPU.
@@ -366,6 +367,9 @@ class FusedIterativeSolver:
         self._warm = False
         #: The learning-rate table read inside a capture of the whole step (:class:`~locoprop.CapturedStep`).
         self.static_table: torch.Tensor | None = None
+        #: Layers that share their learning rates (:meth:`rate_groups` of this step's table; ``None``: each
+        #: layer alone), so that an update of several layers scales their gradients with one multiply.
+        self.shared_rates: tuple[tuple[int, ...], ...] | None = None
         #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
         #: "graph-replay-copy" (the graph of static copies), "inside-capture".
         self.last_mode = ""
@@ -416,6 +420,16 @@ class FusedIterativeSolver:
             row = [local_lr(g["lr"], k, T, g["lr_decay"], g["min_lr_ratio"]) if k < T else 0.0 for k in range(width)]
             rows.append(row + [regularizer.coefficient(g["lr"]) if anchored else 0.0])
         return torch.tensor(rows, dtype=torch.float64)
+
+    @staticmethod
+    def rate_groups(table: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+        """Layers whose rows of the learning-rate table (:meth:`table_for`) have the same ``η_k`` in every
+        iteration, in groups by first layer: an update of several layers scales a group's gradients with one
+        multi-tensor multiply."""
+        groups: dict[tuple, list[int]] = {}
+        for m, row in enumerate(table[:, :-1].tolist()):
+            groups.setdefault(tuple(row), []).append(m)
+        return tuple(tuple(g) for g in groups.values())
 
     def release_graph(self) -> None:
         """Drop the captured solves (their memory returns to the allocator)."""
@@ -482,7 +496,15 @@ class FusedIterativeSolver:
         """Iteration ``k``'s inner-optimizer update of the layers of ``chains`` (learning rate ``η_k`` of
         each layer from ``table``): one multi-tensor update over all of them, or, with
         ``compile_elementwise``, one compiled program (one pass per tensor)."""
-        layers = [(c.layer.params, c.layer.grads, c.layer.states, table[c.index, k]) for c in chains]
+        by_index = {c.index: c for c in chains}
+        groups = self.shared_rates or tuple((c.index,) for c in chains)
+        layers = []  # (params, grads, states, η_k) of each group of layers with the same η_k
+        for group in groups:
+            members = [by_index[m] for m in group if m in by_index]
+            if members:
+                layers.append(([p for c in members for p in c.layer.params],
+                               [g for c in members for g in c.layer.grads],
+                               [st for c in members for st in c.layer.states], table[members[0].index, k]))
         if self.compile_elementwise and rule.update_layers_compiled is not None:
             rule.update_layers_compiled(layers)
         else:
@@ -574,6 +596,7 @@ class FusedIterativeSolver:
                                   problems[0].anchor is not None).to(param.dtype)
             table = self._buffer(("table",), host.shape, host.dtype, param.device)
             table.copy_(host)
+            self.shared_rates = self.rate_groups(host)
         inputs = [(pr.batch.inputs, pr.first_residual(loss), pr.target, pr.anchor, pr.batch.transfer)
                   for pr in problems]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
@@ -601,7 +624,7 @@ class FusedIterativeSolver:
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
-                 tuple(table.shape)]
+                 self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,
                           anchor is not None, repr(transfer),

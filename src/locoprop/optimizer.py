@@ -695,12 +695,13 @@ class CapturedStep:
                 torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
             return loss
-        key = self._hyper_key()
+        table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor())
+        key = self._hyper_key() + (solver.rate_groups(table),)  # layers sharing η_k share a multiply in the graph
         if self.graph is None or key != self._key:
-            self._capture(key)
+            self._capture(key, table)
             self.last_mode = "capture"
         else:
-            solver.static_table.copy_(solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor()))
+            solver.static_table.copy_(table)
             self.last_mode = "replay"
         self.graph.replay()
         if opt.check_finite and not bool(self.flag):
@@ -712,14 +713,14 @@ class CapturedStep:
         opt._finish(self.problems)
         return self.loss.clone()
 
-    def _capture(self, key) -> None:
+    def _capture(self, key, table: torch.Tensor) -> None:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         self.graph = None
         solver.release_graph()
         # the learning-rate table the graph reads, filled before every replay
         first = opt._params()[0]  # the same dtype as the eager path's table
-        solver.static_table = solver.table_for(opt.param_groups, opt.variant.regularizer,
-                                               opt._needs_anchor()).to(first.device, first.dtype)
+        solver.static_table = table.to(first.device, first.dtype)
+        solver.shared_rates = solver.rate_groups(table)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss, problems = opt._step_body(self.closure, capturing=True)

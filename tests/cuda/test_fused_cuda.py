@@ -126,6 +126,28 @@ def test_graphed_step_equals_reference(order):
         assert torch.equal(ref.inner.state[p]["step"], fast.inner.state[q]["step"])
 
 
+def test_graphed_iteration_major_step_follows_one_layers_learning_rate():
+    """The captured whole step scales the gradients of layers with the same η_k by one multiply; when one
+    layer's learning rate moves away from the others' the step is captured anew and stays with the reference."""
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, backend="reference")
+    fast = _opt(fast_model, solve_order="iteration-major")
+    static_x = torch.empty(256, 784, device=DEV)
+    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
+    modes = []
+    for i, x in enumerate(_batches(8)):
+        if i == 5:
+            for opt in (ref, fast):
+                opt.param_groups[1]["lr"] *= 0.5
+        ref.step(lambda: _loss(ref_model(x), x))
+        static_x.copy_(x)
+        step()
+        modes.append(step.last_mode)
+    assert modes == ["eager", "eager", "capture", "replay", "replay", "capture", "replay", "replay"], modes
+    assert fast.fused_solver.shared_rates == ((0, 2, 3), (1,))
+    assert _rel(ref_model, fast_model) < 1e-5
+
+
 @pytest.mark.parametrize("rollback", ["device", "host"])
 def test_graphed_step_divergence_is_undone(rollback):
     model = _model()
