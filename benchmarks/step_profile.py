@@ -7,8 +7,9 @@ the kernels (kernels inside a replayed CUDA graph included) by kind: matrix prod
 GEMM and GEMV kernels), multi-tensor (``foreach``) kernels, reductions, and other elementwise kernels, with
 their counts per step, beside the step's wall time from CUDA events.  Kernel time summed over several
 streams can exceed the wall time (the kernels overlapped); wall time above it is the GPU idle between
-kernels.  On the CPU the same table counts the ATen operations and their own CPU time (a check of the
-script; on 2 cores the products dominate).
+kernels.  If the profiler sees no kernels inside replayed graphs on some setup, the ``fused-nograph`` and
+``fused-iter-nograph`` modes launch the same solve eagerly.  On the CPU the same table counts the ATen
+operations and their own CPU time (a check of the script; on 2 cores the products dominate).
 
     python benchmarks/step_profile.py --model standard --modes eager graph graphed graphed-iter --out profile.json
 """

@@ -28,7 +28,9 @@ and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole st
 ``-nocheck`` is the same with ``check_finite=False`` (no rollback copies: the memory they cost), ``-host``
 with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes),
 ``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``, ``-iter``
-with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update).  On a
+with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update),
+``-nograph`` (with ``fused``: the solve launched eagerly, not captured; not in the plan, for
+``benchmarks/step_profile.py``).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The compiled modes run after all others, so that their
@@ -240,6 +242,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
                 opt.fused_solver.order = "iteration-major"
+            elif flag == "nograph":  # the fast solver launched eagerly (a profile sees every kernel)
+                opt.fused_solver.cuda_graph = False
             elif flag not in ("host", "compiled"):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]

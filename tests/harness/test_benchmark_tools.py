@@ -316,9 +316,9 @@ def test_step_profile_sorts_kernels_by_kind_and_counts_a_step(tmp_path):
     assert mod.kind_of("void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>") == "elementwise"
     out = tmp_path / "profile.json"
     assert mod.main(["--model", "tiny", "--batch-size", "16", "--local-steps", "2", "--modes", "eager", "fused",
-                     "fused-iter", "--warmup", "1", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+                     "fused-iter-nograph", "--warmup", "1", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
     records = {r["mode"]: r for r in json.loads(out.read_text())["records"]}
     assert records["eager"]["optimizer"] == "rmsprop" and records["fused"]["optimizer"] == "locoprop-m"
     assert all(r["wall_ms_median"] > 0 and r["kinds"]["product"]["count_per_step"] > 0 for r in records.values())
-    assert records["fused-iter"]["count_per_step"] < records["fused"]["count_per_step"]
+    assert records["fused-iter-nograph"]["count_per_step"] < records["fused"]["count_per_step"]
     assert records["fused"]["profiler_table"]
