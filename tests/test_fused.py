@@ -319,23 +319,31 @@ def _fake_cuda_graphs(monkeypatch, solver):
     monkeypatch.setattr(solver, "_capture", capture)
 
 
-@pytest.mark.parametrize("max_graphs", [4, 0])
-def test_solve_graphs_replay_only_where_the_inputs_lie_and_equal_the_eager_solver(monkeypatch, max_graphs):
-    """The selection logic of the captured solve (zero-copy graphs keyed by the inputs' addresses, the copying
-    graph as the fallback), run on the CPU with a stand-in graph: bit for bit the eager fast solver."""
+def _eager_and_graphed(monkeypatch, max_graphs, first_backend="fused", **kwargs):
+    """``(models, optimizers)``: two copies of one small model with LocoProp, the first solved eagerly by
+    ``first_backend``, the second by the fast solver through the stand-in CUDA graphs."""
     torch.manual_seed(0)
     base = small_autoencoder()
-    xs = [torch.rand(32, 20) for _ in range(7)]
     models, opts = [], []
-    for graphs in (False, True):
+    for backend in (first_backend, "graphed"):
         model = copy.deepcopy(base)
         opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
-                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
-        if graphs:
+                                backend="fused" if backend == "graphed" else backend,
+                                inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}, **kwargs)
+        if backend == "graphed":
             opt.fused_solver.max_zero_copy_graphs = max_graphs
             _fake_cuda_graphs(monkeypatch, opt.fused_solver)
         models.append(model)
         opts.append(opt)
+    return models, opts
+
+
+@pytest.mark.parametrize("max_graphs", [4, 0])
+def test_solve_graphs_replay_only_where_the_inputs_lie_and_equal_the_eager_solver(monkeypatch, max_graphs):
+    """The selection logic of the captured solve (zero-copy graphs keyed by the inputs' addresses, the copying
+    graph as the fallback), run on the CPU with a stand-in graph: bit for bit the eager fast solver."""
+    models, opts = _eager_and_graphed(monkeypatch, max_graphs)
+    xs = [torch.rand(32, 20) for _ in range(7)]
     modes = []
     for i, x in enumerate(xs):
         if i == 4:
@@ -402,19 +410,7 @@ def test_iteration_major_graphs_follow_a_layer_whose_learning_rate_changes(monke
     """Captured iteration-major solves scale the gradients of layers with the same η_k by one multiply: when
     one layer's learning rate moves away from the others' (and back) the solve is captured anew, and the
     weights stay those of the reference loop to the bit."""
-    torch.manual_seed(0)
-    base = small_autoencoder()
-    models, opts = [], []
-    for backend in ("reference", "fused"):
-        model = copy.deepcopy(base)
-        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
-                                backend=backend, solve_order="iteration-major",
-                                inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
-        if backend == "fused":
-            opt.fused_solver.max_zero_copy_graphs = 0
-            _fake_cuda_graphs(monkeypatch, opt.fused_solver)
-        models.append(model)
-        opts.append(opt)
+    models, opts = _eager_and_graphed(monkeypatch, 0, "reference", solve_order="iteration-major")
     modes, groups = [], []
     for i in range(9):
         x = torch.rand(32, 20)
@@ -434,18 +430,7 @@ def test_iteration_major_graphs_follow_a_layer_whose_learning_rate_changes(monke
 def test_a_new_solve_order_is_captured_anew_and_stays_bitwise_the_other(monkeypatch):
     """The captured solves are specific to the order of work: switching it between steps warms up and captures
     again (never replays the other order's graph), and the weights stay those of the layer-major order."""
-    torch.manual_seed(0)
-    base = small_autoencoder()
-    models, opts = [], []
-    for graphs in (False, True):
-        model = copy.deepcopy(base)
-        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
-                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
-        if graphs:
-            opt.fused_solver.max_zero_copy_graphs = 0  # the copying graph: replayed whatever the addresses
-            _fake_cuda_graphs(monkeypatch, opt.fused_solver)
-        models.append(model)
-        opts.append(opt)
+    models, opts = _eager_and_graphed(monkeypatch, 0)  # the copying graph: replayed whatever the addresses
     modes = []
     for i in range(6):
         x = torch.rand(32, 20)
