@@ -427,6 +427,24 @@ def test_iteration_major_graphs_follow_a_layer_whose_learning_rate_changes(monke
     assert modes == ["eager", "graph-capture-copy", "graph-replay-copy"] * 3, modes
 
 
+def test_layer_major_graphs_are_kept_when_one_layers_learning_rate_changes(monkeypatch):
+    """The layer-major order updates one layer at a time, so the groups of shared learning rates are no part of
+    its graphs: a layer's rate moving away from the others' is replayed, not captured anew."""
+    models, opts = _eager_and_graphed(monkeypatch, 0, "reference")
+    modes = []
+    for i in range(6):
+        x = torch.rand(32, 20)
+        if i == 3:
+            for opt in opts:
+                opt.param_groups[2]["lr"] *= 2.0
+        for model, opt in zip(models, opts):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        modes.append(opts[1].fused_solver.last_mode)
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters())), (i, modes)
+    assert opts[1].fused_solver.shared_rates is None
+    assert modes == ["eager", "graph-capture-copy"] + ["graph-replay-copy"] * 4, modes
+
+
 def test_a_new_solve_order_is_captured_anew_and_stays_bitwise_the_other(monkeypatch):
     """The captured solves are specific to the order of work: switching it between steps warms up and captures
     again (never replays the other order's graph), and the weights stay those of the layer-major order."""

@@ -101,6 +101,12 @@ class UpdateRule:
         """Host-side bookkeeping after ``steps`` updates of ``p`` (step counters)."""
 
 
+def _flat(layers: list[tuple], part: int) -> list:
+    """Part ``part`` of every entry of an :meth:`UpdateRule.update_layers` list, concatenated: ``0`` the
+    parameters, ``1`` the gradients, ``2`` the per-parameter state lists."""
+    return [t for lay in layers for t in lay[part]]
+
+
 def _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha: float, mom: float, eps: float) -> None:
     """One tensor's TF-RMSProp update, the recurrence of :meth:`TFRMSpropRule.update` (for ``torch.compile``,
     which fuses it into one pass over the tensors)."""
@@ -162,8 +168,8 @@ class TFRMSpropRule(UpdateRule):
         """:meth:`update_layers` as one compiled program: one pass over each tensor instead of nine (equal up
         to rounding).  It sees flat plain tensors (not parameters, whose shapes torch.compile would
         specialise on), so one compilation serves every layer of the same number of tensors."""
-        tensors = [(p.detach(), g, ms, m) for params, grads, states, _ in layers
-                   for p, g, (ms, m) in zip(params, grads, states)]
+        tensors = [(p.detach(), g, ms, m) for p, g, (ms, m) in zip(_flat(layers, 0), _flat(layers, 1),
+                                                                    _flat(layers, 2))]
         if not all(t.is_contiguous() for four in tensors for t in four):
             return self.update_layers(layers)
         alpha, mom, eps = self._group()
@@ -173,10 +179,9 @@ class TFRMSpropRule(UpdateRule):
 
     def update_layers(self, layers):
         alpha, mom, eps = self._group()
-        params = [p for lay in layers for p in lay[0]]
-        grads = [g for lay in layers for g in lay[1]]
-        squares = [s[0] for lay in layers for s in lay[2]]
-        buffers = [s[1] for lay in layers for s in lay[2]]
+        params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
+        squares = [s[0] for s in states]
+        buffers = [s[1] for s in states]
         torch._foreach_mul_(squares, alpha)
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
         denom = torch._foreach_add(squares, eps)
@@ -214,10 +219,9 @@ class SGDRule(UpdateRule):
 
     def update_layers(self, layers):
         mom, nesterov = self._group()
-        params = [p for lay in layers for p in lay[0]]
-        grads = [g for lay in layers for g in lay[1]]
+        params, grads = _flat(layers, 0), _flat(layers, 1)
         if mom != 0.0:
-            buffers = [s[0] for lay in layers for s in lay[2]]
+            buffers = [s[0] for s in _flat(layers, 2)]
             torch._foreach_mul_(buffers, mom)
             torch._foreach_add_(buffers, grads)
             if nesterov:
@@ -367,7 +371,7 @@ class FusedIterativeSolver:
         self._warm = False
         #: The learning-rate table read inside a capture of the whole step (:class:`~locoprop.CapturedStep`).
         self.static_table: torch.Tensor | None = None
-        #: Layers that share their learning rates (:meth:`rate_groups` of this step's table; ``None``: each
+        #: Layers that share their learning rates (:meth:`shared_rates_of` this step's table; ``None``: each
         #: layer alone), so that an update of several layers scales their gradients with one multiply.
         self.shared_rates: tuple[tuple[int, ...], ...] | None = None
         #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
@@ -430,6 +434,12 @@ class FusedIterativeSolver:
         for m, row in enumerate(table[:, :-1].tolist()):
             groups.setdefault(tuple(row), []).append(m)
         return tuple(tuple(g) for g in groups.values())
+
+    def shared_rates_of(self, table: torch.Tensor) -> tuple[tuple[int, ...], ...] | None:
+        """:meth:`rate_groups` where the order of work uses them (iteration-major: one update of all layers),
+        ``None`` where it does not (layer-major updates one layer at a time), so that a layer-major graph is
+        not captured again when the groups change."""
+        return self.rate_groups(table) if self.order == "iteration-major" else None
 
     def release_graph(self) -> None:
         """Drop the captured solves (their memory returns to the allocator)."""
@@ -496,15 +506,15 @@ class FusedIterativeSolver:
         """Iteration ``k``'s inner-optimizer update of the layers of ``chains`` (learning rate ``η_k`` of
         each layer from ``table``): one multi-tensor update over all of them, or, with
         ``compile_elementwise``, one compiled program (one pass per tensor)."""
-        by_index = {c.index: c for c in chains}
-        groups = self.shared_rates or tuple((c.index,) for c in chains)
-        layers = []  # (params, grads, states, η_k) of each group of layers with the same η_k
-        for group in groups:
-            members = [by_index[m] for m in group if m in by_index]
-            if members:
-                layers.append(([p for c in members for p in c.layer.params],
-                               [g for c in members for g in c.layer.grads],
-                               [st for c in members for st in c.layer.states], table[members[0].index, k]))
+        if len(chains) == 1 or self.shared_rates is None:
+            groups = [[c] for c in chains]
+        else:
+            by_index = {c.index: c for c in chains}
+            groups = [[by_index[m] for m in group if m in by_index] for group in self.shared_rates]
+        layers = [([p for c in members for p in c.layer.params],  # (params, grads, states, η_k) of each group
+                   [g for c in members for g in c.layer.grads],
+                   [st for c in members for st in c.layer.states], table[members[0].index, k])
+                  for members in groups if members]
         if self.compile_elementwise and rule.update_layers_compiled is not None:
             rule.update_layers_compiled(layers)
         else:
@@ -596,7 +606,7 @@ class FusedIterativeSolver:
                                   problems[0].anchor is not None).to(param.dtype)
             table = self._buffer(("table",), host.shape, host.dtype, param.device)
             table.copy_(host)
-            self.shared_rates = self.rate_groups(host)
+            self.shared_rates = self.shared_rates_of(host)
         inputs = [(pr.batch.inputs, pr.first_residual(loss), pr.target, pr.anchor, pr.batch.transfer)
                   for pr in problems]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve

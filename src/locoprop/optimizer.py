@@ -696,7 +696,7 @@ class CapturedStep:
             self.last_mode = "eager"
             return loss
         table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor())
-        key = self._hyper_key() + (solver.rate_groups(table),)  # layers sharing η_k share a multiply in the graph
+        key = self._hyper_key() + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
         if self.graph is None or key != self._key:
             self._capture(key, table)
             self.last_mode = "capture"
@@ -720,7 +720,7 @@ class CapturedStep:
         # the learning-rate table the graph reads, filled before every replay
         first = opt._params()[0]  # the same dtype as the eager path's table
         solver.static_table = table.to(first.device, first.dtype)
-        solver.shared_rates = solver.rate_groups(table)
+        solver.shared_rates = solver.shared_rates_of(table)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss, problems = opt._step_body(self.closure, capturing=True)
