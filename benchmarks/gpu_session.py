@@ -11,10 +11,12 @@ brings back what finished.  In order:
 1. ``tests/cuda`` and ``tests/test_fused.py`` (the fast solver against the reference loop on CUDA);
 2. ``benchmarks/step_time.py`` (step times, peak memory and FLOP floors; stops starting new
    configurations at its deadline), then, with ``--profile-s``, ``benchmarks/step_profile.py`` (the
-   kernels of a step by kind: where its time goes);
+   kernels of a step by kind: where its time goes), then, with ``--population-s``,
+   ``benchmarks/population_speed.py`` (a population of K trials against one run at a time);
 3. with ``--tune OPTIMIZER[:TRIALS[:EPOCHS[:WORKERS]]] ...``: Optuna studies on the GPU (WORKERS
    ``locoprop tune`` processes per study, every study side by side, each in its own SQLite file, the
-   first trial being the best settings found so far), stopped at ``--tune-s``; their best settings
+   first trial being the best settings found so far; ``--tune-population K``: each worker trains K
+   trials at a time as one population), stopped at ``--tune-s``; their best settings
    then come first for the runs of part 4 (``tuning.tar.gz`` holds the database, reports and logs);
    ``--with-tune RUN ...`` starts those runs of part 4 beside the studies, with the settings found before
    them, and lets them go on through part 4 (so their wall-clock times are contended: use them for loss
@@ -26,9 +28,10 @@ brings back what finished.  In order:
    then run at once and are stopped at the session's deadline (their folders resume with
    ``locoprop train --resume``).
 
-Everything lands in ``--out`` as at most eight files (``session.log``, ``tests.txt``, ``perf.json``,
-``perf.txt``, ``profile.json``, ``tuning.tar.gz``, ``runs.tar.gz``, ``env.txt``), the limit of what a device
-call returns.
+Everything lands in ``--out`` (``session.log``, ``tests.txt``, ``perf.json``, ``perf.txt``, ``profile.json``,
+``population.json``, ``tuning.tar.gz``, ``runs.tar.gz``, ``env.txt``); a device call returns at most eight
+files, so one call should not ask for all of them (the population benchmark and the studies, say, belong in
+different calls).
 """
 
 from __future__ import annotations
@@ -145,7 +148,8 @@ def tune_commands(args, folder: Path, py: str) -> list[tuple[str, Path, Path | N
                "--batch-size", "1000", "--epochs", epochs, *limits,
                "--startup-trials", str(args.startup_trials), "--sampler", "tpe", "--device", args.device,
                "--data-dir", args.data_dir, "--storage", str(db), "--runs-dir", str(folder / "trials" / opt),
-               "--optimizer", opt, *fixed]
+               "--optimizer", opt, *fixed,
+               *(["--population", str(args.tune_population)] if args.tune_population > 1 else [])]
         out.append((opt, db, earlier, [cmd + (["--enqueue", first] if first and w == 0 else [])
                                        for w in range(workers)]))
     return out
@@ -216,6 +220,12 @@ def main(argv=None) -> int:
                    help="folder holding standard-mnist-tanh-OPTIMIZER-gpu.db files of an earlier session: those "
                         "studies continue (each worker runs up to TRIALS more; trials left running are retried)")
     p.add_argument("--tune-s", type=float, default=240.0, help="time for all studies together")
+    p.add_argument("--tune-population", type=int, default=1,
+                   help="each tuning worker trains this many trials at a time as one population")
+    p.add_argument("--population-s", type=float, default=0.0,
+                   help="time for benchmarks/population_speed.py (0: skip it)")
+    p.add_argument("--population-args", default="--sizes 1 8 16 32 64 --precisions fp32 tf32",
+                   help="arguments of benchmarks/population_speed.py")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
     p.add_argument("--with-tune", nargs="*", default=[], metavar="RUN",
                    help="runs started beside the --tune studies, with the settings of --settings-dirs (not those "
@@ -262,6 +272,10 @@ def main(argv=None) -> int:
     if args.profile_s > 0:
         _run([py, "benchmarks/step_profile.py", *args.profile_args.split(), "--out", str(out / "profile.json")],
              min(args.profile_s, deadline - time.time() - 30), out / "perf.txt", log)
+    if args.population_s > 0:
+        _run([py, "benchmarks/population_speed.py", *args.population_args.split(),
+              "--out", str(out / "population.json")],
+             min(args.population_s, deadline - time.time() - 30), out / "perf.txt", log)
 
     def chosen_runs(settings_dirs, names) -> dict[str, dict]:
         """The runs named by ``names`` (None: all), their settings written to ``work/runs/NAME.json``."""

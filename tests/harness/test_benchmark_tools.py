@@ -160,9 +160,10 @@ def test_gpu_session_tune_commands_start_or_continue_a_study(tmp_path):
     mod = _module("gpu_session")
     args = argparse.Namespace(tune=["rmsprop:6:100:3", "locoprop-m:4"], tune_from=None, startup_trials=5,
                               settings_dirs=["results/tuning"], device="cuda", data_dir="data",
-                              tune_set=["locoprop-m:local_steps=5", "shampoo:shampoo_root=eigh"])
+                              tune_set=["locoprop-m:local_steps=5", "shampoo:shampoo_root=eigh"], tune_population=1)
     studies = mod.tune_commands(args, tmp_path, "python3")
     loco = studies[1][3][0]
+    assert "--population" not in loco
     assert loco[loco.index("--set") + 1] == "local_steps=5" and loco.count("--set") == 1
     assert "--set" not in studies[0][3][0]
     assert [(s[0], s[1].name, s[2], len(s[3])) for s in studies] == [
@@ -181,6 +182,26 @@ def test_gpu_session_tune_commands_start_or_continue_a_study(tmp_path):
     assert studies[0][2] == earlier / "standard-mnist-tanh-rmsprop-gpu.db" and studies[1][2] is None
     assert not any("--max-trials" in c or "--enqueue" in c for c in studies[0][3])
     assert "--max-trials" in studies[1][3][0] and "--enqueue" in studies[1][3][0]
+    args.tune_population = 16  # each worker trains 16 trials at a time
+    assert all(c[c.index("--population") + 1] == "16" for s in mod.tune_commands(args, tmp_path, "python3")
+               for c in s[3])
+
+
+def test_population_speed_times_populations_beside_one_run(tmp_path):
+    """benchmarks/population_speed.py: one record per (optimizer, K) with the population's step, the step per
+    trial and one run's step, in its JSON."""
+    import json
+
+    mod = _module("population_speed")
+    out = tmp_path / "pop.json"
+    assert mod.main(["--model", "tiny", "--batch-size", "16", "--sizes", "1", "3", "--steps", "2", "--warmup", "1",
+                     "--local-steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["optimizer"], r["population"]) for r in records] == [
+        ("locoprop-m", 1), ("locoprop-m", 3), ("rmsprop", 1), ("rmsprop", 3)]
+    for r in records:
+        assert r["trial_step_ms"] == r["step_ms_median"] / r["population"] > 0
+        assert r["speedup"] == r["single_step_ms"] / r["trial_step_ms"]
 
 
 def test_shampoo_is_timed_with_both_roots(newton_roots):

@@ -177,3 +177,41 @@ def test_a_killed_worker_leaves_its_trial_failed_and_a_rerun_continues(tmp_path)
     records, _ = read_metrics(retry.user_attrs["run_dir"])
     assert [r["epoch"] for r in records] == list(range(21))
     assert len(trials) == 2
+
+
+def test_a_population_runs_a_studys_trials_together(tmp_path):
+    db, runs = tmp_path / "s.db", tmp_path / "runs"
+    args = ["tune", *TINY, "--optimizer", "rmsprop", "--storage", str(db), "--study", "p", "--runs-dir", str(runs),
+            "--population", "3", "--enqueue", "lr=1e6"]  # far outside Table 3: the member diverges or exits
+    assert cli_main(args + ["--trials", "5"]) == 0
+    trials = _trials(db, "p")
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert [t.user_attrs["population"] for t in trials] == [3, 3, 3, 2, 2]
+    assert trials[0].state == TrialState.PRUNED and trials[0].user_attrs["status"] in ("diverged", "early-exit")
+    done = [t for t in trials[1:]]
+    assert all(t.state == TrialState.COMPLETE and math.isfinite(t.value) for t in done)
+    for t in done:  # the same records and values as the one-at-a-time path: a run folder per trial
+        records, _ = read_metrics(t.user_attrs["run_dir"])
+        assert records[-1]["epoch"] == 2 and records[-1]["train_loss"] == pytest.approx(t.value)
+        assert [s for s, _ in sorted(t.intermediate_values.items())] == [1, 2]
+    # a member's value is what a separate run of its settings gives
+    from locoprop.harness.train import train
+
+    alone = train(TrainConfig.from_dict(done[0].user_attrs["settings"]), tmp_path / "alone", progress=False,
+                  log=lambda s: None)
+    assert alone.final_train_loss == pytest.approx(done[0].value, rel=1e-4)
+    # --max-trials counts finished trials: one more group of 2 reaches 7
+    assert cli_main(["tune", "--storage", str(db), "--study", "p", "--runs-dir", str(runs), "--population", "4",
+                     "--max-trials", "7"]) == 0
+    assert len(_trials(db, "p")) == 7
+
+
+def test_population_input_errors_name_the_option(tmp_path):
+    db = tmp_path / "s.db"
+    base = ["tune", *TINY, "--storage", str(db), "--runs-dir", str(tmp_path / "runs"), "--trials", "2"]
+    with pytest.raises(ValueError, match="--population: expected an integer >= 1, got 0"):
+        main_tune(build_parser().parse_args(base + ["--optimizer", "rmsprop", "--population", "0"]))
+    with pytest.raises(ValueError, match=r"--population: trains \['locoprop-s', 'locoprop-m', 'rmsprop'\] only, "
+                                         r"not 'adam'"):
+        main_tune(build_parser().parse_args(base + ["--optimizer", "adam", "--study", "a", "--population", "2"]))
+    assert not (tmp_path / "runs").exists()

@@ -55,7 +55,7 @@ from .optimizers import LOCOPROP_VARIANTS, OPTIMIZER_NAMES
 from .train import CONFIG, TrainConfig, read_metrics, train
 
 __all__ = ["Dimension", "search_space", "TUNED_FIELDS", "GAMMAS", "storage_url", "open_storage", "make_sampler",
-           "open_study", "run_study", "report", "register", "main_tune", "default_warmup"]
+           "open_study", "run_study", "run_population_study", "report", "register", "main_tune", "default_warmup"]
 
 #: TrainConfig fields a study searches over (the others are fixed for the study).
 TUNED_FIELDS = ("lr", "beta1", "beta2", "eps", "activation_lr")
@@ -378,62 +378,89 @@ def _run_dir_of(trial, runs_dir: Path) -> tuple[Path, bool]:
     return runs_dir / f"trial-{trial.number:05d}", False
 
 
+def _start_trial(trial, settings: dict, worker: dict, space: Sequence[Dimension], runs_dir: Path,
+                 sampler_name: str, log: Callable[[str], None]) -> tuple[TrainConfig, Path, bool]:
+    """The trial's run settings (its sampled values over the study's), folder, and whether it is a retry."""
+    run_dir, resumed = _run_dir_of(trial, runs_dir)
+    values = {**settings, **worker}
+    if resumed:  # resuming needs the killed trial's exact settings, its worker's device included
+        previous = trial.user_attrs.get("settings") or {}
+        values.update({k: previous[k] for k in WORKER_FIELDS if k in previous})
+    for dim in space:
+        values[dim.field] = dim.suggest(trial)
+    cfg = TrainConfig.from_dict(values)
+    trial.set_user_attr("settings", asdict(cfg))
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("host", platform.node())
+    trial.set_user_attr("sampler", sampler_name)
+    if resumed:
+        trial.set_user_attr("resumed", True)
+    tuned = "  ".join(f"{d.field}={values[d.field]:.4g}" for d in space)
+    log(f"trial {trial.number}{f' (resumes {run_dir.name})' if resumed else ''}: {tuned}")
+    return cfg, run_dir, resumed
+
+
+def _report_epoch(trial, rec: dict) -> str | None:
+    """Report an epoch's train loss to Optuna; the reason to stop when its pruner says so."""
+    trial.report(float(rec["train_loss"]), int(rec["epoch"]))
+    if trial.should_prune():
+        return f"pruned by Optuna's {type(trial.study.pruner).__name__}"
+    return None
+
+
+def _finish_trial(trial, result, run_dir: Path, log: Callable[[str], None]) -> float:
+    """Record a finished run on its trial; its final train loss, or :class:`optuna.TrialPruned` when it
+    stopped early (pruned, the notebook's early exit, diverged) or has no finite loss."""
+    import optuna
+
+    records, _ = read_metrics(run_dir)
+    info = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).exists() else {}
+    trial.set_user_attr("status", result.status)
+    trial.set_user_attr("reason", result.reason)
+    trial.set_user_attr("epochs_done", result.epochs_done)
+    trial.set_user_attr("final_train_loss", result.final_train_loss)
+    trial.set_user_attr("final_test_loss", result.final_test_loss)
+    trial.set_user_attr("wall_time", records[-1]["wall_time"] if records else None)
+    trial.set_user_attr("device", info.get("device"))
+    trial.set_user_attr("data_source", info.get("data_source"))
+    if "population" in info:
+        trial.set_user_attr("population", info["population"]["size"])
+    loss = result.final_train_loss
+    log(f"trial {trial.number}: {result.status} after {result.epochs_done} epochs, train loss {loss}"
+        + (f" ({result.reason})" if result.reason else ""))
+    if result.status == "early-exit" and loss is not None and math.isfinite(loss):
+        # train stops before on_epoch at an early exit; report that epoch's loss so the sampler sees it
+        trial.report(float(loss), int(result.epochs_done))
+    if result.status in ("early-exit", "diverged", "pruned"):
+        raise optuna.TrialPruned(f"{result.status}: {result.reason}")
+    if loss is None or not math.isfinite(loss):
+        raise optuna.TrialPruned(f"no finite final train loss ({loss})")
+    return float(loss)
+
+
 def make_objective(settings: dict, worker: dict, space: Sequence[Dimension], runs_dir: Path, *,
                    sampler_name: str, progress: bool = False, log: Callable[[str], None] = print):
     """The objective: one :func:`train` run per trial; returns its final train loss (App. F)."""
-    import optuna
-
     runs_dir = Path(runs_dir)
 
     def objective(trial) -> float:
-        run_dir, resumed = _run_dir_of(trial, runs_dir)
-        values = {**settings, **worker}
-        if resumed:  # resuming needs the killed trial's exact settings, its worker's device included
-            previous = trial.user_attrs.get("settings") or {}
-            values.update({k: previous[k] for k in WORKER_FIELDS if k in previous})
-        for dim in space:
-            values[dim.field] = dim.suggest(trial)
-        cfg = TrainConfig.from_dict(values)
-        trial.set_user_attr("settings", asdict(cfg))
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("host", platform.node())
-        trial.set_user_attr("sampler", sampler_name)
-        if resumed:
-            trial.set_user_attr("resumed", True)
-        tuned = "  ".join(f"{d.field}={values[d.field]:.4g}" for d in space)
-        log(f"trial {trial.number}{f' (resumes {run_dir.name})' if resumed else ''}: {tuned}")
-
-        def on_epoch(rec: dict) -> str | None:
-            trial.report(float(rec["train_loss"]), int(rec["epoch"]))
-            if trial.should_prune():
-                return f"pruned by Optuna's {type(trial.study.pruner).__name__}"
-            return None
-
+        cfg, run_dir, resumed = _start_trial(trial, settings, worker, space, runs_dir, sampler_name, log)
         # a new trial never reuses a folder (it would hold another study's run); a retry resumes its own
-        result = train(cfg, run_dir, resume=resumed, progress=progress, log=lambda s: None, on_epoch=on_epoch)
-        records, _ = read_metrics(run_dir)
-        info = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).exists() else {}
-        trial.set_user_attr("status", result.status)
-        trial.set_user_attr("reason", result.reason)
-        trial.set_user_attr("epochs_done", result.epochs_done)
-        trial.set_user_attr("final_train_loss", result.final_train_loss)
-        trial.set_user_attr("final_test_loss", result.final_test_loss)
-        trial.set_user_attr("wall_time", records[-1]["wall_time"] if records else None)
-        trial.set_user_attr("device", info.get("device"))
-        trial.set_user_attr("data_source", info.get("data_source"))
-        loss = result.final_train_loss
-        log(f"trial {trial.number}: {result.status} after {result.epochs_done} epochs, train loss {loss}"
-            + (f" ({result.reason})" if result.reason else ""))
-        if result.status == "early-exit" and loss is not None and math.isfinite(loss):
-            # train stops before on_epoch at an early exit; report that epoch's loss so the sampler sees it
-            trial.report(float(loss), int(result.epochs_done))
-        if result.status in ("early-exit", "diverged", "pruned"):
-            raise optuna.TrialPruned(f"{result.status}: {result.reason}")
-        if loss is None or not math.isfinite(loss):
-            raise optuna.TrialPruned(f"no finite final train loss ({loss})")
-        return float(loss)
+        result = train(cfg, run_dir, resume=resumed, progress=progress, log=lambda s: None,
+                       on_epoch=lambda rec: _report_epoch(trial, rec))
+        return _finish_trial(trial, result, run_dir, log)
 
     return objective
+
+
+def _enqueue(study, settings: dict, space: Sequence[Dimension], enqueue: Sequence[dict]) -> None:
+    by_field = {d.field: d for d in space}
+    for item in enqueue:
+        unknown = sorted(set(item) - set(by_field))
+        if unknown:
+            raise ValueError(f"--enqueue: {unknown} not searched for {settings['optimizer']}; "
+                             f"searched: {sorted(by_field)}")
+        study.enqueue_trial({by_field[k].param: by_field[k].to_param(v) for k, v in item.items()})
 
 
 def run_study(study, settings: dict, space: Sequence[Dimension], *, trials: int | None, runs_dir: Path,
@@ -448,13 +475,7 @@ def run_study(study, settings: dict, space: Sequence[Dimension], *, trials: int 
     import optuna
     from optuna.trial import TrialState
 
-    by_field = {d.field: d for d in space}
-    for item in enqueue:
-        unknown = sorted(set(item) - set(by_field))
-        if unknown:
-            raise ValueError(f"--enqueue: {unknown} not searched for {settings['optimizer']}; "
-                             f"searched: {sorted(by_field)}")
-        study.enqueue_trial({by_field[k].param: by_field[k].to_param(v) for k, v in item.items()})
+    _enqueue(study, settings, space, enqueue)
     callbacks = []
     if max_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE,
@@ -465,6 +486,126 @@ def run_study(study, settings: dict, space: Sequence[Dimension], *, trials: int 
         warnings.filterwarnings("ignore", message=".*is out of range for distribution.*")
         study.optimize(objective, n_trials=trials, catch=(Exception,), callbacks=callbacks,
                        gc_after_trial=False, show_progress_bar=False)
+
+
+def _heartbeat_interval(storage) -> int | None:
+    """The storage's heartbeat interval in seconds; ``None`` where it keeps no heartbeats."""
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return get() if get is not None and hasattr(storage, "record_heartbeat") else None
+
+
+class _Heartbeats:
+    """Record a heartbeat for each of ``trial_ids`` every ``storage.get_heartbeat_interval()`` seconds
+    while in the ``with`` block (what Optuna's ``optimize`` does for its one trial), so that a killed
+    population leaves stale trials that the next worker fails and retries."""
+
+    def __init__(self, storage, trial_ids: Sequence[int]) -> None:
+        import threading
+
+        self.storage, self.trial_ids = storage, list(trial_ids)
+        self.interval = _heartbeat_interval(storage)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True) if self.interval else None
+
+    def _beat(self) -> None:
+        while True:
+            for tid in self.trial_ids:
+                self.storage.record_heartbeat(tid)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+
+
+def run_population_study(study, settings: dict, space: Sequence[Dimension], *, population: int,
+                         trials: int | None, runs_dir: Path, worker: dict | None = None,
+                         max_trials: int | None = None, sampler_name: str = "tpe", enqueue: Sequence[dict] = (),
+                         progress: bool = False, log: Callable[[str], None] = print) -> None:
+    """:func:`run_study`, ``population`` trials at a time trained together in this process
+    (:mod:`locoprop.harness.population`: on a GPU, many small trials cost far less together than one by one).
+
+    Trials are asked from the study in groups (Optuna's ask-and-tell interface; the sampler proposes a
+    group's members one after another, as for parallel workers), each member's epochs are reported to its
+    trial (so the pruner can stop it; the others go on), and every trial ends as with :func:`run_study`: the
+    same user attributes, ``COMPLETE`` with its final train loss or ``PRUNED``.  A group that fails fails its
+    trials and the study goes on.  A killed group's trials are retried like a killed worker's, but start over
+    (a population keeps no checkpoint).  ``trials=None`` runs until ``max_trials`` are finished.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from .population import POPULATION_OPTIMIZERS, check_population_config, shared_settings, train_population
+
+    if not isinstance(population, int) or population < 1:
+        raise ValueError(f"--population: expected an integer >= 1, got {population!r}")
+    if trials is None and max_trials is None:
+        raise ValueError("give trials or max_trials")
+    if settings["optimizer"] not in POPULATION_OPTIMIZERS:
+        raise ValueError(f"--population: trains {list(POPULATION_OPTIMIZERS)} only, not {settings['optimizer']!r}")
+    runs_dir = Path(runs_dir)
+    worker = dict(worker or {})
+    _enqueue(study, settings, space, enqueue)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    started = 0
+    while True:
+        size = population if trials is None else min(population, trials - started)
+        if max_trials is not None:
+            size = min(size, max_trials - len(study.get_trials(deepcopy=False, states=finished)))
+        if size <= 0:
+            return
+        if _heartbeat_interval(study._storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        group = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is out of range for distribution.*")
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")  # _Heartbeats beats
+            for _ in range(size):
+                trial = study.ask()
+                try:
+                    cfg, run_dir, resumed = _start_trial(trial, settings, worker, space, runs_dir, sampler_name,
+                                                         log)
+                    check_population_config(cfg)
+                except Exception as exc:  # the trial's settings are wrong: it fails, the others go on
+                    log(f"trial {trial.number}: failed ({exc})")
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
+                if group and shared_settings(cfg) != shared_settings(group[0][1]):  # e.g. another worker's retry
+                    log(f"trial {trial.number}: failed (its settings differ from trial {group[0][0].number}'s "
+                        "beyond the tuned ones; a population shares them)")
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
+                if resumed:  # a retry starts over: a population keeps no checkpoint to resume from
+                    for name in ("metrics.jsonl", "checkpoint.pt"):
+                        (run_dir / name).unlink(missing_ok=True)
+                group.append((trial, cfg, run_dir))
+        started += size
+        if not group:
+            continue
+        log(f"population of {len(group)}: trials {', '.join(str(t.number) for t, _, _ in group)}")
+        try:
+            with _Heartbeats(study._storage, [t._trial_id for t, _, _ in group]):
+                results = train_population([c for _, c, _ in group], [d for _, _, d in group], progress=progress,
+                                           log=log, on_epoch=lambda j, rec: _report_epoch(group[j][0], rec))
+        except Exception as exc:
+            log(f"population of trials {[t.number for t, _, _ in group]} failed: {type(exc).__name__}: {exc}")
+            for trial, _, _ in group:
+                study.tell(trial, state=TrialState.FAIL)
+            continue
+        for (trial, _, run_dir), result in zip(group, results):
+            try:
+                study.tell(trial, _finish_trial(trial, result, run_dir, log))
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -652,6 +793,9 @@ def register(subparsers) -> None:
                    help="seconds without a heartbeat before a running trial is failed (default: 2x interval)")
     g.add_argument("--max-retry", type=int, default=1,
                    help="times a killed worker's trial is retried (resuming its run folder); default 1")
+    g.add_argument("--population", type=int, default=1, metavar="K",
+                   help="train K trials at a time as one population in this process (locoprop-s, locoprop-m, "
+                        "rmsprop; on a GPU many small trials cost far less together); default 1: one at a time")
     g.add_argument("--progress", action="store_true", help="show a progress bar for each epoch")
     g = p.add_argument_group("report")
     g.add_argument("--report", default=None, metavar="FILE.yaml",
@@ -670,6 +814,8 @@ def main_tune(args: argparse.Namespace) -> int:
 
     if args.trials is None and args.max_trials is None and args.report is None:
         raise ValueError("tune: give --trials N (or --max-trials N) to run trials, and/or --report FILE")
+    if args.population < 1:
+        raise ValueError(f"--population: expected an integer >= 1, got {args.population}")
     for name in ("trials", "max_trials"):
         v = getattr(args, name)
         if v is not None and v < 0:
@@ -703,9 +849,12 @@ def main_tune(args: argparse.Namespace) -> int:
         _log(f"study {name} in {_safe_url(url)}: {settings['optimizer']} on {settings['dataset']} "
              f"{settings['model']} {settings['activation']}, {settings['epochs']} epochs; sampler {args.sampler}; "
              f"searching {'; '.join(d.describe() for d in space)}")
-        run_study(study, settings, space, trials=args.trials, runs_dir=runs_dir, worker=worker,
-                  max_trials=args.max_trials, sampler_name=args.sampler, enqueue=enqueue,
-                  progress=args.progress, log=_log)
+        common = dict(trials=args.trials, runs_dir=runs_dir, worker=worker, max_trials=args.max_trials,
+                      sampler_name=args.sampler, enqueue=enqueue, progress=args.progress, log=_log)
+        if args.population == 1:
+            run_study(study, settings, space, **common)
+        else:
+            run_population_study(study, settings, space, population=args.population, **common)
     if args.report is not None:
         report(study, args.report, top=args.top, storage_label=_safe_url(url), log=_log)
     return 0

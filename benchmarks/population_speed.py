@@ -1,0 +1,122 @@
+"""Time a population (``locoprop tune --population K``) against one run at a time.
+
+For each optimizer, precision and population size ``K`` it times the median step of a
+:class:`locoprop.harness.population.Population` of ``K`` members of the autoencoder at one batch size
+(CUDA events on a GPU, ``time.perf_counter`` on the CPU), beside the step one run takes the way ``locoprop
+train`` runs it (LocoProp: :meth:`locoprop.LocoProp.graphed_step` on CUDA, ``step()`` on the CPU;
+RMSProp: the harness's eager TF-RMSProp).  ``trial_step_ms`` is the population's step divided by ``K``;
+``speedup`` is the single run's step over it: how many times more trials the same device time trains.
+Members have the tuned settings of ``results/tuning-h200-100epoch`` with their learning rates spread
+over a factor of 10, as a study's trials would be.
+
+    python benchmarks/population_speed.py --sizes 1 2 4 --steps 5 --out results/perf/population-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from locoprop.harness.models import AutoencoderLoss, build_autoencoder, num_parameters
+from locoprop.harness.optimizers import build_optimizer
+from locoprop.harness.population import Member, Population
+
+
+def _step_time():
+    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).with_name("step_time.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+#: The tuned settings (results/tuning-h200-100epoch/best-*.yaml), rounded.
+SETTINGS = {
+    "locoprop-m": dict(lr=8.06e-6, beta1=0.976, beta2=0.931, eps=7.3e-9, activation_lr=500.0),
+    "rmsprop": dict(lr=6.33e-4, beta1=0.914, beta2=0.982, eps=1.06e-8),
+}
+
+
+def members(optimizer: str, k: int) -> list[Member]:
+    base = SETTINGS[optimizer]
+    spread = [10 ** (-0.5 + (j / (k - 1) if k > 1 else 0.5)) for j in range(k)]  # lr x 0.32 .. 3.2
+    return [Member(**{**base, "lr": base["lr"] * f}) for f in spread]
+
+
+def single_step(optimizer: str, model, x, precision: str, local_steps: int):
+    """One run's step as ``locoprop train`` takes it."""
+    loss_fn = AutoencoderLoss()
+    s = SETTINGS[optimizer]
+    opt = build_optimizer(optimizer, model, loss_fn, lr=s["lr"], beta1=s["beta1"], beta2=s["beta2"], eps=s["eps"],
+                          activation_lr=s.get("activation_lr", 1.0), local_steps=local_steps,
+                          **({"precision": precision} if optimizer != "rmsprop" else {}))
+    if optimizer != "rmsprop" and x.is_cuda:
+        return opt.graphed_step(lambda: loss_fn(model(x), x))
+    return lambda: opt.step(lambda: loss_fn(model(x), x))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="standard")
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--optimizers", nargs="+", default=["locoprop-m", "rmsprop"], choices=sorted(SETTINGS))
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32"],
+                    help="LocoProp's local products (RMSProp always fp32)")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16, 32], help="population sizes K")
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="JSON file (default: results/perf/population-DEVICE-DATE.json)")
+    args = ap.parse_args(argv)
+    st = _step_time()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.rand(args.batch_size, 784, device=device)
+    name = st.device_name(device)
+    date = datetime.date.today().isoformat()
+    out = Path(args.out or f"results/perf/population-{name.replace(' ', '-')}-{date}.json")
+    meta = {"command": "python benchmarks/population_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": name, "date": date, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    records = []
+    for optimizer in args.optimizers:
+        for precision in (["fp32"] if optimizer == "rmsprop" else args.precisions):
+            model = build_autoencoder(args.model, "tanh", device=device)
+            times, _ = st.timed_calls(single_step(optimizer, model, x, precision, args.local_steps), device,
+                                      args.warmup, args.steps)
+            single = statistics.median(times)
+            for k in args.sizes:
+                model = build_autoencoder(args.model, "tanh", device=device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
+                pop = Population(model, optimizer, members(optimizer, k), local_steps=args.local_steps,
+                                 precision=precision)
+                times, _ = st.timed_calls(lambda: pop.step(x, 1.0), device, args.warmup, args.steps)
+                step = statistics.median(times)
+                rec = {"device": name, "model": args.model, "parameters": num_parameters(model),
+                       "batch_size": args.batch_size, "optimizer": optimizer,
+                       "local_steps": args.local_steps if optimizer != "rmsprop" else 0, "precision": precision,
+                       "population": k, "step_ms_median": step, "trial_step_ms": step / k,
+                       "single_step_ms": single, "speedup": single / (step / k)}
+                if device.type == "cuda":
+                    rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+                records.append(rec)
+                print(f"{optimizer:10s} {precision} K={k:3d}  step {step:9.2f} ms  per trial {step / k:8.2f} ms  "
+                      f"one run {single:8.2f} ms  speedup {single / (step / k):5.2f}x", flush=True)
+                del pop
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+r"""Many trials in one process: a population of autoencoders stacked along a leading dimension.
+
+Why: on a GPU one standard autoencoder at batch 1000 leaves most of the chip
+idle (its products, timed alone at their shapes, run at about a quarter of the
+chip's FP32 rate: ``results/perf/``), and processes sharing one GPU take turns
+on it rather than running side by side.  A population of ``K`` members, each
+with its own hyper-parameters, does every matrix product of all members as one
+batched product (``torch.baddbmm``), so ``K`` trials of a study cost far less
+than ``K`` times one.  ``locoprop tune --population K`` runs a study's trials
+that way (:func:`run_population_study`).
+
+What a member computes is what one ``locoprop train`` run with its settings
+computes, only batched: the same initial weights (the study's seed), the same
+batches in the same order, the notebook's schedule, and for
+
+* LocoProp-S and LocoProp-M (Algorithms 1 and 2, the iterative solver, the
+  inner TF-RMSProp, no proximity term: the variants as the harness builds
+  them): one forward and backward pass, the targets of the variant's own
+  :class:`~locoprop.targets.Target` object with a ``γ`` per member, then
+  ``T`` local iterations with the local loss's own closed-form gradient
+  (:meth:`~locoprop.losses.LocalLoss.grad`), ``η_k = η max(1 - k/T, 0.25)``
+  and TF-RMSProp (:class:`locoprop.inner.TFRMSprop`'s recurrence with
+  ``β1, β2, ε`` per member);
+* RMSProp, the paper's first-order baseline: TF-RMSProp on the BackProp
+  gradient.
+
+``tests/harness/test_population.py`` holds every member equal to a separate
+run through :class:`locoprop.LocoProp` or the harness's RMSProp.  Members are
+independent: nothing mixes them (a diverged member's NaNs stay in its own
+slices), and members that end (pruned, early exit, diverged) are dropped from
+the stack, so the rest run faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from locoprop.layers import discover_layers
+from locoprop.transfer import TransferFunction
+from locoprop.variants import get_variant
+
+from .data import load_dataset
+from .models import OUTPUT_TRANSFER, build_autoencoder, num_parameters
+from .optimizers import LOCOPROP_VARIANTS
+from .train import (CONFIG, METRICS, RunResult, TrainConfig, _device_name, _epoch_permutation, _sync, _versions,
+                    early_exit_reason, lr_factor)
+
+__all__ = ["POPULATION_OPTIMIZERS", "PER_MEMBER", "Member", "Population", "member_of", "shared_settings", "check_population_config",
+           "train_population"]
+
+#: The optimizers a population can train (``locoprop tune --population``).
+POPULATION_OPTIMIZERS = ("locoprop-s", "locoprop-m", "rmsprop")
+#: The settings each member of a population has for itself; it shares all others.
+PER_MEMBER = ("lr", "beta1", "beta2", "eps", "activation_lr", "early_exit")
+#: TF-RMSProp's defaults where a setting leaves β1, β2 or ε unset (:class:`locoprop.inner.TFRMSprop`).
+_TF_DEFAULTS = {"beta1": 0.0, "beta2": 0.9, "eps": 1e-10}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member's hyper-parameters (the paper's names; ``None``: TF-RMSProp's default)."""
+
+    lr: float
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    activation_lr: float = 1.0
+
+
+def member_of(cfg: TrainConfig) -> Member:
+    """The hyper-parameters of one run's settings."""
+    return Member(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, activation_lr=cfg.activation_lr)
+
+
+#: Settings a population member must leave at their defaults (what it does not implement), and those it ignores:
+#: they choose how a single run computes, not what.
+_UNSUPPORTED = {"inner": "tf_rmsprop", "weight_decay": 0.0, "distributed": None}
+_SAME_RESULT = ("rollback", "compile_elementwise", "solve_order", "cuda_graph", "dist_timeout")
+
+
+def shared_settings(cfg: TrainConfig) -> dict:
+    """The settings of ``cfg`` that every member of a population shares (all but :data:`PER_MEMBER`)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in PER_MEMBER}
+
+
+def check_population_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the setting when ``cfg`` asks for what a population does not compute."""
+    cfg.validate()
+    if cfg.optimizer not in POPULATION_OPTIMIZERS:
+        raise ValueError(f"optimizer: a population trains {list(POPULATION_OPTIMIZERS)}, not {cfg.optimizer!r}")
+    for name, default in _UNSUPPORTED.items():
+        if getattr(cfg, name) != default:
+            raise ValueError(f"{name}: a population runs {name}={default!r} only, got {getattr(cfg, name)!r}")
+    if cfg.precision not in ("fp32", "tf32"):
+        raise ValueError(f"precision: a population runs fp32 or tf32 local products, got {cfg.precision!r}")
+
+
+@dataclass
+class _StackedLayer:
+    weight: torch.Tensor  # (K, in, out): each member's nn.Linear weight, transposed
+    bias: torch.Tensor  # (K, 1, out)
+    transfer: TransferFunction  # the layer's transfer function as LocoProp pairs it
+    activation: bool  # whether the model applies it (the code and output layers are linear in the model)
+
+
+class Population:
+    """``K`` copies of one ``nn.Sequential`` autoencoder, each trained by ``optimizer`` with its own settings.
+
+    Args:
+        model: the model every member starts from (built with the study's seed).
+        optimizer: one of :data:`POPULATION_OPTIMIZERS`.
+        members: each member's hyper-parameters.
+        local_steps: ``T`` (LocoProp only).
+        precision: ``"tf32"``: the local products in TF32 on CUDA (LocoProp's ``precision``; on the CPU the
+            same as ``"fp32"``).
+
+    ``step(x, factor)`` takes one step of every member on batch ``x`` at
+    learning rate ``lr * factor`` (the schedule) and returns each member's
+    batch loss, shape ``(K,)``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: str, members: Sequence[Member], *, local_steps: int = 10,
+                 precision: str = "fp32") -> None:
+        if optimizer not in POPULATION_OPTIMIZERS:
+            raise ValueError(f"optimizer: a population trains {list(POPULATION_OPTIMIZERS)}, got {optimizer!r}")
+        if not members:
+            raise ValueError("members: a population needs at least one member")
+        if optimizer != "rmsprop" and int(local_steps) < 1:
+            raise ValueError(f"local_steps: expected an integer >= 1, got {local_steps}")
+        if precision not in ("fp32", "tf32") or (precision == "tf32" and optimizer == "rmsprop"):
+            raise ValueError(f"precision: a population of {optimizer} runs {'fp32' if optimizer == 'rmsprop' else 'fp32 or tf32'} "
+                             f"products, got {precision!r}")
+        self.precision = precision
+        self.optimizer = optimizer
+        self.local_steps = int(local_steps)
+        self.variant = get_variant(LOCOPROP_VARIANTS[optimizer]) if optimizer != "rmsprop" else None
+        k = len(members)
+        found = discover_layers(model, output_transfer=OUTPUT_TRANSFER)
+        modules = list(model)
+        self.layers: list[_StackedLayer] = []
+        for layer in found:
+            lin = layer.linear
+            w = lin.weight.detach().t().unsqueeze(0).repeat(k, 1, 1).contiguous()
+            b = lin.bias.detach().reshape(1, 1, -1).repeat(k, 1, 1).contiguous()
+            after = modules.index(lin) + 1
+            applied = after < len(modules) and not isinstance(modules[after], nn.Linear)
+            self.layers.append(_StackedLayer(w, b, layer.transfer, applied))
+        dev, dt = self.layers[0].weight.device, self.layers[0].weight.dtype
+        settings = [{**_TF_DEFAULTS, **{f: getattr(m, f) for f in _TF_DEFAULTS if getattr(m, f) is not None}}
+                    for m in members]
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=dt, device=dev).reshape(k, 1, 1)
+
+        self.lr = column([m.lr for m in members])
+        self.beta1 = column([s["beta1"] for s in settings])
+        self.beta2 = column([s["beta2"] for s in settings])
+        self.eps = column([s["eps"] for s in settings])
+        self.gamma = column([m.activation_lr for m in members])
+        # TF-RMSProp's state, per parameter: mean square from 1.0, momentum from 0 (reference notes)
+        self.mean_square = [torch.ones_like(t) for lay in self.layers for t in (lay.weight, lay.bias)]
+        self.momentum = [torch.zeros_like(t) for lay in self.layers for t in (lay.weight, lay.bias)]
+        self.members = list(members)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def params(self) -> list[torch.Tensor]:
+        return [t for lay in self.layers for t in (lay.weight, lay.bias)]
+
+    # -- the model -------------------------------------------------------------------------------
+    @staticmethod
+    def _linear(x: torch.Tensor, layer: _StackedLayer) -> torch.Tensor:
+        """``x W + b`` of every member; ``x`` is ``(b, in)`` (shared) or ``(K, b, in)``."""
+        if x.dim() == 2:
+            x = x.expand(layer.weight.shape[0], *x.shape)
+        return torch.baddbmm(layer.bias, x, layer.weight)
+
+    def forward(self, x: torch.Tensor, keep: list | None = None) -> torch.Tensor:
+        """Every member's logits, ``(K, b, 784)``; with ``keep``, each layer's ``(input, pre-activation)``."""
+        h = x
+        for layer in self.layers:
+            pre = self._linear(h, layer)
+            if keep is not None:
+                keep.append((h, pre))
+            h = layer.transfer.f(pre) if layer.activation else pre
+        return h
+
+    @staticmethod
+    def member_losses(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The paper's loss of each member (sum over pixels, mean over the batch), shape ``(K,)``."""
+        target = x.expand_as(logits)
+        per = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return per.sum(dim=(1, 2)) / x.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, data: torch.Tensor, chunk: int = 10000) -> list[float]:
+        """Each member's loss over a whole split (as :func:`locoprop.harness.train.evaluate`)."""
+        chunk = max(1, min(chunk, (10000 * 8) // max(self.size, 1)))
+        total = torch.zeros(self.size, dtype=torch.float64, device=data.device)
+        for i in range(0, data.shape[0], chunk):
+            x = data[i:i + chunk]
+            total += self.member_losses(self.forward(x), x).double() * x.shape[0]
+        return (total / data.shape[0]).tolist()
+
+    # -- the step --------------------------------------------------------------------------------
+    def _tf_rmsprop(self, params, grads, squares, buffers, lr: torch.Tensor) -> None:
+        """TF-RMSProp (:class:`locoprop.inner.TFRMSprop`) with a learning rate, β1, β2, ε per member."""
+        for p, g, ms, mom in zip(params, grads, squares, buffers):
+            ms.mul_(self.beta2).add_(g * g * (1.0 - self.beta2))
+            mom.mul_(self.beta1).add_(g.div((ms + self.eps).sqrt()).mul_(lr))
+            p.sub_(mom)
+
+    def step(self, x: torch.Tensor, factor: float) -> torch.Tensor:
+        """One step of every member on the batch ``x``; returns each member's batch loss (before the step)."""
+        params = self.params()
+        for p in params:
+            p.requires_grad_(True)
+        kept: list = []
+        with torch.enable_grad():
+            losses = self.member_losses(self.forward(x, keep=kept), x)
+            wanted = params if self.variant is None else [pre for _, pre in kept]
+            grads = torch.autograd.grad(losses.sum(), wanted)  # members are independent: each gets its own
+        for p in params:
+            p.requires_grad_(False)
+        lr = self.lr * factor
+        with torch.no_grad():
+            if self.variant is None:
+                self._tf_rmsprop(params, grads, self.mean_square, self.momentum, lr)
+            else:
+                self._locoprop(kept, grads, lr)
+        return losses.detach()
+
+    def _locoprop(self, kept, grads, lr: torch.Tensor) -> None:
+        """LocoProp's targets and ``T`` local iterations of every layer (Algorithms 1 and 2)."""
+        target_of, loss = self.variant.target, self.variant.local_loss
+        problems = []
+        for layer, (h, pre), g in zip(self.layers, kept, grads):
+            pre = pre.detach()
+            batch = SimpleNamespace(pre=pre, grad_pre=g, transfer=layer.transfer)
+            target = target_of(batch, self.gamma)
+            if h.dim() == 2:
+                h = h.expand(self.size, *h.shape)
+            problems.append((layer, h.detach(), target, loss.grad(pre, target, layer.transfer)))
+        with _local_products(self.precision):
+            self._local_iterations(problems, loss, lr)
+
+    def _local_iterations(self, problems, loss, lr: torch.Tensor) -> None:
+        """Iteration ``k`` of every layer: ``δ`` (the first from the forward pass), ``δᵀx``, ``Σδ``, TF-RMSProp
+        at ``η_k = η max(1 - k/T, 0.25)`` (reference notes, steps 4 and 5)."""
+        T = self.local_steps
+        for k in range(T):
+            lr_k = lr * max(1.0 - k / T, 0.25)
+            for i, (layer, h, target, first) in enumerate(problems):
+                delta = first if k == 0 else loss.grad(self._linear(h, layer), target, layer.transfer)
+                grad_w = torch.bmm(h.transpose(1, 2), delta)
+                grad_b = delta.sum(dim=1, keepdim=True)
+                self._tf_rmsprop((layer.weight, layer.bias), (grad_w, grad_b), self.mean_square[2 * i:2 * i + 2],
+                                 self.momentum[2 * i:2 * i + 2], lr_k)
+
+    # -- membership ------------------------------------------------------------------------------
+    def keep(self, which: Sequence[int]) -> None:
+        """Keep only the members at the indices ``which`` (in that order); the others are dropped."""
+        index = torch.as_tensor(list(which), dtype=torch.long, device=self.lr.device)
+        for lay in self.layers:
+            lay.weight = lay.weight.index_select(0, index)
+            lay.bias = lay.bias.index_select(0, index)
+        for name in ("lr", "beta1", "beta2", "eps", "gamma"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.mean_square = [t.index_select(0, index) for t in self.mean_square]
+        self.momentum = [t.index_select(0, index) for t in self.momentum]
+        self.members = [self.members[j] for j in which]
+
+    def member_model(self, j: int, model: nn.Module) -> nn.Module:
+        """Copy member ``j``'s weights into ``model`` (a module of the population's architecture)."""
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for lin, lay in zip(linears, self.layers):
+                lin.weight.copy_(lay.weight[j].t())
+                lin.bias.copy_(lay.bias[j].reshape(-1))
+        return model
+
+
+@contextlib.contextmanager
+def _local_products(precision: str):
+    """TF32 for the local products where ``precision="tf32"`` (as LocoProp's ``precision``; no-op on the CPU)."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path], *, progress: bool = False,
+                     log: Callable[[str], None] = print,
+                     on_epoch: Callable[[int, dict], str | None] | None = None) -> list[RunResult]:
+    """Train the runs ``configs`` (one per member) as one population, each into its folder of ``outs``.
+
+    The configurations must agree on every setting but :data:`PER_MEMBER` (the tuned ones and
+    ``early_exit``): a population shares its model, data, batches and schedule.  Each folder gets what
+    :func:`~locoprop.harness.train.train` writes (``config.json``, ``metrics.jsonl``; no checkpoint: a stopped
+    population is not resumed, each run starts again).  ``wall_time`` is the population's (every member's
+    record says so under ``population`` in ``config.json``).  ``on_epoch(j, record)`` is called for member
+    ``j`` after each epoch; a string it returns stops that member as ``"pruned"``.  Returns each member's
+    :class:`~locoprop.harness.train.RunResult`, in the order of ``configs``.
+    """
+    if not configs or len(configs) != len(outs):
+        raise ValueError(f"configs, outs: expected one folder per configuration, got {len(configs)} and {len(outs)}")
+    for cfg in configs:
+        check_population_config(cfg)
+    for j, cfg in enumerate(configs):
+        differ = sorted(k for k, v in shared_settings(cfg).items() if v != shared_settings(configs[0])[k])
+        if differ:
+            raise ValueError(f"configs[{j}]: differs from configs[0] in {differ}; a population shares every "
+                             f"setting but {', '.join(PER_MEMBER)}")
+    outs = [Path(o) for o in outs]
+    for out in outs:
+        if (out / METRICS).exists():
+            raise FileExistsError(f"{out}: a run is already there; choose another folder")
+    cfg0 = configs[0]
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg0.device == "auto" else cfg0.device)
+    dtype = getattr(torch, cfg0.dtype)
+    data = load_dataset(cfg0.dataset, cfg0.data_dir, device=device, dtype=dtype, limit_train=cfg0.limit_train,
+                        limit_test=cfg0.limit_test, seed=cfg0.seed)
+    torch.manual_seed(cfg0.seed)
+    model = build_autoencoder(cfg0.model, cfg0.activation, input_dim=data.train.shape[1], dtype=dtype, device=device)
+    pop = Population(model, cfg0.optimizer, [member_of(c) for c in configs], local_steps=cfg0.local_steps,
+                     precision=cfg0.precision)
+    k = len(configs)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for j, (cfg, out) in enumerate(zip(configs, outs)):
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"settings": asdict(cfg), "label": cfg.label(), "versions": _versions(), "device": _device_name(device),
+                  "data_source": data.source, "synthetic_data": data.synthetic,
+                  "train_examples": int(data.train.shape[0]), "test_examples": int(data.test.shape[0]),
+                  "parameters": num_parameters(model), "started": started, "host": platform.node(),
+                  "population": {"size": k, "member": j, "note": "trained with other members in one process "
+                                 "(locoprop.harness.population); wall_time is the whole population's"}}
+        (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+
+    def write(j: int, rec: dict) -> None:
+        with (outs[j] / METRICS).open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    train_losses, test_losses = pop.evaluate(data.train), pop.evaluate(data.test)
+    for j in range(k):
+        write(j, {"epoch": 0, "train_loss": train_losses[j], "test_loss": test_losses[j], "wall_time": 0.0,
+                  "lr": 0.0, "step": 0})
+    results: list[RunResult | None] = [None] * k
+    last: list[tuple[float, float] | None] = [None] * k
+    best = [math.inf] * k
+    alive = list(range(k))  # alive[i]: the run of the population's i-th member
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a harness dependency
+        tqdm = None
+    n = data.train.shape[0]
+    batches = math.ceil(n / cfg0.batch_size)
+    wall, step = 0.0, 0
+    for epoch in range(cfg0.epochs):
+        factor = lr_factor(epoch, cfg0.epochs, cfg0.warmup_epochs)
+        perm = _epoch_permutation(n, cfg0.seed, epoch).to(device)
+        bar = tqdm(total=batches, desc=f"{k} x {cfg0.optimizer} epoch {epoch + 1}/{cfg0.epochs}", leave=False,
+                   disable=not progress) if tqdm else None
+        _sync(device)
+        t0 = time.perf_counter()
+        running = torch.zeros(pop.size, dtype=torch.float64, device=device)
+        for i in range(batches):
+            xb = data.train[perm[i * cfg0.batch_size:(i + 1) * cfg0.batch_size]]
+            running += (pop.step(xb, factor).double() - running) / (i + 1)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+        _sync(device)
+        wall += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        train_losses, test_losses = pop.evaluate(data.train), pop.evaluate(data.test)
+        batch_losses = running.tolist()
+        keep = []
+        for i, j in enumerate(alive):
+            cfg, train_loss, test_loss = configs[j], train_losses[i], test_losses[i]
+            if not (math.isfinite(batch_losses[i]) and math.isfinite(train_loss)):
+                why = f"batch loss is {batch_losses[i]}" if not math.isfinite(batch_losses[i]) else \
+                    f"train loss is {train_loss}"
+                results[j] = RunResult(outs[j], "diverged", epoch, *(last[j] or (None, None)), f"epoch {epoch + 1}: {why}")
+                continue
+            best[j] = min(best[j], train_loss)
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "wall_time": wall,
+                   "lr": cfg.lr * factor, "step": step, "batch_loss": batch_losses[i]}
+            write(j, rec)
+            last[j] = (train_loss, test_loss)
+            why = early_exit_reason(train_loss, best[j], epoch + 1) if cfg.early_exit else None
+            if why:
+                results[j] = RunResult(outs[j], "early-exit", epoch + 1, train_loss, test_loss, f"epoch {epoch + 1}: {why}")
+                continue
+            pruned = on_epoch(j, rec) if on_epoch is not None else None
+            if pruned:
+                results[j] = RunResult(outs[j], "pruned", epoch + 1, train_loss, test_loss, f"epoch {epoch + 1}: {pruned}")
+                continue
+            keep.append(i)
+        log(f"epoch {epoch + 1}/{cfg0.epochs}: {len(keep)} of {k} runs go on; best train "
+            f"{min((train_losses[i] for i in keep), default=math.nan):.4f}  {wall:.1f}s")
+        if not keep:
+            break
+        if len(keep) < pop.size:
+            pop.keep(keep)
+            alive = [alive[i] for i in keep]
+    for j in alive:
+        if results[j] is None:
+            results[j] = RunResult(outs[j], "finished", cfg0.epochs, *last[j])
+    for j, result in enumerate(results):
+        if result.status != "finished":
+            write(j, {"event": result.status, "reason": result.reason})
+    return results

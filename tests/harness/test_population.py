@@ -1,0 +1,136 @@
+"""A population (locoprop.harness.population) computes what separate runs compute, member by member."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+from locoprop.harness.optimizers import build_optimizer
+from locoprop.harness.population import Member, Population
+
+MEMBERS = [
+    Member(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, activation_lr=10.0),
+    Member(lr=1e-2, beta1=0.5, beta2=0.99, eps=1e-6, activation_lr=100.0),
+    Member(lr=5e-4, activation_lr=1000.0),  # TF-RMSProp's defaults for beta1, beta2, eps
+]
+FACTORS = (0.0, 0.5, 1.0, 1.0, 0.25)  # the schedule's factors, a zero (warm-up's first epoch) included
+
+
+def _data(dtype, n=40, d=20):
+    return torch.rand(len(FACTORS), n, d, dtype=dtype, generator=torch.Generator().manual_seed(3))
+
+
+def _separate_run(model, name, member, batches, local_steps):
+    model = copy.deepcopy(model)
+    loss_fn = AutoencoderLoss()
+    opt = build_optimizer(name, model, loss_fn, lr=member.lr, beta1=member.beta1, beta2=member.beta2,
+                          eps=member.eps, activation_lr=member.activation_lr, local_steps=local_steps)
+    losses = []
+    for x, factor in zip(batches, FACTORS):
+        for g in opt.param_groups:
+            g["lr"] = member.lr * factor
+        losses.append(float(opt.step(lambda: loss_fn(model(x), x))))
+    return model, losses
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("name, local_steps", [("locoprop-m", 4), ("locoprop-s", 3), ("rmsprop", 0)])
+def test_every_member_equals_its_separate_run(name, local_steps, dtype, rtol):
+    torch.manual_seed(0)
+    model = build_autoencoder("tiny", "tanh", input_dim=20, dtype=dtype)
+    batches = _data(dtype)
+    pop = Population(model, name, MEMBERS, local_steps=max(local_steps, 1))
+    pop_losses = torch.stack([pop.step(x, f) for x, f in zip(batches, FACTORS)], 1)
+    for j, member in enumerate(MEMBERS):
+        alone, losses = _separate_run(model, name, member, batches, local_steps or 10)
+        mine = pop.member_model(j, copy.deepcopy(model))
+        for (pname, a), b in zip(alone.named_parameters(), mine.parameters()):
+            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * 1e-2, msg=f"member {j}, {pname}")
+        torch.testing.assert_close(pop_losses[j], torch.tensor(losses, dtype=dtype), rtol=rtol, atol=0)
+        moved = max((a - p).abs().max().item() for a, p in zip(alone.parameters(), model.parameters()))
+        assert moved > 100 * rtol * 1e-2  # the weights moved far beyond the tolerance: not a check of initial ones
+
+
+TINY = dict(dataset="mnist", model="tiny", epochs=3, warmup_epochs=1, batch_size=50, limit_train=150,
+            limit_test=100, device="cpu", dtype="float64")
+
+
+def _configs(optimizer):
+    from locoprop.harness.train import TrainConfig
+
+    return [TrainConfig(optimizer=optimizer, local_steps=3, lr=m.lr, beta1=m.beta1, beta2=m.beta2, eps=m.eps,
+                        activation_lr=m.activation_lr, **TINY) for m in MEMBERS]
+
+
+@pytest.mark.parametrize("optimizer", ["locoprop-m", "rmsprop"])
+def test_a_population_run_writes_what_separate_runs_write(tmp_path, optimizer):
+    from locoprop.harness.population import train_population
+    from locoprop.harness.train import read_metrics, train
+
+    configs = _configs(optimizer)
+    results = train_population(configs, [tmp_path / f"pop-{j}" for j in range(len(configs))], log=lambda s: None)
+    for j, cfg in enumerate(configs):
+        alone = train(cfg, tmp_path / f"alone-{j}", progress=False, log=lambda s: None)
+        assert (results[j].status, results[j].epochs_done) == (alone.status, alone.epochs_done) == ("finished", 3)
+        mine, _ = read_metrics(tmp_path / f"pop-{j}")
+        theirs, _ = read_metrics(tmp_path / f"alone-{j}")
+        assert [r["epoch"] for r in mine] == [r["epoch"] for r in theirs] == [0, 1, 2, 3]
+        for key in ("train_loss", "test_loss", "lr", "step"):
+            assert [r[key] for r in mine] == pytest.approx([r[key] for r in theirs], rel=1e-10), (j, key)
+        assert results[j].final_train_loss == pytest.approx(alone.final_train_loss, rel=1e-10)
+        config = json.loads((tmp_path / f"pop-{j}" / "config.json").read_text())
+        assert config["population"]["size"] == 3 and config["settings"]["lr"] == cfg.lr
+
+
+def test_ended_members_leave_the_population_and_the_others_go_on(tmp_path):
+    from dataclasses import replace
+
+    from locoprop.harness.population import train_population
+    from locoprop.harness.train import read_metrics, train
+
+    configs = _configs("rmsprop")
+    configs[0] = replace(configs[0], lr=1e300, early_exit=False)  # diverges in epoch 2 (the warm-up epoch has lr 0)
+    seen = []
+
+    def on_epoch(j, rec):
+        seen.append((j, rec["epoch"]))
+        return "pruned here" if j == 2 and rec["epoch"] == 2 else None
+
+    results = train_population(configs, [tmp_path / f"pop-{j}" for j in range(3)], log=lambda s: None,
+                               on_epoch=on_epoch)
+    assert [r.status for r in results] == ["diverged", "finished", "pruned"]
+    assert results[0].reason.startswith("epoch 2:") and results[2].epochs_done == 2
+    diverged = train(configs[0], tmp_path / "alone-0", progress=False, log=lambda s: None)
+    assert (diverged.status, diverged.epochs_done) == ("diverged", results[0].epochs_done) == ("diverged", 1)
+    assert seen == [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3)]
+    # the member that went on to the end is the separate run still (the stack shrank around it)
+    alone = train(configs[1], tmp_path / "alone", progress=False, log=lambda s: None)
+    assert results[1].final_train_loss == pytest.approx(alone.final_train_loss, rel=1e-10)
+    _, events = read_metrics(tmp_path / "pop-2")
+    assert events[-1]["event"] == "pruned"
+
+
+def test_bad_population_input_names_the_setting(tmp_path):
+    from dataclasses import replace
+
+    from locoprop.harness.population import train_population
+
+    configs = _configs("locoprop-m")
+    cases = [
+        ([replace(configs[0], optimizer="adam")], "optimizer: a population trains"),
+        ([replace(configs[0], precision="bf16")], "precision: a population runs fp32 or tf32"),
+        ([replace(configs[0], inner="adam")], "inner: a population runs inner='tf_rmsprop' only"),
+        ([configs[0], replace(configs[1], seed=5)], r"configs\[1\]: differs from configs\[0\] in \['seed'\]"),
+    ]
+    for given, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train_population(given, [tmp_path / f"x{j}" for j in range(len(given))], log=lambda s: None)
+    assert not any(tmp_path.iterdir())  # nothing written
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="taken: a run is already there"):
+        train_population(configs[:1], [tmp_path / "taken"], log=lambda s: None)
+    with pytest.raises(ValueError, match="Member|members: a population needs at least one member"):
+        Population(build_autoencoder("tiny", "tanh", input_dim=20), "locoprop-m", [])
