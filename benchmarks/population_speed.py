@@ -9,7 +9,8 @@ RMSProp: the harness's eager TF-RMSProp).  ``trial_step_ms`` is the population's
 Members have the tuned settings of ``results/tuning-h200-100epoch`` with their learning rates spread
 over a factor of 10, as a study's trials would be.
 
-    python benchmarks/population_speed.py --sizes 1 2 4 --steps 5 --out results/perf/population-cpu.json
+    python benchmarks/population_speed.py --sizes 1 2 4 --steps 5 --out results/population/cpu.json
+    python benchmarks/population_speed.py --table results/population/*.json   # Markdown tables
 """
 
 from __future__ import annotations
@@ -61,8 +62,27 @@ def single_step(optimizer: str, model, x, precision: str, local_steps: int):
     return lambda: opt.step(lambda: loss_fn(model(x), x))
 
 
+def table(path: Path) -> list[str]:
+    """A Markdown section of one JSON file of this benchmark: its machine and command, then a row per record."""
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    lines = [f"## {Path(path).name}", "",
+             f"- Device: {meta['device']}; torch {meta['torch']}; date {meta['date']}; threads {meta['threads']}.",
+             f"- Command: `{meta['command']}`.", "",
+             "| model | batch | optimizer | T | precision | K | population step ms | per trial ms | one run ms | "
+             "speedup | peak MB |", "|" + " --- |" * 11]
+    for r in data["records"]:
+        peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r['local_steps'] or ''} | "
+                     f"{r['precision']} | {r['population']} | {r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
+                     f"{r['single_step_ms']:.2f} | {r['speedup']:.2f}x | {peak} |")
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", nargs="+", default=None, metavar="FILE.json",
+                    help="print the Markdown tables of these result files instead of timing anything")
     ap.add_argument("--model", default="standard")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--optimizers", nargs="+", default=["locoprop-m", "rmsprop"], choices=sorted(SETTINGS))
@@ -73,15 +93,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="JSON file (default: results/perf/population-DEVICE-DATE.json)")
+    ap.add_argument("--out", default=None, help="JSON file (default: results/population/DEVICE-DATE.json)")
     args = ap.parse_args(argv)
+    if args.table:
+        print("\n".join(line for path in args.table for line in table(path)))
+        return 0
     st = _step_time()
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 784, device=device)
     name = st.device_name(device)
     date = datetime.date.today().isoformat()
-    out = Path(args.out or f"results/perf/population-{name.replace(' ', '-')}-{date}.json")
+    out = Path(args.out or f"results/population/{name.replace(' ', '-')}-{date}.json")
     meta = {"command": "python benchmarks/population_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "device": name, "date": date, "torch": torch.__version__, "threads": torch.get_num_threads()}
     records = []

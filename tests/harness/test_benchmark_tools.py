@@ -202,6 +202,9 @@ def test_population_speed_times_populations_beside_one_run(tmp_path):
     for r in records:
         assert r["trial_step_ms"] == r["step_ms_median"] / r["population"] > 0
         assert r["speedup"] == r["single_step_ms"] / r["trial_step_ms"]
+    lines = mod.table(out)
+    rows = [ln for ln in lines if ln.startswith("| tiny ")]
+    assert len(rows) == 4 and rows[1].split(" | ")[5] == "3"  # the K column
 
 
 def test_shampoo_is_timed_with_both_roots(newton_roots):

@@ -4,6 +4,7 @@ continues across commands and workers, pruning, a killed worker, and the `--repo
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -215,3 +216,35 @@ def test_population_input_errors_name_the_option(tmp_path):
                                          r"not 'adam'"):
         main_tune(build_parser().parse_args(base + ["--optimizer", "adam", "--study", "a", "--population", "2"]))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_killed_population_leaves_its_trials_failed_and_a_rerun_retries_them(tmp_path):
+    """The population's heartbeats: a killed population's trials go stale, the next worker fails them and
+    Optuna's retries run them again, from the start (a population keeps no checkpoint)."""
+    db, study = tmp_path / "s.db", "killed-pop"
+    base = ["--storage", str(db), "--study", study, "--runs-dir", str(tmp_path / "runs"),
+            "--heartbeat-interval", "1", "--grace-period", "2"]
+    long = ["--dataset", "mnist", "--model", "tiny", "--epochs", "20", "--limit-train", "1000", "--limit-test", "50",
+            "--batch-size", "50", "--device", "cpu", "--optimizer", "rmsprop", "--set", "early_exit=false"]
+    proc = subprocess.Popen(_tune_cmd(*long, *base, "--trials", "2", "--population", "2"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "trial-00001" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    with sqlite3.connect(db) as con:  # Optuna's heartbeat table: one row for each trial of the population
+        beating = sorted(row[0] for row in con.execute("SELECT trial_id FROM trial_heartbeats"))
+    assert [t.state for t in _trials(db, study)] == [TrialState.RUNNING] * 2, "not killed mid-population"
+    assert beating == sorted(t._trial_id for t in _trials(db, study))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # past the grace period
+    subprocess.run(_tune_cmd(*base, "--trials", "2", "--population", "2"), env=_env(), check=True,
+                   capture_output=True, timeout=120)
+    trials = _trials(db, study)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    for killed, retry in zip(trials[:2], trials[2:]):
+        assert retry.params == killed.params and retry.user_attrs["run_dir"] == killed.user_attrs["run_dir"]
+        records, _ = read_metrics(retry.user_attrs["run_dir"])
+        assert [r["epoch"] for r in records] == list(range(21))  # started over, one record per epoch
+        assert records[-1]["train_loss"] == pytest.approx(retry.value)
