@@ -166,6 +166,7 @@ class Population:
         self.lr = column([m.lr for m in members])
         self.beta1 = column([s["beta1"] for s in settings])
         self.beta2 = column([s["beta2"] for s in settings])
+        self.beta2_complement = 1.0 - self.beta2  # 1 - β2, made once (each step's updates read it)
         self.eps = column([s["eps"] for s in settings])
         self.gamma = column([m.activation_lr for m in members])
         # TF-RMSProp's state, per parameter: mean square from 1.0, momentum from 0 (reference notes)
@@ -219,7 +220,7 @@ class Population:
     def _tf_rmsprop(self, params, grads, squares, buffers, lr: torch.Tensor) -> None:
         """TF-RMSProp (:class:`locoprop.inner.TFRMSprop`) with a learning rate, β1, β2, ε per member."""
         for p, g, ms, mom in zip(params, grads, squares, buffers):
-            ms.mul_(self.beta2).add_(g * g * (1.0 - self.beta2))
+            ms.mul_(self.beta2).addcmul_(g, g * self.beta2_complement)
             mom.mul_(self.beta1).add_(g.div((ms + self.eps).sqrt()).mul_(lr))
             p.sub_(mom)
 
@@ -277,7 +278,7 @@ class Population:
         for lay in self.layers:
             lay.weight = lay.weight.index_select(0, index)
             lay.bias = lay.bias.index_select(0, index)
-        for name in ("lr", "beta1", "beta2", "eps", "gamma"):
+        for name in ("lr", "beta1", "beta2", "beta2_complement", "eps", "gamma"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.mean_square = [t.index_select(0, index) for t in self.mean_square]
         self.momentum = [t.index_select(0, index) for t in self.momentum]
