@@ -21,11 +21,14 @@ batches in the same order, the notebook's schedule, and for
   (:meth:`~locoprop.losses.LocalLoss.grad`), ``η_k = η max(1 - k/T, 0.25)``
   and TF-RMSProp (:class:`locoprop.inner.TFRMSprop`'s recurrence with
   ``β1, β2, ε`` per member);
-* RMSProp, the paper's first-order baseline: TF-RMSProp on the BackProp
-  gradient.
+* the first-order baselines (``sgd``, ``momentum``, ``nesterov``, ``adam``,
+  ``rmsprop``, ``adagrad``): the BackProp gradient and the recurrence of the
+  harness's optimizer (:class:`torch.optim.SGD`, :class:`torch.optim.Adam`,
+  :class:`torch.optim.Adagrad`, :class:`locoprop.inner.TFRMSprop`, with the
+  harness's defaults), each hyper-parameter a column of ``K`` values.
 
 ``tests/harness/test_population.py`` holds every member equal to a separate
-run through :class:`locoprop.LocoProp` or the harness's RMSProp.  Members are
+run through :class:`locoprop.LocoProp` or the harness's optimizer of the same name.  Members are
 independent: nothing mixes them (a diverged member's NaNs stay in its own
 slices), and members that end (pruned, early exit, diverged) are dropped from
 the stack, so the rest run faster.
@@ -60,11 +63,9 @@ __all__ = ["POPULATION_OPTIMIZERS", "PER_MEMBER", "Member", "Population", "membe
            "train_population"]
 
 #: The optimizers a population can train (``locoprop tune --population``).
-POPULATION_OPTIMIZERS = ("locoprop-s", "locoprop-m", "rmsprop")
+POPULATION_OPTIMIZERS = ("locoprop-s", "locoprop-m", "sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad")
 #: The settings each member of a population has for itself; it shares all others.
 PER_MEMBER = ("lr", "beta1", "beta2", "eps", "activation_lr", "early_exit")
-#: TF-RMSProp's defaults where a setting leaves β1, β2 or ε unset (:class:`locoprop.inner.TFRMSprop`).
-_TF_DEFAULTS = {"beta1": 0.0, "beta2": 0.9, "eps": 1e-10}
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,138 @@ def check_population_config(cfg: TrainConfig) -> None:
         raise ValueError(f"precision: a population runs fp32 or tf32 local products, got {cfg.precision!r}")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Update rules with hyper-parameters per member: each follows its single-run optimizer's recurrence
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Rule:
+    """An optimizer's update of stacked parameters ``(K, ...)``, every hyper-parameter a ``(K, 1, 1)`` column.
+
+    ``defaults`` fill the settings a member leaves ``None`` (the single-run optimizer's defaults);
+    ``hyper`` names the columns it reads.  ``state`` holds one list of tensors (or ``None``) per parameter.
+    """
+
+    defaults: dict = {}
+    hyper: tuple = ()
+
+    def __init__(self, members: Sequence[Member], params: Sequence[torch.Tensor]) -> None:
+        k, ref = len(members), params[0]
+        for name in self.hyper:
+            values = [getattr(m, name) if getattr(m, name) is not None else self.defaults[name] for m in members]
+            setattr(self, name, torch.tensor(values, dtype=ref.dtype, device=ref.device).reshape(k, 1, 1))
+        self.steps = 0
+        self.state = [self.init_state(p) for p in params]
+
+    def init_state(self, p: torch.Tensor) -> list:
+        return []
+
+    def begin_step(self) -> None:
+        self.steps += 1
+
+    def update(self, indices: Sequence[int], params, grads, lr: torch.Tensor) -> None:
+        for i, p, g in zip(indices, params, grads):
+            self.update_one(p, g, self.state[i], lr)
+
+    def update_one(self, p, g, state: list, lr: torch.Tensor) -> None:
+        raise TypeError(f"{type(self).__name__} must implement update_one")
+
+    def keep(self, index: torch.Tensor) -> None:
+        for name in self.hyper + tuple(getattr(self, "derived", ())):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.state = [[t if t is None else t.index_select(0, index) for t in st] for st in self.state]
+
+
+class _TFRMSprop(_Rule):
+    """:class:`locoprop.inner.TFRMSprop` (the paper's RMSProp and LocoProp's inner optimizer)."""
+
+    defaults = {"beta1": 0.0, "beta2": 0.9, "eps": 1e-10}  # TF-1's momentum, decay, epsilon
+    hyper = ("beta1", "beta2", "eps")
+    derived = ("beta2_complement",)
+
+    def __init__(self, members, params) -> None:
+        super().__init__(members, params)
+        self.beta2_complement = 1.0 - self.beta2  # made once: every update reads it
+
+    def init_state(self, p):
+        return [torch.ones_like(p), torch.zeros_like(p)]  # mean square from 1.0, momentum from 0
+
+    def update_one(self, p, g, state, lr):
+        ms, mom = state
+        ms.mul_(self.beta2).addcmul_(g, g * self.beta2_complement)
+        mom.mul_(self.beta1).add_(g.div((ms + self.eps).sqrt()).mul_(lr))
+        p.sub_(mom)
+
+
+class _SGD(_Rule):
+    """:class:`torch.optim.SGD`, without momentum (``sgd``) or with (``momentum``, ``nesterov``: β1)."""
+
+    defaults = {"beta1": 0.9}  # the harness's momentum
+
+    def __init__(self, members, params, momentum: bool = False, nesterov: bool = False) -> None:
+        self.hyper = ("beta1",) if momentum else ()
+        self.momentum, self.nesterov = momentum, nesterov
+        super().__init__(members, params)
+
+    def init_state(self, p):
+        return [None]
+
+    def update_one(self, p, g, state, lr):
+        if self.momentum:
+            if state[0] is None:
+                state[0] = g.clone()  # torch starts the buffer at the first gradient
+            else:
+                state[0].mul_(self.beta1).add_(g)
+            g = g.add(state[0] * self.beta1) if self.nesterov else state[0]
+        p.sub_(g * lr)
+
+
+class _Adam(_Rule):
+    """:class:`torch.optim.Adam` (bias-corrected moments)."""
+
+    defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    hyper = ("beta1", "beta2", "eps")
+
+    def init_state(self, p):
+        return [torch.zeros_like(p), torch.zeros_like(p)]
+
+    def update_one(self, p, g, state, lr):
+        m, v = state
+        m.lerp_(g, 1.0 - self.beta1)
+        v.mul_(self.beta2).addcmul_(g, g * (1.0 - self.beta2))
+        correction1 = 1.0 - self.beta1 ** self.steps
+        correction2_sqrt = (1.0 - self.beta2 ** self.steps).sqrt()
+        denom = (v.sqrt() / correction2_sqrt).add_(self.eps)
+        p.sub_(m / denom * (lr / correction1))
+
+
+class _Adagrad(_Rule):
+    """:class:`torch.optim.Adagrad` with the harness's initial accumulator (TF-1's 0.1)."""
+
+    defaults = {"eps": 1e-10}
+    hyper = ("eps",)
+
+    def init_state(self, p):
+        return [torch.full_like(p, 0.1)]
+
+    def update_one(self, p, g, state, lr):
+        state[0].addcmul_(g, g)
+        p.sub_(g / state[0].sqrt().add_(self.eps) * lr)
+
+
+#: The update rule of each optimizer a population trains (LocoProp: its inner TF-RMSProp).
+_RULES = {
+    "sgd": _SGD,
+    "momentum": lambda members, params: _SGD(members, params, momentum=True),
+    "nesterov": lambda members, params: _SGD(members, params, momentum=True, nesterov=True),
+    "adam": _Adam,
+    "rmsprop": _TFRMSprop,
+    "adagrad": _Adagrad,
+    "locoprop-s": _TFRMSprop,
+    "locoprop-m": _TFRMSprop,
+}
+
+
 @dataclass
 class _StackedLayer:
     weight: torch.Tensor  # (K, in, out): each member's nn.Linear weight, transposed
@@ -136,15 +269,16 @@ class Population:
             raise ValueError(f"optimizer: a population trains {list(POPULATION_OPTIMIZERS)}, got {optimizer!r}")
         if not members:
             raise ValueError("members: a population needs at least one member")
-        if optimizer != "rmsprop" and int(local_steps) < 1:
+        locoprop = optimizer in LOCOPROP_VARIANTS
+        if locoprop and int(local_steps) < 1:
             raise ValueError(f"local_steps: expected an integer >= 1, got {local_steps}")
-        if precision not in ("fp32", "tf32") or (precision == "tf32" and optimizer == "rmsprop"):
-            raise ValueError(f"precision: a population of {optimizer} runs {'fp32' if optimizer == 'rmsprop' else 'fp32 or tf32'} "
-                             f"products, got {precision!r}")
+        if precision not in ("fp32", "tf32") or (precision == "tf32" and not locoprop):
+            raise ValueError(f"precision: a population of {optimizer} runs "
+                             f"{'fp32 or tf32 local' if locoprop else 'fp32'} products, got {precision!r}")
         self.precision = precision
         self.optimizer = optimizer
         self.local_steps = int(local_steps)
-        self.variant = get_variant(LOCOPROP_VARIANTS[optimizer]) if optimizer != "rmsprop" else None
+        self.variant = get_variant(LOCOPROP_VARIANTS[optimizer]) if locoprop else None
         k = len(members)
         found = discover_layers(model, output_transfer=OUTPUT_TRANSFER)
         modules = list(model)
@@ -157,21 +291,13 @@ class Population:
             applied = after < len(modules) and not isinstance(modules[after], nn.Linear)
             self.layers.append(_StackedLayer(w, b, layer.transfer, applied))
         dev, dt = self.layers[0].weight.device, self.layers[0].weight.dtype
-        settings = [{**_TF_DEFAULTS, **{f: getattr(m, f) for f in _TF_DEFAULTS if getattr(m, f) is not None}}
-                    for m in members]
 
         def column(values) -> torch.Tensor:
             return torch.tensor(values, dtype=dt, device=dev).reshape(k, 1, 1)
 
         self.lr = column([m.lr for m in members])
-        self.beta1 = column([s["beta1"] for s in settings])
-        self.beta2 = column([s["beta2"] for s in settings])
-        self.beta2_complement = 1.0 - self.beta2  # 1 - β2, made once (each step's updates read it)
-        self.eps = column([s["eps"] for s in settings])
         self.gamma = column([m.activation_lr for m in members])
-        # TF-RMSProp's state, per parameter: mean square from 1.0, momentum from 0 (reference notes)
-        self.mean_square = [torch.ones_like(t) for lay in self.layers for t in (lay.weight, lay.bias)]
-        self.momentum = [torch.zeros_like(t) for lay in self.layers for t in (lay.weight, lay.bias)]
+        self.rule = _RULES[optimizer](members, self.params())
         self.members = list(members)
 
     @property
@@ -217,13 +343,6 @@ class Population:
         return (total / data.shape[0]).tolist()
 
     # -- the step --------------------------------------------------------------------------------
-    def _tf_rmsprop(self, params, grads, squares, buffers, lr: torch.Tensor) -> None:
-        """TF-RMSProp (:class:`locoprop.inner.TFRMSprop`) with a learning rate, β1, β2, ε per member."""
-        for p, g, ms, mom in zip(params, grads, squares, buffers):
-            ms.mul_(self.beta2).addcmul_(g, g * self.beta2_complement)
-            mom.mul_(self.beta1).add_(g.div((ms + self.eps).sqrt()).mul_(lr))
-            p.sub_(mom)
-
     def step(self, x: torch.Tensor, factor: float) -> torch.Tensor:
         """One step of every member on the batch ``x``; returns each member's batch loss (before the step)."""
         params = self.params()
@@ -232,14 +351,15 @@ class Population:
         kept: list = []
         with torch.enable_grad():
             losses = self.member_losses(self.forward(x, keep=kept), x)
-            wanted = params if self.variant is None else [pre for _, pre in kept]
+            wanted = params if self.variant is None else [pre for _, pre in kept]  # BackProp: the weights
             grads = torch.autograd.grad(losses.sum(), wanted)  # members are independent: each gets its own
         for p in params:
             p.requires_grad_(False)
         lr = self.lr * factor
         with torch.no_grad():
+            self.rule.begin_step()
             if self.variant is None:
-                self._tf_rmsprop(params, grads, self.mean_square, self.momentum, lr)
+                self.rule.update(range(len(params)), params, grads, lr)
             else:
                 self._locoprop(kept, grads, lr)
         return losses.detach()
@@ -268,8 +388,7 @@ class Population:
                 delta = first if k == 0 else loss.grad(self._linear(h, layer), target, layer.transfer)
                 grad_w = torch.bmm(h.transpose(1, 2), delta)
                 grad_b = delta.sum(dim=1, keepdim=True)
-                self._tf_rmsprop((layer.weight, layer.bias), (grad_w, grad_b), self.mean_square[2 * i:2 * i + 2],
-                                 self.momentum[2 * i:2 * i + 2], lr_k)
+                self.rule.update((2 * i, 2 * i + 1), (layer.weight, layer.bias), (grad_w, grad_b), lr_k)
 
     # -- membership ------------------------------------------------------------------------------
     def keep(self, which: Sequence[int]) -> None:
@@ -278,10 +397,9 @@ class Population:
         for lay in self.layers:
             lay.weight = lay.weight.index_select(0, index)
             lay.bias = lay.bias.index_select(0, index)
-        for name in ("lr", "beta1", "beta2", "beta2_complement", "eps", "gamma"):
+        for name in ("lr", "gamma"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self.mean_square = [t.index_select(0, index) for t in self.mean_square]
-        self.momentum = [t.index_select(0, index) for t in self.momentum]
+        self.rule.keep(index)
         self.members = [self.members[j] for j in which]
 
     def member_model(self, j: int, model: nn.Module) -> nn.Module:

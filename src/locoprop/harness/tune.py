@@ -794,8 +794,9 @@ def register(subparsers) -> None:
     g.add_argument("--max-retry", type=int, default=1,
                    help="times a killed worker's trial is retried (resuming its run folder); default 1")
     g.add_argument("--population", type=int, default=1, metavar="K",
-                   help="train K trials at a time as one population in this process (locoprop-s, locoprop-m, "
-                        "rmsprop; on a GPU many small trials cost far less together); default 1: one at a time")
+                   help="train K trials at a time as one population in this process (locoprop-s, locoprop-m and "
+                        "the first-order methods; on a GPU many small trials cost far less together); default 1: "
+                        "one at a time")
     g.add_argument("--progress", action="store_true", help="show a progress bar for each epoch")
     g = p.add_argument_group("report")
     g.add_argument("--report", default=None, metavar="FILE.yaml",
