@@ -27,6 +27,10 @@ same with Optuna:
   and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` queues a
   retry with the same parameters, which resumes the killed trial's run
   folder from its last checkpoint.
+* **Populations** (``--population K``, :func:`run_population_study`): K
+  trials asked at a time and trained together as one stacked model
+  (:mod:`locoprop.harness.population`), each still its own run folder,
+  pruning and result; on a GPU far cheaper than K runs one by one.
 * **Sampler**: multivariate TPE by default, or Optuna's ``GPSampler``
   (see :func:`make_sampler` and docs/tuning.md for why).
 * **Report** (``--report FILE``): the best trials as a table, and the best
