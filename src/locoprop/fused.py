@@ -58,7 +58,7 @@ from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
 
-__all__ = ["PRECISIONS", "SOLVE_ORDERS", "FusedIterativeSolver", "UpdateRule", "TFRMSpropRule", "SGDRule",
+__all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "FusedIterativeSolver", "UpdateRule", "TFRMSpropRule", "SGDRule",
            "update_rule_for"]
 
 #: Precisions of the local matrix products.
@@ -264,7 +264,9 @@ def _shared_streams(device: torch.device, n: int) -> list:
 
 
 @contextlib.contextmanager
-def _matmul_precision(precision: str):
+def matmul_precision(precision: str):
+    """Inside it, CUDA matrix products run in TF32 where ``precision="tf32"`` (float32 accumulation); any other
+    precision leaves the setting as it is.  The setting is restored on exit."""
     if precision != "tf32":
         yield
         return
@@ -567,7 +569,7 @@ class FusedIterativeSolver:
         layers, then iteration ``k + 1``: fewer, larger kernels, a join per
         iteration.
         """
-        with _matmul_precision(self.precision):
+        with matmul_precision(self.precision):
             n = self.stream_count(len(layers)) if use_streams else 0
             streams, where = [], []
             if n:

@@ -37,14 +37,6 @@ def _opt(model, **kw):
     return locoprop.LocoProp(model, **base)
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
-
-
 @pytest.mark.parametrize("variant, order", [("M", "layer-major"), ("S", "layer-major"), ("M", "iteration-major")])
 def test_default_cuda_path_equals_reference(variant, order):
     """Eager warm-up, capture and replays of the solve; 8 steps, weights within 1e-5 (issue 5)."""

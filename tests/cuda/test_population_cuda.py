@@ -15,14 +15,6 @@ MEMBERS = {"locoprop-m": [Member(lr=1e-5, beta1=0.97, beta2=0.93, eps=1e-8, acti
            "rmsprop": [Member(lr=6e-4, beta1=0.91, beta2=0.98, eps=1e-8), Member(lr=2e-3, beta1=0.5)]}
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
-
-
 @pytest.mark.parametrize("name", ["locoprop-m", "rmsprop"])
 def test_members_equal_their_separate_runs_on_cuda(name):
     """6 steps of the standard model at batch 500, FP32: weights within 1e-5 relative of separate runs (the

@@ -36,7 +36,6 @@ the stack, so the rest run faster.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
@@ -49,6 +48,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from locoprop.fused import matmul_precision
 from locoprop.layers import discover_layers
 from locoprop.transfer import TransferFunction
 from locoprop.variants import get_variant
@@ -375,7 +375,7 @@ class Population:
             if h.dim() == 2:
                 h = h.expand(self.size, *h.shape)
             problems.append((layer, h.detach(), target, loss.grad(pre, target, layer.transfer)))
-        with _local_products(self.precision):
+        with matmul_precision(self.precision):  # TF32 local products as LocoProp's precision="tf32"
             self._local_iterations(problems, loss, lr)
 
     def _local_iterations(self, problems, loss, lr: torch.Tensor) -> None:
@@ -410,20 +410,6 @@ class Population:
                 lin.weight.copy_(lay.weight[j].t())
                 lin.bias.copy_(lay.bias[j].reshape(-1))
         return model
-
-
-@contextlib.contextmanager
-def _local_products(precision: str):
-    """TF32 for the local products where ``precision="tf32"`` (as LocoProp's ``precision``; no-op on the CPU)."""
-    if precision != "tf32":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path], *, progress: bool = False,
