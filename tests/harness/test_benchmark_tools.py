@@ -346,3 +346,27 @@ def test_step_profile_sorts_kernels_by_kind_and_counts_a_step(tmp_path):
     assert all(r["wall_ms_median"] > 0 and r["kinds"]["product"]["count_per_step"] > 0 for r in records.values())
     assert records["fused-iter-nograph"]["count_per_step"] < records["fused"]["count_per_step"]
     assert records["fused"]["profiler_table"]
+
+
+def test_population_check_retrains_a_studys_trials_as_populations(tmp_path):
+    """benchmarks/population_check.py: every complete trial of a study trained again as a population, with
+    the same final train loss (the tiny model, float32), and a refusal to overwrite its database."""
+    import json
+
+    import pytest
+
+    from locoprop.harness.cli import main as cli_main
+
+    db = tmp_path / "s.db"
+    assert cli_main(["tune", "--dataset", "mnist", "--model", "tiny", "--epochs", "2", "--limit-train", "200",
+                     "--limit-test", "100", "--batch-size", "50", "--device", "cpu", "--optimizer", "rmsprop",
+                     "--storage", str(db), "--study", "s", "--runs-dir", str(tmp_path / "runs"), "--trials", "3"]) == 0
+    mod = _module("population_check")
+    args = ["--storage", str(db), "--study", "s", "--population", "2", "--out", str(tmp_path / "check")]
+    assert mod.main(args) == 0
+    rows = json.loads((tmp_path / "check" / "check.json").read_text())["trials"]
+    assert len(rows) == 3 and all(r["population_state"] == "COMPLETE" for r in rows)
+    assert max(r["relative_difference"] for r in rows) < 1e-5
+    assert "Largest relative difference" in (tmp_path / "check" / "README.md").read_text()
+    with pytest.raises(SystemExit, match="check.db: exists"):
+        mod.main(args)
