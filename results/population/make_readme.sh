@@ -10,5 +10,7 @@ dir=results/population
   echo
   echo '**On this 2-core CPU there is nothing to gain, and nothing is lost:** two threads already keep both cores busy with one run'"'"'s products, so K members cost K times one run, within the noise of this machine. The gain is for a GPU, where one standard-model run leaves most of the chip idle: the products of one LocoProp-M step, each timed alone at its shape, take 10.8 ms on an H200 against 2.6 ms at the chip'"'"'s FP32 rate (`results/perf/NVIDIA-H200-2026-11-27-session6.json`, `shape_floor_ms` and `floor_ms`), and processes sharing one GPU take turns on it. That measurement is prepared for the next session with a GPU (`benchmarks/gpu_session.py --population-s`).'
   echo
+  echo '**The same results on real data.** `check-cpu-rmsprop/` and `check-cpu-locoprop-m/` (`benchmarks/population_check.py`): every complete trial of the CPU studies of `results/tuning/` (standard model, MNIST, 3 epochs on 10,000 images, trained one at a time in an earlier session) trained again as a population of 8, with each trial'"'"'s final train loss beside the study'"'"'s and their relative difference (their READMEs).'
+  echo
   ${PYTHON:-.venv/bin/python} benchmarks/population_speed.py --table "$dir"/*.json
 } > "$dir/README.md"
