@@ -68,6 +68,21 @@ def _configs(optimizer):
                         activation_lr=m.activation_lr, **TINY) for m in MEMBERS]
 
 
+@pytest.mark.parametrize("name", ["locoprop-m", "adam"])
+def test_relu_members_equal_their_separate_runs(name):
+    """The ReLU autoencoder (LocoProp-M's matching loss of ReLU, the model's own nn.ReLU in the forward pass)."""
+    torch.manual_seed(1)
+    model = build_autoencoder("tiny", "relu", input_dim=20, dtype=torch.float64)
+    batches = _data(torch.float64)
+    pop = Population(model, name, MEMBERS, local_steps=4)
+    for x, f in zip(batches, FACTORS):
+        pop.step(x, f)
+    for j, member in enumerate(MEMBERS):
+        alone, _ = _separate_run(model, name, member, batches, 4)
+        for a, b in zip(alone.parameters(), pop.member_model(j, copy.deepcopy(model)).parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("optimizer", ["locoprop-m", "rmsprop"])
 def test_a_population_run_writes_what_separate_runs_write(tmp_path, optimizer):
     from locoprop.harness.population import train_population
