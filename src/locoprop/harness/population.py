@@ -27,6 +27,14 @@ batches in the same order, the notebook's schedule, and for
   :class:`torch.optim.Adagrad`, :class:`locoprop.inner.TFRMSprop`, with the
   harness's defaults), each hyper-parameter a column of ``K`` values.
 
+Why its own update rules rather than :mod:`torch.optim` or ``torch.func.vmap``
+over single runs: an optimizer's hyper-parameters are one number per
+parameter group, where each member's slice of a stacked tensor needs its own,
+and LocoProp's step (forward hooks, ``autograd.grad`` on captured
+pre-activations, in-place inner state, CUDA streams) does not run under
+``vmap``.  Each rule below is the few lines of its optimizer's recurrence, and
+the tests hold it to the optimizer itself.
+
 ``tests/harness/test_population.py`` holds every member equal to a separate
 run through :class:`locoprop.LocoProp` or the harness's optimizer of the same name.  Members are
 independent: nothing mixes them (a diverged member's NaNs stay in its own
