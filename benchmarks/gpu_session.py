@@ -224,7 +224,7 @@ def main(argv=None) -> int:
                    help="each tuning worker trains this many trials at a time as one population")
     p.add_argument("--population-s", type=float, default=0.0,
                    help="time for benchmarks/population_speed.py (0: skip it)")
-    p.add_argument("--population-args", default="--sizes 1 8 16 32 64 --precisions fp32 tf32",
+    p.add_argument("--population-args", default="--sizes 1 16 64 --precisions fp32 tf32 --updates eager compiled",
                    help="arguments of benchmarks/population_speed.py")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
     p.add_argument("--with-tune", nargs="*", default=[], metavar="RUN",

@@ -6,6 +6,7 @@ For each optimizer, precision and population size ``K`` it times the median step
 train`` runs it (LocoProp: :meth:`locoprop.LocoProp.graphed_step` on CUDA, ``step()`` on the CPU;
 RMSProp: the harness's eager TF-RMSProp).  ``trial_step_ms`` is the population's step divided by ``K``;
 ``speedup`` is the single run's step over it: how many times more trials the same device time trains.
+``--updates compiled`` also times populations whose updates are compiled (``compile_update``).
 Members have the tuned settings of ``results/tuning-h200-100epoch`` with their learning rates spread
 over a factor of 10, as a study's trials would be.
 
@@ -69,14 +70,34 @@ def table(path: Path) -> list[str]:
     lines = [f"## {Path(path).name}", "",
              f"- Device: {meta['device']}; torch {meta['torch']}; date {meta['date']}; threads {meta['threads']}.",
              f"- Command: `{meta['command']}`.", "",
-             "| model | batch | optimizer | T | precision | K | population step ms | per trial ms | one run ms | "
-             "speedup | peak MB |", "|" + " --- |" * 11]
+             "| model | batch | optimizer | T | precision | updates | K | population step ms | per trial ms | "
+             "one run ms | speedup | peak MB |", "|" + " --- |" * 12]
     for r in data["records"]:
         peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r['local_steps'] or ''} | "
-                     f"{r['precision']} | {r['population']} | {r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
+                     f"{r['precision']} | {r.get('updates', 'eager')} | {r['population']} | {r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
                      f"{r['single_step_ms']:.2f} | {r['speedup']:.2f}x | {peak} |")
     return lines + [""]
+
+
+def time_population(st, args, device, x, optimizer: str, precision: str, k: int, compiled: bool) -> dict:
+    """The median step of a population of ``k`` (its first steps, compilation included, are the warm-up)."""
+    model = build_autoencoder(args.model, "tanh", device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    pop = Population(model, optimizer, members(optimizer, k), local_steps=args.local_steps, precision=precision,
+                     compile_update=compiled)
+    times, _ = st.timed_calls(lambda: pop.step(x, 1.0), device, args.warmup, args.steps)
+    step = statistics.median(times)
+    rec = {"model": args.model, "parameters": num_parameters(model), "batch_size": args.batch_size,
+           "optimizer": optimizer, "local_steps": args.local_steps if optimizer != "rmsprop" else 0,
+           "precision": precision, "population": k, "updates": "compiled" if compiled else "eager",
+           "step_ms_median": step, "trial_step_ms": step / k}
+    if device.type == "cuda":
+        rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    return rec
 
 
 def main(argv=None) -> int:
@@ -89,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32"],
                     help="LocoProp's local products (RMSProp always fp32)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 8, 16, 32], help="population sizes K")
+    ap.add_argument("--updates", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                    help="the population's updates: eager, and/or compiled (Population's compile_update)")
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
@@ -115,28 +138,16 @@ def main(argv=None) -> int:
                                       args.warmup, args.steps)
             single = statistics.median(times)
             for k in args.sizes:
-                model = build_autoencoder(args.model, "tanh", device=device)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device)
-                pop = Population(model, optimizer, members(optimizer, k), local_steps=args.local_steps,
-                                 precision=precision)
-                times, _ = st.timed_calls(lambda: pop.step(x, 1.0), device, args.warmup, args.steps)
-                step = statistics.median(times)
-                rec = {"device": name, "model": args.model, "parameters": num_parameters(model),
-                       "batch_size": args.batch_size, "optimizer": optimizer,
-                       "local_steps": args.local_steps if optimizer != "rmsprop" else 0, "precision": precision,
-                       "population": k, "step_ms_median": step, "trial_step_ms": step / k,
-                       "single_step_ms": single, "speedup": single / (step / k)}
-                if device.type == "cuda":
-                    rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-                records.append(rec)
-                print(f"{optimizer:10s} {precision} K={k:3d}  step {step:9.2f} ms  per trial {step / k:8.2f} ms  "
-                      f"one run {single:8.2f} ms  speedup {single / (step / k):5.2f}x", flush=True)
-                del pop
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+                for updates in args.updates:
+                    rec = time_population(st, args, device, x, optimizer, precision, k, updates == "compiled")
+                    rec.update({"device": name, "single_step_ms": single,
+                                "speedup": single / rec["trial_step_ms"]})
+                    records.append(rec)
+                    print(f"{optimizer:10s} {precision} {updates:8s} K={k:3d}  step {rec['step_ms_median']:9.2f} ms  "
+                          f"per trial {rec['trial_step_ms']:8.2f} ms  one run {single:8.2f} ms  "
+                          f"speedup {rec['speedup']:5.2f}x", flush=True)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -58,8 +58,8 @@ from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
 
-__all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "FusedIterativeSolver", "UpdateRule", "TFRMSpropRule", "SGDRule",
-           "update_rule_for"]
+__all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "FusedIterativeSolver", "UpdateRule",
+           "TFRMSpropRule", "SGDRule", "update_rule_for"]
 
 #: Precisions of the local matrix products.
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -133,9 +133,10 @@ def _residual_and_bias_grad_(loss, pre, target, transfer, bias_grad):
 _COMPILED: dict = {}
 
 
-def _compiled(fn):
+def compile_once(fn):
     """``torch.compile(fn)`` (shapes dynamic: one compilation serves every layer), made once per process; a
-    failure (no compiler for this device, say) is raised as a ``RuntimeError`` that names the option."""
+    failure (no compiler for this device, say) is raised as a ``RuntimeError`` that names the option
+    ``compile_elementwise``."""
     if fn not in _COMPILED:
         kernel = torch.compile(fn, dynamic=True, fullgraph=True)
 
@@ -175,7 +176,7 @@ class TFRMSpropRule(UpdateRule):
         alpha, mom, eps = self._group()
         lrs = [lr for params, _, _, lr in layers for _ in params]
         flat = [[t[i].view(-1) for t in tensors] for i in range(4)]
-        _compiled(_tf_rmsprop_tensors_)(*flat, lrs, alpha, mom, eps)
+        compile_once(_tf_rmsprop_tensors_)(*flat, lrs, alpha, mom, eps)
 
     def update_layers(self, layers):
         alpha, mom, eps = self._group()
@@ -492,7 +493,7 @@ class FusedIterativeSolver:
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         elif self.compile_elementwise:
-            delta = _compiled(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch), c.target, c.transfer,
+            delta = compile_once(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch), c.target, c.transfer,
                                                         bias_grad)
         else:
             delta = loss.grad_(c.pre(W, b, c.scratch), c.target, c.transfer)

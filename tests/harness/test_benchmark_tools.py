@@ -195,16 +195,16 @@ def test_population_speed_times_populations_beside_one_run(tmp_path):
     mod = _module("population_speed")
     out = tmp_path / "pop.json"
     assert mod.main(["--model", "tiny", "--batch-size", "16", "--sizes", "1", "3", "--steps", "2", "--warmup", "1",
-                     "--local-steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+                     "--local-steps", "2", "--device", "cpu", "--updates", "eager", "compiled", "--out", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
-    assert [(r["optimizer"], r["population"]) for r in records] == [
-        ("locoprop-m", 1), ("locoprop-m", 3), ("rmsprop", 1), ("rmsprop", 3)]
+    assert [(r["optimizer"], r["population"], r["updates"]) for r in records] == [
+        (opt, k, u) for opt in ("locoprop-m", "rmsprop") for k in (1, 3) for u in ("eager", "compiled")]
     for r in records:
         assert r["trial_step_ms"] == r["step_ms_median"] / r["population"] > 0
         assert r["speedup"] == r["single_step_ms"] / r["trial_step_ms"]
     lines = mod.table(out)
     rows = [ln for ln in lines if ln.startswith("| tiny ")]
-    assert len(rows) == 4 and rows[1].split(" | ")[5] == "3"  # the K column
+    assert len(rows) == 8 and rows[2].split(" | ")[5:7] == ["eager", "3"]  # the updates and K columns
 
 
 def test_shampoo_is_timed_with_both_roots(newton_roots):

@@ -56,7 +56,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from locoprop.fused import matmul_precision
+from locoprop.fused import compile_once, matmul_precision
 from locoprop.layers import discover_layers
 from locoprop.transfer import TransferFunction
 from locoprop.variants import get_variant
@@ -92,10 +92,10 @@ def member_of(cfg: TrainConfig) -> Member:
     return Member(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, activation_lr=cfg.activation_lr)
 
 
-#: Settings a population member must leave at their defaults (what it does not implement), and those it ignores:
-#: they choose how a single run computes, not what.
+#: Settings a population must leave at their defaults (what it does not implement).  It ignores ``rollback``,
+#: ``solve_order``, ``cuda_graph`` and ``dist_timeout``, which choose how a single run computes, not what;
+#: ``compile_elementwise`` compiles its updates (:class:`Population`'s ``compile_update``).
 _UNSUPPORTED = {"inner": "tf_rmsprop", "weight_decay": 0.0, "distributed": None}
-_SAME_RESULT = ("rollback", "compile_elementwise", "solve_order", "cuda_graph", "dist_timeout")
 
 
 def shared_settings(cfg: TrainConfig) -> dict:
@@ -120,41 +120,84 @@ def check_population_config(cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _tf_rmsprop_(p, g, ms, mom, lr, beta1, beta2, beta2_complement, eps) -> None:
+    ms.mul_(beta2).addcmul_(g, g * beta2_complement)
+    mom.mul_(beta1).add_(g.div((ms + eps).sqrt()).mul_(lr))
+    p.sub_(mom)
+
+
+def _sgd_(p, g, lr) -> None:
+    p.sub_(g * lr)
+
+
+def _momentum_(p, g, buf, lr, beta1) -> None:
+    buf.mul_(beta1).add_(g)  # from 0: torch's first buffer, the gradient itself
+    p.sub_(buf * lr)
+
+
+def _nesterov_(p, g, buf, lr, beta1) -> None:
+    buf.mul_(beta1).add_(g)
+    p.sub_(g.add(buf * beta1) * lr)
+
+
+def _adam_(p, g, m, v, lr, beta1_complement, beta2, beta2_complement, eps, correction1, correction2_sqrt) -> None:
+    m.lerp_(g, beta1_complement)
+    v.mul_(beta2).addcmul_(g, g * beta2_complement)
+    denom = (v.sqrt() / correction2_sqrt).add_(eps)
+    p.sub_(m / denom * (lr / correction1))
+
+
+def _adagrad_(p, g, total, lr, eps) -> None:
+    total.addcmul_(g, g)
+    p.sub_(g / total.sqrt().add_(eps) * lr)
+
+
 class _Rule:
     """An optimizer's update of stacked parameters ``(K, ...)``, every hyper-parameter a ``(K, 1, 1)`` column.
 
-    ``defaults`` fill the settings a member leaves ``None`` (the single-run optimizer's defaults);
-    ``hyper`` names the columns it reads.  ``state`` holds one list of tensors (or ``None``) per parameter.
+    ``kernel(p, g, *state, lr, *columns)`` is one tensor's update (a module-level function, so that
+    ``compile=True`` compiles it once for every shape: one fused pass over the tensors instead of one
+    per operation); ``defaults`` fill the settings a member leaves ``None`` (the single-run optimizer's
+    defaults); ``hyper`` names the settings it reads, ``columns`` the tensors it passes (the settings and
+    what :meth:`begin_step` derives from them).  ``state`` holds one list of tensors per parameter.
     """
 
     defaults: dict = {}
     hyper: tuple = ()
+    kernel = None
+    slots = 0  # state tensors per parameter, zeros unless init_state says otherwise
 
-    def __init__(self, members: Sequence[Member], params: Sequence[torch.Tensor]) -> None:
+    def __init__(self, members: Sequence[Member], params: Sequence[torch.Tensor], compile: bool = False) -> None:
         k, ref = len(members), params[0]
+        self.columns: dict[str, torch.Tensor] = {}
         for name in self.hyper:
             values = [getattr(m, name) if getattr(m, name) is not None else self.defaults[name] for m in members]
-            setattr(self, name, torch.tensor(values, dtype=ref.dtype, device=ref.device).reshape(k, 1, 1))
+            self.columns[name] = torch.tensor(values, dtype=ref.dtype, device=ref.device).reshape(k, 1, 1)
+        self.derive()
         self.steps = 0
         self.state = [self.init_state(p) for p in params]
+        self.update_tensor = compile_once(type(self).kernel) if compile else type(self).kernel
+
+    def derive(self) -> None:
+        """Columns made once from the settings (``1 - β``, say)."""
 
     def init_state(self, p: torch.Tensor) -> list:
-        return []
+        return [torch.zeros_like(p) for _ in range(self.slots)]
 
     def begin_step(self) -> None:
         self.steps += 1
 
-    def update(self, indices: Sequence[int], params, grads, lr: torch.Tensor) -> None:
-        for i, p, g in zip(indices, params, grads):
-            self.update_one(p, g, self.state[i], lr)
+    def args(self) -> list:
+        return list(self.columns.values())
 
-    def update_one(self, p, g, state: list, lr: torch.Tensor) -> None:
-        raise TypeError(f"{type(self).__name__} must implement update_one")
+    def update(self, indices: Sequence[int], params, grads, lr: torch.Tensor) -> None:
+        args = self.args()
+        for i, p, g in zip(indices, params, grads):
+            self.update_tensor(p, g, *self.state[i], lr, *args)
 
     def keep(self, index: torch.Tensor) -> None:
-        for name in self.hyper + tuple(getattr(self, "derived", ())):
-            setattr(self, name, getattr(self, name).index_select(0, index))
-        self.state = [[t if t is None else t.index_select(0, index) for t in st] for st in self.state]
+        self.columns = {n: c.index_select(0, index) for n, c in self.columns.items()}
+        self.state = [[t.index_select(0, index) for t in st] for st in self.state]
 
 
 class _TFRMSprop(_Rule):
@@ -162,43 +205,36 @@ class _TFRMSprop(_Rule):
 
     defaults = {"beta1": 0.0, "beta2": 0.9, "eps": 1e-10}  # TF-1's momentum, decay, epsilon
     hyper = ("beta1", "beta2", "eps")
-    derived = ("beta2_complement",)
+    kernel = _tf_rmsprop_
 
-    def __init__(self, members, params) -> None:
-        super().__init__(members, params)
-        self.beta2_complement = 1.0 - self.beta2  # made once: every update reads it
+    def derive(self):
+        c = self.columns
+        self.columns = {"beta1": c["beta1"], "beta2": c["beta2"], "beta2_complement": 1.0 - c["beta2"],
+                        "eps": c["eps"]}
 
     def init_state(self, p):
         return [torch.ones_like(p), torch.zeros_like(p)]  # mean square from 1.0, momentum from 0
 
-    def update_one(self, p, g, state, lr):
-        ms, mom = state
-        ms.mul_(self.beta2).addcmul_(g, g * self.beta2_complement)
-        mom.mul_(self.beta1).add_(g.div((ms + self.eps).sqrt()).mul_(lr))
-        p.sub_(mom)
-
 
 class _SGD(_Rule):
-    """:class:`torch.optim.SGD`, without momentum (``sgd``) or with (``momentum``, ``nesterov``: β1)."""
+    """:class:`torch.optim.SGD` without momentum."""
 
-    defaults = {"beta1": 0.9}  # the harness's momentum
+    kernel = _sgd_
 
-    def __init__(self, members, params, momentum: bool = False, nesterov: bool = False) -> None:
-        self.hyper = ("beta1",) if momentum else ()
-        self.momentum, self.nesterov = momentum, nesterov
-        super().__init__(members, params)
 
-    def init_state(self, p):
-        return [None]
+class _Momentum(_Rule):
+    """:class:`torch.optim.SGD` with momentum β1 (the harness's ``momentum``)."""
 
-    def update_one(self, p, g, state, lr):
-        if self.momentum:
-            if state[0] is None:
-                state[0] = g.clone()  # torch starts the buffer at the first gradient
-            else:
-                state[0].mul_(self.beta1).add_(g)
-            g = g.add(state[0] * self.beta1) if self.nesterov else state[0]
-        p.sub_(g * lr)
+    defaults = {"beta1": 0.9}
+    hyper = ("beta1",)
+    kernel = _momentum_
+    slots = 1
+
+
+class _Nesterov(_Momentum):
+    """:class:`torch.optim.SGD` with Nesterov momentum β1 (the harness's ``nesterov``)."""
+
+    kernel = _nesterov_
 
 
 class _Adam(_Rule):
@@ -206,18 +242,23 @@ class _Adam(_Rule):
 
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     hyper = ("beta1", "beta2", "eps")
+    kernel = _adam_
+    slots = 2
 
-    def init_state(self, p):
-        return [torch.zeros_like(p), torch.zeros_like(p)]
+    def derive(self):
+        c = self.columns
+        self.beta1, self.beta2 = c["beta1"], c["beta2"]
+        self.columns = {"beta1_complement": 1.0 - c["beta1"], "beta2": c["beta2"],
+                        "beta2_complement": 1.0 - c["beta2"], "eps": c["eps"]}
 
-    def update_one(self, p, g, state, lr):
-        m, v = state
-        m.lerp_(g, 1.0 - self.beta1)
-        v.mul_(self.beta2).addcmul_(g, g * (1.0 - self.beta2))
+    def args(self):
         correction1 = 1.0 - self.beta1 ** self.steps
         correction2_sqrt = (1.0 - self.beta2 ** self.steps).sqrt()
-        denom = (v.sqrt() / correction2_sqrt).add_(self.eps)
-        p.sub_(m / denom * (lr / correction1))
+        return super().args() + [correction1, correction2_sqrt]
+
+    def keep(self, index):
+        super().keep(index)
+        self.beta1, self.beta2 = self.beta1.index_select(0, index), self.beta2.index_select(0, index)
 
 
 class _Adagrad(_Rule):
@@ -225,20 +266,17 @@ class _Adagrad(_Rule):
 
     defaults = {"eps": 1e-10}
     hyper = ("eps",)
+    kernel = _adagrad_
 
     def init_state(self, p):
         return [torch.full_like(p, 0.1)]
-
-    def update_one(self, p, g, state, lr):
-        state[0].addcmul_(g, g)
-        p.sub_(g / state[0].sqrt().add_(self.eps) * lr)
 
 
 #: The update rule of each optimizer a population trains (LocoProp: its inner TF-RMSProp).
 _RULES = {
     "sgd": _SGD,
-    "momentum": lambda members, params: _SGD(members, params, momentum=True),
-    "nesterov": lambda members, params: _SGD(members, params, momentum=True, nesterov=True),
+    "momentum": _Momentum,
+    "nesterov": _Nesterov,
     "adam": _Adam,
     "rmsprop": _TFRMSprop,
     "adagrad": _Adagrad,
@@ -265,6 +303,10 @@ class Population:
         local_steps: ``T`` (LocoProp only).
         precision: ``"tf32"``: the local products in TF32 on CUDA (LocoProp's ``precision``; on the CPU the
             same as ``"fp32"``).
+        compile_update: each tensor's update through ``torch.compile`` (:func:`locoprop.fused.compile_once`):
+            one fused pass over the stacked tensors instead of one per operation, which matters on a GPU,
+            where a population's updates read and write ``K`` times one run's weights and state.  Equal to
+            the eager update up to rounding; the first step compiles.
 
     ``step(x, factor)`` takes one step of every member on batch ``x`` at
     learning rate ``lr * factor`` (the schedule) and returns each member's
@@ -272,7 +314,7 @@ class Population:
     """
 
     def __init__(self, model: nn.Module, optimizer: str, members: Sequence[Member], *, local_steps: int = 10,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", compile_update: bool = False) -> None:
         if optimizer not in POPULATION_OPTIMIZERS:
             raise ValueError(f"optimizer: a population trains {list(POPULATION_OPTIMIZERS)}, got {optimizer!r}")
         if not members:
@@ -305,7 +347,7 @@ class Population:
 
         self.lr = column([m.lr for m in members])
         self.gamma = column([m.activation_lr for m in members])
-        self.rule = _RULES[optimizer](members, self.params())
+        self.rule = _RULES[optimizer](members, self.params(), compile=compile_update)
         self.members = list(members)
 
     @property
@@ -454,7 +496,7 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
     torch.manual_seed(cfg0.seed)
     model = build_autoencoder(cfg0.model, cfg0.activation, input_dim=data.train.shape[1], dtype=dtype, device=device)
     pop = Population(model, cfg0.optimizer, [member_of(c) for c in configs], local_steps=cfg0.local_steps,
-                     precision=cfg0.precision)
+                     precision=cfg0.precision, compile_update=cfg0.compile_elementwise)
     k = len(configs)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for j, (cfg, out) in enumerate(zip(configs, outs)):
