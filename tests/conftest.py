@@ -8,6 +8,15 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
+def _exact_fp32():
+    """FP32 comparisons (tests/cuda among them): TF32 products off unless a test turns them on itself."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
