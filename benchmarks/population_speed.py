@@ -75,7 +75,8 @@ def table(path: Path) -> list[str]:
     for r in data["records"]:
         peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r['local_steps'] or ''} | "
-                     f"{r['precision']} | {r.get('updates', 'eager')} | {r['population']} | {r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
+                     f"{r['precision']} | {r.get('updates', 'eager')} | {r['population']} | "
+                     f"{r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
                      f"{r['single_step_ms']:.2f} | {r['speedup']:.2f}x | {peak} |")
     return lines + [""]
 

@@ -7,7 +7,7 @@ on it rather than running side by side.  A population of ``K`` members, each
 with its own hyper-parameters, does every matrix product of all members as one
 batched product (``torch.baddbmm``), so ``K`` trials of a study cost far less
 than ``K`` times one.  ``locoprop tune --population K`` runs a study's trials
-that way (:func:`run_population_study`).
+that way (:func:`locoprop.harness.tune.run_population_study`).
 
 What a member computes is what one ``locoprop train`` run with its settings
 computes, only batched: the same initial weights (the study's seed), the same
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,11 +63,11 @@ from locoprop.variants import get_variant
 from .data import load_dataset
 from .models import OUTPUT_TRANSFER, build_autoencoder, num_parameters
 from .optimizers import LOCOPROP_VARIANTS
-from .train import (CONFIG, METRICS, RunResult, TrainConfig, _device_name, _epoch_permutation, _sync, _versions,
-                    early_exit_reason, lr_factor)
+from .train import (CONFIG, METRICS, RunResult, TrainConfig, _epoch_permutation, _sync, early_exit_reason, lr_factor,
+                    run_record)
 
-__all__ = ["POPULATION_OPTIMIZERS", "PER_MEMBER", "Member", "Population", "member_of", "shared_settings", "check_population_config",
-           "train_population"]
+__all__ = ["POPULATION_OPTIMIZERS", "PER_MEMBER", "Member", "Population", "member_of", "shared_settings",
+           "check_population_config", "train_population"]
 
 #: The optimizers a population can train (``locoprop tune --population``).
 POPULATION_OPTIMIZERS = ("locoprop-s", "locoprop-m", "sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad")
@@ -78,7 +77,7 @@ PER_MEMBER = ("lr", "beta1", "beta2", "eps", "activation_lr", "early_exit")
 
 @dataclass(frozen=True)
 class Member:
-    """One member's hyper-parameters (the paper's names; ``None``: TF-RMSProp's default)."""
+    """One member's hyper-parameters (the paper's names; ``None``: its optimizer's default)."""
 
     lr: float
     beta1: float | None = None
@@ -498,15 +497,11 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
     pop = Population(model, cfg0.optimizer, [member_of(c) for c in configs], local_steps=cfg0.local_steps,
                      precision=cfg0.precision, compile_update=cfg0.compile_elementwise)
     k = len(configs)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for j, (cfg, out) in enumerate(zip(configs, outs)):
         out.mkdir(parents=True, exist_ok=True)
-        record = {"settings": asdict(cfg), "label": cfg.label(), "versions": _versions(), "device": _device_name(device),
-                  "data_source": data.source, "synthetic_data": data.synthetic,
-                  "train_examples": int(data.train.shape[0]), "test_examples": int(data.test.shape[0]),
-                  "parameters": num_parameters(model), "started": started, "host": platform.node(),
-                  "population": {"size": k, "member": j, "note": "trained with other members in one process "
-                                 "(locoprop.harness.population); wall_time is the whole population's"}}
+        record = run_record(cfg, data, device, model)
+        record["population"] = {"size": k, "member": j, "note": "trained with other members in one process "
+                                "(locoprop.harness.population); wall_time is the whole population's"}
         (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
 
     def write(j: int, rec: dict) -> None:
@@ -551,25 +546,25 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
         keep = []
         for i, j in enumerate(alive):
             cfg, train_loss, test_loss = configs[j], train_losses[i], test_losses[i]
-            if not (math.isfinite(batch_losses[i]) and math.isfinite(train_loss)):
-                why = f"batch loss is {batch_losses[i]}" if not math.isfinite(batch_losses[i]) else \
-                    f"train loss is {train_loss}"
-                results[j] = RunResult(outs[j], "diverged", epoch, *(last[j] or (None, None)), f"epoch {epoch + 1}: {why}")
+            if not math.isfinite(batch_losses[i]):
+                end = ("diverged", f"batch loss is {batch_losses[i]}")
+            elif not math.isfinite(train_loss):
+                end = ("diverged", f"train loss is {train_loss}")
+            else:  # as train(): record the epoch, then the notebook's rules, then the pruner
+                best[j] = min(best[j], train_loss)
+                rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "wall_time": wall,
+                       "lr": cfg.lr * factor, "step": step, "batch_loss": batch_losses[i]}
+                write(j, rec)
+                last[j] = (train_loss, test_loss)
+                why = early_exit_reason(train_loss, best[j], epoch + 1) if cfg.early_exit else None
+                pruned = on_epoch(j, rec) if on_epoch is not None and not why else None
+                end = ("early-exit", why) if why else ("pruned", pruned) if pruned else None
+            if end is None:
+                keep.append(i)
                 continue
-            best[j] = min(best[j], train_loss)
-            rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "wall_time": wall,
-                   "lr": cfg.lr * factor, "step": step, "batch_loss": batch_losses[i]}
-            write(j, rec)
-            last[j] = (train_loss, test_loss)
-            why = early_exit_reason(train_loss, best[j], epoch + 1) if cfg.early_exit else None
-            if why:
-                results[j] = RunResult(outs[j], "early-exit", epoch + 1, train_loss, test_loss, f"epoch {epoch + 1}: {why}")
-                continue
-            pruned = on_epoch(j, rec) if on_epoch is not None else None
-            if pruned:
-                results[j] = RunResult(outs[j], "pruned", epoch + 1, train_loss, test_loss, f"epoch {epoch + 1}: {pruned}")
-                continue
-            keep.append(i)
+            status, why = end
+            done = epoch if status == "diverged" else epoch + 1  # a diverged epoch is not recorded
+            results[j] = RunResult(outs[j], status, done, *(last[j] or (None, None)), f"epoch {epoch + 1}: {why}")
         log(f"epoch {epoch + 1}/{cfg0.epochs}: {len(keep)} of {k} runs go on; best train "
             f"{min((train_losses[i] for i in keep), default=math.nan):.4f}  {wall:.1f}s")
         if not keep:

@@ -355,6 +355,16 @@ def _start_ranks(cfg: "TrainConfig", device: torch.device) -> _Ranks:
     return _Ranks(comm, created)
 
 
+def run_record(cfg: TrainConfig, data, device: torch.device, model: torch.nn.Module) -> dict:
+    """What a run's ``config.json`` says of it: settings, legend label, versions, device, data, start."""
+    return {
+        "settings": asdict(cfg), "label": cfg.label(), "versions": _versions(), "device": _device_name(device),
+        "data_source": data.source, "synthetic_data": data.synthetic, "train_examples": int(data.train.shape[0]),
+        "test_examples": int(data.test.shape[0]), "parameters": num_parameters(model),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -430,12 +440,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     elif ranks.main and metrics_path.exists():
         metrics_path.unlink()
 
-    config_record = {
-        "settings": asdict(cfg), "label": cfg.label(), "versions": _versions(), "device": _device_name(device),
-        "data_source": data.source, "synthetic_data": data.synthetic, "train_examples": int(data.train.shape[0]),
-        "test_examples": int(data.test.shape[0]), "parameters": num_parameters(model),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
-    }
+    config_record = run_record(cfg, data, device, model)
     if cfg.distributed is not None:
         config_record["distributed"] = opt.distributor.describe()
     if ranks.main:
