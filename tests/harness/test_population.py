@@ -151,7 +151,14 @@ def test_bad_population_input_names_the_setting(tmp_path):
     (tmp_path / "taken" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="taken: a run is already there"):
         train_population(configs[:1], [tmp_path / "taken"], log=lambda s: None)
-    with pytest.raises(ValueError, match="Member|members: a population needs at least one member"):
+    from torch import nn
+
+    dropout = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 20))
+    with pytest.raises(ValueError, match=r"model: a population stacks .* not \['2 \(Dropout\)'\]"):
+        Population(dropout, "adam", MEMBERS)
+    with pytest.raises(ValueError, match="not a Linear without a bias"):
+        Population(nn.Sequential(nn.Linear(20, 8, bias=False), nn.Tanh(), nn.Linear(8, 20)), "adam", MEMBERS)
+    with pytest.raises(ValueError, match="members: a population needs at least one member"):
         Population(build_autoencoder("tiny", "tanh", input_dim=20), "locoprop-m", [])
 
 

@@ -330,15 +330,19 @@ class Population:
         self.variant = get_variant(LOCOPROP_VARIANTS[optimizer]) if locoprop else None
         k = len(members)
         found = discover_layers(model, output_transfer=OUTPUT_TRANSFER)
-        modules = list(model)
+        known = {id(m) for lay in found for m in (lay.linear, lay.transfer_module) if m is not None}
+        other = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is not model
+                 and id(m) not in known and not isinstance(m, nn.Sequential)]
+        if other or any(lay.linear.bias is None or lay.transfer is None for lay in found):
+            raise ValueError(f"model: a population stacks Linear layers with biases and their transfer functions "
+                             f"(the harness's autoencoders), not {other or 'a Linear without a bias'}")
         self.layers: list[_StackedLayer] = []
         for layer in found:
             lin = layer.linear
             w = lin.weight.detach().t().unsqueeze(0).repeat(k, 1, 1).contiguous()
             b = lin.bias.detach().reshape(1, 1, -1).repeat(k, 1, 1).contiguous()
-            after = modules.index(lin) + 1
-            applied = after < len(modules) and not isinstance(modules[after], nn.Linear)
-            self.layers.append(_StackedLayer(w, b, layer.transfer, applied))
+            # the model applies the transfer function where it has its module (the output's sigmoid is the loss's)
+            self.layers.append(_StackedLayer(w, b, layer.transfer, layer.transfer_module is not None))
         dev, dt = self.layers[0].weight.device, self.layers[0].weight.dtype
 
         def column(values) -> torch.Tensor:
