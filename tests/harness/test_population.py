@@ -118,12 +118,13 @@ def test_ended_members_leave_the_population_and_the_others_go_on(tmp_path):
         return "pruned here" if j == 2 and rec["epoch"] == 2 else None
 
     results = train_population(configs, [tmp_path / f"pop-{j}" for j in range(3)], log=lambda s: None,
-                               on_epoch=on_epoch)
+                               on_epoch=on_epoch, on_end=lambda j, result: seen.append((j, result.status)))
     assert [r.status for r in results] == ["diverged", "finished", "pruned"]
     assert results[0].reason.startswith("epoch 2:") and results[2].epochs_done == 2
     diverged = train(configs[0], tmp_path / "alone-0", progress=False, log=lambda s: None)
     assert (diverged.status, diverged.epochs_done) == ("diverged", results[0].epochs_done) == ("diverged", 1)
-    assert seen == [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3)]
+    # each run ends (on_end) when its member does, while the others go on
+    assert seen == [(0, 1), (1, 1), (2, 1), (0, "diverged"), (1, 2), (2, 2), (2, "pruned"), (1, 3), (1, "finished")]
     # the member that went on to the end is the separate run still (the stack shrank around it)
     alone = train(configs[1], tmp_path / "alone", progress=False, log=lambda s: None)
     assert results[1].final_train_loss == pytest.approx(alone.final_train_loss, rel=1e-10)

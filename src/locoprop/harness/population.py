@@ -467,7 +467,8 @@ class Population:
 
 def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path], *, progress: bool = False,
                      log: Callable[[str], None] = print,
-                     on_epoch: Callable[[int, dict], str | None] | None = None) -> list[RunResult]:
+                     on_epoch: Callable[[int, dict], str | None] | None = None,
+                     on_end: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
     """Train the runs ``configs`` (one per member) as one population, each into its folder of ``outs``.
 
     The configurations must agree on every setting but :data:`PER_MEMBER` (the tuned ones and
@@ -475,8 +476,9 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
     :func:`~locoprop.harness.train.train` writes (``config.json``, ``metrics.jsonl``; no checkpoint: a stopped
     population is not resumed, each run starts again).  ``wall_time`` is the population's (every member's
     record says so under ``population`` in ``config.json``).  ``on_epoch(j, record)`` is called for member
-    ``j`` after each epoch; a string it returns stops that member as ``"pruned"``.  Returns each member's
-    :class:`~locoprop.harness.train.RunResult`, in the order of ``configs``.
+    ``j`` after each epoch; a string it returns stops that member as ``"pruned"``.  ``on_end(j, result)`` is
+    called as soon as member ``j``'s run ends (its folder complete), while the others may go on.  Returns
+    each member's :class:`~locoprop.harness.train.RunResult`, in the order of ``configs``.
     """
     if not configs or len(configs) != len(outs):
         raise ValueError(f"configs, outs: expected one folder per configuration, got {len(configs)} and {len(outs)}")
@@ -517,6 +519,14 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
         write(j, {"epoch": 0, "train_loss": train_losses[j], "test_loss": test_losses[j], "wall_time": 0.0,
                   "lr": 0.0, "step": 0})
     results: list[RunResult | None] = [None] * k
+
+    def ended(j: int, result: RunResult) -> None:
+        results[j] = result
+        if result.status != "finished":
+            write(j, {"event": result.status, "reason": result.reason})
+        if on_end is not None:
+            on_end(j, result)
+
     last: list[tuple[float, float] | None] = [None] * k
     best = [math.inf] * k
     alive = list(range(k))  # alive[i]: the run of the population's i-th member
@@ -568,7 +578,7 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
                 continue
             status, why = end
             done = epoch if status == "diverged" else epoch + 1  # a diverged epoch is not recorded
-            results[j] = RunResult(outs[j], status, done, *(last[j] or (None, None)), f"epoch {epoch + 1}: {why}")
+            ended(j, RunResult(outs[j], status, done, *(last[j] or (None, None)), f"epoch {epoch + 1}: {why}"))
         log(f"epoch {epoch + 1}/{cfg0.epochs}: {len(keep)} of {k} runs go on; best train "
             f"{min((train_losses[i] for i in keep), default=math.nan):.4f}  {wall:.1f}s")
         if not keep:
@@ -578,8 +588,5 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
             alive = [alive[i] for i in keep]
     for j in alive:
         if results[j] is None:
-            results[j] = RunResult(outs[j], "finished", cfg0.epochs, *last[j])
-    for j, result in enumerate(results):
-        if result.status != "finished":
-            write(j, {"event": result.status, "reason": result.reason})
+            ended(j, RunResult(outs[j], "finished", cfg0.epochs, *last[j]))
     return results

@@ -506,14 +506,17 @@ class _Heartbeats:
     def __init__(self, storage, trial_ids: Sequence[int]) -> None:
         import threading
 
-        self.storage, self.trial_ids = storage, list(trial_ids)
+        self.storage, self.trial_ids = storage, set(trial_ids)  # end(trial_id) takes one out
         self.interval = _heartbeat_interval(storage)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True) if self.interval else None
 
+    def end(self, trial_id: int) -> None:
+        self.trial_ids.discard(trial_id)
+
     def _beat(self) -> None:
         while True:
-            for tid in self.trial_ids:
+            for tid in tuple(self.trial_ids):
                 self.storage.record_heartbeat(tid)
             if self.stop.wait(self.interval):
                 return
@@ -538,9 +541,9 @@ def run_population_study(study, settings: dict, space: Sequence[Dimension], *, p
 
     Trials are asked from the study in groups (Optuna's ask-and-tell interface; the sampler proposes a
     group's members one after another, as for parallel workers), each member's epochs are reported to its
-    trial (so the pruner can stop it; the others go on), and every trial ends as with :func:`run_study`: the
-    same user attributes, ``COMPLETE`` with its final train loss or ``PRUNED``.  A group that fails fails its
-    trials and the study goes on.  A killed group's trials are retried like a killed worker's, but start over
+    trial (so the pruner can stop it; the others go on), and every trial ends as with :func:`run_study`, as
+    soon as its member does: the same user attributes, ``COMPLETE`` with its final train loss or ``PRUNED``.
+    A group that fails fails the trials it has not ended, and the study goes on.  A killed group's trials are retried like a killed worker's, but start over
     (a population keeps no checkpoint).  ``trials=None`` runs until ``max_trials`` are finished.
     """
     import optuna
@@ -596,20 +599,26 @@ def run_population_study(study, settings: dict, space: Sequence[Dimension], *, p
         if not group:
             continue
         log(f"population of {len(group)}: trials {', '.join(str(t.number) for t, _, _ in group)}")
-        try:
-            with _Heartbeats(study._storage, [t._trial_id for t, _, _ in group]):
-                results = train_population([c for _, c, _ in group], [d for _, _, d in group], progress=progress,
-                                           log=log, on_epoch=lambda j, rec: _report_epoch(group[j][0], rec))
-        except Exception as exc:
-            log(f"population of trials {[t.number for t, _, _ in group]} failed: {type(exc).__name__}: {exc}")
-            for trial, _, _ in group:
-                study.tell(trial, state=TrialState.FAIL)
-            continue
-        for (trial, _, run_dir), result in zip(group, results):
+        told: set[int] = set()
+        with _Heartbeats(study._storage, [t._trial_id for t, _, _ in group]) as beats:
+
+            def on_end(j: int, result) -> None:  # a trial ends when its member does; the others go on
+                trial, _, run_dir = group[j]
+                try:
+                    study.tell(trial, _finish_trial(trial, result, run_dir, log))
+                except optuna.TrialPruned:
+                    study.tell(trial, state=TrialState.PRUNED)
+                told.add(j)
+                beats.end(trial._trial_id)
+
             try:
-                study.tell(trial, _finish_trial(trial, result, run_dir, log))
-            except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
+                train_population([c for _, c, _ in group], [d for _, _, d in group], progress=progress, log=log,
+                                 on_epoch=lambda j, rec: _report_epoch(group[j][0], rec), on_end=on_end)
+            except Exception as exc:
+                log(f"population of trials {[t.number for t, _, _ in group]} failed: {type(exc).__name__}: {exc}")
+                for j, (trial, _, _) in enumerate(group):
+                    if j not in told:
+                        study.tell(trial, state=TrialState.FAIL)
 
 
 # ---------------------------------------------------------------------------------------------------
