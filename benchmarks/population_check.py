@@ -4,7 +4,8 @@ A check on real data, at a real model size, that a population member computes wh
 computed (``tests/harness/test_population.py`` checks it on small models): every ``COMPLETE`` trial of
 ``--study`` in ``--storage`` is enqueued, with its parameters, in a new study of the same settings in
 ``--out/check.db``, which :func:`locoprop.harness.tune.run_population_study` runs ``--population`` at a
-time.  It writes ``--out/check.json`` and ``--out/README.md``: for each trial, its settings, the study's
+time with the original study's pruner (``--pruner``, ``locoprop tune``'s default: none but the notebook's
+rules; Optuna's own default, a median pruner, would stop trials the original study ran to the end).  It writes ``--out/check.json`` and ``--out/README.md``: for each trial, its settings, the study's
 final train loss (one run at a time), the population's, and their relative difference.
 
     python benchmarks/population_check.py --storage results/tuning/standard-mnist-tanh-cpu.db \\
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from locoprop.harness.tune import open_storage, open_study, run_population_study
+    from locoprop.harness.tune import make_pruner, open_storage, open_study, run_population_study
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--storage", required=True, help="the SQLite file of the study to check")
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--population", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--pruner", choices=("notebook", "median"), default="notebook",
+                    help="the pruner of the original study (locoprop tune's --pruner; default notebook: no Optuna "
+                         "pruning, only the notebook's rules, which the runs apply themselves)")
     ap.add_argument("--out", required=True, help="folder of the new study, its run folders and the report")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     if db.exists():
         raise SystemExit(f"{db}: exists; choose another --out")
     storage = open_storage(f"sqlite:///{db}")
-    study, settings, space = open_study(storage, args.study, settings)
+    study, settings, space = open_study(storage, args.study, settings, pruner=make_pruner(args.pruner))
     for t in done:
         study.enqueue_trial(dict(t.params))
     t0 = time.time()

@@ -10,7 +10,21 @@ dir=results/population
   echo
   echo '**On this 2-core CPU there is nothing to gain, and nothing is lost:** two threads already keep both cores busy with one run'"'"'s products, so K members cost about K times one run (the table: 0.96x to 1.12x; compiled updates, `compile_update`, save a few percent of a step). The gain is for a GPU, where one standard-model run leaves most of the chip idle: the products of one LocoProp-M step, each timed alone at its shape, take 10.8 ms on an H200 against 2.6 ms at the chip'"'"'s FP32 rate (`results/perf/NVIDIA-H200-2026-11-27-session6.json`, `shape_floor_ms` and `floor_ms`), and processes sharing one GPU take turns on it. That measurement is prepared for the next session with a GPU (`benchmarks/gpu_session.py --population-s`).'
   echo
-  echo '**The same results on real data.** `check-cpu-rmsprop/` and `check-cpu-locoprop-m/` (`benchmarks/population_check.py`): every complete trial of the CPU studies of `results/tuning/` (standard model, MNIST, 3 epochs on 10,000 images, trained one at a time in an earlier session) trained again as a population of 8, with each trial'"'"'s final train loss beside the study'"'"'s and their relative difference (their READMEs).'
+  echo '**The same results on real data.** `check-cpu-OPTIMIZER/` (`benchmarks/population_check.py`): every complete trial of the CPU studies of `results/tuning/` (standard model, MNIST, 3 epochs on 10,000 images, trained one at a time in an earlier session) trained again in populations of 8, each trial'"'"'s final train loss beside the study'"'"'s (each folder'"'"'s README has the trials):'
+  echo
+  ${PYTHON:-.venv/bin/python} - "$dir" <<'PY'
+import json, sys
+from pathlib import Path
+print("| study | trials | complete in the population | largest relative difference | time s |")
+print("| --- | --- | --- | --- | --- |")
+for f in sorted(Path(sys.argv[1]).glob("check-*/check.json")):
+    d = json.loads(f.read_text())
+    rows = d["trials"]
+    diffs = [r["relative_difference"] for r in rows if r["relative_difference"] is not None]
+    done = sum(r["population_state"] == "COMPLETE" for r in rows)
+    print(f"| [{d['meta']['original']['study']}]({f.parent.name}/README.md) | {len(rows)} | {done} | "
+          f"{max(diffs):.2e} | {d['meta']['wall_s']:.0f} |")
+PY
   echo
   ${PYTHON:-.venv/bin/python} benchmarks/population_speed.py --table "$dir"/*.json
 } > "$dir/README.md"
