@@ -247,3 +247,23 @@ def test_a_killed_population_leaves_its_trials_failed_and_a_rerun_retries_them(t
         records, _ = read_metrics(retry.user_attrs["run_dir"])
         assert [r["epoch"] for r in records] == list(range(21))  # started over, one record per epoch
         assert records[-1]["train_loss"] == pytest.approx(retry.value)
+
+
+def test_a_population_that_does_not_fit_stops_the_worker_with_a_clear_error(tmp_path, monkeypatch):
+    """Out of device memory, every later group of the same size would fail too: its trials fail and the
+    worker stops, naming --population (simulated: train_population raises torch's OutOfMemoryError)."""
+    import torch
+
+    import locoprop.harness.population as population
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(population, "train_population", out_of_memory)
+    db = tmp_path / "s.db"
+    args = ["tune", *TINY, "--optimizer", "rmsprop", "--storage", str(db), "--study", "oom", "--runs-dir",
+            str(tmp_path / "runs"), "--population", "4", "--trials", "8"]
+    with pytest.raises(ValueError, match=r"--population 4: 4 members do not fit in the device's memory \(CUDA out "
+                                         r"of memory. Tried to allocate 20.00 GiB\); use a smaller --population"):
+        main_tune(build_parser().parse_args(args))
+    assert [t.state for t in _trials(db, "oom")] == [TrialState.FAIL] * 4

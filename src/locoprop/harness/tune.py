@@ -547,6 +547,7 @@ def run_population_study(study, settings: dict, space: Sequence[Dimension], *, p
     (a population keeps no checkpoint).  ``trials=None`` runs until ``max_trials`` are finished.
     """
     import optuna
+    import torch
     from optuna.trial import TrialState
 
     from .population import POPULATION_OPTIMIZERS, check_population_config, shared_settings, train_population
@@ -619,6 +620,10 @@ def run_population_study(study, settings: dict, space: Sequence[Dimension], *, p
                 for j, (trial, _, _) in enumerate(group):
                     if j not in told:
                         study.tell(trial, state=TrialState.FAIL)
+                if isinstance(exc, torch.OutOfMemoryError):  # every later group of this size would fail too
+                    raise ValueError(f"--population {population}: {len(group)} members do not fit in the "
+                                     f"device's memory ({str(exc).splitlines()[0]}); use a smaller "
+                                     "--population") from None
 
 
 # ---------------------------------------------------------------------------------------------------
