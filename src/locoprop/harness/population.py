@@ -484,8 +484,9 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
         raise ValueError(f"configs, outs: expected one folder per configuration, got {len(configs)} and {len(outs)}")
     for cfg in configs:
         check_population_config(cfg)
+    shared = shared_settings(configs[0])
     for j, cfg in enumerate(configs):
-        differ = sorted(k for k, v in shared_settings(cfg).items() if v != shared_settings(configs[0])[k])
+        differ = sorted(k for k, v in shared_settings(cfg).items() if v != shared[k])
         if differ:
             raise ValueError(f"configs[{j}]: differs from configs[0] in {differ}; a population shares every "
                              f"setting but {', '.join(PER_MEMBER)}")
