@@ -1,6 +1,6 @@
 r"""Many trials in one process: a population of autoencoders stacked along a leading dimension.
 
-Why: on a GPU one standard autoencoder at batch 1000 leaves most of the chip
+Why: on a GPU one standard autoencoder at batch 1000 leaves much of the chip
 idle (its products, timed alone at their shapes, run at about a quarter of the
 chip's FP32 rate: ``results/perf/``), and processes sharing one GPU take turns
 on it rather than running side by side.  A population of ``K`` members, each
