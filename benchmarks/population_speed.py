@@ -73,6 +73,10 @@ def table(path: Path) -> list[str]:
              "| model | batch | optimizer | T | precision | updates | K | population step ms | per trial ms | "
              "one run ms | speedup | peak MB |", "|" + " --- |" * 12]
     for r in data["records"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | {r['optimizer']} | | {r['precision']} | {r['updates']} | "
+                         f"{r['population']} | {r['error']} | | | | |")
+            continue
         peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r['local_steps'] or ''} | "
                      f"{r['precision']} | {r.get('updates', 'eager')} | {r['population']} | "
@@ -140,13 +144,23 @@ def main(argv=None) -> int:
             single = statistics.median(times)
             for k in args.sizes:
                 for updates in args.updates:
-                    rec = time_population(st, args, device, x, optimizer, precision, k, updates == "compiled")
-                    rec.update({"device": name, "single_step_ms": single,
-                                "speedup": single / rec["trial_step_ms"]})
-                    records.append(rec)
-                    print(f"{optimizer:10s} {precision} {updates:8s} K={k:3d}  step {rec['step_ms_median']:9.2f} ms  "
-                          f"per trial {rec['trial_step_ms']:8.2f} ms  one run {single:8.2f} ms  "
-                          f"speedup {rec['speedup']:5.2f}x", flush=True)
+                    try:
+                        rec = time_population(st, args, device, x, optimizer, precision, k, updates == "compiled")
+                    except Exception as exc:  # out of memory, a compiler missing: record it, time the rest
+                        first_line = (str(exc).splitlines() or [""])[0]
+                        records.append({"device": name, "model": args.model, "optimizer": optimizer,
+                                        "precision": precision, "population": k, "updates": updates,
+                                        "error": f"{type(exc).__name__}: {first_line}"})
+                        print(f"{optimizer:10s} {precision} {updates:8s} K={k:3d}  {records[-1]['error']}", flush=True)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    else:
+                        rec.update({"device": name, "single_step_ms": single,
+                                    "speedup": single / rec["trial_step_ms"]})
+                        records.append(rec)
+                        print(f"{optimizer:10s} {precision} {updates:8s} K={k:3d}  step {rec['step_ms_median']:9.2f} "
+                              f"ms  per trial {rec['trial_step_ms']:8.2f} ms  one run {single:8.2f} ms  "
+                              f"speedup {rec['speedup']:5.2f}x", flush=True)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -205,6 +205,13 @@ def test_population_speed_times_populations_beside_one_run(tmp_path):
     lines = mod.table(out)
     rows = [ln for ln in lines if ln.startswith("| tiny ")]
     assert len(rows) == 8 and rows[2].split(" | ")[5:7] == ["eager", "3"]  # the updates and K columns
+    # a configuration that fails (here: K = 0) is recorded with its error, and the others are still timed
+    assert mod.main(["--model", "tiny", "--batch-size", "16", "--sizes", "0", "2", "--steps", "1", "--warmup", "0",
+                     "--local-steps", "2", "--device", "cpu", "--optimizers", "rmsprop", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert records[0]["error"].startswith("ValueError: members: a population needs at least one member")
+    assert records[1]["population"] == 2 and records[1]["step_ms_median"] > 0
+    assert "ValueError: members" in "".join(mod.table(out))
 
 
 def test_shampoo_is_timed_with_both_roots(newton_roots):
