@@ -20,6 +20,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -63,6 +64,10 @@ def single_step(optimizer: str, model, x, precision: str, local_steps: int):
     return lambda: opt.step(lambda: loss_fn(model(x), x))
 
 
+def _ms(value, unit: str = "") -> str:
+    return "" if value is None else f"{value:.2f}{unit}"
+
+
 def table(path: Path) -> list[str]:
     """A Markdown section of one JSON file of this benchmark: its machine and command, then a row per record."""
     data = json.loads(Path(path).read_text())
@@ -81,7 +86,7 @@ def table(path: Path) -> list[str]:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r['local_steps'] or ''} | "
                      f"{r['precision']} | {r.get('updates', 'eager')} | {r['population']} | "
                      f"{r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
-                     f"{r['single_step_ms']:.2f} | {r['speedup']:.2f}x | {peak} |")
+                     f"{_ms(r['single_step_ms'])} | {_ms(r['speedup'], 'x')} | {peak} |")
     return lines + [""]
 
 
@@ -139,9 +144,13 @@ def main(argv=None) -> int:
     for optimizer in args.optimizers:
         for precision in (["fp32"] if optimizer == "rmsprop" else args.precisions):
             model = build_autoencoder(args.model, "tanh", device=device)
-            times, _ = st.timed_calls(single_step(optimizer, model, x, precision, args.local_steps), device,
-                                      args.warmup, args.steps)
-            single = statistics.median(times)
+            try:
+                times, _ = st.timed_calls(single_step(optimizer, model, x, precision, args.local_steps), device,
+                                          args.warmup, args.steps)
+                single = statistics.median(times)
+            except Exception as exc:  # the populations are still timed, without a speedup
+                single = None
+                print(f"{optimizer:10s} {precision} one run failed: {type(exc).__name__}: {exc}", flush=True)
             for k in args.sizes:
                 for updates in args.updates:
                     try:
@@ -156,11 +165,11 @@ def main(argv=None) -> int:
                             torch.cuda.empty_cache()
                     else:
                         rec.update({"device": name, "single_step_ms": single,
-                                    "speedup": single / rec["trial_step_ms"]})
+                                    "speedup": single / rec["trial_step_ms"] if single else None})
                         records.append(rec)
                         print(f"{optimizer:10s} {precision} {updates:8s} K={k:3d}  step {rec['step_ms_median']:9.2f} "
-                              f"ms  per trial {rec['trial_step_ms']:8.2f} ms  one run {single:8.2f} ms  "
-                              f"speedup {rec['speedup']:5.2f}x", flush=True)
+                              f"ms  per trial {rec['trial_step_ms']:8.2f} ms  one run {single or math.nan:8.2f} ms  "
+                              f"speedup {rec['speedup'] or math.nan:5.2f}x", flush=True)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     print(f"wrote {out}")

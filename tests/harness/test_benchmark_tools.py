@@ -213,6 +213,16 @@ def test_population_speed_times_populations_beside_one_run(tmp_path):
     assert records[1]["population"] == 2 and records[1]["step_ms_median"] > 0
     assert "ValueError: members" in "".join(mod.table(out))
 
+    def failing_run(*args, **kwargs):
+        raise RuntimeError("no graph for you")
+
+    mod.single_step = failing_run  # one run's step fails: the populations are timed all the same
+    assert mod.main(["--model", "tiny", "--batch-size", "16", "--sizes", "2", "--steps", "1", "--warmup", "0",
+                     "--device", "cpu", "--optimizers", "rmsprop", "--out", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["step_ms_median"] > 0 and record["single_step_ms"] is None and record["speedup"] is None
+    assert mod.table(out)[-2].endswith("|  |  |  |")
+
 
 def test_shampoo_is_timed_with_both_roots(newton_roots):
     """step_time.py times Shampoo with the library's Newton roots (eager) and with shampoo_root="eigh"
