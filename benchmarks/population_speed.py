@@ -6,7 +6,9 @@ For each optimizer, precision and population size ``K`` it times the median step
 train`` runs it (LocoProp: :meth:`locoprop.LocoProp.graphed_step` on CUDA, ``step()`` on the CPU;
 RMSProp: the harness's eager TF-RMSProp).  ``trial_step_ms`` is the population's step divided by ``K``;
 ``speedup`` is the single run's step over it: how many times more trials the same device time trains.
-``--updates compiled`` also times populations whose updates are compiled (``compile_update``).
+``--updates compiled`` also times populations whose updates are compiled (``compile_update``).  Peak
+memory: on a GPU ``max_memory_allocated`` during the population's steps; on the CPU, with
+``--tensor-memory``, the exact peak of the tensors one step holds (``peak MB`` in the table).
 Members have the tuned settings of ``results/tuning-h200-100epoch`` with their learning rates spread
 over a factor of 10, as a study's trials would be.
 
@@ -76,17 +78,18 @@ def table(path: Path) -> list[str]:
              f"- Device: {meta['device']}; torch {meta['torch']}; date {meta['date']}; threads {meta['threads']}.",
              f"- Command: `{meta['command']}`.", "",
              "| model | batch | optimizer | T | precision | updates | K | population step ms | per trial ms | "
-             "one run ms | speedup | peak MB |", "|" + " --- |" * 12]
+             "one run ms | speedup | peak MB | one run's peak MB |", "|" + " --- |" * 13]
     for r in data["records"]:
         if "error" in r:
             lines.append(f"| {r['model']} | | {r['optimizer']} | | {r['precision']} | {r['updates']} | "
-                         f"{r['population']} | {r['error']} | | | | |")
+                         f"{r['population']} | {r['error']} | | | | | |")
             continue
-        peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
+        peak = next((f"{r[k]:.0f}" for k in ("peak_mem_mb", "peak_tensor_mb") if r.get(k) is not None), "")
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['optimizer']} | {r['local_steps'] or ''} | "
                      f"{r['precision']} | {r.get('updates', 'eager')} | {r['population']} | "
                      f"{r['step_ms_median']:.2f} | {r['trial_step_ms']:.2f} | "
-                     f"{_ms(r['single_step_ms'])} | {_ms(r['speedup'], 'x')} | {peak} |")
+                     f"{_ms(r['single_step_ms'])} | {_ms(r['speedup'], 'x')} | {peak} | "
+                     f"{_ms(r.get('single_peak_tensor_mb'))} |")
     return lines + [""]
 
 
@@ -107,6 +110,8 @@ def time_population(st, args, device, x, optimizer: str, precision: str, k: int,
            "step_ms_median": step, "trial_step_ms": step / k}
     if device.type == "cuda":
         rec["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    elif args.tensor_memory:  # exact: the tensors alive during one more step (the profiler's memory timeline)
+        rec["peak_tensor_mb"] = st.peak_tensor_bytes(lambda: pop.step(x, 1.0)) / 2 ** 20
     return rec
 
 
@@ -123,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--updates", nargs="+", default=["eager"], choices=["eager", "compiled"],
                     help="the population's updates: eager, and/or compiled (Population's compile_update)")
     ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--tensor-memory", action="store_true",
+                    help="on the CPU, also the exact peak of the tensors one population step holds (slow)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -144,10 +151,13 @@ def main(argv=None) -> int:
     for optimizer in args.optimizers:
         for precision in (["fp32"] if optimizer == "rmsprop" else args.precisions):
             model = build_autoencoder(args.model, "tanh", device=device)
+            single_mb = None
             try:
-                times, _ = st.timed_calls(single_step(optimizer, model, x, precision, args.local_steps), device,
-                                          args.warmup, args.steps)
+                one_run = single_step(optimizer, model, x, precision, args.local_steps)
+                times, _ = st.timed_calls(one_run, device, args.warmup, args.steps)
                 single = statistics.median(times)
+                if device.type == "cpu" and args.tensor_memory:
+                    single_mb = st.peak_tensor_bytes(one_run) / 2 ** 20
             except Exception as exc:  # the populations are still timed, without a speedup
                 single = None
                 print(f"{optimizer:10s} {precision} one run failed: {type(exc).__name__}: {exc}", flush=True)
@@ -164,6 +174,8 @@ def main(argv=None) -> int:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                     else:
+                        if single_mb is not None:
+                            rec["single_peak_tensor_mb"] = single_mb
                         rec.update({"device": name, "single_step_ms": single,
                                     "speedup": single / rec["trial_step_ms"] if single else None})
                         records.append(rec)
