@@ -71,8 +71,9 @@ __all__ = ["POPULATION_OPTIMIZERS", "PER_MEMBER", "Member", "Population", "membe
 
 #: The optimizers a population can train (``locoprop tune --population``).
 POPULATION_OPTIMIZERS = ("locoprop-s", "locoprop-m", "sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad")
-#: The settings each member of a population has for itself; it shares all others.
-PER_MEMBER = ("lr", "beta1", "beta2", "eps", "activation_lr", "early_exit")
+#: The settings each member of a population has for itself; it shares all others.  ``seed``: its initial
+#: weights and its order of the batches (``locoprop train --seeds``).
+PER_MEMBER = ("lr", "beta1", "beta2", "eps", "activation_lr", "early_exit", "seed")
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ class Population:
     """``K`` copies of one ``nn.Sequential`` autoencoder, each trained by ``optimizer`` with its own settings.
 
     Args:
-        model: the model every member starts from (built with the study's seed).
+        model: the model every member starts from (built with the study's seed), or one model per member
+            (of one architecture: members with their own seeds).
         optimizer: one of :data:`POPULATION_OPTIMIZERS`.
         members: each member's hyper-parameters.
         local_steps: ``T`` (LocoProp only).
@@ -312,8 +314,8 @@ class Population:
     batch loss, shape ``(K,)``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: str, members: Sequence[Member], *, local_steps: int = 10,
-                 precision: str = "fp32", compile_update: bool = False) -> None:
+    def __init__(self, model: nn.Module | Sequence[nn.Module], optimizer: str, members: Sequence[Member], *,
+                 local_steps: int = 10, precision: str = "fp32", compile_update: bool = False) -> None:
         if optimizer not in POPULATION_OPTIMIZERS:
             raise ValueError(f"optimizer: a population trains {list(POPULATION_OPTIMIZERS)}, got {optimizer!r}")
         if not members:
@@ -329,6 +331,10 @@ class Population:
         self.local_steps = int(local_steps)
         self.variant = get_variant(LOCOPROP_VARIANTS[optimizer]) if locoprop else None
         k = len(members)
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        if len(models) not in (1, k):
+            raise ValueError(f"model: one model, or one per member ({k}), got {len(models)}")
+        model = models[0]
         found = discover_layers(model, output_transfer=OUTPUT_TRANSFER)
         known = {id(m) for lay in found for m in (lay.linear, lay.transfer_module) if m is not None}
         other = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is not model
@@ -336,11 +342,18 @@ class Population:
         if other or any(lay.linear.bias is None or lay.transfer is None for lay in found):
             raise ValueError(f"model: a population stacks Linear layers with biases and their transfer functions "
                              f"(the harness's autoencoders), not {other or 'a Linear without a bias'}")
+        linears = [[m for m in each.modules() if isinstance(m, nn.Linear)] for each in models]
+        shapes = [[tuple(lin.weight.shape) for lin in each] for each in linears]
+        if any(sh != shapes[0] for sh in shapes):
+            raise ValueError(f"model: the members' models differ in their Linear layers: {shapes}")
         self.layers: list[_StackedLayer] = []
-        for layer in found:
-            lin = layer.linear
-            w = lin.weight.detach().t().unsqueeze(0).repeat(k, 1, 1).contiguous()
-            b = lin.bias.detach().reshape(1, 1, -1).repeat(k, 1, 1).contiguous()
+        for i, layer in enumerate(found):
+            if len(models) == 1:
+                w = layer.linear.weight.detach().t().unsqueeze(0).repeat(k, 1, 1).contiguous()
+                b = layer.linear.bias.detach().reshape(1, 1, -1).repeat(k, 1, 1).contiguous()
+            else:
+                w = torch.stack([each[i].weight.detach().t() for each in linears]).contiguous()
+                b = torch.stack([each[i].bias.detach().reshape(1, -1) for each in linears]).contiguous()
             # the model applies the transfer function where it has its module (the output's sigmoid is the loss's)
             self.layers.append(_StackedLayer(w, b, layer.transfer, layer.transfer_module is not None))
         dev, dt = self.layers[0].weight.device, self.layers[0].weight.dtype
@@ -380,10 +393,11 @@ class Population:
 
     @staticmethod
     def member_losses(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The paper's loss of each member (sum over pixels, mean over the batch), shape ``(K,)``."""
+        """The paper's loss of each member (sum over pixels, mean over the batch), shape ``(K,)``; ``x`` is
+        the batch every member reads, ``(b, 784)``, or each member's own, ``(K, b, 784)``."""
         target = x.expand_as(logits)
         per = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return per.sum(dim=(1, 2)) / x.shape[0]
+        return per.sum(dim=(1, 2)) / x.shape[-2]
 
     @torch.no_grad()
     def evaluate(self, data: torch.Tensor, chunk: int = 10000) -> list[float]:
@@ -397,7 +411,8 @@ class Population:
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, factor: float) -> torch.Tensor:
-        """One step of every member on the batch ``x``; returns each member's batch loss (before the step)."""
+        """One step of every member on the batch ``x`` (``(b, 784)`` for all, or ``(K, b, 784)``: each
+        member's own); returns each member's batch loss (before the step)."""
         params = self.params()
         for p in params:
             p.requires_grad_(True)
@@ -499,10 +514,19 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
     dtype = getattr(torch, cfg0.dtype)
     data = load_dataset(cfg0.dataset, cfg0.data_dir, device=device, dtype=dtype, limit_train=cfg0.limit_train,
                         limit_test=cfg0.limit_test, seed=cfg0.seed)
-    torch.manual_seed(cfg0.seed)
-    model = build_autoencoder(cfg0.model, cfg0.activation, input_dim=data.train.shape[1], dtype=dtype, device=device)
-    pop = Population(model, cfg0.optimizer, [member_of(c) for c in configs], local_steps=cfg0.local_steps,
-                     precision=cfg0.precision, compile_update=cfg0.compile_elementwise)
+    seeds = [cfg.seed for cfg in configs]
+    if data.synthetic and len(set(seeds)) > 1:
+        raise ValueError(f"seed: the members' seeds {sorted(set(seeds))} would each generate other data "
+                         f"({data.source}); a population shares its data")
+    models = {}
+    for seed in dict.fromkeys(seeds):  # as train(): the seed, then the model
+        torch.manual_seed(seed)
+        models[seed] = build_autoencoder(cfg0.model, cfg0.activation, input_dim=data.train.shape[1], dtype=dtype,
+                                         device=device)
+    model = models[cfg0.seed]
+    pop = Population([models[seed] for seed in seeds] if len(models) > 1 else model, cfg0.optimizer,
+                     [member_of(c) for c in configs], local_steps=cfg0.local_steps, precision=cfg0.precision,
+                     compile_update=cfg0.compile_elementwise)
     k = len(configs)
     for j, (cfg, out) in enumerate(zip(configs, outs)):
         out.mkdir(parents=True, exist_ok=True)
@@ -540,14 +564,16 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
     wall, step = 0.0, 0
     for epoch in range(cfg0.epochs):
         factor = lr_factor(epoch, cfg0.epochs, cfg0.warmup_epochs)
-        perm = _epoch_permutation(n, cfg0.seed, epoch).to(device)
+        perms = {seed: _epoch_permutation(n, seed, epoch).to(device) for seed in dict.fromkeys(seeds)}
+        order = torch.stack([perms[seeds[j]] for j in alive]) if len(perms) > 1 else None  # each member's own
         bar = tqdm(total=batches, desc=f"{k} x {cfg0.optimizer} epoch {epoch + 1}/{cfg0.epochs}", leave=False,
                    disable=not progress) if tqdm else None
         _sync(device)
         t0 = time.perf_counter()
         running = torch.zeros(pop.size, dtype=torch.float64, device=device)
         for i in range(batches):
-            xb = data.train[perm[i * cfg0.batch_size:(i + 1) * cfg0.batch_size]]
+            rows = slice(i * cfg0.batch_size, (i + 1) * cfg0.batch_size)
+            xb = data.train[perms[cfg0.seed][rows]] if order is None else data.train[order[:, rows]]
             running += (pop.step(xb, factor).double() - running) / (i + 1)
             step += 1
             if bar is not None:
