@@ -179,6 +179,11 @@ def test_bad_population_input_names_the_setting(tmp_path):
         Population(dropout, "adam", MEMBERS)
     with pytest.raises(ValueError, match="not a Linear without a bias"):
         Population(nn.Sequential(nn.Linear(20, 8, bias=False), nn.Tanh(), nn.Linear(8, 20)), "adam", MEMBERS)
+    tiny = build_autoencoder("tiny", "tanh", input_dim=20)
+    with pytest.raises(ValueError, match=r"model: one model, or one per member \(3\), got 2"):
+        Population([tiny, tiny], "adam", MEMBERS)
+    with pytest.raises(ValueError, match="model: the members' models differ in their Linear layers"):
+        Population([tiny, tiny, build_autoencoder("tiny", "tanh", input_dim=30)], "adam", MEMBERS)
     with pytest.raises(ValueError, match="members: a population needs at least one member"):
         Population(build_autoencoder("tiny", "tanh", input_dim=20), "locoprop-m", [])
 
@@ -197,3 +202,32 @@ def test_compiled_updates_agree_with_the_eager_ones():
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     assert max((a - p).abs().max().item() for a, p in zip(eager.params(), Population(
         model, "locoprop-m", MEMBERS).params())) > 1e-3
+
+
+def test_train_seeds_trains_one_run_per_seed_as_a_population(tmp_path, capsys):
+    """`locoprop train --seeds 0 3`: OUT/seed-0 and OUT/seed-3, each the separate run of its seed, and
+    OUT/seeds.json with their mean and spread; a repeated seed or --resume is refused."""
+    import statistics
+
+    from locoprop.harness.cli import main as cli_main
+    from locoprop.harness.train import TrainConfig, train
+
+    args = ["train", "--dataset", "mnist", "--model", "tiny", "--epochs", "2", "--warmup-epochs", "1",
+            "--batch-size", "50", "--limit-train", "150", "--limit-test", "100", "--device", "cpu",
+            "--optimizer", "rmsprop", "--lr", "0.001", "--no-progress", "--out", str(tmp_path / "seeds")]
+    assert cli_main(args + ["--seeds", "0", "3"]) == 0
+    summary = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0, 3] and summary["finished"] == 2
+    finals = [r["final_train_loss"] for r in summary["runs"]]
+    assert summary["final_train_loss_mean"] == pytest.approx(statistics.fmean(finals))
+    assert summary["final_train_loss_stdev"] == pytest.approx(statistics.stdev(finals)) and finals[0] != finals[1]
+    cfg = TrainConfig(dataset="mnist", model="tiny", epochs=2, warmup_epochs=1, batch_size=50, limit_train=150,
+                      limit_test=100, device="cpu", optimizer="rmsprop", lr=0.001, seed=3)
+    alone = train(cfg, tmp_path / "alone", progress=False, log=lambda s: None)
+    assert finals[1] == pytest.approx(alone.final_train_loss, rel=1e-5)
+    assert "2 of 2 finished: final train loss" in capsys.readouterr().out
+    assert cli_main(args[:-1] + [str(tmp_path / "again"), "--seeds", "1", "1"]) == 2
+    assert cli_main(args[:-1] + [str(tmp_path / "again"), "--seeds", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds: each seed once, got [1, 1]" in err and "cannot --resume" in err
+    assert not (tmp_path / "again").exists()

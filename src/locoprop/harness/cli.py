@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (config.json, metrics.jsonl, checkpoint.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="one run per seed, all trained at once as one population (locoprop.harness.population; "
+                        "LocoProp-S, LocoProp-M and the first-order methods) into OUT/seed-SEED, with the mean "
+                        "and spread of their final losses in OUT/seeds.json")
 
     p = sub.add_parser("compare", help="run every optimizer of a YAML comparison, then plot")
     p.add_argument("config", help="YAML: out, defaults, runs (list of settings with a name), plot")
@@ -155,6 +159,41 @@ def run_compare(config_path: str | Path, *, out: str | None = None, overrides: d
     return dirs, figure
 
 
+def _train_seeds(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """``locoprop train --seeds``: one run per seed as one population; ``OUT/seeds.json`` sums them up."""
+    import json
+    import statistics
+    from dataclasses import replace
+
+    from .population import train_population
+
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: each seed once, got {args.seeds}")
+    if args.resume:
+        raise ValueError("--seeds: a population keeps no checkpoint, so it cannot --resume; train it again")
+    out = Path(args.out)
+    outs = [out / f"seed-{seed}" for seed in args.seeds]
+    results = train_population([replace(cfg, seed=seed) for seed in args.seeds], outs,
+                               progress=not args.no_progress)
+    finals = [r.final_train_loss for r in results if r.status == "finished"]
+    summary = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}, "seeds": args.seeds,
+               "runs": [{"seed": seed, "run_dir": str(r.out), "status": r.status, "epochs": r.epochs_done,
+                         "final_train_loss": r.final_train_loss, "final_test_loss": r.final_test_loss,
+                         "reason": r.reason} for seed, r in zip(args.seeds, results)],
+               "finished": len(finals),
+               "final_train_loss_mean": statistics.fmean(finals) if finals else None,
+               "final_train_loss_stdev": statistics.stdev(finals) if len(finals) > 1 else None}
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for seed, r in zip(args.seeds, results):
+        print(f"seed {seed}: {r.status}: {r.epochs_done} epochs, train loss {r.final_train_loss}, "
+              f"test loss {r.final_test_loss}" + (f" ({r.reason})" if r.reason else ""))
+    if finals:
+        spread = f" ± {summary['final_train_loss_stdev']:.4f} (standard deviation)" if len(finals) > 1 else ""
+        print(f"{len(finals)} of {len(results)} finished: final train loss {summary['final_train_loss_mean']:.4f}"
+              f"{spread}; {out / 'seeds.json'}")
+    return 0 if all(r.status in ("finished", "early-exit") for r in results) else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -165,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             if base and "settings" in base:  # a tune report holds its settings under 'settings'
                 base = base["settings"]
             cfg = _config_from(args, base)
+            if args.seeds is not None:
+                return _train_seeds(cfg, args)
             result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
             if cfg.distributed is None or int(os.environ.get("RANK", "0")) == 0:  # rank 0 reports
                 print(f"{result.status}: {result.epochs_done} epochs, train loss {result.final_train_loss}, "
