@@ -247,6 +247,8 @@ def test_shampoo_root_setting_reaches_the_shampoo_optimizer(tmp_path, newton_roo
     assert saved["shampoo_root"] == "eigh"
     assert TrainConfig(optimizer="shampoo", shampoo_root="eigh").label().endswith(" root=eigh")
     assert "root" not in TrainConfig(optimizer="shampoo").label()
+    assert TrainConfig(optimizer="adam", seed=3).label().endswith(" seed=3")
+    assert "seed" not in TrainConfig(optimizer="adam").label()
 
 
 def test_rollback_and_compile_settings_reach_the_locoprop_optimizer(tmp_path):

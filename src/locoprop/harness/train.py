@@ -181,6 +181,8 @@ class TrainConfig:
             parts.append(f"kl_clip={self.kl_clip:g}")
         if self.shampoo_root != "newton":
             parts.append(f"root={self.shampoo_root}")
+        if self.seed != 0:  # runs of several seeds (locoprop train --seeds) tell themselves apart
+            parts.append(f"seed={self.seed}")
         return " ".join(parts)
 
 
