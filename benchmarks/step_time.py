@@ -224,6 +224,10 @@ def _compiled_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor)
     return step
 
 
+#: Mode flags that choose the inner optimizer (the default is TF-RMSProp): ``reference-adam``, ``graphed-adam``...
+INNER_FLAGS = {"adam": "adam", "adagrad": "adagrad", "torchrmsprop": "rmsprop"}
+
+
 def build_step(spec: dict, model, loss_fn, x):
     """A zero-argument callable that runs one step of the configuration in ``spec``."""
     name, mode = spec["optimizer"], spec["mode"]
@@ -232,6 +236,9 @@ def build_step(spec: dict, model, loss_fn, x):
         kwargs["local_steps"] = spec["local_steps"]
         kwargs["precision"] = spec["precision"]
         mode, *flags = mode.split("-")
+        inner = [INNER_FLAGS[f] for f in flags if f in INNER_FLAGS]
+        if inner:  # another inner optimizer than TF-RMSProp, with the configuration's β1, β2, ε
+            kwargs["inner"] = inner[0]
         kwargs["rollback"] = "host" if "host" in flags else "device"  # the rollback copies in pinned host memory
         kwargs["compile_elementwise"] = "compiled" in flags  # δ + Σδ and the update fused by torch.compile
         opt = build_optimizer(name, model, loss_fn, **kwargs)
@@ -244,7 +251,7 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.order = "iteration-major"
             elif flag == "nograph":  # the fast solver launched eagerly (a profile sees every kernel)
                 opt.fused_solver.cuda_graph = False
-            elif flag not in ("host", "compiled"):
+            elif flag not in ("host", "compiled", *INNER_FLAGS):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
         if mode == "graphed":
@@ -366,6 +373,9 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, f"{fast}-iter", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
+                            for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
+                                out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))
+                                out.append((model, batch, opt, T, f"{fast}-{inner}", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:

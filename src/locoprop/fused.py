@@ -38,9 +38,11 @@ notes steps 4-5) as one unit:
   sums and the inner optimizer's state stay in float32.
 
 It supports the inner optimizers whose update it implements
-(:class:`~locoprop.inner.TFRMSprop`, :class:`torch.optim.SGD` with or without
-(Nesterov) momentum) and the :class:`~locoprop.regularizers.L2Proximity`
-regularizer; :meth:`FusedIterativeSolver.unsupported` names what else makes
+(:mod:`locoprop.update_rules`: :class:`~locoprop.inner.TFRMSprop`, and
+:class:`torch.optim.SGD`, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad``
+with torch's own recurrences) and the
+:class:`~locoprop.regularizers.L2Proximity` regularizer;
+:meth:`FusedIterativeSolver.unsupported` names what else makes
 :class:`~locoprop.LocoProp` fall back to the reference path.
 """
 
@@ -53,72 +55,18 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from .inner import TFRMSprop
 from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
+from .update_rules import (AdagradRule, AdamRule, RMSpropRule, SGDRule, TFRMSpropRule, UpdateRule,  # noqa: F401
+                           _tf_rmsprop_tensors_, update_rule_for)
 
 __all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "FusedIterativeSolver", "UpdateRule",
-           "TFRMSpropRule", "SGDRule", "update_rule_for"]
+           "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for"]
 
 #: Precisions of the local matrix products.
 PRECISIONS = ("fp32", "tf32", "bf16")
 SOLVE_ORDERS = ("layer-major", "iteration-major")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# inner-optimizer updates on tensors (same recurrences and state as the torch optimizers)
-# ---------------------------------------------------------------------------------------------------------------
-class UpdateRule:
-    """One inner optimizer's update, applied to layers' tensors with a tensor learning rate per layer.
-
-    ``state(p)`` returns (creating it like the optimizer would) the state
-    tensors of parameter ``p`` in the optimizer's own ``state`` dict;
-    ``update_layers`` overwrites the gradients (they are the solver's scratch
-    buffers).
-    """
-
-    def __init__(self, inner: Optimizer) -> None:
-        self.inner = inner
-
-    def hyper(self) -> tuple:
-        """Hyper-parameters baked into a captured graph (a change makes a new capture)."""
-        return ()
-
-    def state(self, p: torch.Tensor) -> list[torch.Tensor]:
-        raise TypeError(f"{type(self).__name__} must implement state")
-
-    def update_layers(self, layers: list[tuple]) -> None:
-        """One update of several layers, ``layers[i] = (params, grads, states, lr)``: what does not depend on
-        the learning rate as one multi-tensor operation over every layer's tensors (elementwise, so the
-        result is that of updating each layer alone, to the bit)."""
-        raise TypeError(f"{type(self).__name__} must implement update_layers")
-
-    #: ``update_layers_compiled(layers)``: :meth:`update_layers` through ``torch.compile``, or ``None``.
-    update_layers_compiled = None
-
-    def count_steps(self, p: torch.Tensor, steps: int) -> None:
-        """Host-side bookkeeping after ``steps`` updates of ``p`` (step counters)."""
-
-
-def _flat(layers: list[tuple], part: int) -> list:
-    """Part ``part`` of every entry of an :meth:`UpdateRule.update_layers` list, concatenated: ``0`` the
-    parameters, ``1`` the gradients, ``2`` the per-parameter state lists."""
-    return [t for lay in layers for t in lay[part]]
-
-
-def _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha: float, mom: float, eps: float) -> None:
-    """One tensor's TF-RMSProp update, the recurrence of :meth:`TFRMSpropRule.update` (for ``torch.compile``,
-    which fuses it into one pass over the tensors)."""
-    ms.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
-    m.mul_(mom).add_(lr * (g / (ms + eps).sqrt()))
-    p.sub_(m)
-
-
-def _tf_rmsprop_tensors_(params, grads, squares, buffers, lrs, alpha: float, mom: float, eps: float) -> None:
-    """:func:`_tf_rmsprop_tensor_` over lists of tensors (one compiled program for all of them)."""
-    for p, g, ms, m, lr in zip(params, grads, squares, buffers, lrs):
-        _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha, mom, eps)
 
 
 def _residual_and_bias_grad_(loss, pre, target, transfer, bias_grad):
@@ -149,106 +97,6 @@ def compile_once(fn):
                                    f"({type(exc).__name__}: {exc}); use compile_elementwise=False") from exc
         _COMPILED[fn] = call
     return _COMPILED[fn]
-
-
-class TFRMSpropRule(UpdateRule):
-    """:class:`~locoprop.inner.TFRMSprop`: ``ms ← α ms + (1-α) g²``, ``m ← μ m + η g/√(ms+ε)``, ``w ← w - m``."""
-
-    def _group(self):
-        g = self.inner.param_groups[0]
-        return float(g["alpha"]), float(g["momentum"]), float(g["eps"])
-
-    def hyper(self):
-        return self._group()
-
-    def state(self, p):
-        s = self.inner._init_state(p)
-        return [s["mean_square"], s["momentum_buffer"]]
-
-    def update_layers_compiled(self, layers):
-        """:meth:`update_layers` as one compiled program: one pass over each tensor instead of nine (equal up
-        to rounding).  It sees flat plain tensors (not parameters, whose shapes torch.compile would
-        specialise on), so one compilation serves every layer of the same number of tensors."""
-        tensors = [(p.detach(), g, ms, m) for p, g, (ms, m) in zip(_flat(layers, 0), _flat(layers, 1),
-                                                                    _flat(layers, 2))]
-        if not all(t.is_contiguous() for four in tensors for t in four):
-            return self.update_layers(layers)
-        alpha, mom, eps = self._group()
-        lrs = [lr for params, _, _, lr in layers for _ in params]
-        flat = [[t[i].view(-1) for t in tensors] for i in range(4)]
-        compile_once(_tf_rmsprop_tensors_)(*flat, lrs, alpha, mom, eps)
-
-    def update_layers(self, layers):
-        alpha, mom, eps = self._group()
-        params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
-        squares = [s[0] for s in states]
-        buffers = [s[1] for s in states]
-        torch._foreach_mul_(squares, alpha)
-        torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
-        denom = torch._foreach_add(squares, eps)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_div_(grads, denom)
-        for _, layer_grads, _, lr in layers:  # each layer's own η_k
-            torch._foreach_mul_(layer_grads, lr)
-        torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
-        torch._foreach_add_(buffers, grads)
-        torch._foreach_sub_(params, buffers)
-
-    def count_steps(self, p, steps):
-        self.inner.state[p]["step"] += steps
-
-
-class SGDRule(UpdateRule):
-    """:class:`torch.optim.SGD` (``dampening=0``, ``weight_decay=0``): ``m ← μ m + g``, ``w ← w - η m``
-    (Nesterov: ``w ← w - η (g + μ m)``)."""
-
-    def _group(self):
-        g = self.inner.param_groups[0]
-        return float(g["momentum"]), bool(g["nesterov"])
-
-    def hyper(self):
-        return self._group()
-
-    def state(self, p):
-        mom, _ = self._group()
-        if mom == 0.0:
-            return []
-        s = self.inner.state[p]
-        if s.get("momentum_buffer") is None:  # torch starts it at the first gradient: same as 0·μ + g
-            s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return [s["momentum_buffer"]]
-
-    def update_layers(self, layers):
-        mom, nesterov = self._group()
-        params, grads = _flat(layers, 0), _flat(layers, 1)
-        if mom != 0.0:
-            buffers = [s[0] for s in _flat(layers, 2)]
-            torch._foreach_mul_(buffers, mom)
-            torch._foreach_add_(buffers, grads)
-            if nesterov:
-                torch._foreach_add_(grads, buffers, alpha=mom)
-            else:
-                torch._foreach_copy_(grads, buffers)
-        for _, layer_grads, _, lr in layers:  # each layer's own η_k
-            torch._foreach_mul_(layer_grads, lr)
-        torch._foreach_sub_(params, grads)
-
-
-def update_rule_for(inner: Optimizer | None) -> tuple[UpdateRule | None, str | None]:
-    """The :class:`UpdateRule` of ``inner``, or ``(None, reason)``."""
-    if inner is None:
-        return None, "no inner optimizer"
-    first = inner.param_groups[0]
-    if any(g.get(k) != first.get(k) for g in inner.param_groups for k in g if k not in ("params", "lr")):
-        return None, "inner optimizer groups differ in hyper-parameters other than lr"
-    g = inner.param_groups[0]
-    if type(inner) is TFRMSprop:
-        return TFRMSpropRule(inner), None
-    if type(inner) is torch.optim.SGD:
-        if g.get("dampening", 0) or g.get("weight_decay", 0) or g.get("maximize", False):
-            return None, "SGD with dampening, weight_decay or maximize"
-        return SGDRule(inner), None
-    return None, f"inner optimizer {type(inner).__name__} (the fast path implements TFRMSprop and SGD)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,23 +264,36 @@ class FusedIterativeSolver:
                 for pr in problems]
 
     @staticmethod
-    def table_for(groups: list[dict], regularizer: L2Proximity, anchored: bool) -> torch.Tensor:
-        """Host tensor ``[m, k]``: ``η_k`` of layer ``m`` (parameter group ``groups[m]``) in iteration ``k``
-        (reference notes, step 5); its last column is the L2 coefficient ``c`` when the problems keep an
-        anchor (Eqs. 3, 7), else 0."""
+    def table_for(groups: list[dict], regularizer: L2Proximity, anchored: bool, rule: UpdateRule | None = None,
+                  fresh: bool = False) -> torch.Tensor:
+        """Host tensor of every layer's per-iteration scalars, one row per layer ``m`` (parameter group
+        ``groups[m]``): ``table[m, j * width + k]`` is scalar ``j`` of iteration ``k``, ``width`` the largest
+        ``T``.  Scalar 0 is the local learning rate ``η_k`` (reference notes, step 5); the others are the
+        update rule's (:meth:`~locoprop.update_rules.UpdateRule.iteration_scalars`: Adam's bias corrections,
+        for instance; ``fresh``: the inner state is reset before the step).  The last column is the L2
+        coefficient ``c`` when the problems keep an anchor (Eqs. 3, 7), else 0."""
         width = max(int(g["local_steps"]) for g in groups)
         rows = []
         for g in groups:
             T = int(g["local_steps"])
-            row = [local_lr(g["lr"], k, T, g["lr_decay"], g["min_lr_ratio"]) if k < T else 0.0 for k in range(width)]
+            rates = [local_lr(g["lr"], k, T, g["lr_decay"], g["min_lr_ratio"]) for k in range(T)]
+            blocks = [rates] + (rule.iteration_scalars(list(g["params"]), rates, fresh) if rule is not None else [])
+            row = [v for block in blocks for v in block + [0.0] * (width - T)]
             rows.append(row + [regularizer.coefficient(g["lr"]) if anchored else 0.0])
         return torch.tensor(rows, dtype=torch.float64)
 
     @staticmethod
+    def iteration_scalars_of(table: torch.Tensor, m: int, k: int, count: int) -> tuple[torch.Tensor, ...]:
+        """The ``count`` scalars of iteration ``k`` of layer ``m`` in a :meth:`table_for` table, as 0-d views
+        (on the device, nothing read back)."""
+        width = (table.shape[1] - 1) // count
+        return tuple(table[m, j * width + k] for j in range(count))
+
+    @staticmethod
     def rate_groups(table: torch.Tensor) -> tuple[tuple[int, ...], ...]:
-        """Layers whose rows of the learning-rate table (:meth:`table_for`) have the same ``η_k`` in every
-        iteration, in groups by first layer: an update of several layers scales a group's gradients with one
-        multi-tensor multiply."""
+        """Layers whose rows of the table (:meth:`table_for`) have the same scalars (``η_k`` and the update
+        rule's) in every iteration, in groups by first layer: an update of several layers scales a group's
+        tensors with one multi-tensor multiply."""
         groups: dict[tuple, list[int]] = {}
         for m, row in enumerate(table[:, :-1].tolist()):
             groups.setdefault(tuple(row), []).append(m)
@@ -506,17 +367,18 @@ class FusedIterativeSolver:
                 gr.add_((p - a) * coefficient)
 
     def _update(self, chains: list[_Chain], rule: UpdateRule, table: torch.Tensor, k: int) -> None:
-        """Iteration ``k``'s inner-optimizer update of the layers of ``chains`` (learning rate ``η_k`` of
-        each layer from ``table``): one multi-tensor update over all of them, or, with
+        """Iteration ``k``'s inner-optimizer update of the layers of ``chains`` (``η_k`` and the rule's other
+        scalars of each layer from ``table``): one multi-tensor update over all of them, or, with
         ``compile_elementwise``, one compiled program (one pass per tensor)."""
         if len(chains) == 1 or self.shared_rates is None:
             groups = [[c] for c in chains]
         else:
             by_index = {c.index: c for c in chains}
             groups = [[by_index[m] for m in group if m in by_index] for group in self.shared_rates]
-        layers = [([p for c in members for p in c.layer.params],  # (params, grads, states, η_k) of each group
+        layers = [([p for c in members for p in c.layer.params],  # (params, grads, states, scalars) of each group
                    [g for c in members for g in c.layer.grads],
-                   [st for c in members for st in c.layer.states], table[members[0].index, k])
+                   [st for c in members for st in c.layer.states],
+                   self.iteration_scalars_of(table, members[0].index, k, rule.scalars))
                   for members in groups if members]
         if self.compile_elementwise and rule.update_layers_compiled is not None:
             rule.update_layers_compiled(layers)
@@ -605,8 +467,8 @@ class FusedIterativeSolver:
                 raise RuntimeError("FusedIterativeSolver: inside a CUDA graph capture the learning-rate table must "
                                    "be prepared first (use LocoProp.graphed_step)")
         else:  # into a persistent device tensor, so that captured graphs find it where they read it
-            host = self.table_for([pr.group for pr in problems], regularizer,
-                                  problems[0].anchor is not None).to(param.dtype)
+            host = self.table_for([pr.group for pr in problems], regularizer, problems[0].anchor is not None,
+                                  rule).to(param.dtype)
             table = self._buffer(("table",), host.shape, host.dtype, param.device)
             table.copy_(host)
             self.shared_rates = self.shared_rates_of(host)

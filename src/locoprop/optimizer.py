@@ -36,6 +36,7 @@ from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import Layer, LayerBatch, LayerCapture, discover_layers
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver
+from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
 
@@ -695,7 +696,8 @@ class CapturedStep:
                 torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
             return loss
-        table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor())
+        table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(),
+                                 update_rule_for(opt.inner)[0], fresh=opt.reset_inner_state)
         key = self._hyper_key() + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
         if self.graph is None or key != self._key:
             self._capture(key, table)

@@ -1,0 +1,382 @@
+r"""Inner-optimizer updates on tensors, for the fast solver (:mod:`locoprop.fused`).
+
+The fast solver does not call the inner optimizer's ``step``: it applies the
+same recurrence itself, to the inner optimizer's own state tensors, so that
+``state_dict``, checkpoints and the reference loop stay interchangeable
+(paper Sec. 3.3: each layer's local problem is solved by a first-order
+optimizer; reference notes, steps 5-6).  An :class:`UpdateRule` is that
+recurrence, written over several layers' tensors at once with multi-tensor
+(``torch._foreach_*``) operations:
+
+========================  ======================================================  ==========================
+inner optimizer           rule                                                    per-iteration scalars
+========================  ======================================================  ==========================
+``TFRMSprop``             :class:`TFRMSpropRule` (the paper's)                    ``η_k``
+``torch.optim.SGD``       :class:`SGDRule` (momentum, Nesterov, weight decay)      ``η_k``
+``torch.optim.Adam(W)``   :class:`AdamRule` (coupled or decoupled weight decay)    ``η_k``, ``η_k/c1``, ``√c2``, ``1-η_k λ``
+``torch.optim.RMSprop``   :class:`RMSpropRule` (momentum, centered, weight decay)  ``η_k``
+``torch.optim.Adagrad``   :class:`AdagradRule` (lr decay, weight decay)            ``η_k``, ``η_k/(1+(t-1)d)``
+========================  ======================================================  ==========================
+
+Everything that changes from one local iteration to the next (the local
+learning rate ``η_k = η max(1 - k/T, 0.25)``, Adam's bias corrections at step
+``t``, Adagrad's decayed rate) is a *per-iteration scalar*: the host computes
+it for every layer and iteration (:meth:`UpdateRule.iteration_scalars`) into
+the solver's table, and the update reads it from there as a 0-d device
+tensor, so a captured CUDA graph follows learning-rate schedules and step
+counts without recapture.  The hyper-parameters that do not change
+(:meth:`UpdateRule.hyper`) are baked into a captured graph.
+
+What a rule does not implement (AMSGrad, ``maximize``, dampening, the
+optimizers' own ``capturable``/``fused``/``differentiable`` modes, other
+optimizers) :func:`update_rule_for` names, and :class:`~locoprop.LocoProp`
+then runs the reference loop (``backend="auto"``) or raises (``"fused"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from .inner import TFRMSprop
+
+__all__ = ["UpdateRule", "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for"]
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives a new ``step`` counter (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class UpdateRule:
+    """One inner optimizer's update, applied to layers' tensors with per-iteration scalars per layer.
+
+    ``state(p)`` returns (creating it like the optimizer would) the state
+    tensors of parameter ``p`` in the optimizer's own ``state`` dict;
+    ``update_layers`` overwrites the gradients (they are the solver's scratch
+    buffers).  :attr:`scalars` is the number of per-iteration scalars the
+    update reads: the first is always the local learning rate ``η_k``, the
+    others are :meth:`iteration_scalars`.
+    """
+
+    scalars = 1
+
+    def __init__(self, inner: Optimizer) -> None:
+        self.inner = inner
+
+    def _group(self) -> dict:
+        return self.inner.param_groups[0]
+
+    def hyper(self) -> tuple:
+        """Hyper-parameters baked into a captured graph (a change makes a new capture)."""
+        return ()
+
+    def state(self, p: torch.Tensor) -> list[torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} must implement state")
+
+    def steps_taken(self, p: torch.Tensor) -> int:
+        """Updates the inner optimizer has counted for ``p`` (its ``step`` state; 0 before the first)."""
+        step = self.inner.state.get(p, {}).get("step")
+        return 0 if step is None else int(float(step))
+
+    def iteration_scalars(self, params: list[torch.Tensor], rates: list[float], fresh: bool) -> list[list[float]]:
+        """The per-iteration scalars after ``η_k``, one list per scalar, for a layer whose local learning rates
+        are ``rates`` (``rates[k] = η_k``).  ``fresh``: the inner state is reset before this step (its
+        step counter starts at 0)."""
+        return []
+
+    def update_layers(self, layers: list[tuple]) -> None:
+        """One update of several layers, ``layers[i] = (params, grads, states, scalars)`` with ``scalars`` a
+        tuple of 0-d tensors (``η_k`` first): what does not depend on the scalars as one multi-tensor
+        operation over every layer's tensors (elementwise, so the result is that of updating each layer
+        alone, to the bit)."""
+        raise TypeError(f"{type(self).__name__} must implement update_layers")
+
+    #: ``update_layers_compiled(layers)``: :meth:`update_layers` through ``torch.compile``, or ``None``.
+    update_layers_compiled = None
+
+    def count_steps(self, p: torch.Tensor, steps: int) -> None:
+        """Host-side bookkeeping after ``steps`` updates of ``p``: the optimizer's ``step`` counter, where it
+        keeps one."""
+        st = self.inner.state.get(p)
+        if st is not None and "step" in st:
+            st["step"] += steps
+
+
+def _flat(layers: list[tuple], part: int) -> list:
+    """Part ``part`` of every entry of an :meth:`UpdateRule.update_layers` list, concatenated: ``0`` the
+    parameters, ``1`` the gradients, ``2`` the per-parameter state lists."""
+    return [t for lay in layers for t in lay[part]]
+
+
+def _scale_each_layer(tensors: list, layers: list[tuple], which: int) -> None:
+    """Multiply the tensors of each entry of ``layers`` (a list aligned with their parameters) by that entry's
+    scalar ``which``."""
+    start = 0
+    for params, _, _, scalars in layers:
+        n = len(params)
+        torch._foreach_mul_(tensors[start:start + n], scalars[which])
+        start += n
+
+
+def _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha: float, mom: float, eps: float) -> None:
+    """One tensor's TF-RMSProp update, the recurrence of :meth:`TFRMSpropRule.update` (for ``torch.compile``,
+    which fuses it into one pass over the tensors)."""
+    ms.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
+    m.mul_(mom).add_(lr * (g / (ms + eps).sqrt()))
+    p.sub_(m)
+
+
+def _tf_rmsprop_tensors_(params, grads, squares, buffers, lrs, alpha: float, mom: float, eps: float) -> None:
+    """:func:`_tf_rmsprop_tensor_` over lists of tensors (one compiled program for all of them)."""
+    for p, g, ms, m, lr in zip(params, grads, squares, buffers, lrs):
+        _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha, mom, eps)
+
+
+class TFRMSpropRule(UpdateRule):
+    """:class:`~locoprop.inner.TFRMSprop`: ``ms ← α ms + (1-α) g²``, ``m ← μ m + η g/√(ms+ε)``, ``w ← w - m``."""
+
+    def hyper(self):
+        g = self._group()
+        return float(g["alpha"]), float(g["momentum"]), float(g["eps"])
+
+    def state(self, p):
+        s = self.inner._init_state(p)
+        return [s["mean_square"], s["momentum_buffer"]]
+
+    def update_layers_compiled(self, layers):
+        """:meth:`update_layers` as one compiled program: one pass over each tensor instead of nine (equal up
+        to rounding).  It sees flat plain tensors (not parameters, whose shapes torch.compile would
+        specialise on), so one compilation serves every layer of the same number of tensors."""
+        from .fused import compile_once
+
+        tensors = [(p.detach(), g, ms, m) for p, g, (ms, m) in zip(_flat(layers, 0), _flat(layers, 1),
+                                                                    _flat(layers, 2))]
+        if not all(t.is_contiguous() for four in tensors for t in four):
+            return self.update_layers(layers)
+        alpha, mom, eps = self.hyper()
+        lrs = [scalars[0] for params, _, _, scalars in layers for _ in params]
+        flat = [[t[i].view(-1) for t in tensors] for i in range(4)]
+        compile_once(_tf_rmsprop_tensors_)(*flat, lrs, alpha, mom, eps)
+
+    def update_layers(self, layers):
+        alpha, mom, eps = self.hyper()
+        params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
+        squares = [s[0] for s in states]
+        buffers = [s[1] for s in states]
+        torch._foreach_mul_(squares, alpha)
+        torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
+        denom = torch._foreach_add(squares, eps)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_div_(grads, denom)
+        _scale_each_layer(grads, layers, 0)  # each layer's own η_k
+        torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
+        torch._foreach_add_(buffers, grads)
+        torch._foreach_sub_(params, buffers)
+
+
+class SGDRule(UpdateRule):
+    """:class:`torch.optim.SGD` (``dampening=0``): ``g ← g + λ w``, ``m ← μ m + g``, ``w ← w - η m``
+    (Nesterov: ``w ← w - η (g + μ m)``)."""
+
+    def hyper(self):
+        g = self._group()
+        return float(g["momentum"]), bool(g["nesterov"]), float(g["weight_decay"])
+
+    def state(self, p):
+        if float(self._group()["momentum"]) == 0.0:
+            return []
+        s = self.inner.state[p]
+        if s.get("momentum_buffer") is None:  # torch starts it at the first gradient: same as 0·μ + g
+            s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [s["momentum_buffer"]]
+
+    def update_layers(self, layers):
+        mom, nesterov, decay = self.hyper()
+        params, grads = _flat(layers, 0), _flat(layers, 1)
+        if decay != 0.0:
+            torch._foreach_add_(grads, params, alpha=decay)
+        if mom != 0.0:
+            buffers = [s[0] for s in _flat(layers, 2)]
+            torch._foreach_mul_(buffers, mom)
+            torch._foreach_add_(buffers, grads)
+            if nesterov:
+                torch._foreach_add_(grads, buffers, alpha=mom)
+            else:
+                torch._foreach_copy_(grads, buffers)
+        _scale_each_layer(grads, layers, 0)
+        torch._foreach_sub_(params, grads)
+
+
+class AdamRule(UpdateRule):
+    r""":class:`torch.optim.Adam` and :class:`torch.optim.AdamW` (``amsgrad=False``).
+
+    At step ``t`` with local learning rate ``η_k``: ``g ← g + λ w`` (Adam's
+    coupled weight decay) or ``w ← (1 - η_k λ) w`` (AdamW's decoupled one),
+    ``m ← m + (1-β1)(g - m)``, ``v ← β2 v + (1-β2) g²``,
+    ``w ← w - (η_k / c1) m / (√v / √c2 + ε)`` with ``c1 = 1 - β1^t``,
+    ``c2 = 1 - β2^t``: torch's own recurrence, with the step-dependent
+    factors ``η_k/c1``, ``√c2`` and ``1 - η_k λ`` as per-iteration scalars.
+    """
+
+    scalars = 4
+
+    def hyper(self):
+        g = self._group()
+        beta1, beta2 = g["betas"]
+        return (float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]),
+                bool(g.get("decoupled_weight_decay", False)))
+
+    def state(self, p):
+        s = self.inner.state[p]
+        if not s:  # as Adam's own lazy initialisation
+            s["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [s["exp_avg"], s["exp_avg_sq"]]
+
+    def iteration_scalars(self, params, rates, fresh):
+        beta1, beta2, _, decay, decoupled = self.hyper()
+        t0 = 0 if fresh else self.steps_taken(params[0])
+        ts = [t0 + k + 1 for k in range(len(rates))]
+        return [[lr / (1.0 - beta1 ** t) for lr, t in zip(rates, ts)],
+                [(1.0 - beta2 ** t) ** 0.5 for t in ts],
+                [1.0 - lr * decay if decoupled else 1.0 for lr in rates]]
+
+    def update_layers(self, layers):
+        beta1, beta2, eps, decay, decoupled = self.hyper()
+        params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
+        means, squares = [s[0] for s in states], [s[1] for s in states]
+        if decay != 0.0:
+            if decoupled:
+                _scale_each_layer(params, layers, 3)
+            else:
+                torch._foreach_add_(grads, params, alpha=decay)
+        torch._foreach_lerp_(means, grads, 1.0 - beta1)
+        torch._foreach_mul_(squares, beta2)
+        torch._foreach_addcmul_(squares, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(squares)
+        start = 0
+        for lay_params, _, _, scalars in layers:  # √v / √c2 of each layer's step
+            n = len(lay_params)
+            torch._foreach_div_(denom[start:start + n], scalars[2])
+            start += n
+        torch._foreach_add_(denom, eps)
+        torch._foreach_copy_(grads, means)  # the gradients are spent: the step goes in their buffers
+        torch._foreach_div_(grads, denom)
+        _scale_each_layer(grads, layers, 1)
+        torch._foreach_sub_(params, grads)
+
+
+class RMSpropRule(UpdateRule):
+    r""":class:`torch.optim.RMSprop`: ``g ← g + λ w``, ``v ← α v + (1-α) g²``, ``d = √v + ε`` (centered:
+    ``ḡ ← ḡ + (1-α)(g - ḡ)``, ``d = √(v - ḡ²) + ε``), then ``b ← μ b + g/d``, ``w ← w - η_k b`` with momentum
+    ``μ > 0``, else ``w ← w - η_k g/d``.  (The mean square starts at 0 and ``ε`` is outside the root: not
+    the paper's TF-RMSProp, :class:`TFRMSpropRule`.)"""
+
+    def hyper(self):
+        g = self._group()
+        return float(g["alpha"]), float(g["eps"]), float(g["momentum"]), bool(g["centered"]), float(g["weight_decay"])
+
+    def state(self, p):
+        alpha, eps, mom, centered, _ = self.hyper()
+        s = self.inner.state[p]
+        if not s:  # as RMSprop's own lazy initialisation
+            s["step"] = torch.zeros((), dtype=_scalar_dtype())
+            s["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if mom > 0:
+                s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if centered:
+                s["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [s[k] for k in ("square_avg", "momentum_buffer", "grad_avg") if k in s]
+
+    def update_layers(self, layers):
+        alpha, eps, mom, centered, decay = self.hyper()
+        params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
+        if decay != 0.0:
+            torch._foreach_add_(grads, params, alpha=decay)
+        squares = [s[0] for s in states]
+        torch._foreach_mul_(squares, alpha)
+        torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
+        if centered:
+            averages = [s[-1] for s in states]  # the last: after the momentum buffer, if any
+            torch._foreach_lerp_(averages, grads, 1.0 - alpha)
+            denom = torch._foreach_addcmul(squares, averages, averages, value=-1)
+            torch._foreach_sqrt_(denom)
+        else:
+            denom = torch._foreach_sqrt(squares)
+        torch._foreach_add_(denom, eps)
+        if mom > 0:
+            buffers = [s[1] for s in states]
+            torch._foreach_mul_(buffers, mom)
+            torch._foreach_addcdiv_(buffers, grads, denom)
+            torch._foreach_copy_(grads, buffers)
+        else:
+            torch._foreach_div_(grads, denom)
+        _scale_each_layer(grads, layers, 0)
+        torch._foreach_sub_(params, grads)
+
+
+class AdagradRule(UpdateRule):
+    r""":class:`torch.optim.Adagrad`: ``g ← g + λ w``, ``s ← s + g²``, ``w ← w - η_k/(1 + (t-1) d) · g/(√s + ε)``
+    at step ``t`` with learning-rate decay ``d`` (the decayed rate is a per-iteration scalar)."""
+
+    scalars = 2
+
+    def hyper(self):
+        g = self._group()
+        return float(g["eps"]), float(g["weight_decay"]), float(g["lr_decay"])
+
+    def state(self, p):
+        s = self.inner.state[p]
+        if not s:  # Adagrad initialises its state when it is built; this is for a state cleared since
+            value = float(self._group()["initial_accumulator_value"])
+            s["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            s["sum"] = torch.full_like(p, value, memory_format=torch.preserve_format)
+        return [s["sum"]]
+
+    def iteration_scalars(self, params, rates, fresh):
+        _, _, lr_decay = self.hyper()
+        t0 = 0 if fresh else self.steps_taken(params[0])
+        return [[lr / (1.0 + (t0 + k) * lr_decay) for k, lr in enumerate(rates)]]
+
+    def update_layers(self, layers):
+        eps, decay, _ = self.hyper()
+        params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
+        if decay != 0.0:
+            torch._foreach_add_(grads, params, alpha=decay)
+        sums = [s[0] for s in states]
+        torch._foreach_addcmul_(sums, grads, grads, value=1)
+        denom = torch._foreach_sqrt(sums)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(grads, denom)
+        _scale_each_layer(grads, layers, 1)
+        torch._foreach_sub_(params, grads)
+
+
+def _unsupported_modes(g: dict, *keys: str) -> str | None:
+    on = [k for k in ("maximize", "capturable", "differentiable", "fused", *keys) if g.get(k)]
+    return ", ".join(on) if on else None
+
+
+def update_rule_for(inner: Optimizer | None) -> tuple[UpdateRule | None, str | None]:
+    """The :class:`UpdateRule` of ``inner``, or ``(None, reason)``."""
+    if inner is None:
+        return None, "no inner optimizer"
+    first = inner.param_groups[0]
+    if any(g.get(k) != first.get(k) for g in inner.param_groups for k in g if k not in ("params", "lr")):
+        return None, "inner optimizer groups differ in hyper-parameters other than lr"
+    name = type(inner).__name__
+    if type(inner) is TFRMSprop:
+        return TFRMSpropRule(inner), None
+    rules = {torch.optim.SGD: (SGDRule, ("dampening",)), torch.optim.Adam: (AdamRule, ("amsgrad",)),
+             torch.optim.AdamW: (AdamRule, ("amsgrad",)), torch.optim.RMSprop: (RMSpropRule, ()),
+             torch.optim.Adagrad: (AdagradRule, ())}
+    if type(inner) not in rules:
+        return None, (f"inner optimizer {name} (the fast path implements TFRMSprop, SGD, Adam, AdamW, RMSprop "
+                      "and Adagrad)")
+    rule, extra = rules[type(inner)]
+    modes = _unsupported_modes(first, *extra)
+    if modes:
+        return None, f"inner optimizer {name} with {modes}"
+    return rule(inner), None
