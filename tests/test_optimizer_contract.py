@@ -133,3 +133,43 @@ def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch,
         assert (copies is not None and all(a is c for a, c in zip(flat, copies))) == shared
     for p, q in zip(model.parameters(), plain_model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("variant", ["M", "S"])
+def test_steps_under_autocast_solve_the_weights_dtype_problems(variant):
+    """Under ``torch.autocast`` the forward and backward passes run in bfloat16; the local problems take
+    the layer inputs, pre-activations and gradients they produce in the weights' float32 (their values
+    are the bfloat16 ones), and the reference loop and the fast solver then solve the same problems."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    runs = {}
+    x = torch.rand(32, 20)
+    for backend in ("reference", "fused"):
+        m = copy.deepcopy(model)
+        opt = locoprop.LocoProp(m, variant=variant, output_transfer="sigmoid", backend=backend, lr=1e-2,
+                                retain_problems=True)
+
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return bce_sum_mean(m(x).float(), x)
+        first = float(opt.step(closure))
+        runs[backend] = (m, opt, first)
+    (m_ref, o_ref, l_ref), (m_fast, o_fast, l_fast) = runs["reference"], runs["fused"]
+    assert l_ref == l_fast
+    for p, q in zip(m_ref.parameters(), m_fast.parameters()):
+        assert p.dtype == torch.float32 and torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model[1](model[0](x))  # the second layer's input, as the autocast forward made it
+    problem = o_ref.last_problems[1]
+    assert hidden.dtype == torch.bfloat16
+    assert problem.batch.inputs.dtype == torch.float32 and problem.target.dtype == torch.float32
+    assert torch.equal(problem.batch.inputs, hidden.float())
+    losses = [l_ref]
+    for _ in range(5):
+        losses.append(float(o_ref.step(lambda: _autocast_loss(m_ref, x))))
+    assert losses[-1] < losses[0]
+
+
+def _autocast_loss(model, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return bce_sum_mean(model(x).float(), x)

@@ -306,17 +306,22 @@ class LocoProp(Optimizer):
             gs = torch.autograd.grad(sampled, [b.pre for b in batches], allow_unused=True)
             for b, g in zip(batches, gs):
                 b.grad_pre_sampled = torch.zeros_like(b.pre) if g is None else g
-        for b in batches:  # flatten leading dimensions, detach
-            d = b.pre.shape[-1]
-            b.pre = b.pre.detach().reshape(-1, d)
-            b.grad_pre = b.grad_pre.detach().reshape(-1, d)
+        for b in batches:  # flatten leading dimensions, detach; in the weights' dtype (under torch.autocast
+            d = b.pre.shape[-1]  # the forward and backward passes produce bfloat16 or float16 tensors)
+            dtype = b.layer.linear.weight.dtype
+
+            def local(t):
+                return t.detach().reshape(-1, d).to(dtype)
+            b.inputs = b.inputs.to(dtype)
+            b.pre = local(b.pre)
+            b.grad_pre = local(b.grad_pre)
             if b.grad_pre_sampled is not None:
-                b.grad_pre_sampled = b.grad_pre_sampled.detach().reshape(-1, d)
+                b.grad_pre_sampled = local(b.grad_pre_sampled)
             if self.variant.needs_grad_post:
                 if b.grad_post is None:  # transfer inside the loss, or given by name
                     b.grad_post = b.transfer.pullback_to_post(b.pre, b.grad_pre)
                 else:
-                    b.grad_post = b.grad_post.detach().reshape(-1, d)
+                    b.grad_post = local(b.grad_post)
             b.post = None
 
     def _problems(self, batches: list[LayerBatch], saved: "_Rollback | None" = None) -> list[LocalProblem]:

@@ -273,3 +273,27 @@ def test_compiled_elementwise_default_step_equals_reference():
                 modes.append(fast.fused_solver.last_mode)
     assert modes[0] == "eager" and modes[-1] == "graph-replay", modes
     assert _rel(ref_model, fast_model) < 1e-5
+
+
+def test_autocast_forward_with_the_captured_step_equals_reference():
+    """A closure under ``torch.autocast`` (bfloat16 forward and backward): the default step, the captured whole
+    step and the reference loop solve the same float32 problems; one step, weights within 1e-5."""
+    models = [_model() for _ in range(3)]
+    ref = _opt(models[0], backend="reference")
+    fast = _opt(models[1])
+    whole = _opt(models[2])
+    x = _batches(1)[0]
+    static_x = x.clone()
+
+    def loss_of(model, inp):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _loss(model(inp).float(), inp)
+    step = whole.graphed_step(lambda: loss_of(models[2], static_x), warmup=1)
+    assert step.calls == 0
+    ref.step(lambda: loss_of(models[0], x))
+    fast.step(lambda: loss_of(models[1], x))
+    step()  # the warm-up step: eager, on a side stream
+    assert fast.last_solver == "fused"
+    assert _rel(models[0], models[1]) < 1e-5 and _rel(models[0], models[2]) < 1e-5
+    step()  # captured
+    assert step.last_mode == "capture" and all(torch.isfinite(p).all() for p in models[2].parameters())
