@@ -173,3 +173,30 @@ def test_steps_under_autocast_solve_the_weights_dtype_problems(variant):
 def _autocast_loss(model, x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return bce_sum_mean(model(x).float(), x)
+
+
+def test_a_compiled_model_steps_as_the_eager_one_without_recompiling_each_step():
+    """``torch.compile(model)``: LocoProp's capture hooks are not compiled (a graph break each), so the
+    model's graphs are compiled in the first step only (compiled hooks were compiled again every step, up to
+    dynamo's recompile limit), and the steps equal the eager model's."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    eager = copy.deepcopy(model)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # a torch.compile backend that runs the graph as it is
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(model, backend=counting_backend)
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid", lr=1e-2)
+    opt_eager = locoprop.LocoProp(eager, output_transfer="sigmoid", lr=1e-2)
+    x = torch.rand(32, 20)
+    counts = []
+    for _ in range(12):
+        loss = opt.step(lambda: bce_sum_mean(compiled(x), x))
+        loss_eager = opt_eager.step(lambda: bce_sum_mean(eager(x), x))
+        assert torch.allclose(loss, loss_eager, rtol=1e-6)
+        counts.append(len(graphs))
+    assert counts[0] > 0 and counts == [counts[0]] * len(counts), counts  # nothing compiled after the first step
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)

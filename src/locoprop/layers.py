@@ -189,6 +189,7 @@ class LayerCapture:
         self._handles: list = []
 
     def _linear_hook(self, index: int):
+        @torch.compiler.disable  # in a torch.compile'd model: a graph break, not a compiled hook per step
         def hook(module, inputs, output):
             self.calls[index] += 1
             x = inputs[0].detach()
@@ -201,6 +202,7 @@ class LayerCapture:
 
         return hook
 
+    @torch.compiler.disable
     def _transfer_hook(self, module, inputs, output):
         index = self._by_pre.get(id(inputs[0]))
         if index is not None and self.layers[index].transfer_module is module:
