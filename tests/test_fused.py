@@ -4,6 +4,7 @@ The CUDA graph and stream paths are checked by ``tests/cuda`` on a machine with 
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -264,6 +265,9 @@ def _states_equal(o_a, o_b, m_a, m_b):
     dict(variant="M", inner="nesterov", lr=1e-3),
     dict(variant="M", inner="sgd", lr=1e-3),
     dict(variant="M", per_layer=True),
+    dict(variant="M", inner="adamw", inner_kwargs={"weight_decay": 0.1}, lr=1e-3, per_layer=True),
+    dict(variant="M", inner="rmsprop", inner_kwargs={"momentum": 0.9, "centered": True}, lr=1e-3),
+    dict(variant="M", inner="adagrad", inner_kwargs={"lr_decay": 0.05}, lr=1e-3, per_layer=True),
 ])
 def test_iteration_major_order_is_bitwise_the_layer_major_order(kwargs):
     """Iteration k of every layer, then one multi-tensor update of all layers (issue 5's first lead): the same
@@ -340,15 +344,28 @@ def test_layer_streams_share_the_layers_out_by_cost():
 def test_compiled_elementwise_agrees_with_the_eager_fast_solver(order):
     """compile_elementwise (torch.compile of δ + Σδ and of the TF-RMSProp update) equals the eager update up to
     rounding over a few steps (fused multiply-adds change the last bits)."""
+    models, opts = _eager_and_compiled(order)
+    from locoprop import fused
+
+    assert {fused._tf_rmsprop_tensors_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # it ran compiled
+    s0, s1 = opts[0].inner.state, opts[1].inner.state
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(s1[q]["momentum_buffer"], s0[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+
+
+def _eager_and_compiled(order="layer-major", **kwargs):
+    """Three steps of the eager and the compiled fast solver from the same start; their weights agree up to
+    rounding, and the steps moved them."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 12))
     x = torch.rand(32, 12)
     models, opts = [], []
+    settings = dict(lr=1e-2, inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+    settings.update(kwargs)
     for compiled in (False, True):
         model = copy.deepcopy(base)
-        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=10.0, local_steps=4, output_transfer="sigmoid",
-                                backend="fused", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8},
-                                solve_order=order)
+        opt = locoprop.LocoProp(model, activation_lr=10.0, local_steps=4, output_transfer="sigmoid",
+                                backend="fused", solve_order=order, **settings)
         opt.fused_solver.compile_elementwise = compiled
         models.append(model)
         opts.append(opt)
@@ -358,12 +375,29 @@ def test_compiled_elementwise_agrees_with_the_eager_fast_solver(order):
     for p, q, p0 in zip(models[0].parameters(), models[1].parameters(), base.parameters()):
         assert not torch.equal(p, p0)  # the steps moved the weights
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    return models, opts
+
+
+@pytest.mark.parametrize("inner, inner_kwargs, kernel", [
+    ("sgd", {"weight_decay": 0.1}, "_sgd_tensors_"),
+    ("nesterov", {"weight_decay": 0.1}, "_sgd_tensors_"),
+    ("adam", {"weight_decay": 0.1}, "_adam_tensors_"),
+    ("adamw", {"weight_decay": 0.5}, "_adam_tensors_"),
+    ("rmsprop", {"momentum": 0.9, "centered": True, "weight_decay": 0.1}, "_rmsprop_tensors_"),
+    ("rmsprop", {}, "_rmsprop_tensors_"),
+    ("adagrad", {"lr_decay": 0.05, "weight_decay": 0.1}, "_adagrad_tensors_"),
+])
+def test_compiled_updates_of_torch_inner_optimizers_agree_with_their_eager_updates(inner, inner_kwargs, kernel):
+    """Each update rule's one-tensor kernel (compile_elementwise) is its multi-tensor update's recurrence."""
+    models, opts = _eager_and_compiled(inner=inner, inner_kwargs=inner_kwargs, lr=1e-3)
     from locoprop import fused
 
-    assert {fused._tf_rmsprop_tensors_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # it ran compiled
-    s0, s1 = opts[0].inner.state, opts[1].inner.state
+    assert kernel in {fn.__name__ for fn in fused._COMPILED}
     for p, q in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(s1[q]["momentum_buffer"], s0[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+        s0, s1 = opts[0].inner.state[p], opts[1].inner.state[q]
+        assert s0.keys() == s1.keys()
+        for key in s0:  # relative to each tensor's norm (centered RMSprop's √(v - ḡ²) amplifies rounding)
+            assert _max_rel([s0[key]], [s1[key]]) < 1e-4, key
 
 
 class _FakeGraph:
@@ -602,3 +636,55 @@ def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(mo
     for p, s in opt.inner.state_dict()["state"].items():
         for k, v in s.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(inner_before["state"][p][k])), (p, k)
+
+
+def _train_settings(settings, x):
+    """One step of a small model for each ``(inner, inner_kwargs)`` of ``settings``, with compile_elementwise."""
+    for inner, kwargs in settings:
+        model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 12))
+        opt = locoprop.LocoProp(model, lr=1e-3, local_steps=2, output_transfer="sigmoid", backend="fused",
+                                inner=inner, inner_kwargs=kwargs, compile_elementwise=True)
+        opt.step(lambda: bce_sum_mean(model(x), x))
+
+
+def test_compiled_updates_serve_many_settings_in_one_process():
+    """A tuning worker trains trial after trial in one process: with compile_elementwise, new values of the
+    inner optimizers' hyper-parameters are symbolic in the compiled updates (no compilation per value:
+    torch.compile's limit is 8 per function), and rules of different optimizers compile apart."""
+    from torch._dynamo.utils import counters
+
+    from locoprop import fused
+
+    torch._dynamo.reset()  # this process's earlier compilations out of the count
+    counters.clear()
+    torch.manual_seed(0)
+    x = torch.rand(16, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no kernel may reach the recompile limit
+        _train_settings([("tf_rmsprop", {"momentum": 0.5 + 0.04 * i, "alpha": 0.9 - 0.01 * i,
+                                         "eps": 1e-8 * (i + 1)}) for i in range(10)], x)
+        _train_settings([("adam", {"betas": (0.9 - 0.01 * i, 0.99 - 0.001 * i), "eps": 1e-8 * (i + 1)})
+                         for i in range(10)], x)
+        graphs = counters["stats"]["unique_graphs"]
+        # δ of the tanh and of the linear layer, each update rule once, and at most one recompilation each
+        assert graphs <= 6, dict(counters["stats"])
+        _train_settings([(inner, kwargs) for inner in ("sgd", "nesterov", "rmsprop", "adagrad", "adamw")
+                         for kwargs in ({}, {"weight_decay": 0.1})]
+                        + [("rmsprop", {"momentum": 0.9, "centered": True})], x)
+    assert {"_tf_rmsprop_tensors_", "_adam_tensors_", "_sgd_tensors_", "_rmsprop_tensors_",
+            "_adagrad_tensors_"} <= {fn.__name__ for fn in fused._COMPILED}
+
+
+def test_a_kernel_at_the_recompile_limit_runs_uncompiled_with_a_warning(monkeypatch):
+    """Past torch.compile's recompile limit (here 1) the update runs eagerly, the same arithmetic."""
+    from locoprop import fused
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fused, "_UNCOMPILED", set())
+    x = torch.rand(16, 12)
+    with torch._dynamo.config.patch(recompile_limit=1), \
+            pytest.warns(RuntimeWarning, match="compile_elementwise: _(adam|residual).* recompile limit"):
+        _train_settings([("adam", {"weight_decay": 0.1 * i, "amsgrad": False}) for i in range(2)]
+                        + [("adamw", {})], x)  # decay 0 / non-zero / decoupled: three variants of the kernel
+    assert fused._UNCOMPILED
+    torch._dynamo.reset()

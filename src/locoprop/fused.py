@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,17 +82,32 @@ def _residual_and_bias_grad_(loss, pre, target, transfer, bias_grad):
 _COMPILED: dict = {}
 
 
+_UNCOMPILED: set = set()  # kernels that reached torch.compile's recompile limit: they run eagerly from then on
+_RECOMPILE_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+
+
 def compile_once(fn):
-    """``torch.compile(fn)`` (shapes dynamic: one compilation serves every layer), made once per process; a
-    failure (no compiler for this device, say) is raised as a ``RuntimeError`` that names the option
-    ``compile_elementwise``."""
+    """``torch.compile(fn)`` (shapes dynamic: one compilation serves every layer), made once per process.
+
+    A kernel compiled ``torch._dynamo.config.recompile_limit`` times already (a process that trains many
+    models or settings one after another) runs uncompiled from then on, with a warning: the same
+    arithmetic, rounded as the eager update rounds it.  Any other failure (no compiler for this device,
+    say) is raised as a ``RuntimeError`` that names the option ``compile_elementwise``."""
     if fn not in _COMPILED:
         kernel = torch.compile(fn, dynamic=True, fullgraph=True)
 
         @functools.wraps(fn)
         def call(*args):
+            if fn in _UNCOMPILED:
+                return fn(*args)
             try:
                 return kernel(*args)
+            except _RECOMPILE_LIMIT_HIT:  # raised before the kernel ran: nothing was changed
+                _UNCOMPILED.add(fn)
+                warnings.warn(f"compile_elementwise: {fn.__name__} reached torch.compile's recompile limit "
+                              f"({torch._dynamo.config.recompile_limit}: new shapes or settings in one process); "
+                              "it runs uncompiled from now on", RuntimeWarning, stacklevel=2)
+                return fn(*args)
             except torch._dynamo.exc.TorchDynamoException as exc:  # compile errors, not the kernel's own
                 raise RuntimeError(f"compile_elementwise: torch.compile of {fn.__name__} failed "
                                    f"({type(exc).__name__}: {exc}); use compile_elementwise=False") from exc
@@ -380,7 +396,7 @@ class FusedIterativeSolver:
                    [st for c in members for st in c.layer.states],
                    self.iteration_scalars_of(table, members[0].index, k, rule.scalars))
                   for members in groups if members]
-        if self.compile_elementwise and rule.update_layers_compiled is not None:
+        if self.compile_elementwise and rule.tensor_kernel is not None:
             rule.update_layers_compiled(layers)
         else:
             rule.update_layers(layers)
@@ -526,8 +542,6 @@ class FusedIterativeSolver:
         except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
             self.release_graph()
             self.cuda_graph = False
-            import warnings
-
             warnings.warn(f"FusedIterativeSolver: CUDA graph capture failed ({exc}); running eagerly", stacklevel=4)
             return None
         graph.replay()  # capture records, it does not run: this is the step

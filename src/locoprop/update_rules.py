@@ -35,6 +35,9 @@ then runs the reference loop (``backend="auto"``) or raises (``"fused"``).
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 from torch.optim import Optimizer
 
@@ -92,8 +95,23 @@ class UpdateRule:
         alone, to the bit)."""
         raise TypeError(f"{type(self).__name__} must implement update_layers")
 
-    #: ``update_layers_compiled(layers)``: :meth:`update_layers` through ``torch.compile``, or ``None``.
-    update_layers_compiled = None
+    #: ``kernel(p, g, state, scalars, hyper)``: one tensor's update, for :meth:`update_layers_compiled`.
+    tensor_kernel = None
+
+    def update_layers_compiled(self, layers: list[tuple]) -> None:
+        """:meth:`update_layers` as one compiled program (:func:`each_tensor` of :attr:`tensor_kernel`): one
+        pass over each tensor instead of one per operation (equal up to rounding: fused multiply-adds).  It
+        sees flat plain tensors (not parameters, whose shapes torch.compile would specialise on), so one
+        compilation serves every layer of the same number of tensors."""
+        from .fused import compile_once
+
+        params, grads, states = [p.detach() for p in _flat(layers, 0)], _flat(layers, 1), _flat(layers, 2)
+        if not all(t.is_contiguous() for t in params + grads + [s for st in states for s in st]):
+            return self.update_layers(layers)
+        scalars = [sc for lay_params, _, _, sc in layers for _ in lay_params]
+        compile_once(each_tensor(type(self).tensor_kernel))(
+            [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
+            scalars, self.hyper())
 
     def count_steps(self, p: torch.Tensor, steps: int) -> None:
         """Host-side bookkeeping after ``steps`` updates of ``p``: the optimizer's ``step`` counter, where it
@@ -119,18 +137,88 @@ def _scale_each_layer(tensors: list, layers: list[tuple], which: int) -> None:
         start += n
 
 
-def _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha: float, mom: float, eps: float) -> None:
-    """One tensor's TF-RMSProp update, the recurrence of :meth:`TFRMSpropRule.update` (for ``torch.compile``,
-    which fuses it into one pass over the tensors)."""
-    ms.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
+# One tensor's update of each rule, the same recurrence as its update_layers (for torch.compile, which fuses it
+# into one pass over the tensors): kernel(p, g, state, scalars, hyper) with the rule's state list, per-iteration
+# scalars (0-d tensors, η_k first) and hyper-parameters (Python numbers, symbolic in the compiled program, so that
+# a tuning worker's trials with new β1, β2, ... reuse one compilation).  The kernels multiply by them rather than
+# pass them as an operator's scalar argument (lerp_'s weight, addcmul_'s value), which this test suite's process
+# has seen torch.compile specialise on (a guard on 1 - α: one compilation per value, at most 8).
+def _tf_rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
+    (ms, m), lr, (alpha, mom, eps) = state, scalars[0], hyper
+    ms.mul_(alpha).add_(g * g * (1.0 - alpha))  # not addcmul_(value=...): see the note above
     m.mul_(mom).add_(lr * (g / (ms + eps).sqrt()))
     p.sub_(m)
 
 
-def _tf_rmsprop_tensors_(params, grads, squares, buffers, lrs, alpha: float, mom: float, eps: float) -> None:
-    """:func:`_tf_rmsprop_tensor_` over lists of tensors (one compiled program for all of them)."""
-    for p, g, ms, m, lr in zip(params, grads, squares, buffers, lrs):
-        _tf_rmsprop_tensor_(p, g, ms, m, lr, alpha, mom, eps)
+def _sgd_tensor_(p, g, state, scalars, hyper) -> None:
+    lr, (mom, nesterov, decay) = scalars[0], hyper
+    if decay != 0.0:
+        g = g + decay * p
+    if state:
+        (buf,) = state
+        buf.mul_(mom).add_(g)
+        g = g + mom * buf if nesterov else buf
+    p.sub_(g * lr)
+
+
+def _adam_tensor_(p, g, state, scalars, hyper) -> None:
+    (m, v), (_, step_size, correction2_sqrt, shrink), (beta1, beta2, eps, decay, decoupled) = state, scalars, hyper
+    if decay != 0.0:
+        if decoupled:
+            p.mul_(shrink)
+        else:
+            g = g + decay * p
+    m.add_((g - m) * (1.0 - beta1))  # lerp_ (see the note above)
+    v.mul_(beta2).add_(g * g * (1.0 - beta2))
+    p.sub_(m / (v.sqrt() / correction2_sqrt + eps) * step_size)
+
+
+def _rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
+    lr, (alpha, eps, mom, centered, decay) = scalars[0], hyper
+    square = state[0]
+    if decay != 0.0:
+        g = g + decay * p
+    square.mul_(alpha).add_(g * g * (1.0 - alpha))
+    if centered:
+        average = state[-1]
+        average.add_((g - average) * (1.0 - alpha))  # lerp_ (see _adam_tensor_)
+        denom = (square - average * average).sqrt() + eps
+    else:
+        denom = square.sqrt() + eps
+    if mom > 0:
+        buf = state[1]
+        buf.mul_(mom).add_(g / denom)
+        p.sub_(buf * lr)
+    else:
+        p.sub_(g / denom * lr)
+
+
+def _adagrad_tensor_(p, g, state, scalars, hyper) -> None:
+    (total,), rate, (eps, decay, _) = state, scalars[1], hyper
+    if decay != 0.0:
+        g = g + decay * p
+    total.addcmul_(g, g)
+    p.sub_(g / (total.sqrt() + eps) * rate)
+
+
+@functools.cache
+def each_tensor(kernel):
+    """``kernel`` over lists of tensors: one program for all the tensors of an update (what
+    :meth:`UpdateRule.update_layers_compiled` compiles), named after the kernel (``_adam_tensors_``).
+
+    Each kernel's loop is a function with its own code object: torch.compile keeps its compilations per
+    code object (at most ``recompile_limit``, 8), so the rules' loops must not share one."""
+    def update(params, grads, states, scalars, hyper) -> None:
+        for p, g, st, sc in zip(params, grads, states, scalars):
+            kernel(p, g, st, sc, hyper)
+    name = kernel.__name__.replace("_tensor_", "_tensors_")
+    loop = types.FunctionType(update.__code__.replace(co_name=name), update.__globals__, name, None,
+                              update.__closure__)
+    loop.__qualname__ = name
+    return loop
+
+
+_tf_rmsprop_tensors_ = each_tensor(_tf_rmsprop_tensor_)
 
 
 class TFRMSpropRule(UpdateRule):
@@ -140,24 +228,11 @@ class TFRMSpropRule(UpdateRule):
         g = self._group()
         return float(g["alpha"]), float(g["momentum"]), float(g["eps"])
 
+    tensor_kernel = staticmethod(_tf_rmsprop_tensor_)
+
     def state(self, p):
         s = self.inner._init_state(p)
         return [s["mean_square"], s["momentum_buffer"]]
-
-    def update_layers_compiled(self, layers):
-        """:meth:`update_layers` as one compiled program: one pass over each tensor instead of nine (equal up
-        to rounding).  It sees flat plain tensors (not parameters, whose shapes torch.compile would
-        specialise on), so one compilation serves every layer of the same number of tensors."""
-        from .fused import compile_once
-
-        tensors = [(p.detach(), g, ms, m) for p, g, (ms, m) in zip(_flat(layers, 0), _flat(layers, 1),
-                                                                    _flat(layers, 2))]
-        if not all(t.is_contiguous() for four in tensors for t in four):
-            return self.update_layers(layers)
-        alpha, mom, eps = self.hyper()
-        lrs = [scalars[0] for params, _, _, scalars in layers for _ in params]
-        flat = [[t[i].view(-1) for t in tensors] for i in range(4)]
-        compile_once(_tf_rmsprop_tensors_)(*flat, lrs, alpha, mom, eps)
 
     def update_layers(self, layers):
         alpha, mom, eps = self.hyper()
@@ -178,6 +253,8 @@ class TFRMSpropRule(UpdateRule):
 class SGDRule(UpdateRule):
     """:class:`torch.optim.SGD` (``dampening=0``): ``g ← g + λ w``, ``m ← μ m + g``, ``w ← w - η m``
     (Nesterov: ``w ← w - η (g + μ m)``)."""
+
+    tensor_kernel = staticmethod(_sgd_tensor_)
 
     def hyper(self):
         g = self._group()
@@ -220,6 +297,7 @@ class AdamRule(UpdateRule):
     """
 
     scalars = 4
+    tensor_kernel = staticmethod(_adam_tensor_)
 
     def hyper(self):
         g = self._group()
@@ -274,6 +352,8 @@ class RMSpropRule(UpdateRule):
     ``μ > 0``, else ``w ← w - η_k g/d``.  (The mean square starts at 0 and ``ε`` is outside the root: not
     the paper's TF-RMSProp, :class:`TFRMSpropRule`.)"""
 
+    tensor_kernel = staticmethod(_rmsprop_tensor_)
+
     def hyper(self):
         g = self._group()
         return float(g["alpha"]), float(g["eps"]), float(g["momentum"]), bool(g["centered"]), float(g["weight_decay"])
@@ -322,6 +402,7 @@ class AdagradRule(UpdateRule):
     at step ``t`` with learning-rate decay ``d`` (the decayed rate is a per-iteration scalar)."""
 
     scalars = 2
+    tensor_kernel = staticmethod(_adagrad_tensor_)
 
     def hyper(self):
         g = self._group()
