@@ -376,6 +376,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
                                 out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))
                                 out.append((model, batch, opt, T, f"{fast}-{inner}", "fp32"))
+                                late.append((model, batch, opt, T, f"{fast}-{inner}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
