@@ -345,9 +345,9 @@ def test_compiled_elementwise_agrees_with_the_eager_fast_solver(order):
     """compile_elementwise (torch.compile of δ + Σδ and of the TF-RMSProp update) equals the eager update up to
     rounding over a few steps (fused multiply-adds change the last bits)."""
     models, opts = _eager_and_compiled(order)
-    from locoprop import fused
+    from locoprop import fused, update_rules
 
-    assert {fused._tf_rmsprop_tensors_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # it ran compiled
+    assert {update_rules._tf_rmsprop_tensors_, fused._residual_and_bias_grad_} <= set(fused._COMPILED)  # compiled
     s0, s1 = opts[0].inner.state, opts[1].inner.state
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(s1[q]["momentum_buffer"], s0[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)

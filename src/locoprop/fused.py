@@ -60,7 +60,7 @@ from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
 from .update_rules import (AdagradRule, AdamRule, RMSpropRule, SGDRule, TFRMSpropRule, UpdateRule,  # noqa: F401
-                           _tf_rmsprop_tensors_, update_rule_for)
+                           update_rule_for)
 
 __all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "FusedIterativeSolver", "UpdateRule",
            "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for"]

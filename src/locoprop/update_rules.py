@@ -127,13 +127,13 @@ def _flat(layers: list[tuple], part: int) -> list:
     return [t for lay in layers for t in lay[part]]
 
 
-def _scale_each_layer(tensors: list, layers: list[tuple], which: int) -> None:
-    """Multiply the tensors of each entry of ``layers`` (a list aligned with their parameters) by that entry's
-    scalar ``which``."""
+def _scale_each_layer(tensors: list, layers: list[tuple], which: int, op=torch._foreach_mul_) -> None:
+    """Multiply (or ``op``: divide, ...) the tensors of each entry of ``layers`` (a list aligned with their
+    parameters) by that entry's scalar ``which``."""
     start = 0
     for params, _, _, scalars in layers:
         n = len(params)
-        torch._foreach_mul_(tensors[start:start + n], scalars[which])
+        op(tensors[start:start + n], scalars[which])
         start += n
 
 
@@ -224,11 +224,11 @@ _tf_rmsprop_tensors_ = each_tensor(_tf_rmsprop_tensor_)
 class TFRMSpropRule(UpdateRule):
     """:class:`~locoprop.inner.TFRMSprop`: ``ms ← α ms + (1-α) g²``, ``m ← μ m + η g/√(ms+ε)``, ``w ← w - m``."""
 
+    tensor_kernel = staticmethod(_tf_rmsprop_tensor_)
+
     def hyper(self):
         g = self._group()
         return float(g["alpha"]), float(g["momentum"]), float(g["eps"])
-
-    tensor_kernel = staticmethod(_tf_rmsprop_tensor_)
 
     def state(self, p):
         s = self.inner._init_state(p)
@@ -334,11 +334,7 @@ class AdamRule(UpdateRule):
         torch._foreach_mul_(squares, beta2)
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_sqrt(squares)
-        start = 0
-        for lay_params, _, _, scalars in layers:  # √v / √c2 of each layer's step
-            n = len(lay_params)
-            torch._foreach_div_(denom[start:start + n], scalars[2])
-            start += n
+        _scale_each_layer(denom, layers, 2, torch._foreach_div_)  # √v / √c2 of each layer's step
         torch._foreach_add_(denom, eps)
         torch._foreach_copy_(grads, means)  # the gradients are spent: the step goes in their buffers
         torch._foreach_div_(grads, denom)
