@@ -8,7 +8,7 @@ the streams' fork and join), counts the non-view ATen operations of its local so
 64K-element chunks on CUDA), and writes them per order and in total.
 
     python benchmarks/kernel_count.py --models standard wide deep --local-steps 10 \\
-        --out results/kernel-counts/kernel-counts.json
+        --inners tf_rmsprop adam adagrad --out results/kernel-counts/kernel-counts.json
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ class OperationCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def solve_operations(model_name: str, local_steps: int, order: str, batch_size: int = 64) -> collections.Counter:
-    """The operations of one local solve of LocoProp-M (TF-RMSProp inner optimizer) on ``model_name``."""
+def solve_operations(model_name: str, local_steps: int, order: str, batch_size: int = 64,
+                     inner: str = "tf_rmsprop") -> collections.Counter:
+    """The operations of one local solve of LocoProp-M (with ``inner`` as inner optimizer) on ``model_name``."""
     torch.manual_seed(0)
     model = build_autoencoder(model_name, "tanh")
     loss_fn = AutoencoderLoss()
     x = torch.rand(batch_size, 784)
     opt = locoprop.LocoProp(model, variant="M", lr=1e-4, activation_lr=10.0, local_steps=local_steps,
-                            output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order)
+                            output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order, inner=inner)
     opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
     solver, run = opt.fused_solver, opt.fused_solver._run
     counter = OperationCount()
@@ -66,17 +67,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["standard"])
     p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--inners", nargs="+", default=["tf_rmsprop"], help="inner optimizers (locoprop.inner names)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
     records = []
     for model_name in args.models:
-        for order in SOLVE_ORDERS:
-            ops = solve_operations(model_name, args.local_steps, order)
-            records.append({"model": model_name, "local_steps": args.local_steps, "order": order,
-                            "operations": sum(ops.values()),
-                            "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
-            print(f"{model_name:9} T={args.local_steps:<3} {order:16} {sum(ops.values()):6d} operations "
-                  f"({sum(ops.values()) / args.local_steps:.1f} per iteration)", flush=True)
+        for inner in args.inners:
+            for order in SOLVE_ORDERS:
+                ops = solve_operations(model_name, args.local_steps, order, inner=inner)
+                records.append({"model": model_name, "local_steps": args.local_steps, "inner": inner,
+                                "order": order, "operations": sum(ops.values()),
+                                "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
+                print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {order:16} {sum(ops.values()):6d} "
+                      f"operations ({sum(ops.values()) / args.local_steps:.1f} per iteration)", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,12 +97,12 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
     lines = ["# Operations of one local solve, by order of the fast solver", "",
              f"Written by `benchmarks/kernel_count.py` with `{json_name}` (its docstring says what is counted): "
              f"{meta['what']}. Command: `{meta['command']}`; torch {meta['torch']}; {meta['date']}.", "",
-             "| model | T | order | operations | per iteration | TF-RMSProp multi-tensor operations |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| model | T | inner optimizer | order | operations | per iteration | update's multi-tensor operations |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         update = sum(c for n, c in r["by_name"].items() if n.startswith("_foreach"))
-        lines.append(f"| {r['model']} | {r['local_steps']} | {r['order']} | {r['operations']} | "
-                     f"{r['per_iteration']:.1f} | {update} |")
+        lines.append(f"| {r['model']} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | {r['order']} | "
+                     f"{r['operations']} | {r['per_iteration']:.1f} | {update} |")
     return "\n".join(lines) + "\n"
 
 
