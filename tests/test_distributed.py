@@ -37,6 +37,10 @@ CASES = {
     "layers-M": ("layers", "M", dict(local_steps=5)),
     "layers-natural-closed": ("layers", "S-natural-closed", dict(lr=0.5)),
     "layers-poco-M": ("layers", "poco-M", dict(local_steps=3)),
+    # each owner runs the fast solver on its layers (one process: the fast solver on all of them)
+    "layers-M-fused": ("layers", "M", dict(local_steps=5, backend="fused")),
+    "layers-M-fused-adam": ("layers", "M", dict(local_steps=4, backend="fused", inner="adam", lr=1e-2,
+                                                solve_order="iteration-major")),
 }
 
 
@@ -96,6 +100,10 @@ def _worker(scenario: str, out: Path) -> None:
                 locoprop.LocoProp(_model(), variant, output_transfer="sigmoid", distributed="data")
             except ValueError as exc:
                 errors[variant] = str(exc)
+        try:  # the fast solver does not all-reduce inside the local iterations
+            locoprop.LocoProp(_model(), "M", output_transfer="sigmoid", distributed="data", backend="fused")
+        except ValueError as exc:
+            errors["data-fused"] = str(exc)
         try:  # ranks that disagree on the mode
             locoprop.LocoProp(_model(), "M", output_transfer="sigmoid", distributed="data" if rank == 0 else "layers")
         except ValueError as exc:
@@ -105,7 +113,7 @@ def _worker(scenario: str, out: Path) -> None:
             model, opt, losses = _run_case(name, rank, world, distributed=True)
             state = opt.state_dict()  # a collective in the layer-sharded mode
             torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses, "state": state,
-                        "assignment": getattr(opt.distributor, "assignment", None)},
+                        "assignment": getattr(opt.distributor, "assignment", None), "solver": opt.last_solver},
                        out / f"{name}-rank{rank}.pt")
     elif scenario.startswith("kill-"):
         import locoprop
@@ -194,6 +202,7 @@ def _check_match(world: int, tmp_path: Path) -> None:
         assert "distributed='data': solver 'closed_form' is not supported" in errors["S-closed"]
         assert "distributed='data': natural-gradient targets are not supported" in errors["S-natural"]
         assert "built a different LocoProp" in errors["mismatch"] and "mode" in errors["mismatch"]
+        assert "distributed='data': backend='fused'" in errors["data-fused"] and "'layers'" in errors["data-fused"]
     for name in CASES:
         model, opt, losses = _run_case(name)
         want = [p.detach() for p in model.parameters()]
@@ -206,6 +215,10 @@ def _check_match(world: int, tmp_path: Path) -> None:
             _check_states(got["state"], want_state, f"{name}, rank {r}")
         if CASES[name][0] == "layers":
             assert sorted(set(ranks[0]["assignment"])) == list(range(world)), "every rank owns a layer"
+        fused = CASES[name][2].get("backend") == "fused"
+        if fused:
+            assert opt.last_solver == "fused"
+        assert all((got["solver"] == "fused") == fused for got in ranks), (name, [g["solver"] for g in ranks])
         # the updates moved the weights: the comparison is not vacuous
         before = torch.cat([p.detach().reshape(-1) for p in _model().parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name

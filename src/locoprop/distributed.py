@@ -431,6 +431,9 @@ class Distributor(abc.ABC):
     """
 
     mode = ""
+    #: Whether a rank's solve needs no communication inside the local iterations, so that the fast solver
+    #: (:mod:`locoprop.fused`) can run it.
+    fast_solver = False
 
     def __init__(self, optimizer, config: DistributedConfig, process_group=None) -> None:
         config.validate()
@@ -542,6 +545,10 @@ class Distributor(abc.ABC):
     def solve(self, solver, problems, local_loss, regularizer, inner) -> None:
         """Run ``solver`` on ``problems`` with this mode's communication."""
 
+    def local_inner(self, inner):
+        """The inner optimizer as this rank's solve sees it (the groups of the layers it solves)."""
+        return inner
+
     # -- state hooks ------------------------------------------------------------------------------
     def inner_state_dict(self, local: dict) -> dict:
         """The inner optimizer's full state (a collective in the layer-sharded mode)."""
@@ -597,6 +604,11 @@ class DataParallelDistributor(Distributor):
         if isinstance(v.regularizer, FisherProximity):
             raise ValueError("distributed='data': the Fisher regularizer is not supported (its D and A are "
                              f"statistics of the whole batch){fix}")
+        if self.optimizer.backend == "fused" or self.optimizer.precision != "fp32":
+            raise ValueError(f"distributed='data': backend={self.optimizer.backend!r}, precision="
+                             f"{self.optimizer.precision!r} are not supported (the local gradients are all-reduced "
+                             "inside every local iteration, which the fast solver does not do); use backend='auto' "
+                             f"and precision='fp32', or distributed='layers', whose ranks run the fast solver")
         if not hasattr(self.optimizer.solver, "reduce_grads"):
             raise ValueError(f"distributed='data': solver {type(self.optimizer.solver).__name__} has no "
                              f"reduce_grads hook{fix}")
@@ -682,6 +694,7 @@ class LayerShardedDistributor(Distributor):
     """
 
     mode = "layers"
+    fast_solver = True  # each owner solves its layers with no communication inside the local iterations
 
     def __init__(self, optimizer, config: LayerShardedConfig | None = None, process_group=None) -> None:
         config = config or LayerShardedConfig()
@@ -762,6 +775,9 @@ class LayerShardedDistributor(Distributor):
                                     grad_pre_sampled=values.get("grad_pre_sampled"))
         return out
 
+    def local_inner(self, inner):
+        return _InnerView(inner, self.mine) if inner is not None else None
+
     def solve(self, solver, problems, local_loss, regularizer, inner) -> None:
         mine = [p for p in problems if p is not None]
         for m, lay in enumerate(self.layers):
@@ -769,8 +785,7 @@ class LayerShardedDistributor(Distributor):
                 for p in lay.params:
                     p.grad = None
         if mine:
-            view = _InnerView(inner, self.mine) if inner is not None else None
-            solver.solve(mine, local_loss, regularizer, view)
+            solver.solve(mine, local_loss, regularizer, self.local_inner(inner))
         works, finishers = [], []
         for owner, layers in enumerate(self.owned):
             if layers:

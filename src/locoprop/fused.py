@@ -504,6 +504,8 @@ class FusedIterativeSolver:
         optimizer's step counters)."""
         rule, _ = update_rule_for(inner)
         for pr in problems:
+            if pr is None:  # layer-sharded: another rank solved this layer
+                continue
             for p in pr.params:
                 rule.count_steps(p, int(pr.group["local_steps"]))
 

@@ -116,6 +116,9 @@ class LocoProp(Optimizer):
             and regularizer, the reference loop otherwise; ``"fused"``: the
             fast solver on every device (an error if it does not support the
             components); ``"reference"``: always the readable reference loop.
+            Distributed, the fast solver runs on each rank of a layer-sharded
+            run; the data-parallel mode all-reduces inside the local
+            iterations and runs the reference loop (``"fused"`` is an error).
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
             matrix products of the fast solver (accumulation in float32; a
             bf16 product is rounded to bfloat16 once, on output);
@@ -361,13 +364,20 @@ class LocoProp(Optimizer):
         return self.variant.regularizer.needs_anchor and self.variant.solver == "iterative"
 
     def _select_solver(self, problems: list[LocalProblem]):
-        """The fast solver where ``backend`` and the problems allow it, else the variant's own."""
-        if self.fused_solver is None or self.distributor is not None or self.backend == "reference":
+        """The fast solver where ``backend`` and the problems allow it, else the variant's own.  Distributed,
+        where the mode needs no communication inside the local iterations (layer sharding): on the layers
+        this rank solves."""
+        if self.fused_solver is None or self.backend == "reference":
             return self.solver
-        device = next((p.params[0].device for p in problems if p is not None), None)
+        inner = self.inner
+        if self.distributor is not None:
+            if not self.distributor.fast_solver:
+                return self.solver
+            problems, inner = [p for p in problems if p is not None], self.distributor.local_inner(self.inner)
+        device = next((p.params[0].device for p in problems), None)
         if self.backend == "auto" and self.precision == "fp32" and (device is None or device.type != "cuda"):
             return self.solver
-        why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner, problems)
+        why = FusedIterativeSolver.unsupported(self.variant.regularizer, inner, problems)
         if why:
             if self.backend == "fused" or self.precision != "fp32":
                 raise ValueError(f"backend={self.backend!r}: the fast solver cannot run this step: {why}")

@@ -440,8 +440,11 @@ def update_rule_for(inner: Optimizer | None) -> tuple[UpdateRule | None, str | N
     """The :class:`UpdateRule` of ``inner``, or ``(None, reason)``."""
     if inner is None:
         return None, "no inner optimizer"
-    first = inner.param_groups[0]
-    if any(g.get(k) != first.get(k) for g in inner.param_groups for k in g if k not in ("params", "lr")):
+    groups = inner.param_groups
+    if not isinstance(inner, Optimizer):  # a view of some layers' groups (layer sharding): the optimizer's rule
+        inner = inner.inner
+    first = groups[0]
+    if any(g.get(k) != first.get(k) for g in groups for k in g if k not in ("params", "lr")):
         return None, "inner optimizer groups differ in hyper-parameters other than lr"
     name = type(inner).__name__
     if type(inner) is TFRMSprop:
