@@ -302,8 +302,8 @@ def test_solve_orders_issue_the_work_in_their_order(monkeypatch, order):
                             solve_order=order)
     solver, calls = opt.fused_solver, []
     gradient, update = solver._local_gradient, solver._update
-    monkeypatch.setattr(solver, "_local_gradient", lambda c, k, *a: (calls.append(("g", c.index, k)),
-                                                                      gradient(c, k, *a)))
+    monkeypatch.setattr(solver, "_local_gradient", lambda c, k, *a, **kw: (calls.append(("g", c.index, k)),
+                                                                            gradient(c, k, *a, **kw)))
     monkeypatch.setattr(solver, "_update", lambda chains, rule, table, k: (
         calls.append(("u", tuple(c.index for c in chains), k)), update(chains, rule, table, k)))
     x = torch.rand(8, 20)

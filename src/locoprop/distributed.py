@@ -431,8 +431,7 @@ class Distributor(abc.ABC):
     """
 
     mode = ""
-    #: Whether a rank's solve needs no communication inside the local iterations, so that the fast solver
-    #: (:mod:`locoprop.fused`) can run it.
+    #: Whether the fast solver (:mod:`locoprop.fused`) can run this mode's solve on a rank.
     fast_solver = False
 
     def __init__(self, optimizer, config: DistributedConfig, process_group=None) -> None:
@@ -584,6 +583,7 @@ class DataParallelDistributor(Distributor):
     """
 
     mode = "data"
+    fast_solver = True  # with an all-reduce of its gradient buffers in every local iteration
 
     def __init__(self, optimizer, config: DataParallelConfig | None = None, process_group=None) -> None:
         self._buckets: dict = {}
@@ -604,11 +604,6 @@ class DataParallelDistributor(Distributor):
         if isinstance(v.regularizer, FisherProximity):
             raise ValueError("distributed='data': the Fisher regularizer is not supported (its D and A are "
                              f"statistics of the whole batch){fix}")
-        if self.optimizer.backend == "fused" or self.optimizer.precision != "fp32":
-            raise ValueError(f"distributed='data': backend={self.optimizer.backend!r}, precision="
-                             f"{self.optimizer.precision!r} are not supported (the local gradients are all-reduced "
-                             "inside every local iteration, which the fast solver does not do); use backend='auto' "
-                             f"and precision='fp32', or distributed='layers', whose ranks run the fast solver")
         if not hasattr(self.optimizer.solver, "reduce_grads"):
             raise ValueError(f"distributed='data': solver {type(self.optimizer.solver).__name__} has no "
                              f"reduce_grads hook{fix}")
@@ -635,6 +630,27 @@ class DataParallelDistributor(Distributor):
             self._buckets[key] = layout
         return layout
 
+    def _all_reduce_sum(self, keys: list[torch.Tensor], tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Sum ``tensors`` (``tensors[i]`` shaped as ``keys[i]``) over the ranks in buckets laid out by ``keys``
+        (persistent tensors: the parameters, or the fast solver's gradient buffers); the sums by ``id`` of
+        their key, as views of the buckets."""
+        layout = self._bucket_layout(keys)
+        values = {id(k): t for k, t in zip(keys, tensors)}
+        works = []
+        for flat, bucket in layout:
+            torch.cat([values[id(k)].reshape(-1) for k in bucket], out=flat)
+            works.append(self.comm.all_reduce(flat, "local gradients", async_op=True))
+        self.comm.wait(works, "all_reduce (local gradients)")
+        return {id(k): chunk.view_as(k) for flat, bucket in layout
+                for k, chunk in zip(bucket, flat.split([k.numel() for k in bucket]))}
+
+    def _reduce_buffers(self, grads: list[torch.Tensor]) -> None:
+        """The fast solver's hook: its gradient buffers summed over the ranks, in place (its proximity term is
+        added after the sum)."""
+        sums = self._all_reduce_sum(grads, grads)
+        for g in grads:
+            g.copy_(sums[id(g)])
+
     def _reduce_grads(self, problems, regularizer) -> None:
         """All-reduce (sum) every active layer's local gradient, bucketed; called once per local iteration."""
         if self.rank != 0:  # the regularizer's gradient is identical on every rank: keep rank 0's only
@@ -649,17 +665,18 @@ class DataParallelDistributor(Distributor):
         params = [p for problem in problems for p in problem.params if p.grad is not None]
         if not params:
             return
-        layout = self._bucket_layout(params)
-        works = []
-        for flat, bucket in layout:
-            torch.cat([p.grad.reshape(-1) for p in bucket], out=flat)
-            works.append(self.comm.all_reduce(flat, "local gradients", async_op=True))
-        self.comm.wait(works, "all_reduce (local gradients)")
-        for flat, bucket in layout:
-            for p, chunk in zip(bucket, flat.split([p.numel() for p in bucket])):
-                p.grad = chunk.view_as(p)
+        sums = self._all_reduce_sum(params, [p.grad for p in params])
+        for p in params:
+            p.grad = sums[id(p)]
 
     def solve(self, solver, problems, local_loss, regularizer, inner) -> None:
+        if getattr(solver, "name", "") == "fused":  # the fast solver sums its own gradient buffers
+            solver.reduce_local_gradients = self._reduce_buffers
+            try:
+                solver.solve(problems, local_loss, regularizer, inner)
+            finally:
+                solver.reduce_local_gradients = None
+            return
         previous = solver.reduce_grads
 
         def hook(probs):

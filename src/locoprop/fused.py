@@ -241,6 +241,11 @@ class FusedIterativeSolver:
         #: Layers that share their learning rates (:meth:`shared_rates_of` this step's table; ``None``: each
         #: layer alone), so that an update of several layers scales their gradients with one multiply.
         self.shared_rates: tuple[tuple[int, ...], ...] | None = None
+        #: ``reduce_local_gradients(grads)``: sums the local gradients (``δᵀx``, ``Σδ`` of every active layer)
+        #: over the processes, in place, once per local iteration (exact data parallelism, set by
+        #: :class:`~locoprop.distributed.DataParallelDistributor`).  With it the solve runs in the
+        #: iteration-major order and is not captured in a CUDA graph.
+        self.reduce_local_gradients = None
         #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
         #: "graph-replay-copy" (the graph of static copies), "inside-capture".
         self.last_mode = ""
@@ -353,9 +358,9 @@ class FusedIterativeSolver:
         pre, wgrad = self._products(x)
         return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad)
 
-    def _local_gradient(self, c: _Chain, k: int, loss: LocalLoss, table: torch.Tensor) -> None:
+    def _local_gradient(self, c: _Chain, k: int, loss: LocalLoss, table: torch.Tensor, proximity: bool = True) -> None:
         """Iteration ``k``'s local gradient of one layer into its gradient buffers: ``δᵀx``, ``Σδ`` and, with
-        an anchor, ``+ c (Θ̃ - Θ)`` (Algorithms 1/2, inner loop; reference notes, step 4).
+        an anchor and ``proximity``, ``+ c (Θ̃ - Θ)`` (Algorithms 1/2, inner loop; reference notes, step 4).
 
         Iteration 0 uses the problem's first residual, which is the layer's
         scratch buffer; later ones compute the pre-activation and then ``δ``
@@ -377,9 +382,15 @@ class FusedIterativeSolver:
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         c.wgrad(delta, lay.grads[0])
-        if c.anchor is not None:  # L2 proximity: + c (Θ̃ - Θ)
+        if proximity:
+            self._add_proximity(c, table)
+
+    @staticmethod
+    def _add_proximity(c: _Chain, table: torch.Tensor) -> None:
+        """With an anchor, the L2 proximity's gradient ``+ c (Θ̃ - Θ)`` (Eqs. 3, 7) into the layer's gradients."""
+        if c.anchor is not None:
             coefficient = table[c.index, -1]
-            for gr, p, a in zip(lay.grads, lay.params, c.anchor):
+            for gr, p, a in zip(c.layer.grads, c.layer.params, c.anchor):
                 gr.add_((p - a) * coefficient)
 
     def _update(self, chains: list[_Chain], rule: UpdateRule, table: torch.Tensor, k: int) -> None:
@@ -455,15 +466,20 @@ class FusedIterativeSolver:
                 streams = _shared_streams(torch.cuda.current_stream().device, n)
                 where = self.stream_assignment(
                     [lay.steps * inp[0].shape[0] * lay.params[0].numel() for lay, inp in zip(layers, inputs)], n)
-            if self.order == "layer-major":  # a chain's working tensors (bf16 input copy) live only in its turn
+            reduce = self.reduce_local_gradients
+            if self.order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
                 self._each_layer(range(len(layers)), lambda m: self._chain(
                     self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, where)
                 return
             chains = [self._open_chain(lay, m, *inp) for m, (lay, inp) in enumerate(zip(layers, inputs))]
             for k in range(max(lay.steps for lay in layers)):
                 active = [c for c in chains if k < c.layer.steps]
-                self._each_layer([c.index for c in active], lambda m: self._local_gradient(chains[m], k, loss, table),
-                                 streams, where)
+                self._each_layer([c.index for c in active], lambda m: self._local_gradient(
+                    chains[m], k, loss, table, proximity=reduce is None), streams, where)
+                if reduce is not None:  # the sums over the processes' rows, then the (shared) proximity term
+                    reduce([g for c in active for g in c.layer.grads])
+                    for c in active:
+                        self._add_proximity(c, table)
                 self._update(active, rule, table, k)
 
     # -- the solver interface ---------------------------------------------------------------------
@@ -512,7 +528,7 @@ class FusedIterativeSolver:
     # -- CUDA graph ----------------------------------------------------------------------------------
     def _graphs_for(self, device: torch.device) -> bool:
         """Whether solves on ``device`` are captured in CUDA graphs."""
-        return device.type == "cuda" and self.cuda_graph
+        return device.type == "cuda" and self.cuda_graph and self.reduce_local_gradients is None
 
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""

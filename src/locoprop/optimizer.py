@@ -116,9 +116,10 @@ class LocoProp(Optimizer):
             and regularizer, the reference loop otherwise; ``"fused"``: the
             fast solver on every device (an error if it does not support the
             components); ``"reference"``: always the readable reference loop.
-            Distributed, the fast solver runs on each rank of a layer-sharded
-            run; the data-parallel mode all-reduces inside the local
-            iterations and runs the reference loop (``"fused"`` is an error).
+            Distributed, each rank runs the fast solver the same way: on the
+            layers it owns (``"layers"``), or on its rows with the local
+            gradients summed over the ranks in every iteration (``"data"``;
+            then in the iteration-major order, without a CUDA graph).
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
             matrix products of the fast solver (accumulation in float32; a
             bf16 product is rounded to bfloat16 once, on output);
@@ -365,8 +366,7 @@ class LocoProp(Optimizer):
 
     def _select_solver(self, problems: list[LocalProblem]):
         """The fast solver where ``backend`` and the problems allow it, else the variant's own.  Distributed,
-        where the mode needs no communication inside the local iterations (layer sharding): on the layers
-        this rank solves."""
+        where the mode lets the fast solver run (both modes do): on the layers this rank solves."""
         if self.fused_solver is None or self.backend == "reference":
             return self.solver
         inner = self.inner
