@@ -431,8 +431,6 @@ class Distributor(abc.ABC):
     """
 
     mode = ""
-    #: Whether the fast solver (:mod:`locoprop.fused`) can run this mode's solve on a rank.
-    fast_solver = False
 
     def __init__(self, optimizer, config: DistributedConfig, process_group=None) -> None:
         config.validate()
@@ -583,7 +581,6 @@ class DataParallelDistributor(Distributor):
     """
 
     mode = "data"
-    fast_solver = True  # with an all-reduce of its gradient buffers in every local iteration
 
     def __init__(self, optimizer, config: DataParallelConfig | None = None, process_group=None) -> None:
         self._buckets: dict = {}
@@ -711,7 +708,6 @@ class LayerShardedDistributor(Distributor):
     """
 
     mode = "layers"
-    fast_solver = True  # each owner solves its layers with no communication inside the local iterations
 
     def __init__(self, optimizer, config: LayerShardedConfig | None = None, process_group=None) -> None:
         config = config or LayerShardedConfig()

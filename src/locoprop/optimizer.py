@@ -365,14 +365,12 @@ class LocoProp(Optimizer):
         return self.variant.regularizer.needs_anchor and self.variant.solver == "iterative"
 
     def _select_solver(self, problems: list[LocalProblem]):
-        """The fast solver where ``backend`` and the problems allow it, else the variant's own.  Distributed,
-        where the mode lets the fast solver run (both modes do): on the layers this rank solves."""
+        """The fast solver where ``backend`` and the problems allow it, else the variant's own.  Distributed:
+        judged on the layers this rank solves (``docs/distributed.md``)."""
         if self.fused_solver is None or self.backend == "reference":
             return self.solver
         inner = self.inner
         if self.distributor is not None:
-            if not self.distributor.fast_solver:
-                return self.solver
             problems, inner = [p for p in problems if p is not None], self.distributor.local_inner(self.inner)
         device = next((p.params[0].device for p in problems), None)
         if self.backend == "auto" and self.precision == "fp32" and (device is None or device.type != "cuda"):
