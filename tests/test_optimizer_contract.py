@@ -175,8 +175,10 @@ def _autocast_loss(model, x):
         return bce_sum_mean(model(x).float(), x)
 
 
-def test_a_compiled_model_steps_as_the_eager_one_without_recompiling_each_step():
-    """``torch.compile(model)``: LocoProp's capture hooks are not compiled (a graph break each), so the
+@pytest.mark.parametrize("given", ["model", "compiled"])
+def test_a_compiled_model_steps_as_the_eager_one_without_recompiling_each_step(given):
+    """``torch.compile(model)``, given to LocoProp or only called in the closure: LocoProp finds the model's
+    layers, and its capture hooks are not compiled (a graph break each), so the
     model's graphs are compiled in the first step only (compiled hooks were compiled again every step, up to
     dynamo's recompile limit), and the steps equal the eager model's."""
     torch.manual_seed(0)
@@ -188,8 +190,9 @@ def test_a_compiled_model_steps_as_the_eager_one_without_recompiling_each_step()
         graphs.append(gm)
         return gm.forward
     compiled = torch.compile(model, backend=counting_backend)
-    opt = locoprop.LocoProp(model, output_transfer="sigmoid", lr=1e-2)
+    opt = locoprop.LocoProp(model if given == "model" else compiled, output_transfer="sigmoid", lr=1e-2)
     opt_eager = locoprop.LocoProp(eager, output_transfer="sigmoid", lr=1e-2)
+    assert [lay.name for lay in opt.layers] == [lay.name for lay in opt_eager.layers]
     x = torch.rand(32, 20)
     counts = []
     for _ in range(12):
@@ -200,3 +203,17 @@ def test_a_compiled_model_steps_as_the_eager_one_without_recompiling_each_step()
     assert counts[0] > 0 and counts == [counts[0]] * len(counts), counts  # nothing compiled after the first step
     for p, q in zip(model.parameters(), eager.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_a_ddp_model_is_refused_with_the_fix():
+    """DDP reduces parameter gradients, which LocoProp's backward pass (to the pre-activations) never makes:
+    the error names model.module and LocoProp's own distributed modes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(small_autoencoder())
+        with pytest.raises(ValueError, match="DistributedDataParallel.*model.module.*distributed='data'"):
+            locoprop.LocoProp(ddp, output_transfer="sigmoid")
+    finally:
+        dist.destroy_process_group()

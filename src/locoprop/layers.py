@@ -104,7 +104,8 @@ def discover_layers(
     """Pair each ``nn.Linear`` with its transfer function.
 
     Args:
-        model: the network.  For an ``nn.Sequential`` (nested ones are
+        model: the network (or ``torch.compile(network)``: its layers are the
+            network's).  For an ``nn.Sequential`` (nested ones are
             flattened) every ``nn.Linear`` is a layer and the module right after
             it, if it is one of Tanh, ReLU, LeakyReLU, Sigmoid, Softmax,
             Softplus, ELU or Identity, is its transfer function; a Linear
@@ -121,6 +122,12 @@ def discover_layers(
         ValueError: no Linear layer, a module that is not ``nn.Linear``, a
             Linear listed twice, or an unknown transfer name.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("model: a DistributedDataParallel model; LocoProp runs its own backward pass (to the "
+                         "layers' pre-activations), which DDP does not reduce: pass model.module, with "
+                         "LocoProp(..., distributed='data') for exact data parallelism (or 'layers')")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model): the same modules
+        model = model._orig_mod
     names = {id(m): n for n, m in model.named_modules()}
     found: list[Layer] = []
     if layers is not None:
