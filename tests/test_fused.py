@@ -459,11 +459,12 @@ def _eager_and_graphed(monkeypatch, max_graphs, first_backend="fused", **kwargs)
     torch.manual_seed(0)
     base = small_autoencoder()
     models, opts = [], []
+    settings = dict(inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+    settings.update(kwargs)
     for backend in (first_backend, "graphed"):
         model = copy.deepcopy(base)
         opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
-                                backend="fused" if backend == "graphed" else backend,
-                                inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}, **kwargs)
+                                backend="fused" if backend == "graphed" else backend, **settings)
         if backend == "graphed":
             opt.fused_solver.max_zero_copy_graphs = max_graphs
             _fake_cuda_graphs(monkeypatch, opt.fused_solver)
@@ -472,11 +473,13 @@ def _eager_and_graphed(monkeypatch, max_graphs, first_backend="fused", **kwargs)
     return models, opts
 
 
-@pytest.mark.parametrize("max_graphs", [4, 0])
-def test_solve_graphs_replay_only_where_the_inputs_lie_and_equal_the_eager_solver(monkeypatch, max_graphs):
+@pytest.mark.parametrize("max_graphs, inner", [(4, "tf_rmsprop"), (0, "tf_rmsprop"), (0, "adam")])
+def test_solve_graphs_replay_only_where_the_inputs_lie_and_equal_the_eager_solver(monkeypatch, max_graphs, inner):
     """The selection logic of the captured solve (zero-copy graphs keyed by the inputs' addresses, the copying
-    graph as the fallback), run on the CPU with a stand-in graph: bit for bit the eager fast solver."""
-    models, opts = _eager_and_graphed(monkeypatch, max_graphs)
+    graph as the fallback), run on the CPU with a stand-in graph: bit for bit the eager fast solver; with
+    Adam, whose bias corrections change every step, through the per-iteration table."""
+    kwargs = {} if inner == "tf_rmsprop" else dict(inner=inner, inner_kwargs={})
+    models, opts = _eager_and_graphed(monkeypatch, max_graphs, **kwargs)
     xs = [torch.rand(32, 20) for _ in range(7)]
     modes = []
     for i, x in enumerate(xs):
