@@ -129,8 +129,9 @@ def tune_commands(args, folder: Path, py: str) -> list[tuple[str, Path, Path | N
     """``(optimizer, database, earlier database or None, one command per worker)`` for each ``--tune`` spec
     ``OPTIMIZER:TRIALS:EPOCHS:WORKERS``: WORKERS processes share the study (its own SQLite file, with the fixed
     settings ``--tune-set OPTIMIZER:KEY=VALUE``) and stop once it holds TRIALS finished trials, the first worker
-    enqueuing the best settings of ``--settings-dirs``; a study found in ``--tune-from`` continues instead (each
-    worker runs up to TRIALS more trials, nothing enqueued)."""
+    enqueuing the best settings of ``--settings-dirs`` and then those of ``--tune-enqueue``; a study found in
+    ``--tune-from`` continues instead (each worker runs up to TRIALS more trials, only ``--tune-enqueue``'s
+    settings enqueued)."""
     out = []
     for spec in args.tune:
         parts = spec.split(":") + [None] * 3
@@ -150,8 +151,10 @@ def tune_commands(args, folder: Path, py: str) -> list[tuple[str, Path, Path | N
                "--data-dir", args.data_dir, "--storage", str(db), "--runs-dir", str(folder / "trials" / opt),
                "--optimizer", opt, *fixed,
                *(["--population", str(args.tune_population)] if args.tune_population > 1 else [])]
-        out.append((opt, db, earlier, [cmd + (["--enqueue", first] if first and w == 0 else [])
-                                       for w in range(workers)]))
+        extra = [a for spec_enq in getattr(args, "tune_enqueue", []) if spec_enq.partition(":")[0] == opt
+                 for a in ("--enqueue", spec_enq.partition(":")[2])]
+        first_worker = (["--enqueue", first] if first else []) + extra
+        out.append((opt, db, earlier, [cmd + (first_worker if w == 0 else []) for w in range(workers)]))
     return out
 
 
@@ -216,6 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before TPE models a study")
     p.add_argument("--tune-set", nargs="*", default=[], metavar="OPTIMIZER:KEY=VALUE",
                    help="a fixed setting of that optimizer's study (locoprop tune --set), e.g. shampoo:shampoo_root=eigh")
+    p.add_argument("--tune-enqueue", nargs="*", default=[], metavar="OPTIMIZER:KEY=VALUE,...",
+                   help="settings that study's first worker tries first (locoprop tune --enqueue; after the best "
+                        "of --settings-dirs), e.g. locoprop-m:lr=1e-5,activation_lr=10")
     p.add_argument("--tune-from", default=None,
                    help="folder holding standard-mnist-tanh-OPTIMIZER-gpu.db files of an earlier session: those "
                         "studies continue (each worker runs up to TRIALS more; trials left running are retried)")

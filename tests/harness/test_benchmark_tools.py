@@ -160,9 +160,12 @@ def test_gpu_session_tune_commands_start_or_continue_a_study(tmp_path):
     mod = _module("gpu_session")
     args = argparse.Namespace(tune=["rmsprop:6:100:3", "locoprop-m:4"], tune_from=None, startup_trials=5,
                               settings_dirs=["results/tuning"], device="cuda", data_dir="data",
-                              tune_set=["locoprop-m:local_steps=5", "shampoo:shampoo_root=eigh"], tune_population=1)
+                              tune_set=["locoprop-m:local_steps=5", "shampoo:shampoo_root=eigh"], tune_population=1,
+                              tune_enqueue=["locoprop-m:lr=1e-5,activation_lr=10"])
     studies = mod.tune_commands(args, tmp_path, "python3")
     loco = studies[1][3][0]
+    enqueued = [loco[i + 1] for i, a in enumerate(loco) if a == "--enqueue"]
+    assert enqueued[-1] == "lr=1e-5,activation_lr=10" and len(enqueued) == 2  # after the best known setting
     assert "--population" not in loco
     assert loco[loco.index("--set") + 1] == "local_steps=5" and loco.count("--set") == 1
     assert "--set" not in studies[0][3][0]
@@ -181,6 +184,7 @@ def test_gpu_session_tune_commands_start_or_continue_a_study(tmp_path):
     studies = mod.tune_commands(args, tmp_path, "python3")
     assert studies[0][2] == earlier / "standard-mnist-tanh-rmsprop-gpu.db" and studies[1][2] is None
     assert not any("--max-trials" in c or "--enqueue" in c for c in studies[0][3])
+    assert studies[1][3][0].count("--enqueue") == 2
     assert "--max-trials" in studies[1][3][0] and "--enqueue" in studies[1][3][0]
     args.tune_population = 16  # each worker trains 16 trials at a time
     assert all(c[c.index("--population") + 1] == "16" for s in mod.tune_commands(args, tmp_path, "python3")
