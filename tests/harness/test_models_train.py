@@ -56,6 +56,35 @@ def test_schedule_is_the_notebooks():
     assert lr_factor(50, 100, 5) == pytest.approx(1 - 46 / 95)
 
 
+@pytest.mark.parametrize("optimizer,extra", [
+    ("rmsprop", dict(lr=1e-3, beta1=0.9, beta2=0.9)),
+    ("locoprop-m", dict(lr=1e-4, activation_lr=10.0, beta1=0.9, beta2=0.9, eps=1e-8, local_steps=2)),
+])
+def test_notebook_protocol_trains_the_schedule_without_its_last_epoch(tmp_path, optimizer, extra):
+    """``epochs=3, schedule_epochs=4``: the first three epochs of the 4-epoch run, bit for bit, without the
+    fourth, whose learning rate is 0 (the authors' notebook: 99 epochs of a 100-epoch schedule)."""
+    full = train(TrainConfig(optimizer=optimizer, **extra, **TINY), tmp_path / "full", progress=False,
+                 log=lambda s: None)
+    cut = train(TrainConfig(optimizer=optimizer, **extra, **{**TINY, "epochs": 3, "schedule_epochs": 4}),
+                tmp_path / "cut", progress=False, log=lambda s: None)
+    assert (full.status, cut.status, cut.epochs_done) == ("finished", "finished", 3)
+    longer, shorter = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "cut")[0]
+    assert longer[-1]["lr"] == 0.0 and shorter[-1]["lr"] > 0
+    key = lambda r: (r["epoch"], r["train_loss"], r["test_loss"], r["lr"], r["batch_loss"])  # noqa: E731
+    assert [key(r) for r in shorter[1:]] == [key(r) for r in longer[1:4]]
+    # a 3-epoch schedule decays faster: another run
+    plain = train(TrainConfig(optimizer=optimizer, **extra, **{**TINY, "epochs": 3}), tmp_path / "plain",
+                  progress=False, log=lambda s: None)
+    assert read_metrics(plain.out)[0][2]["lr"] < shorter[2]["lr"]
+
+
+@pytest.mark.parametrize("value", [3, 0, 2.5, "100"])
+def test_schedule_epochs_must_cover_the_epochs_trained(value):
+    with pytest.raises(ValueError, match=r"schedule_epochs: expected an integer >= epochs \(4\)"):
+        TrainConfig(**TINY, schedule_epochs=value).validate()
+    TrainConfig(**TINY, schedule_epochs=4).validate()
+
+
 def test_early_exit_rules():
     assert early_exit_reason(float("nan"), 500, 1)
     assert early_exit_reason(1001, 500, 1)

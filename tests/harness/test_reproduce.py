@@ -59,6 +59,12 @@ def test_settings_from_replaces_the_placeholders(tmp_path):
     # the tuned keys only; the figure's own epochs and model stay, the warm-up keeps its share
     assert (r.lr, r.beta1, r.model, r.epochs, r.warmup_epochs) == (0.0123, 0.5, "tiny", 10, 1)
     assert origin == str(tuned) and untuned == "untuned" and a.lr == 1e-3
+    # a figure of the notebook's protocol (99 of 100 epochs) keeps its one untrained epoch under --epochs
+    (fig / "nb.yaml").write_text(yaml.safe_dump({
+        "experiment": "e", "defaults": {"model": "tiny", "epochs": 99, "schedule_epochs": 100},
+        "runs": [{"name": "a", "optimizer": "adam", "lr": 1e-3}], "plots": [{"file": "nb"}]}))
+    (_, a, _), = figure_runs(load_figure("nb", fig), {"epochs": 9}, log=lambda s: None)
+    assert (a.epochs, a.schedule_epochs) == (9, 10)
     # --settings-dir applies best-OPTIMIZER.yaml only where it was tuned for the same problem
     (fig / "g.yaml").write_text(yaml.safe_dump({
         "experiment": "e", "defaults": {"model": "standard"}, "runs": [{"name": "r", "optimizer": "rmsprop"}],

@@ -89,6 +89,22 @@ def test_a_study_continues_in_the_same_sqlite_file(tmp_path):
         main_tune(build_parser().parse_args(args + ["--trials", "1", "--epochs", "3"]))
 
 
+def test_a_study_can_tune_the_notebooks_protocol(tmp_path):
+    """``--schedule-epochs``: each trial trains ``--epochs`` of a longer schedule (the notebook's 99 of 100)."""
+    db, runs = tmp_path / "s.db", tmp_path / "runs"
+    args = ["tune", *TINY[:4], "--epochs", "2", "--schedule-epochs", "3", *TINY[6:], "--optimizer", "rmsprop",
+            "--storage", str(db), "--study", "nb", "--runs-dir", str(runs)]
+    assert cli_main(args + ["--trials", "1"]) == 0
+    (trial,) = _trials(db, "nb")
+    settings = trial.user_attrs["settings"]
+    assert (settings["epochs"], settings["schedule_epochs"], settings["warmup_epochs"]) == (2, 3, 0)
+    records, _ = read_metrics(trial.user_attrs["run_dir"])
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[-1]["lr"] == pytest.approx(settings["lr"] / 3) and trial.value == records[-1]["train_loss"]
+    with pytest.raises(ValueError, match="schedule_epochs: study has 3, given 4"):
+        main_tune(build_parser().parse_args(args[:7] + ["--schedule-epochs", "4"] + args[9:] + ["--trials", "1"]))
+
+
 def test_a_nan_trial_is_pruned_and_the_study_goes_on(tmp_path):
     db = tmp_path / "s.db"
     # lr = 1e6 (outside Table 3, enqueued on purpose) makes the loss NaN or huge

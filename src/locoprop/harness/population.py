@@ -63,7 +63,7 @@ from locoprop.variants import get_variant
 from .data import load_dataset
 from .models import OUTPUT_TRANSFER, build_autoencoder, num_parameters
 from .optimizers import LOCOPROP_VARIANTS
-from .train import (CONFIG, METRICS, RunResult, TrainConfig, _epoch_permutation, _sync, early_exit_reason, lr_factor,
+from .train import (CONFIG, METRICS, RunResult, TrainConfig, _epoch_permutation, _sync, early_exit_reason,
                     run_record)
 
 __all__ = ["POPULATION_OPTIMIZERS", "PER_MEMBER", "Member", "Population", "member_of", "shared_settings",
@@ -563,7 +563,7 @@ def train_population(configs: Sequence[TrainConfig], outs: Sequence[str | Path],
     batches = math.ceil(n / cfg0.batch_size)
     wall, step = 0.0, 0
     for epoch in range(cfg0.epochs):
-        factor = lr_factor(epoch, cfg0.epochs, cfg0.warmup_epochs)
+        factor = cfg0.schedule_factor(epoch)
         perms = {seed: _epoch_permutation(n, seed, epoch).to(device) for seed in dict.fromkeys(seeds)}
         order = torch.stack([perms[seeds[j]] for j in alive]) if len(perms) > 1 else None  # each member's own
         bar = tqdm(total=batches, desc=f"{k} x {cfg0.optimizer} epoch {epoch + 1}/{cfg0.epochs}", leave=False,

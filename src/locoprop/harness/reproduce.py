@@ -225,6 +225,9 @@ def figure_runs(spec: dict, overrides: dict | None = None, settings_dir=None,
             old = values.get("epochs", TrainConfig.epochs)
             values["warmup_epochs"] = _scaled_warmup(values.get("warmup_epochs", TrainConfig.warmup_epochs), old,
                                                      overrides["epochs"])
+        if "epochs" in overrides and "schedule_epochs" not in overrides and values.get("schedule_epochs"):
+            # keep the schedule's untrained tail (the notebook's: 99 of 100 epochs trained)
+            values["schedule_epochs"] += overrides["epochs"] - values.get("epochs", TrainConfig.epochs)
         values.update(overrides)
         try:
             cfg = TrainConfig.from_dict(values)

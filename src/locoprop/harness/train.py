@@ -88,6 +88,10 @@ class TrainConfig:
     weight_decay: float = _opt("decoupled weight decay (the paper lists 1e-5; its notebook applies none)",
                                default=0.0)
     warmup_epochs: int = _opt("linear warm-up epochs before the linear decay", default=5)
+    schedule_epochs: int | None = _opt("epochs the learning-rate schedule spans, at least epochs (default: epochs); "
+                                       "--epochs 99 --schedule-epochs 100 is the authors' notebook, which never "
+                                       "trains the schedule's last epoch, whose learning rate is 0",
+                                       default=None)
     seed: int = _opt("random seed (initialisation, shuffling, sampling)", default=0)
     device: str = _opt("cpu, cuda or auto", default="auto")
     dtype: str = _opt("float32 or float64", default="float32")
@@ -124,6 +128,10 @@ class TrainConfig:
             raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs, got {self.warmup_epochs}")
+        if self.schedule_epochs is not None and not (isinstance(self.schedule_epochs, int)
+                                                     and self.schedule_epochs >= self.epochs):
+            raise ValueError(f"schedule_epochs: expected an integer >= epochs ({self.epochs}), or none for the "
+                             f"schedule to span the epochs trained, got {self.schedule_epochs!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
                              f"got {self.precision!r}")
@@ -165,6 +173,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
         return cls(**values)
+
+    def schedule_factor(self, epoch: int) -> float:
+        """The learning-rate factor of 0-based ``epoch``: :func:`lr_factor` over ``schedule_epochs`` (by default
+        the epochs trained); the epoch's learning rate is ``lr`` times it (paper Sec. 3)."""
+        return lr_factor(epoch, self.schedule_epochs or self.epochs, self.warmup_epochs)
 
     def label(self) -> str:
         """A short legend label: optimizer and key settings."""
@@ -476,7 +489,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     status, reason, epochs_this_call = "finished", "", 0
     last_train = last_test = None
     for epoch in range(start_epoch, cfg.epochs):
-        lr = cfg.lr * lr_factor(epoch, cfg.epochs, cfg.warmup_epochs)
+        lr = cfg.lr * cfg.schedule_factor(epoch)
         for g in opt.param_groups:
             g["lr"] = lr
         perm = _epoch_permutation(n, cfg.seed, epoch).to(device)

@@ -69,7 +69,7 @@ GAMMAS = (10, 100, 500, 1000, 2000, 3000, 5000)
 WORKER_FIELDS = ("device", "data_dir")
 #: The command-line options that fix a study's settings (TrainConfig fields of the same name).
 STUDY_OPTIONS = ("dataset", "model", "activation", "optimizer", "epochs", "batch_size", "limit_train", "limit_test",
-                 "seed", "warmup_epochs")
+                 "seed", "warmup_epochs", "schedule_epochs")
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,12 @@ def search_space(optimizer: str, inner: str = "tf_rmsprop") -> list[Dimension]:
     if optimizer in _FIRST_ORDER_APPLIES:
         return _dims("Table 3", 0.1, 1e-5, _FIRST_ORDER_APPLIES[optimizer])
     raise ValueError(f"optimizer: unknown {optimizer!r}; valid: {list(OPTIMIZER_NAMES)}")
+
+
+def _of_schedule(settings: dict) -> str:
+    """`` of a 100-epoch schedule`` where the schedule spans more epochs than are trained, else ``""``."""
+    spans = settings.get("schedule_epochs")
+    return f" of a {spans}-epoch schedule" if spans and spans != settings["epochs"] else ""
 
 
 def default_warmup(epochs: int) -> int:
@@ -313,7 +319,7 @@ def _study_settings(given: dict, stored: dict | None, study_name: str) -> dict:
     values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     values.update(given)
     if "warmup_epochs" not in given:
-        values["warmup_epochs"] = default_warmup(values["epochs"])
+        values["warmup_epochs"] = default_warmup(values.get("schedule_epochs") or values["epochs"])
     for name in TUNED_FIELDS + WORKER_FIELDS:
         values.pop(name, None)
     return values
@@ -779,7 +785,11 @@ def register(subparsers) -> None:
     g.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     g.add_argument("--seed", type=int, default=None, help="training seed of every trial (default: 0)")
     g.add_argument("--warmup-epochs", type=int, default=None,
-                   help="default: 5%% of --epochs, rounded (the paper's 5 of 100)")
+                   help="default: 5%% of the schedule's epochs, rounded (the paper's 5 of 100)")
+    g.add_argument("--schedule-epochs", type=int, default=None,
+                   help="epochs the learning-rate schedule spans (default: --epochs); --epochs 99 "
+                        "--schedule-epochs 100 is the authors' notebook, which never trains the last epoch, at "
+                        "learning rate 0")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other fixed TrainConfig setting, e.g. --set local_steps=5 --set inverse_every=50")
     g = p.add_argument_group("study and workers")
@@ -866,7 +876,8 @@ def main_tune(args: argparse.Namespace) -> int:
         runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "tune" / _storage_tag(url) / name
         enqueue = [_parse_assignments([e], "--enqueue") for e in args.enqueue]
         _log(f"study {name} in {_safe_url(url)}: {settings['optimizer']} on {settings['dataset']} "
-             f"{settings['model']} {settings['activation']}, {settings['epochs']} epochs; sampler {args.sampler}; "
+             f"{settings['model']} {settings['activation']}, {settings['epochs']} epochs"
+             f"{_of_schedule(settings)}; sampler {args.sampler}; "
              f"searching {'; '.join(d.describe() for d in space)}")
         common = dict(trials=args.trials, runs_dir=runs_dir, worker=worker, max_trials=args.max_trials,
                       sampler_name=args.sampler, enqueue=enqueue, progress=args.progress, log=_log)
