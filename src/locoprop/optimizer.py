@@ -122,7 +122,8 @@ class LocoProp(Optimizer):
             then in the iteration-major order, without a CUDA graph).
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
             matrix products of the fast solver (accumulation in float32; a
-            bf16 product is rounded to bfloat16 once, on output);
+            bf16 product's result is kept in float32 on CUDA and rounded to
+            bfloat16 once on the CPU);
             anything but ``"fp32"`` selects the fast solver.
         cuda_graph: on CUDA, the fast solver captures the local iterations in
             a CUDA graph after one warm-up step and replays it, reading the
@@ -334,6 +335,7 @@ class LocoProp(Optimizer):
         v = self.variant
         problems = []
         needs_anchor = self._needs_anchor()
+        keep_start = v.solver == "iterative" and self.precision in ("bf16", "tf32")  # the fast solver's update form
         for m, (b, group) in enumerate(zip(batches, self.param_groups)):
             if b is None:  # layer-sharded: another rank solves this layer
                 problems.append(None)
@@ -355,9 +357,14 @@ class LocoProp(Optimizer):
             if v.solver == "iterative":  # δ of the first local iteration, so that the pre-activation can go
                 with torch.no_grad():
                     residual = v.local_loss.grad(b.pre, target, b.transfer)
+            start_pre = start_params = None
+            if keep_start and (self.precision == "bf16" or params[0].is_cuda):  # products that round (TF32: CUDA)
+                start_pre = b.pre
+                start_params = anchor or (saved.copies_of(params) if saved is not None else None) or \
+                    [p.detach().clone() for p in params]
             if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
                 b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None
-            problems.append(LocalProblem(b, target, params, anchor, group, residual))
+            problems.append(LocalProblem(b, target, params, anchor, group, residual, start_pre, start_params))
         return problems
 
     def _needs_anchor(self) -> bool:

@@ -48,6 +48,12 @@ class LocalProblem:
     anchor: list[torch.Tensor] | None = None
     group: dict = field(default_factory=dict)
     residual: torch.Tensor | None = None
+    #: The forward pass's pre-activation and the weights it was computed with, kept (by
+    #: :class:`~locoprop.LocoProp` with ``precision="tf32"`` or ``"bf16"``) for the fast solver, which then
+    #: computes each iteration's pre-activation as this one plus the reduced-precision product of the
+    #: weights' change (:mod:`locoprop.fused`, "update form").
+    start_pre: torch.Tensor | None = None
+    start_params: list[torch.Tensor] | None = None
 
     def first_residual(self, loss: LocalLoss) -> torch.Tensor:
         """``residual``, computed from the forward pass's pre-activation if it is not set."""

@@ -212,6 +212,76 @@ def test_reduced_precision_stays_close(precision, tol):
     assert 0 < _rel(a, b) < 10 * tol
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_reduced_precision_update_form_keeps_a_small_gamma_step_near_float32(precision, graphed):
+    """With a small γ the residual is small beside the pre-activation: the update form (only the change of
+    the pre-activation's product rounded) keeps one step an order of magnitude nearer the FP32 step than
+    plain reduced-precision products, in a captured whole step too."""
+    def update(precision, plain=False):
+        model = _model()
+        opt = _opt(model, activation_lr=0.1, precision=precision)
+        if plain:
+            opt.fused_solver.rounds_products = lambda cuda: False
+        if plain and precision == "bf16":  # the bf16 product's result rounded too, as before the update form
+            opt.fused_solver._products = lambda x, start=None: _rounded_bf16_products(x)
+        x = _batches(1)[0]
+        before = [p.detach().clone() for p in model.parameters()]
+        if graphed:
+            static_x = x.clone()
+            step = opt.graphed_step(lambda: _loss(model(static_x), static_x))
+            step()
+        else:
+            opt.step(lambda: _loss(model(x), x))
+        return torch.cat([(p.detach() - q).flatten() for p, q in zip(model.parameters(), before)])
+
+    ref, form, plain = update("fp32"), update(precision), update(precision, plain=True)
+    err_form, err_plain = ((form - ref).norm() / ref.norm()).item(), ((plain - ref).norm() / ref.norm()).item()
+    assert 0 < err_form < err_plain / 10, (err_form, err_plain)
+
+
+def _rounded_bf16_products(x):
+    xb = x.to(torch.bfloat16)
+
+    def pre(W, b, out):
+        return torch.add(xb @ W.to(torch.bfloat16).T, b, out=out)
+
+    def wgrad(delta, out):
+        out.copy_(delta.to(torch.bfloat16).T @ xb)
+    return pre, wgrad
+
+
+def test_bf16_products_write_their_float32_accumulator_unrounded():
+    """On CUDA the bf16 local products round only their operands: the pre-activation and the gradient equal
+    the float32 products of the bf16-rounded operands (to float32 accumulation order), far closer than a
+    bf16-rounded result (relative 2^-9) would be."""
+    from locoprop.fused import FusedIterativeSolver, bf16_product_has_float32_output
+
+    if not bf16_product_has_float32_output(DEV):
+        pytest.skip("this PyTorch has no torch.mm(..., out_dtype=torch.float32)")
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.rand(1000, 784, device=DEV, generator=g)
+    W = torch.randn(500, 784, device=DEV, generator=g) / 28
+    b = torch.randn(500, device=DEV, generator=g)
+    delta = torch.randn(1000, 500, device=DEV, generator=g) * 1e-3
+    pre, wgrad = FusedIterativeSolver(precision="bf16")._products(x)
+    a, G = torch.empty(1000, 500, device=DEV), torch.empty(500, 784, device=DEV)
+    pre(W, b, a)
+    wgrad(delta, G)
+    rounded = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 products of the rounded operands
+    try:
+        a_exact = torch.addmm(b, rounded(x), rounded(W).T)
+        G_exact = rounded(delta).T @ rounded(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for got, exact in ((a, a_exact), (G, G_exact)):
+        err = ((got - exact).norm() / exact.norm()).item()
+        err_rounded = ((rounded(exact) - exact).norm() / exact.norm()).item()
+        assert err < 1e-5 < err_rounded / 10, (err, err_rounded)
+
+
 def test_host_rollback_matches_device_rollback_and_saves_gpu_memory():
     """rollback="host": the same steps (its copies run on a side stream) and no weight-sized GPU copies."""
     peaks, models = {}, {}

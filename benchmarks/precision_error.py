@@ -1,0 +1,176 @@
+"""How far one LocoProp-M step with reduced-precision local products lands from the FP32 step (issue 5).
+
+From one state of the standard MNIST autoencoder (``--warm-steps`` FP32 steps at the settings' learning rate
+after the seeded initialisation), every mode takes the same step on the same batch, and the script reports
+``|Δθ_mode - Δθ_fp32| / |Δθ_fp32|`` over all weights and biases, for the settings given (default: the
+authors' notebook defaults, γ = 10, and the tuned settings of the CPU studies, γ = 500).  Modes:
+
+* ``bf16``: the library's bf16 local products on this device, in the update form
+  ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` (only the product of the weights' change rounded; ``locoprop.fused``);
+* ``bf16-rounded-output``: plain bf16 products ``x Wᵀ``, bf16 operands, float32 accumulation, the result
+  rounded to bf16 (PyTorch's bf16 product; the library's CPU path before the update form);
+* ``bf16-float32-output``: plain bf16 products with a float32 result (on the CPU emulated with a float32
+  product of the rounded operands);
+* ``tf32`` (CUDA only; in the update form);
+* ``bf16-forward-only`` / ``bf16-wgrad-only``: plain bf16 (rounded result) in the pre-activation's product
+  only, or in the weight gradient's only, the other in float32: which of the two products costs the accuracy.
+
+The step's residual ``f(a) - y`` is a small difference of two numbers of the size of the activations when γ
+is small, so an error of the pre-activation's product relative to the activation (a plain product's, from
+its operands or its result) is large beside the residual; the update form's error is relative to the
+change of the pre-activation.  Writes ``--out`` (JSON: command, device, date, rows) and prints a table.
+
+    python benchmarks/precision_error.py --data-dir ../shared/data/mnist --out results/precision-error/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from locoprop.fused import FusedIterativeSolver
+from locoprop.harness.data import load_dataset
+from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+from locoprop.harness.optimizers import build_optimizer
+
+SETTINGS = {  # name -> (lr, gamma, beta1, beta2, eps)
+    "notebook-defaults": (1e-5, 10.0, 0.999, 0.9, 1e-5),
+    "tuned-cpu-study": (8.06e-6, 500.0, 0.976, 0.931, 7.3e-9),
+}
+
+
+def _bf16(t):
+    return t.to(torch.bfloat16).float()
+
+
+def _products_with(output: str):
+    """A replacement for ``FusedIterativeSolver._products``: plain bf16 products (``x Wᵀ``, not the library's
+    update form) that round (or not) their result, or bf16 in one of the two products only."""
+    def products(self, x, start=None):  # plain products: the step's start is ignored
+        xb = x.to(torch.bfloat16)
+        if output in ("forward-only", "wgrad-only"):
+            def pre(W, b, out):
+                if output == "forward-only":
+                    return torch.add(xb @ W.to(torch.bfloat16).T, b, out=out)
+                return torch.addmm(b, x, W.T, out=out)
+
+            def wgrad(delta, out):
+                if output == "wgrad-only":
+                    return out.copy_(delta.to(torch.bfloat16).T @ xb)
+                return torch.mm(delta.T, x, out=out)
+            return pre, wgrad
+        if output == "bfloat16":
+            def pre(W, b, out):
+                product = xb @ W.to(torch.bfloat16).T
+                return out.copy_(product) if b is None else torch.add(product, b, out=out)
+
+            def wgrad(delta, out):
+                out.copy_(delta.to(torch.bfloat16).T @ xb)
+        else:
+            xr = xb.float()
+
+            def pre(W, b, out):
+                Wr = W.to(torch.bfloat16).float()
+                return torch.mm(xr, Wr.T, out=out) if b is None else torch.addmm(b, xr, Wr.T, out=out)
+
+            def wgrad(delta, out):
+                torch.mm(delta.to(torch.bfloat16).float().T, xr, out=out)
+        return pre, wgrad
+    return products
+
+
+@contextlib.contextmanager
+def _patched(output: str | None):
+    if output is None:
+        yield
+        return
+    original = FusedIterativeSolver._products
+    FusedIterativeSolver._products = _products_with(output)
+    try:
+        yield
+    finally:
+        FusedIterativeSolver._products = original
+
+
+MODES = {  # mode -> (precision, products patch)
+    "fp32": ("fp32", None),
+    "bf16": ("bf16", None),
+    "bf16-rounded-output": ("bf16", "bfloat16"),
+    "bf16-float32-output": ("bf16", "float32"),
+    "tf32": ("tf32", None),
+    "bf16-forward-only": ("bf16", "forward-only"),
+    "bf16-wgrad-only": ("bf16", "wgrad-only"),
+}
+
+
+def _optimizer(model, loss_fn, settings, precision):
+    lr, gamma, beta1, beta2, eps = settings
+    return build_optimizer("locoprop-m", model, loss_fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                           activation_lr=gamma, local_steps=10, precision=precision)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--warm-steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    modes = [m for m in MODES if m != "tf32" or device.type == "cuda"]
+    data = load_dataset("mnist", args.data_dir, device=device, limit_train=args.batch_size * (args.warm_steps + 1))
+    batches = data.train.split(args.batch_size)
+    loss_fn = AutoencoderLoss()
+    rows = []
+    for name in args.settings:
+        torch.manual_seed(0)
+        model = build_autoencoder("standard", "tanh", device=device)
+        opt = _optimizer(model, loss_fn, SETTINGS[name], "fp32")
+        for x in batches[:args.warm_steps]:
+            opt.step(lambda: loss_fn(model(x), x))
+        start = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        x = batches[args.warm_steps]
+        updates = {}
+        for mode in modes:
+            precision, output = MODES[mode]
+            m = build_autoencoder("standard", "tanh", device=device)
+            m.load_state_dict(start[0])
+            o = _optimizer(m, loss_fn, SETTINGS[name], precision)
+            o.load_state_dict(start[1])
+            with _patched(output):
+                o.step(lambda: loss_fn(m(x), x))
+            updates[mode] = torch.cat([(a - b).flatten() for a, b in zip(m.state_dict().values(),
+                                                                         start[0].values())])
+        ref = updates["fp32"]
+        for mode in modes[1:]:
+            err = ((updates[mode] - ref).norm() / ref.norm()).item()
+            rows.append({"settings": name, "mode": mode, "update_error_vs_fp32": err,
+                         "update_norm_fp32": ref.norm().item()})
+            print(f"{name:20s} {mode:22s} |Δθ - Δθ_fp32| / |Δθ_fp32| = {err:.3e}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, " \
+            f"{torch.get_num_threads()} threads)"
+        out.write_text(json.dumps({
+            "command": " ".join(["python"] + sys.argv), "device": dev, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "warm_steps": args.warm_steps, "batch_size": args.batch_size,
+            "settings": {k: dict(zip(("lr", "activation_lr", "beta1", "beta2", "eps"), SETTINGS[k]))
+                         for k in args.settings},
+            "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
