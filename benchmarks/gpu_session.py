@@ -81,11 +81,14 @@ def without_checkpoints(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 
 def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, device: str = "cuda",
-                  settings_dirs=("results/tuning",)) -> dict[str, dict]:
+                  settings_dirs=("results/tuning",), configs=()) -> dict[str, dict]:
     """``name -> settings`` of every run of the figures, tuned where ``settings_dirs`` have settings (the first
-    folder with a matching ``best-OPTIMIZER.yaml`` wins)."""
+    folder with a matching ``best-OPTIMIZER.yaml`` wins), and of each ``NAME=FILE`` of ``configs`` (a settings
+    YAML as ``locoprop train --config`` reads it)."""
     sys.path.insert(0, str(ROOT / "src"))
+    from locoprop.harness.cli import load_yaml
     from locoprop.harness.reproduce import figure_runs, load_figure
+    from locoprop.harness.train import TrainConfig
 
     overrides = {"device": device, "data_dir": data_dir}
     if epochs:
@@ -106,6 +109,14 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     for prec in ("tf32", "bf16"):
         runs[f"locoprop-m-{prec}"] = dict(runs["locoprop-m"], precision=prec)
         origins[f"locoprop-m-{prec}"] = origins["locoprop-m"]
+    for spec in configs:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise ValueError(f"--configs: expected NAME=FILE, got {spec!r}")
+        values = load_yaml(ROOT / path)
+        cfg = TrainConfig.from_dict({**values.get("settings", values), **overrides})
+        cfg.validate()
+        runs[name], origins[name] = asdict(cfg), path
     for name in runs:
         runs[name]["_origin"] = origins[name]
     return runs
@@ -210,6 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override (a smoke test); default: the figures' 100")
     p.add_argument("--limit-train", type=int, default=None, help="override (a smoke test)")
     p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
+    p.add_argument("--configs", nargs="*", default=[], metavar="NAME=FILE",
+                   help="more runs of part 4: settings YAML files as locoprop train --config reads them, e.g. "
+                        "notebook-m=configs/notebook-defaults-locoprop-m.yaml")
+    p.add_argument("--precision-error-s", type=float, default=0.0,
+                   help="time for benchmarks/precision_error.py (0: skip it)")
     p.add_argument("--settings-dirs", nargs="+",
                    default=["results/tuning-h200-100epoch", "results/tuning-kfac-at1-cpu",
                             "results/tuning-shampoo-at1-cpu", "results/tuning-5epoch", "results/tuning"],
@@ -278,6 +294,10 @@ def main(argv=None) -> int:
     if args.profile_s > 0:
         _run([py, "benchmarks/step_profile.py", *args.profile_args.split(), "--out", str(out / "profile.json")],
              min(args.profile_s, deadline - time.time() - 30), out / "perf.txt", log)
+    if args.precision_error_s > 0:
+        _run([py, "benchmarks/precision_error.py", "--data-dir", args.data_dir, "--device", args.device,
+              "--out", str(out / "precision-error.json")],
+             min(args.precision_error_s, deadline - time.time() - 30), out / "perf.txt", log)
     if args.population_s > 0:
         _run([py, "benchmarks/population_speed.py", *args.population_args.split(),
               "--out", str(out / "population.json")],
@@ -285,7 +305,8 @@ def main(argv=None) -> int:
 
     def chosen_runs(settings_dirs, names) -> dict[str, dict]:
         """The runs named by ``names`` (None: all), their settings written to ``work/runs/NAME.json``."""
-        runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, settings_dirs)
+        runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, settings_dirs,
+                             args.configs)
         if names is not None:
             unknown = sorted(set(names) - set(runs))
             if unknown:

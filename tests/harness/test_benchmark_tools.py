@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -47,6 +49,16 @@ def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
     assert rows["never"]["step_ms_captured"] is None  # no graph row for Adam in this file
     assert rows["never"]["reaches_target"] is False and rows["never"]["epoch"] is None
     assert "| fast |" in (tmp_path / "ttl.md").read_text()
+    # --target-epoch: the reference's loss after epoch 2 (60.0) is the target
+    _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--runs", "fast", "never", "--target-epoch",
+                                  "2", "--out", str(tmp_path / "at2")])
+    result = json.loads((tmp_path / "at2.json").read_text())
+    rows = {r["run"]: r for r in result["rows"]}
+    assert result["target_loss"] == 60.0 and result["target"] == "train loss of ref after epoch 2"
+    assert (rows["ref"]["epoch"], rows["fast"]["epoch"], rows["never"]["epoch"]) == (2, 2, None)
+    with pytest.raises(SystemExit):
+        _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--runs", "fast", "--target-epoch", "7",
+                                      "--out", str(tmp_path / "at7")])
 
 
 def test_perf_readme_lists_every_record(tmp_path):
@@ -393,3 +405,19 @@ def test_population_check_retrains_a_studys_trials_as_populations(tmp_path):
     assert "Largest relative difference" in (tmp_path / "check" / "README.md").read_text()
     with pytest.raises(SystemExit, match="check.db: exists"):
         mod.main(args)
+
+
+def test_gpu_session_trains_settings_files_beside_the_figures_runs():
+    """``--configs NAME=FILE``: a settings YAML (the notebook's defaults) becomes one more run of part 4, with
+    the session's device and data folder."""
+    mod = _module("gpu_session")
+    runs = mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",),
+                             ["notebook-m=configs/notebook-defaults-locoprop-m.yaml"])
+    nb = runs["notebook-m"]
+    assert (nb["optimizer"], nb["lr"], nb["activation_lr"], nb["beta1"], nb["beta2"], nb["eps"]) == \
+        ("locoprop-m", 1e-5, 10.0, 0.999, 0.9, 1e-5)
+    assert (nb["device"], nb["data_dir"], nb["epochs"], nb["_origin"]) == \
+        ("cuda", ".carrydata/mnist", 100, "configs/notebook-defaults-locoprop-m.yaml")
+    assert "rmsprop" in runs and "locoprop-m" in runs  # the figures' runs are still there
+    with pytest.raises(ValueError, match="NAME=FILE"):
+        mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",), ["no-file"])
