@@ -1,64 +1,120 @@
 #!/usr/bin/env bash
-# Regenerates README.md and curves.png from the run here and the H200 runs it is compared with (run from the
-# repository root: bash results/notebook-defaults-cpu/make_readme.sh). Every number comes from the runs' files.
+# Regenerates README.md, curves.png and the time-to-loss tables from the runs here and the H200 runs they are
+# compared with (run from the repository root: bash results/notebook-defaults-cpu/make_readme.sh). Every number
+# comes from the runs' files.
 set -euo pipefail
 dir=results/notebook-defaults-cpu
 gpu=results/gpu-h200-standard-mnist
 PY=${PYTHON:-.venv/bin/python}
-PYTHONPATH=src $PY -m locoprop plot "$dir/locoprop-m-bf16" "$dir/locoprop-m-fp32" "$gpu/locoprop-m" "$gpu/rmsprop" --views epoch \
-  --out "$dir/curves.png" --title "LocoProp-M: the notebook's default settings against the tuned ones, and RMSProp" > /dev/null
-PYTHONPATH=src $PY benchmarks/results_readme.py "$dir" \
-  --title "LocoProp-M with the authors' notebook defaults, 100 epochs (CPU, bf16 local products)" \
-  --command "locoprop train --dataset mnist --model standard --activation tanh --optimizer locoprop-m --epochs 100 --batch-size 1000 --lr 1e-5 --activation-lr 10 --local-steps 10 --beta1 0.999 --beta2 0.9 --eps 1e-5 --warmup-epochs 5 --precision bf16 --compile-elementwise --device cpu --data-dir /work/shared/data/mnist --out results/notebook-defaults-cpu/locoprop-m-bf16 --no-progress" \
-  --note "Why: every 100-epoch LocoProp-M run so far used one setting, the best of the CPU studies (η 8.06e-6, γ 500, β1 0.976, β2 0.931, ε 7.3e-9), and it ends above RMSProp (issue 5's time-to-loss goal). The GPU study of 100-epoch trials ran 6 complete trials and never tried γ = 10. The authors' public notebook (locoprop_training.ipynb in google-research, read for its facts) sets as its flags' defaults learning_rate 1e-5, activation_learning_rate 10, one_minus_beta1 0.001, one_minus_beta2 0.1, epsilon 1e-5 for LocoProp-M with TF-RMSProp: this run trains those settings with the figures' protocol (all of MNIST, batch 1000, 100 epochs, 5 warm-up epochs then linear decay). It ran on this 2-core CPU with bf16 local products and compile_elementwise to fit in a session (about 50 minutes); on an H100 the same protocol with bf16 local products ended 0.11% above FP32 (../gpu-standard-mnist/). It shared the CPU with light work and test runs, so its wall times say nothing about speed. The run folders' checkpoints are left out of git. The FP32 run below: the same command with --precision fp32 and without --compile-elementwise, out results/notebook-defaults-cpu/locoprop-m-fp32, stopped at the session's end." \
+export PYTHONPATH=src
+$PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" \
+  --views epoch --out "$dir/curves.png" \
+  --title "LocoProp-M with the notebook's defaults (CPU, FP32 and bf16), tuned LocoProp-M and RMSProp (H200 and CPU)" > /dev/null
+$PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/rmsprop-cpu" --views wall_time --out "$dir/wall-time-cpu.png" \
+  --title "Train loss against training time on this 2-core CPU, each run alone" > /dev/null
+for target in final epoch99; do
+  extra=(); name=time-to-rmsprop-loss
+  if [ "$target" = epoch99 ]; then extra=(--target-epoch 99); name=time-to-rmsprop-epoch99-loss; fi
+  $PY benchmarks/time_to_loss.py "$dir" --reference rmsprop-cpu --runs locoprop-m-fp32 locoprop-m-bf16 \
+    --alone rmsprop-cpu locoprop-m-fp32 "${extra[@]}" --out "$dir/$name" > /dev/null
+done
+$PY benchmarks/results_readme.py "$dir" \
+  --title "LocoProp-M with the authors' notebook defaults, 100 epochs on the CPU (FP32 and bf16 local products), and its time to RMSProp's loss there" \
+  --command "# session 9: bf16 local products (the FP32 run of session 9 was stopped after 53 epochs; the one here is session 10's, complete)" \
+  --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --precision bf16 --compile-elementwise --device cpu --data-dir /work/shared/data/mnist --out results/notebook-defaults-cpu/locoprop-m-bf16 --no-progress" \
+  --command "# session 10, one after the other on the otherwise idle 2-core CPU (run folders written to /tmp, config.json and metrics.jsonl copied here):" \
+  --command "locoprop train --config results/tuning-h200-100epoch/best-rmsprop.yaml --device cpu --data-dir /work/shared/data/mnist --out rmsprop-cpu --no-progress" \
+  --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-fp32 --no-progress" \
+  --command "bash results/notebook-defaults-cpu/make_readme.sh   # curves.png, time-to-*.md/json, this README" \
+  --note "**Settings.** The authors' public notebook (locoprop_training.ipynb in google-research, read for its facts) sets as its flags' defaults learning_rate 1e-5, activation_learning_rate 10, one_minus_beta1 0.001, one_minus_beta2 0.1, epsilon 1e-5 for LocoProp-M with TF-RMSProp (\`configs/notebook-defaults-locoprop-m.yaml\`). These runs train them with the figures' protocol (all of MNIST, batch 1000, 100 epochs, 5 warm-up epochs then linear decay). The harness's studies never tried them: every earlier 100-epoch LocoProp-M run used the best setting of the CPU studies (η 8.06e-6, γ 500, β1 0.976, β2 0.931, ε 7.3e-9), which ends above RMSProp. rmsprop-cpu is the best RMSProp setting of the 100-epoch H200 study (\`../tuning-h200-100epoch/best-rmsprop.yaml\`), trained again on this CPU." \
+  --note "**Wall-clock times.** rmsprop-cpu and locoprop-m-fp32 ran one after the other, each with both cores (PyTorch's 2 threads); FP32 LocoProp-M ran the CPU's default solver (the reference loop). Light editing went on beside them; short test runs (a few seconds, lowered priority) overlapped rmsprop-cpu's epochs 5 to 20 and 65, and its wall time is a few percent high there. From epoch 58 on (after it had passed every target of the tables) benchmarks and tests shared the CPU with locoprop-m-fp32, so its later wall times are high. locoprop-m-bf16 (session 9) shared the CPU with test runs: its wall time says nothing about speed. The run folders' checkpoints are left out of git." \
+  --note "**Time to RMSProp's loss on this CPU**: [time-to-rmsprop-loss.md](time-to-rmsprop-loss.md) (the target is rmsprop-cpu's final train loss, its epoch at learning rate 0 included) and [time-to-rmsprop-epoch99-loss.md](time-to-rmsprop-epoch99-loss.md) (its loss after epoch 99, the end of the notebook's protocol: \`--epochs 99 --schedule-epochs 100\`)." \
   > /dev/null
-$PY - "$dir/locoprop-m-bf16" "$gpu/locoprop-m" "$gpu/rmsprop" "$dir/locoprop-m-fp32" >> "$dir/README.md" <<'PY'
+$PY - "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" >> "$dir/README.md" <<'PY'
 import json, sys
 from pathlib import Path
 
 runs = {}
 for folder in sys.argv[1:]:
     rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    runs[folder] = {r["epoch"]: r["train_loss"] for r in rows}
-names = {sys.argv[1]: "notebook defaults (this run, CPU bf16)", sys.argv[2]: "tuned LocoProp-M (H200, FP32)",
-         sys.argv[3]: "tuned RMSProp (H200)", sys.argv[4]: "notebook defaults (CPU FP32, stopped early)"}
-last = max(runs[sys.argv[3]])
-target = runs[sys.argv[3]][last]  # RMSProp's final loss (its epoch at learning rate 0 included)
-before = runs[sys.argv[3]][last - 1]  # and its loss one epoch earlier, the notebook's last epoch
-print("\n## Train loss by epoch, beside the H200 runs of `../gpu-h200-standard-mnist/`\n")
-epochs = [e for e in (2, 3, 5, 10, 17, 20, 30, 40, 50, 60, 70, 80, 90, 99, 100) if any(e in r for r in runs.values())]
-print("| run | " + " | ".join(f"epoch {e}" for e in epochs) + " | best (epoch) | first epoch at or below RMSProp's "
-      f"final {target:.3f} | first epoch at or below RMSProp's epoch {last - 1}, {before:.3f} |")
-print("| --- | " + " | ".join("---" for _ in epochs) + " | --- | --- | --- |")
-for folder, losses in runs.items():
-    trained = {e: v for e, v in losses.items() if e > 0}
-    best = min(trained, key=trained.get)
+    runs[folder] = {r["epoch"]: r for r in rows if "epoch" in r}
+fp32, bf16, rms_cpu, loco_gpu, rms_gpu = sys.argv[1:]
+names = {fp32: "notebook defaults, CPU FP32", bf16: "notebook defaults, CPU bf16", rms_cpu: "tuned RMSProp, CPU",
+         loco_gpu: "tuned LocoProp-M, H200 FP32", rms_gpu: "tuned RMSProp, H200"}
+loss = {f: {e: r["train_loss"] for e, r in runs[f].items()} for f in runs}
+last = max(loss[rms_gpu])
+targets = [(f"H200 RMSProp's final {loss[rms_gpu][last]:.3f}", loss[rms_gpu][last]),
+           (f"H200 RMSProp's epoch {last - 1}, {loss[rms_gpu][last - 1]:.3f}", loss[rms_gpu][last - 1]),
+           (f"CPU RMSProp's final {loss[rms_cpu][last]:.3f}", loss[rms_cpu][last]),
+           (f"CPU RMSProp's epoch {last - 1}, {loss[rms_cpu][last - 1]:.3f}", loss[rms_cpu][last - 1])]
 
-    def first(level):
-        return next((e for e in sorted(trained) if trained[e] <= level), "not reached")
-    print(f"| {names[folder]} | " + " | ".join(f"{losses[e]:.2f}" if e in losses else "" for e in epochs)
-          + f" | {trained[best]:.3f} ({best}) | {first(target)} | {first(before)} |")
-print(f"\n**The last epoch trains at learning rate 0, and TF-RMSProp's momentum still moves the weights there.** "
+
+def first(f, level):
+    return next((e for e in sorted(loss[f]) if e > 0 and loss[f][e] <= level), None)
+
+
+print("\n## Train loss by epoch, beside the H200 runs of `../gpu-h200-standard-mnist/`\n")
+epochs = [2, 3, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99, 100]
+print("| run | " + " | ".join(f"epoch {e}" for e in epochs) + " | best (epoch) | "
+      + " | ".join(f"first epoch at or below {t}" for t, _ in targets) + " |")
+print("| --- | " + " | ".join("---" for _ in epochs) + " | --- | " + " | ".join("---" for _ in targets) + " |")
+for f in runs:
+    trained = {e: v for e, v in loss[f].items() if e > 0}
+    best = min(trained, key=trained.get)
+    print(f"| {names[f]} | " + " | ".join(f"{loss[f][e]:.2f}" if e in loss[f] else "" for e in epochs)
+          + f" | {trained[best]:.3f} ({best}) | "
+          + " | ".join(str(first(f, level) or "not reached") for _, level in targets) + " |")
+
+print("\n**The last epoch trains at learning rate 0, and TF-RMSProp's momentum still moves the weights there.** "
       f"The schedule's epoch {last} (0-based {last - 1}) has learning rate 0. TF-RMSProp multiplies the learning "
       "rate inside its momentum accumulator (`mom = β1 mom + η g/√(ms+ε)`, `w -= mom`), so at η = 0 the weights "
-      "keep moving along the stale momentum for the whole epoch, with no gradient to correct them. Going from "
-      "epoch {0} to {1}, the final epoch raised every run's train loss: ".format(last - 1, last)
-      + "; ".join(f"{names[f]} {runs[f][last - 1]:.3f} to {runs[f][last]:.3f}" for f in runs if last in runs[f])
-      + ". The authors' notebook computes the same schedule for 100 epochs, but its loop trains epochs "
-      "0 to 98 only (`for epoch in range(99)`), so it never trains at learning rate 0, and the best train "
-      "loss over the epochs is what it records for its tuning. The harness trains that extra epoch and tunes on the final loss, "
-      "which penalises high momentum. This is recorded for issue 5 (RMSProp's target loss and the LocoProp-M "
-      "studies depend on it) and is not changed in this session.")
-fp32 = runs[sys.argv[4]]
-bf16 = runs[sys.argv[1]]
-shared = [e for e in sorted(fp32) if e in bf16 and e > 1]
-gap = max(abs(fp32[e] - bf16[e]) / bf16[e] for e in shared)
-print(f"\n**FP32 beside bf16.** A second run of the same settings with FP32 local products (the CPU's reference "
-      f"loop) trained {max(fp32)} epochs before the session ended (its checkpoint was not kept). Over epochs 2 to {max(shared)} the two runs' train losses differ by at most "
-      f"{100 * gap:.2f}% (largest at epoch {max(shared, key=lambda e: abs(fp32[e] - bf16[e]) / bf16[e])}); "
-      f"FP32's best so far is {min(v for e, v in fp32.items() if e > 0):.3f} "
-      f"(epoch {min((e for e in fp32 if e > 0), key=fp32.get)}). Whether the late rise and the last epoch's "
-      "jump are bf16's needs the whole FP32 run. In FP32 these settings pass RMSProp's final loss at the "
-      "epoch the table gives, on a schedule that still has half its epochs to go.")
-print("\nCurves: [curves.png](curves.png).")
+      "keep moving along the stale momentum for the whole epoch, with no gradient to correct them. From epoch "
+      f"{last - 1} to {last}: " + "; ".join(f"{names[f]} {loss[f][last - 1]:.3f} to {loss[f][last]:.3f}"
+                                             for f in runs if last in loss[f])
+      + ". The authors' notebook computes the same schedule for 100 epochs but trains epochs 0 to 98 only "
+      "(`for epoch in range(99)`), and records the best train loss for its tuning. Since session 10 "
+      "`--epochs 99 --schedule-epochs 100` trains the notebook's protocol (its epochs equal the first 99 "
+      "of these runs, bit for bit); the default, and every run here, trains all 100.")
+
+shared = [e for e in sorted(loss[fp32]) if e in loss[bf16] and 1 < e < last]
+gap = {e: (loss[bf16][e] - loss[fp32][e]) / loss[fp32][e] for e in shared}
+worst = max(shared, key=lambda e: abs(gap[e]))
+end_gap = (loss[bf16][last] - loss[fp32][last]) / loss[fp32][last]
+print(f"\n**FP32 against bf16 local products.** The bf16 run (session 9) used plain bf16 products `x Wᵀ`, "
+      f"before the update form of session 10. Over epochs 2 to {max(shared)} its train loss is "
+      f"{100 * min(gap.values()):+.2f}% to {100 * max(gap.values()):+.2f}% from the FP32 run's (largest at epoch "
+      f"{worst}), and {100 * end_gap:+.2f}% after the last epoch; the issue asks for 0.5%. With γ = 10 the "
+      "residual `f(a) - y` is small beside the activations, and a plain bf16 product's error is relative to "
+      "the activation: one such step lands several percent from the FP32 step, one in the update form "
+      "(only the change of the pre-activation rounded) far nearer (`../precision-error/`). A 100-epoch bf16 "
+      "run in the update form is still to be made. The tuned setting (γ = 500) ended 0.11% from FP32 in bf16 "
+      "with plain products on an H100 (`../gpu-standard-mnist/`).")
+
+rms_gap = (loss[rms_cpu][last] - loss[rms_gpu][last]) / loss[rms_gpu][last]
+parted = next(e for e in sorted(loss[rms_cpu]) if abs(loss[rms_cpu][e] - loss[rms_gpu][e]) > 1e-3 * loss[rms_gpu][e])
+print(f"\n**One RMSProp setting, two devices.** tuned RMSProp, CPU and tuned RMSProp, H200 are the same "
+      f"settings and seed; only the rounding of their products differs. They agree within 0.1% up to epoch "
+      f"{parted - 1} and part from epoch {parted} on, ending {100 * rms_gap:+.2f}% apart "
+      f"({loss[rms_cpu][last]:.3f} against {loss[rms_gpu][last]:.3f}). One run is one draw: the spread over "
+      "seeds (`locoprop train --seeds`) is what a comparison of a few percent needs.")
+
+nb = min(range(1, last), key=lambda e: loss[fp32][e])
+print(f"\n**The notebook's protocol.** Trained as the notebook trains them (99 epochs; the same as the first "
+      f"99 here), these settings end at {loss[fp32][last - 1]:.3f} in FP32, below RMSProp's "
+      f"{loss[rms_cpu][last - 1]:.3f} (CPU) and {loss[rms_gpu][last - 1]:.3f} (H200) after the same epochs, "
+      "and below the tuned LocoProp-M's "
+      f"{loss[loco_gpu][last - 1]:.3f}; their 100th epoch, at learning rate 0 with β1 = 0.999, undoes it.")
+
+span = 50  # both CPU runs had the machine to themselves (but for light work) over their first 50 epochs
+t = {f: runs[f][span]["wall_time"] / span for f in (fp32, rms_cpu)}
+print(f"\n**Speed on this CPU.** Over the first {span} epochs an FP32 LocoProp-M epoch took {t[fp32]:.1f} s and "
+      f"an RMSProp epoch {t[rms_cpu]:.2f} s ({t[fp32] / t[rms_cpu]:.1f}x): on two cores the local products are "
+      "the step (`../perf/`). So although LocoProp-M needs far fewer epochs, on this CPU it takes "
+      + " and ".join(f"{row['wall_ratio_to_reference']:.2f}x RMSProp's time to {doc['target']}"
+                     for doc in (json.loads((Path(fp32).parent / f"{n}.json").read_text())
+                                 for n in ("time-to-rmsprop-loss", "time-to-rmsprop-epoch99-loss"))
+                     for row in doc["rows"] if row["run"] == Path(fp32).name)
+      + " (the time-to-loss tables).")
+print("\nCurves: [curves.png](curves.png) (by epoch), [wall-time-cpu.png](wall-time-cpu.png) (the two CPU runs "
+      "that ran alone, by training time).")
 PY

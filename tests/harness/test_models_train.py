@@ -222,6 +222,19 @@ def test_plot_and_compare_via_the_cli(tmp_path, capsys):
     assert matplotlib.image.imread(one).shape[1] < matplotlib.image.imread(out).shape[1]
 
 
+def test_legend_labels_name_the_device_where_runs_come_from_several():
+    from locoprop.harness.plots import legend_labels
+
+    def run(device, events=()):
+        return {"config": {"settings": dict(optimizer="rmsprop", lr=1e-3), "device": device}, "events": list(events),
+                "dir": Path("x")}
+
+    same = legend_labels([run("cpu (x86_64, 2 threads)"), run("cpu (x86_64, 1 threads)")])
+    assert same == ["rmsprop η=0.001"] * 2
+    mixed = legend_labels([run("cpu (x86_64, 2 threads)"), run("NVIDIA H200", [{"event": "diverged"}])])
+    assert mixed == ["rmsprop η=0.001, cpu", "rmsprop η=0.001, NVIDIA H200 [diverged]"]
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("runs: !!python/object/apply:os.system ['echo hacked']\n")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .train import CONFIG, TrainConfig, read_metrics
 
-__all__ = ["load_run", "plot_runs", "run_label", "summary_table"]
+__all__ = ["load_run", "plot_runs", "run_label", "legend_labels", "summary_table"]
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -33,11 +33,19 @@ def run_label(run: dict) -> str:
         return run["config"].get("label") or run["dir"].name
 
 
-def _label(run: dict) -> str:
-    label = run_label(run)
-    if run["events"]:
-        label += f" [{run['events'][-1]['event']}]"
-    return label
+def legend_labels(runs: Sequence[dict]) -> list[str]:
+    """Each run's legend label: its settings, how it stopped if it did not finish, and, where the runs come
+    from more than one device, its device (``cpu``, ``NVIDIA H200``)."""
+    devices = [str(r["config"].get("device", "?")).split(" (")[0] for r in runs]
+    labels = []
+    for run, device in zip(runs, devices):
+        label = run_label(run)
+        if len(set(devices)) > 1:
+            label += f", {device}"
+        if run["events"]:
+            label += f" [{run['events'][-1]['event']}]"
+        labels.append(label)
+    return labels
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, metric: str = "train_loss",
@@ -53,14 +61,15 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, metric: str = 
         raise ValueError("plot: no runs given")
     fig, axes = plt.subplots(1, len(views), figsize=(6.0 * len(views), 4.4), squeeze=False)
     xlabels = {"epoch": "epoch", "wall_time": "training wall-clock time (s)"}
+    labels = legend_labels(runs)
     for ax, view in zip(axes[0], views):
-        for run in runs:
+        for run, label in zip(runs, labels):
             recs = [r for r in run["records"] if r.get(metric) is not None]
             xs = [r[view] for r in recs]
             ys = [r[metric] for r in recs]
             if view == "wall_time":  # the initial point has zero time, which a log axis cannot show
                 xs, ys = xs[1:], ys[1:]
-            ax.plot(xs, ys, label=_label(run), linewidth=1.6)
+            ax.plot(xs, ys, label=label, linewidth=1.6)
         ax.set_yscale("log")
         if view == "wall_time":
             ax.set_xscale("log")
