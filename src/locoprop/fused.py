@@ -365,67 +365,42 @@ class FusedIterativeSolver:
     def _products(self, x: torch.Tensor, start=None):
         """``(pre(W, b, out), grad(δ, out))`` in the chosen precision, writing into ``out``.
 
-        With ``start = (a₀, [W₀, b₀])`` (the forward pass's pre-activation and its weights) and a reduced
-        precision, ``pre`` is the *update form* ``a₀ + x (W - W₀)ᵀ + (b - b₀)``: only the product of the
-        weights' change is rounded, so its error is relative to the change and not to the activation (see
-        the module docstring)."""
-        if start is not None and self.rounds_products(x.device.type == "cuda"):
-            return self._update_form_products(x, *start)
-        if self.precision == "bf16" and bf16_product_has_float32_output(x.device):
-            xb = x.to(torch.bfloat16)
+        With ``start = (a₀, [W₀, b₀])`` (the forward pass's pre-activation and its weights; :meth:`solve`
+        passes it where the products round, :meth:`rounds_products`), ``pre`` is the *update form*
+        ``a₀ + x (W - W₀)ᵀ + (b - b₀)``: only the product of the weights' change is rounded, so its error is
+        relative to the change and not to the activation (see the module docstring)."""
+        bf16 = self.precision == "bf16"
+        xr = x.to(torch.bfloat16) if bf16 else x  # TF32 (CUDA): the product rounds its operands itself
+        unrounded = bf16 and bf16_product_has_float32_output(x.device)
 
-            def pre(W, b, out):  # bf16 operands, fp32 accumulation and fp32 result (no rounding on output)
-                torch.mm(xb, W.to(torch.bfloat16).T, out_dtype=torch.float32, out=out)
-                return out if b is None else out.add_(b)
-
-            def wgrad(delta, out):
-                torch.mm(delta.to(torch.bfloat16).T, xb, out_dtype=torch.float32, out=out)
-            return pre, wgrad
-        if self.precision == "bf16":
-            xb = x.to(torch.bfloat16)
-
-            def pre(W, b, out):  # fp32 accumulation inside the product, rounded to bf16 once on output
-                product = xb @ W.to(torch.bfloat16).T
-                return out.copy_(product) if b is None else torch.add(product, b, out=out)  # one pass
-
-            def wgrad(delta, out):
-                out.copy_(delta.to(torch.bfloat16).T @ xb)
-            return pre, wgrad
-
-        def pre(W, b, out):
-            return torch.mm(x, W.T, out=out) if b is None else torch.addmm(b, x, W.T, out=out)
+        def product(a, b, out, plus=None):
+            """``plus + a @ b`` into the float32 ``out`` (one pass where the library allows it); a bf16
+            result is rounded once where PyTorch has no float32 output for it (the CPU)."""
+            if not bf16:
+                return torch.mm(a, b, out=out) if plus is None else torch.addmm(plus, a, b, out=out)
+            if unrounded:
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
+                return out if plus is None else out.add_(plus)
+            return out.copy_(a @ b) if plus is None else torch.add(plus, a @ b, out=out)
 
         def wgrad(delta, out):
-            torch.mm(delta.T, x, out=out)
+            product((delta.to(torch.bfloat16) if bf16 else delta).T, xr, out)
+
+        if start is not None:
+            a0, (W0, *b0) = start
+
+            def pre(W, b, out):
+                change = torch.sub(W, W0)
+                product(xr, (change.to(torch.bfloat16) if bf16 else change).T, out, plus=a0)
+                return out if b is None else out.add_(torch.sub(b, b0[0]))
+        else:  # plain: x Wᵀ + b, the bias in the product's epilogue (fp32, TF32) or in the same pass (bf16)
+            def pre(W, b, out):
+                return product(xr, (W.to(torch.bfloat16) if bf16 else W).T, out, plus=b)
         return pre, wgrad
 
     def rounds_products(self, cuda: bool) -> bool:
         """Whether the local products round their operands: bf16 anywhere, TF32 on CUDA only."""
         return self.precision == "bf16" or (self.precision == "tf32" and cuda)
-
-    def _update_form_products(self, x: torch.Tensor, a0: torch.Tensor, start_params: list[torch.Tensor]):
-        """``_products`` in the update form (``precision`` ``"tf32"`` or ``"bf16"``)."""
-        W0 = start_params[0]
-        b0 = start_params[1] if len(start_params) == 2 else None
-        bf16 = self.precision == "bf16"
-        xr = x.to(torch.bfloat16) if bf16 else x  # TF32: the product rounds its operands itself
-        unrounded = bf16 and bf16_product_has_float32_output(x.device)
-
-        def pre(W, b, out):
-            change = torch.sub(W, W0).to(torch.bfloat16) if bf16 else torch.sub(W, W0)
-            if unrounded:
-                torch.mm(xr, change.T, out_dtype=torch.float32, out=out)
-                out.add_(a0)
-            else:  # fp32 (TF32) or a bf16 result, added to a₀ in one pass into the float32 buffer
-                torch.add(a0, xr @ change.T, out=out)
-            return out if b is None else out.add_(torch.sub(b, b0))
-
-        if bf16:
-            _, wgrad = self._products(x)  # the weight gradient's product: bf16 operands, as without a start
-        else:
-            def wgrad(delta, out):
-                torch.mm(delta.T, x, out=out)
-        return pre, wgrad
 
     def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer, start=None) -> _Chain:
         pre, wgrad = self._products(x, start)
