@@ -87,7 +87,7 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     YAML as ``locoprop train --config`` reads it)."""
     sys.path.insert(0, str(ROOT / "src"))
     from locoprop.harness.cli import load_yaml
-    from locoprop.harness.reproduce import figure_runs, load_figure
+    from locoprop.harness.reproduce import figure_runs, load_figure, rescheduled
     from locoprop.harness.train import TrainConfig
 
     overrides = {"device": device, "data_dir": data_dir}
@@ -114,7 +114,10 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
         if not name or not path:
             raise ValueError(f"--configs: expected NAME=FILE, got {spec!r}")
         values = load_yaml(ROOT / path)
-        cfg = TrainConfig.from_dict({**values.get("settings", values), **overrides})
+        values = values.get("settings", values)
+        if epochs:  # the figures' rule: the warm-up keeps its share, the schedule its untrained tail
+            values = rescheduled(values, epochs)
+        cfg = TrainConfig.from_dict({**values, **overrides})
         cfg.validate()
         runs[name], origins[name] = asdict(cfg), path
     for name in runs:

@@ -419,5 +419,8 @@ def test_gpu_session_trains_settings_files_beside_the_figures_runs():
     assert (nb["device"], nb["data_dir"], nb["epochs"], nb["_origin"]) == \
         ("cuda", ".carrydata/mnist", 100, "configs/notebook-defaults-locoprop-m.yaml")
     assert "rmsprop" in runs and "locoprop-m" in runs  # the figures' runs are still there
+    short = mod.training_runs(".carrydata/mnist", 4, 2000, "cpu", ("results/tuning",),
+                              ["notebook-m=configs/notebook-defaults-locoprop-m.yaml"])["notebook-m"]
+    assert (short["epochs"], short["warmup_epochs"], short["limit_train"]) == (4, 0, 2000)  # a smoke test's
     with pytest.raises(ValueError, match="NAME=FILE"):
         mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",), ["no-file"])

@@ -235,6 +235,19 @@ def test_legend_labels_name_the_device_where_runs_come_from_several():
     assert mixed == ["rmsprop η=0.001, cpu", "rmsprop η=0.001, NVIDIA H200 [diverged]"]
 
 
+def test_config_files_read_exponent_numbers_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-05`` as text; a settings file with it (``json.dumps(1e-5)`` writes it) still
+    trains with the number, and text that is no number is refused, naming the setting."""
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"settings": {**TINY, "optimizer": "rmsprop", "lr": 1e-05, "eps": 1e-08,
+                                             "epochs": 1, "warmup_epochs": 0}}))
+    assert cli_main(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
+    assert (config["lr"], config["eps"]) == (1e-05, 1e-08)
+    with pytest.raises(ValueError, match="lr: expected a number, got 'fast'"):
+        TrainConfig.from_dict({"lr": "fast"})
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("runs: !!python/object/apply:os.system ['echo hacked']\n")

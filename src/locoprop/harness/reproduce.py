@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 from .cli import load_yaml
 from .train import CONFIG, TrainConfig, read_metrics, train
 
-__all__ = ["figures_dir", "list_figures", "load_figure", "figure_runs", "reproduce_figure", "measure_table1",
+__all__ = ["figures_dir", "list_figures", "load_figure", "figure_runs", "rescheduled", "reproduce_figure", "measure_table1",
            "fit_power_law", "table1_text", "PAPER_TABLE1", "register", "main_reproduce"]
 
 FIGURE_KEYS = {"figure", "title", "note", "experiment", "runs_from", "defaults", "runs", "plots"}
@@ -174,6 +174,17 @@ def _scaled_warmup(warmup: int, old_epochs: int, new_epochs: int) -> int:
     return min(int(round(warmup * new_epochs / old_epochs)), new_epochs - 1)
 
 
+def rescheduled(values: dict, epochs: int) -> dict:
+    """TrainConfig ``values`` trained for ``epochs`` instead: the warm-up keeps its share of the schedule, and
+    a schedule longer than the epochs trained keeps its untrained tail (the notebook's: 99 of 100 epochs)."""
+    old = values.get("epochs", TrainConfig.epochs)
+    out = dict(values, epochs=epochs,
+               warmup_epochs=_scaled_warmup(values.get("warmup_epochs", TrainConfig.warmup_epochs), old, epochs))
+    if values.get("schedule_epochs"):
+        out["schedule_epochs"] = values["schedule_epochs"] + epochs - old
+    return out
+
+
 def _settings_dirs(settings_dir) -> list[Path]:
     if settings_dir is None:
         return []
@@ -221,13 +232,8 @@ def figure_runs(spec: dict, overrides: dict | None = None, settings_dir=None,
                                  f"optimizer {tuned.get('optimizer')!r}, the run is {values.get('optimizer')!r}")
             values.update({k: tuned[k] for k in TUNED_KEYS + METHOD_KEYS if k in tuned})
             origin = str(source)
-        if "epochs" in overrides and "warmup_epochs" not in overrides:
-            old = values.get("epochs", TrainConfig.epochs)
-            values["warmup_epochs"] = _scaled_warmup(values.get("warmup_epochs", TrainConfig.warmup_epochs), old,
-                                                     overrides["epochs"])
-        if "epochs" in overrides and "schedule_epochs" not in overrides and values.get("schedule_epochs"):
-            # keep the schedule's untrained tail (the notebook's: 99 of 100 epochs trained)
-            values["schedule_epochs"] += overrides["epochs"] - values.get("epochs", TrainConfig.epochs)
+        if "epochs" in overrides:
+            values = rescheduled(values, overrides["epochs"])
         values.update(overrides)
         try:
             cfg = TrainConfig.from_dict(values)

@@ -168,10 +168,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        """A config from a mapping (a YAML or JSON file's).  A number field given as text is read as a number:
+        YAML 1.1, which PyYAML reads, takes ``1e-05`` (no decimal point, as ``json.dumps`` writes 1e-5) for
+        a string."""
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; valid: {sorted(names)}")
+            raise ValueError(f"unknown setting(s) {unknown}; valid: {sorted(fields)}")
+        values = dict(values)
+        for name, value in values.items():
+            if isinstance(value, str) and fields[name].startswith("float"):
+                try:
+                    values[name] = float(value)
+                except ValueError:
+                    raise ValueError(f"{name}: expected a number, got {value!r}") from None
         return cls(**values)
 
     def schedule_factor(self, epoch: int) -> float:
