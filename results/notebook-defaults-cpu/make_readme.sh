@@ -7,7 +7,7 @@ dir=results/notebook-defaults-cpu
 gpu=results/gpu-h200-standard-mnist
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=src
-$PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" \
+$PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/locoprop-m-bf16-update-form" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" \
   --views epoch --out "$dir/curves.png" \
   --title "LocoProp-M with the notebook's defaults (CPU, FP32 and bf16), tuned LocoProp-M and RMSProp (H200 and CPU)" > /dev/null
 $PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/rmsprop-cpu" --views wall_time --out "$dir/wall-time-cpu.png" \
@@ -25,12 +25,14 @@ $PY benchmarks/results_readme.py "$dir" \
   --command "# session 10, one after the other on the otherwise idle 2-core CPU (run folders written to /tmp, config.json and metrics.jsonl copied here):" \
   --command "locoprop train --config results/tuning-h200-100epoch/best-rmsprop.yaml --device cpu --data-dir /work/shared/data/mnist --out rmsprop-cpu --no-progress" \
   --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-fp32 --no-progress" \
+  --command "# session 10, after the update form of the reduced-precision products: the first 30 epochs of the same 100-epoch schedule in bf16" \
+  --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --epochs 30 --schedule-epochs 100 --precision bf16 --compile-elementwise --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-bf16-update-form --no-progress" \
   --command "bash results/notebook-defaults-cpu/make_readme.sh   # curves.png, time-to-*.md/json, this README" \
   --note "**Settings.** The authors' public notebook (locoprop_training.ipynb in google-research, read for its facts) sets as its flags' defaults learning_rate 1e-5, activation_learning_rate 10, one_minus_beta1 0.001, one_minus_beta2 0.1, epsilon 1e-5 for LocoProp-M with TF-RMSProp (\`configs/notebook-defaults-locoprop-m.yaml\`). These runs train them with the figures' protocol (all of MNIST, batch 1000, 100 epochs, 5 warm-up epochs then linear decay). The harness's studies never tried them: every earlier 100-epoch LocoProp-M run used the best setting of the CPU studies (η 8.06e-6, γ 500, β1 0.976, β2 0.931, ε 7.3e-9), which ends above RMSProp. rmsprop-cpu is the best RMSProp setting of the 100-epoch H200 study (\`../tuning-h200-100epoch/best-rmsprop.yaml\`), trained again on this CPU." \
   --note "**Wall-clock times.** rmsprop-cpu and locoprop-m-fp32 ran one after the other, each with both cores (PyTorch's 2 threads); FP32 LocoProp-M ran the CPU's default solver (the reference loop). Light editing went on beside them; short test runs (a few seconds, lowered priority) overlapped rmsprop-cpu's epochs 5 to 20 and 65, and its wall time is a few percent high there. From epoch 58 on (after it had passed every target of the tables) benchmarks and tests shared the CPU with locoprop-m-fp32, so its later wall times are high. locoprop-m-bf16 (session 9) shared the CPU with test runs: its wall time says nothing about speed. The run folders' checkpoints are left out of git." \
   --note "**Time to RMSProp's loss on this CPU**: [time-to-rmsprop-loss.md](time-to-rmsprop-loss.md) (the target is rmsprop-cpu's final train loss, its epoch at learning rate 0 included) and [time-to-rmsprop-epoch99-loss.md](time-to-rmsprop-epoch99-loss.md) (its loss after epoch 99, the end of the notebook's protocol: \`--epochs 99 --schedule-epochs 100\`)." \
   > /dev/null
-$PY - "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" >> "$dir/README.md" <<'PY'
+$PY - "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" "$dir/locoprop-m-bf16-update-form" >> "$dir/README.md" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -38,9 +40,10 @@ runs = {}
 for folder in sys.argv[1:]:
     rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     runs[folder] = {r["epoch"]: r for r in rows if "epoch" in r}
-fp32, bf16, rms_cpu, loco_gpu, rms_gpu = sys.argv[1:]
-names = {fp32: "notebook defaults, CPU FP32", bf16: "notebook defaults, CPU bf16", rms_cpu: "tuned RMSProp, CPU",
-         loco_gpu: "tuned LocoProp-M, H200 FP32", rms_gpu: "tuned RMSProp, H200"}
+fp32, bf16, rms_cpu, loco_gpu, rms_gpu, bf16_uf = sys.argv[1:]
+names = {fp32: "notebook defaults, CPU FP32", bf16: "notebook defaults, CPU bf16 (plain products)",
+         rms_cpu: "tuned RMSProp, CPU", loco_gpu: "tuned LocoProp-M, H200 FP32", rms_gpu: "tuned RMSProp, H200",
+         bf16_uf: "notebook defaults, CPU bf16 (update form; 30 of 100 epochs)"}
 loss = {f: {e: r["train_loss"] for e, r in runs[f].items()} for f in runs}
 last = max(loss[rms_gpu])
 targets = [(f"H200 RMSProp's final {loss[rms_gpu][last]:.3f}", loss[rms_gpu][last]),
@@ -89,6 +92,17 @@ print(f"\n**FP32 against bf16 local products.** The bf16 run (session 9) used pl
       "(only the change of the pre-activation rounded) far nearer (`../precision-error/`). A 100-epoch bf16 "
       "run in the update form is still to be made. The tuned setting (γ = 500) ended 0.11% from FP32 in bf16 "
       "with plain products on an H100 (`../gpu-standard-mnist/`).")
+
+uf = [e for e in sorted(loss[bf16_uf]) if e > 1]
+uf_gap = {e: (loss[bf16_uf][e] - loss[fp32][e]) / loss[fp32][e] for e in uf}
+plain_gap = {e: gap[e] for e in uf if e in gap}
+print(f"\n**bf16 in the update form.** The same settings with bf16 local products in the update form (session 10: "
+      "only the product of the weights' change rounded), trained for the first "
+      f"{max(uf)} epochs of the same 100-epoch schedule (`--epochs {max(uf)} --schedule-epochs 100`, which trains "
+      f"exactly those epochs): over epochs 2 to {max(uf)} its train loss is {100 * min(uf_gap.values()):+.3f}% to "
+      f"{100 * max(uf_gap.values()):+.3f}% from the FP32 run's ({100 * uf_gap[max(uf)]:+.3f}% after epoch "
+      f"{max(uf)}), where the plain bf16 products were {100 * min(plain_gap.values()):+.2f}% to "
+      f"{100 * max(plain_gap.values()):+.2f}% over the same epochs.")
 
 rms_gap = (loss[rms_cpu][last] - loss[rms_gpu][last]) / loss[rms_gpu][last]
 parted = next(e for e in sorted(loss[rms_cpu]) if abs(loss[rms_cpu][e] - loss[rms_gpu][e]) > 1e-3 * loss[rms_gpu][e])
