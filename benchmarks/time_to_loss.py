@@ -2,9 +2,9 @@
 
 Reads run folders (``config.json``, ``metrics.jsonl``); the target is the final train loss of the
 ``--reference`` run, or with ``--target-epoch N`` its train loss after epoch N (99: the end of the authors'
-notebook, which trains 99 epochs of the 100-epoch schedule and never the last one, at learning rate 0).  For each run it reports the first epoch whose train loss is at or below the target,
-the run's measured training wall time at that epoch (the harness times the batches only, not the
-evaluation) and, where ``--perf`` gives a step-time file of the same device, the uncontended estimate
+notebook, which trains 99 epochs of the 100-epoch schedule and never the last one, at learning rate 0).
+For each run it reports the first epoch whose train loss is at or below the target, the run's measured
+training wall time at that epoch (the harness times the batches only, not the evaluation) and, where ``--perf`` gives a step-time file of the same device, the uncontended estimate
 ``epochs x steps per epoch x median step time`` (for runs that shared the GPU with others, whose wall
 times are not comparable).  Writes ``OUT.json`` and ``OUT.md``.
 

@@ -365,10 +365,10 @@ class FusedIterativeSolver:
     def _products(self, x: torch.Tensor, start=None):
         """``(pre(W, b, out), grad(δ, out))`` in the chosen precision, writing into ``out``.
 
-        With ``start = (a₀, [W₀, b₀])`` (the forward pass's pre-activation and its weights; :meth:`solve`
-        passes it where the products round, :meth:`rounds_products`), ``pre`` is the *update form*
-        ``a₀ + x (W - W₀)ᵀ + (b - b₀)``: only the product of the weights' change is rounded, so its error is
-        relative to the change and not to the activation (see the module docstring)."""
+        With ``start = (a₀, [W₀, b₀])`` (the forward pass's pre-activation and its weights, which
+        :class:`~locoprop.LocoProp` keeps where the products round, :meth:`rounds_products`), ``pre`` is the
+        *update form* ``a₀ + x (W - W₀)ᵀ + (b - b₀)``: only the product of the weights' change is rounded, so
+        its error is relative to the change and not to the activation (see the module docstring)."""
         bf16 = self.precision == "bf16"
         xr = x.to(torch.bfloat16) if bf16 else x  # TF32 (CUDA): the product rounds its operands itself
         unrounded = bf16 and bf16_product_has_float32_output(x.device)
@@ -553,8 +553,7 @@ class FusedIterativeSolver:
             table.copy_(host)
             self.shared_rates = self.shared_rates_of(host)
         inputs = [(pr.batch.inputs, pr.first_residual(loss), pr.target, pr.anchor, pr.batch.transfer,
-                   (pr.start_pre, pr.start_params) if pr.start_pre is not None and self.rounds_products(cuda)
-                   else None)
+                   (pr.start_pre, pr.start_params) if pr.start_pre is not None else None)
                   for pr in problems]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
             pr.residual = None

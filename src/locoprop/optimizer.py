@@ -335,7 +335,9 @@ class LocoProp(Optimizer):
         v = self.variant
         problems = []
         needs_anchor = self._needs_anchor()
-        keep_start = v.solver == "iterative" and self.precision in ("bf16", "tf32")  # the fast solver's update form
+
+        def starting_weights(params):  # the rollback's copy where it lies on the device, else a copy of them
+            return (saved.copies_of(params) if saved is not None else None) or [p.detach().clone() for p in params]
         for m, (b, group) in enumerate(zip(batches, self.param_groups)):
             if b is None:  # layer-sharded: another rank solves this layer
                 problems.append(None)
@@ -349,19 +351,14 @@ class LocoProp(Optimizer):
                 )
             v.regularizer.prepare(b)
             params = group["params"]
-            anchor = None
-            if needs_anchor:
-                anchor = (saved.copies_of(params) if saved is not None else None) or \
-                    [p.detach().clone() for p in params]
+            anchor = starting_weights(params) if needs_anchor else None
             residual = None
             if v.solver == "iterative":  # δ of the first local iteration, so that the pre-activation can go
                 with torch.no_grad():
                     residual = v.local_loss.grad(b.pre, target, b.transfer)
             start_pre = start_params = None
-            if keep_start and (self.precision == "bf16" or params[0].is_cuda):  # products that round (TF32: CUDA)
-                start_pre = b.pre
-                start_params = anchor or (saved.copies_of(params) if saved is not None else None) or \
-                    [p.detach().clone() for p in params]
+            if self.fused_solver is not None and self.fused_solver.rounds_products(params[0].is_cuda):
+                start_pre, start_params = b.pre, anchor or starting_weights(params)  # the fast solver's update form
             if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
                 b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None
             problems.append(LocalProblem(b, target, params, anchor, group, residual, start_pre, start_params))
