@@ -26,6 +26,34 @@ def test_local_loss_gradient_is_autograd_of_its_value(loss, name):
     torch.testing.assert_close(loss.grad(pre.detach(), target, t), expected)
 
 
+@pytest.mark.parametrize("name", ["linear", "tanh", "softmax"])
+def test_step_targets_and_the_matching_gradient_write_only_into_their_own_new_tensors(name):
+    """The four targets ``base - γ∇`` (Algorithms 1-4) and the matching loss's gradient ``f(â) - y`` (Eq. 2)
+    are the formula to the bit, computed in place in ``f(â)`` where that is a new tensor (one activation set
+    less while a step's problems are built), never in the batch's own tensors (the identity returns ``â``
+    itself), and a backward pass through them still works."""
+    t = get_transfer(name)
+    lin = torch.nn.Linear(6, 5)
+    pre = torch.randn(9, 5)
+    batch = LayerBatch(Layer("l", lin, t), torch.randn(9, 6), pre.clone(), grad_pre=torch.randn(9, 5),
+                       grad_post=torch.randn(9, 5))
+    kept = {k: getattr(batch, k).clone() for k in ("pre", "grad_pre", "grad_post")}
+    formulas = {locoprop.GDTarget(): pre - 0.3 * batch.grad_pre, locoprop.MDTarget(): t.f(pre) - 0.3 * batch.grad_pre,
+                locoprop.PostGDTarget(): t.f(pre) - 0.3 * batch.grad_post, locoprop.DualMDTarget(): pre - 0.3 * batch.grad_post}
+    for target, expected in formulas.items():
+        got = target(batch, 0.3)
+        assert torch.equal(got, expected), target
+        assert got.untyped_storage().data_ptr() != batch.pre.untyped_storage().data_ptr()
+        y = t.f(torch.randn(9, 5))
+        assert torch.equal(MatchingLoss().grad(batch.pre, y, t), t.f(pre) - y)
+        for k, v in kept.items():
+            assert torch.equal(getattr(batch, k), v), f"{target!r} changed the batch's {k}"
+    a = pre.clone().requires_grad_()  # inside autograd: nothing in place that its backward pass reads
+    (g,) = torch.autograd.grad(MatchingLoss().grad(a, y, t).square().sum(), a)
+    (g_formula,) = torch.autograd.grad((t.f(a) - y).square().sum(), a)
+    assert torch.equal(g, g_formula)
+
+
 def _batch(bias=True):
     lin = torch.nn.Linear(6, 4, bias=bias).double()
     x = torch.randn(9, 6, dtype=torch.float64)

@@ -17,7 +17,8 @@ from .losses import DualMatchingLoss, LocalLoss, MatchingLoss, SquaredPostLoss, 
 from .fused import FusedIterativeSolver
 from .optimizer import CapturedStep, LocoProp
 from .regularizers import FisherProximity, L1Proximity, L2Proximity, Regularizer
-from .targets import DualMDTarget, GDTarget, MDTarget, NaturalGradientTarget, PostGDTarget, Target
+from .targets import (DualMDTarget, GDTarget, GradientStepTarget, MDTarget, NaturalGradientTarget, PostGDTarget,
+                      Target)
 from .transfer import TRANSFER_FUNCTIONS, TransferFunction, get_transfer, register_transfer
 from .variants import VARIANTS, Variant, get_variant
 
@@ -28,7 +29,7 @@ __all__ = [
     "Layer", "discover_layers",
     "LocalLoss", "SquaredPreLoss", "MatchingLoss", "SquaredPostLoss", "DualMatchingLoss",
     "Regularizer", "L2Proximity", "L1Proximity", "FisherProximity",
-    "Target", "GDTarget", "MDTarget", "NaturalGradientTarget", "PostGDTarget", "DualMDTarget",
+    "Target", "GradientStepTarget", "GDTarget", "MDTarget", "NaturalGradientTarget", "PostGDTarget", "DualMDTarget",
     "TransferFunction", "TRANSFER_FUNCTIONS", "get_transfer", "register_transfer",
     "Variant", "VARIANTS", "get_variant",
 ]

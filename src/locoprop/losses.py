@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .transfer import TransferFunction
+from .transfer import TransferFunction, is_new_tensor
 
 __all__ = ["LocalLoss", "SquaredPreLoss", "MatchingLoss", "SquaredPostLoss", "DualMatchingLoss"]
 
@@ -80,7 +80,8 @@ class MatchingLoss(LocalLoss):
         return transfer.matching_loss(pre, target).sum()
 
     def grad(self, pre, target, transfer):
-        return transfer.f(pre) - target
+        out = transfer.f(pre)  # one activation set, not two, where f(â) is a new tensor
+        return out.sub_(target) if is_new_tensor(out, pre) else out - target
 
     def grad_(self, pre, target, transfer):
         return transfer.f_(pre).sub_(target)

@@ -13,7 +13,8 @@ take targets of the same domain.
 | :class:`PostGDTarget` | ``y = ŷ - γ ∇_ŷ L`` | App. E.1, Alg. 3 |
 | :class:`DualMDTarget` | ``a = â - γ ∇_ŷ L`` | App. E.2, Alg. 4 |
 
-To add a target, subclass :class:`Target` and implement :meth:`Target.__call__`.
+To add a target, subclass :class:`Target` and implement :meth:`Target.__call__`, or, for a step
+``base - γ ∇`` along one of the batch's gradients, :class:`GradientStepTarget` and its ``base``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 import torch
 
 from .layers import LayerBatch
+from .transfer import is_new_tensor
 
 __all__ = [
     "Target",
+    "GradientStepTarget",
     "GDTarget",
     "MDTarget",
     "NaturalGradientTarget",
@@ -55,45 +58,64 @@ class Target:
         return f"{type(self).__name__}()"
 
 
-class GDTarget(Target):
+class GradientStepTarget(Target):
+    """A target one step ``γ`` along a gradient of the loss from a base point, ``base - γ ∇``: the four
+    targets of the paper's Algorithms 1-4.  Subclasses name the ``gradient`` (a :class:`LayerBatch`
+    attribute) and the :meth:`base`."""
+
+    gradient = "grad_pre"
+
+    def base(self, batch: LayerBatch) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must implement base")
+
+    def __call__(self, batch, gamma):
+        base, step = self.base(batch), gamma * getattr(batch, self.gradient)
+        # where the base is a new tensor (f(â)), the target is written into it: one activation set less while
+        # the problems are built (docs/performance.md, Memory); the same numbers either way
+        return base.sub_(step) if is_new_tensor(base, batch.pre) else base - step
+
+
+class GDTarget(GradientStepTarget):
     """Gradient-descent target on pre-activations, ``a = â - γ ∇_â L`` (Sec. 2.1)."""
 
     domain = "pre"
 
-    def __call__(self, batch, gamma):
-        return batch.pre - gamma * batch.grad_pre
+    def base(self, batch):
+        return batch.pre
 
 
-class MDTarget(Target):
+class MDTarget(GradientStepTarget):
     """Mirror-descent target on post-activations, ``y = f(â) - γ ∇_â L`` (Sec. 2.2.3)."""
 
     domain = "post"
     needs_transfer = True
 
-    def __call__(self, batch, gamma):
-        return batch.transfer.f(batch.pre) - gamma * batch.grad_pre
+    def base(self, batch):
+        return batch.transfer.f(batch.pre)
 
 
-class PostGDTarget(Target):
+class PostGDTarget(GradientStepTarget):
     """Post-GD target, ``y = ŷ - γ ∇_ŷ L`` (App. E.1, Algorithm 3)."""
 
     domain = "post"
     needs_transfer = True
     needs_grad_post = True
+    gradient = "grad_post"
 
-    def __call__(self, batch, gamma):
-        return batch.transfer.f(batch.pre) - gamma * batch.grad_post
+    def base(self, batch):
+        return batch.transfer.f(batch.pre)
 
 
-class DualMDTarget(Target):
+class DualMDTarget(GradientStepTarget):
     """Dual-MD target, ``a = â - γ ∇_ŷ L`` (App. E.2, Algorithm 4)."""
 
     domain = "pre"
     needs_transfer = True
     needs_grad_post = True
+    gradient = "grad_post"
 
-    def __call__(self, batch, gamma):
-        return batch.pre - gamma * batch.grad_post
+    def base(self, batch):
+        return batch.pre
 
 
 def pre_activation_fisher(batch: LayerBatch, fisher: str, damping: float) -> torch.Tensor:

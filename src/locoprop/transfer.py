@@ -45,7 +45,15 @@ __all__ = [
     "register_transfer",
     "get_transfer",
     "NoInverseError",
+    "is_new_tensor",
 ]
+
+
+def is_new_tensor(out: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``out``, computed from ``source`` (``f(a)``, say), is a tensor of its own that may be written
+    in place: no memory shared with ``source`` (the identity returns ``source`` itself) and no autograd
+    history (an in-place change would spoil a backward pass through it)."""
+    return not out.requires_grad and out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
 
 
 class NoInverseError(ValueError):
