@@ -380,7 +380,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
-                                for flags in ("iter-s0", "host", "s0", "s2", "s4", "host-s2"):
+                                for flags in ("iter-s0", "host", "s0", "s2", "s4", "host-s2", "host-s0"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))
                             for prec in precisions:

@@ -324,6 +324,9 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
         ("locoprop-m", "graphed", "tf32"), ("locoprop-m", "graphed-iter", "tf32"),
         ("locoprop-m", "graphed-iter-compiled", "fp32"), ("locoprop-m", "graphed-iter-compiled", "tf32")]
     assert mod.select_modes(cuda, None) == cuda
+    memory_rows = ["eager", "graph", "graphed", "graphed-host", "graphed-s0", "graphed-host-s0"]  # docs/performance.md
+    small = mod.plan(torch.device("cuda"), ["standard"], [100], ["adam", "locoprop-m"], [10], ["fp32"])
+    assert [c[4] for c in mod.select_modes(small, memory_rows)] == memory_rows
     with pytest.raises(ValueError, match=r"--modes: \['graphed-rows'\] are not in this plan; its modes are"):
         mod.select_modes(cuda, ["graphed-rows"])
     cpu = mod.plan(torch.device("cpu"), ["standard"], [1000], ["locoprop-m"], [10], ["fp32", "bf16"])
