@@ -11,7 +11,11 @@ authors' notebook defaults, γ = 10, and the tuned settings of the CPU studies, 
   rounded to bf16 (PyTorch's bf16 product; the library's CPU path before the update form);
 * ``bf16-float32-output``: plain bf16 products with a float32 result (on the CPU emulated with a float32
   product of the rounded operands);
-* ``tf32`` (CUDA only; in the update form);
+* ``tf32`` (CUDA only; in the update form) and ``tf32-plain`` (CUDA only: plain TF32 products ``x Wᵀ``);
+* ``tf32-emulated`` / ``tf32-emulated-plain`` (any device): TF32's operand rounding emulated (the float32
+  operands rounded to TF32's 10-bit mantissa, to nearest with ties away from zero, as the conversion of
+  NVIDIA's tensor cores does; then float32 products) in the update form and in plain products: an estimate
+  of TF32's error on a machine without a GPU (the GPU's own accumulation order is not emulated);
 * ``bf16-forward-only`` / ``bf16-wgrad-only``: plain bf16 (rounded result) in the pre-activation's product
   only, or in the weight gradient's only, the other in float32: which of the two products costs the accuracy.
 
@@ -87,17 +91,54 @@ def _products_with(output: str):
     return products
 
 
+def _tf32(t):
+    """``t`` (float32) rounded to TF32: 10 mantissa bits, to nearest with ties away from zero (the sign is a
+    separate bit, so adding half of the dropped bits' unit to the integer pattern rounds the magnitude)."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _tf32_products(update_form: bool):
+    """A replacement for ``FusedIterativeSolver._products`` with TF32 operands emulated, in the library's update
+    form ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` or plain ``x Wᵀ + b``."""
+    def products(self, x, start=None):
+        xr = _tf32(x)
+
+        def wgrad(delta, out):
+            torch.mm(_tf32(delta).T, xr, out=out)
+        if update_form:
+            a0, (W0, *b0) = start
+
+            def pre(W, b, out):
+                torch.addmm(a0, xr, _tf32(W - W0).T, out=out)
+                return out if b is None else out.add_(b - b0[0])
+        else:
+            def pre(W, b, out):
+                Wr = _tf32(W)
+                return torch.mm(xr, Wr.T, out=out) if b is None else torch.addmm(b, xr, Wr.T, out=out)
+        return pre, wgrad
+    return products
+
+
 @contextlib.contextmanager
 def _patched(output: str | None):
+    """The solver's products replaced for one mode (``None``: the library's own); the emulated update form also
+    needs the step's start kept, as LocoProp keeps it where the products round."""
     if output is None:
         yield
         return
-    original = FusedIterativeSolver._products
-    FusedIterativeSolver._products = _products_with(output)
+    original, rounds = FusedIterativeSolver._products, FusedIterativeSolver.rounds_products
+    if output.startswith("tf32-"):
+        FusedIterativeSolver._products = _tf32_products(update_form=output == "tf32-update-form")
+        FusedIterativeSolver.rounds_products = lambda self, cuda: output == "tf32-update-form"
+    elif output == "plain":
+        FusedIterativeSolver.rounds_products = lambda self, cuda: False
+    else:
+        FusedIterativeSolver._products = _products_with(output)
     try:
         yield
     finally:
-        FusedIterativeSolver._products = original
+        FusedIterativeSolver._products, FusedIterativeSolver.rounds_products = original, rounds
 
 
 MODES = {  # mode -> (precision, products patch)
@@ -106,6 +147,9 @@ MODES = {  # mode -> (precision, products patch)
     "bf16-rounded-output": ("bf16", "bfloat16"),
     "bf16-float32-output": ("bf16", "float32"),
     "tf32": ("tf32", None),
+    "tf32-plain": ("tf32", "plain"),
+    "tf32-emulated": ("tf32", "tf32-update-form"),  # "tf32" selects the fast solver on the CPU too
+    "tf32-emulated-plain": ("tf32", "tf32-plain"),
     "bf16-forward-only": ("bf16", "forward-only"),
     "bf16-wgrad-only": ("bf16", "wgrad-only"),
 }
@@ -127,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    modes = [m for m in MODES if m != "tf32" or device.type == "cuda"]
+    modes = [m for m in MODES if m not in ("tf32", "tf32-plain") or device.type == "cuda"]
     data = load_dataset("mnist", args.data_dir, device=device, limit_train=args.batch_size * (args.warm_steps + 1))
     batches = data.train.split(args.batch_size)
     loss_fn = AutoencoderLoss()

@@ -30,7 +30,8 @@ with ``rollback="host"`` (the copies in pinned host memory, made during the forw
 ``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``, ``-iter``
 with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update),
 ``-nograph`` (with ``fused``: the solve launched eagerly, not captured; not in the plan, for
-``benchmarks/step_profile.py``).  On a
+``benchmarks/step_profile.py``), ``-plain`` (TF32 and bf16: plain products ``x Wᵀ`` instead of the update
+form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time what that form costs).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The compiled modes run after all others, so that their
@@ -251,6 +252,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.order = "iteration-major"
             elif flag == "nograph":  # the fast solver launched eagerly (a profile sees every kernel)
                 opt.fused_solver.cuda_graph = False
+            elif flag == "plain":  # reduced-precision products x Wᵀ, not the update form (what that form costs)
+                opt.fused_solver.rounds_products = lambda cuda: False
             elif flag not in ("host", "compiled", *INNER_FLAGS):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
@@ -386,6 +389,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             for prec in precisions:
                                 if prec != "fp32":
                                     out.append((model, batch, opt, T, fast, prec))
+                                    out.append((model, batch, opt, T, f"{fast}-plain", prec))
                                     out.append((model, batch, opt, T, f"{fast}-iter", prec))
                                     late.append((model, batch, opt, T, f"{fast}-compiled", prec))
                                     late.append((model, batch, opt, T, f"{fast}-iter-compiled", prec))

@@ -337,6 +337,11 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
                           model, AutoencoderLoss(), x)
     assert step.optimizer.fused_solver.order == "iteration-major"
     assert torch.isfinite(step()) and step.optimizer.last_solver == "fused"
+    assert ("locoprop-m", "graphed-plain", "tf32") in {(c[2], c[4], c[5]) for c in cuda}
+    assert ("locoprop-m", "graphed-plain", "fp32") not in {(c[2], c[4], c[5]) for c in cuda}
+    plain = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-plain", "local_steps": 2, "precision": "bf16"},
+                           model, AutoencoderLoss(), x)  # bf16 products x Wᵀ, not the update form
+    assert not plain.optimizer.fused_solver.rounds_products(False) and torch.isfinite(plain())
 
 
 def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_iteration():
@@ -427,3 +432,34 @@ def test_gpu_session_trains_settings_files_beside_the_figures_runs():
     assert (short["epochs"], short["warmup_epochs"], short["limit_train"]) == (4, 0, 2000)  # a smoke test's
     with pytest.raises(ValueError, match="NAME=FILE"):
         mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",), ["no-file"])
+
+
+def test_precision_error_emulates_tf32_operands_in_both_forms():
+    """benchmarks/precision_error.py's TF32 emulation rounds float32 to a 10-bit mantissa, to nearest with ties
+    away from zero; its modes run through the fast solver, and at a small γ the emulated update form lands far
+    nearer the float32 step than emulated plain TF32 products (as for bf16, tests/test_fused.py)."""
+    import torch
+
+    from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+    from locoprop.harness.optimizers import build_optimizer
+
+    mod = _module("precision_error")
+    x = torch.tensor([1.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -12, 3.14159265])
+    assert mod._tf32(x).tolist() == [1.0, 1 + 2 ** -10, 1 + 2 ** -9, -(1 + 2 ** -10), 1.0, 3.140625]
+
+    def step(mode):
+        precision, output = mod.MODES[mode]
+        torch.manual_seed(0)
+        model, loss_fn = build_autoencoder("tiny", "tanh"), AutoencoderLoss()
+        opt = build_optimizer("locoprop-m", model, loss_fn, lr=1e-3, activation_lr=0.1, local_steps=5,
+                              precision=precision, beta1=0.9, beta2=0.999, eps=1e-8)
+        batch = torch.rand(64, 784, generator=torch.Generator().manual_seed(1))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        with mod._patched(output):
+            opt.step(lambda: loss_fn(model(batch), batch))
+        assert opt.last_solver == ("reference" if mode == "fp32" else "fused")
+        return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+    ref, update, plain = step("fp32"), step("tf32-emulated"), step("tf32-emulated-plain")
+    err_update, err_plain = ((update - ref).norm() / ref.norm()).item(), ((plain - ref).norm() / ref.norm()).item()
+    assert 0 < err_update < err_plain / 10, (err_update, err_plain)
