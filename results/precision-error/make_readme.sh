@@ -36,8 +36,8 @@ print("**Notes.** `cpu-x86_64-2026-11-28.json` is session 10's run; `cpu-x86_64-
       "`tf32-emulated-plain` those of plain products `x Wᵀ` (it ran beside a 2-thread training run, which "
       "changes nothing in the numbers; written to /tmp as its command says and copied here). With the "
       "notebook's γ = 10, plain TF32 products err about a tenth as much as plain bf16 ones but still about "
-      "eight times as much as bf16 in the update form, whose 30-epoch run stayed within 0.05% of "
-      "FP32 (`../notebook-defaults-cpu/`); in the update form TF32's error falls to a few parts in 10⁵. So "
+      "eight times as much as bf16 in the update form, whose 100-epoch run stayed within 0.06% of "
+      "FP32 over epochs 2 to 99 (`../notebook-defaults-cpu/`); in the update form TF32's error falls to a few parts in 10⁵. So "
       "the library computes TF32 in the update form too, and the next device session times what that costs "
       "(`step_time.py`'s `-plain` rows) and measures the real TF32 error (`tf32`, `tf32-plain`).")
 PY

@@ -219,6 +219,12 @@ def test_plot_and_compare_via_the_cli(tmp_path, capsys):
 
     one = tmp_path / "epochs.png"  # --views epoch: one panel, so a narrower image
     assert cli_main(["plot", str(tmp_path / "cmp" / "rms"), "--out", str(one), "--views", "epoch"]) == 0
+    named = tmp_path / "named.png"
+    assert cli_main(["plot", str(tmp_path / "cmp" / "rms"), "--out", str(named), "--labels", "RMSProp"]) == 0
+    assert named.exists()
+    wrong = tmp_path / "wrong.png"
+    assert cli_main(["plot", str(tmp_path / "cmp" / "rms"), "--out", str(wrong), "--labels", "a", "b"]) != 0
+    assert not wrong.exists()
     assert matplotlib.image.imread(one).shape[1] < matplotlib.image.imread(out).shape[1]
 
 
@@ -233,6 +239,9 @@ def test_legend_labels_name_the_device_where_runs_come_from_several():
     assert same == ["rmsprop η=0.001"] * 2
     mixed = legend_labels([run("cpu (x86_64, 2 threads)"), run("NVIDIA H200", [{"event": "diverged"}])])
     assert mixed == ["rmsprop η=0.001, cpu", "rmsprop η=0.001, NVIDIA H200 [diverged]"]
+    assert legend_labels([run("cpu"), run("cpu")], ["fp32", "bf16"]) == ["fp32", "bf16"]
+    with pytest.raises(ValueError, match="labels: expected one per run, 2, got 1"):
+        legend_labels([run("cpu"), run("cpu")], ["fp32"])
 
 
 def test_config_files_read_exponent_numbers_as_numbers(tmp_path):

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None)
     p.add_argument("--views", nargs="+", default=["epoch", "wall_time"], choices=["epoch", "wall_time"],
                    help="x axes, one panel each (default: both; epoch alone for runs from different machines)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="legend labels, one per run in order (default: each run's settings, and its device where "
+                        "the runs come from several)")
 
     import importlib
 
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             from .plots import plot_runs
 
-            print(plot_runs(args.runs, args.out, metric=args.metric, title=args.title, views=args.views))
+            print(plot_runs(args.runs, args.out, metric=args.metric, title=args.title, views=args.views,
+                            labels=args.labels))
             return 0
         if getattr(args, "func", None) is not None:
             return int(args.func(args))

@@ -33,9 +33,14 @@ def run_label(run: dict) -> str:
         return run["config"].get("label") or run["dir"].name
 
 
-def legend_labels(runs: Sequence[dict]) -> list[str]:
-    """Each run's legend label: its settings, how it stopped if it did not finish, and, where the runs come
-    from more than one device, its device (``cpu``, ``NVIDIA H200``)."""
+def legend_labels(runs: Sequence[dict], given: Sequence[str] | None = None) -> list[str]:
+    """Each run's legend label: ``given`` (one per run) where it is given, else its settings, how it stopped if
+    it did not finish, and, where the runs come from more than one device, its device (``cpu``,
+    ``NVIDIA H200``)."""
+    if given is not None:
+        if len(given) != len(runs):
+            raise ValueError(f"labels: expected one per run, {len(runs)}, got {len(given)}")
+        return [str(label) for label in given]
     devices = [str(r["config"].get("device", "?")).split(" (")[0] for r in runs]
     labels = []
     for run, device in zip(runs, devices):
@@ -49,8 +54,10 @@ def legend_labels(runs: Sequence[dict]) -> list[str]:
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, metric: str = "train_loss",
-              title: str | None = None, views: Sequence[str] = ("epoch", "wall_time")) -> Path:
-    """Draw ``metric`` against each of ``views`` for every run; write ``out`` (PNG, PDF or SVG)."""
+              title: str | None = None, views: Sequence[str] = ("epoch", "wall_time"),
+              labels: Sequence[str] | None = None) -> Path:
+    """Draw ``metric`` against each of ``views`` for every run; write ``out`` (PNG, PDF or SVG); ``labels``:
+    the legend's, one per run (:func:`legend_labels`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,11 +66,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, metric: str = 
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise ValueError("plot: no runs given")
+    names = legend_labels(runs, labels)  # a wrong count of labels is an error before anything is drawn
     fig, axes = plt.subplots(1, len(views), figsize=(6.0 * len(views), 4.4), squeeze=False)
     xlabels = {"epoch": "epoch", "wall_time": "training wall-clock time (s)"}
-    labels = legend_labels(runs)
     for ax, view in zip(axes[0], views):
-        for run, label in zip(runs, labels):
+        for run, label in zip(runs, names):
             recs = [r for r in run["records"] if r.get(metric) is not None]
             xs = [r[view] for r in recs]
             ys = [r[metric] for r in recs]
