@@ -32,6 +32,8 @@ $PY benchmarks/results_readme.py "$dir" \
   --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --epochs 30 --schedule-epochs 100 --precision bf16 --compile-elementwise --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-bf16-update-form --no-progress" \
   --command "# session 11: all 100 epochs of the same in bf16 (the code of session 10; session 11's changes to the targets give the same numbers to the bit)" \
   --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --precision bf16 --compile-elementwise --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-bf16-update-form-100 --no-progress" \
+  --command "# session 11, after it: the tuned RMSProp with seeds 1 to 3 as one population (seed-N/config.json and metrics.jsonl copied to rmsprop-cpu-seeds/)" \
+  --command "locoprop train --config results/tuning-h200-100epoch/best-rmsprop.yaml --device cpu --data-dir /work/shared/data/mnist --seeds 1 2 3 --out rmsprop-cpu-seeds --no-progress" \
   --command "bash results/notebook-defaults-cpu/make_readme.sh   # curves.png, time-to-*.md/json, this README" \
   --note "**Settings.** The authors' public notebook (locoprop_training.ipynb in google-research, read for its facts) sets as its flags' defaults learning_rate 1e-5, activation_learning_rate 10, one_minus_beta1 0.001, one_minus_beta2 0.1, epsilon 1e-5 for LocoProp-M with TF-RMSProp (\`configs/notebook-defaults-locoprop-m.yaml\`). These runs train them with the figures' protocol (all of MNIST, batch 1000, 100 epochs, 5 warm-up epochs then linear decay). The harness's studies never tried them: every earlier 100-epoch LocoProp-M run used the best setting of the CPU studies (η 8.06e-6, γ 500, β1 0.976, β2 0.931, ε 7.3e-9), which ends above RMSProp. rmsprop-cpu is the best RMSProp setting of the 100-epoch H200 study (\`../tuning-h200-100epoch/best-rmsprop.yaml\`), trained again on this CPU." \
   --note "**Wall-clock times.** rmsprop-cpu and locoprop-m-fp32 ran one after the other, each with both cores (PyTorch's 2 threads); FP32 LocoProp-M ran the CPU's default solver (the reference loop). Light editing went on beside them; short test runs (a few seconds, lowered priority) overlapped rmsprop-cpu's epochs 5 to 20 and 65, and its wall time is a few percent high there. From epoch 58 on (after it had passed every target of the tables) benchmarks and tests shared the CPU with locoprop-m-fp32, so its later wall times are high. locoprop-m-bf16 (session 9) shared the CPU with test runs: its wall time says nothing about speed. The run folders' checkpoints are left out of git." \
@@ -169,4 +171,34 @@ print(f"With bf16 local products in the update form (session 10's 30-epoch run, 
       + " RMSProp's time.")
 print("\nCurves: [curves.png](curves.png) (by epoch), [wall-time-cpu.png](wall-time-cpu.png) (the two CPU runs "
       "that ran alone, by training time).")
+
+seed_dirs = sorted((Path(rms_cpu).parent / "rmsprop-cpu-seeds").glob("seed-*"), key=lambda d: int(d.name[5:]))
+seeds = {0: loss[rms_cpu]}
+for d in seed_dirs:
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seeds[int(d.name[5:])] = {r["epoch"]: r["train_loss"] for r in rows if "epoch" in r}
+print("\n## RMSProp over seeds on this CPU (session 11)\n")
+print("The tuned RMSProp setting with seeds 1 to 3, trained at once as one population (`locoprop train --seeds "
+      "1 2 3`, `rmsprop-cpu-seeds/`), beside seed 0 (rmsprop-cpu, a single run); LocoProp-M is the one FP32 "
+      "run of the notebook's defaults (seed 0). The last columns give the first epoch at which that LocoProp-M "
+      "run is at or below each seed's loss.\n")
+print("| RMSProp seed | after epoch 99 | after epoch 100 (final) | best (epoch) | LocoProp-M FP32 first at or below "
+      "its epoch-99 loss | ... below its final loss |")
+print("| --- | --- | --- | --- | --- | --- |")
+for sd, ls in seeds.items():
+    trained = {e: v for e, v in ls.items() if e > 0}
+    best = min(trained, key=trained.get)
+    print(f"| {sd} | {ls[last - 1]:.3f} | {ls[last]:.3f} | {trained[best]:.3f} ({best}) | "
+          f"{first(fp32, ls[last - 1]) or 'not reached'} | {first(fp32, ls[last]) or 'not reached'} |")
+e99 = [ls[last - 1] for ls in seeds.values()]
+fin = [ls[last] for ls in seeds.values()]
+mean99 = sum(e99) / len(e99)
+print(f"\nOver the {len(seeds)} seeds RMSProp ends epoch {last - 1} at {min(e99):.3f} to {max(e99):.3f} (mean "
+      f"{mean99:.3f}) and the last epoch at {min(fin):.3f} to {max(fin):.3f}. The notebook's LocoProp-M (one seed) "
+      f"ends epoch {last - 1} at {loss[fp32][last - 1]:.3f}, "
+      + ("below every seed's" if loss[fp32][last - 1] < min(e99) else "not below every seed's")
+      + f" ({100 * (loss[fp32][last - 1] - min(e99)) / min(e99):+.2f}% from the best of them), and reaches "
+      + ("every seed's final loss" if all(first(fp32, v) for v in fin) else "not every seed's final loss")
+      + f" by epoch {max(first(fp32, v) or 0 for v in fin)}. The spread of LocoProp-M over seeds is still to be "
+      "measured (a GPU population, `docs/performance.md`).")
 PY
