@@ -57,7 +57,8 @@ def _bf16(t):
 
 def _products_with(output: str):
     """A replacement for ``FusedIterativeSolver._products``: plain bf16 products (``x Wᵀ``, not the library's
-    update form) that round (or not) their result, or bf16 in one of the two products only."""
+    update form) that round their result, or bf16 in one of the two products only (a float32 result:
+    :func:`_rounded_operand_products`)."""
     def products(self, x, start=None):  # plain products: the step's start is ignored
         xb = x.to(torch.bfloat16)
         if output in ("forward-only", "wgrad-only"):
@@ -71,22 +72,12 @@ def _products_with(output: str):
                     return out.copy_(delta.to(torch.bfloat16).T @ xb)
                 return torch.mm(delta.T, x, out=out)
             return pre, wgrad
-        if output == "bfloat16":
-            def pre(W, b, out):
-                product = xb @ W.to(torch.bfloat16).T
-                return out.copy_(product) if b is None else torch.add(product, b, out=out)
+        def pre(W, b, out):  # "bfloat16": the product's result rounded to bf16
+            product = xb @ W.to(torch.bfloat16).T
+            return out.copy_(product) if b is None else torch.add(product, b, out=out)
 
-            def wgrad(delta, out):
-                out.copy_(delta.to(torch.bfloat16).T @ xb)
-        else:
-            xr = xb.float()
-
-            def pre(W, b, out):
-                Wr = W.to(torch.bfloat16).float()
-                return torch.mm(xr, Wr.T, out=out) if b is None else torch.addmm(b, xr, Wr.T, out=out)
-
-            def wgrad(delta, out):
-                torch.mm(delta.to(torch.bfloat16).float().T, xr, out=out)
+        def wgrad(delta, out):
+            out.copy_(delta.to(torch.bfloat16).T @ xb)
         return pre, wgrad
     return products
 
@@ -98,23 +89,24 @@ def _tf32(t):
     return ((bits + 0x1000) & -0x2000).view(torch.float32)
 
 
-def _tf32_products(update_form: bool):
-    """A replacement for ``FusedIterativeSolver._products`` with TF32 operands emulated, in the library's update
-    form ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` or plain ``x Wᵀ + b``."""
+def _rounded_operand_products(rounded, update_form: bool):
+    """A replacement for ``FusedIterativeSolver._products`` whose float32 products take operands rounded by
+    ``rounded`` (``_bf16``, ``_tf32``: a reduced-precision product with an unrounded float32 result,
+    emulated), in the library's update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` or plain ``x Wᵀ + b``."""
     def products(self, x, start=None):
-        xr = _tf32(x)
+        xr = rounded(x)
 
         def wgrad(delta, out):
-            torch.mm(_tf32(delta).T, xr, out=out)
+            torch.mm(rounded(delta).T, xr, out=out)
         if update_form:
             a0, (W0, *b0) = start
 
             def pre(W, b, out):
-                torch.addmm(a0, xr, _tf32(W - W0).T, out=out)
+                torch.addmm(a0, xr, rounded(W - W0).T, out=out)
                 return out if b is None else out.add_(b - b0[0])
         else:
             def pre(W, b, out):
-                Wr = _tf32(W)
+                Wr = rounded(W)
                 return torch.mm(xr, Wr.T, out=out) if b is None else torch.addmm(b, xr, Wr.T, out=out)
         return pre, wgrad
     return products
@@ -129,8 +121,10 @@ def _patched(output: str | None):
         return
     original, rounds = FusedIterativeSolver._products, FusedIterativeSolver.rounds_products
     if output.startswith("tf32-"):
-        FusedIterativeSolver._products = _tf32_products(update_form=output == "tf32-update-form")
+        FusedIterativeSolver._products = _rounded_operand_products(_tf32, update_form=output == "tf32-update-form")
         FusedIterativeSolver.rounds_products = lambda self, cuda: output == "tf32-update-form"
+    elif output == "float32":  # plain bf16 products with a float32 result, emulated
+        FusedIterativeSolver._products = _rounded_operand_products(_bf16, update_form=False)
     elif output == "plain":
         FusedIterativeSolver.rounds_products = lambda self, cuda: False
     else:
