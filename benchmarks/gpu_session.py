@@ -84,7 +84,8 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
                   settings_dirs=("results/tuning",), configs=()) -> dict[str, dict]:
     """``name -> settings`` of every run of the figures, tuned where ``settings_dirs`` have settings (the first
     folder with a matching ``best-OPTIMIZER.yaml`` wins), and of each ``NAME=FILE`` of ``configs`` (a settings
-    YAML as ``locoprop train --config`` reads it)."""
+    YAML as ``locoprop train --config`` reads it); LocoProp's FP32 runs come with ``NAME-tf32`` and
+    ``NAME-bf16``, the same settings with reduced-precision local products."""
     sys.path.insert(0, str(ROOT / "src"))
     from locoprop.harness.cli import load_yaml
     from locoprop.harness.reproduce import figure_runs, load_figure, rescheduled
@@ -120,9 +121,28 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
         cfg = TrainConfig.from_dict({**values, **overrides})
         cfg.validate()
         runs[name], origins[name] = asdict(cfg), path
+        if cfg.optimizer.startswith("locoprop") and cfg.precision == "fp32":
+            for prec in ("tf32", "bf16"):  # reduced-precision local products (issue 5: within 0.5% of FP32)
+                runs[f"{name}-{prec}"], origins[f"{name}-{prec}"] = dict(runs[name], precision=prec), path
     for name in runs:
         runs[name]["_origin"] = origins[name]
     return runs
+
+
+def run_limits(specs: list[str]) -> dict[str, float]:
+    """``RUN=SECONDS`` pairs of ``--alone-limits`` as ``{run: seconds}``; a malformed pair is an error naming
+    the option and the pair."""
+    limits = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        if not name or not seconds > 0:
+            raise ValueError(f"--alone-limits: expected RUN=SECONDS with SECONDS > 0, got {spec!r}")
+        limits[name] = seconds
+    return limits
 
 
 def enqueued_settings(opt: str, settings_dirs) -> str | None:
@@ -252,9 +272,17 @@ def main(argv=None) -> int:
     p.add_argument("--population-args", default="--sizes 1 16 64 --precisions fp32 tf32 --updates eager compiled",
                    help="arguments of benchmarks/population_speed.py")
     p.add_argument("--alone", nargs="*", default=list(ALONE), help="runs made first, one at a time")
+    p.add_argument("--alone-limits", nargs="*", default=[], metavar="RUN=SECONDS",
+                   help="a limit of its own for an --alone run (others get --alone-s), e.g. shampoo=45: a run stopped "
+                        "there still shows whether, and when, it reached a loss")
     p.add_argument("--with-tune", nargs="*", default=[], metavar="RUN",
                    help="runs started beside the --tune studies, with the settings of --settings-dirs (not those "
                         "studies'); they go on with the rest after the studies end (their wall times are contended)")
+    p.add_argument("--beside-tests", nargs="*", default=[], metavar="RUN",
+                   help="runs started with the tests, for their losses only (their wall times are contended); "
+                        "waited for until --beside-tests-s after the start, then stopped (resumable), before "
+                        "the step times")
+    p.add_argument("--beside-tests-s", type=float, default=150.0)
     p.add_argument("--tests", default="tests/cuda tests/test_fused.py", help="pytest paths ('' for none)")
     p.add_argument("--device", default="cuda", help="device of the training runs (cpu: a smoke test)")
     p.add_argument("--work", default="/tmp/locoprop-gpu-work", help="run folders (packed into runs.tar.gz)")
@@ -262,6 +290,7 @@ def main(argv=None) -> int:
                    help="keep what an earlier call left in --work on this machine: its runs resume from their "
                         "checkpoints and its tuning folder can be one of --settings-dirs")
     args = p.parse_args(argv)
+    alone_limits = run_limits(args.alone_limits)
 
     start = time.time()
     deadline = start + args.budget_s
@@ -284,28 +313,6 @@ def main(argv=None) -> int:
                        stdout=fh, stderr=subprocess.STDOUT)
     _log(log, (out / "env.txt").read_text().strip().splitlines()[-1])
 
-    # 1. correctness on CUDA
-    if args.tests:
-        _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests.split()],
-             min(args.tests_s, deadline - time.time()), out / "tests.txt", log)
-
-    # 2. step times (uncontended); --perf-s 0 skips them
-    perf_limit = min(args.perf_s, deadline - time.time() - 60)
-    if args.perf_s > 0:
-        _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
-              "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
-    if args.profile_s > 0:
-        _run([py, "benchmarks/step_profile.py", *args.profile_args.split(), "--out", str(out / "profile.json")],
-             min(args.profile_s, deadline - time.time() - 30), out / "perf.txt", log)
-    if args.precision_error_s > 0:
-        _run([py, "benchmarks/precision_error.py", "--data-dir", args.data_dir, "--device", args.device,
-              "--out", str(out / "precision-error.json")],
-             min(args.precision_error_s, deadline - time.time() - 30), out / "perf.txt", log)
-    if args.population_s > 0:
-        _run([py, "benchmarks/population_speed.py", *args.population_args.split(),
-              "--out", str(out / "population.json")],
-             min(args.population_s, deadline - time.time() - 30), out / "perf.txt", log)
-
     def chosen_runs(settings_dirs, names) -> dict[str, dict]:
         """The runs named by ``names`` (None: all), their settings written to ``work/runs/NAME.json``."""
         runs = training_runs(args.data_dir, args.epochs, args.limit_train, args.device, settings_dirs,
@@ -327,6 +334,7 @@ def main(argv=None) -> int:
 
     child_env = dict(env, OMP_NUM_THREADS="1")
     procs = {}  # name -> (process, log file, start time) of the runs going on in the background
+    finished = set()  # runs already made (beside the tests), not started again in part 4
 
     def start_runs(names):
         for name in names:
@@ -336,8 +344,57 @@ def main(argv=None) -> int:
         if names:
             _log(log, f"started together: {', '.join(names)}")
 
-    # 3. tuning on the GPU, with the --with-tune runs beside it
+    def wait_for_runs(stop_at: float) -> None:
+        """Wait for the background runs until ``stop_at``; stop those still going (their folders resume)."""
+        while procs and time.time() < stop_at:
+            for name, (proc, fh, t0) in list(procs.items()):
+                if proc.poll() is not None:
+                    _log(log, f"{name}: exit {proc.returncode} after {time.time() - t0:.0f} s")
+                    fh.close()
+                    finished.add(name)
+                    del procs[name]
+            time.sleep(1)
+        for name, (proc, fh, t0) in procs.items():
+            _log(log, f"{name}: stopped after {time.time() - t0:.0f} s (resumable)")
+            os.killpg(proc.pid, signal.SIGTERM)
+        for name, (proc, fh, t0) in procs.items():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            fh.close()
+            finished.add(name)
+        procs.clear()
+
+
+    # 1. correctness on CUDA, with the --beside-tests runs (loss only: their wall times are contended)
     settings_dirs = list(args.settings_dirs)
+    if args.beside_tests:
+        start_runs(list(chosen_runs(settings_dirs, args.beside_tests)))
+    if args.tests:
+        _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests.split()],
+             min(args.tests_s, deadline - time.time()), out / "tests.txt", log)
+    if procs:  # the step times below must have the GPU to themselves
+        wait_for_runs(min(start + args.beside_tests_s, deadline - 60))
+
+    # 2. step times (uncontended); --perf-s 0 skips them
+    perf_limit = min(args.perf_s, deadline - time.time() - 60)
+    if args.perf_s > 0:
+        _run([py, "benchmarks/step_time.py", *args.perf_args.split(), "--deadline-s", str(max(perf_limit - 25, 5)),
+              "--out", str(out / "perf.json")], perf_limit, out / "perf.txt", log)
+    if args.profile_s > 0:
+        _run([py, "benchmarks/step_profile.py", *args.profile_args.split(), "--out", str(out / "profile.json")],
+             min(args.profile_s, deadline - time.time() - 30), out / "perf.txt", log)
+    if args.precision_error_s > 0:
+        _run([py, "benchmarks/precision_error.py", "--data-dir", args.data_dir, "--device", args.device,
+              "--out", str(out / "precision-error.json")],
+             min(args.precision_error_s, deadline - time.time() - 30), out / "perf.txt", log)
+    if args.population_s > 0:
+        _run([py, "benchmarks/population_speed.py", *args.population_args.split(),
+              "--out", str(out / "population.json")],
+             min(args.population_s, deadline - time.time() - 30), out / "perf.txt", log)
+
+    # 3. tuning on the GPU, with the --with-tune runs beside it
     if args.tune:
         if args.with_tune:
             start_runs(list(chosen_runs(settings_dirs, args.with_tune)))
@@ -346,32 +403,16 @@ def main(argv=None) -> int:
 
     # 4. training runs
     runs = chosen_runs(settings_dirs, args.runs)
-    runs = {n: s for n, s in runs.items() if n not in procs}
+    runs = {n: s for n, s in runs.items() if n not in procs and n not in finished}
     for name in [n for n in args.alone if n in runs]:
-        limit = min(args.alone_s, deadline - time.time() - 30)
+        limit = min(alone_limits.get(name, args.alone_s), deadline - time.time() - 30)
         if limit < 10:
             _log(log, f"{name}: no time left")
             continue
         _run(command(name), limit, work / "runs" / f"{name}.log", log, env=child_env, note="alone, ")
 
     start_runs([n for n in runs if n not in args.alone])
-    stop_at = deadline - 25
-    while procs and time.time() < stop_at:
-        for name, (proc, fh, t0) in list(procs.items()):
-            if proc.poll() is not None:
-                _log(log, f"{name}: exit {proc.returncode} after {time.time() - t0:.0f} s")
-                fh.close()
-                del procs[name]
-        time.sleep(1)
-    for name, (proc, fh, t0) in procs.items():
-        _log(log, f"{name}: stopped at the session deadline after {time.time() - t0:.0f} s (resumable)")
-        os.killpg(proc.pid, signal.SIGTERM)
-    for name, (proc, fh, t0) in procs.items():
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        fh.close()
+    wait_for_runs(deadline - 25)
 
     # 5. pack (no checkpoints: they stay out of git anyway)
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:

@@ -427,11 +427,24 @@ def test_gpu_session_trains_settings_files_beside_the_figures_runs():
     assert (nb["device"], nb["data_dir"], nb["epochs"], nb["_origin"]) == \
         ("cuda", ".carrydata/mnist", 100, "configs/notebook-defaults-locoprop-m.yaml")
     assert "rmsprop" in runs and "locoprop-m" in runs  # the figures' runs are still there
+    for prec in ("tf32", "bf16"):  # reduced-precision twins, otherwise the same settings
+        assert runs[f"notebook-m-{prec}"] == dict(nb, precision=prec)
     short = mod.training_runs(".carrydata/mnist", 4, 2000, "cpu", ("results/tuning",),
                               ["notebook-m=configs/notebook-defaults-locoprop-m.yaml"])["notebook-m"]
     assert (short["epochs"], short["warmup_epochs"], short["limit_train"]) == (4, 0, 2000)  # a smoke test's
     with pytest.raises(ValueError, match="NAME=FILE"):
         mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",), ["no-file"])
+
+
+def test_gpu_session_reads_a_time_limit_per_alone_run():
+    """``--alone-limits RUN=SECONDS``: a limit of its own for a slow baseline run alone (Shampoo, K-FAC);
+    anything but a positive number of seconds is an error naming the option."""
+    mod = _module("gpu_session")
+    assert mod.run_limits(["shampoo=45", "kfac=30.5"]) == {"shampoo": 45.0, "kfac": 30.5}
+    assert mod.run_limits([]) == {}
+    for bad in ["shampoo", "shampoo=", "=45", "kfac=0", "kfac=-3", "kfac=nan", "kfac=soon"]:
+        with pytest.raises(ValueError, match="--alone-limits"):
+            mod.run_limits([bad])
 
 
 def test_precision_error_emulates_tf32_operands_in_both_forms():
