@@ -694,6 +694,47 @@ def _train_settings(settings, x):
         opt.step(lambda: bce_sum_mean(model(x), x))
 
 
+class _UncomparableFloat(float):
+    """A hyper-parameter that refuses to be compared or tested for truth: what a branch on it would need."""
+
+    def _refuse(self, *args):
+        raise AssertionError(f"a compiled update kernel branched on the float hyper-parameter {float(self)!r}")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = _refuse
+    __hash__ = float.__hash__
+
+
+def test_compiled_update_kernels_never_branch_on_a_float(monkeypatch):
+    """The kernels of compile_elementwise take the rule's branches (bools decided on the host) after its
+    hyper-parameters and never compare a float one: PyTorch 2.11's torch.compile answers such a branch (weight
+    decay ``!= 0``) by specialising every float of the program, one compilation per β1, β2, ε (seen on an H200,
+    results/gpu-h200-session12).  Each kernel runs here eagerly with floats that cannot be compared."""
+    from locoprop import fused
+
+    seen = []
+
+    def uncompiled(fn):
+        if not fn.__name__.endswith("_tensors_"):  # the residual kernels: no hyper-parameters
+            return fn
+
+        def call(params, grads, states, scalars, hyper):
+            seen.append((fn.__name__, tuple(type(h).__name__ for h in hyper)))
+            return fn(params, grads, states, scalars,
+                      tuple(_UncomparableFloat(h) if type(h) is float else h for h in hyper))
+        return call
+
+    monkeypatch.setattr(fused, "compile_once", uncompiled)
+    torch.manual_seed(0)
+    _train_settings([("tf_rmsprop", {})]
+                    + [(inner, kwargs) for inner in ("sgd", "nesterov", "rmsprop", "adagrad", "adam", "adamw")
+                       for kwargs in ({}, {"weight_decay": 0.1})]
+                    + [("rmsprop", {"momentum": 0.9}), ("rmsprop", {"momentum": 0.9, "centered": True})],
+                    torch.rand(16, 12))
+    assert {name for name, _ in seen} == {"_tf_rmsprop_tensors_", "_sgd_tensors_", "_rmsprop_tensors_",
+                                          "_adagrad_tensors_", "_adam_tensors_"}
+    assert all("bool" in types for name, types in seen if name != "_tf_rmsprop_tensors_"), seen
+
+
 def test_compiled_updates_serve_many_settings_in_one_process():
     """A tuning worker trains trial after trial in one process: with compile_elementwise, new values of the
     inner optimizers' hyper-parameters are symbolic in the compiled updates (no compilation per value:

@@ -74,6 +74,13 @@ class UpdateRule:
         """Hyper-parameters baked into a captured graph (a change makes a new capture)."""
         return ()
 
+    def branches(self) -> tuple:
+        """The conditions on :meth:`hyper` that decide which operations an update runs (weight decay or not,
+        momentum or not), decided here on the host as Python bools and passed after :meth:`hyper` to the
+        compiled kernels, which never compare a float: torch.compile (PyTorch 2.11) answers a branch on one
+        float hyper-parameter by specialising every float of the program, one compilation per setting."""
+        return ()
+
     def state(self, p: torch.Tensor) -> list[torch.Tensor]:
         raise TypeError(f"{type(self).__name__} must implement state")
 
@@ -111,7 +118,7 @@ class UpdateRule:
         scalars = [sc for lay_params, _, _, sc in layers for _ in lay_params]
         compile_once(each_tensor(type(self).tensor_kernel))(
             [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
-            scalars, self.hyper())
+            scalars, self.hyper() + self.branches())
 
     def count_steps(self, p: torch.Tensor, steps: int) -> None:
         """Host-side bookkeeping after ``steps`` updates of ``p``: the optimizer's ``step`` counter, where it
@@ -142,7 +149,8 @@ def _scale_each_layer(tensors: list, layers: list[tuple], which: int, op=torch._
 # scalars (0-d tensors, η_k first) and hyper-parameters (Python numbers, symbolic in the compiled program, so that
 # a tuning worker's trials with new β1, β2, ... reuse one compilation).  The kernels multiply by them rather than
 # pass them as an operator's scalar argument (lerp_'s weight, addcmul_'s value), which this test suite's process
-# has seen torch.compile specialise on (a guard on 1 - α: one compilation per value, at most 8).
+# has seen torch.compile specialise on (a guard on 1 - α: one compilation per value, at most 8); they branch
+# only on the bools of the rule's branches(), after the hyper-parameters, never on a float (UpdateRule.branches).
 def _tf_rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
     (ms, m), lr, (alpha, mom, eps) = state, scalars[0], hyper
     ms.mul_(alpha).add_(g * g * (1.0 - alpha))  # not addcmul_(value=...): see the note above
@@ -151,8 +159,8 @@ def _tf_rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
 
 
 def _sgd_tensor_(p, g, state, scalars, hyper) -> None:
-    lr, (mom, nesterov, decay) = scalars[0], hyper
-    if decay != 0.0:
+    lr, (mom, nesterov, decay, decays) = scalars[0], hyper
+    if decays:
         g = g + decay * p
     if state:
         (buf,) = state
@@ -162,8 +170,9 @@ def _sgd_tensor_(p, g, state, scalars, hyper) -> None:
 
 
 def _adam_tensor_(p, g, state, scalars, hyper) -> None:
-    (m, v), (_, step_size, correction2_sqrt, shrink), (beta1, beta2, eps, decay, decoupled) = state, scalars, hyper
-    if decay != 0.0:
+    (m, v), (_, step_size, correction2_sqrt, shrink), (beta1, beta2, eps, decay, decoupled, decays) = \
+        state, scalars, hyper
+    if decays:
         if decoupled:
             p.mul_(shrink)
         else:
@@ -174,9 +183,9 @@ def _adam_tensor_(p, g, state, scalars, hyper) -> None:
 
 
 def _rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
-    lr, (alpha, eps, mom, centered, decay) = scalars[0], hyper
+    lr, (alpha, eps, mom, centered, decay, decays, has_momentum) = scalars[0], hyper
     square = state[0]
-    if decay != 0.0:
+    if decays:
         g = g + decay * p
     square.mul_(alpha).add_(g * g * (1.0 - alpha))
     if centered:
@@ -185,7 +194,7 @@ def _rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
         denom = (square - average * average).sqrt() + eps
     else:
         denom = square.sqrt() + eps
-    if mom > 0:
+    if has_momentum:
         buf = state[1]
         buf.mul_(mom).add_(g / denom)
         p.sub_(buf * lr)
@@ -194,8 +203,8 @@ def _rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
 
 
 def _adagrad_tensor_(p, g, state, scalars, hyper) -> None:
-    (total,), rate, (eps, decay, _) = state, scalars[1], hyper
-    if decay != 0.0:
+    (total,), rate, (eps, decay, _, decays) = state, scalars[1], hyper
+    if decays:
         g = g + decay * p
     total.addcmul_(g, g)
     p.sub_(g / (total.sqrt() + eps) * rate)
@@ -260,6 +269,9 @@ class SGDRule(UpdateRule):
         g = self._group()
         return float(g["momentum"]), bool(g["nesterov"]), float(g["weight_decay"])
 
+    def branches(self):
+        return (self.hyper()[2] != 0.0,)
+
     def state(self, p):
         if float(self._group()["momentum"]) == 0.0:
             return []
@@ -304,6 +316,9 @@ class AdamRule(UpdateRule):
         beta1, beta2 = g["betas"]
         return (float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]),
                 bool(g.get("decoupled_weight_decay", False)))
+
+    def branches(self):
+        return (self.hyper()[3] != 0.0,)
 
     def state(self, p):
         s = self.inner.state[p]
@@ -354,6 +369,10 @@ class RMSpropRule(UpdateRule):
         g = self._group()
         return float(g["alpha"]), float(g["eps"]), float(g["momentum"]), bool(g["centered"]), float(g["weight_decay"])
 
+    def branches(self):
+        _, _, mom, _, decay = self.hyper()
+        return decay != 0.0, mom > 0
+
     def state(self, p):
         alpha, eps, mom, centered, _ = self.hyper()
         s = self.inner.state[p]
@@ -403,6 +422,9 @@ class AdagradRule(UpdateRule):
     def hyper(self):
         g = self._group()
         return float(g["eps"]), float(g["weight_decay"]), float(g["lr_decay"])
+
+    def branches(self):
+        return (self.hyper()[1] != 0.0,)
 
     def state(self, p):
         s = self.inner.state[p]
