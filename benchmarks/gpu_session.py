@@ -89,6 +89,8 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     sys.path.insert(0, str(ROOT / "src"))
     from locoprop.harness.cli import load_yaml
     from locoprop.harness.reproduce import figure_runs, load_figure, rescheduled
+    import yaml
+
     from locoprop.harness.train import TrainConfig
 
     overrides = {"device": device, "data_dir": data_dir}
@@ -112,10 +114,17 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
         origins[f"locoprop-m-{prec}"] = origins["locoprop-m"]
     for spec in configs:
         name, _, path = spec.partition("=")
+        path, _, sets = path.partition(":")
         if not name or not path:
-            raise ValueError(f"--configs: expected NAME=FILE, got {spec!r}")
+            raise ValueError(f"--configs: expected NAME=FILE or NAME=FILE:KEY=VALUE,..., got {spec!r}")
         values = load_yaml(ROOT / path)
         values = values.get("settings", values)
+        for pair in filter(None, sets.split(",")):  # the file's settings with some changed (T = 5, say)
+            key, eq, value = pair.partition("=")
+            if not eq or key not in TrainConfig.__dataclass_fields__:
+                raise ValueError(f"--configs {spec!r}: expected KEY=VALUE with KEY a setting of locoprop train, "
+                                 f"got {pair!r}")
+            values[key] = yaml.safe_load(value)
         if epochs:  # the figures' rule: the warm-up keeps its share, the schedule its untrained tail
             values = rescheduled(values, epochs)
         cfg = TrainConfig.from_dict({**values, **overrides})
@@ -244,9 +253,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override (a smoke test); default: the figures' 100")
     p.add_argument("--limit-train", type=int, default=None, help="override (a smoke test)")
     p.add_argument("--runs", nargs="*", default=None, help="only these runs (names as in session.log)")
-    p.add_argument("--configs", nargs="*", default=[], metavar="NAME=FILE",
-                   help="more runs of part 4: settings YAML files as locoprop train --config reads them, e.g. "
-                        "notebook-m=configs/notebook-defaults-locoprop-m.yaml")
+    p.add_argument("--configs", nargs="*", default=[], metavar="NAME=FILE[:KEY=VALUE,...]",
+                   help="more runs of part 4: settings YAML files as locoprop train --config reads them, with "
+                        "settings changed after the colon, e.g. notebook-m=configs/notebook-defaults-locoprop-m.yaml "
+                        "notebook-m-T5=configs/notebook-defaults-locoprop-m.yaml:local_steps=5")
     p.add_argument("--precision-error-s", type=float, default=0.0,
                    help="time for benchmarks/precision_error.py (0: skip it)")
     p.add_argument("--settings-dirs", nargs="+",

@@ -16,7 +16,9 @@ EXTRA_COLUMNS = (("repeat", "pass", "d"), ("ratio_to_rmsprop_compiled", "x RMSPr
                  ("peak_tensor_mb", "tensor MB", ".1f"), ("tensor_mem_ratio_to_adam", "tensor x Adam", ".2f"),
                  ("shape_floor_ms", "shape floor ms", ".2f"), ("ratio_to_shape_floor", "x shape floor", ".2f"),
                  ("streams", "streams", "d"), ("peak_mem_mb_without_workspaces", "peak MB w/o cuBLAS workspaces",
-                                               ".1f"))
+                                               ".1f"),
+                 ("peak_mem_mb_warmup", "warm-up peak MB", ".1f"), ("peak_mem_mb_steady", "steady peak MB", ".1f"),
+                 ("mem_mb_held_after", "held after MB", ".1f"))
 
 
 def _table(records: list[dict]) -> list[str]:

@@ -34,7 +34,11 @@ with ``solve_order="iteration-major"`` (iteration k of every layer, then one mul
 form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time what that form costs).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
-record, ``peak_mem_mb_without_workspaces``).  The compiled modes run after all others, so that their
+record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
+steps and, for ``graphed``, the CUDA graph's capture), ``peak_mem_mb_steady`` (the timed calls),
+``mem_mb_held_after`` (allocated after them: model, optimizer state, graph buffers) and ``memory_by_pool``
+(the caching allocator's memory by pool and stream, :func:`memory_by_pool`: which of it the graphs' private
+pools and the layer streams hold).  The compiled modes run after all others, so that their
 first compilation does not use up a ``--deadline-s`` meant for the rest.
 
 It writes ``results/perf/DEVICE-DATE.json`` (a list of records with ``device``, ``model``, ``optimizer``,
@@ -102,11 +106,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_calls(fn, device: torch.device, warmup: int, reps: int):
+def timed_calls(fn, device: torch.device, warmup: int, reps: int, after_warmup=None):
     """``(milliseconds of each of the last reps calls, the last call's result)`` of ``warmup + reps`` calls of
-    ``fn()``, each timed alone (CUDA events and a synchronize on a GPU, ``time.perf_counter`` on the CPU)."""
+    ``fn()``, each timed alone (CUDA events and a synchronize on a GPU, ``time.perf_counter`` on the CPU);
+    ``after_warmup()``, if given, runs between the warm-up calls and the timed ones."""
     times, result = [], None
     for i in range(warmup + reps):
+        if i == warmup and after_warmup is not None:
+            after_warmup()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -293,6 +300,23 @@ def cublas_workspace_mb(device: torch.device) -> float:
     return (torch.cuda.memory_allocated(device) - before - c.numel() * c.element_size()) / 2 ** 20
 
 
+def memory_by_pool(segments: list[dict]) -> list[dict]:
+    """The CUDA caching allocator's memory by pool and stream, from ``torch.cuda.memory_snapshot()``'s segments:
+    the default pool (per stream: a block freed on one stream is not reused on another) and each CUDA graph's
+    private pool, which keeps what the captured step allocated.  One row per (pool, stream) with its
+    segments, reserved and allocated MiB, largest first."""
+    rows: dict = {}
+    for seg in segments:
+        pool = tuple(seg.get("segment_pool_id") or (0, 0))
+        key = ("default" if pool == (0, 0) else f"graph pool {pool[0]},{pool[1]}", seg.get("stream", 0))
+        row = rows.setdefault(key, {"pool": key[0], "stream": key[1], "segments": 0, "reserved_mb": 0.0,
+                                    "allocated_mb": 0.0})
+        row["segments"] += 1
+        row["reserved_mb"] += seg["total_size"] / 2 ** 20
+        row["allocated_mb"] += seg["allocated_size"] / 2 ** 20
+    return sorted(rows.values(), key=lambda r: -r["reserved_mb"])
+
+
 def peak_tensor_bytes(step) -> int:
     """Peak bytes of the CPU tensors alive during ``step()`` (allocated by it or touched by it), from the
     profiler's memory timeline (``torch.profiler._memory_profiler``, a private API: a benchmark tool)."""
@@ -321,18 +345,30 @@ def measure(spec: dict) -> dict:
     x = torch.rand(spec["batch_size"], 784, device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = build_step(spec, model, loss_fn, x)
-    times, loss = timed_calls(step, device, spec["warmup"], spec["steps"])
+    warmup_peak = []
+
+    def between():  # the warm-up's peak (eager steps, CUDA graph capture), then the steady steps' own
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            warmup_peak.append((torch.cuda.max_memory_allocated(device) - base) / 2 ** 20)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    times, loss = timed_calls(step, device, spec["warmup"], spec["steps"], between)
     if not math.isfinite(float(loss)):
         raise RuntimeError(f"the loss is {float(loss)}")
     tensors = None
     extra = {}
     if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        steady = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        peak = max(warmup_peak + [steady])
         solver = getattr(getattr(step, "optimizer", None), "fused_solver", None)
         layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         streams = 1 + (solver.stream_count(layers) if solver is not None and spec["mode"] != "reference" else 0)
         extra = {"streams": streams, "cublas_workspace_mb": spec["workspace_mb"],
-                 "peak_mem_mb_without_workspaces": peak - streams * spec["workspace_mb"]}
+                 "peak_mem_mb_without_workspaces": peak - streams * spec["workspace_mb"],
+                 "peak_mem_mb_warmup": warmup_peak[0] if warmup_peak else None, "peak_mem_mb_steady": steady,
+                 "mem_mb_held_after": (torch.cuda.memory_allocated(device) - base) / 2 ** 20,
+                 "memory_by_pool": memory_by_pool(torch.cuda.memory_snapshot())}
     else:  # ru_maxrss is in KiB on Linux
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
         tensors = peak_tensor_bytes(step) / 2 ** 20

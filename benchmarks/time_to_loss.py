@@ -35,14 +35,26 @@ def _load(folder: Path) -> tuple[dict, list[dict]]:
     return config, records
 
 
+def _locoprop_mode(base: str, settings: dict) -> str:
+    """The step-time benchmark's mode of a LocoProp run's settings: ``base`` and its flags in the benchmark's
+    order (``graphed-iter-compiled``, ``graphed-adam-compiled``, ...): the solve order, the host rollback,
+    an inner optimizer of torch's and ``compile_elementwise``."""
+    flags = ["iter" if settings.get("solve_order") == "iteration-major" else None,
+             "host" if settings.get("rollback") == "host" else None,
+             settings.get("inner") if settings.get("inner") in ("adam", "adagrad") else None,
+             "compiled" if settings.get("compile_elementwise") else None]
+    return "-".join([base] + [f for f in flags if f])
+
+
 def _step_ms(perf: list[dict], settings: dict, modes: dict = _MODE) -> float | None:
     opt = settings["optimizer"]
     if settings.get("inverse_every", 1) != 1:  # the benchmark times Shampoo and K-FAC at @1 only
         return None
     kind = "locoprop" if opt.startswith("locoprop") else "first-order" if opt in ("sgd", "adam", "rmsprop") else "other"
+    mode = _locoprop_mode(modes[kind], settings) if kind == "locoprop" else modes[kind]
     for r in perf:
         if (r.get("model") == settings["model"] and r.get("batch_size") == settings["batch_size"]
-                and r.get("optimizer") == opt and r.get("mode") == modes[kind] and "step_ms_median" in r
+                and r.get("optimizer") == opt and r.get("mode") == mode and "step_ms_median" in r
                 and r.get("precision", "fp32") == settings.get("precision", "fp32")
                 and (not opt.startswith("locoprop") or r.get("local_steps") == settings["local_steps"])):
             return r["step_ms_median"]
@@ -78,11 +90,13 @@ def main(argv=None) -> int:
         s = cfg["settings"]
         steps_per_epoch = math.ceil(cfg.get("train_examples", 60000) / s["batch_size"])
         hit = next((r for r in recs if r["epoch"] > 0 and r["train_loss"] <= target), None)
+        first = next((r for r in recs if r["epoch"] == 1), None)
         step_ms, captured_ms = _step_ms(perf, s), _step_ms(perf, s, _CAPTURED)
         row = {"run": name, "label": run_label({"config": cfg, "dir": folder / name}), "device": cfg.get("device"),
                "epochs_run": recs[-1]["epoch"], "epochs_planned": s["epochs"], "final_train_loss": recs[-1]["train_loss"],
                "alone_on_device": name in args.alone, "reaches_target": hit is not None,
                "epoch": hit["epoch"] if hit else None, "wall_s": hit["wall_time"] if hit else None,
+               "first_epoch_wall_s": first["wall_time"] if first else None,
                "step_ms_uncontended": step_ms,
                "estimate_s": hit["epoch"] * steps_per_epoch * step_ms / 1e3 if hit and step_ms else None,
                "step_ms_captured": captured_ms,
@@ -104,16 +118,18 @@ def main(argv=None) -> int:
              "the uncontended median step time of the same configuration, from the step-time benchmark). The "
              "harness runs BackProp baselines eagerly and LocoProp's whole step as one CUDA graph; the last two "
              "columns put every optimizer on the same footing, its whole step captured in one CUDA graph "
-             "(`graph` and `graphed` rows of the benchmark).", "",
+             "(`graph` and `graphed` rows of the benchmark). `first epoch s` is the wall time of the first "
+             "epoch, which holds the one-off costs (CUDA graph capture, torch.compile's compilations).", "",
              "| run | settings | epochs run | final train loss | reaches target | at epoch | wall s | alone | "
-             "x reference wall | step ms | estimate s | captured step ms | captured estimate s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "x reference wall | first epoch s | step ms | estimate s | captured step ms | captured estimate s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         lines.append(f"| {r['run']} | {r['label']} | {r['epochs_run']}/{r['epochs_planned']} | "
                      f"{r['final_train_loss']:.3f} | {'yes' if r['reaches_target'] else 'no'} | {f(r['epoch'], 'd')} | "
                      f"{f(r['wall_s'], '.1f')} | {'yes' if r['alone_on_device'] else 'no'} | "
-                     f"{f(r['wall_ratio_to_reference'], '.2f')} | {f(r['step_ms_uncontended'], '.2f')} | "
+                     f"{f(r['wall_ratio_to_reference'], '.2f')} | {f(r['first_epoch_wall_s'], '.2f')} | "
+                     f"{f(r['step_ms_uncontended'], '.2f')} | "
                      f"{f(r['estimate_s'], '.1f')} | {f(r['step_ms_captured'], '.2f')} | "
                      f"{f(r['estimate_captured_s'], '.1f')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -39,5 +39,9 @@ print("**Notes.** `cpu-x86_64-2026-11-28.json` is session 10's run; `cpu-x86_64-
       "eight times as much as bf16 in the update form, whose 100-epoch run stayed within 0.06% of "
       "FP32 over epochs 2 to 99 (`../notebook-defaults-cpu/`); in the update form TF32's error falls to a few parts in 10⁵. So "
       "the library computes TF32 in the update form too, and the next device session times what that costs "
-      "(`step_time.py`'s `-plain` rows) and measures the real TF32 error (`tf32`, `tf32-plain`).")
+      "(`step_time.py`'s `-plain` rows) and measures the real TF32 error (`tf32`, `tf32-plain`). "
+      "`NVIDIA-H200-2026-11-28-session12.json` is that measurement (device session 12, one H200, torch 2.11): the "
+      "real TF32 products err as the CPU's emulation says, in both forms and at both settings, and the bf16 rows "
+      "are of the CPU's order (the products round differently on the two machines); 100-epoch runs of the notebook's settings with TF32 and bf16 local products on the "
+      "same H200 are in `../gpu-h200-notebook-defaults/`.")
 PY

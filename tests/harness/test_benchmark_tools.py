@@ -42,6 +42,7 @@ def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
                                   "fast", "--perf", str(perf), "--out", str(tmp_path / "ttl")])
     rows = {r["run"]: r for r in json.loads((tmp_path / "ttl.json").read_text())["rows"]}
     assert rows["ref"]["epoch"] == 3 and rows["ref"]["wall_s"] == 3.0
+    assert rows["ref"]["first_epoch_wall_s"] == 1.0 and rows["fast"]["first_epoch_wall_s"] == 0.5
     assert rows["fast"]["epoch"] == 2 and rows["fast"]["wall_ratio_to_reference"] == 1.0 / 3.0
     assert rows["fast"]["estimate_s"] == rows["fast"]["estimate_captured_s"] == 2 * 60 * 5.0 / 1e3
     assert rows["ref"]["estimate_s"] == 3 * 60 * 2.5 / 1e3  # the harness runs RMSProp eagerly
@@ -59,6 +60,22 @@ def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
     with pytest.raises(SystemExit):
         _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--runs", "fast", "--target-epoch", "7",
                                       "--out", str(tmp_path / "at7")])
+
+
+def test_time_to_loss_takes_the_step_time_of_the_runs_own_mode():
+    """A LocoProp run's step time is the benchmark's row of its own settings: ``compile_elementwise``, the
+    iteration-major order, the host rollback and torch's inner optimizers each name a mode flag."""
+    mod = _module("time_to_loss")
+    base = {"optimizer": "locoprop-m", "model": "standard", "batch_size": 1000, "local_steps": 10}
+    perf = [{**base, "mode": mode, "precision": "fp32", "step_ms_median": ms}
+            for mode, ms in (("graphed", 5.0), ("graphed-compiled", 4.0), ("graphed-iter-compiled", 4.5),
+                             ("graphed-adam", 5.5), ("graphed-host", 5.2))]
+    assert mod._step_ms(perf, base) == 5.0
+    assert mod._step_ms(perf, {**base, "compile_elementwise": True}) == 4.0
+    assert mod._step_ms(perf, {**base, "compile_elementwise": True, "solve_order": "iteration-major"}) == 4.5
+    assert mod._step_ms(perf, {**base, "inner": "adam"}) == 5.5
+    assert mod._step_ms(perf, {**base, "rollback": "host"}) == 5.2
+    assert mod._step_ms(perf, {**base, "rollback": "host", "compile_elementwise": True}) is None  # not timed
 
 
 def test_perf_readme_lists_every_record(tmp_path):
@@ -308,6 +325,24 @@ def test_paper_ordering_says_where_runs_agree_with_the_paper():
     assert [c["agrees"] for c in alone] == [None]
 
 
+def test_step_time_splits_memory_by_pool_and_runs_a_callback_after_the_warmup():
+    """``memory_by_pool`` sums the allocator snapshot's segments per pool (default or a CUDA graph's private
+    pool) and stream, largest first; ``timed_calls`` runs ``after_warmup`` once, between warm-up and timing."""
+    st = _module("step_time")
+    mib = 2 ** 20
+    segments = [{"segment_pool_id": (0, 0), "stream": 0, "total_size": 4 * mib, "allocated_size": 3 * mib},
+                {"segment_pool_id": (0, 0), "stream": 0, "total_size": 2 * mib, "allocated_size": 0},
+                {"segment_pool_id": (0, 0), "stream": 7, "total_size": 2 * mib, "allocated_size": 2 * mib},
+                {"segment_pool_id": (1, 3), "stream": 0, "total_size": 20 * mib, "allocated_size": 5 * mib}]
+    rows = st.memory_by_pool(segments)
+    assert [(r["pool"], r["stream"], r["segments"], r["reserved_mb"], r["allocated_mb"]) for r in rows] == [
+        ("graph pool 1,3", 0, 1, 20.0, 5.0), ("default", 0, 2, 6.0, 3.0), ("default", 7, 1, 2.0, 2.0)]
+    calls = []
+    times, result = st.timed_calls(lambda: calls.append("step") or len(calls), __import__("torch").device("cpu"),
+                                   2, 3, after_warmup=lambda: calls.append("between"))
+    assert calls == ["step", "step", "between", "step", "step", "step"] and len(times) == 3 and result == 6
+
+
 def test_step_time_times_the_iteration_major_order_and_selects_modes():
     """The -iter flag builds LocoProp with solve_order="iteration-major"; --modes keeps only the named modes and
     names the plan's modes when one is unknown."""
@@ -434,6 +469,13 @@ def test_gpu_session_trains_settings_files_beside_the_figures_runs():
     assert (short["epochs"], short["warmup_epochs"], short["limit_train"]) == (4, 0, 2000)  # a smoke test's
     with pytest.raises(ValueError, match="NAME=FILE"):
         mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",), ["no-file"])
+    changed = mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",), [
+        "nb-T5=configs/notebook-defaults-locoprop-m.yaml:local_steps=5,compile_elementwise=true"])["nb-T5"]
+    assert changed == dict(nb, local_steps=5, compile_elementwise=True, _origin="configs/notebook-defaults-locoprop-m.yaml")
+    for bad in (":local_steps", ":no_such_setting=3"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            mod.training_runs(".carrydata/mnist", None, None, "cuda", ("results/tuning",),
+                              ["nb=configs/notebook-defaults-locoprop-m.yaml" + bad])
 
 
 def test_gpu_session_reads_a_time_limit_per_alone_run():
