@@ -6,7 +6,9 @@ notebook, which trains 99 epochs of the 100-epoch schedule and never the last on
 For each run it reports the first epoch whose train loss is at or below the target, the run's measured
 training wall time at that epoch (the harness times the batches only, not the evaluation) and, where ``--perf`` gives a step-time file of the same device, the uncontended estimate
 ``epochs x steps per epoch x median step time`` (for runs that shared the GPU with others, whose wall
-times are not comparable).  Writes ``OUT.json`` and ``OUT.md``.
+times are not comparable).  ``--reference-dir`` takes the reference from another folder: a run of
+another device, against which the runs' epochs count and their time is the estimate from ``--perf``.
+Writes ``OUT.json`` and ``OUT.md``.
 
     python benchmarks/time_to_loss.py results/gpu-standard-mnist --reference rmsprop \
         --runs locoprop-m shampoo-at50 kfac --perf results/perf/NVIDIA-H100-80GB-HBM3-2026-11-27.json \
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder")
     p.add_argument("--reference", required=True)
+    p.add_argument("--reference-dir", default=None,
+                   help="the folder the reference run lies in, if not FOLDER (a run of another device: the other "
+                        "runs' epochs against its loss, their time estimated from --perf's step times)")
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--alone", nargs="*", default=[], help="runs that had the device to themselves")
     p.add_argument("--perf", default=None, help="step_time.py JSON of the same device")
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     folder = Path(args.folder)
     perf = json.loads(Path(args.perf).read_text())["records"] if args.perf else []
-    ref_cfg, ref = _load(folder / args.reference)
+    ref_folder = Path(args.reference_dir) if args.reference_dir else folder
+    ref_cfg, ref = _load(ref_folder / args.reference)
     if args.target_epoch is None:
         at, target_name = ref[-1], f"final train loss of {args.reference}"
     else:
@@ -85,14 +91,15 @@ def main(argv=None) -> int:
         target_name = f"train loss of {args.reference} after epoch {args.target_epoch}"
     target = at["train_loss"]
     rows = []
-    for name in [args.reference, *args.runs]:
-        cfg, recs = _load(folder / name)
+    for i, name in enumerate([args.reference, *args.runs]):
+        run_dir = (ref_folder if i == 0 else folder) / name
+        cfg, recs = _load(run_dir)
         s = cfg["settings"]
         steps_per_epoch = math.ceil(cfg.get("train_examples", 60000) / s["batch_size"])
         hit = next((r for r in recs if r["epoch"] > 0 and r["train_loss"] <= target), None)
         first = next((r for r in recs if r["epoch"] == 1), None)
         step_ms, captured_ms = _step_ms(perf, s), _step_ms(perf, s, _CAPTURED)
-        row = {"run": name, "label": run_label({"config": cfg, "dir": folder / name}), "device": cfg.get("device"),
+        row = {"run": name, "label": run_label({"config": cfg, "dir": run_dir}), "device": cfg.get("device"),
                "epochs_run": recs[-1]["epoch"], "epochs_planned": s["epochs"], "final_train_loss": recs[-1]["train_loss"],
                "alone_on_device": name in args.alone, "reaches_target": hit is not None,
                "epoch": hit["epoch"] if hit else None, "wall_s": hit["wall_time"] if hit else None,

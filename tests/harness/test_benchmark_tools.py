@@ -60,6 +60,15 @@ def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
     with pytest.raises(SystemExit):
         _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--runs", "fast", "--target-epoch", "7",
                                       "--out", str(tmp_path / "at7")])
+    # --reference-dir: the reference run of another folder (another device), the runs' epochs against its loss
+    other = tmp_path / "other"
+    _run(other, "ref", [100.0, 45.0, 40.0], [1.0, 2.0, 3.0])
+    _module("time_to_loss").main([str(tmp_path), "--reference", "ref", "--reference-dir", str(other), "--runs",
+                                  "fast", "--perf", str(perf), "--out", str(tmp_path / "cross")])
+    result = json.loads((tmp_path / "cross.json").read_text())
+    rows = {r["run"]: r for r in result["rows"]}
+    assert result["target_loss"] == 40.0 and rows["ref"]["epoch"] == 3 and rows["fast"]["epoch"] == 3
+    assert rows["fast"]["estimate_s"] == 3 * 60 * 5.0 / 1e3
 
 
 def test_time_to_loss_takes_the_step_time_of_the_runs_own_mode():
