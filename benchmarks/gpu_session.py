@@ -86,11 +86,11 @@ def training_runs(data_dir: str, epochs: int | None, limit_train: int | None, de
     folder with a matching ``best-OPTIMIZER.yaml`` wins), and of each ``NAME=FILE`` of ``configs`` (a settings
     YAML as ``locoprop train --config`` reads it); LocoProp's FP32 runs come with ``NAME-tf32`` and
     ``NAME-bf16``, the same settings with reduced-precision local products."""
+    import yaml
+
     sys.path.insert(0, str(ROOT / "src"))
     from locoprop.harness.cli import load_yaml
     from locoprop.harness.reproduce import figure_runs, load_figure, rescheduled
-    import yaml
-
     from locoprop.harness.train import TrainConfig
 
     overrides = {"device": device, "data_dir": data_dir}
@@ -375,7 +375,6 @@ def main(argv=None) -> int:
             fh.close()
             finished.add(name)
         procs.clear()
-
 
     # 1. correctness on CUDA, with the --beside-tests runs (loss only: their wall times are contended)
     settings_dirs = list(args.settings_dirs)
