@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     rows = []
     for i, name in enumerate([args.reference, *args.runs]):
         run_dir = (ref_folder if i == 0 else folder) / name
-        cfg, recs = _load(run_dir)
+        cfg, recs = (ref_cfg, ref) if i == 0 else _load(run_dir)
         s = cfg["settings"]
         steps_per_epoch = math.ceil(cfg.get("train_examples", 60000) / s["batch_size"])
         hit = next((r for r in recs if r["epoch"] > 0 and r["train_loss"] <= target), None)
