@@ -65,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from locoprop.fused import graph_side_stream
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
 from locoprop.harness.optimizers import build_optimizer
 
@@ -197,7 +198,7 @@ def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
         opt.step()
         return loss
 
-    side = torch.cuda.Stream()
+    side = graph_side_stream(x.device)  # LocoProp's own: the same cuBLAS workspaces on both sides
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
@@ -206,7 +207,7 @@ def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
     torch.cuda.current_stream().wait_stream(side)
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         static_loss = body()
 
     def step():

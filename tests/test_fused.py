@@ -472,8 +472,11 @@ def _fake_cuda_graphs(monkeypatch, solver):
     """Route the fast solver's CUDA-graph logic through _FakeGraph on the CPU."""
     import contextlib
 
+    from locoprop import fused
+
     monkeypatch.setattr(solver, "_graphs_for", lambda device: True)
     monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(fused, "_GRAPH_STREAMS", {})  # the side stream made here is a stand-in too
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     original = solver._solve_graphed
@@ -776,3 +779,22 @@ def test_a_kernel_at_the_recompile_limit_runs_uncompiled_with_a_warning(monkeypa
                         + [("adamw", {})], x)  # decay 0 / non-zero / decoupled: three variants of the kernel
     assert fused._UNCOMPILED
     torch._dynamo.reset()
+
+
+def test_one_graph_side_stream_per_device(monkeypatch):
+    """``graph_side_stream``: every warm-up and capture of a device shares one stream (made once; cuBLAS keeps
+    a workspace per stream), another device gets its own (stand-in streams on the CPU; the CUDA test
+    ``test_warm_ups_and_captures_share_one_side_stream`` checks the real ones)."""
+    from locoprop import fused
+
+    made = []
+
+    class Made(_FakeStream):
+        def __init__(self, *a, **k):
+            made.append(k.get("device"))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Made)
+    monkeypatch.setattr(fused, "_GRAPH_STREAMS", {})
+    first = fused.graph_side_stream(torch.device("cpu"))
+    assert fused.graph_side_stream("cpu") is first and len(made) == 1
+    assert fused.graph_side_stream("meta") is not first and len(made) == 2

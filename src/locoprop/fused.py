@@ -156,6 +156,23 @@ def _shared_streams(device: torch.device, n: int) -> list:
     return pool[:n]
 
 
+_GRAPH_STREAMS: dict = {}  # device -> the side stream of its CUDA graphs' warm-ups and captures
+
+
+def graph_side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream per device on which LocoProp warms up and captures its CUDA graphs (the warm-up
+    off the current stream, as capture requires).  One for every warm-up and capture of the process, not a
+    new stream each time nor ``torch.cuda.graph``'s own capture stream beside it: cuBLAS keeps a workspace
+    for every stream it has run on (32 MiB on Hopper) for as long as the process lives."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _GRAPH_STREAMS.get(str(device))
+    if stream is None:
+        stream = _GRAPH_STREAMS[str(device)] = torch.cuda.Stream(device=device)
+    return stream
+
+
 @contextlib.contextmanager
 def matmul_precision(precision: str):
     """Inside it, CUDA matrix products run in TF32 where ``precision="tf32"`` (float32 accumulation); any other
@@ -605,7 +622,7 @@ class FusedIterativeSolver:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=graph_side_stream(layers[0].params[0].device)):
                 self._run(layers, inputs, loss, rule, table, use_streams)
         except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
             self.release_graph()
@@ -642,7 +659,7 @@ class FusedIterativeSolver:
             return
         if not self._warm:  # warm-up: eager, on a side stream (as CUDA graph capture requires)
             self._warm = True
-            side = torch.cuda.Stream()
+            side = graph_side_stream(layers[0].params[0].device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._run(layers, inputs, loss, rule, table, use_streams)

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import Layer, LayerBatch, LayerCapture, discover_layers
-from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver
+from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
 from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
@@ -702,7 +702,7 @@ class CapturedStep:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         if self.calls < self.warmup:  # ordinary steps on a side stream (CUDA graph capture needs warm-up)
             self.calls += 1
-            side = torch.cuda.Stream()
+            side = graph_side_stream(opt._params()[0].device)
             side.wait_stream(torch.cuda.current_stream())
             previous, solver.cuda_graph = solver.cuda_graph, False
             try:
@@ -741,7 +741,7 @@ class CapturedStep:
         solver.static_table = table.to(first.device, first.dtype)
         solver.shared_rates = solver.shared_rates_of(table)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=graph_side_stream(first.device)):
             loss, problems = opt._step_body(self.closure, capturing=True)
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
         self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key

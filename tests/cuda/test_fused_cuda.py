@@ -403,3 +403,30 @@ def test_distributed_fast_solver_over_nccl_with_one_rank(tmp_path, mode):
         assert _rel(ref_model, fast_model) < 1e-5
     finally:
         dist.destroy_process_group()
+
+
+def test_warm_ups_and_captures_share_one_side_stream():
+    """``graphed_step`` and the default step's captured solve warm up and capture on one side stream per device
+    (``fused.graph_side_stream``), not on a new stream each time: cuBLAS keeps a workspace for every stream it
+    has run on (32 MiB on Hopper), which device session 12 saw in the peak memory of a captured step.  No
+    stream but the current one and that side stream holds memory after both paths' warm-ups and captures
+    (one layer stream each: ``layer_streams=0``)."""
+    from locoprop.fused import graph_side_stream
+
+    def streams_with_memory():
+        return {seg["stream"] for seg in torch.cuda.memory_snapshot() if seg["allocated_size"] > 0}
+
+    torch.cuda.synchronize()
+    before = streams_with_memory()
+    x = _batches(1)[0]
+    graphed_model, default_model = _model(), _model()
+    graphed = _opt(graphed_model, layer_streams=0)
+    step = graphed.graphed_step(lambda: _loss(graphed_model(x), x), warmup=3)
+    default = _opt(default_model, layer_streams=0)
+    for _ in range(5):
+        step()
+        default.step(lambda: _loss(default_model(x), x))
+    torch.cuda.synchronize()
+    assert step.last_mode == "replay" and default.fused_solver.last_mode.startswith("graph-replay")
+    allowed = {torch.cuda.current_stream().cuda_stream, graph_side_stream(x.device).cuda_stream}
+    assert streams_with_memory() - before <= allowed
