@@ -7,10 +7,11 @@ dir=results/notebook-defaults-cpu
 gpu=results/gpu-h200-standard-mnist
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=src
-$PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/locoprop-m-bf16-update-form-100" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" \
+$PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/locoprop-m-bf16" "$dir/locoprop-m-bf16-update-form-100" "$dir/rmsprop-cpu" "$gpu/locoprop-m" "$gpu/rmsprop" "$dir/locoprop-m-T5" \
   --views epoch --out "$dir/curves.png" \
   --labels "notebook defaults, CPU FP32" "notebook defaults, CPU bf16 (plain products)" \
     "notebook defaults, CPU bf16 (update form)" "tuned RMSProp, CPU" "tuned LocoProp-M, H200 FP32" "tuned RMSProp, H200" \
+    "notebook defaults, CPU FP32, T = 5" \
   --title "LocoProp-M with the notebook's defaults (CPU, FP32 and bf16), tuned LocoProp-M and RMSProp (H200 and CPU)" > /dev/null
 $PY -m locoprop plot "$dir/locoprop-m-fp32" "$dir/rmsprop-cpu" --views wall_time --out "$dir/wall-time-cpu.png" \
   --title "Train loss against training time on this 2-core CPU, each run alone" > /dev/null
@@ -34,6 +35,8 @@ $PY benchmarks/results_readme.py "$dir" \
   --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --precision bf16 --compile-elementwise --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-bf16-update-form-100 --no-progress" \
   --command "# session 11, after it: the tuned RMSProp with seeds 1 to 3 as one population (seed-N/config.json and metrics.jsonl copied to rmsprop-cpu-seeds/)" \
   --command "locoprop train --config results/tuning-h200-100epoch/best-rmsprop.yaml --device cpu --data-dir /work/shared/data/mnist --seeds 1 2 3 --out rmsprop-cpu-seeds --no-progress" \
+  --command "# session 12: the same settings with T = 5 local iterations, FP32 (tests, benchmarks and a CI run shared the CPU with it over many of its epochs: its wall times are not meant)" \
+  --command "locoprop train --config configs/notebook-defaults-locoprop-m.yaml --local-steps 5 --device cpu --data-dir /work/shared/data/mnist --out locoprop-m-T5 --no-progress" \
   --command "bash results/notebook-defaults-cpu/make_readme.sh   # curves.png, time-to-*.md/json, this README" \
   --note "**Settings.** The authors' public notebook (locoprop_training.ipynb in google-research, read for its facts) sets as its flags' defaults learning_rate 1e-5, activation_learning_rate 10, one_minus_beta1 0.001, one_minus_beta2 0.1, epsilon 1e-5 for LocoProp-M with TF-RMSProp (\`configs/notebook-defaults-locoprop-m.yaml\`). These runs train them with the figures' protocol (all of MNIST, batch 1000, 100 epochs, 5 warm-up epochs then linear decay). The harness's studies never tried them: every earlier 100-epoch LocoProp-M run used the best setting of the CPU studies (η 8.06e-6, γ 500, β1 0.976, β2 0.931, ε 7.3e-9), which ends above RMSProp. rmsprop-cpu is the best RMSProp setting of the 100-epoch H200 study (\`../tuning-h200-100epoch/best-rmsprop.yaml\`), trained again on this CPU." \
   --note "**Wall-clock times.** rmsprop-cpu and locoprop-m-fp32 ran one after the other, each with both cores (PyTorch's 2 threads); FP32 LocoProp-M ran the CPU's default solver (the reference loop). Light editing went on beside them; short test runs (a few seconds, lowered priority) overlapped rmsprop-cpu's epochs 5 to 20 and 65, and its wall time is a few percent high there. From epoch 58 on (after it had passed every target of the tables) benchmarks and tests shared the CPU with locoprop-m-fp32, so its later wall times are high. locoprop-m-bf16 (session 9) shared the CPU with test runs: its wall time says nothing about speed. The run folders' checkpoints are left out of git." \
@@ -201,4 +204,45 @@ print(f"\nOver the {len(seeds)} seeds RMSProp ends epoch {last - 1} at {min(e99)
       + ("every seed's final loss" if all(first(fp32, v) for v in fin) else "not every seed's final loss")
       + f" by epoch {max(first(fp32, v) or 0 for v in fin)}. The spread of LocoProp-M over seeds is still to be "
       "measured (a GPU population, `docs/performance.md`).")
+PY
+# Session 12: T = 5 against T = 10, and both runs' epochs against the H200 RMSProp's loss, timed by H200 step times
+$PY benchmarks/time_to_loss.py "$dir" --reference rmsprop --reference-dir results/gpu-h200-notebook-defaults \
+  --runs locoprop-m-fp32 locoprop-m-T5 --perf results/perf/NVIDIA-H200-2026-11-27.json \
+  --out "$dir/h200-estimate-time-to-rmsprop-loss" > /dev/null
+$PY - "$dir/locoprop-m-fp32" "$dir/locoprop-m-T5" "$dir/h200-estimate-time-to-rmsprop-loss.json" >> "$dir/README.md" <<'PY'
+import json, sys
+from pathlib import Path
+
+
+def load(folder):
+    rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["epoch"]: r["train_loss"] for r in rows if "epoch" in r}
+
+
+t10, t5 = load(sys.argv[1]), load(sys.argv[2])
+est = json.loads(Path(sys.argv[3]).read_text())
+print("\n## T = 5 local iterations (session 12)\n")
+print("The notebook's settings with `--local-steps 5` (`locoprop-m-T5/`), beside the T = 10 run (FP32, both on "
+      "this CPU): train loss after some epochs.\n")
+epochs = [e for e in (2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99, 100) if e in t5 and e in t10]
+print("| run | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
+print("| --- | " + " | ".join("---" for _ in epochs) + " |")
+for name, loss in (("T = 10", t10), ("T = 5", t5)):
+    print(f"| {name} | " + " | ".join(f"{loss[e]:.3f}" for e in epochs) + " |")
+print(f"\n**Against the H200 RMSProp's loss, timed by H200 step times** "
+      f"([h200-estimate-time-to-rmsprop-loss.md](h200-estimate-time-to-rmsprop-loss.md), "
+      f"`time_to_loss.py --reference-dir`): the target is the {est['target']} ({est['target_loss']:.3f}); each "
+      "CPU run's epoch at the target, times 60 steps, times the H200's median step of the same configuration "
+      "(`../perf/NVIDIA-H200-2026-11-27.json`, session 4: `graphed` LocoProp-M at T = 10 and T = 5, eager "
+      "RMSProp). The FP32 trajectories of this CPU and the H200 agree within 0.07% for T = 10 "
+      "(`../gpu-h200-notebook-defaults/`), which is what makes the CPU's epochs stand for the H200's. An "
+      "estimate, for the next device session to measure:\n")
+print("| run | epoch at the target | H200 step ms | estimated H200 s | x RMSProp's estimate |")
+print("| --- | --- | --- | --- | --- |")
+ref = est["rows"][0]
+for r in est["rows"]:
+    ratio = r["estimate_s"] / ref["estimate_s"] if r["estimate_s"] and ref["estimate_s"] else None
+    print(f"| {r['run']} | {r['epoch'] or 'not reached'} | {'' if r['step_ms_uncontended'] is None else format(r['step_ms_uncontended'], '.2f')} | "
+          f"{'' if r['estimate_s'] is None else format(r['estimate_s'], '.1f')} | "
+          f"{'' if ratio is None else format(ratio, '.2f')} |")
 PY
