@@ -5,7 +5,8 @@ with small products the step's time follows this count (issue 5; ``docs/performa
 runs one step of LocoProp-M on the CPU (the same Python path issues the same operations on CUDA, apart from
 the streams' fork and join), counts the non-view ATen operations of its local solve with a
 ``TorchDispatchMode`` (multi-tensor ``_foreach_*`` operations count once: one launch for up to a few hundred
-64K-element chunks on CUDA), and writes them per order and in total.
+64K-element chunks on CUDA), and writes them per order and in total; for TF-RMSProp also with the update as
+the CUDA default issues it, one Triton launch per layer and iteration (``--updates``).
 
     python benchmarks/kernel_count.py --models standard wide deep --local-steps 10 \\
         --inners tf_rmsprop adam adagrad --out results/kernel-counts/kernel-counts.json
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import locoprop
+from locoprop import triton_kernels
 from locoprop.fused import SOLVE_ORDERS
+from locoprop.update_rules import update_rule_for
 from locoprop.harness.models import OUTPUT_TRANSFER, AutoencoderLoss, build_autoencoder
 
 
@@ -34,32 +39,54 @@ class OperationCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
+        self.paused = False  # inside a stand-in for a Triton launch (counted as one launch by the caller)
+        self.counting = False  # inside the counted solve
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+        if not func.is_view and not self.paused:
             self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
 def solve_operations(model_name: str, local_steps: int, order: str, batch_size: int = 64,
-                     inner: str = "tf_rmsprop") -> collections.Counter:
-    """The operations of one local solve of LocoProp-M (with ``inner`` as inner optimizer) on ``model_name``."""
+                     inner: str = "tf_rmsprop", update: str = "foreach") -> collections.Counter:
+    """The operations of one local solve of LocoProp-M (with ``inner`` as inner optimizer) on ``model_name``.
+
+    ``update="triton"``: the update as the CUDA default issues it, one Triton launch per layer and iteration
+    (``triton_update``), counted as ``triton:tf_rmsprop_pair``; on the CPU each launch's arithmetic is done by
+    the multi-tensor update, uncounted (the count is of what the solver issues, which values do not change)."""
     torch.manual_seed(0)
     model = build_autoencoder(model_name, "tanh")
     loss_fn = AutoencoderLoss()
     x = torch.rand(batch_size, 784)
     opt = locoprop.LocoProp(model, variant="M", lr=1e-4, activation_lr=10.0, local_steps=local_steps,
-                            output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order, inner=inner)
-    opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
-    solver, run = opt.fused_solver, opt.fused_solver._run
+                            output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order, inner=inner,
+                            triton_update=update == "triton")
     counter = OperationCount()
+    rule, _ = update_rule_for(opt.inner)
 
-    def counted(*args):
-        with counter:
-            run(*args)
+    def launch(params, grads, states, lr, *hyper):  # one launch (of the counted solve), its arithmetic uncounted
+        counter.ops["triton:tf_rmsprop_pair"] += counter.counting
+        counter.paused = True
+        try:
+            rule.update_layers([(params, grads, states, (lr,))])
+        finally:
+            counter.paused = False
 
-    solver._run = counted
-    opt.step(lambda: loss_fn(model(x), x))
+    with contextlib.ExitStack() as stack:
+        if update == "triton":
+            stack.enter_context(mock.patch.object(triton_kernels, "available", lambda device: True))
+            stack.enter_context(mock.patch.object(triton_kernels, "tf_rmsprop_update_", launch))
+        opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
+        solver, run = opt.fused_solver, opt.fused_solver._run
+
+        def counted(*args):
+            counter.counting = True
+            with counter:
+                run(*args)
+
+        solver._run = counted
+        opt.step(lambda: loss_fn(model(x), x))
     return counter.ops
 
 
@@ -68,25 +95,32 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["standard"])
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--inners", nargs="+", default=["tf_rmsprop"], help="inner optimizers (locoprop.inner names)")
+    p.add_argument("--updates", nargs="+", default=["foreach", "triton"], choices=["foreach", "triton"],
+                   help="the update as multi-tensor operations, or as one Triton launch per layer (TF-RMSProp only)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
     records = []
     for model_name in args.models:
         for inner in args.inners:
-            for order in SOLVE_ORDERS:
-                ops = solve_operations(model_name, args.local_steps, order, inner=inner)
-                records.append({"model": model_name, "local_steps": args.local_steps, "inner": inner,
-                                "order": order, "operations": sum(ops.values()),
-                                "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
-                print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {order:16} {sum(ops.values()):6d} "
-                      f"operations ({sum(ops.values()) / args.local_steps:.1f} per iteration)", flush=True)
+            for update in args.updates:
+                if update == "triton" and inner != "tf_rmsprop":  # the only rule with a Triton kernel
+                    continue
+                for order in SOLVE_ORDERS:
+                    ops = solve_operations(model_name, args.local_steps, order, inner=inner, update=update)
+                    records.append({"model": model_name, "local_steps": args.local_steps, "inner": inner,
+                                    "update": update, "order": order, "operations": sum(ops.values()),
+                                    "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
+                    print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {update:8} {order:16} "
+                          f"{sum(ops.values()):6d} operations ({sum(ops.values()) / args.local_steps:.1f} per "
+                          "iteration)", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
                 "counted by a TorchDispatchMode on the CPU (the fast solver's eager path; compile_elementwise "
-                "off; without the CUDA streams' fork and join)"}
+                "off; without the CUDA streams' fork and join); with update triton, each Triton launch of the "
+                "update (the CUDA default) counts as one operation"}
         out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
         (out.parent / "README.md").write_text(readme(meta, records, out.name))
     return 0
@@ -97,12 +131,13 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
     lines = ["# Operations of one local solve, by order of the fast solver", "",
              f"Written by `benchmarks/kernel_count.py` with `{json_name}` (its docstring says what is counted): "
              f"{meta['what']}. Command: `{meta['command']}`; torch {meta['torch']}; {meta['date']}.", "",
-             "| model | T | inner optimizer | order | operations | per iteration | update's multi-tensor operations |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | T | inner optimizer | update | order | operations | per iteration | update's operations |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        update = sum(c for n, c in r["by_name"].items() if n.startswith("_foreach"))
-        lines.append(f"| {r['model']} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | {r['order']} | "
-                     f"{r['operations']} | {r['per_iteration']:.1f} | {update} |")
+        update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:")))
+        lines.append(f"| {r['model']} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
+                     f"{r.get('update', 'foreach')} | {r['order']} | {r['operations']} | {r['per_iteration']:.1f} | "
+                     f"{update} |")
     return "\n".join(lines) + "\n"
 
 

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
+from . import triton_kernels
 from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
@@ -240,6 +241,15 @@ class FusedIterativeSolver:
             one pass over each tensor instead of nine.  It compiles on the
             first step (tens of seconds) and agrees with the eager update up
             to rounding (fused multiply-adds).
+        triton_update: the inner-optimizer update of each layer and
+            iteration as one Triton kernel launch instead of nine multi-tensor
+            operations (:mod:`locoprop.triton_kernels`; TF-RMSProp, the
+            paper's inner optimizer; the other rules keep their multi-tensor
+            update).  ``None`` (default): on CUDA where Triton is installed,
+            falling back to the multi-tensor update with a warning if the
+            kernel fails to compile; ``True``: required (an error where it
+            cannot run; on the CPU it runs under ``TRITON_INTERPRET=1`` only);
+            ``False``: never.  ``compile_elementwise`` takes precedence.
         order: ``"layer-major"`` (default): each layer's ``T`` iterations
             run as one chain, the chains side by side on the layer streams;
             ``"iteration-major"``: iteration ``k`` of every layer, then one
@@ -255,7 +265,8 @@ class FusedIterativeSolver:
     name = "fused"
 
     def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool | int = True,
-                 compile_elementwise: bool = False, order: str = "layer-major") -> None:
+                 compile_elementwise: bool = False, order: str = "layer-major",
+                 triton_update: bool | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if order not in SOLVE_ORDERS:
@@ -264,6 +275,9 @@ class FusedIterativeSolver:
         self.precision = precision
         self.cuda_graph = bool(cuda_graph)
         self.compile_elementwise = bool(compile_elementwise)
+        if triton_update not in (None, True, False):
+            raise ValueError(f"triton_update: expected None, True or False, got {triton_update!r}")
+        self.triton_update: bool | None = triton_update
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -458,10 +472,24 @@ class FusedIterativeSolver:
             for gr, p, a in zip(c.layer.grads, c.layer.params, c.anchor):
                 gr.add_((p - a) * coefficient)
 
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether the update runs as Triton kernels on ``device`` (:attr:`triton_update`); raises where it is
+        required and cannot run."""
+        if self.triton_update is False:
+            return False
+        if self.triton_update is None:
+            return torch.device(device).type == "cuda" and triton_kernels.available(device)
+        if not triton_kernels.available(device):
+            raise RuntimeError(f"triton_update=True: the Triton kernels cannot run on {device} (they need CUDA and "
+                               "Triton installed, or TRITON_INTERPRET=1; turned off after a failure: "
+                               f"{triton_kernels.disabled_because() or 'no'}); use triton_update=None or False")
+        return True
+
     def _update(self, chains: list[_Chain], rule: UpdateRule, table: torch.Tensor, k: int) -> None:
         """Iteration ``k``'s inner-optimizer update of the layers of ``chains`` (``η_k`` and the rule's other
         scalars of each layer from ``table``): one multi-tensor update over all of them, or, with
-        ``compile_elementwise``, one compiled program (one pass per tensor)."""
+        ``compile_elementwise``, one compiled program (one pass per tensor), or, with :meth:`uses_triton`, one
+        Triton kernel per layer."""
         if len(chains) == 1 or self.shared_rates is None:
             groups = [[c] for c in chains]
         else:
@@ -474,7 +502,8 @@ class FusedIterativeSolver:
                   for members in groups if members]
         if self.compile_elementwise and rule.tensor_kernel is not None:
             rule.update_layers_compiled(layers)
-        else:
+        elif not (self.uses_triton(table.device)
+                  and rule.update_layers_triton(layers, strict=self.triton_update is True)):
             rule.update_layers(layers)
 
     def _chain(self, c: _Chain, loss: LocalLoss, rule: UpdateRule, table: torch.Tensor) -> None:
@@ -599,6 +628,7 @@ class FusedIterativeSolver:
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
+                 self.uses_triton(table.device),
                  self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer, start) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,

@@ -141,6 +141,12 @@ class LocoProp(Optimizer):
             5.11 -> 4.37 ms, wide 30.1 -> 27.1, deep 11.6 -> 9.9;
             ``results/perf/NVIDIA-H200-2026-11-27.json``), but it compiles on
             the first step, which a short run may not win back.
+        triton_update: the TF-RMSProp update of each layer and local
+            iteration as one Triton kernel (:mod:`locoprop.triton_kernels`)
+            instead of nine multi-tensor operations.  ``None`` (default): on
+            CUDA where Triton is installed (it comes with PyTorch's CUDA
+            builds), with a warning and the multi-tensor update if the kernel
+            fails to compile; ``True``: required; ``False``: never.
         solve_order: the fast solver's order of work: ``"layer-major"``
             (default: each layer's ``T`` iterations as one chain on its
             stream) or ``"iteration-major"`` (iteration ``k`` of every layer,
@@ -177,6 +183,7 @@ class LocoProp(Optimizer):
         cuda_graph: bool = True,
         layer_streams: bool | int = True,
         compile_elementwise: bool = False,
+        triton_update: bool | None = None,
         solve_order: str = "layer-major",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -225,7 +232,8 @@ class LocoProp(Optimizer):
         if self.variant.solver == "iterative":
             self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph,
                                                      layer_streams=layer_streams,
-                                                     compile_elementwise=compile_elementwise, order=solve_order)
+                                                     compile_elementwise=compile_elementwise, order=solve_order,
+                                                     triton_update=triton_update)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
             if why and (backend == "fused" or precision != "fp32"):
                 raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
@@ -696,7 +704,7 @@ class CapturedStep:
                       for g in opt.inner.param_groups)
         solver = opt.fused_solver
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, solver.order,
-                solver.layer_streams, solver.compile_elementwise)
+                solver.layer_streams, solver.compile_elementwise, solver.triton_update)
 
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 
 import torch
 from torch.optim import Optimizer
@@ -119,6 +120,12 @@ class UpdateRule:
         compile_once(each_tensor(type(self).tensor_kernel))(
             [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
             scalars, self.hyper() + self.branches())
+
+    def update_layers_triton(self, layers: list[tuple], strict: bool = False) -> bool:
+        """:meth:`update_layers` with one Triton kernel launch per layer (:mod:`locoprop.triton_kernels`) where
+        this rule has a kernel and every tensor suits it; ``False``, having changed nothing, where not (the
+        caller then runs :meth:`update_layers`)."""
+        return False
 
     def count_steps(self, p: torch.Tensor, steps: int) -> None:
         """Host-side bookkeeping after ``steps`` updates of ``p``: the optimizer's ``step`` counter, where it
@@ -257,6 +264,33 @@ class TFRMSpropRule(UpdateRule):
         torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
         torch._foreach_add_(buffers, grads)
         torch._foreach_sub_(params, buffers)
+
+    def update_layers_triton(self, layers, strict=False):
+        """One launch per layer (weights and bias) instead of nine multi-tensor operations
+        (:func:`locoprop.triton_kernels.tf_rmsprop_update_`).  Where a launch fails (Triton cannot compile the
+        kernel for this device, say), the layers not yet updated get :meth:`update_layers`, the kernels are
+        turned off for the process and a warning says why; with ``strict`` the error is raised instead."""
+        from . import triton_kernels
+
+        pairs = [(params[i:i + 2], grads[i:i + 2], states[i:i + 2], scalars)
+                 for params, grads, states, scalars in layers for i in range(0, len(params), 2)]
+        if not all(triton_kernels.suits([p.detach() for p in params] + list(grads) + [s for st in states for s in st],
+                                        scalars[0]) for params, grads, states, scalars in pairs):
+            return False
+        alpha, mom, eps = self.hyper()
+        for done, (params, grads, states, scalars) in enumerate(pairs):
+            try:
+                triton_kernels.tf_rmsprop_update_(params, grads, states, scalars[0], alpha, mom, eps)
+            except Exception as exc:  # raised at compilation or launch, before this launch changed anything
+                if strict:
+                    raise RuntimeError(f"triton_update: the TF-RMSProp kernel failed ({type(exc).__name__}: "
+                                       f"{exc})") from exc
+                triton_kernels.disable(f"{type(exc).__name__}: {exc}")
+                warnings.warn(f"triton_update: the TF-RMSProp kernel failed ({type(exc).__name__}: {exc}); the "
+                              "multi-tensor update runs from now on", RuntimeWarning, stacklevel=3)
+                self.update_layers(pairs[done:])
+                break
+        return True
 
 
 class SGDRule(UpdateRule):

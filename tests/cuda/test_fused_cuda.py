@@ -118,6 +118,70 @@ def test_graphed_step_equals_reference(order):
         assert torch.equal(ref.inner.state[p]["step"], fast.inner.state[q]["step"])
 
 
+@pytest.mark.parametrize("shapes", [[(300, 784), (300,)], [(37, 29), (37,)], [(3000,)], [(1030, 2), (1,)],
+                                    [(1, 1), (1,)]])
+def test_triton_kernel_compiles_and_equals_the_multi_tensor_update(shapes):
+    """The compiled kernel (sizes of one element among them, which Triton would otherwise specialise on) against
+    the multi-tensor update, three updates at rates read from a device table: within float32 rounding."""
+    from locoprop import triton_kernels
+    from locoprop.inner import TFRMSprop
+    from locoprop.update_rules import TFRMSpropRule
+
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    params = [torch.randn(s, device=DEV, generator=gen) for s in shapes]
+    grads = [torch.randn(s, device=DEV, generator=gen) for s in shapes]
+    states = [[torch.rand(s, device=DEV, generator=gen), torch.randn(s, device=DEV, generator=gen)] for s in shapes]
+    ref = copy.deepcopy((params, grads, states))
+    rule = TFRMSpropRule(TFRMSprop([torch.zeros(1, device=DEV)], lr=1.0, alpha=0.9, momentum=0.5, eps=1e-8))
+    table = torch.tensor([[0.0, 0.3, 0.2, 0.1]], device=DEV)
+    for k in range(1, 4):
+        triton_kernels.tf_rmsprop_update_(params, [g.clone() for g in grads], states, table[0, k], 0.9, 0.5, 1e-8)
+        rule.update_layers([(ref[0], [g.clone() for g in ref[1]], ref[2], (table[0, k],))])
+    for a, b in zip(params + [s for st in states for s in st], ref[0] + [s for st in ref[2] for s in st]):
+        assert ((a - b).norm() / b.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+def test_triton_updates_are_the_cuda_default_and_equal_the_multi_tensor_update(monkeypatch, graphed, order):
+    """On CUDA the update is one Triton kernel per layer and iteration by default (Triton comes with PyTorch's
+    CUDA builds), compiled without a warning, inside the solve graphs and the captured whole step alike; 8
+    steps agree with the multi-tensor update to 1e-5, weights and inner state."""
+    import warnings
+
+    from locoprop import triton_kernels
+
+    launches = []
+    launch = triton_kernels.tf_rmsprop_update_
+
+    def counted(params, *args):
+        launches.append(len(params))
+        return launch(params, *args)
+    monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted)
+    models, opts = [], []
+    for triton_update in (None, False):
+        model = _model()
+        opt = _opt(model, solve_order=order, triton_update=triton_update)
+        static_x = torch.empty(256, 784, device=DEV)
+        step = opt.graphed_step(lambda: _loss(model(static_x), static_x)) if graphed else \
+            (lambda: opt.step(lambda: _loss(model(static_x), static_x)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for x in _batches(8):
+                static_x.copy_(x)
+                step()
+        models.append(model)
+        opts.append(opt)
+    assert opts[0].fused_solver.uses_triton(DEV) and not opts[1].fused_solver.uses_triton(DEV)
+    layers = len(opts[0].layers)
+    assert launches and set(launches) == {2} and len(launches) % (10 * layers) == 0  # eager and captured steps
+    assert _rel(models[1], models[0]) < 1e-5
+    for p, q in zip(models[1].parameters(), models[0].parameters()):
+        for key in ("mean_square", "momentum_buffer"):
+            a, b = opts[1].inner.state[p][key], opts[0].inner.state[q][key]
+            assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("inner, inner_kwargs, reset", [
     ("adam", {}, False),
     ("adamw", {"weight_decay": 0.1}, True),  # the bias corrections start again at step 1 in every replay

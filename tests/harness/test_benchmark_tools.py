@@ -73,13 +73,16 @@ def test_time_to_loss_finds_the_first_epoch_at_the_target(tmp_path):
 
 def test_time_to_loss_takes_the_step_time_of_the_runs_own_mode():
     """A LocoProp run's step time is the benchmark's row of its own settings: ``compile_elementwise``, the
-    iteration-major order, the host rollback and torch's inner optimizers each name a mode flag."""
+    iteration-major order, the host rollback, torch's inner optimizers and the multi-tensor update each name a
+    mode flag."""
     mod = _module("time_to_loss")
     base = {"optimizer": "locoprop-m", "model": "standard", "batch_size": 1000, "local_steps": 10}
     perf = [{**base, "mode": mode, "precision": "fp32", "step_ms_median": ms}
             for mode, ms in (("graphed", 5.0), ("graphed-compiled", 4.0), ("graphed-iter-compiled", 4.5),
-                             ("graphed-adam", 5.5), ("graphed-host", 5.2))]
+                             ("graphed-adam", 5.5), ("graphed-host", 5.2), ("graphed-iter-foreach", 6.0))]
     assert mod._step_ms(perf, base) == 5.0
+    assert mod._step_ms(perf, {**base, "triton_update": None}) == 5.0
+    assert mod._step_ms(perf, {**base, "triton_update": False, "solve_order": "iteration-major"}) == 6.0
     assert mod._step_ms(perf, {**base, "compile_elementwise": True}) == 4.0
     assert mod._step_ms(perf, {**base, "compile_elementwise": True, "solve_order": "iteration-major"}) == 4.5
     assert mod._step_ms(perf, {**base, "inner": "adam"}) == 5.5
@@ -392,7 +395,8 @@ def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_ite
     """benchmarks/kernel_count.py counts the operations of one solve: the per-layer work (products, residuals,
     column sums) is the same in both orders; TF-RMSProp's nine multi-tensor operations run once per layer
     and iteration in the layer-major order and once per iteration in the iteration-major order (its η_k
-    multiply once for all the layers that share their learning rates, here all)."""
+    multiply once for all the layers that share their learning rates, here all).  With the Triton update (the
+    CUDA default) each layer's update is one launch in either order, and nothing else changes."""
     from torch import nn
 
     from locoprop.harness.models import build_autoencoder
@@ -410,6 +414,10 @@ def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_ite
     assert per_layer == {n: c for n, c in it.items() if not n.startswith("_foreach")}
     assert (per_layer["mm"], per_layer["addmm"], per_layer["sum"]) == (L * T, L * (T - 1), L * T)
     assert sum(lay.values()) - sum(it.values()) == T * (9 * L - 9)
+    for order, counts in (("layer-major", lay), ("iteration-major", it)):  # the CUDA default: one launch a layer
+        tri = mod.solve_operations("tiny", T, order, batch_size=8, update="triton")
+        assert tri.pop("triton:tf_rmsprop_pair") == L * T
+        assert tri == per_layer, order
 
 
 def test_step_profile_sorts_kernels_by_kind_and_counts_a_step(tmp_path):

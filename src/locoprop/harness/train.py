@@ -108,6 +108,9 @@ class TrainConfig:
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
                                      "compilation on the first step)", default=False)
+    triton_update: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update as one Triton "
+                                      "kernel (unset: on CUDA where Triton is installed; false: the multi-tensor "
+                                      "update)", default=None)
     solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
                             "on its CUDA stream) or iteration-major (iteration k of every layer, then one "
                             "multi-tensor update of all layers); the same result", default="layer-major")
@@ -139,8 +142,10 @@ class TrainConfig:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
+        if self.triton_update not in (None, True, False):
+            raise ValueError(f"triton_update: expected true, false or unset, got {self.triton_update!r}")
         for name, default in (("precision", "fp32"), ("rollback", "device"), ("compile_elementwise", False),
-                              ("solve_order", "layer-major")):
+                              ("triton_update", None), ("solve_order", "layer-major")):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
                 raise ValueError(f"{name}: {getattr(self, name)!r} applies to the LocoProp optimizers only, not "
                                  f"{self.optimizer!r}")
@@ -438,7 +443,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
                           kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise,
-                          solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
+                          triton_update=cfg.triton_update, solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
