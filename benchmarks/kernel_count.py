@@ -52,9 +52,11 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
                      inner: str = "tf_rmsprop", update: str = "foreach") -> collections.Counter:
     """The operations of one local solve of LocoProp-M (with ``inner`` as inner optimizer) on ``model_name``.
 
-    ``update="triton"``: the update as the CUDA default issues it, one Triton launch per layer and iteration
-    (``triton_update``), counted as ``triton:tf_rmsprop_pair``; on the CPU each launch's arithmetic is done by
-    the multi-tensor update, uncounted (the count is of what the solver issues, which values do not change)."""
+    ``update="triton"``: the elementwise work as the CUDA default issues it (``triton_update``): one Triton
+    launch per layer and iteration for the update, counted as ``triton:tf_rmsprop_pair``, and one for ``δ`` and
+    ``Σδ`` of every iteration after the first, ``triton:residual_column_sums``; on the CPU each launch's
+    arithmetic is done by PyTorch's operations, uncounted (the count is of what the solver issues, which the
+    values do not change)."""
     torch.manual_seed(0)
     model = build_autoencoder(model_name, "tanh")
     loss_fn = AutoencoderLoss()
@@ -65,18 +67,30 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
     counter = OperationCount()
     rule, _ = update_rule_for(opt.inner)
 
-    def launch(params, grads, states, lr, *hyper):  # one launch (of the counted solve), its arithmetic uncounted
-        counter.ops["triton:tf_rmsprop_pair"] += counter.counting
+    def uncounted(name: str, work) -> None:  # one launch (of the counted solve), its arithmetic uncounted
+        counter.ops[f"triton:{name}"] += counter.counting
         counter.paused = True
         try:
-            rule.update_layers([(params, grads, states, (lr,))])
+            work()
         finally:
             counter.paused = False
+
+    def update_launch(params, grads, states, lr, *hyper):
+        uncounted("tf_rmsprop_pair", lambda: rule.update_layers([(params, grads, states, (lr,))]))
+
+    def residual_launch(pre, target, bias_grad, transfer):
+        def work():
+            [lambda a: a, torch.tanh_, torch.sigmoid_][transfer](pre).sub_(target)
+            if bias_grad is not None:
+                torch.sum(pre, 0, out=bias_grad)
+        uncounted("residual_column_sums", work)
+        return pre
 
     with contextlib.ExitStack() as stack:
         if update == "triton":
             stack.enter_context(mock.patch.object(triton_kernels, "available", lambda device: True))
-            stack.enter_context(mock.patch.object(triton_kernels, "tf_rmsprop_update_", launch))
+            stack.enter_context(mock.patch.object(triton_kernels, "tf_rmsprop_update_", update_launch))
+            stack.enter_context(mock.patch.object(triton_kernels, "residual_", residual_launch))
         opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
         solver, run = opt.fused_solver, opt.fused_solver._run
 
@@ -119,8 +133,8 @@ def main(argv=None) -> int:
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
                 "counted by a TorchDispatchMode on the CPU (the fast solver's eager path; compile_elementwise "
-                "off; without the CUDA streams' fork and join); with update triton, each Triton launch of the "
-                "update (the CUDA default) counts as one operation"}
+                "off; without the CUDA streams' fork and join); with update triton, each Triton launch (the CUDA "
+                "default: the update, and δ with Σδ) counts as one operation"}
         out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
         (out.parent / "README.md").write_text(readme(meta, records, out.name))
     return 0
@@ -134,7 +148,7 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
              "| model | T | inner optimizer | update | order | operations | per iteration | update's operations |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:")))
+        update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:tf_rmsprop")))
         lines.append(f"| {r['model']} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
                      f"{r.get('update', 'foreach')} | {r['order']} | {r['operations']} | {r['per_iteration']:.1f} | "
                      f"{update} |")

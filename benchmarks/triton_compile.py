@@ -1,6 +1,7 @@
-"""How long Triton takes to compile the fast solver's update kernel, cold and from its disk cache.
+"""How long Triton takes to compile the fast solver's kernels, cold and from its disk cache.
 
-The kernel of :mod:`locoprop.triton_kernels` is compiled at its first launch on a GPU.  Triton compiles for a
+The kernels of :mod:`locoprop.triton_kernels` (the update, and the residual of a tanh layer) are compiled at
+their first launch on a GPU.  Triton compiles for a
 named architecture on any machine (it brings its own ``ptxas``), so this script times, on the machine it runs
 on, what a first launch on an A100 (``sm_80``) or an H100/H200 (``sm_90``) compiles: cold, with an empty cache
 directory each time, and again from the filled cache (a second process, or a second run).  The CPU does the
@@ -27,13 +28,17 @@ import torch
 from locoprop import triton_kernels
 
 
-def time_compile(arch: int, cache_dir: str) -> float:
+#: The kernels timed: (name, transfer code of the residual kernel).
+KERNELS = (("tf_rmsprop_pair", 1), ("residual_column_sums", 1))
+
+
+def time_compile(arch: int, kernel: str, transfer: int, cache_dir: str) -> float:
     """Seconds for one :func:`~locoprop.triton_kernels.compile_for` with Triton's cache in ``cache_dir``."""
     before = os.environ.get("TRITON_CACHE_DIR")
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     try:
         t0 = time.perf_counter()
-        compiled = triton_kernels.compile_for(arch)
+        compiled = triton_kernels.compile_for(arch, kernel, transfer)
         seconds = time.perf_counter() - t0
     finally:
         if before is None:
@@ -55,19 +60,21 @@ def main(argv=None) -> int:
 
     records = []
     for arch in args.archs:
-        cold, warm = [], []
-        for _ in range(args.repeat):
-            with tempfile.TemporaryDirectory() as cache:
-                cold.append(time_compile(arch, cache))
-                warm.append(time_compile(arch, cache))
-        records.append({"arch": f"sm_{arch}", "cold_s": cold, "warm_s": warm, "cold_s_median": statistics.median(cold),
-                        "warm_s_median": statistics.median(warm)})
-        print(f"sm_{arch}: cold {statistics.median(cold):.3f} s, from the cache {statistics.median(warm):.4f} s "
-              f"(median of {args.repeat})", flush=True)
+        for kernel, transfer in KERNELS:
+            cold, warm = [], []
+            for _ in range(args.repeat):
+                with tempfile.TemporaryDirectory() as cache:
+                    cold.append(time_compile(arch, kernel, transfer, cache))
+                    warm.append(time_compile(arch, kernel, transfer, cache))
+            records.append({"arch": f"sm_{arch}", "kernel": kernel, "cold_s": cold, "warm_s": warm,
+                            "cold_s_median": statistics.median(cold), "warm_s_median": statistics.median(warm)})
+            print(f"sm_{arch} {kernel}: cold {statistics.median(cold):.3f} s, from the cache "
+                  f"{statistics.median(warm):.4f} s (median of {args.repeat})", flush=True)
     meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
             "machine": f"CPU {platform.machine()}, {os.cpu_count()} cores", "triton": triton.__version__,
-            "torch": torch.__version__, "kernel": "locoprop.triton_kernels tf_rmsprop_pair (BLOCK "
-            f"{triton_kernels.BLOCK})"}
+            "torch": torch.__version__, "kernels": "locoprop.triton_kernels: the TF-RMSProp update (BLOCK "
+            f"{triton_kernels.BLOCK}) and the residual of a tanh layer (tiles {triton_kernels.BLOCK_ROWS} x "
+            f"{triton_kernels.BLOCK_COLUMNS})"}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,15 +85,17 @@ def main(argv=None) -> int:
 
 def readme(meta: dict, records: list[dict], json_name: str) -> str:
     """A Markdown page of the times (written beside the JSON; nothing in it typed by hand)."""
-    lines = ["# Compiling the fast solver's Triton update kernel", "",
-             f"Written by `benchmarks/triton_compile.py` with `{json_name}`: {meta['kernel']}, compiled for each "
-             f"architecture with an empty cache (cold) and then from that cache; {meta['machine']}, no GPU; "
-             f"Triton {meta['triton']}, torch {meta['torch']}; {meta['date']}. Command: `{meta['command']}`.", "",
-             "| architecture | cold compile, median | from the cache, median | cold, each run |",
-             "| --- | --- | --- | --- |"]
+    lines = ["# Compiling the fast solver's Triton kernels", "",
+             f"Written by `benchmarks/triton_compile.py` with `{json_name}`: {meta['kernels']}, each compiled for "
+             f"each architecture with an empty cache (cold) and then from that cache, in one process (its first "
+             f"compile pays Triton's start-up); {meta['machine']}, no GPU; Triton {meta['triton']}, torch "
+             f"{meta['torch']}; {meta['date']}. Command: `{meta['command']}`.", "",
+             "| architecture | kernel | cold compile, median | from the cache, median | cold, each run in order |",
+             "| --- | --- | --- | --- | --- |"]
     for r in records:
         each = ", ".join(f"{s:.3f}" for s in r["cold_s"])
-        lines.append(f"| {r['arch']} | {r['cold_s_median']:.3f} s | {r['warm_s_median']:.4f} s | {each} s |")
+        lines.append(f"| {r['arch']} | {r['kernel']} | {r['cold_s_median']:.3f} s | {r['warm_s_median']:.4f} s | "
+                     f"{each} s |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,32 +82,45 @@ def _train(steps=4, local_steps=3, dtype=torch.float32, solve_order="layer-major
     return model, opt
 
 
-def _count_launches(monkeypatch):
+def _count_launches(monkeypatch, residuals=None):
+    """Count the update kernel's launches (the number of tensors of each) and, into ``residuals``, the residual
+    kernel's (its transfer code each)."""
     calls = []
-    launch = triton_kernels.tf_rmsprop_update_
+    update, residual = triton_kernels.tf_rmsprop_update_, triton_kernels.residual_
 
-    def counted(params, *args):
+    def counted_update(params, *args):
         calls.append(len(params))
-        return launch(params, *args)
-    monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted)
+        return update(params, *args)
+
+    def counted_residual(pre, target, bias_grad, transfer):
+        if residuals is not None:
+            residuals.append(transfer)
+        return residual(pre, target, bias_grad, transfer)
+    monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted_update)
+    monkeypatch.setattr(triton_kernels, "residual_", counted_residual)
     return calls
 
 
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
 def test_solver_with_triton_updates_equals_the_multi_tensor_solver(interpreted, monkeypatch, order):
-    """LocoProp-M on the fast solver, several steps: weights and inner state with ``triton_update=True`` agree
-    with ``triton_update=False`` to 1e-5 (issue 5's tolerance), and every update was one launch per layer."""
-    calls = _count_launches(monkeypatch)
+    """LocoProp-M on the fast solver, several steps: the weights with ``triton_update=True`` agree with
+    ``triton_update=False`` to 1e-5 (issue 5's tolerance), the inner state to 1e-4 (a bias's gradient is a sum
+    over the batch that mostly cancels, so the order of that sum, the kernel's own, shows more in its momentum
+    than in any weight); every update was one launch per layer, and every iteration after the first computed
+    ``δ`` and ``Σδ`` in one launch per layer (tanh, identity and sigmoid layers: the autoencoder has all three)."""
+    residuals = []
+    calls = _count_launches(monkeypatch, residuals)
     m_ref, o_ref = _train(triton_update=False, solve_order=order)
-    assert calls == []
+    assert calls == [] and residuals == []
     m_tri, o_tri = _train(triton_update=True, solve_order=order)
-    layers = len(o_tri.layers)
-    assert calls == [2] * (4 * 3 * layers)  # steps x T x layers, weights and bias together
+    steps, T, layers = 4, 3, len(o_tri.layers)
+    assert calls == [2] * (steps * T * layers)  # weights and bias together
+    assert len(residuals) == steps * (T - 1) * layers and set(residuals) == {0, 1, 2}
     for p, q in zip(m_ref.parameters(), m_tri.parameters()):
         assert ((p - q).norm() / p.norm()).item() < 1e-5
         for key in ("mean_square", "momentum_buffer"):
             a, b = o_ref.inner.state[p][key], o_tri.inner.state[q][key]
-            assert ((a - b).norm() / a.norm()).item() < 1e-5
+            assert ((a - b).norm() / a.norm()).item() < 1e-4
 
 
 def test_auto_uses_triton_on_cuda_only_and_keeps_tensors_it_does_not_take(interpreted, monkeypatch):
@@ -146,7 +159,7 @@ def test_a_failing_kernel_leaves_the_other_layers_to_the_multi_tensor_update(int
     layers = [(*_layer_tensors([(5, 4), (5,)], seed=m), (rates[m],)) for m in range(3)]
     ref = copy.deepcopy(layers)
     with pytest.warns(RuntimeWarning, match="triton_update: the TF-RMSProp kernel failed .RuntimeError: no kernel "
-                                            "for this device.; the multi-tensor update runs from now on"):
+                                            "for this device.; PyTorch.s operations run in place of the Triton kernels from now on"):
         assert rule.update_layers_triton(layers)
     assert calls == [2, 2]
     assert triton_kernels.disabled_because() == "RuntimeError: no kernel for this device"
@@ -182,12 +195,58 @@ def test_triton_update_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernel_compiles_for_ampere_and_hopper_with_rounded_division_and_root(arch):
-    """The kernel as a GPU compiles it at its first launch (not the interpreter's reading of it), compiled here
-    for the A100's and the H100/H200's architectures: PTX and a cubin, its division and square root the
-    round-to-nearest instructions (as PyTorch's own kernels round)."""
+def test_kernels_compile_for_ampere_and_hopper_with_rounded_division_and_root(arch):
+    """The kernels as a GPU compiles them at their first launch (not the interpreter's reading of them),
+    compiled here for the A100's and the H100/H200's architectures: PTX and a cubin; the update's division and
+    square root and the sigmoid's division are the round-to-nearest instructions (as PyTorch's own kernels
+    round), tanh is CUDA's accurate ``tanhf`` (libdevice), not the hardware's approximation, and the bias
+    sums use no atomics (the same sums from run to run)."""
     compiled = triton_kernels.compile_for(arch)
     ptx = compiled.asm["ptx"]
     assert f".target sm_{arch}" in ptx and len(compiled.asm["cubin"]) > 0
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
     assert "div.full" not in ptx and "sqrt.approx" not in ptx
+    for transfer in (0, 1, 2):
+        compiled = triton_kernels.compile_for(arch, "residual_column_sums", transfer)
+        ptx = compiled.asm["ptx"]
+        assert f".target sm_{arch}" in ptx and len(compiled.asm["cubin"]) > 0
+        assert "atom." not in ptx and "tanh.approx" not in ptx and "div.full" not in ptx
+        assert ("div.rn.f32" in ptx) == (transfer == 2)
+
+
+@pytest.mark.parametrize("transfer, f", [(0, lambda a: a), (1, torch.tanh), (2, torch.sigmoid)])
+@pytest.mark.parametrize("shape", [(40, 37), (70, 65), (1, 1), (3, 100)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_residual_kernel_is_f_minus_target_and_its_column_sums(interpreted, transfer, f, shape, bias):
+    """``δ = f(â) - y`` in place and ``Σδ`` over the rows (tiles that do not divide the shape; pre-activations
+    from 1e-4 to 5 in size, where the interpreter's tanh switches from its series to ``exp``)."""
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(shape, generator=gen) * torch.logspace(-4, 0.7, shape[1])
+    target = torch.rand(shape, generator=gen)
+    expected = f(pre) - target
+    bias_grad = torch.full(shape[1:], float("nan")) if bias else None
+    out = triton_kernels.residual_(pre, target, bias_grad, transfer)
+    assert out is pre
+    assert torch.allclose(pre, expected, rtol=1e-6, atol=1e-7)
+    if bias:
+        assert torch.allclose(bias_grad, expected.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_residual_kernel_covers_the_matching_loss_of_three_transfer_functions_and_the_squared_loss():
+    from locoprop.losses import DualMatchingLoss, MatchingLoss, SquaredPostLoss, SquaredPreLoss
+    from locoprop.transfer import Linear, ReLU, Sigmoid, Softmax, Tanh
+
+    code = triton_kernels.residual_transfer
+    assert [code(MatchingLoss(), t) for t in (Linear(), Tanh(), Sigmoid())] == [0, 1, 2]
+    assert code(MatchingLoss(), ReLU()) is None and code(MatchingLoss(), Softmax()) is None
+    assert code(SquaredPreLoss(), None) == 0 and code(SquaredPreLoss(), Tanh()) == 0
+    assert code(SquaredPostLoss(), Tanh()) is None and code(DualMatchingLoss(), Tanh()) is None
+
+
+def test_residual_kernel_takes_only_float32_contiguous_matrices_with_one_bias_value_a_column(interpreted):
+    pre, target, bias_grad = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3)
+    suits = triton_kernels.residual_suits
+    assert suits(pre, target, bias_grad) and suits(pre, target, None)
+    assert not suits(pre.T.contiguous().T, target, bias_grad)
+    assert not suits(pre, target.double(), bias_grad) and not suits(pre, torch.zeros(4, 2), bias_grad)
+    assert not suits(pre, target, torch.zeros(4)) and not suits(pre.reshape(12), target.reshape(12), None)

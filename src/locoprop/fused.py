@@ -241,15 +241,18 @@ class FusedIterativeSolver:
             one pass over each tensor instead of nine.  It compiles on the
             first step (tens of seconds) and agrees with the eager update up
             to rounding (fused multiply-adds).
-        triton_update: the inner-optimizer update of each layer and
-            iteration as one Triton kernel launch instead of nine multi-tensor
-            operations (:mod:`locoprop.triton_kernels`; TF-RMSProp, the
-            paper's inner optimizer; the other rules keep their multi-tensor
-            update).  ``None`` (default): on CUDA where Triton is installed,
-            falling back to the multi-tensor update with a warning if the
-            kernel fails to compile; ``True``: required (an error where it
-            cannot run; on the CPU it runs under ``TRITON_INTERPRET=1`` only);
-            ``False``: never.  ``compile_elementwise`` takes precedence.
+        triton_update: the elementwise work of each layer and iteration as
+            Triton kernels (:mod:`locoprop.triton_kernels`): the inner
+            optimizer's update in one launch instead of nine multi-tensor
+            operations (TF-RMSProp, the paper's inner optimizer; the other
+            rules keep their multi-tensor update), and ``δ`` with ``Σδ`` in
+            one launch instead of three (the matching loss of tanh, the
+            sigmoid and the identity, and the squared loss).  ``None``
+            (default): on CUDA where Triton is installed, falling back to
+            PyTorch's operations with a warning if a kernel fails to compile;
+            ``True``: required (an error where they cannot run; on the CPU
+            they run under ``TRITON_INTERPRET=1`` only); ``False``: never.
+            ``compile_elementwise`` takes precedence.
         order: ``"layer-major"`` (default): each layer's ``T`` iterations
             run as one chain, the chains side by side on the layer streams;
             ``"iteration-major"``: iteration ``k`` of every layer, then one
@@ -456,6 +459,8 @@ class FusedIterativeSolver:
         elif self.compile_elementwise:
             delta = compile_once(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch), c.target, c.transfer,
                                                         bias_grad)
+        elif self._triton_residual(c, loss, W, b, bias_grad):
+            delta = c.scratch
         else:
             delta = loss.grad_(c.pre(W, b, c.scratch), c.target, c.transfer)
             if b is not None:
@@ -463,6 +468,19 @@ class FusedIterativeSolver:
         c.wgrad(delta, lay.grads[0])
         if proximity:
             self._add_proximity(c, table)
+
+    def _triton_residual(self, c: _Chain, loss: LocalLoss, W, b, bias_grad) -> bool:
+        """Iteration ``k ≥ 1``'s pre-activation into ``c.scratch``, then ``δ`` and ``Σδ`` in one Triton launch
+        (:func:`locoprop.triton_kernels.residual_`) where :meth:`uses_triton` and the kernel computes this loss
+        and transfer function; ``False`` where not, or where the kernel failed (the kernels are then off:
+        :func:`~locoprop.triton_kernels.launch_or_fall_back`)."""
+        kind = triton_kernels.residual_transfer(loss, c.transfer)
+        if kind is None or not self.uses_triton(c.scratch.device) \
+                or not triton_kernels.residual_suits(c.scratch, c.target, bias_grad):
+            return False
+        pre = c.pre(W, b, c.scratch)  # (where the kernel fails, before it ran, the caller computes it again)
+        return triton_kernels.launch_or_fall_back("residual", lambda: triton_kernels.residual_(
+            pre, c.target, bias_grad, kind), strict=self.triton_update is True)
 
     @staticmethod
     def _add_proximity(c: _Chain, table: torch.Tensor) -> None:

@@ -141,12 +141,14 @@ class LocoProp(Optimizer):
             5.11 -> 4.37 ms, wide 30.1 -> 27.1, deep 11.6 -> 9.9;
             ``results/perf/NVIDIA-H200-2026-11-27.json``), but it compiles on
             the first step, which a short run may not win back.
-        triton_update: the TF-RMSProp update of each layer and local
-            iteration as one Triton kernel (:mod:`locoprop.triton_kernels`)
-            instead of nine multi-tensor operations.  ``None`` (default): on
-            CUDA where Triton is installed (it comes with PyTorch's CUDA
-            builds), with a warning and the multi-tensor update if the kernel
-            fails to compile; ``True``: required; ``False``: never.
+        triton_update: the fast solver's elementwise work as Triton kernels
+            (:mod:`locoprop.triton_kernels`): each layer's TF-RMSProp update
+            in one launch instead of nine multi-tensor operations, and each
+            local iteration's ``δ`` with ``Σδ`` in one instead of three.
+            ``None`` (default): on CUDA where Triton is installed (it comes
+            with PyTorch's CUDA builds), with a warning and PyTorch's
+            operations if a kernel fails to compile; ``True``: required;
+            ``False``: never.
         solve_order: the fast solver's order of work: ``"layer-major"``
             (default: each layer's ``T`` iterations as one chain on its
             stream) or ``"iteration-major"`` (iteration ``k`` of every layer,

@@ -1,44 +1,59 @@
-r"""One Triton kernel per layer for the fast solver's inner-optimizer update on CUDA (issue 5: fusion).
+r"""Triton kernels for the fast solver's elementwise work on CUDA (issue 5: fusion).
 
-The multi-tensor update of :class:`~locoprop.update_rules.TFRMSpropRule`
-issues nine kernels per local iteration, each one pass over the weights,
-their gradient and the two state tensors:
-``ms ← α ms + (1-α) g²``, ``m ← μ m + η_k g/√(ms+ε)``, ``w ← w - m``
-(paper Sec. 3.3 and reference notes, step 6: the TF-style RMSProp that solves
-each local problem).  In the default layer-major order on CUDA those are nine
-launches per layer and iteration, 720 of the 1543 kernels of a LocoProp-M
-T = 10 step of the standard autoencoder (``results/kernel-counts/``).  The
-kernel here does the whole recurrence of one layer (its weights and its
-bias) in one launch and one pass over each tensor: it reads ``g``, ``ms``,
-``m``, ``w`` once and writes ``ms``, ``m``, ``w`` once.  ``η_k`` is read from
-the solver's learning-rate table on the device, so a captured CUDA graph
-follows schedules without recapture; division and square root round to
-nearest (``div_rn``, ``sqrt_rn``), as PyTorch's own kernels do, so the result
-differs from the multi-tensor update only where the compiler contracts a
-multiply and an add (a few units in the last place).
+Two kernels (their source: :mod:`locoprop._triton_source`), each one launch per layer and local iteration:
 
-Unlike ``compile_elementwise`` (Inductor, which compiles several programs
-on the first step, seconds on a fresh machine), this is one small kernel
-that Triton compiles in well under a second and caches on disk.  Triton
-comes with PyTorch's CUDA builds on Linux; where it is missing, or its
-compilation fails, the solver keeps the multi-tensor update (with a warning
-in the latter case).  On the CPU the kernel runs only under Triton's
-interpreter (``TRITON_INTERPRET=1``, for the tests).
+* **the inner-optimizer update.**  The multi-tensor update of
+  :class:`~locoprop.update_rules.TFRMSpropRule` issues nine kernels per layer
+  and iteration in the default layer-major order, each one pass over the
+  weights, their gradient or the two state tensors:
+  ``ms ← α ms + (1-α) g²``, ``m ← μ m + η_k g/√(ms+ε)``, ``w ← w - m``
+  (paper Sec. 3.3 and reference notes, step 6: the TF-style RMSProp that
+  solves each local problem); 720 of the 1543 kernels of a LocoProp-M T = 10
+  step of the standard autoencoder on an H200.  :func:`tf_rmsprop_update_`
+  does the recurrence of one layer (weights and bias) in one launch, reading
+  ``g``, ``ms``, ``m``, ``w`` once and writing ``ms``, ``m``, ``w`` once;
+  ``η_k`` is read from the solver's learning-rate table on the device, so a
+  captured CUDA graph follows schedules without recapture;
+* **the residual.**  :func:`residual_` computes iteration ``k``'s
+  ``δ = f(â) - y`` in place and its column sums ``Σδ`` (the bias gradient)
+  in one launch where PyTorch issues three (``f``, the difference, the sum):
+  the matching loss's gradient (Eq. 2) for tanh, the sigmoid and the
+  identity, and the squared pre-activation loss's (Eq. 3).
+
+Division and square root round to nearest (``div_rn``, ``sqrt_rn``) and tanh
+and ``exp`` are CUDA's accurate ``libdevice`` functions, as in PyTorch's own
+kernels, so the results differ from PyTorch's operations only where the
+compiler contracts a multiply and an add and in the order of the column sums.
+
+Unlike ``compile_elementwise`` (Inductor, which compiles several programs on
+the first step, seconds on a fresh machine), these are two small kernels that
+Triton compiles in a fraction of a second and caches on disk
+(``results/triton-compile/``).  Triton comes with PyTorch's CUDA builds on
+Linux; where it is missing, or a compilation fails, the solver keeps
+PyTorch's operations (with a warning in the latter case).  On the CPU the
+kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, for the
+tests), which has no ``libdevice``: there tanh is computed from ``exp``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
-__all__ = ["available", "interpreting", "suits", "disable", "disabled_because", "tf_rmsprop_update_", "compile_for",
-           "TF_RMSPROP_PAIR_SIGNATURE"]
+__all__ = ["available", "interpreting", "suits", "disable", "disabled_because", "launch_or_fall_back",
+           "tf_rmsprop_update_", "residual_transfer", "residual_suits", "residual_", "compile_for",
+           "SIGNATURES"]
 
-#: Elements of one tensor a program updates.
+#: Elements of one tensor a program of the update kernel updates.
 BLOCK = 1024
+#: Rows and columns of the tile a program of the residual kernel works on.
+BLOCK_ROWS, BLOCK_COLUMNS = 32, 32
 
 
 def interpreting() -> bool:
@@ -62,6 +77,24 @@ _DISABLED: list[str] = []  # why the kernels were turned off in this process (a 
 def disable(reason: str) -> None:
     """Turn the kernels off for the rest of the process (after a failure: the multi-tensor update stays)."""
     _DISABLED.append(reason)
+
+
+def launch_or_fall_back(what: str, launch, strict: bool) -> bool:
+    """``launch()`` (one kernel launch); ``True`` if it ran.  Where it raises (Triton compiles a kernel before
+    launching it, so the kernel has changed nothing): with ``strict`` (``triton_update=True``) a
+    ``RuntimeError`` naming ``triton_update``; otherwise the kernels are turned off for the process
+    (:func:`disable`), a ``RuntimeWarning`` says why, and ``False``: the caller runs PyTorch's operations."""
+    try:
+        launch()
+    except Exception as exc:
+        message = f"triton_update: the {what} kernel failed ({type(exc).__name__}: {exc})"
+        if strict:
+            raise RuntimeError(message) from exc
+        disable(f"{type(exc).__name__}: {exc}")
+        warnings.warn(message + "; PyTorch's operations run in place of the Triton kernels from now on",
+                      RuntimeWarning, stacklevel=4)
+        return False
+    return True
 
 
 def disabled_because() -> str | None:
@@ -92,60 +125,42 @@ def _interpreter(on: bool):
 
 
 @functools.cache
-def _kernels(interpreted: bool):
-    """The jitted kernels (made on first use; for the interpreter or for the GPU, which Triton decides when it
-    decorates a function)."""
+def _kernels(interpreted: bool) -> dict:
+    """The jitted kernels by name (:mod:`locoprop._triton_source`, loaded on first use as a module of its own
+    for the interpreter or for the GPU, which Triton decides when it decorates a function)."""
+    path = Path(__file__).with_name("_triton_source.py")
+    name = f"locoprop._triton_source_{'interpreted' if interpreted else 'gpu'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
     with _interpreter(interpreted):
-        return _define_kernels()
+        spec.loader.exec_module(module)
+    return module.KERNELS
 
 
-def _define_kernels() -> dict:
-    import triton
-    import triton.language as tl
-
-    # Triton makes an integer argument equal to 1 a compile-time constant: the sizes and block counts are not
-    # specialised, so that the two branches' values keep one type (a bias of one element, say) and one compiled
-    # kernel serves every layer.
-    @triton.jit(do_not_specialize=["n0", "blocks0", "n1"])
-    def tf_rmsprop_pair(w0, g0, ms0, m0, n0, blocks0, w1, g1, ms1, m1, n1, lr, alpha, one_minus_alpha, momentum,
-                        eps, BLOCK: tl.constexpr):
-        """Two tensors (a layer's weights and bias) in one launch: programs ``[0, blocks0)`` update the first,
-        the rest the second; ``η_k`` is read from the 0-d tensor ``lr``."""
-        pid = tl.program_id(0)
-        if pid < blocks0:
-            w, g, ms, m, n, block = w0, g0, ms0, m0, n0, pid
-        else:
-            w, g, ms, m, n, block = w1, g1, ms1, m1, n1, pid - blocks0
-        offsets = block * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < n
-        grad = tl.load(g + offsets, mask=inside, other=0.0)
-        square = tl.load(ms + offsets, mask=inside, other=0.0) * alpha + one_minus_alpha * grad * grad
-        step = tl.load(m + offsets, mask=inside, other=0.0) * momentum + \
-            tl.div_rn(grad, tl.sqrt_rn(square + eps)) * tl.load(lr)
-        tl.store(ms + offsets, square, mask=inside)
-        tl.store(m + offsets, step, mask=inside)
-        tl.store(w + offsets, tl.load(w + offsets, mask=inside, other=0.0) - step, mask=inside)
-
-    return {"tf_rmsprop_pair": tf_rmsprop_pair}
+#: Each kernel's argument types, for :func:`compile_for`.
+SIGNATURES = {
+    "tf_rmsprop_pair": {**{name: "*fp32" for name in ("w0", "g0", "ms0", "m0")}, "n0": "i32", "blocks0": "i32",
+                        **{name: "*fp32" for name in ("w1", "g1", "ms1", "m1")}, "n1": "i32", "lr": "*fp32",
+                        **{name: "fp32" for name in ("alpha", "one_minus_alpha", "momentum", "eps")},
+                        "BLOCK": "constexpr"},
+    "residual_column_sums": {"pre": "*fp32", "target": "*fp32", "bias_grad": "*fp32", "rows": "i32", "cols": "i32",
+                             **{name: "constexpr" for name in ("TRANSFER", "HAS_BIAS", "LIBDEVICE", "BLOCK_R",
+                                                               "BLOCK_C")}},
+}
 
 
-#: The argument types of :func:`tf_rmsprop_update_`'s kernel, for :func:`compile_for`.
-TF_RMSPROP_PAIR_SIGNATURE = {**{name: "*fp32" for name in ("w0", "g0", "ms0", "m0")}, "n0": "i32", "blocks0": "i32",
-                             **{name: "*fp32" for name in ("w1", "g1", "ms1", "m1")}, "n1": "i32", "lr": "*fp32",
-                             **{name: "fp32" for name in ("alpha", "one_minus_alpha", "momentum", "eps")},
-                             "BLOCK": "constexpr"}
-
-
-def compile_for(arch: int, warp_size: int = 32):
-    """The TF-RMSProp kernel compiled ahead of time for the CUDA architecture ``arch`` (``90``: Hopper, the
+def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, warp_size: int = 32):
+    """``kernel`` (``"tf_rmsprop_pair"`` or ``"residual_column_sums"``, the latter for the transfer code
+    ``transfer``, with a bias) compiled ahead of time for the CUDA architecture ``arch`` (``90``: Hopper, the
     H100 and H200), on any machine, no GPU needed (Triton brings its own ``ptxas``): what a first launch on
     such a GPU compiles, for checks and for timing the compilation (``asm["ptx"]``, ``asm["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _kernels(False)["tf_rmsprop_pair"]
-    source = ASTSource(fn=kernel, signature=TF_RMSPROP_PAIR_SIGNATURE, constexprs={"BLOCK": BLOCK})
+    constants = {"BLOCK": BLOCK} if kernel == "tf_rmsprop_pair" else {
+        "TRANSFER": transfer, "HAS_BIAS": True, "LIBDEVICE": True, "BLOCK_R": BLOCK_ROWS, "BLOCK_C": BLOCK_COLUMNS}
+    source = ASTSource(fn=_kernels(False)[kernel], signature=SIGNATURES[kernel], constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, warp_size))
 
 
@@ -176,3 +191,46 @@ def tf_rmsprop_update_(params: list[torch.Tensor], grads: list[torch.Tensor], st
     hyper = (float(alpha), 1.0 - float(alpha), float(momentum), float(eps))
     with torch.cuda.device(lr.device) if lr.device.type == "cuda" else contextlib.nullcontext():
         pair[(blocks,)](*first, n0, blocks0, *second, n1, lr, *hyper, BLOCK=BLOCK)
+
+
+
+def residual_transfer(loss, transfer) -> int | None:
+    """The residual kernel's code for this local loss and transfer function: the matching loss's ``f(â) - y``
+    (paper Eq. 2) with ``f`` the identity (0), tanh (1) or the sigmoid (2), or the squared pre-activation
+    loss's ``â - a`` (Eq. 3; 0); ``None`` where the kernel does not compute it (the loss's own ``grad_`` then
+    does)."""
+    from .losses import MatchingLoss, SquaredPreLoss
+    from .transfer import Linear, Sigmoid, Tanh
+
+    if type(loss) is SquaredPreLoss:
+        return 0
+    if type(loss) is MatchingLoss:
+        return {Linear: 0, Tanh: 1, Sigmoid: 2}.get(type(transfer))
+    return None
+
+
+def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None) -> bool:
+    """Whether the residual kernel takes these tensors: float32, contiguous, one device it runs on, ``pre`` and
+    ``target`` of one 2-d shape (its offsets are 32-bit), ``bias_grad`` one value per column."""
+    tensors = [pre, target] + ([bias_grad] if bias_grad is not None else [])
+    return (available(pre.device) and "residual_column_sums" in _kernels(interpreting()) and pre.dim() == 2 and target.shape == pre.shape and pre.numel() < 2 ** 31
+            and (bias_grad is None or bias_grad.shape == pre.shape[1:])
+            and all(t.is_contiguous() and t.dtype == torch.float32 and t.device == pre.device for t in tensors))
+
+
+def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None, transfer: int) -> torch.Tensor:
+    """``δ = f(pre) - target`` in place in ``pre`` and, with ``bias_grad``, ``Σδ`` over the rows into it, in one
+    launch (``transfer``: :func:`residual_transfer`'s code).  The tensors must :func:`suit <residual_suits>` the
+    kernel.  Returns ``pre`` (now ``δ``)."""
+    rows, cols = pre.shape
+    if pre.numel() == 0:
+        if bias_grad is not None:
+            bias_grad.zero_()
+        return pre
+    interpreted = interpreting()
+    kernel = _kernels(interpreted)["residual_column_sums"]
+    with torch.cuda.device(pre.device) if pre.device.type == "cuda" else contextlib.nullcontext():
+        kernel[(-(-cols // BLOCK_COLUMNS),)](pre, target, bias_grad if bias_grad is not None else pre, rows, cols,
+                                             TRANSFER=transfer, HAS_BIAS=bias_grad is not None,
+                                             LIBDEVICE=not interpreted, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS)
+    return pre

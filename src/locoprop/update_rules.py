@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 
 import torch
 from torch.optim import Optimizer
@@ -279,15 +278,8 @@ class TFRMSpropRule(UpdateRule):
             return False
         alpha, mom, eps = self.hyper()
         for done, (params, grads, states, scalars) in enumerate(pairs):
-            try:
-                triton_kernels.tf_rmsprop_update_(params, grads, states, scalars[0], alpha, mom, eps)
-            except Exception as exc:  # raised at compilation or launch, before this launch changed anything
-                if strict:
-                    raise RuntimeError(f"triton_update: the TF-RMSProp kernel failed ({type(exc).__name__}: "
-                                       f"{exc})") from exc
-                triton_kernels.disable(f"{type(exc).__name__}: {exc}")
-                warnings.warn(f"triton_update: the TF-RMSProp kernel failed ({type(exc).__name__}: {exc}); the "
-                              "multi-tensor update runs from now on", RuntimeWarning, stacklevel=3)
+            if not triton_kernels.launch_or_fall_back("TF-RMSProp", lambda: triton_kernels.tf_rmsprop_update_(
+                    params, grads, states, scalars[0], alpha, mom, eps), strict):
                 self.update_layers(pairs[done:])
                 break
         return True

@@ -108,9 +108,9 @@ class TrainConfig:
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
                                      "compilation on the first step)", default=False)
-    triton_update: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update as one Triton "
-                                      "kernel (unset: on CUDA where Triton is installed; false: the multi-tensor "
-                                      "update)", default=None)
+    triton_update: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update and residual as "
+                                      "Triton kernels (unset: on CUDA where Triton is installed; false: PyTorch's "
+                                      "operations)", default=None)
     solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
                             "on its CUDA stream) or iteration-major (iteration k of every layer, then one "
                             "multi-tensor update of all layers); the same result", default="layer-major")

@@ -1,0 +1,88 @@
+"""The Triton kernels of :mod:`locoprop.triton_kernels` (their source; import that module, not this one).
+
+:mod:`locoprop.triton_kernels` loads this file as a module of its own once for the GPU and, for the tests,
+once under Triton's interpreter: Triton decides between the two when it decorates a kernel.
+"""
+
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # an old Triton: the residual kernel is not made, the update kernel still is
+    libdevice = None
+
+
+# Triton makes an integer argument equal to 1 a compile-time constant: the sizes and block counts are not
+# specialised, so that the two branches' values keep one type (a bias of one element, say) and one compiled
+# kernel serves every layer.
+@triton.jit(do_not_specialize=["n0", "blocks0", "n1"])
+def tf_rmsprop_pair(w0, g0, ms0, m0, n0, blocks0, w1, g1, ms1, m1, n1, lr, alpha, one_minus_alpha, momentum,
+                    eps, BLOCK: tl.constexpr):
+    """Two tensors (a layer's weights and bias) in one launch: programs ``[0, blocks0)`` update the first,
+    the rest the second; ``η_k`` is read from the 0-d tensor ``lr``."""
+    pid = tl.program_id(0)
+    if pid < blocks0:
+        w, g, ms, m, n, block = w0, g0, ms0, m0, n0, pid
+    else:
+        w, g, ms, m, n, block = w1, g1, ms1, m1, n1, pid - blocks0
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    grad = tl.load(g + offsets, mask=inside, other=0.0)
+    square = tl.load(ms + offsets, mask=inside, other=0.0) * alpha + one_minus_alpha * grad * grad
+    step = tl.load(m + offsets, mask=inside, other=0.0) * momentum + \
+        tl.div_rn(grad, tl.sqrt_rn(square + eps)) * tl.load(lr)
+    tl.store(ms + offsets, square, mask=inside)
+    tl.store(m + offsets, step, mask=inside)
+    tl.store(w + offsets, tl.load(w + offsets, mask=inside, other=0.0) - step, mask=inside)
+
+
+# The kernels call only Triton's built-in operations and jitted functions of this module: the interpreter runs
+# triton.language's own jitted helpers (tl.zeros, tl.sum, ...) only when Triton was imported with it on.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit(do_not_specialize=["rows", "cols"])
+def residual_column_sums(pre, target, bias_grad, rows, cols, TRANSFER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``δ = f(â) - y`` in place in ``pre`` (``rows x cols``, row-major) and, with a bias, ``Σδ`` over the rows
+    into ``bias_grad``: each program one block of columns, down every row (no atomics: the sums are the
+    same from run to run).  ``TRANSFER``: 0 identity, 1 tanh, 2 sigmoid.  ``LIBDEVICE``: CUDA's accurate
+    ``tanhf`` and ``expf`` (on a GPU); Triton's interpreter has no libdevice and evaluates tanh from ``exp``
+    instead (its Taylor series near 0, where ``1 - e^{-2|a|}`` would cancel)."""
+    columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_columns = columns < cols
+    partial = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)  # column sums of each row of the tiles
+    for start in range(0, rows, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        offsets = r[:, None] * cols + columns[None, :]
+        inside = (r[:, None] < rows) & in_columns[None, :]
+        a = tl.load(pre + offsets, mask=inside, other=0.0)
+        if TRANSFER == 1:
+            if LIBDEVICE:
+                a = libdevice.tanh(a)
+            else:
+                e = tl.exp(-2.0 * tl.abs(a))
+                a2 = a * a
+                series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0
+                                                                            + a2 * 62.0 / 2835.0))))
+                far = tl.where(a < 0.0, -1.0, 1.0) * tl.div_rn(1.0 - e, 1.0 + e)
+                a = tl.where(tl.abs(a) < 0.25, series, far)
+        elif TRANSFER == 2:
+            if LIBDEVICE:
+                a = tl.div_rn(1.0, 1.0 + libdevice.exp(-a))
+            else:
+                a = tl.div_rn(1.0, 1.0 + tl.exp(-a))
+        delta = a - tl.load(target + offsets, mask=inside, other=0.0)
+        tl.store(pre + offsets, delta, mask=inside)
+        if HAS_BIAS:
+            partial += tl.where(inside, delta, 0.0)
+    if HAS_BIAS:
+        tl.store(bias_grad + columns, tl.reduce(partial, 0, _add), mask=in_columns)
+
+
+KERNELS = {"tf_rmsprop_pair": tf_rmsprop_pair}
+if libdevice is not None:
+    KERNELS["residual_column_sums"] = residual_column_sums
