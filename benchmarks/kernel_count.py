@@ -18,9 +18,7 @@ import argparse
 import collections
 import contextlib
 import datetime
-import json
 import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
@@ -29,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import locoprop
 from locoprop import triton_kernels
 from locoprop.fused import SOLVE_ORDERS
+from locoprop.harness.records import write_records
 from locoprop.update_rules import update_rule_for
 from locoprop.harness.models import OUTPUT_TRANSFER, AutoencoderLoss, build_autoencoder
 
@@ -128,15 +127,12 @@ def main(argv=None) -> int:
                           f"{sum(ops.values()):6d} operations ({sum(ops.values()) / args.local_steps:.1f} per "
                           "iteration)", flush=True)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
                 "counted by a TorchDispatchMode on the CPU (the fast solver's eager path; compile_elementwise "
                 "off; without the CUDA streams' fork and join); with update triton, each Triton launch (the CUDA "
                 "default: the update, and δ with Σδ) counts as one operation"}
-        out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-        (out.parent / "README.md").write_text(readme(meta, records, out.name))
+        write_records(args.out, meta, records, readme)
     return 0
 
 

@@ -55,7 +55,6 @@ import gc
 import json
 import math
 import multiprocessing as mp
-import os
 import platform
 import resource
 import statistics
@@ -68,6 +67,7 @@ import torch
 from locoprop.fused import graph_side_stream
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
 from locoprop.harness.optimizers import build_optimizer
+from locoprop.harness.records import write_records
 
 # (harness name, settings); LocoProp entries are expanded over --local-steps.
 OPTIMIZERS = {
@@ -497,9 +497,7 @@ def write_results(out: Path, meta: dict, records: list[dict]) -> None:
             r["mem_ratio_to_adam"] = r["peak_mem_mb"] / adam[key]["peak_mem_mb"]
         if key in adam and r.get("peak_tensor_mb") and adam[key].get("peak_tensor_mb"):
             r["tensor_mem_ratio_to_adam"] = r["peak_tensor_mb"] / adam[key]["peak_tensor_mb"]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_records(out, meta, records)
 
 
 def main(argv=None) -> int:

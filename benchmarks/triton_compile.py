@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from locoprop import triton_kernels
+from locoprop.harness.records import write_records
 
 
 #: The kernels timed: (name, transfer code of the residual kernel).
@@ -76,10 +75,7 @@ def main(argv=None) -> int:
             f"{triton_kernels.BLOCK}) and the residual of a tanh layer (tiles {triton_kernels.BLOCK_ROWS} x "
             f"{triton_kernels.BLOCK_COLUMNS})"}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
-        (out.parent / "README.md").write_text(readme(meta, records, out.name))
+        write_records(args.out, meta, records, readme)
     return 0
 
 

@@ -539,3 +539,20 @@ def test_precision_error_emulates_tf32_operands_in_both_forms():
     ref, update, plain = step("fp32"), step("tf32-emulated"), step("tf32-emulated-plain")
     err_update, err_plain = ((update - ref).norm() / ref.norm()).item(), ((plain - ref).norm() / ref.norm()).item()
     assert 0 < err_update < err_plain / 10, (err_update, err_plain)
+
+
+def test_write_records_writes_the_json_whole_and_its_readme_from_the_same_records(tmp_path):
+    """locoprop.harness.records.write_records: the JSON replaces the previous file whole (no temporary left),
+    and the README is made from the records written."""
+    import json
+
+    from locoprop.harness.records import write_records
+
+    out = tmp_path / "sub" / "r.json"
+    write_records(out, {"date": "d"}, [{"x": 1}])
+    assert json.loads(out.read_text()) == {"meta": {"date": "d"}, "records": [{"x": 1}]}
+    assert not (tmp_path / "sub" / "README.md").exists()
+    path = write_records(out, {"date": "e"}, [{"x": 2}], lambda meta, recs, name: f"{name} {meta['date']} {recs}")
+    assert path == out and json.loads(out.read_text())["records"] == [{"x": 2}]
+    assert (tmp_path / "sub" / "README.md").read_text() == "r.json e [{'x': 2}]"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["README.md", "r.json"]
