@@ -5,8 +5,8 @@ with small products the step's time follows this count (issue 5; ``docs/performa
 runs one step of LocoProp-M on the CPU (the same Python path issues the same operations on CUDA, apart from
 the streams' fork and join), counts the non-view ATen operations of its local solve with a
 ``TorchDispatchMode`` (multi-tensor ``_foreach_*`` operations count once: one launch for up to a few hundred
-64K-element chunks on CUDA), and writes them per order and in total; for TF-RMSProp also with the update as
-the CUDA default issues it, one Triton launch per layer and iteration (``--updates``).
+64K-element chunks on CUDA), and writes them per order and in total; for TF-RMSProp also with the elementwise
+work as the CUDA default issues it, as Triton launches (``--elementwise``).
 
     python benchmarks/kernel_count.py --models standard wide deep --local-steps 10 \\
         --inners tf_rmsprop adam adagrad --out results/kernel-counts/kernel-counts.json
@@ -48,10 +48,10 @@ class OperationCount(TorchDispatchMode):
 
 
 def solve_operations(model_name: str, local_steps: int, order: str, batch_size: int = 64,
-                     inner: str = "tf_rmsprop", update: str = "foreach") -> collections.Counter:
+                     inner: str = "tf_rmsprop", elementwise: str = "torch") -> collections.Counter:
     """The operations of one local solve of LocoProp-M (with ``inner`` as inner optimizer) on ``model_name``.
 
-    ``update="triton"``: the elementwise work as the CUDA default issues it (``triton_update``): one Triton
+    ``elementwise="triton"``: the elementwise work as the CUDA default issues it (``triton_elementwise``): one Triton
     launch per layer and iteration for the update, counted as ``triton:tf_rmsprop_pair``, and one for ``δ`` and
     ``Σδ`` of every iteration after the first, ``triton:residual_column_sums``; on the CPU each launch's
     arithmetic is done by PyTorch's operations, uncounted (the count is of what the solver issues, which the
@@ -62,7 +62,7 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
     x = torch.rand(batch_size, 784)
     opt = locoprop.LocoProp(model, variant="M", lr=1e-4, activation_lr=10.0, local_steps=local_steps,
                             output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order, inner=inner,
-                            triton_update=update == "triton")
+                            triton_elementwise=elementwise == "triton")
     counter = OperationCount()
     rule, _ = update_rule_for(opt.inner)
 
@@ -86,7 +86,7 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
         return pre
 
     with contextlib.ExitStack() as stack:
-        if update == "triton":
+        if elementwise == "triton":
             stack.enter_context(mock.patch.object(triton_kernels, "available", lambda device: True))
             stack.enter_context(mock.patch.object(triton_kernels, "tf_rmsprop_update_", update_launch))
             stack.enter_context(mock.patch.object(triton_kernels, "residual_", residual_launch))
@@ -108,30 +108,30 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["standard"])
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--inners", nargs="+", default=["tf_rmsprop"], help="inner optimizers (locoprop.inner names)")
-    p.add_argument("--updates", nargs="+", default=["foreach", "triton"], choices=["foreach", "triton"],
-                   help="the update as multi-tensor operations, or as one Triton launch per layer (TF-RMSProp only)")
+    p.add_argument("--elementwise", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
+                   help="the elementwise work as PyTorch's operations, or as the Triton kernels (TF-RMSProp only)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
     records = []
     for model_name in args.models:
         for inner in args.inners:
-            for update in args.updates:
-                if update == "triton" and inner != "tf_rmsprop":  # the only rule with a Triton kernel
+            for elementwise in args.elementwise:
+                if elementwise == "triton" and inner != "tf_rmsprop":  # the only rule with a Triton kernel
                     continue
                 for order in SOLVE_ORDERS:
-                    ops = solve_operations(model_name, args.local_steps, order, inner=inner, update=update)
+                    ops = solve_operations(model_name, args.local_steps, order, inner=inner, elementwise=elementwise)
                     records.append({"model": model_name, "local_steps": args.local_steps, "inner": inner,
-                                    "update": update, "order": order, "operations": sum(ops.values()),
+                                    "elementwise": elementwise, "order": order, "operations": sum(ops.values()),
                                     "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
-                    print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {update:8} {order:16} "
+                    print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {elementwise:8} {order:16} "
                           f"{sum(ops.values()):6d} operations ({sum(ops.values()) / args.local_steps:.1f} per "
                           "iteration)", flush=True)
     if args.out:
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
                 "counted by a TorchDispatchMode on the CPU (the fast solver's eager path; compile_elementwise "
-                "off; without the CUDA streams' fork and join); with update triton, each Triton launch (the CUDA "
-                "default: the update, and δ with Σδ) counts as one operation"}
+                "off; without the CUDA streams' fork and join); with elementwise triton, each Triton launch (the "
+                "CUDA default: the update, and δ with Σδ) counts as one operation"}
         write_records(args.out, meta, records, readme)
     return 0
 
@@ -141,12 +141,12 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
     lines = ["# Operations of one local solve, by order of the fast solver", "",
              f"Written by `benchmarks/kernel_count.py` with `{json_name}` (its docstring says what is counted): "
              f"{meta['what']}. Command: `{meta['command']}`; torch {meta['torch']}; {meta['date']}.", "",
-             "| model | T | inner optimizer | update | order | operations | per iteration | update's operations |",
+             "| model | T | inner optimizer | elementwise | order | operations | per iteration | update's operations |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:tf_rmsprop")))
         lines.append(f"| {r['model']} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
-                     f"{r.get('update', 'foreach')} | {r['order']} | {r['operations']} | {r['per_iteration']:.1f} | "
+                     f"{r.get('elementwise', 'torch')} | {r['order']} | {r['operations']} | {r['per_iteration']:.1f} | "
                      f"{update} |")
     return "\n".join(lines) + "\n"
 

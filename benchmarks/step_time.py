@@ -262,8 +262,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.cuda_graph = False
             elif flag == "plain":  # reduced-precision products x Wᵀ, not the update form (what that form costs)
                 opt.fused_solver.rounds_products = lambda cuda: False
-            elif flag == "foreach":  # the multi-tensor update, not one Triton kernel per layer (triton_update)
-                opt.fused_solver.triton_update = False
+            elif flag == "notriton":  # PyTorch's operations, not the Triton kernels (triton_elementwise=False)
+                opt.fused_solver.triton_elementwise = False
             elif flag not in ("host", "compiled", *INNER_FLAGS):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
@@ -286,12 +286,12 @@ def build_step(spec: dict, model, loss_fn, x):
     return lambda: opt.step(lambda: loss_fn(model(x), x))
 
 
-def update_kernel(solver, device: torch.device) -> str:
-    """How the fast solver ran the inner-optimizer update: ``compiled`` (compile_elementwise), ``triton`` (one
-    kernel per layer and iteration) or ``foreach`` (multi-tensor operations)."""
+def elementwise_kind(solver, device: torch.device) -> str:
+    """How the fast solver ran its elementwise work (the update, ``δ`` and ``Σδ``): ``compiled``
+    (compile_elementwise), ``triton`` (triton_elementwise's kernels) or ``torch`` (PyTorch's operations)."""
     if solver.compile_elementwise:
         return "compiled"
-    return "triton" if solver.uses_triton(device) else "foreach"
+    return "triton" if solver.uses_triton(device) else "torch"
 
 
 def free_cublas_workspaces(device: torch.device) -> None:
@@ -375,7 +375,7 @@ def measure(spec: dict) -> dict:
         solver = getattr(getattr(step, "optimizer", None), "fused_solver", None)
         layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         streams = 1 + (solver.stream_count(layers) if solver is not None and spec["mode"] != "reference" else 0)
-        extra = {"streams": streams, "update_kernel": update_kernel(solver, device) if solver is not None else None,
+        extra = {"streams": streams, "elementwise": elementwise_kind(solver, device) if solver is not None else None,
                  "cublas_workspace_mb": spec["workspace_mb"],
                  "peak_mem_mb_without_workspaces": peak - streams * spec["workspace_mb"],
                  "peak_mem_mb_warmup": warmup_peak[0] if warmup_peak else None, "peak_mem_mb_steady": steady,
@@ -431,7 +431,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
-                                for flags in ("foreach", "iter-foreach", "iter-s0", "host", "s0", "s2", "s4",
+                                for flags in ("notriton", "iter-notriton", "iter-s0", "host", "s0", "s2", "s4",
                                               "host-s2", "host-s0"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))

@@ -40,13 +40,13 @@ def _load(folder: Path) -> tuple[dict, list[dict]]:
 def _locoprop_mode(base: str, settings: dict) -> str:
     """The step-time benchmark's mode of a LocoProp run's settings: ``base`` and its flags in the benchmark's
     order (``graphed-iter-compiled``, ``graphed-adam-compiled``, ...): the solve order, the host rollback,
-    an inner optimizer of torch's, ``compile_elementwise`` and the multi-tensor update (``triton_update``
+    an inner optimizer of torch's, ``compile_elementwise`` and the multi-tensor update (``triton_elementwise``
     false)."""
     flags = ["iter" if settings.get("solve_order") == "iteration-major" else None,
              "host" if settings.get("rollback") == "host" else None,
              settings.get("inner") if settings.get("inner") in ("adam", "adagrad") else None,
              "compiled" if settings.get("compile_elementwise") else None,
-             "foreach" if settings.get("triton_update") is False else None]
+             "notriton" if settings.get("triton_elementwise") is False else None]
     return "-".join([base] + [f for f in flags if f])
 
 

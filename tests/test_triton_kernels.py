@@ -102,17 +102,17 @@ def _count_launches(monkeypatch, residuals=None):
 
 
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
-def test_solver_with_triton_updates_equals_the_multi_tensor_solver(interpreted, monkeypatch, order):
-    """LocoProp-M on the fast solver, several steps: the weights with ``triton_update=True`` agree with
-    ``triton_update=False`` to 1e-5 (issue 5's tolerance), the inner state to 1e-4 (a bias's gradient is a sum
+def test_solver_with_triton_elementwises_equals_the_multi_tensor_solver(interpreted, monkeypatch, order):
+    """LocoProp-M on the fast solver, several steps: the weights with ``triton_elementwise=True`` agree with
+    ``triton_elementwise=False`` to 1e-5 (issue 5's tolerance), the inner state to 1e-4 (a bias's gradient is a sum
     over the batch that mostly cancels, so the order of that sum, the kernel's own, shows more in its momentum
     than in any weight); every update was one launch per layer, and every iteration after the first computed
     ``δ`` and ``Σδ`` in one launch per layer (tanh, identity and sigmoid layers: the autoencoder has all three)."""
     residuals = []
     calls = _count_launches(monkeypatch, residuals)
-    m_ref, o_ref = _train(triton_update=False, solve_order=order)
+    m_ref, o_ref = _train(triton_elementwise=False, solve_order=order)
     assert calls == [] and residuals == []
-    m_tri, o_tri = _train(triton_update=True, solve_order=order)
+    m_tri, o_tri = _train(triton_elementwise=True, solve_order=order)
     steps, T, layers = 4, 3, len(o_tri.layers)
     assert calls == [2] * (steps * T * layers)  # weights and bias together
     assert len(residuals) == steps * (T - 1) * layers and set(residuals) == {0, 1, 2}
@@ -124,13 +124,13 @@ def test_solver_with_triton_updates_equals_the_multi_tensor_solver(interpreted, 
 
 
 def test_auto_uses_triton_on_cuda_only_and_keeps_tensors_it_does_not_take(interpreted, monkeypatch):
-    """``triton_update=None`` never runs the interpreter on the CPU; float64 tensors keep the multi-tensor update
+    """``triton_elementwise=None`` never runs the interpreter on the CPU; float64 tensors keep the multi-tensor update
     even where the kernel is required (the same weights as without it, to the bit)."""
     calls = _count_launches(monkeypatch)
     _train(steps=1)
     assert calls == []
-    m_req, _ = _train(steps=2, dtype=torch.float64, triton_update=True)
-    m_off, _ = _train(steps=2, dtype=torch.float64, triton_update=False)
+    m_req, _ = _train(steps=2, dtype=torch.float64, triton_elementwise=True)
+    m_off, _ = _train(steps=2, dtype=torch.float64, triton_elementwise=False)
     assert calls == []
     assert all(torch.equal(p, q) for p, q in zip(m_req.parameters(), m_off.parameters()))
 
@@ -151,14 +151,14 @@ def _failing_on_launch(monkeypatch, which):
 
 def test_a_failing_kernel_leaves_the_other_layers_to_the_multi_tensor_update(interpreted, monkeypatch):
     """Three layers in one update (as the iteration-major order issues them) and a kernel that fails on the
-    second: the second and third get the multi-tensor update, a warning names triton_update and the failure,
+    second: the second and third get the multi-tensor update, a warning names triton_elementwise and the failure,
     the kernels stay off for the process, and every tensor is the multi-tensor update's."""
     calls = _failing_on_launch(monkeypatch, 2)
     rule = TFRMSpropRule(TFRMSprop([torch.zeros(1)], lr=1.0, alpha=0.9, momentum=0.5, eps=1e-8))
     rates = torch.tensor([0.1, 0.2, 0.3])
     layers = [(*_layer_tensors([(5, 4), (5,)], seed=m), (rates[m],)) for m in range(3)]
     ref = copy.deepcopy(layers)
-    with pytest.warns(RuntimeWarning, match="triton_update: the TF-RMSProp kernel failed .RuntimeError: no kernel "
+    with pytest.warns(RuntimeWarning, match="triton_elementwise: the TF-RMSProp kernel failed .RuntimeError: no kernel "
                                             "for this device.; PyTorch.s operations run in place of the Triton kernels from now on"):
         assert rule.update_layers_triton(layers)
     assert calls == [2, 2]
@@ -170,13 +170,13 @@ def test_a_failing_kernel_leaves_the_other_layers_to_the_multi_tensor_update(int
 
 
 def test_a_required_kernel_that_fails_raises_and_leaves_the_step_undone(interpreted, monkeypatch):
-    """``triton_update=True``: a failing kernel raises an error naming triton_update, and the step changes no
+    """``triton_elementwise=True``: a failing kernel raises an error naming triton_elementwise, and the step changes no
     weight and no inner state (the optimizer's rollback)."""
-    model, opt = _train(steps=1, triton_update=True)
+    model, opt = _train(steps=1, triton_elementwise=True)
     before = copy.deepcopy((model.state_dict(), opt.state_dict()))
     _failing_on_launch(monkeypatch, 3)
     x = torch.rand(16, 20)
-    with pytest.raises(RuntimeError, match="triton_update: the TF-RMSProp kernel failed .RuntimeError: no kernel"):
+    with pytest.raises(RuntimeError, match="triton_elementwise: the TF-RMSProp kernel failed .RuntimeError: no kernel"):
         opt.step(lambda: bce_sum_mean(model(x), x))
     after = (model.state_dict(), opt.state_dict())
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
@@ -184,13 +184,13 @@ def test_a_required_kernel_that_fails_raises_and_leaves_the_step_undone(interpre
         assert all(torch.equal(v, after[1]["state"][p][k]) for k, v in st.items() if torch.is_tensor(v))
 
 
-def test_triton_update_is_checked(monkeypatch):
-    with pytest.raises(ValueError, match="triton_update: expected None, True or False, got 'yes'"):
-        _train(steps=0, triton_update="yes")
+def test_triton_elementwise_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="triton_elementwise: expected None, True or False, got 'yes'"):
+        _train(steps=0, triton_elementwise="yes")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model, opt = _train(steps=0, triton_update=True)
+    model, opt = _train(steps=0, triton_elementwise=True)
     x = torch.rand(16, 20)
-    with pytest.raises(RuntimeError, match="triton_update=True: the Triton kernels cannot run on cpu"):
+    with pytest.raises(RuntimeError, match="triton_elementwise=True: the Triton kernels cannot run on cpu"):
         opt.step(lambda: bce_sum_mean(model(x), x))
 
 

@@ -241,7 +241,7 @@ class FusedIterativeSolver:
             one pass over each tensor instead of nine.  It compiles on the
             first step (tens of seconds) and agrees with the eager update up
             to rounding (fused multiply-adds).
-        triton_update: the elementwise work of each layer and iteration as
+        triton_elementwise: the elementwise work of each layer and iteration as
             Triton kernels (:mod:`locoprop.triton_kernels`): the inner
             optimizer's update in one launch instead of nine multi-tensor
             operations (TF-RMSProp, the paper's inner optimizer; the other
@@ -269,7 +269,7 @@ class FusedIterativeSolver:
 
     def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool | int = True,
                  compile_elementwise: bool = False, order: str = "layer-major",
-                 triton_update: bool | None = None) -> None:
+                 triton_elementwise: bool | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if order not in SOLVE_ORDERS:
@@ -278,9 +278,9 @@ class FusedIterativeSolver:
         self.precision = precision
         self.cuda_graph = bool(cuda_graph)
         self.compile_elementwise = bool(compile_elementwise)
-        if triton_update not in (None, True, False):
-            raise ValueError(f"triton_update: expected None, True or False, got {triton_update!r}")
-        self.triton_update: bool | None = triton_update
+        if triton_elementwise not in (None, True, False):
+            raise ValueError(f"triton_elementwise: expected None, True or False, got {triton_elementwise!r}")
+        self.triton_elementwise: bool | None = triton_elementwise
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -480,7 +480,7 @@ class FusedIterativeSolver:
             return False
         pre = c.pre(W, b, c.scratch)  # (where the kernel fails, before it ran, the caller computes it again)
         return triton_kernels.launch_or_fall_back("residual", lambda: triton_kernels.residual_(
-            pre, c.target, bias_grad, kind), strict=self.triton_update is True)
+            pre, c.target, bias_grad, kind), strict=self.triton_elementwise is True)
 
     @staticmethod
     def _add_proximity(c: _Chain, table: torch.Tensor) -> None:
@@ -491,16 +491,16 @@ class FusedIterativeSolver:
                 gr.add_((p - a) * coefficient)
 
     def uses_triton(self, device: torch.device) -> bool:
-        """Whether the update runs as Triton kernels on ``device`` (:attr:`triton_update`); raises where it is
-        required and cannot run."""
-        if self.triton_update is False:
+        """Whether the elementwise work (the update, ``δ`` and ``Σδ``) runs as Triton kernels on ``device``
+        (:attr:`triton_elementwise`); raises where they are required and cannot run."""
+        if self.triton_elementwise is False:
             return False
-        if self.triton_update is None:
+        if self.triton_elementwise is None:
             return torch.device(device).type == "cuda" and triton_kernels.available(device)
         if not triton_kernels.available(device):
-            raise RuntimeError(f"triton_update=True: the Triton kernels cannot run on {device} (they need CUDA and "
+            raise RuntimeError(f"triton_elementwise=True: the Triton kernels cannot run on {device} (they need CUDA and "
                                "Triton installed, or TRITON_INTERPRET=1; turned off after a failure: "
-                               f"{triton_kernels.disabled_because() or 'no'}); use triton_update=None or False")
+                               f"{triton_kernels.disabled_because() or 'no'}); use triton_elementwise=None or False")
         return True
 
     def _update(self, chains: list[_Chain], rule: UpdateRule, table: torch.Tensor, k: int) -> None:
@@ -521,7 +521,7 @@ class FusedIterativeSolver:
         if self.compile_elementwise and rule.tensor_kernel is not None:
             rule.update_layers_compiled(layers)
         elif not (self.uses_triton(table.device)
-                  and rule.update_layers_triton(layers, strict=self.triton_update is True)):
+                  and rule.update_layers_triton(layers, strict=self.triton_elementwise is True)):
             rule.update_layers(layers)
 
     def _chain(self, c: _Chain, loss: LocalLoss, rule: UpdateRule, table: torch.Tensor) -> None:

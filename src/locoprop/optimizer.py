@@ -141,7 +141,7 @@ class LocoProp(Optimizer):
             5.11 -> 4.37 ms, wide 30.1 -> 27.1, deep 11.6 -> 9.9;
             ``results/perf/NVIDIA-H200-2026-11-27.json``), but it compiles on
             the first step, which a short run may not win back.
-        triton_update: the fast solver's elementwise work as Triton kernels
+        triton_elementwise: the fast solver's elementwise work as Triton kernels
             (:mod:`locoprop.triton_kernels`): each layer's TF-RMSProp update
             in one launch instead of nine multi-tensor operations, and each
             local iteration's ``δ`` with ``Σδ`` in one instead of three.
@@ -185,7 +185,7 @@ class LocoProp(Optimizer):
         cuda_graph: bool = True,
         layer_streams: bool | int = True,
         compile_elementwise: bool = False,
-        triton_update: bool | None = None,
+        triton_elementwise: bool | None = None,
         solve_order: str = "layer-major",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -235,7 +235,7 @@ class LocoProp(Optimizer):
             self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph,
                                                      layer_streams=layer_streams,
                                                      compile_elementwise=compile_elementwise, order=solve_order,
-                                                     triton_update=triton_update)
+                                                     triton_elementwise=triton_elementwise)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
             if why and (backend == "fused" or precision != "fp32"):
                 raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
@@ -706,7 +706,7 @@ class CapturedStep:
                       for g in opt.inner.param_groups)
         solver = opt.fused_solver
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, solver.order,
-                solver.layer_streams, solver.compile_elementwise, solver.triton_update)
+                solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise)
 
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver

@@ -81,13 +81,13 @@ def disable(reason: str) -> None:
 
 def launch_or_fall_back(what: str, launch, strict: bool) -> bool:
     """``launch()`` (one kernel launch); ``True`` if it ran.  Where it raises (Triton compiles a kernel before
-    launching it, so the kernel has changed nothing): with ``strict`` (``triton_update=True``) a
-    ``RuntimeError`` naming ``triton_update``; otherwise the kernels are turned off for the process
+    launching it, so the kernel has changed nothing): with ``strict`` (``triton_elementwise=True``) a
+    ``RuntimeError`` naming ``triton_elementwise``; otherwise the kernels are turned off for the process
     (:func:`disable`), a ``RuntimeWarning`` says why, and ``False``: the caller runs PyTorch's operations."""
     try:
         launch()
     except Exception as exc:
-        message = f"triton_update: the {what} kernel failed ({type(exc).__name__}: {exc})"
+        message = f"triton_elementwise: the {what} kernel failed ({type(exc).__name__}: {exc})"
         if strict:
             raise RuntimeError(message) from exc
         disable(f"{type(exc).__name__}: {exc}")

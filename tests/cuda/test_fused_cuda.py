@@ -143,7 +143,7 @@ def test_triton_kernel_compiles_and_equals_the_multi_tensor_update(shapes):
 
 @pytest.mark.parametrize("graphed", [False, True])
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
-def test_triton_updates_are_the_cuda_default_and_equal_the_multi_tensor_update(monkeypatch, graphed, order):
+def test_triton_elementwises_are_the_cuda_default_and_equal_the_multi_tensor_update(monkeypatch, graphed, order):
     """On CUDA the update is one Triton kernel per layer and iteration by default (Triton comes with PyTorch's
     CUDA builds), compiled without a warning, inside the solve graphs and the captured whole step alike; 8
     steps agree with the multi-tensor update to 1e-5, weights and inner state."""
@@ -159,9 +159,9 @@ def test_triton_updates_are_the_cuda_default_and_equal_the_multi_tensor_update(m
         return launch(params, *args)
     monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted)
     models, opts = [], []
-    for triton_update in (None, False):
+    for triton_elementwise in (None, False):
         model = _model()
-        opt = _opt(model, solve_order=order, triton_update=triton_update)
+        opt = _opt(model, solve_order=order, triton_elementwise=triton_elementwise)
         static_x = torch.empty(256, 784, device=DEV)
         step = opt.graphed_step(lambda: _loss(model(static_x), static_x)) if graphed else \
             (lambda: opt.step(lambda: _loss(model(static_x), static_x)))

@@ -79,10 +79,10 @@ def test_time_to_loss_takes_the_step_time_of_the_runs_own_mode():
     base = {"optimizer": "locoprop-m", "model": "standard", "batch_size": 1000, "local_steps": 10}
     perf = [{**base, "mode": mode, "precision": "fp32", "step_ms_median": ms}
             for mode, ms in (("graphed", 5.0), ("graphed-compiled", 4.0), ("graphed-iter-compiled", 4.5),
-                             ("graphed-adam", 5.5), ("graphed-host", 5.2), ("graphed-iter-foreach", 6.0))]
+                             ("graphed-adam", 5.5), ("graphed-host", 5.2), ("graphed-iter-notriton", 6.0))]
     assert mod._step_ms(perf, base) == 5.0
-    assert mod._step_ms(perf, {**base, "triton_update": None}) == 5.0
-    assert mod._step_ms(perf, {**base, "triton_update": False, "solve_order": "iteration-major"}) == 6.0
+    assert mod._step_ms(perf, {**base, "triton_elementwise": None}) == 5.0
+    assert mod._step_ms(perf, {**base, "triton_elementwise": False, "solve_order": "iteration-major"}) == 6.0
     assert mod._step_ms(perf, {**base, "compile_elementwise": True}) == 4.0
     assert mod._step_ms(perf, {**base, "compile_elementwise": True, "solve_order": "iteration-major"}) == 4.5
     assert mod._step_ms(perf, {**base, "inner": "adam"}) == 5.5
@@ -416,7 +416,7 @@ def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_ite
     assert (per_layer["mm"], per_layer["addmm"], per_layer["sum"]) == (L * T, L * (T - 1), L * T)
     assert sum(lay.values()) - sum(it.values()) == T * (9 * L - 9)
     for order in ("layer-major", "iteration-major"):  # the CUDA default: one launch a layer for each
-        tri = mod.solve_operations("tiny", T, order, batch_size=8, update="triton")
+        tri = mod.solve_operations("tiny", T, order, batch_size=8, elementwise="triton")
         assert tri.pop("triton:tf_rmsprop_pair") == L * T
         assert tri.pop("triton:residual_column_sums") == L * (T - 1)
         residual_ops = per_layer["sum"] - L + sum(c for n, c in per_layer.items() if n in ("tanh_", "sigmoid_", "sub_"))

@@ -290,6 +290,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
     (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: True applies to the LocoProp optimizers"),
     (dict(optimizer="adam", solve_order="iteration-major"), "solve_order: 'iteration-major' applies to the LocoProp"),
+    (dict(optimizer="adam", triton_elementwise=False), "triton_elementwise: False applies to the LocoProp optimizers"),
+    (dict(optimizer="locoprop-m", triton_elementwise="yes"), "triton_elementwise: expected true, false or unset"),
     (dict(optimizer="locoprop-m", solve_order="rows"), "solve_order: expected layer-major or iteration-major"),
     (dict(optimizer="shampoo", shampoo_root="svd"), "shampoo_root: expected newton or eigh, got 'svd'"),
     (dict(optimizer="kfac", shampoo_root="eigh"), "shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"),
@@ -349,3 +351,16 @@ def test_every_command_prints_its_help(capsys):
             parser.parse_args([name, "--help"])
         assert exc.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+def test_triton_elementwise_setting_reaches_the_fast_solver(tmp_path):
+    """`--no-triton-elementwise` (and the YAML key) reach LocoProp's fast solver; unset, it stays automatic."""
+    from locoprop.harness.cli import build_parser, _config_from
+
+    for argv, expected in (([], None), (["--no-triton-elementwise"], False), (["--triton-elementwise"], True)):
+        args = build_parser().parse_args(["train", "--optimizer", "locoprop-m", "--out", str(tmp_path), *argv])
+        cfg = _config_from(args)
+        assert cfg.triton_elementwise is expected
+        opt = build_optimizer("locoprop-m", build_autoencoder("tiny", "tanh"), AutoencoderLoss(), lr=1e-3,
+                              triton_elementwise=cfg.triton_elementwise)
+        assert opt.fused_solver.triton_elementwise is expected

@@ -93,7 +93,7 @@ def member_of(cfg: TrainConfig) -> Member:
 
 
 #: Settings a population must leave at their defaults (what it does not implement).  It ignores ``rollback``,
-#: ``solve_order``, ``triton_update``, ``cuda_graph`` and ``dist_timeout``, which choose how a single run
+#: ``solve_order``, ``triton_elementwise``, ``cuda_graph`` and ``dist_timeout``, which choose how a single run
 #: computes, not what;
 #: ``compile_elementwise`` compiles its updates (:class:`Population`'s ``compile_update``).
 _UNSUPPORTED = {"inner": "tf_rmsprop", "weight_decay": 0.0, "distributed": None}

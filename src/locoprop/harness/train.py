@@ -108,7 +108,7 @@ class TrainConfig:
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
                                      "compilation on the first step)", default=False)
-    triton_update: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update and residual as "
+    triton_elementwise: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update and residual as "
                                       "Triton kernels (unset: on CUDA where Triton is installed; false: PyTorch's "
                                       "operations)", default=None)
     solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
@@ -142,10 +142,10 @@ class TrainConfig:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
-        if self.triton_update not in (None, True, False):
-            raise ValueError(f"triton_update: expected true, false or unset, got {self.triton_update!r}")
+        if self.triton_elementwise not in (None, True, False):
+            raise ValueError(f"triton_elementwise: expected true, false or unset, got {self.triton_elementwise!r}")
         for name, default in (("precision", "fp32"), ("rollback", "device"), ("compile_elementwise", False),
-                              ("triton_update", None), ("solve_order", "layer-major")):
+                              ("triton_elementwise", None), ("solve_order", "layer-major")):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
                 raise ValueError(f"{name}: {getattr(self, name)!r} applies to the LocoProp optimizers only, not "
                                  f"{self.optimizer!r}")
@@ -443,7 +443,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
                           kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise,
-                          triton_update=cfg.triton_update, solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
+                          triton_elementwise=cfg.triton_elementwise, solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
