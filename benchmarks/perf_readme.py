@@ -54,11 +54,12 @@ def main(argv=None) -> int:
         data = json.loads(path.read_text())
         meta = data["meta"]
         rates = meta.get("matmul_tflops")
-        rates = ", ".join(f"{k} {v:.2f}" for k, v in rates.items()) if isinstance(rates, dict) else f"fp32 {rates:.3f}"
+        rates = ", ".join(f"{k} {v:.3g}" for k, v in rates.items()) if isinstance(rates, dict) else f"fp32 {rates:.3f}"
         ok = [r for r in data["records"] if "skipped" not in r]
         skipped = len(data["records"]) - len(ok)
-        lines += [f"## {path.name}", "", f"- Device: {meta['device']}; torch {meta.get('torch')}; date {meta['date']}; "
-                  f"threads {meta.get('threads')}.", f"- Measured product rates (TFLOP/s): {rates}.",
+        processor = f"; processor {meta['processor']}" if meta.get("processor") else ""
+        lines += [f"## {path.name}", "", f"- Device: {meta['device']}{processor}; torch {meta.get('torch')}; date "
+                  f"{meta['date']}; threads {meta.get('threads')}.", f"- Measured product rates (TFLOP/s): {rates}.",
                   f"- Command: `{meta['command']}`."]
         if skipped:
             lines.append(f"- {skipped} configurations were not run (the command's deadline); they are listed in the "

@@ -87,19 +87,37 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
-def matmul_rate(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int = 10) -> float:
-    """Measured FLOP/s of a large square matrix product on ``device`` (4096² on a GPU, 2048² on the CPU)."""
-    n = n or (4096 if device.type == "cuda" else 2048)
+def processor() -> str:
+    """The CPU's model name and the instruction sets that decide its product rates (bf16 is fast only with
+    AVX512-BF16 or AMX), from ``/proc/cpuinfo`` where there is one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    sets = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(sets) or 'no AVX2'})"
+
+
+def matmul_rate(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int = 10,
+                min_s: float = 0.5) -> float:
+    """Measured FLOP/s of a large square matrix product on ``device`` (4096² on a GPU; on the CPU 2048² in
+    float32 and 1024² in bfloat16, which a CPU without bf16 instructions multiplies hundreds of times slower):
+    up to ``reps`` products after the warm-up, fewer once ``min_s`` seconds have passed."""
+    cuda = device.type == "cuda"
+    n = n or (4096 if cuda else 2048 if dtype == torch.float32 else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
+    for _ in range(3 if cuda else 1):
         a @ b
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    done, t0 = 0, time.perf_counter()
+    while done < reps and (done == 0 or time.perf_counter() - t0 < min_s):
         a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+        sync(device)
+        done += 1
+    return 2 * n ** 3 * done / (time.perf_counter() - t0)
 
 
 def sync(device: torch.device) -> None:
@@ -540,7 +558,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     out = Path(args.out or f"results/perf/{name.replace(' ', '-')}-{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "torch": torch.__version__,
+    meta = {"command": " ".join(["python"] + sys.argv), "date": date, "device": name, "processor": processor(),
+            "torch": torch.__version__,
             "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "threads": args.threads,
             "floor": "products of forward+backward (3 per layer) at the fp32 rate plus 2 per layer per local "
                      "iteration at the rate of the local precision; rates measured here on 4096^2 products",
