@@ -66,7 +66,7 @@ def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception:  # not installed, or a broken install: the multi-tensor update stays
+    except Exception:  # not installed, or a broken install: PyTorch's operations stay
         return False
     return True
 
@@ -75,7 +75,7 @@ _DISABLED: list[str] = []  # why the kernels were turned off in this process (a 
 
 
 def disable(reason: str) -> None:
-    """Turn the kernels off for the rest of the process (after a failure: the multi-tensor update stays)."""
+    """Turn the kernels off for the rest of the process (after a failure: PyTorch's operations stay)."""
     _DISABLED.append(reason)
 
 
@@ -164,12 +164,22 @@ def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, w
     return triton.compile(source, target=GPUTarget("cuda", arch, warp_size))
 
 
+def _float32_contiguous_on(device: torch.device, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``device`` is one the kernels run on (:func:`available`) and every tensor a contiguous float32
+    tensor on it (what the kernels' pointers assume)."""
+    return available(device) and all(t.is_contiguous() and t.dtype == torch.float32 and t.device == device
+                                     for t in tensors)
+
+
+def _on(device: torch.device):
+    """Launches inside it go to ``device`` (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def suits(tensors: list[torch.Tensor], lr: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors with the rate ``lr`` (a 0-d tensor): all float32, contiguous and
-    on ``lr``'s device, and that device one the kernels run on (:func:`available`)."""
-    device = lr.device
-    return (available(device) and lr.dtype == torch.float32
-            and all(t.is_contiguous() and t.dtype == torch.float32 and t.device == device for t in tensors))
+    """Whether the update kernel takes these tensors with the rate ``lr`` (a 0-d tensor): all float32,
+    contiguous and on ``lr``'s device, one the kernels run on."""
+    return _float32_contiguous_on(lr.device, [lr, *tensors])
 
 
 def tf_rmsprop_update_(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]],
@@ -189,9 +199,8 @@ def tf_rmsprop_update_(params: list[torch.Tensor], grads: list[torch.Tensor], st
         return
     pair = _kernels(interpreting())["tf_rmsprop_pair"]
     hyper = (float(alpha), 1.0 - float(alpha), float(momentum), float(eps))
-    with torch.cuda.device(lr.device) if lr.device.type == "cuda" else contextlib.nullcontext():
+    with _on(lr.device):
         pair[(blocks,)](*first, n0, blocks0, *second, n1, lr, *hyper, BLOCK=BLOCK)
-
 
 
 def residual_transfer(loss, transfer) -> int | None:
@@ -213,9 +222,9 @@ def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Ten
     """Whether the residual kernel takes these tensors: float32, contiguous, one device it runs on, ``pre`` and
     ``target`` of one 2-d shape (its offsets are 32-bit), ``bias_grad`` one value per column."""
     tensors = [pre, target] + ([bias_grad] if bias_grad is not None else [])
-    return (available(pre.device) and "residual_column_sums" in _kernels(interpreting()) and pre.dim() == 2 and target.shape == pre.shape and pre.numel() < 2 ** 31
-            and (bias_grad is None or bias_grad.shape == pre.shape[1:])
-            and all(t.is_contiguous() and t.dtype == torch.float32 and t.device == pre.device for t in tensors))
+    return (_float32_contiguous_on(pre.device, tensors) and "residual_column_sums" in _kernels(interpreting())
+            and pre.dim() == 2 and target.shape == pre.shape and pre.numel() < 2 ** 31
+            and (bias_grad is None or bias_grad.shape == pre.shape[1:]))
 
 
 def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None, transfer: int) -> torch.Tensor:
@@ -229,7 +238,7 @@ def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor |
         return pre
     interpreted = interpreting()
     kernel = _kernels(interpreted)["residual_column_sums"]
-    with torch.cuda.device(pre.device) if pre.device.type == "cuda" else contextlib.nullcontext():
+    with _on(pre.device):
         kernel[(-(-cols // BLOCK_COLUMNS),)](pre, target, bias_grad if bias_grad is not None else pre, rows, cols,
                                              TRANSFER=transfer, HAS_BIAS=bias_grad is not None,
                                              LIBDEVICE=not interpreted, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS)
