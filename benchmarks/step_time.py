@@ -282,6 +282,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.rounds_products = lambda cuda: False
             elif flag == "notriton":  # PyTorch's operations, not the Triton kernels (triton_elementwise=False)
                 opt.fused_solver.triton_elementwise = False
+            elif flag == "tritonupdate":  # the Triton update kernel only; δ and Σδ by PyTorch's operations
+                opt.fused_solver.triton_kernels = frozenset({"update"})
             elif flag not in ("host", "compiled", *INNER_FLAGS):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
@@ -309,7 +311,10 @@ def elementwise_kind(solver, device: torch.device) -> str:
     (compile_elementwise), ``triton`` (triton_elementwise's kernels) or ``torch`` (PyTorch's operations)."""
     if solver.compile_elementwise:
         return "compiled"
-    return "triton" if solver.uses_triton(device) else "torch"
+    if not solver.uses_triton(device):
+        return "torch"
+    kernels = sorted(solver.triton_kernels)
+    return "triton" if kernels == ["residual", "update"] else "triton:" + ",".join(kernels)
 
 
 def free_cublas_workspaces(device: torch.device) -> None:
@@ -449,7 +454,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             late.append((model, batch, opt, T, f"{fast}-compiled", "fp32"))
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
-                                for flags in ("notriton", "iter-notriton", "iter-s0", "host", "s0", "s2", "s4",
+                                for flags in ("notriton", "tritonupdate", "iter-notriton", "iter-s0", "host", "s0", "s2", "s4",
                                               "host-s2", "host-s0"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))

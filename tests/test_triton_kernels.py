@@ -257,3 +257,24 @@ def test_residual_kernel_takes_only_float32_contiguous_matrices_with_one_bias_va
     assert not suits(pre.T.contiguous().T, target, bias_grad)
     assert not suits(pre, target.double(), bias_grad) and not suits(pre, torch.zeros(4, 2), bias_grad)
     assert not suits(pre, target, torch.zeros(4)) and not suits(pre.reshape(12), target.reshape(12), None)
+
+
+def test_either_kernel_can_be_left_out(interpreted, monkeypatch):
+    """``FusedIterativeSolver.triton_kernels`` (for timing each kernel's share): with ``{"update"}`` only the
+    update kernel launches, and the step equals the one with both to the weights' 1e-5."""
+    residuals = []
+    calls = _count_launches(monkeypatch, residuals)
+    m_both, _ = _train(steps=2, triton_elementwise=True)
+    both = (len(calls), len(residuals))
+    calls.clear()
+    residuals.clear()
+    m_update, o_update = _train(steps=0, triton_elementwise=True)
+    o_update.fused_solver.triton_kernels = frozenset({"update"})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.rand(16, 20, generator=gen)
+        o_update.step(lambda: bce_sum_mean(m_update(x), x))
+    assert both[0] > 0 and both[1] > 0
+    assert len(calls) == both[0] and residuals == []
+    for p, q in zip(m_both.parameters(), m_update.parameters()):
+        assert ((p - q).norm() / p.norm()).item() < 1e-5

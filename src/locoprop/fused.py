@@ -281,6 +281,9 @@ class FusedIterativeSolver:
         if triton_elementwise not in (None, True, False):
             raise ValueError(f"triton_elementwise: expected None, True or False, got {triton_elementwise!r}")
         self.triton_elementwise: bool | None = triton_elementwise
+        #: Which Triton kernels run where :meth:`uses_triton`: ``"update"`` and ``"residual"`` (a benchmark
+        #: leaves one out to time the other's share).
+        self.triton_kernels: frozenset[str] = frozenset({"update", "residual"})
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -475,7 +478,7 @@ class FusedIterativeSolver:
         and transfer function; ``False`` where not, or where the kernel failed (the kernels are then off:
         :func:`~locoprop.triton_kernels.launch_or_fall_back`)."""
         kind = triton_kernels.residual_transfer(loss, c.transfer)
-        if kind is None or not self.uses_triton(c.scratch.device) \
+        if kind is None or "residual" not in self.triton_kernels or not self.uses_triton(c.scratch.device) \
                 or not triton_kernels.residual_suits(c.scratch, c.target, bias_grad):
             return False
         pre = c.pre(W, b, c.scratch)  # (where the kernel fails, before it ran, the caller computes it again)
@@ -520,7 +523,7 @@ class FusedIterativeSolver:
                   for members in groups if members]
         if self.compile_elementwise and rule.tensor_kernel is not None:
             rule.update_layers_compiled(layers)
-        elif not (self.uses_triton(table.device)
+        elif not ("update" in self.triton_kernels and self.uses_triton(table.device)
                   and rule.update_layers_triton(layers, strict=self.triton_elementwise is True)):
             rule.update_layers(layers)
 
@@ -646,7 +649,7 @@ class FusedIterativeSolver:
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
-                 self.uses_triton(table.device),
+                 self.uses_triton(table.device) and self.triton_kernels,
                  self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer, start) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,

@@ -706,7 +706,7 @@ class CapturedStep:
                       for g in opt.inner.param_groups)
         solver = opt.fused_solver
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, solver.order,
-                solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise)
+                solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels)
 
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver
