@@ -78,11 +78,15 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
         uncounted("tf_rmsprop_pair", lambda: rule.update_layers([(params, grads, states, (lr,))]))
 
     def residual_launch(pre, target, bias_grad, transfer):
+        one_block = pre.shape[0] <= triton_kernels.BLOCK_ROWS  # the kernel then writes the bias gradient itself
+
         def work():
             [lambda a: a, torch.tanh_, torch.sigmoid_][transfer](pre).sub_(target)
-            if bias_grad is not None:
+            if bias_grad is not None and one_block:
                 torch.sum(pre, 0, out=bias_grad)
         uncounted("residual_column_sums", work)
+        if bias_grad is not None and not one_block:  # the sum of the tiles' column sums, as residual_ issues it
+            torch.sum(pre, 0, out=bias_grad)
         return pre
 
     with contextlib.ExitStack() as stack:
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["standard"])
     p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="rows of the batch (the Triton residual adds a sum of its tiles' sums above 128 rows)")
     p.add_argument("--inners", nargs="+", default=["tf_rmsprop"], help="inner optimizers (locoprop.inner names)")
     p.add_argument("--elementwise", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
                    help="the elementwise work as PyTorch's operations, or as the Triton kernels (TF-RMSProp only)")
@@ -119,9 +125,10 @@ def main(argv=None) -> int:
                 if elementwise == "triton" and inner != "tf_rmsprop":  # the only rule with a Triton kernel
                     continue
                 for order in SOLVE_ORDERS:
-                    ops = solve_operations(model_name, args.local_steps, order, inner=inner, elementwise=elementwise)
-                    records.append({"model": model_name, "local_steps": args.local_steps, "inner": inner,
-                                    "elementwise": elementwise, "order": order, "operations": sum(ops.values()),
+                    ops = solve_operations(model_name, args.local_steps, order, args.batch_size, inner, elementwise)
+                    records.append({"model": model_name, "local_steps": args.local_steps, "batch_size": args.batch_size,
+                                    "inner": inner, "elementwise": elementwise, "order": order,
+                                    "operations": sum(ops.values()),
                                     "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
                     print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {elementwise:8} {order:16} "
                           f"{sum(ops.values()):6d} operations ({sum(ops.values()) / args.local_steps:.1f} per "
@@ -141,11 +148,12 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
     lines = ["# Operations of one local solve, by order of the fast solver", "",
              f"Written by `benchmarks/kernel_count.py` with `{json_name}` (its docstring says what is counted): "
              f"{meta['what']}. Command: `{meta['command']}`; torch {meta['torch']}; {meta['date']}.", "",
-             "| model | T | inner optimizer | elementwise | order | operations | per iteration | update's operations |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | batch | T | inner optimizer | elementwise | order | operations | per iteration | update's "
+             "operations |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:tf_rmsprop")))
-        lines.append(f"| {r['model']} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
+        lines.append(f"| {r['model']} | {r.get('batch_size', 64)} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
                      f"{r.get('elementwise', 'torch')} | {r['order']} | {r['operations']} | {r['per_iteration']:.1f} | "
                      f"{update} |")
     return "\n".join(lines) + "\n"

@@ -1,9 +1,10 @@
 """The Triton kernels (:mod:`locoprop.triton_kernels`) against PyTorch's operations, on the CPU.
 
 Here the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``: the same kernel source, executed with
-NumPy on CPU tensors; Triton 3.9's interpreter works with NumPy 2, 3.5's and 3.6's fail on the residual
-kernel's loop over the rows) and are compiled for GPU architectures without a GPU; on CUDA, where they are
-the solver's default, ``tests/cuda`` runs them.
+NumPy on CPU tensors) and are compiled for GPU architectures without a GPU; on CUDA, where they are the
+solver's default, ``tests/cuda`` runs them.  The test extra's Triton (3.9 on the CI) and 3.6 pass this file;
+with 3.5 the compile tests fail after the interpreter's in one process (its interpreter leaves
+``triton.language`` patched), though each passes alone.
 """
 
 import copy
@@ -222,11 +223,12 @@ def test_kernels_compile_for_ampere_and_hopper_with_rounded_division_and_root(ar
 
 
 @pytest.mark.parametrize("transfer, f", [(0, lambda a: a), (1, torch.tanh), (2, torch.sigmoid)])
-@pytest.mark.parametrize("shape", [(40, 37), (70, 65), (1, 1), (3, 100)])
+@pytest.mark.parametrize("shape", [(40, 37), (70, 65), (1, 1), (3, 100), (300, 37), (257, 65)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_residual_kernel_is_f_minus_target_and_its_column_sums(interpreted, transfer, f, shape, bias):
-    """``δ = f(â) - y`` in place and ``Σδ`` over the rows (tiles that do not divide the shape; pre-activations
-    from 1e-4 to 5 in size, where the interpreter's tanh switches from its series to ``exp``)."""
+    """``δ = f(â) - y`` in place and ``Σδ`` over the rows (tiles that do not divide the shape; batches of one
+    block of rows and of several, whose tiles' sums are then summed; pre-activations from 1e-4 to 5 in size,
+    where the interpreter's tanh switches from its series to ``exp``)."""
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(shape, generator=gen) * torch.logspace(-4, 0.7, shape[1])
     target = torch.rand(shape, generator=gen)
@@ -234,7 +236,7 @@ def test_residual_kernel_is_f_minus_target_and_its_column_sums(interpreted, tran
     bias_grad = torch.full(shape[1:], float("nan")) if bias else None
     out = triton_kernels.residual_(pre, target, bias_grad, transfer)
     assert out is pre
-    assert torch.allclose(pre, expected, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(pre, expected, rtol=1e-6, atol=2.5e-7)  # δ of values near 1: two of their last places
     if bias:
         assert torch.allclose(bias_grad, expected.sum(0), rtol=1e-5, atol=1e-6)
 

@@ -45,42 +45,40 @@ def _add(a, b):
 
 
 @triton.jit(do_not_specialize=["rows", "cols"])
-def residual_column_sums(pre, target, bias_grad, rows, cols, TRANSFER: tl.constexpr, HAS_BIAS: tl.constexpr,
+def residual_column_sums(pre, target, sums, rows, cols, TRANSFER: tl.constexpr, HAS_BIAS: tl.constexpr,
                          LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``δ = f(â) - y`` in place in ``pre`` (``rows x cols``, row-major) and, with a bias, ``Σδ`` over the rows
-    into ``bias_grad``: each program one block of columns, down every row (no atomics: the sums are the
-    same from run to run).  ``TRANSFER``: 0 identity, 1 tanh, 2 sigmoid.  ``LIBDEVICE``: CUDA's accurate
-    ``tanhf`` and ``expf`` (on a GPU); Triton's interpreter has no libdevice and evaluates tanh from ``exp``
-    instead (its Taylor series near 0, where ``1 - e^{-2|a|}`` would cancel)."""
+    """``δ = f(â) - y`` in place in ``pre`` (``rows x cols``, row-major), each program one tile of ``BLOCK_R``
+    rows and ``BLOCK_C`` columns; with a bias, each tile's column sums go to row ``program_id(1)`` of ``sums``
+    (one row per block of rows), which the caller then sums over its rows, in a fixed order (no atomics: the
+    same sums from run to run); with one block of rows ``sums`` is the bias gradient itself.  ``TRANSFER``: 0
+    identity, 1 tanh, 2 sigmoid.  ``LIBDEVICE``: CUDA's accurate ``tanhf`` and ``expf`` (on a GPU); Triton's
+    interpreter has no libdevice and evaluates tanh from ``exp`` instead (its Taylor series near 0, where
+    ``1 - e^{-2|a|}`` would cancel)."""
     columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_columns = columns < cols
-    partial = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)  # column sums of each row of the tiles
-    for start in range(0, rows, BLOCK_R):
-        r = start + tl.arange(0, BLOCK_R)
-        offsets = r[:, None] * cols + columns[None, :]
-        inside = (r[:, None] < rows) & in_columns[None, :]
-        a = tl.load(pre + offsets, mask=inside, other=0.0)
-        if TRANSFER == 1:
-            if LIBDEVICE:
-                a = libdevice.tanh(a)
-            else:
-                e = tl.exp(-2.0 * tl.abs(a))
-                a2 = a * a
-                series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0
-                                                                            + a2 * 62.0 / 2835.0))))
-                far = tl.where(a < 0.0, -1.0, 1.0) * tl.div_rn(1.0 - e, 1.0 + e)
-                a = tl.where(tl.abs(a) < 0.25, series, far)
-        elif TRANSFER == 2:
-            if LIBDEVICE:
-                a = tl.div_rn(1.0, 1.0 + libdevice.exp(-a))
-            else:
-                a = tl.div_rn(1.0, 1.0 + tl.exp(-a))
-        delta = a - tl.load(target + offsets, mask=inside, other=0.0)
-        tl.store(pre + offsets, delta, mask=inside)
-        if HAS_BIAS:
-            partial += tl.where(inside, delta, 0.0)
+    offsets = r[:, None] * cols + columns[None, :]
+    inside = (r[:, None] < rows) & in_columns[None, :]
+    a = tl.load(pre + offsets, mask=inside, other=0.0)
+    if TRANSFER == 1:
+        if LIBDEVICE:
+            a = libdevice.tanh(a)
+        else:
+            e = tl.exp(-2.0 * tl.abs(a))
+            a2 = a * a
+            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * 62.0 / 2835.0))))
+            far = tl.where(a < 0.0, -1.0, 1.0) * tl.div_rn(1.0 - e, 1.0 + e)
+            a = tl.where(tl.abs(a) < 0.25, series, far)
+    elif TRANSFER == 2:
+        if LIBDEVICE:
+            a = tl.div_rn(1.0, 1.0 + libdevice.exp(-a))
+        else:
+            a = tl.div_rn(1.0, 1.0 + tl.exp(-a))
+    delta = a - tl.load(target + offsets, mask=inside, other=0.0)
+    tl.store(pre + offsets, delta, mask=inside)
     if HAS_BIAS:
-        tl.store(bias_grad + columns, tl.reduce(partial, 0, _add), mask=in_columns)
+        tl.store(sums + tl.program_id(1) * cols + columns, tl.reduce(tl.where(inside, delta, 0.0), 0, _add),
+                 mask=in_columns)
 
 
 KERNELS = {"tf_rmsprop_pair": tf_rmsprop_pair}

@@ -16,7 +16,9 @@ Two kernels (their source: :mod:`locoprop._triton_source`), each one launch per 
   captured CUDA graph follows schedules without recapture;
 * **the residual.**  :func:`residual_` computes iteration ``k``'s
   ``δ = f(â) - y`` in place and its column sums ``Σδ`` (the bias gradient)
-  in one launch where PyTorch issues three (``f``, the difference, the sum):
+  in one launch over tiles of the whole matrix (and, for a batch of more than
+  ``BLOCK_ROWS`` rows, one sum of the tiles' sums) where PyTorch issues three
+  (``f``, the difference, the sum):
   the matching loss's gradient (Eq. 2) for tanh, the sigmoid and the
   identity, and the squared pre-activation loss's (Eq. 3).
 
@@ -52,8 +54,9 @@ __all__ = ["available", "interpreting", "suits", "disable", "disabled_because", 
 
 #: Elements of one tensor a program of the update kernel updates.
 BLOCK = 1024
-#: Rows and columns of the tile a program of the residual kernel works on.
-BLOCK_ROWS, BLOCK_COLUMNS = 32, 32
+#: Rows and columns of the tile a program of the residual kernel works on (a batch of at most ``BLOCK_ROWS``
+#: rows is one block: its column sums go straight into the bias gradient).
+BLOCK_ROWS, BLOCK_COLUMNS = 128, 32
 
 
 def interpreting() -> bool:
@@ -143,7 +146,7 @@ SIGNATURES = {
                         **{name: "*fp32" for name in ("w1", "g1", "ms1", "m1")}, "n1": "i32", "lr": "*fp32",
                         **{name: "fp32" for name in ("alpha", "one_minus_alpha", "momentum", "eps")},
                         "BLOCK": "constexpr"},
-    "residual_column_sums": {"pre": "*fp32", "target": "*fp32", "bias_grad": "*fp32", "rows": "i32", "cols": "i32",
+    "residual_column_sums": {"pre": "*fp32", "target": "*fp32", "sums": "*fp32", "rows": "i32", "cols": "i32",
                              **{name: "constexpr" for name in ("TRANSFER", "HAS_BIAS", "LIBDEVICE", "BLOCK_R",
                                                                "BLOCK_C")}},
 }
@@ -228,18 +231,24 @@ def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Ten
 
 
 def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None, transfer: int) -> torch.Tensor:
-    """``δ = f(pre) - target`` in place in ``pre`` and, with ``bias_grad``, ``Σδ`` over the rows into it, in one
-    launch (``transfer``: :func:`residual_transfer`'s code).  The tensors must :func:`suit <residual_suits>` the
-    kernel.  Returns ``pre`` (now ``δ``)."""
+    """``δ = f(pre) - target`` in place in ``pre`` and, with ``bias_grad``, ``Σδ`` over the rows into it
+    (``transfer``: :func:`residual_transfer`'s code): one launch over tiles of the whole matrix, and, where the
+    batch has more than ``BLOCK_ROWS`` rows, a sum of the tiles' column sums (``torch.sum``: in a fixed order).
+    The tensors must :func:`suit <residual_suits>` the kernel.  Returns ``pre`` (now ``δ``)."""
     rows, cols = pre.shape
     if pre.numel() == 0:
         if bias_grad is not None:
             bias_grad.zero_()
         return pre
+    row_blocks = -(-rows // BLOCK_ROWS)
+    sums = pre if bias_grad is None else bias_grad if row_blocks == 1 else \
+        torch.empty(row_blocks, cols, dtype=torch.float32, device=pre.device)
     interpreted = interpreting()
     kernel = _kernels(interpreted)["residual_column_sums"]
     with _on(pre.device):
-        kernel[(-(-cols // BLOCK_COLUMNS),)](pre, target, bias_grad if bias_grad is not None else pre, rows, cols,
-                                             TRANSFER=transfer, HAS_BIAS=bias_grad is not None,
-                                             LIBDEVICE=not interpreted, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS)
+        kernel[(-(-cols // BLOCK_COLUMNS), row_blocks)](pre, target, sums, rows, cols, TRANSFER=transfer,
+                                                        HAS_BIAS=bias_grad is not None, LIBDEVICE=not interpreted,
+                                                        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS)
+    if bias_grad is not None and row_blocks > 1:
+        torch.sum(sums, 0, out=bias_grad)
     return pre

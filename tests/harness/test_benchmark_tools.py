@@ -418,7 +418,7 @@ def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_ite
     for order in ("layer-major", "iteration-major"):  # the CUDA default: one launch a layer for each
         tri = mod.solve_operations("tiny", T, order, batch_size=8, elementwise="triton")
         assert tri.pop("triton:tf_rmsprop_pair") == L * T
-        assert tri.pop("triton:residual_column_sums") == L * (T - 1)
+        assert tri.pop("triton:residual_column_sums") == L * (T - 1)  # a batch of one block of rows: one launch
         residual_ops = per_layer["sum"] - L + sum(c for n, c in per_layer.items() if n in ("tanh_", "sigmoid_", "sub_"))
         assert sum(tri.values()) == sum(per_layer.values()) - residual_ops, order
         assert (tri["mm"], tri["addmm"], tri["sum"]) == (L * T, L * (T - 1), L), order
