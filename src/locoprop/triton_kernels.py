@@ -210,14 +210,19 @@ def residual_transfer(loss, transfer) -> int | None:
     """The residual kernel's code for this local loss and transfer function: the matching loss's ``f(â) - y``
     (paper Eq. 2) with ``f`` the identity (0), tanh (1) or the sigmoid (2), or the squared pre-activation
     loss's ``â - a`` (Eq. 3; 0); ``None`` where the kernel does not compute it (the loss's own ``grad_`` then
-    does)."""
+    does).  It depends on the two classes only (asked once per layer and iteration: decided once per pair)."""
+    return _residual_transfer_of(type(loss), type(transfer))
+
+
+@functools.cache
+def _residual_transfer_of(loss_class: type, transfer_class: type) -> int | None:
     from .losses import MatchingLoss, SquaredPreLoss
     from .transfer import Linear, Sigmoid, Tanh
 
-    if type(loss) is SquaredPreLoss:
+    if loss_class is SquaredPreLoss:
         return 0
-    if type(loss) is MatchingLoss:
-        return {Linear: 0, Tanh: 1, Sigmoid: 2}.get(type(transfer))
+    if loss_class is MatchingLoss:
+        return {Linear: 0, Tanh: 1, Sigmoid: 2}.get(transfer_class)
     return None
 
 
