@@ -45,13 +45,17 @@ CASES = {
     "layers-M-fused": ("layers", "M", dict(local_steps=5, backend="fused")),
     "layers-M-fused-adam": ("layers", "M", dict(local_steps=4, backend="fused", inner="adam", lr=1e-2,
                                                 solve_order="iteration-major")),
+    # a LayerNorm before the MLP: parameters outside LocoProp's layers, whose gradients the step accumulates
+    # (other_grads), summed over the ranks; never zeroed here, so they add up over the steps
+    "data-M-input-norm": ("data", "M", dict(local_steps=3, input_norm=True)),
+    "layers-M-input-norm": ("layers", "M", dict(local_steps=3, input_norm=True)),
 }
 
 
-def _model() -> nn.Sequential:
+def _model(input_norm: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
     acts = [nn.Tanh(), nn.Softplus(), nn.LeakyReLU(0.1), nn.ELU(0.7)]
-    mods: list[nn.Module] = []
+    mods: list[nn.Module] = [nn.LayerNorm(WIDTHS[0])] if input_norm else []
     for i in range(len(WIDTHS) - 1):
         mods.append(nn.Linear(WIDTHS[i], WIDTHS[i + 1]))
         if i < len(WIDTHS) - 2:
@@ -76,7 +80,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     mode, variant, kw = CASES[name]
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
-    model = _model()
+    model = _model(kw.pop("input_norm", False))
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -113,6 +117,7 @@ def _worker(scenario: str, out: Path) -> None:
             model, opt, losses = _run_case(name, rank, world, distributed=True)
             state = opt.state_dict()  # a collective in the layer-sharded mode
             torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses, "state": state,
+                        "grads": [p.grad for p in model.parameters() if p.grad is not None],
                         "assignment": getattr(opt.distributor, "assignment", None), "solver": opt.last_solver},
                        out / f"{name}-rank{rank}.pt")
     elif scenario.startswith("kill-"):
@@ -211,6 +216,10 @@ def _check_match(world: int, tmp_path: Path) -> None:
             for i, (g, w) in enumerate(zip(got["params"], want)):
                 assert _rel(g, w) < 1e-5, f"{name}, rank {r}, parameter {i}: relative error {_rel(g, w):.2e}"
             assert got["losses"] == [pytest_approx(v) for v in losses], f"{name}, rank {r}: step losses"
+            want_grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert len(got["grads"]) == len(want_grads) == (2 if CASES[name][2].get("input_norm") else 0), name
+            for i, (g, w) in enumerate(zip(got["grads"], want_grads)):
+                assert _rel(g, w) < 1e-9, f"{name}, rank {r}, gradient {i}: relative error {_rel(g, w):.2e}"
             _check_states(got["state"], want_state, f"{name}, rank {r}")
         if CASES[name][0] == "layers":
             assert sorted(set(ranks[0]["assignment"])) == list(range(world)), "every rank owns a layer"
@@ -219,7 +228,7 @@ def _check_match(world: int, tmp_path: Path) -> None:
             assert opt.last_solver == "fused"
         assert all((got["solver"] == "fused") == fused for got in ranks), (name, [g["solver"] for g in ranks])
         # the updates moved the weights: the comparison is not vacuous
-        before = torch.cat([p.detach().reshape(-1) for p in _model().parameters()])
+        before = torch.cat([p.detach().reshape(-1) for p in _model(CASES[name][2].get("input_norm", False)).parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name
 
 

@@ -217,3 +217,209 @@ def test_a_ddp_model_is_refused_with_the_fix():
             locoprop.LocoProp(ddp, output_transfer="sigmoid")
     finally:
         dist.destroy_process_group()
+
+
+def test_a_step_called_under_no_grad_is_the_same_step():
+    torch.manual_seed(0)
+    x = torch.rand(16, 20, dtype=torch.float64)
+    base = small_autoencoder(torch.float64)
+    models = [copy.deepcopy(base) for _ in range(2)]
+    opts = [locoprop.LocoProp(m, lr=1e-2, local_steps=3, output_transfer="sigmoid") for m in models]
+    opts[0].step(lambda: bce_sum_mean(models[0](x), x))
+    with torch.no_grad():  # as a training loop wrapped in no_grad would call it
+        opts[1].step(lambda: bce_sum_mean(models[1](x), x))
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+    assert not torch.equal(base[0].weight, models[0][0].weight)
+
+
+def test_frozen_layers_are_left_alone_and_the_rest_steps_as_without_them():
+    """A layer whose parameters do not require grad keeps its weights bit for bit; the other layers take the
+    same step as a LocoProp given only them (``layers=``), the frozen layer's gradient still flowing through."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 20, dtype=torch.float64)
+    base = small_autoencoder(torch.float64)
+    frozen_model, listed_model = copy.deepcopy(base), copy.deepcopy(base)
+    frozen_model[2].requires_grad_(False)
+    opt = locoprop.LocoProp(frozen_model, lr=1e-2, local_steps=3, output_transfer="sigmoid")
+    assert [g["name"] for g in opt.param_groups] == ["0", "3", "5"]
+    assert [lay.name for lay in opt.frozen_layers] == ["2"] and "frozen" in repr(opt)
+    m = listed_model
+    with pytest.warns(UserWarning, match=r"left to another optimizer.*: \['2.weight', '2.bias'\]"):
+        listed = locoprop.LocoProp(m, lr=1e-2, local_steps=3,
+                                   layers=[(m[0], "tanh"), (m[3], "tanh"), (m[5], "sigmoid")])
+    for _ in range(2):
+        opt.step(lambda: bce_sum_mean(frozen_model(x), x))
+        listed.step(lambda: bce_sum_mean(listed_model(x), x))
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(frozen_model[2], name), getattr(base[2], name))
+    for i in (0, 3, 5):
+        assert not torch.equal(frozen_model[i].weight, base[i].weight)
+        assert torch.equal(frozen_model[i].weight, listed_model[i].weight)
+        assert torch.equal(frozen_model[i].bias, listed_model[i].bias)
+
+
+def test_frozen_layers_that_cannot_be_honoured_are_refused_by_name():
+    model = small_autoencoder()
+    model[3].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '3': its weight has requires_grad=False"):
+        locoprop.LocoProp(model, output_transfer="sigmoid")
+    model = small_autoencoder()
+    model[3].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layer '3': listed in layers="):
+        locoprop.LocoProp(model, layers=[(model[0], "tanh"), (model[3], "tanh")])
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="every nn.Linear layer is frozen"):
+        locoprop.LocoProp(model, output_transfer="sigmoid")
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_freezing_or_unfreezing_after_construction_is_an_error_that_changes_nothing(change):
+    torch.manual_seed(0)
+    x = torch.rand(16, 20)
+    model = small_autoencoder()
+    if change == "unfreeze":
+        model[3].requires_grad_(False)
+    opt = locoprop.LocoProp(model, lr=1e-2, local_steps=2, output_transfer="sigmoid")
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    model[3].requires_grad_(change == "unfreeze")
+    with pytest.raises(ValueError, match="layer '3'.*make a new LocoProp"):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k])
+    assert repr(opt.state_dict()) == repr(state)
+
+
+def test_add_param_group_is_refused_and_changes_nothing():
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    groups = [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="add_param_group: LocoProp's parameter groups are its layers"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert [list(g["params"]) for g in opt.param_groups] == groups
+
+
+def test_a_state_dict_from_another_model_or_inner_optimizer_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    x = torch.rand(16, 20)
+
+    def stepped(model, inner):
+        opt = locoprop.LocoProp(model, inner=inner, local_steps=2, output_transfer="sigmoid")
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        return opt
+    opt = stepped(small_autoencoder(), "adam")
+    before = repr(opt.state_dict())
+    narrower = torch.nn.Sequential(torch.nn.Linear(20, 12), torch.nn.Tanh(), torch.nn.Linear(12, 6),
+                                   torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 20))
+    with pytest.raises(ValueError, match=r"layer '0' weight: its inner state 'exp_avg' has shape \(12, 20\), the "
+                                         r"parameter has \(16, 20\)"):
+        opt.load_state_dict(stepped(narrower, "adam").state_dict())
+    with pytest.raises(ValueError, match="inner optimizer state is locoprop.inner.TFRMSprop's, this optimizer's "
+                                         "inner optimizer is torch.optim.adam.Adam"):
+        opt.load_state_dict(stepped(small_autoencoder(), "tf_rmsprop").state_dict())
+    assert repr(opt.state_dict()) == before
+    opt.load_state_dict(stepped(small_autoencoder(), "adam").state_dict())  # the same kinds load
+
+
+def test_parametrized_or_tied_weights_are_refused_by_layer_and_a_frozen_parametrized_layer_is_left_alone():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = small_autoencoder()
+    model[3] = weight_norm(model[3])
+    with pytest.raises(ValueError, match=r"layer '3': its parameters are parametrized"):
+        locoprop.LocoProp(model, output_transfer="sigmoid")
+    model[3].requires_grad_(False)
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    assert [lay.name for lay in opt.frozen_layers] == ["3"]
+    first, second = torch.nn.Linear(20, 16), torch.nn.Linear(20, 16)
+    second.weight = first.weight
+    tied = torch.nn.Sequential(first, torch.nn.Tanh(), torch.nn.Linear(16, 20), torch.nn.Tanh(), second)
+    with pytest.raises(ValueError, match=r"layer '4': its weight is also a parameter of layer '0' \(tied weights\)"):
+        locoprop.LocoProp(tied, output_transfer="sigmoid")
+
+
+def _normalised_autoencoder():
+    """A LayerNorm before the autoencoder: parameters outside LocoProp's layers."""
+    return torch.nn.Sequential(torch.nn.LayerNorm(20), *small_autoencoder()).double()
+
+
+def _backward_grads(model, x):
+    model = copy.deepcopy(model)
+    bce_sum_mean(model(x), x).backward()
+    return [p.grad for p in model[0].parameters()]
+
+
+def test_other_parameters_get_the_gradient_loss_backward_gives_and_it_accumulates():
+    torch.manual_seed(0)
+    xs = [torch.rand(16, 20, dtype=torch.float64) for _ in range(2)]
+    model = _normalised_autoencoder()
+    with pytest.warns(UserWarning, match=r"accumulates their gradients into .grad \(other_grads=True\): "
+                                         r"\['0.weight', '0.bias'\]"):
+        opt = locoprop.LocoProp(model, lr=1e-2, local_steps=3, output_transfer="sigmoid")
+    first = _backward_grads(model, xs[0])
+    opt.step(lambda: bce_sum_mean(model(xs[0]), xs[0]))
+    for p, g in zip(model[0].parameters(), first):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert all(p.grad is None for lay in opt.layers for p in lay.params)
+    second = _backward_grads(model, xs[1])  # at the weights after the first step; not zeroed: it adds up
+    opt.step(lambda: bce_sum_mean(model(xs[1]), xs[1]))
+    for p, g, h in zip(model[0].parameters(), first, second):
+        torch.testing.assert_close(p.grad, g + h, rtol=1e-12, atol=1e-14)
+    assert all(torch.count_nonzero(g) > 0 for g in second)
+
+
+def test_other_parameters_train_beside_locoprop_with_their_own_optimizer():
+    torch.manual_seed(0)
+    x = torch.rand(64, 20, dtype=torch.float64)
+    model = _normalised_autoencoder()
+    with pytest.warns(UserWarning, match="left to another optimizer"):
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=2.0, local_steps=3, output_transfer="sigmoid")
+    norm_opt = torch.optim.Adam(model[0].parameters(), lr=1e-2)
+    start = [p.detach().clone() for p in model[0].parameters()]
+    losses = []
+    for _ in range(20):
+        norm_opt.zero_grad()
+        losses.append(float(opt.step(lambda: bce_sum_mean(model(x), x))))
+        norm_opt.step()
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, q) for p, q in zip(model[0].parameters(), start))
+
+
+def test_other_grads_false_or_a_step_that_raises_leaves_their_grad_alone():
+    torch.manual_seed(0)
+    x = torch.rand(16, 20, dtype=torch.float64)
+    model = _normalised_autoencoder()
+    with pytest.warns(UserWarning, match=r"their .grad is left alone \(other_grads=False\)"):
+        opt = locoprop.LocoProp(model, lr=1e-2, local_steps=2, output_transfer="sigmoid", other_grads=False)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert all(p.grad is None for p in model.parameters())
+    model, x = model.float(), x.float()
+    with pytest.warns(UserWarning):
+        opt = locoprop.LocoProp(model, lr=1e-2, local_steps=2, output_transfer="sigmoid")
+    for g in opt.param_groups:
+        g["activation_lr"] = 1e300  # the local update overflows: the step is undone
+    with pytest.raises(locoprop.DivergenceError, match="undone"):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_model_and_optimizer_takes_the_same_steps_on_its_own_weights(how):
+    import pickle
+
+    torch.manual_seed(0)
+    xs = [torch.rand(16, 20) for _ in range(4)]
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, lr=1e-2, local_steps=3, output_transfer="sigmoid", backend="fused")
+    opt.register_step_post_hook(lambda *args: None)  # left out of copies, as torch.optim leaves its hooks out
+    _run(model, opt, xs[:2])
+    twin, twin_opt = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert twin_opt.model is twin and not twin_opt._optimizer_step_post_hooks
+    assert [id(p) for p in twin_opt._params()] == [id(p) for p in twin.parameters()]
+    _run(model, opt, xs[2:])
+    _run(twin, twin_opt, xs[2:])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q) and p is not q
+    assert repr(opt.state_dict()) == repr(twin_opt.state_dict())

@@ -421,13 +421,16 @@ class _InnerView:
 
 
 class Distributor(abc.ABC):
-    """Base class: the three hooks of :meth:`locoprop.LocoProp.step` and the state hooks.
+    """Base class: the hooks of :meth:`locoprop.LocoProp.step` and the state hooks.
 
     1. :meth:`reduce_loss` after the forward pass: the global batch's loss and
        every rank's row count (one all-gather of two numbers);
-    2. :meth:`exchange` after the backward pass: scale ``∇ L`` to the global
+    2. :meth:`reduce_other_grads` after the backward pass, where the model has
+       trainable parameters outside LocoProp's layers (``other_grads``): their
+       global gradient (one all-reduce);
+    3. :meth:`exchange` after the backward pass: scale ``∇ L`` to the global
        loss and move rows where the mode needs them;
-    3. :meth:`solve` instead of ``solver.solve``.
+    4. :meth:`solve` instead of ``solver.solve``.
     """
 
     mode = ""
@@ -524,6 +527,16 @@ class Distributor(abc.ABC):
             value = sum(v for c, v in table)
             self._scale = 1.0
         return torch.tensor(value, dtype=loss.dtype, device=loss.device)
+
+    def reduce_other_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The global batch's gradients of the model's parameters outside LocoProp's layers (``other_grads``):
+        each rank's scaled as the layers' (``_scale_gradients``), summed over the ranks in one all-reduce (new
+        tensors; autograd's are left as they are)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self._scale != 1.0:
+            flat.mul_(self._scale)
+        self.comm.all_reduce(flat, "gradients of the other parameters")
+        return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
     def _scale_gradients(self, batches: list[LayerBatch]) -> None:
         """``∇_â L_rank → (b_rank / b) ∇_â L_rank``: the rows of the global loss's gradient."""

@@ -315,6 +315,13 @@ class FusedIterativeSolver:
         #: "graph-replay-copy" (the graph of static copies), "inside-capture".
         self.last_mode = ""
 
+    def __getstate__(self) -> dict:
+        """For copies of a :class:`~locoprop.LocoProp`: the configuration; the buffers, CUDA graphs and tables
+        are made again on the copy's first step."""
+        fresh = FusedIterativeSolver(self.precision, self.cuda_graph, self.layer_streams, self.compile_elementwise,
+                                     self.order, self.triton_elementwise).__dict__
+        return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs}
+
     # -- support -----------------------------------------------------------------------------
     @staticmethod
     def unsupported(regularizer: Regularizer, inner: Optimizer | None, problems=None) -> str | None:

@@ -18,7 +18,7 @@ from torch import nn
 from .transfer import Linear as LinearTransfer
 from .transfer import TransferFunction, get_transfer, transfer_from_module
 
-__all__ = ["Layer", "LayerBatch", "discover_layers", "LayerCapture"]
+__all__ = ["Layer", "LayerBatch", "discover_layers", "split_frozen_layers", "check_own_parameters", "LayerCapture"]
 
 
 @dataclass
@@ -178,6 +178,66 @@ def discover_layers(
         last.transfer_module = None  # the transfer lives inside the loss
         last.transfer_desc = f"{output_transfer} (output_transfer)"
     return found
+
+
+def split_frozen_layers(found: Sequence[Layer], explicit: bool) -> tuple[list[Layer], list[Layer]]:
+    """Separate the layers to train from the frozen ones (every parameter ``requires_grad=False``).
+
+    As ``torch.optim`` leaves a parameter without a gradient alone, LocoProp
+    leaves a frozen layer alone: its weights are not updated and it has no
+    local problem (the loss gradient still flows through it to the layers
+    below).  Returns ``(trainable, frozen)``.
+
+    Raises:
+        ValueError: a layer with some parameters frozen and others not (its
+            local problem would move the frozen ones); a frozen layer listed
+            in ``layers=`` (``explicit``); every layer frozen.
+    """
+    trainable, frozen = [], []
+    for lay in found:
+        flags = [p.requires_grad for p in lay.params]
+        if all(flags):
+            trainable.append(lay)
+            continue
+        if any(flags):
+            names = [n for n, p in (("weight", lay.linear.weight), ("bias", lay.linear.bias))
+                     if p is not None and not p.requires_grad]
+            raise ValueError(f"layer {lay.name!r}: its {' and '.join(names)} has requires_grad=False and the rest "
+                             "of the layer does not; LocoProp solves a layer's weight and bias together: freeze "
+                             "both or neither")
+        if explicit:
+            raise ValueError(f"layer {lay.name!r}: listed in layers= but its parameters have requires_grad=False; "
+                             "leave frozen layers out of layers=")
+        frozen.append(lay)
+    if not trainable:
+        raise ValueError("model: every nn.Linear layer is frozen (requires_grad=False); LocoProp has nothing to train")
+    return trainable, frozen
+
+
+def check_own_parameters(layers: Sequence[Layer]) -> None:
+    """Each layer's weight and bias are leaf parameters of its own: what a local problem solves for (Eq. 2).
+
+    Raises:
+        ValueError: naming the layer, for a parametrized weight or bias
+            (``weight_norm``, ``spectral_norm``: the parameter is computed from
+            others) or one shared with another layer (tied weights).
+    """
+    from torch.nn.utils import parametrize
+
+    owner: dict[int, str] = {}
+    for lay in layers:
+        if parametrize.is_parametrized(lay.linear):
+            raise ValueError(f"layer {lay.name!r}: its parameters are parametrized (weight_norm, spectral_norm, ...), "
+                             "computed from other tensors; LocoProp solves for the weight itself: remove the "
+                             "parametrization (torch.nn.utils.parametrize.remove_parametrizations) or leave the "
+                             "layer out of layers=")
+        for which, p in (("weight", lay.linear.weight), ("bias", lay.linear.bias)):
+            if p is None:
+                continue
+            if id(p) in owner:
+                raise ValueError(f"layer {lay.name!r}: its {which} is also a parameter of layer {owner[id(p)]!r} "
+                                 "(tied weights); LocoProp solves each layer's local problem for weights of its own")
+            owner[id(p)] = lay.name
 
 
 class LayerCapture:

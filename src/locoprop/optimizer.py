@@ -5,7 +5,8 @@ One step (paper Algorithms 1-4, reference notes "LocoProp step"):
 1. the closure runs one forward pass; hooks record each layer's input
    ``ŷ_{m-1}`` and pre-activation ``â_m`` (:mod:`locoprop.layers`);
 2. one backward pass gives ``∇_{â_m} L`` (and ``∇_{ŷ_m} L`` where a target
-   needs it);
+   needs it; and the gradients of the model's other trainable parameters,
+   added to their ``.grad`` once the step has succeeded);
 3. every layer's target is built with the activation step size ``γ``
    (:mod:`locoprop.targets`);
 4. the solver minimises every layer's local loss plus regularizer
@@ -17,8 +18,9 @@ Each layer is one parameter group (``param_groups[m]``, with ``name``,
 ``torch.optim.lr_scheduler`` schedulers drive the local learning rate.
 
 With ``distributed=`` / ``process_group=`` a distributor of
-:mod:`locoprop.distributed` is called at three points of the step (global
-loss, gradient scaling and row exchange, solve); the rest is unchanged.
+:mod:`locoprop.distributed` is called at a few points of the step (global
+loss, the other parameters' gradients, gradient scaling and row exchange,
+solve); the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.optim import Optimizer
 
 from .errors import DivergenceError
 from .inner import make_inner_optimizer
-from .layers import Layer, LayerBatch, LayerCapture, discover_layers
+from .layers import Layer, LayerBatch, LayerCapture, check_own_parameters, discover_layers, split_frozen_layers
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
 from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
@@ -64,7 +66,11 @@ class LocoProp(Optimizer):
     Args:
         model: the network.  An ``nn.Sequential`` is searched for its
             ``nn.Linear`` layers and the transfer function after each; any
-            other module needs ``layers``.
+            other module needs ``layers``.  A layer whose parameters all have
+            ``requires_grad=False`` is frozen: LocoProp leaves it as it is
+            (``frozen_layers``), as ``torch.optim`` leaves a parameter
+            without a gradient; freezing or unfreezing a layer later is an
+            error at the next step (make a new optimizer).
         variant: a name of :data:`locoprop.VARIANTS` (``"M"``, ``"S"``,
             ``"post-S"``, ``"poco-M"``, ``"S-natural"``, ``"S-closed"``,
             ``"S-natural-closed"``) or a :class:`~locoprop.variants.Variant`.
@@ -155,6 +161,14 @@ class LocoProp(Optimizer):
             then one multi-tensor update of all layers: fewer kernels, one
             join per iteration).  The same result; which is faster depends on
             the device (``docs/performance.md``).
+        other_grads: accumulate into ``.grad`` the loss gradient of the
+            model's other trainable parameters (those outside LocoProp's
+            layers: a LayerNorm, an embedding, a layer left out of
+            ``layers=``), as ``loss.backward()`` would, from the step's one
+            backward pass, for another optimizer to step them (default
+            ``True``; distributed, summed over the ranks as the global batch's
+            gradient).  Added once the step succeeded (not for a step that
+            raises).  ``False``: their ``.grad`` is left alone.
     """
 
     def __init__(
@@ -187,6 +201,7 @@ class LocoProp(Optimizer):
         compile_elementwise: bool = False,
         triton_elementwise: bool | None = None,
         solve_order: str = "layer-major",
+        other_grads: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -205,15 +220,20 @@ class LocoProp(Optimizer):
         self.variant: Variant = base.with_components(target, local_loss, regularizer, solver)
         self.variant.validate()
 
-        self.layers: list[Layer] = discover_layers(model, layers, output_transfer)
+        self.layers: list[Layer]
+        self.layers, self.frozen_layers = split_frozen_layers(discover_layers(model, layers, output_transfer),
+                                                              explicit=layers is not None)
+        check_own_parameters(self.layers)
         self._check_layers(output_transfer)
         if self.variant.needs_sampled_grad:
-            self._sampler = _output_sampler(self.layers[-1])
+            self._sampler = _OutputSampler(self.layers[-1])
 
         defaults = dict(lr=lr, activation_lr=activation_lr, local_steps=local_steps, lr_decay=bool(lr_decay),
                         min_lr_ratio=float(min_lr_ratio))
         groups = [dict(params=lay.params, name=lay.name) for lay in self.layers]
+        self._groups_are_layers = False
         super().__init__(groups, defaults)
+        self._groups_are_layers = True  # from here on, add_param_group is refused
 
         self.model = model
         self.solver = SOLVER_CLASSES[self.variant.solver]()
@@ -251,12 +271,16 @@ class LocoProp(Optimizer):
         self.retain_problems = bool(retain_problems)
         self.last_problems: list[LocalProblem] | None = None
 
-        covered = {id(p) for lay in self.layers for p in lay.params}
-        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        self.other_grads = bool(other_grads)
+        self._pending_other_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._covered = {id(p) for lay in self.layers for p in lay.params}
+        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self._covered]
         if others:
+            what = ("its step accumulates their gradients into .grad (other_grads=True)" if self.other_grads
+                    else "their .grad is left alone (other_grads=False)")
             warnings.warn(
                 f"LocoProp updates only the Linear layers it found; these parameters are left to another "
-                f"optimizer: {others[:5]}{' ...' if len(others) > 5 else ''}",
+                f"optimizer, and {what}: {others[:5]}{' ...' if len(others) > 5 else ''}",
                 stacklevel=2,
             )
         self.distributor = None
@@ -287,22 +311,24 @@ class LocoProp(Optimizer):
     # -- the step -------------------------------------------------------------------------------
     def _capture(self, closure: Callable[[], torch.Tensor]):
         with LayerCapture(self.layers, capture_post=self.variant.needs_grad_post) as cap:
-            with torch.enable_grad():
+            with torch.enable_grad():  # also when step() itself is called under torch.no_grad()
                 loss = closure()
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"closure: must return the loss as a scalar tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(f"closure: must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
-        if not loss.requires_grad:
-            raise ValueError("closure: the returned loss does not depend on the model's parameters "
-                             "(was it computed under torch.no_grad or detached?)")
-        batches = cap.check()
-        return loss.reshape(()), batches
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError(f"closure: must return the loss as a scalar tensor, got {type(loss).__name__}")
+                if loss.numel() != 1:
+                    raise ValueError(f"closure: must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+                if not loss.requires_grad:
+                    raise ValueError("closure: the returned loss does not depend on the model's parameters "
+                                     "(was it computed under torch.no_grad or detached?)")
+                loss = loss.reshape(())
+        return loss, cap.check()
 
     def _gradients(self, loss: torch.Tensor, batches: list[LayerBatch]) -> None:
         wants = [b.pre for b in batches]
         posts = [b for b in batches if self.variant.needs_grad_post and b.post is not None]
         wants += [b.post for b in posts]
+        others = self._other_params()
+        wants += others
         try:
             grads = torch.autograd.grad(loss, wants, allow_unused=True,
                                         retain_graph=self.variant.needs_sampled_grad)
@@ -314,8 +340,9 @@ class LocoProp(Optimizer):
         n = len(batches)
         for b, g in zip(batches, grads[:n]):
             b.grad_pre = torch.zeros_like(b.pre) if g is None else g
-        for b, g in zip(posts, grads[n:]):
+        for b, g in zip(posts, grads[n:n + len(posts)]):
             b.grad_post = torch.zeros_like(b.post) if g is None else g
+        self._keep_other_grads(others, grads[n + len(posts):])
         if self.variant.needs_sampled_grad:
             sampled = self._sampler(batches[-1].pre)
             gs = torch.autograd.grad(sampled, [b.pre for b in batches], allow_unused=True)
@@ -395,6 +422,53 @@ class LocoProp(Optimizer):
                 raise ValueError(f"backend={self.backend!r}: the fast solver cannot run this step: {why}")
             return self.solver
         return self.fused_solver
+
+    def _other_params(self) -> list[torch.Tensor]:
+        """The model's trainable parameters outside LocoProp's layers whose gradients the step accumulates."""
+        if not self.other_grads:
+            return []
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._covered]
+
+    def _keep_other_grads(self, others: list[torch.Tensor], grads) -> None:
+        """Hold the other parameters' gradients until the step has succeeded (:meth:`_accumulate_other_grads`);
+        distributed, the global batch's (summed over the ranks)."""
+        grads = list(grads)
+        if self.distributor is not None and others:  # every rank the same list: zeros where a rank had none
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(others, grads)]
+            grads = self.distributor.reduce_other_grads(grads)
+        self._pending_other_grads = [(p, g) for p, g in zip(others, grads) if g is not None]
+
+    def _accumulate_other_grads(self, pending=None, copy: bool = False) -> None:
+        """``p.grad += g`` (or ``p.grad = g``) for the held gradients, as ``loss.backward()`` accumulates;
+        ``copy``: the gradients are a captured graph's tensors, which the next replay overwrites."""
+        pending = self._pending_other_grads if pending is None else pending
+        with torch.no_grad():
+            for p, g in pending:
+                if p.grad is None:
+                    p.grad = g.detach().clone() if copy else g.detach()
+                else:
+                    p.grad.add_(g)
+        self._pending_other_grads = []
+
+    def _check_still_frozen_or_trainable(self) -> None:
+        """Refuse a step after a layer was frozen or unfrozen since construction (nothing changes)."""
+        for lay in self.layers:
+            frozen = [n for n, p in (("weight", lay.linear.weight), ("bias", lay.linear.bias))
+                      if p is not None and not p.requires_grad]
+            if frozen:
+                raise ValueError(f"layer {lay.name!r}: its {' and '.join(frozen)} no longer requires grad; LocoProp "
+                                 "fixes its layers when it is made: make a new LocoProp to leave it frozen")
+        for lay in self.frozen_layers:
+            if any(p.requires_grad for p in lay.params):
+                raise ValueError(f"layer {lay.name!r}: it was frozen (requires_grad=False) when this LocoProp was "
+                                 "made and now requires grad; make a new LocoProp to train it")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused after construction: LocoProp's parameter groups are its layers, one per ``nn.Linear``."""
+        if getattr(self, "_groups_are_layers", False):
+            raise ValueError("add_param_group: LocoProp's parameter groups are its layers (one per nn.Linear it "
+                             "solves a local problem for); train other parameters with another optimizer")
+        super().add_param_group(param_group)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -482,13 +556,17 @@ class LocoProp(Optimizer):
         if closure is None:
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
                              "the loss (LocoProp needs the layer inputs of the current batch)")
+        self._check_still_frozen_or_trainable()
+        self._pending_other_grads = []
         loss, problems = self._step_body(closure)
         if self.check_finite and not bool(self._all_finite()):
             err = self._divergence()
             self._rollback.restore(self.inner)
+            self._pending_other_grads = []
             raise err
         if self.last_solver == "fused":
             self.fused_solver.count_steps(problems, self.inner)
+        self._accumulate_other_grads()
         self._finish(problems)
         return loss
 
@@ -521,6 +599,17 @@ class LocoProp(Optimizer):
         return local_objective(problem, self.variant.local_loss, self.variant.regularizer, params)
 
     # -- state ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and ``pickle`` (of the optimizer with its model, ``pickle.dumps((model, opt))``):
+        the optimizer and its configuration, without the per-step caches (rollback buffers, CUDA graphs,
+        streams), which the copy makes again; step hooks are left out, as ``torch.optim`` leaves them out."""
+        if self.distributor is not None:
+            raise TypeError("LocoProp with distributed=... cannot be copied or pickled (it holds a process "
+                            "group); save state_dict() instead")
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state["_rollback"] = _Rollback(self._rollback.where)
+        return state
+
     def state_dict(self) -> dict:
         """Optimizer state, including the inner optimizer's (round-trips exactly).
 
@@ -530,6 +619,7 @@ class LocoProp(Optimizer):
         """
         sd = super().state_dict()
         sd["inner"] = self.inner.state_dict() if self.inner is not None else None
+        sd["inner_class"] = _class_name(self.inner) if self.inner is not None else None
         if self.distributor is not None and sd["inner"] is not None:
             sd["inner"] = self.distributor.inner_state_dict(sd["inner"])
         return sd
@@ -549,6 +639,12 @@ class LocoProp(Optimizer):
         for i, (g_saved, g_self) in enumerate(zip(sd["param_groups"], self.param_groups)):
             if len(g_saved["params"]) != len(g_self["params"]):
                 raise ValueError(f"state_dict: layer {i} ({g_self['name']}) has a different number of parameters")
+        saved_class = sd.pop("inner_class", None)  # absent in state dicts of earlier versions
+        if saved_class is not None and self.inner is not None and saved_class != _class_name(self.inner):
+            raise ValueError(f"state_dict: its inner optimizer state is {saved_class}'s, this optimizer's inner "
+                             f"optimizer is {_class_name(self.inner)} (inner={self.inner_spec!r})")
+        if inner_sd is not None:
+            self._check_inner_state_shapes(inner_sd)
         if self.inner is not None:
             inner_backup = copy.deepcopy(self.inner.state_dict())
             self.inner.load_state_dict(inner_sd)
@@ -562,6 +658,22 @@ class LocoProp(Optimizer):
         if self.distributor is not None:
             self.distributor.after_load_state_dict()
 
+    def _check_inner_state_shapes(self, inner_sd: dict) -> None:
+        """Each saved per-parameter state tensor with its parameter's number of dimensions has its shape."""
+        params = self._params()
+        names = [(g["name"], n) for g in self.param_groups for n in ("weight", "bias")[:len(g["params"])]]
+        for index, entry in inner_sd.get("state", {}).items():
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(f"state_dict: inner optimizer state for parameter {index!r}; this optimizer has "
+                                 f"{len(params)} parameters")
+            p = params[index]
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() == p.dim() and value.shape != p.shape:
+                    layer, which = names[index]
+                    raise ValueError(f"state_dict: layer {layer!r} {which}: its inner state {key!r} has shape "
+                                     f"{tuple(value.shape)}, the parameter has {tuple(p.shape)} (saved from "
+                                     "another model?)")
+
     def __repr__(self) -> str:
         lines = [f"LocoProp({self.variant.name}: target={self.variant.target!r}, local_loss="
                  f"{self.variant.local_loss!r}, regularizer={self.variant.regularizer!r}, solver={self.variant.solver!r},"
@@ -569,9 +681,15 @@ class LocoProp(Optimizer):
         for lay, g in zip(self.layers, self.param_groups):
             lines.append(f"  {lay.name}: {tuple(lay.linear.weight.shape)} -> {lay.transfer!r}  lr={g['lr']}, "
                          f"activation_lr={g['activation_lr']}, local_steps={g['local_steps']}")
+        if self.frozen_layers:
+            lines.append(f"  frozen (left as they are): {[lay.name for lay in self.frozen_layers]}")
         if self.distributor is not None:
             lines.append(f"  distributed: {self.distributor!r}")
         return "\n".join(lines) + "\n)"
+
+
+def _class_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class _Rollback:
@@ -695,6 +813,7 @@ class CapturedStep:
         self.calls = 0
         self.graph = None
         self._key = None
+        self.other_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: How the last call ran: "eager", "capture" or "replay".
         self.last_mode = ""
 
@@ -705,11 +824,13 @@ class CapturedStep:
         inner = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr"))
                       for g in opt.inner.param_groups)
         solver = opt.fused_solver
-        return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, solver.order,
+        others = tuple(id(p) for p in opt._other_params())  # the gradients the graph computes
+        return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, others, solver.order,
                 solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels)
 
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver
+        opt._check_still_frozen_or_trainable()
         if self.calls < self.warmup:  # ordinary steps on a side stream (CUDA graph capture needs warm-up)
             self.calls += 1
             side = graph_side_stream(opt._params()[0].device)
@@ -739,6 +860,7 @@ class CapturedStep:
                                   "(lower lr or activation_lr)")
         solver.count_steps(self.problems, opt.inner)
         opt.last_solver = "fused"
+        opt._accumulate_other_grads(self.other_grads, copy=True)
         opt._finish(self.problems)
         return self.loss.clone()
 
@@ -754,10 +876,12 @@ class CapturedStep:
         with torch.cuda.graph(graph, stream=graph_side_stream(first.device)):
             loss, problems = opt._step_body(self.closure, capturing=True)
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
+        # the other parameters' gradients: tensors of the graph, added to .grad after each replay
+        self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
         self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key
 
 
-def _output_sampler(last: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
+class _OutputSampler:
     """Loss on labels drawn from the model's predictive distribution (sampled Fisher).
 
     The output distribution follows the last transfer function: Bernoulli for
@@ -765,25 +889,26 @@ def _output_sampler(last: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
     summed over the batch, so its per-example gradients are the ``g_i`` of
     :func:`~locoprop.targets.pre_activation_fisher`.
     """
-    name = last.transfer.name if last.transfer is not None else None
 
-    def sigmoid(logits):
-        with torch.no_grad():
-            y = torch.bernoulli(torch.sigmoid(logits))
-        return Fn.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+    KINDS = ("linear", "sigmoid", "softmax")
 
-    def softmax(logits):
-        with torch.no_grad():
-            y = torch.multinomial(torch.softmax(logits.reshape(-1, logits.shape[-1]), -1), 1).squeeze(-1)
-        return Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
+    def __init__(self, last: Layer) -> None:
+        name = last.transfer.name if last.transfer is not None else None
+        if name not in self.KINDS:
+            raise ValueError(f"fisher='sampled' needs output_transfer in {list(self.KINDS)} (the model's predictive "
+                             f"distribution), got {name!r}")
+        self.kind = name
 
-    def linear(logits):
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.kind == "sigmoid":
+            with torch.no_grad():
+                y = torch.bernoulli(torch.sigmoid(logits))
+            return Fn.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        if self.kind == "softmax":
+            flat = logits.reshape(-1, logits.shape[-1])
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(flat, -1), 1).squeeze(-1)
+            return Fn.cross_entropy(flat, y, reduction="sum")
         with torch.no_grad():
             y = logits + torch.randn_like(logits)
         return 0.5 * ((logits - y) ** 2).sum()
-
-    samplers = {"sigmoid": sigmoid, "softmax": softmax, "linear": linear}
-    if name not in samplers:
-        raise ValueError(f"fisher='sampled' needs output_transfer in {sorted(samplers)} (the model's predictive "
-                         f"distribution), got {name!r}")
-    return samplers[name]

@@ -169,9 +169,9 @@ def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, w
 
 def _float32_contiguous_on(device: torch.device, tensors: list[torch.Tensor]) -> bool:
     """Whether ``device`` is one the kernels run on (:func:`available`) and every tensor a contiguous float32
-    tensor on it (what the kernels' pointers assume)."""
+    tensor on it of fewer than 2³¹ elements (what the kernels' pointers and 32-bit offsets assume)."""
     return available(device) and all(t.is_contiguous() and t.dtype == torch.float32 and t.device == device
-                                     for t in tensors)
+                                     and t.numel() < 2 ** 31 for t in tensors)
 
 
 def _on(device: torch.device):
@@ -228,10 +228,10 @@ def _residual_transfer_of(loss_class: type, transfer_class: type) -> int | None:
 
 def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None) -> bool:
     """Whether the residual kernel takes these tensors: float32, contiguous, one device it runs on, ``pre`` and
-    ``target`` of one 2-d shape (its offsets are 32-bit), ``bias_grad`` one value per column."""
+    ``target`` of one 2-d shape, ``bias_grad`` one value per column."""
     tensors = [pre, target] + ([bias_grad] if bias_grad is not None else [])
     return (_float32_contiguous_on(pre.device, tensors) and "residual_column_sums" in _kernels(interpreting())
-            and pre.dim() == 2 and target.shape == pre.shape and pre.numel() < 2 ** 31
+            and pre.dim() == 2 and target.shape == pre.shape
             and (bias_grad is None or bias_grad.shape == pre.shape[1:]))
 
 

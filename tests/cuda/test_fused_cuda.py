@@ -494,3 +494,31 @@ def test_warm_ups_and_captures_share_one_side_stream():
     assert step.last_mode == "replay" and default.fused_solver.last_mode.startswith("graph-replay")
     allowed = {torch.cuda.current_stream().cuda_stream, graph_side_stream(x.device).cuda_stream}
     assert streams_with_memory() - before <= allowed
+
+
+def test_graphed_step_gives_other_parameters_their_gradients_after_each_replay():
+    """A LayerNorm before the autoencoder, stepped by SGD beside LocoProp (``other_grads``): the captured step's
+    gradients of its parameters (tensors of the graph) reach ``.grad`` after every replay, also after
+    ``zero_grad`` set them to None, and equal the reference loop's."""
+    models = [nn.Sequential(nn.LayerNorm(784, device=DEV), *_model()) for _ in range(2)]
+    with pytest.warns(UserWarning, match="other_grads=True"):
+        ref = _opt(models[0], backend="reference")
+    with pytest.warns(UserWarning, match="other_grads=True"):
+        fast = _opt(models[1])
+    norm_opts = [torch.optim.SGD(m[0].parameters(), lr=1e-2) for m in models]
+    static_x = torch.empty(256, 784, device=DEV)
+    step = fast.graphed_step(lambda: _loss(models[1](static_x), static_x))
+    modes = []
+    for x in _batches(6):
+        for o in norm_opts:
+            o.zero_grad()
+        ref.step(lambda: _loss(models[0](x), x))
+        static_x.copy_(x)
+        step()
+        modes.append(step.last_mode)
+        for p, q in zip(models[0][0].parameters(), models[1][0].parameters()):
+            assert ((p.grad - q.grad).norm() / p.grad.norm()).item() < 1e-4
+        for o in norm_opts:
+            o.step()
+    assert modes[2:] == ["capture", "replay", "replay", "replay"]
+    assert _rel(models[0], models[1]) < 1e-5
