@@ -38,8 +38,17 @@ class Layer:
     transfer_desc: str = ""
 
     @property
+    def named_params(self) -> list[tuple[str, nn.Parameter]]:
+        """``("weight", W)`` and, where the layer has one, ``("bias", b)``."""
+        return [(n, p) for n, p in (("weight", self.linear.weight), ("bias", self.linear.bias)) if p is not None]
+
+    @property
     def params(self) -> list[nn.Parameter]:
-        return [p for p in (self.linear.weight, self.linear.bias) if p is not None]
+        return [p for _, p in self.named_params]
+
+    def frozen_param_names(self) -> list[str]:
+        """The names of its parameters with ``requires_grad=False``."""
+        return [n for n, p in self.named_params if not p.requires_grad]
 
 
 @dataclass
@@ -195,13 +204,11 @@ def split_frozen_layers(found: Sequence[Layer], explicit: bool) -> tuple[list[La
     """
     trainable, frozen = [], []
     for lay in found:
-        flags = [p.requires_grad for p in lay.params]
-        if all(flags):
+        names = lay.frozen_param_names()
+        if not names:
             trainable.append(lay)
             continue
-        if any(flags):
-            names = [n for n, p in (("weight", lay.linear.weight), ("bias", lay.linear.bias))
-                     if p is not None and not p.requires_grad]
+        if len(names) < len(lay.params):
             raise ValueError(f"layer {lay.name!r}: its {' and '.join(names)} has requires_grad=False and the rest "
                              "of the layer does not; LocoProp solves a layer's weight and bias together: freeze "
                              "both or neither")
@@ -231,9 +238,7 @@ def check_own_parameters(layers: Sequence[Layer]) -> None:
                              "computed from other tensors; LocoProp solves for the weight itself: remove the "
                              "parametrization (torch.nn.utils.parametrize.remove_parametrizations) or leave the "
                              "layer out of layers=")
-        for which, p in (("weight", lay.linear.weight), ("bias", lay.linear.bias)):
-            if p is None:
-                continue
+        for which, p in lay.named_params:
             if id(p) in owner:
                 raise ValueError(f"layer {lay.name!r}: its {which} is also a parameter of layer {owner[id(p)]!r} "
                                  "(tied weights); LocoProp solves each layer's local problem for weights of its own")

@@ -375,7 +375,7 @@ class LocoProp(Optimizer):
 
         def starting_weights(params):  # the rollback's copy where it lies on the device, else a copy of them
             return (saved.copies_of(params) if saved is not None else None) or [p.detach().clone() for p in params]
-        for m, (b, group) in enumerate(zip(batches, self.param_groups)):
+        for b, group in zip(batches, self.param_groups):
             if b is None:  # layer-sharded: another rank solves this layer
                 problems.append(None)
                 continue
@@ -453,8 +453,7 @@ class LocoProp(Optimizer):
     def _check_still_frozen_or_trainable(self) -> None:
         """Refuse a step after a layer was frozen or unfrozen since construction (nothing changes)."""
         for lay in self.layers:
-            frozen = [n for n, p in (("weight", lay.linear.weight), ("bias", lay.linear.bias))
-                      if p is not None and not p.requires_grad]
+            frozen = lay.frozen_param_names()
             if frozen:
                 raise ValueError(f"layer {lay.name!r}: its {' and '.join(frozen)} no longer requires grad; LocoProp "
                                  "fixes its layers when it is made: make a new LocoProp to leave it frozen")
@@ -557,12 +556,11 @@ class LocoProp(Optimizer):
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
                              "the loss (LocoProp needs the layer inputs of the current batch)")
         self._check_still_frozen_or_trainable()
-        self._pending_other_grads = []
         loss, problems = self._step_body(closure)
         if self.check_finite and not bool(self._all_finite()):
             err = self._divergence()
             self._rollback.restore(self.inner)
-            self._pending_other_grads = []
+            self._pending_other_grads = []  # not added for a step that raises
             raise err
         if self.last_solver == "fused":
             self.fused_solver.count_steps(problems, self.inner)
@@ -660,16 +658,14 @@ class LocoProp(Optimizer):
 
     def _check_inner_state_shapes(self, inner_sd: dict) -> None:
         """Each saved per-parameter state tensor with its parameter's number of dimensions has its shape."""
-        params = self._params()
-        names = [(g["name"], n) for g in self.param_groups for n in ("weight", "bias")[:len(g["params"])]]
+        params = [(lay.name, which, p) for lay in self.layers for which, p in lay.named_params]
         for index, entry in inner_sd.get("state", {}).items():
             if not isinstance(index, int) or not 0 <= index < len(params):
                 raise ValueError(f"state_dict: inner optimizer state for parameter {index!r}; this optimizer has "
                                  f"{len(params)} parameters")
-            p = params[index]
+            layer, which, p = params[index]
             for key, value in entry.items():
                 if torch.is_tensor(value) and value.dim() == p.dim() and value.shape != p.shape:
-                    layer, which = names[index]
                     raise ValueError(f"state_dict: layer {layer!r} {which}: its inner state {key!r} has shape "
                                      f"{tuple(value.shape)}, the parameter has {tuple(p.shape)} (saved from "
                                      "another model?)")

@@ -61,7 +61,7 @@ from locoprop.transfer import TransferFunction
 from locoprop.variants import get_variant
 
 from .data import load_dataset
-from .models import OUTPUT_TRANSFER, build_autoencoder, num_parameters
+from .models import OUTPUT_TRANSFER, build_autoencoder
 from .optimizers import LOCOPROP_VARIANTS
 from .train import (CONFIG, METRICS, RunResult, TrainConfig, _epoch_permutation, _sync, early_exit_reason,
                     run_record)
