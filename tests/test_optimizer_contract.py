@@ -323,7 +323,7 @@ def test_a_state_dict_from_another_model_or_inner_optimizer_is_refused_and_chang
     opt.load_state_dict(stepped(small_autoencoder(), "adam").state_dict())  # the same kinds load
 
 
-def test_parametrized_or_tied_weights_are_refused_by_layer_and_a_frozen_parametrized_layer_is_left_alone():
+def test_adapted_parametrized_or_tied_layers_are_refused_by_name_and_left_alone_when_frozen():
     from torch.nn.utils.parametrizations import weight_norm
 
     model = small_autoencoder()
@@ -333,6 +333,19 @@ def test_parametrized_or_tied_weights_are_refused_by_layer_and_a_frozen_parametr
     model[3].requires_grad_(False)
     opt = locoprop.LocoProp(model, output_transfer="sigmoid")
     assert [lay.name for lay in opt.frozen_layers] == ["3"]
+    class LowRankAdapted(torch.nn.Linear):  # a LoRA-style layer: its output is not x Wᵀ + b
+        def __init__(self, n, d):
+            super().__init__(n, d)
+            self.down, self.up = torch.nn.Parameter(torch.randn(n, 2)), torch.nn.Parameter(torch.zeros(2, d))
+
+        def forward(self, x):
+            return super().forward(x) + x @ self.down @ self.up
+    model = small_autoencoder()
+    model[3] = LowRankAdapted(6, 16)
+    with pytest.raises(ValueError, match=r"layer '3': LowRankAdapted subclasses nn.Linear with a forward of its own"):
+        locoprop.LocoProp(model, output_transfer="sigmoid")
+    model[3].requires_grad_(False)
+    assert [lay.name for lay in locoprop.LocoProp(model, output_transfer="sigmoid").frozen_layers] == ["3"]
     first, second = torch.nn.Linear(20, 16), torch.nn.Linear(20, 16)
     second.weight = first.weight
     tied = torch.nn.Sequential(first, torch.nn.Tanh(), torch.nn.Linear(16, 20), torch.nn.Tanh(), second)

@@ -12,7 +12,7 @@ reduced-precision products) and :mod:`locoprop.inner` (inner optimizers).  The e
 
 from .errors import DivergenceError
 from .inner import INNER_OPTIMIZERS, TFRMSprop
-from .layers import Layer, check_own_parameters, discover_layers, split_frozen_layers
+from .layers import Layer, check_solvable_layers, discover_layers, split_frozen_layers
 from .losses import DualMatchingLoss, LocalLoss, MatchingLoss, SquaredPostLoss, SquaredPreLoss
 from .fused import FusedIterativeSolver
 from .optimizer import CapturedStep, LocoProp
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LocoProp", "CapturedStep", "FusedIterativeSolver", "DivergenceError", "TFRMSprop", "INNER_OPTIMIZERS",
-    "Layer", "discover_layers", "split_frozen_layers", "check_own_parameters",
+    "Layer", "discover_layers", "split_frozen_layers", "check_solvable_layers",
     "LocalLoss", "SquaredPreLoss", "MatchingLoss", "SquaredPostLoss", "DualMatchingLoss",
     "Regularizer", "L2Proximity", "L1Proximity", "FisherProximity",
     "Target", "GradientStepTarget", "GDTarget", "MDTarget", "NaturalGradientTarget", "PostGDTarget", "DualMDTarget",

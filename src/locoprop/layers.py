@@ -18,7 +18,8 @@ from torch import nn
 from .transfer import Linear as LinearTransfer
 from .transfer import TransferFunction, get_transfer, transfer_from_module
 
-__all__ = ["Layer", "LayerBatch", "discover_layers", "split_frozen_layers", "check_own_parameters", "LayerCapture"]
+__all__ = ["Layer", "LayerBatch", "discover_layers", "split_frozen_layers", "check_solvable_layers",
+           "LayerCapture"]
 
 
 @dataclass
@@ -221,18 +222,25 @@ def split_frozen_layers(found: Sequence[Layer], explicit: bool) -> tuple[list[La
     return trainable, frozen
 
 
-def check_own_parameters(layers: Sequence[Layer]) -> None:
-    """Each layer's weight and bias are leaf parameters of its own: what a local problem solves for (Eq. 2).
+def check_solvable_layers(layers: Sequence[Layer]) -> None:
+    """Each layer computes ``â = ŷWᵀ + b`` with a weight and bias that are leaf parameters of its own: what a
+    local problem assumes and solves for (Sec. 1.2, Eq. 2).
 
     Raises:
-        ValueError: naming the layer, for a parametrized weight or bias
-            (``weight_norm``, ``spectral_norm``: the parameter is computed from
-            others) or one shared with another layer (tied weights).
+        ValueError: naming the layer, for a subclass of ``nn.Linear`` with a
+            forward of its own (a LoRA adapter, a quantised layer), a
+            parametrized weight or bias (``weight_norm``, ``spectral_norm``:
+            the parameter is computed from others) or one shared with another
+            layer (tied weights).
     """
     from torch.nn.utils import parametrize
 
     owner: dict[int, str] = {}
     for lay in layers:
+        if type(lay.linear).forward is not nn.Linear.forward:
+            raise ValueError(f"layer {lay.name!r}: {type(lay.linear).__name__} subclasses nn.Linear with a forward of "
+                             "its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
+                             "(leave it out of layers=, or freeze it)")
         if parametrize.is_parametrized(lay.linear):
             raise ValueError(f"layer {lay.name!r}: its parameters are parametrized (weight_norm, spectral_norm, ...), "
                              "computed from other tensors; LocoProp solves for the weight itself: remove the "

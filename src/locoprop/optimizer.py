@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 
 from .errors import DivergenceError
 from .inner import make_inner_optimizer
-from .layers import Layer, LayerBatch, LayerCapture, check_own_parameters, discover_layers, split_frozen_layers
+from .layers import Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, split_frozen_layers
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
 from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
@@ -223,7 +223,7 @@ class LocoProp(Optimizer):
         self.layers: list[Layer]
         self.layers, self.frozen_layers = split_frozen_layers(discover_layers(model, layers, output_transfer),
                                                               explicit=layers is not None)
-        check_own_parameters(self.layers)
+        check_solvable_layers(self.layers)
         self._check_layers(output_transfer)
         if self.variant.needs_sampled_grad:
             self._sampler = _OutputSampler(self.layers[-1])
