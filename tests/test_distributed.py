@@ -49,11 +49,17 @@ CASES = {
     # (other_grads), summed over the ranks; never zeroed here, so they add up over the steps
     "data-M-input-norm": ("data", "M", dict(local_steps=3, input_norm=True)),
     "layers-M-input-norm": ("layers", "M", dict(local_steps=3, input_norm=True)),
+    # a convolution (each example a 3 x 4 image): its local problem's rows are patches, one per example and position
+    "data-M-conv": ("data", "M", dict(local_steps=3, conv=True)),
+    "layers-S-conv": ("layers", "S", dict(local_steps=3, conv=True)),
 }
 
 
-def _model(input_norm: bool = False) -> nn.Sequential:
+def _model(input_norm: bool = False, conv: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
+    if conv:
+        return nn.Sequential(nn.Unflatten(1, (1, 3, 4)), nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(),
+                             nn.Conv2d(3, 2, 2), nn.Softplus(), nn.Flatten(), nn.Linear(12, WIDTHS[-1])).double()
     acts = [nn.Tanh(), nn.Softplus(), nn.LeakyReLU(0.1), nn.ELU(0.7)]
     mods: list[nn.Module] = [nn.LayerNorm(WIDTHS[0])] if input_norm else []
     for i in range(len(WIDTHS) - 1):
@@ -80,7 +86,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     mode, variant, kw = CASES[name]
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
-    model = _model(kw.pop("input_norm", False))
+    model = _model(kw.pop("input_norm", False), kw.pop("conv", False))
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -228,7 +234,9 @@ def _check_match(world: int, tmp_path: Path) -> None:
             assert opt.last_solver == "fused"
         assert all((got["solver"] == "fused") == fused for got in ranks), (name, [g["solver"] for g in ranks])
         # the updates moved the weights: the comparison is not vacuous
-        before = torch.cat([p.detach().reshape(-1) for p in _model(CASES[name][2].get("input_norm", False)).parameters()])
+        extra = CASES[name][2]
+        before = torch.cat([p.detach().reshape(-1) for p in _model(extra.get("input_norm", False),
+                                                                   extra.get("conv", False)).parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name
 
 

@@ -269,7 +269,7 @@ def test_frozen_layers_that_cannot_be_honoured_are_refused_by_name():
     with pytest.raises(ValueError, match=r"layer '3': listed in layers="):
         locoprop.LocoProp(model, layers=[(model[0], "tanh"), (model[3], "tanh")])
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match="every nn.Linear layer is frozen"):
+    with pytest.raises(ValueError, match="every layer LocoProp could train is frozen"):
         locoprop.LocoProp(model, output_transfer="sigmoid")
 
 

@@ -510,8 +510,9 @@ class Distributor(abc.ABC):
 
     # -- step hooks -------------------------------------------------------------------------------
     def reduce_loss(self, loss: torch.Tensor, batches: list[LayerBatch]) -> torch.Tensor:
-        """The loss of the global batch (identical on every rank); records every rank's row count."""
-        rows = batches[0].inputs.shape[0]
+        """The loss of the global batch (identical on every rank); records every rank's row count (examples where
+        the first layer is a convolution, whose rows are its positions)."""
+        rows = batches[0].inputs.shape[0] // batches[0].rows_per_example
         mine = torch.tensor([float(rows), float(loss.detach())], dtype=torch.float64, device=loss.device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         self.comm.all_gather(every, mine, "loss and row counts")
@@ -768,6 +769,8 @@ class LayerShardedDistributor(Distributor):
         return [n if f == "inputs" else d for f in self.fields]
 
     def exchange(self, batches):
+        """Each field travels as one row per example (a convolution's rows of one example side by side), so that
+        layers with different rows per example share one gather and the shards' row counts."""
         self._scale_gradients(batches)
         counts = self.counts
         rows_max = max(counts)
@@ -775,7 +778,8 @@ class LayerShardedDistributor(Distributor):
         for owner, layers in enumerate(self.owned):
             if not layers:
                 continue
-            mine = torch.cat([getattr(batches[m], f) for m in layers for f in self.fields], 1)
+            mine = torch.cat([getattr(batches[m], f).reshape(counts[self.rank], w * batches[m].rows_per_example)
+                              for m in layers for f, w in zip(self.fields, self._widths(m))], 1)
             if mine.shape[0] < rows_max:  # gather needs equal shapes: pad with zero rows
                 mine = torch.cat([mine, mine.new_zeros(rows_max - mine.shape[0], mine.shape[1])], 0)
             mine = mine.contiguous()
@@ -789,10 +793,10 @@ class LayerShardedDistributor(Distributor):
         if self.mine:
             slots = received[self.rank]
             full = torch.cat([s[:c] for s, c in zip(slots, counts)], 0)
-            widths = [w for m in self.mine for w in self._widths(m)]
+            widths = [w * batches[m].rows_per_example for m in self.mine for w in self._widths(m)]
             pieces = iter(full.split(widths, 1))
             for m in self.mine:
-                values = {f: next(pieces) for f in self.fields}
+                values = {f: piece.reshape(-1, w) for f, w, piece in zip(self.fields, self._widths(m), pieces)}
                 lay = self.layers[m]
                 with torch.no_grad():
                     pre = Fn.linear(values["inputs"], lay.linear.weight, lay.linear.bias)

@@ -1,4 +1,4 @@
-"""Layer discovery and capture: which ``nn.Linear`` pairs with which transfer function.
+"""Layer discovery and capture: which ``nn.Linear`` (or ``nn.Conv2d``) pairs with which transfer function.
 
 LocoProp splits a network into layers ``â_m = W_m ŷ_{m-1}``, ``ŷ_m = f_m(â_m)``
 (paper Sec. 1.2, biases folded into ``W_m``).  This module finds those pairs
@@ -13,13 +13,65 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as Fn
 from torch import nn
 
 from .transfer import Linear as LinearTransfer
 from .transfer import TransferFunction, get_transfer, transfer_from_module
 
-__all__ = ["Layer", "LayerBatch", "discover_layers", "split_frozen_layers", "check_solvable_layers",
-           "LayerCapture"]
+__all__ = ["Layer", "LayerBatch", "Conv2dMatrix", "discover_layers", "split_frozen_layers",
+           "check_solvable_layers", "LayerCapture"]
+
+
+class Conv2dMatrix:
+    """A ``nn.Conv2d`` as the matrix of its local problem (Sec. 1.2, Eq. 2, applied at every output position).
+
+    A convolution is a linear map of each input patch: with the patches of
+    ``ŷ`` as rows (``F.unfold``: ``C_in·kh·kw`` columns, channel-major, one row
+    per example and output position), ``â = patches · Wᵀ + b`` where ``W`` is
+    the kernel as a ``(C_out, C_in·kh·kw)`` matrix.  ``weight`` is that matrix,
+    a parameter of its own sharing the kernel's storage (the local solve and
+    the inner optimizer update it in place, so the kernel moves with it);
+    ``bias`` is the convolution's.  Only ``groups=1`` and zero padding (a
+    local problem per group is not implemented).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+        self.out_features, self.in_features = conv.out_channels, conv.weight[0].numel()
+        self.weight = nn.Parameter(conv.weight.detach().view(self.out_features, -1),
+                                   requires_grad=conv.weight.requires_grad)
+        self.bias = conv.bias
+
+    def padding(self) -> tuple[int, int]:
+        """The convolution's padding as two numbers (``"same"`` resolved; ``F.unfold`` pads evenly)."""
+        conv = self.conv
+        if conv.padding == "valid":
+            return (0, 0)
+        if conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            return (total[0] // 2, total[1] // 2)
+        return tuple(conv.padding)
+
+    def sync(self) -> None:
+        """Share the kernel's storage again where it moved (``model.to(...)``, a copy of the model)."""
+        kernel = self.conv.weight
+        if self.weight.data_ptr() != kernel.data_ptr() or self.weight.device != kernel.device \
+                or self.weight.dtype != kernel.dtype:
+            self.weight.data = kernel.detach().view(self.out_features, -1)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input patches as rows, ``(b·positions, C_in·kh·kw)``."""
+        conv = self.conv
+        if x.dim() == 3:  # an unbatched (C, H, W) input
+            x = x.unsqueeze(0)
+        patches = Fn.unfold(x, conv.kernel_size, conv.dilation, self.padding(), conv.stride)
+        return patches.transpose(1, 2).reshape(-1, self.in_features)
+
+    def output_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The output ``(b, C_out, H', W')`` (or ``(C_out, H', W')``) as rows, ``(b·positions, C_out)``."""
+        t = t.unsqueeze(0) if t.dim() == 3 else t
+        return t.permute(0, 2, 3, 1).reshape(-1, self.out_features)
 
 
 @dataclass
@@ -30,13 +82,46 @@ class Layer:
     known monotone transfer function (only squared-loss, pre-activation
     variants accept that).  ``transfer_module`` is the activation module, when
     there is one, so that its output (the post-activation) can be captured.
+    ``linear`` is the layer's matrix (``weight``, ``bias``): the ``nn.Linear``
+    itself, or a :class:`Conv2dMatrix` for a ``nn.Conv2d``; ``module`` is the
+    model's module (hooked during the forward pass).
     """
 
     name: str
-    linear: nn.Linear
+    linear: nn.Linear | Conv2dMatrix
     transfer: TransferFunction | None
     transfer_module: nn.Module | None = None
     transfer_desc: str = ""
+
+    @property
+    def module(self) -> nn.Module:
+        return self.linear.conv if isinstance(self.linear, Conv2dMatrix) else self.linear
+
+    @property
+    def module_params(self) -> list[nn.Parameter]:
+        """The model's own parameters of the layer (for a convolution, its kernel, not the matrix view)."""
+        return [p for p in (self.module.weight, self.module.bias) if p is not None]
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as the rows of its local problem, ``(rows, in_features)``."""
+        if isinstance(self.linear, Conv2dMatrix):
+            return self.linear.rows(x)
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of the layer's output shape (pre-activation, its gradient) as rows, ``(rows, out_features)``."""
+        if isinstance(self.linear, Conv2dMatrix):
+            return self.linear.output_rows(t)
+        return t.reshape(-1, t.shape[-1])
+
+    def rows_per_example(self, output: torch.Tensor) -> int:
+        """Rows of the local problem per example: a convolution's output positions, 1 for a Linear layer."""
+        return output.shape[-1] * output.shape[-2] if isinstance(self.linear, Conv2dMatrix) else 1
+
+    def sync(self) -> None:
+        """For a convolution: its matrix shares the kernel's storage (:meth:`Conv2dMatrix.sync`)."""
+        if isinstance(self.linear, Conv2dMatrix):
+            self.linear.sync()
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -48,8 +133,8 @@ class Layer:
         return [p for _, p in self.named_params]
 
     def frozen_param_names(self) -> list[str]:
-        """The names of its parameters with ``requires_grad=False``."""
-        return [n for n, p in self.named_params if not p.requires_grad]
+        """The names of its parameters with ``requires_grad=False`` (the model's: a convolution's kernel)."""
+        return [n for n, p in zip(("weight", "bias"), self.module_params) if not p.requires_grad]
 
 
 @dataclass
@@ -67,6 +152,8 @@ class LayerBatch:
         grad_post: ``∇_{ŷ_m} L`` when captured (Algorithms 3, 4).
         grad_pre_sampled: ``∇_{â_m}`` of the loss on labels sampled from the
             model's predictive distribution (for a sampled Fisher, Prop. 1).
+        rows_per_example: rows of the local problem for each example (a
+            convolution's output positions, 1 for a Linear layer).
     """
 
     layer: Layer
@@ -77,6 +164,8 @@ class LayerBatch:
     grad_post: torch.Tensor | None = None
     grad_pre_sampled: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    #: Rows of the local problem per example (a convolution's output positions; 1 for a Linear layer).
+    rows_per_example: int = 1
 
     @property
     def transfer(self) -> TransferFunction:
@@ -106,12 +195,21 @@ def _check_not_inplace(name: str, module: nn.Module | None) -> None:
         )
 
 
+#: The modules LocoProp gives a local problem: linear maps of their input (a convolution: of each patch).
+LAYER_MODULES = (nn.Linear, nn.Conv2d)
+
+
+def _matrix_of(module: nn.Module) -> nn.Linear | Conv2dMatrix:
+    return Conv2dMatrix(module) if isinstance(module, nn.Conv2d) else module
+
+
 def discover_layers(
     model: nn.Module,
     layers: Sequence[tuple[nn.Module, object]] | None = None,
     output_transfer=None,
 ) -> list[Layer]:
-    """Pair each ``nn.Linear`` with its transfer function.
+    """Pair each ``nn.Linear`` (and ``nn.Conv2d``, a linear map of each input patch: :class:`Conv2dMatrix`)
+    with its transfer function.
 
     Args:
         model: the network (or ``torch.compile(network)``: its layers are the
@@ -145,8 +243,8 @@ def discover_layers(
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise ValueError(f"layers[{i}]: expected a (nn.Linear, transfer) pair, got {pair!r}")
             lin, spec = pair
-            if not isinstance(lin, nn.Linear):
-                raise ValueError(f"layers[{i}]: expected an nn.Linear, got {type(lin).__name__}")
+            if not isinstance(lin, LAYER_MODULES):
+                raise ValueError(f"layers[{i}]: expected an nn.Linear or nn.Conv2d, got {type(lin).__name__}")
             name = names.get(id(lin), f"layers[{i}]")
             module = spec if isinstance(spec, nn.Module) else None
             _check_not_inplace(name, module)
@@ -154,31 +252,34 @@ def discover_layers(
                 transfer = get_transfer(spec)
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}: {exc}") from None
-            found.append(Layer(name, lin, transfer, module, type(spec).__name__ if module else str(spec)))
+            found.append(Layer(name, _matrix_of(lin), transfer, module,
+                               type(spec).__name__ if module else str(spec)))
     elif isinstance(model, nn.Sequential):
         flat = _flatten_sequential(model, "")
         for i, (name, mod) in enumerate(flat):
-            if not isinstance(mod, nn.Linear):
+            if not isinstance(mod, LAYER_MODULES):
                 continue
             nxt_name, nxt = flat[i + 1] if i + 1 < len(flat) else (None, None)
-            if nxt is None or isinstance(nxt, nn.Linear):
-                found.append(Layer(name, mod, LinearTransfer(), None, "none"))
+            if nxt is None or isinstance(nxt, (*LAYER_MODULES, nn.Flatten)):  # nothing in between: linear
+                found.append(Layer(name, _matrix_of(mod), LinearTransfer(), None, "none"))
                 continue
             _check_not_inplace(name, nxt)
             transfer = transfer_from_module(nxt)
-            found.append(Layer(name, mod, transfer, nxt if transfer is not None else None, type(nxt).__name__))
+            found.append(Layer(name, _matrix_of(mod), transfer, nxt if transfer is not None else None,
+                               type(nxt).__name__))
     else:
         raise ValueError(
             f"model: layer discovery needs an nn.Sequential; for a {type(model).__name__} pass "
             "layers=[(model.linear1, 'tanh'), ...]"
         )
     if not found:
-        raise ValueError(f"model: no nn.Linear layer found in {type(model).__name__}; LocoProp updates Linear layers")
+        raise ValueError(f"model: no nn.Linear or nn.Conv2d layer found in {type(model).__name__}; LocoProp updates "
+                         "those layers")
     seen: set[int] = set()
     for lay in found:
-        if id(lay.linear) in seen:
+        if id(lay.module) in seen:
             raise ValueError(f"layer {lay.name!r} is listed twice")
-        seen.add(id(lay.linear))
+        seen.add(id(lay.module))
     if output_transfer is not None:
         last = found[-1]
         try:
@@ -218,7 +319,8 @@ def split_frozen_layers(found: Sequence[Layer], explicit: bool) -> tuple[list[La
                              "leave frozen layers out of layers=")
         frozen.append(lay)
     if not trainable:
-        raise ValueError("model: every nn.Linear layer is frozen (requires_grad=False); LocoProp has nothing to train")
+        raise ValueError("model: every layer LocoProp could train is frozen (requires_grad=False); it has nothing to "
+                         "train")
     return trainable, frozen
 
 
@@ -237,16 +339,26 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
 
     owner: dict[int, str] = {}
     for lay in layers:
-        if type(lay.linear).forward is not nn.Linear.forward:
-            raise ValueError(f"layer {lay.name!r}: {type(lay.linear).__name__} subclasses nn.Linear with a forward of "
-                             "its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
+        module = lay.module
+        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        if type(module).forward is not base.forward:
+            raise ValueError(f"layer {lay.name!r}: {type(module).__name__} subclasses nn.{base.__name__} with a forward "
+                             "of its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
                              "(leave it out of layers=, or freeze it)")
-        if parametrize.is_parametrized(lay.linear):
+        if base is nn.Conv2d:
+            if module.groups != 1 or module.padding_mode != "zeros":
+                raise ValueError(f"layer {lay.name!r}: Conv2d with groups={module.groups}, padding_mode="
+                                 f"{module.padding_mode!r}; LocoProp's convolution layers take groups=1 and zero "
+                                 "padding (freeze the layer to leave it out)")
+            if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+                raise ValueError(f"layer {lay.name!r}: Conv2d with padding='same' and an even kernel pads unevenly; "
+                                 "give the padding as numbers")
+        if parametrize.is_parametrized(module):
             raise ValueError(f"layer {lay.name!r}: its parameters are parametrized (weight_norm, spectral_norm, ...), "
                              "computed from other tensors; LocoProp solves for the weight itself: remove the "
                              "parametrization (torch.nn.utils.parametrize.remove_parametrizations) or leave the "
                              "layer out of layers=")
-        for which, p in lay.named_params:
+        for which, p in zip(("weight", "bias"), lay.module_params):
             if id(p) in owner:
                 raise ValueError(f"layer {lay.name!r}: its {which} is also a parameter of layer {owner[id(p)]!r} "
                                  "(tied weights); LocoProp solves each layer's local problem for weights of its own")
@@ -272,12 +384,9 @@ class LayerCapture:
         @torch.compiler.disable  # in a torch.compile'd model: a graph break, not a compiled hook per step
         def hook(module, inputs, output):
             self.calls[index] += 1
-            x = inputs[0].detach()
-            self.batches[index] = LayerBatch(
-                layer=self.layers[index],
-                inputs=x.reshape(-1, x.shape[-1]),
-                pre=output,
-            )
+            layer = self.layers[index]
+            self.batches[index] = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach()), pre=output,
+                                             rows_per_example=layer.rows_per_example(output))
             self._by_pre[id(output)] = index
 
         return hook
@@ -291,7 +400,7 @@ class LayerCapture:
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()
         for i, lay in enumerate(self.layers):
-            self._handles.append(lay.linear.register_forward_hook(self._linear_hook(i)))
+            self._handles.append(lay.module.register_forward_hook(self._linear_hook(i)))
             mod = lay.transfer_module
             if self.capture_post and mod is not None and id(mod) not in hooked_transfers:
                 hooked_transfers.add(id(mod))

@@ -65,8 +65,11 @@ class LocoProp(Optimizer):
 
     Args:
         model: the network.  An ``nn.Sequential`` is searched for its
-            ``nn.Linear`` layers and the transfer function after each; any
-            other module needs ``layers``.  A layer whose parameters all have
+            ``nn.Linear`` and ``nn.Conv2d`` layers and the transfer function
+            after each; any other module needs ``layers``.  A convolution's
+            local problem is a Linear layer's on its input patches, one row
+            per example and output position
+            (:class:`~locoprop.layers.Conv2dMatrix`).  A layer whose parameters all have
             ``requires_grad=False`` is frozen: LocoProp leaves it as it is
             (``frozen_layers``), as ``torch.optim`` leaves a parameter
             without a gradient; freezing or unfreezing a layer later is an
@@ -85,8 +88,8 @@ class LocoProp(Optimizer):
         output_transfer: transfer function of the last layer implied by the
             loss: ``"sigmoid"`` (BCE with logits), ``"softmax"``
             (cross-entropy), ``"linear"`` (MSE), ...
-        layers: explicit ``(nn.Linear, transfer)`` pairs for models that are
-            not ``nn.Sequential``.
+        layers: explicit ``(nn.Linear or nn.Conv2d, transfer)`` pairs for
+            models that are not ``nn.Sequential``.
         target, local_loss, regularizer, solver: override one component of
             the variant (objects of :mod:`locoprop.targets`,
             :mod:`locoprop.losses`, :mod:`locoprop.regularizers`; ``regularizer``
@@ -273,7 +276,7 @@ class LocoProp(Optimizer):
 
         self.other_grads = bool(other_grads)
         self._pending_other_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._covered = {id(p) for lay in self.layers for p in lay.params}
+        self._covered = {id(p) for lay in self.layers for p in (*lay.params, *lay.module_params)}
         others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self._covered]
         if others:
             what = ("its step accumulates their gradients into .grad (other_grads=True)" if self.other_grads
@@ -348,12 +351,11 @@ class LocoProp(Optimizer):
             gs = torch.autograd.grad(sampled, [b.pre for b in batches], allow_unused=True)
             for b, g in zip(batches, gs):
                 b.grad_pre_sampled = torch.zeros_like(b.pre) if g is None else g
-        for b in batches:  # flatten leading dimensions, detach; in the weights' dtype (under torch.autocast
-            d = b.pre.shape[-1]  # the forward and backward passes produce bfloat16 or float16 tensors)
-            dtype = b.layer.linear.weight.dtype
+        for b in batches:  # as rows (leading dimensions, a convolution's positions), detached; in the weights'
+            dtype = b.layer.linear.weight.dtype  # dtype (under torch.autocast the passes produce bfloat16, float16)
 
-            def local(t):
-                return t.detach().reshape(-1, d).to(dtype)
+            def local(t, layer=b.layer):
+                return layer.output_rows(t.detach()).to(dtype)
             b.inputs = b.inputs.to(dtype)
             b.pre = local(b.pre)
             b.grad_pre = local(b.grad_pre)
@@ -556,6 +558,8 @@ class LocoProp(Optimizer):
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
                              "the loss (LocoProp needs the layer inputs of the current batch)")
         self._check_still_frozen_or_trainable()
+        for lay in self.layers:  # a convolution's matrix on its kernel's storage (moved by model.to, a copy)
+            lay.sync()
         loss, problems = self._step_body(closure)
         if self.check_finite and not bool(self._all_finite()):
             err = self._divergence()

@@ -337,7 +337,7 @@ class Population:
             raise ValueError(f"model: one model, or one per member ({k}), got {len(models)}")
         model = models[0]
         found = discover_layers(model, output_transfer=OUTPUT_TRANSFER)
-        known = {id(m) for lay in found for m in (lay.linear, lay.transfer_module) if m is not None}
+        known = {id(m) for lay in found for m in (lay.module, lay.transfer_module) if m is not None}
         other = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if m is not model
                  and id(m) not in known and not isinstance(m, nn.Sequential)]
         if other or any(lay.linear.bias is None or lay.transfer is None for lay in found):

@@ -1,0 +1,122 @@
+"""Convolution layers: a ``nn.Conv2d`` is a linear map of each input patch, its local problem that of a Linear
+layer on the patches (``locoprop.layers.Conv2dMatrix``), checked against identities."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import locoprop
+from test_backprop_identity import ETA, GAMMA, assert_changed, assert_close_models, backprop_step
+
+C, H, W = 2, 6, 5
+
+
+def _images(n=12, seed=0):
+    return torch.rand(n, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model, x):
+    return nn.functional.binary_cross_entropy_with_logits(model(x), x.flatten(1), reduction="sum") / len(x)
+
+
+def _convnet():
+    """Stride, padding (numbers and ``"same"``), dilation, several transfer functions, a bias-free kernel."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(C, 4, 3, padding="same"), nn.Tanh(),
+                         nn.Conv2d(4, 5, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), bias=False), nn.ELU(0.7),
+                         nn.Flatten(), nn.Linear(5 * 3 * 2, C * H * W)).double()
+
+
+@pytest.mark.parametrize("variant, backend", [("M", "reference"), ("M", "fused"), ("S", "reference"), ("S", "fused"),
+                                              ("S-closed", "auto"), ("S-natural-closed", "auto")])
+def test_a_convolution_over_its_whole_input_steps_as_the_linear_layer_it_is(variant, backend):
+    """A kernel the size of the image has one output position: the Linear layer on the flattened image (the
+    patch's columns in the order channel, row, column), the same steps to rounding."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(C, 7, (H, W)), nn.Tanh(), nn.Flatten(), nn.Linear(7, C * H * W)).double()
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(C * H * W, 7), nn.Tanh(), nn.Linear(7, C * H * W)).double()
+    with torch.no_grad():
+        dense[1].weight.copy_(conv[0].weight.reshape(7, -1))
+        dense[1].bias.copy_(conv[0].bias)
+        dense[3].load_state_dict(conv[3].state_dict())
+    kw = dict(variant=variant, lr=1e-2, local_steps=4, output_transfer="sigmoid", backend=backend)
+    opts = [locoprop.LocoProp(m, **kw) for m in (conv, dense)]
+    for seed in range(3):
+        x = _images(seed=seed)
+        losses = [float(opt.step(lambda m=m: _loss(m, x))) for m, opt in zip((conv, dense), opts)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    torch.testing.assert_close(conv[0].weight.reshape(7, -1), dense[1].weight, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(conv[3].weight, dense[3].weight, rtol=1e-10, atol=1e-13)
+    assert [lay.name for lay in opts[0].layers] == ["0", "3"]
+    assert opts[0].last_solver == {"fused": "fused", "reference": "reference"}.get(backend, "closed_form")
+
+
+@pytest.mark.parametrize("variant", ["S", "M", "post-S", "poco-M"])
+def test_one_local_sgd_iteration_on_convolutions_is_backprop(variant):
+    """Paper Sec. 2.1: one local SGD iteration (rate η) from the targets of step size γ is BackProp's step with
+    rate ηγ, the convolutions' kernels included (their gradient sums over examples and positions)."""
+    model, x = _convnet(), _images()
+    expected = backprop_step(model, lambda m: _loss(m, x), ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=1, inner="sgd",
+                            output_transfer="sigmoid")
+    assert [lay.name for lay in opt.layers] == ["0", "2", "5"]
+    before = copy.deepcopy(model)
+    opt.step(lambda: _loss(model, x))
+    assert_changed(model, before)
+    assert_close_models(model, expected, rtol=1e-10)
+
+
+def test_the_fast_solver_on_convolutions_equals_the_reference_loop():
+    runs = []
+    for backend in ("reference", "fused"):
+        model = _convnet()
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=2.0, local_steps=5, output_transfer="sigmoid",
+                                backend=backend)
+        for seed in range(3):
+            x = _images(seed=seed)
+            opt.step(lambda: _loss(model, x))
+        runs.append(model)
+    assert_close_models(runs[1], runs[0], rtol=1e-10)
+
+
+def test_the_kernel_moves_with_its_matrix_also_in_a_copy_and_after_a_change_of_dtype():
+    model = _convnet()
+    opt = locoprop.LocoProp(model, lr=1e-2, local_steps=2, output_transfer="sigmoid")
+    opt.step(lambda: _loss(model, _images()))
+    twin, twin_opt = pickle.loads(pickle.dumps((model, opt)))
+    clone, clone_opt = copy.deepcopy((model, opt))
+    for m, o in ((model, opt), (twin, twin_opt), (clone, clone_opt)):
+        start = m[0].weight.detach().clone()
+        o.step(lambda m=m: _loss(m, _images(seed=1)))
+        assert not torch.equal(m[0].weight, start)
+    for m in (twin, clone):
+        assert torch.equal(m[0].weight, model[0].weight) and torch.equal(m[2].weight, model[2].weight)
+    model.float()  # the kernel's storage is new: the matrix follows it (its inner state is the user's to move)
+    opt.load_state_dict(opt.state_dict())
+    for state in opt.inner.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                state[k] = v.float()
+    start = model[0].weight.detach().clone()
+    opt.step(lambda: _loss(model, _images(seed=2).float()))
+    assert model[0].weight.dtype == torch.float32 and not torch.equal(model[0].weight, start)
+    assert opt.layers[0].linear.weight.data_ptr() == model[0].weight.data_ptr()
+
+
+def test_convolutions_it_cannot_solve_are_refused_by_name_and_a_frozen_one_is_left_alone():
+    for conv, match in [(nn.Conv2d(C, 4, 3, groups=2), "groups=2"),
+                        (nn.Conv2d(C, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+                        (nn.Conv2d(C, 4, 2, padding="same"), "padding='same' and an even kernel")]:
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+        with pytest.raises(ValueError, match=f"layer '0': .*{match}"):
+            locoprop.LocoProp(model, output_transfer="linear")
+    model = _convnet()
+    model[2].requires_grad_(False)
+    kernel = model[2].weight.detach().clone()
+    opt = locoprop.LocoProp(model, lr=1e-2, local_steps=2, output_transfer="sigmoid")
+    assert [lay.name for lay in opt.frozen_layers] == ["2"]
+    opt.step(lambda: _loss(model, _images()))
+    assert torch.equal(model[2].weight, kernel)
