@@ -120,3 +120,6 @@ def test_convolutions_it_cannot_solve_are_refused_by_name_and_a_frozen_one_is_le
     assert [lay.name for lay in opt.frozen_layers] == ["2"]
     opt.step(lambda: _loss(model, _images()))
     assert torch.equal(model[2].weight, kernel)
+    model[2].weight.requires_grad_(True)  # unfreezing the kernel (not the matrix LocoProp would solve for) is seen
+    with pytest.raises(ValueError, match="layer '2': it was frozen"):
+        opt.step(lambda: _loss(model, _images()))

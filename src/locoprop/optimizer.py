@@ -460,7 +460,7 @@ class LocoProp(Optimizer):
                 raise ValueError(f"layer {lay.name!r}: its {' and '.join(frozen)} no longer requires grad; LocoProp "
                                  "fixes its layers when it is made: make a new LocoProp to leave it frozen")
         for lay in self.frozen_layers:
-            if any(p.requires_grad for p in lay.params):
+            if len(lay.frozen_param_names()) < len(lay.module_params):
                 raise ValueError(f"layer {lay.name!r}: it was frozen (requires_grad=False) when this LocoProp was "
                                  "made and now requires grad; make a new LocoProp to train it")
 
