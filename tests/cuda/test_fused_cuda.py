@@ -30,6 +30,19 @@ def _rel(model_a, model_b):
     return max(((p - q).norm() / p.norm()).item() for p, q in zip(model_a.parameters(), model_b.parameters()))
 
 
+def _graphed_beside_reference(ref, ref_model, fast, fast_model, steps=6):
+    """``steps`` batches through the reference loop and through ``fast.graphed_step``; the captured step's modes."""
+    static_x = torch.empty(256, 784, device=DEV)
+    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
+    modes = []
+    for x in _batches(steps):
+        ref.step(lambda: _loss(ref_model(x), x))
+        static_x.copy_(x)
+        step()
+        modes.append(step.last_mode)
+    return modes
+
+
 def _opt(model, **kw):
     base = dict(variant="M", lr=1e-4, activation_lr=10.0, local_steps=10, inner_kwargs={"momentum": 0.9,
                 "alpha": 0.9, "eps": 1e-8}, output_transfer="sigmoid")
@@ -379,14 +392,7 @@ def test_compiled_elementwise_graphed_step_equals_reference(order):
     ref = _opt(ref_model, backend="reference")
     fast = _opt(fast_model, layer_streams=2, solve_order=order)
     fast.fused_solver.compile_elementwise = True
-    static_x = torch.empty(256, 784, device=DEV)
-    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
-    modes = []
-    for x in _batches(6):
-        ref.step(lambda: _loss(ref_model(x), x))
-        static_x.copy_(x)
-        step()
-        modes.append(step.last_mode)
+    modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
     assert modes[-1] == "replay"
     assert _rel(ref_model, fast_model) < 1e-5
 
@@ -534,14 +540,7 @@ def test_graphed_step_of_a_convolutional_net_equals_reference():
                              nn.Linear(16 * 7 * 7, 784)).to(DEV)
     ref_model, fast_model = convnet(), convnet()
     ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
-    static_x = torch.empty(256, 784, device=DEV)
-    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
-    modes = []
-    for x in _batches(6):
-        ref.step(lambda: _loss(ref_model(x), x))
-        static_x.copy_(x)
-        step()
-        modes.append(step.last_mode)
+    modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
     assert modes[2:] == ["capture", "replay", "replay", "replay"]
     assert [lay.name for lay in fast.layers] == ["1", "3", "6"]
     assert _rel(ref_model, fast_model) < 1e-5
