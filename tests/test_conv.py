@@ -1,5 +1,5 @@
 """Convolution layers: a ``nn.Conv2d`` is a linear map of each input patch, its local problem that of a Linear
-layer on the patches (``locoprop.layers.Conv2dMatrix``), checked against identities."""
+layer on the patches (``locoprop.layers.ConvMatrix``), checked against identities."""
 
 import copy
 import pickle
@@ -123,3 +123,41 @@ def test_convolutions_it_cannot_solve_are_refused_by_name_and_a_frozen_one_is_le
     model[2].weight.requires_grad_(True)  # unfreezing the kernel (not the matrix LocoProp would solve for) is seen
     with pytest.raises(ValueError, match="layer '2': it was frozen"):
         opt.step(lambda: _loss(model, _images()))
+
+
+def _sequences(n=12, seed=0):
+    return torch.rand(n, C, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _convnet_1d():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(C, 4, 3, padding="same"), nn.Tanh(), nn.Conv1d(4, 3, 2, stride=2, dilation=2),
+                         nn.Softplus(), nn.Flatten(), nn.Linear(3 * 4, C * 9)).double()
+
+
+@pytest.mark.parametrize("variant", ["S", "M"])
+def test_one_local_sgd_iteration_on_1d_convolutions_is_backprop(variant):
+    model, x = _convnet_1d(), _sequences()
+    expected = backprop_step(model, lambda m: _loss(m, x), ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=1, inner="sgd",
+                            output_transfer="sigmoid")
+    assert [lay.name for lay in opt.layers] == ["0", "2", "5"]
+    opt.step(lambda: _loss(model, x))
+    assert_close_models(model, expected, rtol=1e-10)
+
+
+def test_a_1d_convolution_over_its_whole_input_steps_as_the_linear_layer_it_is():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv1d(C, 7, 9), nn.Tanh(), nn.Flatten(), nn.Linear(7, C * 9)).double()
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(C * 9, 7), nn.Tanh(), nn.Linear(7, C * 9)).double()
+    with torch.no_grad():
+        dense[1].weight.copy_(conv[0].weight.reshape(7, -1))
+        dense[1].bias.copy_(conv[0].bias)
+        dense[3].load_state_dict(conv[3].state_dict())
+    opts = [locoprop.LocoProp(m, lr=1e-2, local_steps=4, output_transfer="sigmoid", backend="fused")
+            for m in (conv, dense)]
+    for seed in range(3):
+        x = _sequences(seed=seed)
+        for m, opt in zip((conv, dense), opts):
+            opt.step(lambda m=m: _loss(m, x))
+    torch.testing.assert_close(conv[0].weight.reshape(7, -1), dense[1].weight, rtol=1e-10, atol=1e-13)

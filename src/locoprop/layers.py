@@ -1,4 +1,4 @@
-"""Layer discovery and capture: which ``nn.Linear`` (or ``nn.Conv2d``) pairs with which transfer function.
+"""Layer discovery and capture: which ``nn.Linear`` (or convolution) pairs with which transfer function.
 
 LocoProp splits a network into layers ``â_m = W_m ŷ_{m-1}``, ``ŷ_m = f_m(â_m)``
 (paper Sec. 1.2, biases folded into ``W_m``).  This module finds those pairs
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import math
+
 import torch
 import torch.nn.functional as Fn
 from torch import nn
@@ -19,38 +21,45 @@ from torch import nn
 from .transfer import Linear as LinearTransfer
 from .transfer import TransferFunction, get_transfer, transfer_from_module
 
-__all__ = ["Layer", "LayerBatch", "Conv2dMatrix", "discover_layers", "split_frozen_layers",
+__all__ = ["Layer", "LayerBatch", "ConvMatrix", "discover_layers", "split_frozen_layers",
            "check_solvable_layers", "LayerCapture"]
 
 
-class Conv2dMatrix:
-    """A ``nn.Conv2d`` as the matrix of its local problem (Sec. 1.2, Eq. 2, applied at every output position).
+class ConvMatrix:
+    """A ``nn.Conv1d`` or ``nn.Conv2d`` as the matrix of its local problem (Sec. 1.2, Eq. 2, applied at every
+    output position).
 
     A convolution is a linear map of each input patch: with the patches of
     ``ŷ`` as rows (``F.unfold``: ``C_in·kh·kw`` columns, channel-major, one row
-    per example and output position), ``â = patches · Wᵀ + b`` where ``W`` is
-    the kernel as a ``(C_out, C_in·kh·kw)`` matrix.  ``weight`` is that matrix,
-    a parameter of its own sharing the kernel's storage (the local solve and
-    the inner optimizer update it in place, so the kernel moves with it);
-    ``bias`` is the convolution's.  Only ``groups=1`` and zero padding (a
-    local problem per group is not implemented).
+    per example and output position; a 1-d convolution as a 2-d one of height
+    1), ``â = patches · Wᵀ + b`` where ``W`` is the kernel as a
+    ``(C_out, C_in·kh·kw)`` matrix.  ``weight`` is that matrix, a parameter of
+    its own sharing the kernel's storage (the local solve and the inner
+    optimizer update it in place, so the kernel moves with it); ``bias`` is the
+    convolution's.  Only ``groups=1`` and zero padding (a local problem per
+    group is not implemented).
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d) -> None:
         self.conv = conv
+        self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
         self.out_features, self.in_features = conv.out_channels, conv.weight[0].numel()
         self.weight = nn.Parameter(conv.weight.detach().view(self.out_features, -1),
                                    requires_grad=conv.weight.requires_grad)
         self.bias = conv.bias
 
-    def padding(self) -> tuple[int, int]:
-        """The convolution's padding as two numbers (``"same"`` resolved; ``F.unfold`` pads evenly)."""
+    def _as_2d(self, values, height: int) -> tuple[int, ...]:
+        """A 1-d convolution's kernel size, stride, dilation or padding as a 2-d one's, over an input of height
+        1 (``height``: the value along it, 1 or, for the padding, 0)."""
+        return (height, *values) if self.dims == 1 else tuple(values)
+
+    def padding(self) -> tuple[int, ...]:
+        """The convolution's padding as numbers (``"same"`` resolved; ``F.unfold`` pads evenly)."""
         conv = self.conv
         if conv.padding == "valid":
-            return (0, 0)
+            return (0,) * self.dims
         if conv.padding == "same":
-            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-            return (total[0] // 2, total[1] // 2)
+            return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
         return tuple(conv.padding)
 
     def sync(self) -> None:
@@ -63,15 +72,22 @@ class Conv2dMatrix:
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """The input patches as rows, ``(b·positions, C_in·kh·kw)``."""
         conv = self.conv
-        if x.dim() == 3:  # an unbatched (C, H, W) input
+        if x.dim() == self.dims + 1:  # an unbatched input
             x = x.unsqueeze(0)
-        patches = Fn.unfold(x, conv.kernel_size, conv.dilation, self.padding(), conv.stride)
+        if self.dims == 1:
+            x = x.unsqueeze(2)
+        patches = Fn.unfold(x, self._as_2d(conv.kernel_size, 1), self._as_2d(conv.dilation, 1),
+                            self._as_2d(self.padding(), 0), self._as_2d(conv.stride, 1))
         return patches.transpose(1, 2).reshape(-1, self.in_features)
 
     def output_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The output ``(b, C_out, H', W')`` (or ``(C_out, H', W')``) as rows, ``(b·positions, C_out)``."""
-        t = t.unsqueeze(0) if t.dim() == 3 else t
-        return t.permute(0, 2, 3, 1).reshape(-1, self.out_features)
+        """The output ``(b, C_out, *positions)`` (or unbatched) as rows, ``(b·positions, C_out)``."""
+        t = t.unsqueeze(0) if t.dim() == self.dims + 1 else t
+        return t.movedim(1, -1).reshape(-1, self.out_features)
+
+    def rows_per_example(self, output: torch.Tensor) -> int:
+        """The output positions of one example."""
+        return math.prod(output.shape[-self.dims:])
 
 
 @dataclass
@@ -83,19 +99,19 @@ class Layer:
     variants accept that).  ``transfer_module`` is the activation module, when
     there is one, so that its output (the post-activation) can be captured.
     ``linear`` is the layer's matrix (``weight``, ``bias``): the ``nn.Linear``
-    itself, or a :class:`Conv2dMatrix` for a ``nn.Conv2d``; ``module`` is the
+    itself, or a :class:`ConvMatrix` for a convolution; ``module`` is the
     model's module (hooked during the forward pass).
     """
 
     name: str
-    linear: nn.Linear | Conv2dMatrix
+    linear: nn.Linear | ConvMatrix
     transfer: TransferFunction | None
     transfer_module: nn.Module | None = None
     transfer_desc: str = ""
 
     @property
     def module(self) -> nn.Module:
-        return self.linear.conv if isinstance(self.linear, Conv2dMatrix) else self.linear
+        return self.linear.conv if isinstance(self.linear, ConvMatrix) else self.linear
 
     @property
     def module_params(self) -> list[nn.Parameter]:
@@ -104,23 +120,23 @@ class Layer:
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as the rows of its local problem, ``(rows, in_features)``."""
-        if isinstance(self.linear, Conv2dMatrix):
+        if isinstance(self.linear, ConvMatrix):
             return self.linear.rows(x)
         return x.reshape(-1, x.shape[-1])
 
     def output_rows(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of the layer's output shape (pre-activation, its gradient) as rows, ``(rows, out_features)``."""
-        if isinstance(self.linear, Conv2dMatrix):
+        if isinstance(self.linear, ConvMatrix):
             return self.linear.output_rows(t)
         return t.reshape(-1, t.shape[-1])
 
     def rows_per_example(self, output: torch.Tensor) -> int:
         """Rows of the local problem per example: a convolution's output positions, 1 for a Linear layer."""
-        return output.shape[-1] * output.shape[-2] if isinstance(self.linear, Conv2dMatrix) else 1
+        return self.linear.rows_per_example(output) if isinstance(self.linear, ConvMatrix) else 1
 
     def sync(self) -> None:
-        """For a convolution: its matrix shares the kernel's storage (:meth:`Conv2dMatrix.sync`)."""
-        if isinstance(self.linear, Conv2dMatrix):
+        """For a convolution: its matrix shares the kernel's storage (:meth:`ConvMatrix.sync`)."""
+        if isinstance(self.linear, ConvMatrix):
             self.linear.sync()
 
     @property
@@ -196,11 +212,11 @@ def _check_not_inplace(name: str, module: nn.Module | None) -> None:
 
 
 #: The modules LocoProp gives a local problem: linear maps of their input (a convolution: of each patch).
-LAYER_MODULES = (nn.Linear, nn.Conv2d)
+LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def _matrix_of(module: nn.Module) -> nn.Linear | Conv2dMatrix:
-    return Conv2dMatrix(module) if isinstance(module, nn.Conv2d) else module
+def _matrix_of(module: nn.Module) -> nn.Linear | ConvMatrix:
+    return ConvMatrix(module) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else module
 
 
 def discover_layers(
@@ -208,7 +224,8 @@ def discover_layers(
     layers: Sequence[tuple[nn.Module, object]] | None = None,
     output_transfer=None,
 ) -> list[Layer]:
-    """Pair each ``nn.Linear`` (and ``nn.Conv2d``, a linear map of each input patch: :class:`Conv2dMatrix`)
+    """Pair each ``nn.Linear`` (and ``nn.Conv1d``, ``nn.Conv2d``: linear maps of each input patch,
+    :class:`ConvMatrix`)
     with its transfer function.
 
     Args:
@@ -244,7 +261,8 @@ def discover_layers(
                 raise ValueError(f"layers[{i}]: expected a (nn.Linear, transfer) pair, got {pair!r}")
             lin, spec = pair
             if not isinstance(lin, LAYER_MODULES):
-                raise ValueError(f"layers[{i}]: expected an nn.Linear or nn.Conv2d, got {type(lin).__name__}")
+                raise ValueError(f"layers[{i}]: expected an nn.Linear, nn.Conv1d or nn.Conv2d, got "
+                                 f"{type(lin).__name__}")
             name = names.get(id(lin), f"layers[{i}]")
             module = spec if isinstance(spec, nn.Module) else None
             _check_not_inplace(name, module)
@@ -273,8 +291,8 @@ def discover_layers(
             "layers=[(model.linear1, 'tanh'), ...]"
         )
     if not found:
-        raise ValueError(f"model: no nn.Linear or nn.Conv2d layer found in {type(model).__name__}; LocoProp updates "
-                         "those layers")
+        raise ValueError(f"model: no nn.Linear, nn.Conv1d or nn.Conv2d layer found in {type(model).__name__}; "
+                         "LocoProp updates those layers")
     seen: set[int] = set()
     for lay in found:
         if id(lay.module) in seen:
@@ -329,8 +347,10 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
     local problem assumes and solves for (Sec. 1.2, Eq. 2).
 
     Raises:
-        ValueError: naming the layer, for a subclass of ``nn.Linear`` with a
-            forward of its own (a LoRA adapter, a quantised layer), a
+        ValueError: naming the layer, for a subclass of ``nn.Linear`` (or of a
+            convolution) with a forward of its own (a LoRA adapter, a quantised
+            layer), a convolution with ``groups > 1`` or padding other than
+            zeros, a
             parametrized weight or bias (``weight_norm``, ``spectral_norm``:
             the parameter is computed from others) or one shared with another
             layer (tied weights).
@@ -340,19 +360,19 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
     owner: dict[int, str] = {}
     for lay in layers:
         module = lay.module
-        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        base = next(kind for kind in LAYER_MODULES if isinstance(module, kind))
         if type(module).forward is not base.forward:
             raise ValueError(f"layer {lay.name!r}: {type(module).__name__} subclasses nn.{base.__name__} with a forward "
                              "of its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
                              "(leave it out of layers=, or freeze it)")
-        if base is nn.Conv2d:
+        if base is not nn.Linear:
             if module.groups != 1 or module.padding_mode != "zeros":
-                raise ValueError(f"layer {lay.name!r}: Conv2d with groups={module.groups}, padding_mode="
+                raise ValueError(f"layer {lay.name!r}: {base.__name__} with groups={module.groups}, padding_mode="
                                  f"{module.padding_mode!r}; LocoProp's convolution layers take groups=1 and zero "
                                  "padding (freeze the layer to leave it out)")
             if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-                raise ValueError(f"layer {lay.name!r}: Conv2d with padding='same' and an even kernel pads unevenly; "
-                                 "give the padding as numbers")
+                raise ValueError(f"layer {lay.name!r}: {base.__name__} with padding='same' and an even kernel pads "
+                                 "unevenly; give the padding as numbers")
         if parametrize.is_parametrized(module):
             raise ValueError(f"layer {lay.name!r}: its parameters are parametrized (weight_norm, spectral_norm, ...), "
                              "computed from other tensors; LocoProp solves for the weight itself: remove the "

@@ -65,11 +65,11 @@ class LocoProp(Optimizer):
 
     Args:
         model: the network.  An ``nn.Sequential`` is searched for its
-            ``nn.Linear`` and ``nn.Conv2d`` layers and the transfer function
+            ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers and the transfer function
             after each; any other module needs ``layers``.  A convolution's
             local problem is a Linear layer's on its input patches, one row
             per example and output position
-            (:class:`~locoprop.layers.Conv2dMatrix`).  A layer whose parameters all have
+            (:class:`~locoprop.layers.ConvMatrix`).  A layer whose parameters all have
             ``requires_grad=False`` is frozen: LocoProp leaves it as it is
             (``frozen_layers``), as ``torch.optim`` leaves a parameter
             without a gradient; freezing or unfreezing a layer later is an
@@ -88,7 +88,7 @@ class LocoProp(Optimizer):
         output_transfer: transfer function of the last layer implied by the
             loss: ``"sigmoid"`` (BCE with logits), ``"softmax"``
             (cross-entropy), ``"linear"`` (MSE), ...
-        layers: explicit ``(nn.Linear or nn.Conv2d, transfer)`` pairs for
+        layers: explicit ``(nn.Linear or a convolution, transfer)`` pairs for
             models that are not ``nn.Sequential``.
         target, local_loss, regularizer, solver: override one component of
             the variant (objects of :mod:`locoprop.targets`,
