@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -30,6 +31,7 @@ from locoprop.harness.data import load_dataset
 from locoprop.harness.models import AutoencoderLoss, autoencoder_loss
 from locoprop.harness.optimizers import build_optimizer
 from locoprop.harness.records import write_records
+from locoprop.harness.train import evaluate
 
 #: The harness's settings of each optimizer, but the learning rate (``--runs``).
 SETTINGS = {
@@ -46,9 +48,10 @@ def conv_autoencoder(seed: int = 0) -> nn.Sequential:
                          nn.Linear(30, 1568), nn.Tanh(), nn.Linear(1568, 784))
 
 
-def mean_loss(model: nn.Module, images: torch.Tensor, batch: int) -> float:
+def mean_loss(model: nn.Module, images: torch.Tensor) -> float:
+    """The paper's loss over a whole split (the harness's :func:`~locoprop.harness.train.evaluate`)."""
     with torch.no_grad():
-        return sum(autoencoder_loss(model(x), x).item() * len(x) for x in images.split(batch)) / len(images)
+        return evaluate(model, images)
 
 
 def train(name: str, lr: float, data, epochs: int, batch: int, seed: int) -> list[dict]:
@@ -62,8 +65,8 @@ def train(name: str, lr: float, data, epochs: int, batch: int, seed: int) -> lis
             x = data.train[index]
             opt.step(lambda: autoencoder_loss(model(x), x))
         wall += time.perf_counter() - t0
-        records.append({"optimizer": name, "lr": lr, "epoch": epoch, "train_loss": mean_loss(model, data.train, batch),
-                        "test_loss": mean_loss(model, data.test, batch), "train_wall_s": wall})
+        records.append({"optimizer": name, "lr": lr, "epoch": epoch, "train_loss": mean_loss(model, data.train),
+                        "test_loss": mean_loss(model, data.test), "train_wall_s": wall})
         print(f"{name} lr={lr:g} epoch {epoch}: train {records[-1]['train_loss']:.3f} "
               f"test {records[-1]['test_loss']:.3f} ({wall:.0f} s)", flush=True)
     return records
@@ -85,11 +88,11 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
 
 
 def _processor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+    """``benchmarks/step_time.py``'s description of the CPU (model name and instruction sets)."""
+    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).with_name("step_time.py"))
+    step_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_time)
+    return step_time.processor()
 
 
 def main(argv=None) -> None:
