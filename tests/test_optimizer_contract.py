@@ -175,6 +175,31 @@ def _autocast_loss(model, x):
         return bce_sum_mean(model(x).float(), x)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_step_called_inside_an_autocast_region_is_the_step_with_autocast_in_the_closure(backend):
+    """A training loop that wraps ``opt.step(closure)`` in ``torch.autocast`` (as it would wrap
+    ``loss.backward(); opt.step()``) runs its forward pass in bfloat16 and its local solve in the weights'
+    float32, bit for bit the step whose closure holds the autocast region (before: the local products ran
+    in bfloat16 and the step failed assigning a bfloat16 gradient to a float32 weight)."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(32, 20)
+    finals = []
+    for outer in (False, True):
+        m = copy.deepcopy(model)
+        opt = locoprop.LocoProp(m, variant="M", output_transfer="sigmoid", backend=backend, lr=1e-2)
+        for _ in range(3):
+            if outer:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    opt.step(lambda: bce_sum_mean(m(x).float(), x))
+            else:
+                opt.step(lambda: _autocast_loss(m, x))
+        finals.append(list(m.parameters()))
+    for p, q in zip(*finals):
+        assert p.dtype == torch.float32 and torch.equal(p, q)
+    assert not torch.equal(finals[1][0], model[0].weight)
+
+
 @pytest.mark.parametrize("given", ["model", "compiled"])
 def test_a_compiled_model_steps_as_the_eager_one_without_recompiling_each_step(given):
     """``torch.compile(model)``, given to LocoProp or only called in the closure: LocoProp finds the model's

@@ -25,6 +25,7 @@ solve); the rest is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Callable, Sequence
@@ -506,6 +507,20 @@ class LocoProp(Optimizer):
         if early_copy:
             self._rollback.save(self._params(), self.inner, host=not capturing)
         loss, batches = self._capture(closure)
+        with self._autocast_off():  # the user's torch.autocast shapes the forward pass, not the local solve
+            return self._solve_captured(loss, batches, early_copy, capturing)
+
+    def _autocast_off(self) -> contextlib.ExitStack:
+        """``torch.autocast`` disabled on the layers' devices: the targets and local iterations run in the
+        weights' dtype (or ``precision``), whatever autocast region ``step`` is called in."""
+        stack = contextlib.ExitStack()
+        for kind in sorted({p.device.type for p in self._params()}):
+            if torch.amp.is_autocast_available(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        return stack
+
+    def _solve_captured(self, loss: torch.Tensor, batches: list[LayerBatch], early_copy: bool, capturing: bool):
+        """The rest of :meth:`_step_body` after the closure: backward pass, targets, local solve."""
         reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
         if not capturing and not torch.isfinite(reported.detach()).all():  # every rank decides alike
             raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
