@@ -52,11 +52,18 @@ CASES = {
     # a convolution (each example a 3 x 4 image): its local problem's rows are patches, one per example and position
     "data-M-conv": ("data", "M", dict(local_steps=3, conv=True)),
     "layers-S-conv": ("layers", "S", dict(local_steps=3, conv=True)),
+    # a Linear layer on a sequence (each example 3 positions of 4 features), then one on the flattened example:
+    # 3 rows per example, then 1
+    "data-M-seq": ("data", "M", dict(local_steps=3, seq=True)),
+    "layers-M-seq": ("layers", "M", dict(local_steps=3, seq=True)),
 }
 
 
-def _model(input_norm: bool = False, conv: bool = False) -> nn.Sequential:
+def _model(input_norm: bool = False, conv: bool = False, seq: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
+    if seq:
+        return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Softplus(),
+                             nn.Flatten(), nn.Linear(12, WIDTHS[-1])).double()
     if conv:
         return nn.Sequential(nn.Unflatten(1, (1, 3, 4)), nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(),
                              nn.Conv2d(3, 2, 2), nn.Softplus(), nn.Flatten(), nn.Linear(12, WIDTHS[-1])).double()
@@ -86,7 +93,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     mode, variant, kw = CASES[name]
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
-    model = _model(kw.pop("input_norm", False), kw.pop("conv", False))
+    model = _model(kw.pop("input_norm", False), kw.pop("conv", False), kw.pop("seq", False))
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -236,7 +243,8 @@ def _check_match(world: int, tmp_path: Path) -> None:
         # the updates moved the weights: the comparison is not vacuous
         extra = CASES[name][2]
         before = torch.cat([p.detach().reshape(-1) for p in _model(extra.get("input_norm", False),
-                                                                   extra.get("conv", False)).parameters()])
+                                                                   extra.get("conv", False),
+                                                                   extra.get("seq", False)).parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name
 
 

@@ -9,10 +9,9 @@ loss gradients (:class:`LayerCapture`).  It knows nothing about the update.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
-
-import math
 
 import torch
 import torch.nn.functional as Fn
@@ -131,8 +130,11 @@ class Layer:
         return t.reshape(-1, t.shape[-1])
 
     def rows_per_example(self, output: torch.Tensor) -> int:
-        """Rows of the local problem per example: a convolution's output positions, 1 for a Linear layer."""
-        return self.linear.rows_per_example(output) if isinstance(self.linear, ConvMatrix) else 1
+        """Rows of the local problem per example: a convolution's output positions; for a Linear layer the
+        positions between the batch dimension (the first) and the features (the last), 1 for ``(b, d)``."""
+        if isinstance(self.linear, ConvMatrix):
+            return self.linear.rows_per_example(output)
+        return math.prod(output.shape[1:-1])
 
     def sync(self) -> None:
         """For a convolution: its matrix shares the kernel's storage (:meth:`ConvMatrix.sync`)."""
