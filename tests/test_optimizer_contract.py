@@ -56,6 +56,38 @@ def test_scheduler_drives_the_local_learning_rate():
     torch.testing.assert_close(deltas[1], 0.5 * deltas[0])
 
 
+_SCHEDULERS = {
+    "one-cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10,
+                                                               cycle_momentum=False),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 1e-4, 1e-2, step_size_up=2, cycle_momentum=False),
+    "plateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0),
+    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=2),
+            torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, 3)], milestones=[2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCHEDULERS))
+def test_schedulers_set_each_layers_local_lr_as_they_set_a_torch_optimizers(name):
+    """The scheduler sees one group per layer and sets its ``lr`` step by step exactly as for an SGD optimizer
+    with the same groups (that a local step runs at the group's rate: the LambdaLR test above)."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(8, 20)
+    opt = locoprop.LocoProp(model, variant="M", lr=1e-3, local_steps=1, output_transfer="sigmoid")
+    twin = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]} for _ in opt.param_groups], lr=1e-3)
+    scheds = [_SCHEDULERS[name](o) for o in (opt, twin)]
+    seen = set()
+    for _ in range(6):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        twin.step()
+        for sched in scheds:
+            sched.step(*([1.0] if name == "plateau" else []))
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in twin.param_groups]
+        seen.add(opt.param_groups[0]["lr"])
+    assert len(seen) > 2  # the rate did change
+
+
 def test_param_groups_are_layers():
     model = small_autoencoder()
     opt = locoprop.LocoProp(model, output_transfer="sigmoid")
