@@ -56,11 +56,18 @@ CASES = {
     # 3 rows per example, then 1
     "data-M-seq": ("data", "M", dict(local_steps=3, seq=True)),
     "layers-M-seq": ("layers", "M", dict(local_steps=3, seq=True)),
+    # one Linear layer called twice (shared weights): one local problem over the rows of both calls
+    "data-M-shared": ("data", "M", dict(local_steps=3, shared=True)),
+    "layers-post-S-shared": ("layers", "post-S", dict(local_steps=3, shared=True)),
 }
 
 
-def _model(input_norm: bool = False, conv: bool = False, seq: bool = False) -> nn.Sequential:
+def _model(input_norm: bool = False, conv: bool = False, seq: bool = False, shared: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
+    if shared:
+        twice = nn.Linear(WIDTHS[0], WIDTHS[0])
+        return nn.Sequential(twice, nn.Tanh(), nn.Linear(WIDTHS[0], WIDTHS[0]), nn.Softplus(), twice, nn.Tanh(),
+                             nn.Linear(WIDTHS[0], WIDTHS[-1])).double()
     if seq:
         return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Softplus(),
                              nn.Flatten(), nn.Linear(12, WIDTHS[-1])).double()
@@ -93,7 +100,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     mode, variant, kw = CASES[name]
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
-    model = _model(kw.pop("input_norm", False), kw.pop("conv", False), kw.pop("seq", False))
+    model = _model(kw.pop("input_norm", False), kw.pop("conv", False), kw.pop("seq", False), kw.pop("shared", False))
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -125,6 +132,15 @@ def _worker(scenario: str, out: Path) -> None:
             locoprop.LocoProp(_model(), "M", output_transfer="sigmoid", distributed="data" if rank == 0 else "layers")
         except ValueError as exc:
             errors["mismatch"] = str(exc)
+        from locoprop.distributed import batch_shard
+
+        shared = _model(shared=True)  # its shared layer called once more, on one example: not whole examples
+        opt = locoprop.LocoProp(shared, "M", output_transfer="sigmoid", distributed="layers")
+        xb = _data()[batch_shard(torch.arange(BATCH), rank, world)]
+        try:
+            opt.step(lambda: _loss(shared(xb), xb) + shared[0](xb[:1]).sum())
+        except ValueError as exc:
+            errors["uneven"] = str(exc)
         (out / f"errors-rank{rank}.json").write_text(json.dumps(errors))
         for name in CASES:
             model, opt, losses = _run_case(name, rank, world, distributed=True)
@@ -214,12 +230,16 @@ def _check_states(got, want, label: str) -> None:
 
 
 def _check_match(world: int, tmp_path: Path) -> None:
+    from locoprop.distributed import batch_shard
+
     _launch("match", world, tmp_path)
     for r in range(world):
         errors = json.loads((tmp_path / f"errors-rank{r}.json").read_text())
         assert "distributed='data': solver 'closed_form' is not supported" in errors["S-closed"]
         assert "distributed='data': natural-gradient targets are not supported" in errors["S-natural"]
         assert "built a different LocoProp" in errors["mismatch"] and "mode" in errors["mismatch"]
+        n = len(batch_shard(torch.arange(BATCH), r, world))  # the shared layer's rows: twice n, then one
+        assert f"'0' {2 * n + 1} rows of 3, '2' {n} rows of 1" in errors["uneven"], errors
     for name in CASES:
         model, opt, losses = _run_case(name)
         want = [p.detach() for p in model.parameters()]
@@ -244,7 +264,8 @@ def _check_match(world: int, tmp_path: Path) -> None:
         extra = CASES[name][2]
         before = torch.cat([p.detach().reshape(-1) for p in _model(extra.get("input_norm", False),
                                                                    extra.get("conv", False),
-                                                                   extra.get("seq", False)).parameters()])
+                                                                   extra.get("seq", False),
+                                                                   extra.get("shared", False)).parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name
 
 

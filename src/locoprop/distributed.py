@@ -420,6 +420,16 @@ class _InnerView:
         return self.inner.step(closure)
 
 
+def _rows_not_whole(batch: LayerBatch) -> str | None:
+    """Why ``batch``'s rows are not a whole number of examples of ``rows_per_example`` rows each, or ``None``."""
+    rows, per = batch.inputs.shape[0], batch.rows_per_example
+    if per > 0 and rows % per == 0:
+        return None
+    return (f"layer {batch.layer.name!r}: {rows} rows of {per} per example; distributed LocoProp counts a shard's "
+            "examples by the first dimension of each layer's input (the batch; a shared layer's calls each on "
+            "the whole shard)")
+
+
 class Distributor(abc.ABC):
     """Base class: the hooks of :meth:`locoprop.LocoProp.step` and the state hooks.
 
@@ -512,11 +522,17 @@ class Distributor(abc.ABC):
     def reduce_loss(self, loss: torch.Tensor, batches: list[LayerBatch]) -> torch.Tensor:
         """The loss of the global batch (identical on every rank); records every rank's row count (examples where
         the first layer is a convolution, whose rows are its positions)."""
-        rows = batches[0].inputs.shape[0] // batches[0].rows_per_example
-        mine = torch.tensor([float(rows), float(loss.detach())], dtype=torch.float64, device=loss.device)
+        problem = self._uneven_rows(batches)
+        rows = batches[0].inputs.shape[0] // max(batches[0].rows_per_example, 1)
+        mine = torch.tensor([float(rows), float(loss.detach()), float(problem is not None)], dtype=torch.float64,
+                            device=loss.device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         self.comm.all_gather(every, mine, "loss and row counts")
         table = torch.stack(every).cpu().tolist()
+        flagged = [r for r, row in enumerate(table) if row[2]]
+        if flagged:  # every rank raises, none waits in a later collective
+            raise ValueError(problem or f"rank {flagged[0]}: its layers' rows are not whole examples (see its error)")
+        table = [row[:2] for row in table]
         self.counts = [int(c) for c, _ in table]
         total = sum(self.counts)
         if total == 0:
@@ -538,6 +554,11 @@ class Distributor(abc.ABC):
             flat.mul_(self._scale)
         self.comm.all_reduce(flat, "gradients of the other parameters")
         return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+    def _uneven_rows(self, batches: list[LayerBatch]) -> str | None:
+        """Why this rank's rows cannot be counted as examples (rows per example as :class:`LayerBatch` counts
+        them), or ``None``: the first layer's rows are a whole number of examples."""
+        return _rows_not_whole(batches[0])
 
     def _scale_gradients(self, batches: list[LayerBatch]) -> None:
         """``∇_â L_rank → (b_rank / b) ∇_â L_rank``: the rows of the global loss's gradient."""
@@ -767,6 +788,16 @@ class LayerShardedDistributor(Distributor):
         lin = self.layers[m].linear
         n, d = lin.weight.shape[1], lin.weight.shape[0]
         return [n if f == "inputs" else d for f in self.fields]
+
+    def _uneven_rows(self, batches: list[LayerBatch]) -> str | None:
+        """Every layer's rows are the first layer's examples, so that the gather sends one row per example."""
+        shapes = [(b.inputs.shape[0], b.rows_per_example) for b in batches]
+        if all(per > 0 and rows == shapes[0][0] // shapes[0][1] * per for rows, per in shapes):
+            return None
+        told = ", ".join(f"{b.layer.name!r} {rows} rows of {per}" for b, (rows, per) in zip(batches, shapes))
+        return (f"the layers' rows are not the same examples ({told} per example); distributed='layers' gathers "
+                "each layer's rows one example at a time, counting a shard's examples by the first dimension of "
+                "each layer's input (the batch; a shared layer's calls each on the whole shard)")
 
     def exchange(self, batches):
         """Each field travels as one row per example (a convolution's rows of one example side by side), so that

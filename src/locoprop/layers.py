@@ -171,7 +171,12 @@ class LayerBatch:
         grad_pre_sampled: ``∇_{â_m}`` of the loss on labels sampled from the
             model's predictive distribution (for a sampled Fisher, Prop. 1).
         rows_per_example: rows of the local problem for each example (a
-            convolution's output positions, 1 for a Linear layer).
+            convolution's output positions, 1 for a Linear layer; summed over
+            the calls of a layer called more than once).
+        calls: for a layer the forward pass called more than once (shared
+            weights), one batch per call (its ``pre``, ``post`` and gradients),
+            until :class:`~locoprop.LocoProp` stacks their rows into this one;
+            ``inputs`` already holds every call's rows.  Empty for one call.
     """
 
     layer: Layer
@@ -184,6 +189,7 @@ class LayerBatch:
     extras: dict = field(default_factory=dict)
     #: Rows of the local problem per example (a convolution's output positions; 1 for a Linear layer).
     rows_per_example: int = 1
+    calls: list["LayerBatch"] = field(default_factory=list)
 
     @property
     def transfer(self) -> TransferFunction:
@@ -196,7 +202,10 @@ class LayerBatch:
 
 def _flatten_sequential(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     out = []
-    for name, child in module.named_children():
+    # every position, a module listed twice too (named_children gives each module once)
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         qual = f"{prefix}.{name}" if prefix else name
         if isinstance(child, nn.Sequential):
             out.extend(_flatten_sequential(child, qual))
@@ -236,7 +245,8 @@ def discover_layers(
             flattened) every ``nn.Linear`` is a layer and the module right after
             it, if it is one of Tanh, ReLU, LeakyReLU, Sigmoid, Softmax,
             Softplus, ELU or Identity, is its transfer function; a Linear
-            followed by another Linear (or nothing) is linear.
+            followed by another Linear (or nothing) is linear.  A module
+            listed twice (shared weights) is one layer, called twice.
         layers: for any other model, the explicit ``(linear_module, transfer)``
             pairs, ``transfer`` a name (``"tanh"``), a
             :class:`~locoprop.transfer.TransferFunction` or an activation module.
@@ -247,7 +257,9 @@ def discover_layers(
 
     Raises:
         ValueError: no Linear layer, a module that is not ``nn.Linear``, a
-            Linear listed twice, or an unknown transfer name.
+            Linear listed twice in ``layers`` (or in an ``nn.Sequential``
+            followed by different transfer functions), or an unknown transfer
+            name.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("model: a DistributedDataParallel model; LocoProp runs its own backward pass (to the "
@@ -276,17 +288,27 @@ def discover_layers(
                                type(spec).__name__ if module else str(spec)))
     elif isinstance(model, nn.Sequential):
         flat = _flatten_sequential(model, "")
+        first: dict[int, Layer] = {}  # a module listed again (shared weights) is one layer, called again
         for i, (name, mod) in enumerate(flat):
             if not isinstance(mod, LAYER_MODULES):
                 continue
             nxt_name, nxt = flat[i + 1] if i + 1 < len(flat) else (None, None)
             if nxt is None or isinstance(nxt, (*LAYER_MODULES, nn.Flatten)):  # nothing in between: linear
-                found.append(Layer(name, _matrix_of(mod), LinearTransfer(), None, "none"))
+                lay = Layer(name, _matrix_of(mod), LinearTransfer(), None, "none")
+            else:
+                _check_not_inplace(name, nxt)
+                transfer = transfer_from_module(nxt)
+                lay = Layer(name, _matrix_of(mod), transfer, nxt if transfer is not None else None,
+                            type(nxt).__name__)
+            if id(mod) in first:
+                if repr(first[id(mod)].transfer) != repr(lay.transfer):
+                    raise ValueError(f"layer {first[id(mod)].name!r} appears again in the nn.Sequential, followed "
+                                     f"by {lay.transfer_desc} where it was followed by "
+                                     f"{first[id(mod)].transfer_desc}; a shared layer's local problem takes one "
+                                     "transfer function (pass layers=[(module, transfer), ...])")
                 continue
-            _check_not_inplace(name, nxt)
-            transfer = transfer_from_module(nxt)
-            found.append(Layer(name, _matrix_of(mod), transfer, nxt if transfer is not None else None,
-                               type(nxt).__name__))
+            first[id(mod)] = lay
+            found.append(lay)
     else:
         raise ValueError(
             f"model: layer discovery needs an nn.Sequential; for a {type(model).__name__} pass "
@@ -388,36 +410,45 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
 
 
 class LayerCapture:
-    """Forward hooks that record each layer's input, pre- and post-activation.
+    """Forward hooks that record each layer's input, pre- and post-activation, once per call.
 
     Use as a context manager around the closure; hooks are removed on exit, so
-    the user's model is unchanged outside a step.
+    the user's model is unchanged outside a step.  A layer the forward pass
+    calls several times (shared weights: a siamese network, an unrolled
+    recurrent cell, one head on several inputs) has one local problem over the
+    rows of every call, each row with its own target: its loss gradient is the
+    sum over the calls, so one local SGD iteration is still BackProp's step.
+    Calls whose output is outside autograd (under ``torch.no_grad``) are not
+    part of the loss and are not recorded.
     """
 
     def __init__(self, layers: Iterable[Layer], capture_post: bool = False) -> None:
         self.layers = list(layers)
         self.capture_post = capture_post
-        self.batches: list[LayerBatch | None] = [None] * len(self.layers)
-        self.calls = [0] * len(self.layers)
-        self._by_pre: dict[int, int] = {}
+        self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
+        self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
+        self._by_pre: dict[int, tuple[int, LayerBatch]] = {}
         self._handles: list = []
 
     def _linear_hook(self, index: int):
         @torch.compiler.disable  # in a torch.compile'd model: a graph break, not a compiled hook per step
         def hook(module, inputs, output):
-            self.calls[index] += 1
+            if not output.requires_grad:
+                self.untracked[index] += 1
+                return
             layer = self.layers[index]
-            self.batches[index] = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach()), pre=output,
-                                             rows_per_example=layer.rows_per_example(output))
-            self._by_pre[id(output)] = index
+            batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach()), pre=output,
+                               rows_per_example=layer.rows_per_example(output))
+            self.calls[index].append(batch)
+            self._by_pre[id(output)] = (index, batch)
 
         return hook
 
     @torch.compiler.disable
     def _transfer_hook(self, module, inputs, output):
-        index = self._by_pre.get(id(inputs[0]))
+        index, batch = self._by_pre.get(id(inputs[0]), (None, None))
         if index is not None and self.layers[index].transfer_module is module:
-            self.batches[index].post = output
+            batch.post = output
 
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()
@@ -436,11 +467,22 @@ class LayerCapture:
         self._by_pre.clear()
 
     def check(self) -> list[LayerBatch]:
-        """The captured batches, or a ``RuntimeError`` naming a layer called 0 or 2+ times."""
-        for lay, n in zip(self.layers, self.calls):
-            if n != 1:
-                raise RuntimeError(
-                    f"layer {lay.name!r} ran {n} times in the closure's forward pass; LocoProp needs "
-                    "exactly one call per layer per step (the closure must run the forward pass once)"
-                )
-        return list(self.batches)  # type: ignore[arg-type]
+        """One batch per layer (its calls' input rows stacked), or a ``RuntimeError`` naming a layer whose
+        output never entered autograd."""
+        out = []
+        for lay, calls, untracked in zip(self.layers, self.calls, self.untracked):
+            if not calls:
+                how = (f"ran {untracked} times in the closure's forward pass, each time outside autograd "
+                       "(under torch.no_grad)" if untracked else "did not run in the closure's forward pass")
+                raise RuntimeError(f"layer {lay.name!r} {how}; its local problem needs its output in the loss's "
+                                   "graph: run it in the closure, or freeze it (requires_grad_(False)) to leave it "
+                                   "alone")
+            if len(calls) == 1:
+                out.append(calls[0])
+                continue
+            inputs = torch.cat([c.inputs for c in calls])
+            for c in calls:
+                c.inputs = None  # the stacked rows hold them
+            out.append(LayerBatch(layer=lay, inputs=inputs, pre=None, calls=calls,
+                                  rows_per_example=sum(c.rows_per_example for c in calls)))
+        return out

@@ -328,46 +328,58 @@ class LocoProp(Optimizer):
         return loss, cap.check()
 
     def _gradients(self, loss: torch.Tensor, batches: list[LayerBatch]) -> None:
-        wants = [b.pre for b in batches]
-        posts = [b for b in batches if self.variant.needs_grad_post and b.post is not None]
-        wants += [b.post for b in posts]
+        """The backward pass: ``∇_â L`` of every layer's calls (and ``∇_ŷ L``, sampled gradients where the
+        variant needs them), then each layer's tensors as rows of its local problem (a layer called more than
+        once: its calls' rows stacked, :class:`~locoprop.layers.LayerCapture`)."""
+        v = self.variant
+        per_layer = [b.calls or [b] for b in batches]
+        calls = [c for cs in per_layer for c in cs]
+        wants = [c.pre for c in calls]
+        posts = [c for c in calls if v.needs_grad_post and c.post is not None]
+        wants += [c.post for c in posts]
         others = self._other_params()
         wants += others
         try:
-            grads = torch.autograd.grad(loss, wants, allow_unused=True,
-                                        retain_graph=self.variant.needs_sampled_grad)
+            grads = torch.autograd.grad(loss, wants, allow_unused=True, retain_graph=v.needs_sampled_grad)
         except RuntimeError as exc:
             if "backward through the graph a second time" in str(exc) or "freed" in str(exc):
                 raise RuntimeError("closure: return the loss without calling backward(); LocoProp runs "
                                    "the backward pass itself") from exc
             raise
-        n = len(batches)
-        for b, g in zip(batches, grads[:n]):
-            b.grad_pre = torch.zeros_like(b.pre) if g is None else g
-        for b, g in zip(posts, grads[n:n + len(posts)]):
-            b.grad_post = torch.zeros_like(b.post) if g is None else g
+        n = len(calls)
+        for c, g in zip(calls, grads[:n]):
+            c.grad_pre = torch.zeros_like(c.pre) if g is None else g
+        for c, g in zip(posts, grads[n:n + len(posts)]):
+            c.grad_post = torch.zeros_like(c.post) if g is None else g
         self._keep_other_grads(others, grads[n + len(posts):])
-        if self.variant.needs_sampled_grad:
-            sampled = self._sampler(batches[-1].pre)
-            gs = torch.autograd.grad(sampled, [b.pre for b in batches], allow_unused=True)
-            for b, g in zip(batches, gs):
-                b.grad_pre_sampled = torch.zeros_like(b.pre) if g is None else g
-        for b in batches:  # as rows (leading dimensions, a convolution's positions), detached; in the weights'
-            dtype = b.layer.linear.weight.dtype  # dtype (under torch.autocast the passes produce bfloat16, float16)
+        if v.needs_sampled_grad:  # the output layer's every call draws from the predictive distribution
+            sampled = sum(self._sampler(c.pre) for c in per_layer[-1])
+            gs = torch.autograd.grad(sampled, [c.pre for c in calls], allow_unused=True)
+            for c, g in zip(calls, gs):
+                c.grad_pre_sampled = torch.zeros_like(c.pre) if g is None else g
+        for b, cs in zip(batches, per_layer):  # as rows (leading dimensions, a convolution's positions),
+            dtype = b.layer.linear.weight.dtype  # detached; in the weights' dtype (under torch.autocast the
+            # passes produce bfloat16, float16)
 
             def local(t, layer=b.layer):
                 return layer.output_rows(t.detach()).to(dtype)
             b.inputs = b.inputs.to(dtype)
-            b.pre = local(b.pre)
-            b.grad_pre = local(b.grad_pre)
-            if b.grad_pre_sampled is not None:
-                b.grad_pre_sampled = local(b.grad_pre_sampled)
-            if self.variant.needs_grad_post:
-                if b.grad_post is None:  # transfer inside the loss, or given by name
-                    b.grad_post = b.transfer.pullback_to_post(b.pre, b.grad_pre)
-                else:
-                    b.grad_post = local(b.grad_post)
-            b.post = None
+            for c in cs:
+                c.pre = local(c.pre)
+                c.grad_pre = local(c.grad_pre)
+                if c.grad_pre_sampled is not None:
+                    c.grad_pre_sampled = local(c.grad_pre_sampled)
+                if v.needs_grad_post:
+                    if c.grad_post is None:  # transfer inside the loss, or given by name
+                        c.grad_post = b.transfer.pullback_to_post(c.pre, c.grad_pre)
+                    else:
+                        c.grad_post = local(c.grad_post)
+                c.post = None
+            if b.calls:  # one local problem over every call's rows
+                for name in ("pre", "grad_pre", "grad_pre_sampled", "grad_post"):
+                    parts = [getattr(c, name) for c in cs]
+                    setattr(b, name, None if parts[0] is None else torch.cat(parts))
+                b.calls = []
 
     def _problems(self, batches: list[LayerBatch], saved: "_Rollback | None" = None) -> list[LocalProblem]:
         """Each layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback

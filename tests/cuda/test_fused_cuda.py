@@ -544,3 +544,19 @@ def test_graphed_step_of_a_convolutional_net_equals_reference():
     assert modes[2:] == ["capture", "replay", "replay", "replay"]
     assert [lay.name for lay in fast.layers] == ["1", "3", "6"]
     assert _rel(ref_model, fast_model) < 1e-5
+
+
+def test_graphed_step_of_a_net_with_a_shared_layer_equals_reference():
+    """A Linear layer called twice in each forward pass (shared weights): one local problem over both calls'
+    rows, on the fast path and in the captured whole step, the reference loop's weights to 1e-5."""
+    def shared_net():
+        torch.manual_seed(0)
+        twice = nn.Linear(300, 300)
+        return nn.Sequential(nn.Linear(784, 300), nn.Tanh(), twice, nn.Tanh(), twice, nn.Tanh(),
+                             nn.Linear(300, 784)).to(DEV)
+    ref_model, fast_model = shared_net(), shared_net()
+    ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
+    modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
+    assert modes[2:] == ["capture", "replay", "replay", "replay"]
+    assert [lay.name for lay in fast.layers] == ["0", "2", "6"]
+    assert _rel(ref_model, fast_model) < 1e-5
