@@ -75,6 +75,39 @@ def test_backprop_identity_with_explicit_pairs_and_arctan(variant):
     assert_close_models(model, expected)
 
 
+def _other_activations_mlp():
+    """An MLP with the monotone activations of torch.nn beyond Table 2 (``locoprop.transfer.MONOTONE_MODULES``)."""
+    torch.manual_seed(4)
+    acts = [nn.Hardtanh(-2.0, 2.0), nn.SELU(), nn.Softsign(), nn.LogSigmoid(), nn.CELU(0.6), nn.Softplus(beta=2.0),
+            nn.ReLU6(), nn.Hardsigmoid()]
+    widths = (12, 11, 10, 9, 9, 8, 8, 7, 7, 12)
+    mods = []
+    for i in range(len(widths) - 1):
+        mods.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(acts):
+            mods.append(acts[i])
+    return nn.Sequential(*mods).double()
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("variant", ["S", "M", "post-S", "poco-M"])
+def test_backprop_identity_with_the_other_monotone_activations(variant, backend):
+    """Hardtanh, SELU, Softsign, LogSigmoid, CELU, Softplus(β), ReLU6 and Hardsigmoid are discovered as
+    transfer functions, and one local SGD iteration is BackProp's step for every variant."""
+    model = _other_activations_mlp()
+    x = torch.rand(32, 12, dtype=torch.float64) * 3
+    loss_fn = lambda m: bce_sum_mean(m(x), x.clamp(max=1))  # noqa: E731
+    expected = backprop_step(model, loss_fn, ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=1, inner="sgd",
+                            output_transfer="sigmoid", backend=backend)
+    assert [lay.transfer.name for lay in opt.layers] == ["hardtanh", "selu", "softsign", "logsigmoid", "celu",
+                                                         "softplus", "relu6", "hardsigmoid", "sigmoid"]
+    before = copy.deepcopy(model)
+    opt.step(lambda: loss_fn(model))
+    assert_changed(model, before)
+    assert_close_models(model, expected, rtol=1e-8)
+
+
 def test_more_local_iterations_move_further_than_backprop():
     model = mixed_mlp()
     x = torch.rand(32, 12, dtype=torch.float64)

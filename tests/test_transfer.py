@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import spence
 
-from locoprop.transfer import TRANSFER_FUNCTIONS, NoInverseError, Softplus, get_transfer
+from locoprop.transfer import TRANSFER_FUNCTIONS, NoInverseError, Softplus, get_transfer, transfer_from_module
 
 NAMES = sorted(set(TRANSFER_FUNCTIONS) - {"identity"})
 floats = st.floats(min_value=-8.0, max_value=8.0, allow_nan=False, allow_infinity=False)
@@ -19,9 +19,13 @@ def _t(values):
     return torch.tensor(values, dtype=torch.float64).reshape(1, -1)
 
 
+# where f is not differentiable (F' = f still holds there; autograd's choice of a one-sided derivative need not)
+KINKS = {"step": (0.0,), "relu": (0.0,), "leaky_relu": (0.0,), "elu": (0.0,), "selu": (0.0,), "hardtanh": (-1.0, 1.0),
+         "relu6": (0.0, 6.0), "hardsigmoid": (-3.0, 3.0)}
+
+
 def _away_from_kinks(name, a):
-    # step, ReLU, leaky ReLU and ELU are not differentiable at 0
-    return name not in ("step", "relu", "leaky_relu", "elu") or bool((a.abs() > 1e-3).all())
+    return all(bool(((a - k).abs() > 1e-3).all()) for k in KINKS.get(name, ()))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,7 +74,41 @@ def test_inverse_and_matching_loss_from_post_target(name, a, shift):
     torch.testing.assert_close(t.matching_loss(a_hat, y), t.bregman(a_hat, t.inverse(y)), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["step", "relu"])
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=40, deadline=None)
+@given(a=vectors, y_from=vectors)
+def test_fenchel_young(name, a, y_from):
+    """F(a) + F*(f(a)) = aᵀf(a), and F(a) + F*(y) ≥ aᵀy for any y in the range of f (Property II): checks the
+    conjugates of the functions without an inverse too."""
+    t = get_transfer(name)
+    a = _t(a)
+    torch.testing.assert_close(t.F(a) + t.conjugate(t.f(a)), (a * t.f(a)).sum(-1), rtol=1e-7, atol=1e-7)
+    y = t.f(_t(y_from))
+    assert (t.F(a) + t.conjugate(y) >= (a * y).sum(-1) - 1e-7 * (1 + (a * y).abs().sum())).all()
+
+
+@pytest.mark.parametrize("module", [torch.nn.Hardtanh(-2.0, 3.0), torch.nn.ReLU6(), torch.nn.Hardsigmoid(),
+                                    torch.nn.SELU(), torch.nn.CELU(0.5), torch.nn.Softsign(), torch.nn.LogSigmoid(),
+                                    torch.nn.Softplus(beta=2.5), torch.nn.ELU(0.3), torch.nn.LeakyReLU(0.2)],
+                         ids=repr)
+def test_activation_modules_are_the_transfer_functions_they_compute(module):
+    """Each monotone activation module of torch.nn maps to a transfer function with the module's ``f`` and
+    whose ``F`` integrates it (the F' = f test above covers the registered defaults)."""
+    t = transfer_from_module(module)
+    a = torch.linspace(-9, 9, 723, dtype=torch.float64).reshape(3, -1)
+    torch.testing.assert_close(t.f(a), module(a), rtol=1e-12, atol=1e-12)
+    h, b = 1e-6, torch.linspace(-7.9, 7.9, 37, dtype=torch.float64).reshape(-1, 1)
+    torch.testing.assert_close((t.F(b + h) - t.F(b - h)) / (2 * h), t.f(b).flatten(), rtol=1e-6, atol=1e-6)
+
+
+def test_non_monotone_activations_are_not_transfer_functions():
+    for module in (torch.nn.GELU(), torch.nn.SiLU(), torch.nn.Mish(), torch.nn.Hardswish()):
+        assert transfer_from_module(module) is None
+    with pytest.raises(ValueError, match="GELU is not a known monotone transfer function; valid modules are Tanh"):
+        get_transfer(torch.nn.GELU())
+
+
+@pytest.mark.parametrize("name", ["step", "relu", "relu6", "hardtanh", "hardsigmoid"])
 def test_non_strict_functions_have_no_inverse(name):
     with pytest.raises(NoInverseError, match=name):
         get_transfer(name).inverse(torch.ones(1, 3))

@@ -243,8 +243,9 @@ def discover_layers(
         model: the network (or ``torch.compile(network)``: its layers are the
             network's).  For an ``nn.Sequential`` (nested ones are
             flattened) every ``nn.Linear`` is a layer and the module right after
-            it, if it is one of Tanh, ReLU, LeakyReLU, Sigmoid, Softmax,
-            Softplus, ELU or Identity, is its transfer function; a Linear
+            it, if it is a monotone activation
+            (:data:`~locoprop.transfer.MONOTONE_MODULES`: Tanh, ReLU, Sigmoid,
+            Softplus, ELU, Hardtanh, SELU, ...), is its transfer function; a Linear
             followed by another Linear (or nothing) is linear.  A module
             listed twice (shared weights) is one layer, called twice.
         layers: for any other model, the explicit ``(linear_module, transfer)``

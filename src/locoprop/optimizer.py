@@ -39,6 +39,7 @@ from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, split_frozen_layers
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
+from .transfer import MONOTONE_MODULES
 from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
@@ -301,8 +302,8 @@ class LocoProp(Optimizer):
                 raise ValueError(
                     f"layer {lay.name!r}: the module after it ({lay.transfer_desc}) is not a monotone "
                     f"transfer function, which {v.name} needs (its matching loss or target uses f); "
-                    "valid: Tanh, ReLU, LeakyReLU, Sigmoid, Softmax, Softplus, ELU, Identity, or pass "
-                    "layers=[(linear, 'arctan'), ...]"
+                    f"valid: {MONOTONE_MODULES}, or pass layers=[(linear, 'arctan'), ...] (GELU, SiLU and Mish "
+                    "are not monotone: LocoProp-S, whose squared loss is on the pre-activation, takes any)"
                 )
         if (v.needs_transfer and output_transfer is None and self.layers[-1].transfer_desc == "none"):
             warnings.warn(

@@ -41,6 +41,11 @@ __all__ = [
     "Arctan",
     "Softplus",
     "ELU",
+    "ClampedLinear",
+    "Scaled",
+    "Softsign",
+    "LogSigmoid",
+    "MONOTONE_MODULES",
     "TRANSFER_FUNCTIONS",
     "register_transfer",
     "get_transfer",
@@ -469,6 +474,155 @@ class ELU(TransferFunction):
         return f"ELU(alpha={self.beta})"
 
 
+# -- beyond Table 2: the other monotone activations of torch.nn ------------------------------------
+class ClampedLinear(TransferFunction):
+    """``f(a) = clamp(k a + c, low, high)``: ``nn.Hardtanh`` (``k = 1, c = 0``), ``nn.ReLU6`` (``[0, 6]``),
+    ``nn.Hardsigmoid`` (``k = 1/6, c = 1/2``, ``[0, 1]``).  Non-decreasing, constant outside the ramp (no
+    inverse, like ReLU).
+
+    With ``u = k a + c`` and ``ū = clamp(u, low, high)``: ``F(a) = Σ (ū u - ū²/2) / k`` (the integral of the
+    clamp, ``F' = f``) and, on ``[low, high]``, ``F*(y) = Σ (y²/2 - c y) / k`` (the supremum is at ``u = y``).
+    """
+
+    name = "hardtanh"
+    strictly_increasing = False
+    _closed_low = _closed_high = True
+
+    def __init__(self, low: float = -1.0, high: float = 1.0, slope: float = 1.0, offset: float = 0.0,
+                 name: str | None = None) -> None:
+        if not low < high:
+            raise ValueError(f"low must be below high, got low={low}, high={high}")
+        if not slope > 0:
+            raise ValueError(f"slope must be > 0 for a non-decreasing transfer function, got {slope}")
+        self.low, self.high, self.slope, self.offset = float(low), float(high), float(slope), float(offset)
+        self.range = (self.low, self.high)
+        if name is not None:
+            self.name = name
+
+    def _u(self, a):
+        return a * self.slope + self.offset if (self.slope, self.offset) != (1.0, 0.0) else a
+
+    def f(self, a):
+        return self._u(a).clamp(self.low, self.high)
+
+    def F(self, a):
+        u = self._u(a)
+        ramp = u.clamp(self.low, self.high)
+        return ((ramp * u - 0.5 * ramp * ramp) / self.slope).sum(-1)
+
+    def derivative(self, a):
+        u = self._u(a)
+        return torch.where((u > self.low) & (u < self.high), torch.full_like(a, self.slope), torch.zeros_like(a))
+
+    def conjugate(self, y):
+        y = self.clamp_to_range(y)
+        return ((0.5 * y * y - self.offset * y) / self.slope).sum(-1)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.name!r}, low={self.low}, high={self.high}, slope={self.slope}, "
+                f"offset={self.offset})")
+
+
+class Scaled(TransferFunction):
+    """``f(a) = s g(a / r)`` for a transfer function ``g`` and ``s, r > 0``: ``nn.SELU`` (``s = λ, r = 1``,
+    ``g`` = ELU(α)), ``nn.CELU(α)`` (``s = r = α``, ``g`` = ELU(1)), ``nn.Softplus(β)`` (``s = r = 1/β``).
+
+    ``F(a) = s r G(a/r)`` (so ``F' = f``), ``F*(y) = s r G*(y/s)``, ``f⁻¹(y) = r g⁻¹(y/s)``,
+    ``f'(a) = (s/r) g'(a/r)``; the range is ``g``'s times ``s``.
+    """
+
+    def __init__(self, base: TransferFunction, out_scale: float, in_scale: float, name: str,
+                 label: str | None = None) -> None:
+        if not (out_scale > 0 and in_scale > 0):
+            raise ValueError(f"{name}: the scales must be > 0, got out_scale={out_scale}, in_scale={in_scale}")
+        if not base.elementwise:
+            raise ValueError(f"{name}: the scaled transfer function must be elementwise, got {base!r}")
+        self.base, self.out_scale, self.in_scale = base, float(out_scale), float(in_scale)
+        self.name, self.label = name, label or f"{name}()"
+        self.strictly_increasing = base.strictly_increasing
+        self.range = (base.range[0] * self.out_scale, base.range[1] * self.out_scale)
+        self._closed_low, self._closed_high = base._closed_low, base._closed_high
+
+    def f(self, a):
+        return self.out_scale * self.base.f(a / self.in_scale)
+
+    def F(self, a):
+        return self.out_scale * self.in_scale * self.base.F(a / self.in_scale)
+
+    def derivative(self, a):
+        return (self.out_scale / self.in_scale) * self.base.derivative(a / self.in_scale)
+
+    def inverse(self, y):
+        return self.in_scale * self.base.inverse(y / self.out_scale)
+
+    def conjugate(self, y):
+        return self.out_scale * self.in_scale * self.base.conjugate(self.clamp_to_range(y) / self.out_scale)
+
+    def __repr__(self):
+        return self.label
+
+
+class Softsign(TransferFunction):
+    """``f(a) = a / (1 + |a|)`` (``nn.Softsign``), ``F(a) = Σ |a| - log(1 + |a|)``, ``f⁻¹(y) = y / (1 - |y|)``."""
+
+    name = "softsign"
+    range = (-1.0, 1.0)
+
+    def f(self, a):
+        return a / (1 + a.abs())
+
+    def F(self, a):
+        m = a.abs()
+        return (m - torch.log1p(m)).sum(-1)
+
+    def derivative(self, a):
+        return (1 + a.abs()).reciprocal().square()
+
+    def inverse(self, y):
+        return y / (1 - y.abs())
+
+
+class LogSigmoid(TransferFunction):
+    """``f(a) = log σ(a) = -softplus(-a)`` (``nn.LogSigmoid``), ``F(a) = F_softplus(-a)`` (Table 2's softplus
+    integral, reflected), ``f⁻¹(y) = -log(e^{-y} - 1)``, range ``(-∞, 0)``."""
+
+    name = "logsigmoid"
+    range = (-math.inf, 0.0)
+
+    def f(self, a):
+        return Fn.logsigmoid(a)
+
+    def F(self, a):
+        return Softplus().F(-a)
+
+    def derivative(self, a):
+        return torch.sigmoid(-a)
+
+    def inverse(self, y):
+        return -torch.log(torch.expm1(-y))
+
+
+#: SELU's constants (Klambauer et al. 2017), as ``torch.nn.SELU`` uses them.
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def selu() -> Scaled:
+    """``nn.SELU``: ``λ ELU_α``."""
+    return Scaled(ELU(SELU_ALPHA), SELU_SCALE, 1.0, "selu", "SELU()")
+
+
+def celu(alpha: float = 1.0) -> Scaled:
+    """``nn.CELU(α)``: ``α ELU₁(a/α)``."""
+    return Scaled(ELU(1.0), alpha, alpha, "celu", f"CELU(alpha={float(alpha)})")
+
+
+def scaled_softplus(beta: float = 1.0) -> TransferFunction:
+    """``nn.Softplus(β)``: ``softplus(β a) / β`` (Table 2's softplus itself for ``β = 1``)."""
+    if beta == 1:
+        return Softplus()
+    return Scaled(Softplus(), 1.0 / beta, 1.0 / beta, "softplus", f"Softplus(beta={float(beta)})")
+
+
 #: Transfer functions by name; values build a fresh instance (with default
 #: parameters) when called.
 TRANSFER_FUNCTIONS: dict[str, Callable[[], TransferFunction]] = {
@@ -483,6 +637,13 @@ TRANSFER_FUNCTIONS: dict[str, Callable[[], TransferFunction]] = {
     "arctan": Arctan,
     "softplus": Softplus,
     "elu": ELU,
+    "hardtanh": ClampedLinear,
+    "relu6": lambda: ClampedLinear(0.0, 6.0, name="relu6"),
+    "hardsigmoid": lambda: ClampedLinear(0.0, 1.0, 1.0 / 6.0, 0.5, name="hardsigmoid"),
+    "selu": selu,
+    "celu": celu,
+    "softsign": Softsign,
+    "logsigmoid": LogSigmoid,
 }
 
 
@@ -509,10 +670,15 @@ def get_transfer(spec) -> TransferFunction:
     if from_module is None:
         raise ValueError(
             f"{type(spec).__name__} is not a known monotone transfer function; valid modules are "
-            "Tanh, ReLU, LeakyReLU, Sigmoid, Softmax(dim=-1), Softplus(beta=1), ELU, Identity; "
+            f"{MONOTONE_MODULES}; "
             f"valid names are {sorted(TRANSFER_FUNCTIONS)}"
         )
     return from_module
+
+
+#: The activation modules :func:`transfer_from_module` knows, for error messages.
+MONOTONE_MODULES = ("Tanh, ReLU, LeakyReLU, Sigmoid, Softmax(dim=-1), Softplus, ELU, Identity, Hardtanh, ReLU6, "
+                    "Hardsigmoid, SELU, CELU, Softsign, LogSigmoid")
 
 
 def transfer_from_module(module) -> TransferFunction | None:
@@ -528,10 +694,23 @@ def transfer_from_module(module) -> TransferFunction | None:
         return Sigmoid()
     if isinstance(module, nn.Softmax) and module.dim in (-1, 1, None):
         return Softmax()
-    if isinstance(module, nn.Softplus) and module.beta == 1:
-        return Softplus()
+    if isinstance(module, nn.Softplus):
+        return scaled_softplus(module.beta)
     if isinstance(module, nn.ELU):
         return ELU(module.alpha)
+    if isinstance(module, nn.Hardtanh):  # nn.ReLU6 too
+        return ClampedLinear(module.min_val, module.max_val,
+                             name="relu6" if isinstance(module, nn.ReLU6) else "hardtanh")
+    if isinstance(module, nn.Hardsigmoid):
+        return get_transfer("hardsigmoid")
+    if isinstance(module, nn.SELU):
+        return selu()
+    if isinstance(module, nn.CELU):
+        return celu(module.alpha)
+    if isinstance(module, nn.Softsign):
+        return Softsign()
+    if isinstance(module, nn.LogSigmoid):
+        return LogSigmoid()
     if isinstance(module, nn.Identity):
         return Linear()
     return None
