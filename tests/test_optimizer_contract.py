@@ -493,3 +493,45 @@ def test_a_copy_of_model_and_optimizer_takes_the_same_steps_on_its_own_weights(h
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q) and p is not q
     assert repr(opt.state_dict()) == repr(twin_opt.state_dict())
+
+
+@pytest.mark.parametrize("variant", ["M", "post-S"])
+def test_gradient_checkpointing_takes_the_same_steps_and_the_reentrant_kind_is_named(variant):
+    """``torch.utils.checkpoint`` (``use_reentrant=False``) recomputes the block's activations in the backward
+    pass; the layers' outputs stay in the loss's graph, so the steps are those without checkpointing (float64,
+    1e-12, four steps of T = 5).  The reentrant kind runs the block without autograd: named, nothing changes."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            torch.manual_seed(0)
+            self.block = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 12),
+                                              torch.nn.Softplus())
+            self.out = torch.nn.Linear(12, 20)
+            self.mode = mode
+
+        def forward(self, x):
+            if self.mode is None:
+                return self.out(self.block(x))
+            return self.out(checkpoint(self.block, x, use_reentrant=self.mode == "reentrant"))
+
+    x = torch.rand(16, 20, dtype=torch.float64)
+    models = {}
+    for mode in (None, "non-reentrant", "reentrant"):
+        model = Net(mode).double()
+        opt = locoprop.LocoProp(model, variant=variant, lr=1e-2, local_steps=5,
+                                layers=[(model.block[0], model.block[1]), (model.block[2], model.block[3]),
+                                        (model.out, "sigmoid")])
+        if mode == "reentrant":
+            before = copy.deepcopy(model.state_dict())
+            with pytest.raises(RuntimeError, match="layer 'block.0' ran 1 times .* use_reentrant=False"):
+                opt.step(lambda: bce_sum_mean(model(x.requires_grad_(True)), x.detach()))
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+            continue
+        for _ in range(4):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        models[mode] = model
+    for p, q in zip(models[None].parameters(), models["non-reentrant"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(models[None].out.weight, Net(None).double().out.weight)

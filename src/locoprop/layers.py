@@ -474,7 +474,8 @@ class LayerCapture:
         for lay, calls, untracked in zip(self.layers, self.calls, self.untracked):
             if not calls:
                 how = (f"ran {untracked} times in the closure's forward pass, each time outside autograd "
-                       "(under torch.no_grad)" if untracked else "did not run in the closure's forward pass")
+                       "(under torch.no_grad, or in torch.utils.checkpoint with use_reentrant=True: pass "
+                       "use_reentrant=False)" if untracked else "did not run in the closure's forward pass")
                 raise RuntimeError(f"layer {lay.name!r} {how}; its local problem needs its output in the loss's "
                                    "graph: run it in the closure, or freeze it (requires_grad_(False)) to leave it "
                                    "alone")
