@@ -535,3 +535,15 @@ def test_gradient_checkpointing_takes_the_same_steps_and_the_reentrant_kind_is_n
     for p, q in zip(models[None].parameters(), models["non-reentrant"].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
     assert not torch.equal(models[None].out.weight, Net(None).double().out.weight)
+
+
+def test_a_lazy_layer_is_refused_until_a_forward_pass_initializes_it():
+    model = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.Linear(8, 20))
+    with pytest.raises(ValueError, match="layer '0': its parameters are not initialized yet .*LazyLinear"):
+        locoprop.LocoProp(model, output_transfer="sigmoid")
+    x = torch.rand(4, 20)
+    model(x)
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid", lr=1e-2)
+    start = model[0].weight.detach().clone()
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert not torch.equal(model[0].weight, start)

@@ -372,7 +372,8 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
     local problem assumes and solves for (Sec. 1.2, Eq. 2).
 
     Raises:
-        ValueError: naming the layer, for a subclass of ``nn.Linear`` (or of a
+        ValueError: naming the layer, for a lazy module not yet initialized,
+            a subclass of ``nn.Linear`` (or of a
             convolution) with a forward of its own (a LoRA adapter, a quantised
             layer), a convolution with ``groups > 1`` or padding other than
             zeros, a
@@ -398,6 +399,10 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
             if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
                 raise ValueError(f"layer {lay.name!r}: {base.__name__} with padding='same' and an even kernel pads "
                                  "unevenly; give the padding as numbers")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in lay.module_params):
+            raise ValueError(f"layer {lay.name!r}: its parameters are not initialized yet ({type(module).__name__}, "
+                             "a lazy module); run one forward pass on a batch before constructing LocoProp, as for "
+                             "any torch.optim optimizer")
         if parametrize.is_parametrized(module):
             raise ValueError(f"layer {lay.name!r}: its parameters are parametrized (weight_norm, spectral_norm, ...), "
                              "computed from other tensors; LocoProp solves for the weight itself: remove the "
