@@ -59,11 +59,20 @@ CASES = {
     # one Linear layer called twice (shared weights): one local problem over the rows of both calls
     "data-M-shared": ("data", "M", dict(local_steps=3, shared=True)),
     "layers-post-S-shared": ("layers", "post-S", dict(local_steps=3, shared=True)),
+    # a transposed convolution (each example a 3 x 2 x 2 code): its matrix a copy of the kernel, committed after
+    # the step on every rank
+    "data-M-tconv": ("data", "M", dict(local_steps=3, tconv=True)),
+    "layers-M-tconv": ("layers", "M", dict(local_steps=3, tconv=True)),
 }
 
 
-def _model(input_norm: bool = False, conv: bool = False, seq: bool = False, shared: bool = False) -> nn.Sequential:
+def _model(input_norm: bool = False, conv: bool = False, seq: bool = False, shared: bool = False,
+           tconv: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
+    if tconv:
+        return nn.Sequential(nn.Unflatten(1, (3, 2, 2)), nn.ConvTranspose2d(3, 2, 2, stride=2), nn.Tanh(),
+                             nn.ConvTranspose2d(2, 2, 3, padding=1), nn.Softplus(), nn.Flatten(),
+                             nn.Linear(2 * 4 * 4, WIDTHS[-1])).double()
     if shared:
         twice = nn.Linear(WIDTHS[0], WIDTHS[0])
         return nn.Sequential(twice, nn.Tanh(), nn.Linear(WIDTHS[0], WIDTHS[0]), nn.Softplus(), twice, nn.Tanh(),
@@ -100,7 +109,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     mode, variant, kw = CASES[name]
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
-    model = _model(kw.pop("input_norm", False), kw.pop("conv", False), kw.pop("seq", False), kw.pop("shared", False))
+    model = _model(**{k: kw.pop(k) for k in ("input_norm", "conv", "seq", "shared", "tconv") if k in kw})
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -262,10 +271,8 @@ def _check_match(world: int, tmp_path: Path) -> None:
         assert all((got["solver"] == "fused") == fused for got in ranks), (name, [g["solver"] for g in ranks])
         # the updates moved the weights: the comparison is not vacuous
         extra = CASES[name][2]
-        before = torch.cat([p.detach().reshape(-1) for p in _model(extra.get("input_norm", False),
-                                                                   extra.get("conv", False),
-                                                                   extra.get("seq", False),
-                                                                   extra.get("shared", False)).parameters()])
+        shape = {k: v for k, v in extra.items() if k in ("input_norm", "conv", "seq", "shared", "tconv")}
+        before = torch.cat([p.detach().reshape(-1) for p in _model(**shape).parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name
 
 

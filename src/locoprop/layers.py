@@ -20,7 +20,7 @@ from torch import nn
 from .transfer import Linear as LinearTransfer
 from .transfer import TransferFunction, get_transfer, transfer_from_module
 
-__all__ = ["Layer", "LayerBatch", "ConvMatrix", "discover_layers", "split_frozen_layers",
+__all__ = ["Layer", "LayerBatch", "ConvMatrix", "ConvTransposeMatrix", "discover_layers", "split_frozen_layers",
            "check_solvable_layers", "LayerCapture"]
 
 
@@ -68,7 +68,10 @@ class ConvMatrix:
                 or self.weight.dtype != kernel.dtype:
             self.weight.data = kernel.detach().view(self.out_features, -1)
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
+    def commit(self) -> None:
+        """After a step: nothing to do, the kernel shares the matrix's storage."""
+
+    def rows(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
         """The input patches as rows, ``(b·positions, C_in·kh·kw)``."""
         conv = self.conv
         if x.dim() == self.dims + 1:  # an unbatched input
@@ -87,6 +90,79 @@ class ConvMatrix:
     def rows_per_example(self, output: torch.Tensor) -> int:
         """The output positions of one example."""
         return math.prod(output.shape[-self.dims:])
+
+
+class ConvTransposeMatrix(ConvMatrix):
+    """A ``nn.ConvTranspose1d`` or ``nn.ConvTranspose2d`` as the matrix of its local problem.
+
+    A transposed convolution of stride ``s``, padding ``p`` and dilation ``d``
+    is the convolution (stride 1, dilation ``d``) of its input with ``s - 1``
+    zeros inserted between neighbours and ``d(k - 1) - p`` zeros around it
+    (``output_padding`` more at the end), by the kernel with input and output
+    channels swapped and flipped.  So its rows are the patches of that
+    spread-out input, their kernel offsets reversed, and its matrix is
+    ``W[i, o, a, b]`` at row ``o``, column ``(i, a, b)``.  The kernel's memory
+    (``(C_in, C_out, kh, kw)``) holds that matrix only as a permutation, so
+    ``weight`` is a parameter of its own: the kernel is copied into it before
+    each step (:meth:`sync`) and back after a step that succeeded
+    (:meth:`commit`), and the inner optimizer's state lives on it.  Only
+    ``groups=1`` and ``padding <= dilation·(kernel_size - 1)``.
+    """
+
+    def __init__(self, conv: nn.ConvTranspose1d | nn.ConvTranspose2d) -> None:
+        self.conv = conv
+        self.dims = 1 if isinstance(conv, nn.ConvTranspose1d) else 2
+        self.out_features, self.in_features = conv.out_channels, conv.in_channels * math.prod(conv.kernel_size)
+        # (groups > 1 has no such matrix: check_solvable_layers refuses it by name)
+        self.weight = nn.Parameter(self._matrix(), requires_grad=conv.weight.requires_grad) if conv.groups == 1 \
+            else conv.weight
+        self.bias = conv.bias
+
+    def _matrix(self) -> torch.Tensor:
+        return self.conv.weight.detach().transpose(0, 1).reshape(self.out_features, self.in_features).clone()
+
+    def sync(self) -> None:
+        """The kernel's current values into the matrix (where ``model.to(...)`` moved the kernel, a new one on
+        its device and dtype)."""
+        kernel = self.conv.weight
+        if self.weight.device != kernel.device or self.weight.dtype != kernel.dtype:
+            self.weight.data = self._matrix()
+        else:
+            with torch.no_grad():
+                self.weight.view(self.out_features, *kernel.shape[:1], *kernel.shape[2:]).copy_(
+                    kernel.detach().transpose(0, 1))
+
+    def commit(self) -> None:
+        """The matrix's new values into the kernel."""
+        kernel = self.conv.weight
+        with torch.no_grad():
+            kernel.copy_(self.weight.detach().view(self.out_features, *kernel.shape[:1], *kernel.shape[2:])
+                         .transpose(0, 1))
+
+    def rows(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
+        """The patches of the spread-out input as rows, ``(b·positions, C_in·kh·kw)``, kernel offsets reversed.
+        ``output`` (the layer's output) gives the output padding (``output_size=`` in the forward call)."""
+        conv = self.conv
+        unbatched = x.dim() == self.dims + 1
+        x = x.unsqueeze(0) if unbatched else x
+        if self.dims == 1:
+            x = x.unsqueeze(2)
+        kernel = self._as_2d(conv.kernel_size, 1)
+        stride, dilation, padding = self._as_2d(conv.stride, 1), self._as_2d(conv.dilation, 1), self._as_2d(
+            conv.padding, 0)
+        sizes = x.shape[2:]
+        spread = [(n - 1) * s + 1 for n, s in zip(sizes, stride)]
+        border = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding)]
+        if output is None:
+            extra = self._as_2d(conv.output_padding, 0)
+        else:
+            out = output.shape[-self.dims:] if self.dims == 2 else (1, output.shape[-1])
+            extra = [o - (n + 2 * e - d * (k - 1)) for o, n, e, d, k in zip(out, spread, border, dilation, kernel)]
+        grid = x.new_zeros(*x.shape[:2], *(n + 2 * e + a for n, e, a in zip(spread, border, extra)))
+        grid[:, :, border[0]:border[0] + spread[0]:stride[0], border[1]:border[1] + spread[1]:stride[1]] = x
+        patches = Fn.unfold(grid, kernel, dilation, 0, 1)  # (b, C_in·kh·kw, positions)
+        patches = patches.view(*x.shape[:2], *kernel, patches.shape[-1]).flip(2, 3)
+        return patches.movedim(-1, 1).reshape(-1, self.in_features)
 
 
 @dataclass
@@ -117,10 +193,11 @@ class Layer:
         """The model's own parameters of the layer (for a convolution, its kernel, not the matrix view)."""
         return [p for p in (self.module.weight, self.module.bias) if p is not None]
 
-    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as the rows of its local problem, ``(rows, in_features)``."""
+    def input_rows(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's input as the rows of its local problem, ``(rows, in_features)`` (``output``: the layer's
+        output on ``x``, which fixes a transposed convolution's output size)."""
         if isinstance(self.linear, ConvMatrix):
-            return self.linear.rows(x)
+            return self.linear.rows(x, output)
         return x.reshape(-1, x.shape[-1])
 
     def output_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -137,9 +214,14 @@ class Layer:
         return math.prod(output.shape[1:-1])
 
     def sync(self) -> None:
-        """For a convolution: its matrix shares the kernel's storage (:meth:`ConvMatrix.sync`)."""
+        """Before a step, for a convolution: its matrix on the kernel's values (:meth:`ConvMatrix.sync`)."""
         if isinstance(self.linear, ConvMatrix):
             self.linear.sync()
+
+    def commit(self) -> None:
+        """After a step that succeeded: the kernel of a transposed convolution takes the matrix's values."""
+        if isinstance(self.linear, ConvMatrix):
+            self.linear.commit()
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -223,10 +305,12 @@ def _check_not_inplace(name: str, module: nn.Module | None) -> None:
 
 
 #: The modules LocoProp gives a local problem: linear maps of their input (a convolution: of each patch).
-LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LAYER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
 def _matrix_of(module: nn.Module) -> nn.Linear | ConvMatrix:
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        return ConvTransposeMatrix(module)
     return ConvMatrix(module) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else module
 
 
@@ -236,7 +320,7 @@ def discover_layers(
     output_transfer=None,
 ) -> list[Layer]:
     """Pair each ``nn.Linear`` (and ``nn.Conv1d``, ``nn.Conv2d``: linear maps of each input patch,
-    :class:`ConvMatrix`)
+    :class:`ConvMatrix`; ``nn.ConvTranspose1d``, ``nn.ConvTranspose2d``: :class:`ConvTransposeMatrix`)
     with its transfer function.
 
     Args:
@@ -276,7 +360,8 @@ def discover_layers(
                 raise ValueError(f"layers[{i}]: expected a (nn.Linear, transfer) pair, got {pair!r}")
             lin, spec = pair
             if not isinstance(lin, LAYER_MODULES):
-                raise ValueError(f"layers[{i}]: expected an nn.Linear, nn.Conv1d or nn.Conv2d, got "
+                raise ValueError(f"layers[{i}]: expected an nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d or "
+                                 "nn.ConvTranspose2d, got "
                                  f"{type(lin).__name__}")
             name = names.get(id(lin), f"layers[{i}]")
             module = spec if isinstance(spec, nn.Module) else None
@@ -316,7 +401,7 @@ def discover_layers(
             "layers=[(model.linear1, 'tanh'), ...]"
         )
     if not found:
-        raise ValueError(f"model: no nn.Linear, nn.Conv1d or nn.Conv2d layer found in {type(model).__name__}; "
+        raise ValueError(f"model: no nn.Linear or convolution layer found in {type(model).__name__}; "
                          "LocoProp updates those layers")
     seen: set[int] = set()
     for lay in found:
@@ -396,6 +481,11 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
                 raise ValueError(f"layer {lay.name!r}: {base.__name__} with groups={module.groups}, padding_mode="
                                  f"{module.padding_mode!r}; LocoProp's convolution layers take groups=1 and zero "
                                  "padding (freeze the layer to leave it out)")
+            if isinstance(lay.linear, ConvTransposeMatrix) and any(
+                    p > d * (k - 1) for p, d, k in zip(module.padding, module.dilation, module.kernel_size)):
+                raise ValueError(f"layer {lay.name!r}: {base.__name__} with padding={module.padding} above "
+                                 "dilation·(kernel_size - 1) crops its output; LocoProp's transposed convolutions "
+                                 "take padding <= dilation·(kernel_size - 1)")
             if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
                 raise ValueError(f"layer {lay.name!r}: {base.__name__} with padding='same' and an even kernel pads "
                                  "unevenly; give the padding as numbers")
@@ -443,7 +533,7 @@ class LayerCapture:
                 self.untracked[index] += 1
                 return
             layer = self.layers[index]
-            batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach()), pre=output,
+            batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach(), output), pre=output,
                                rows_per_example=layer.rows_per_example(output))
             self.calls[index].append(batch)
             self._by_pre[id(output)] = (index, batch)

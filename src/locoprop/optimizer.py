@@ -67,11 +67,13 @@ class LocoProp(Optimizer):
 
     Args:
         model: the network.  An ``nn.Sequential`` is searched for its
-            ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers and the transfer function
-            after each; any other module needs ``layers``.  A convolution's
-            local problem is a Linear layer's on its input patches, one row
-            per example and output position
-            (:class:`~locoprop.layers.ConvMatrix`).  A layer whose parameters all have
+            ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d``
+            layers and the transfer function after each; any other module
+            needs ``layers``.  A convolution's local problem is a Linear
+            layer's on its input patches, one row per example and output
+            position (:class:`~locoprop.layers.ConvMatrix`; a transposed one's
+            on the patches of its spread-out input,
+            :class:`~locoprop.layers.ConvTransposeMatrix`).  A layer whose parameters all have
             ``requires_grad=False`` is frozen: LocoProp leaves it as it is
             (``frozen_layers``), as ``torch.optim`` leaves a parameter
             without a gradient; freezing or unfreezing a layer later is an
@@ -567,11 +569,6 @@ class LocoProp(Optimizer):
             "reference" if self.variant.solver == "iterative" else self.variant.solver)
         return reported.detach(), problems
 
-    def _finish(self, problems) -> None:
-        self.last_problems = problems if self.retain_problems else None
-        for g in self.param_groups:
-            g["step"] = g.get("step", 0) + 1
-
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One LocoProp step; ``closure()`` runs the forward pass and returns the scalar loss.
 
@@ -599,6 +596,15 @@ class LocoProp(Optimizer):
         self._accumulate_other_grads()
         self._finish(problems)
         return loss
+
+    def _finish(self, problems) -> None:
+        """After a step that succeeded: kernels that are not their matrices' storage take the new values
+        (:meth:`~locoprop.layers.ConvTransposeMatrix.commit`), the groups count the step."""
+        for lay in self.layers:
+            lay.commit()
+        self.last_problems = problems if self.retain_problems else None
+        for g in self.param_groups:
+            g["step"] = g.get("step", 0) + 1
 
     def graphed_step(self, closure: Callable[[], torch.Tensor], warmup: int = 2) -> "CapturedStep":
         """The whole step (forward, backward, targets, ``T`` local iterations) as one CUDA graph.
@@ -874,6 +880,8 @@ class CapturedStep:
             return loss
         table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(),
                                  update_rule_for(opt.inner)[0], fresh=opt.reset_inner_state)
+        for lay in opt.layers:  # a transposed convolution's matrix takes its kernel's values (outside the graph)
+            lay.sync()
         key = self._hyper_key() + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
         if self.graph is None or key != self._key:
             self._capture(key, table)

@@ -560,3 +560,19 @@ def test_graphed_step_of_a_net_with_a_shared_layer_equals_reference():
     assert modes[2:] == ["capture", "replay", "replay", "replay"]
     assert [lay.name for lay in fast.layers] == ["0", "2", "6"]
     assert _rel(ref_model, fast_model) < 1e-5
+
+
+def test_graphed_step_of_a_transposed_convolution_decoder_equals_reference():
+    """Transposed convolutions (their matrices copies of the kernels: copied in before each replay, out after
+    it) on the fast path and in the captured whole step, the reference loop's weights to 1e-5."""
+    def decoder():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(784, 16 * 7 * 7), nn.Tanh(), nn.Unflatten(1, (16, 7, 7)),
+                             nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.Tanh(),
+                             nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1), nn.Flatten()).to(DEV)
+    ref_model, fast_model = decoder(), decoder()
+    ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
+    modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
+    assert modes[2:] == ["capture", "replay", "replay", "replay"]
+    assert [lay.name for lay in fast.layers] == ["0", "3", "5"]
+    assert _rel(ref_model, fast_model) < 1e-5
