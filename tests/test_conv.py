@@ -30,6 +30,16 @@ def _convnet():
                          nn.Flatten(), nn.Linear(5 * 3 * 2, C * H * W)).double()
 
 
+def steps_side_by_side(models, inputs, loss, **kw):
+    """``LocoProp(model, **kw)`` for each of two models, one step each on every input, their losses equal to
+    1e-12; the two optimizers."""
+    opts = [locoprop.LocoProp(m, **kw) for m in models]
+    for x in inputs:
+        losses = [float(opt.step(lambda m=m: loss(m, x))) for m, opt in zip(models, opts)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    return opts
+
+
 @pytest.mark.parametrize("variant, backend", [("M", "reference"), ("M", "fused"), ("S", "reference"), ("S", "fused"),
                                               ("S-closed", "auto"), ("S-natural-closed", "auto")])
 def test_a_convolution_over_its_whole_input_steps_as_the_linear_layer_it_is(variant, backend):
@@ -42,12 +52,8 @@ def test_a_convolution_over_its_whole_input_steps_as_the_linear_layer_it_is(vari
         dense[1].weight.copy_(conv[0].weight.reshape(7, -1))
         dense[1].bias.copy_(conv[0].bias)
         dense[3].load_state_dict(conv[3].state_dict())
-    kw = dict(variant=variant, lr=1e-2, local_steps=4, output_transfer="sigmoid", backend=backend)
-    opts = [locoprop.LocoProp(m, **kw) for m in (conv, dense)]
-    for seed in range(3):
-        x = _images(seed=seed)
-        losses = [float(opt.step(lambda m=m: _loss(m, x))) for m, opt in zip((conv, dense), opts)]
-        assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    opts = steps_side_by_side((conv, dense), [_images(seed=seed) for seed in range(3)], _loss, variant=variant,
+                              lr=1e-2, local_steps=4, output_transfer="sigmoid", backend=backend)
     torch.testing.assert_close(conv[0].weight.reshape(7, -1), dense[1].weight, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(conv[3].weight, dense[3].weight, rtol=1e-10, atol=1e-13)
     assert [lay.name for lay in opts[0].layers] == ["0", "3"]

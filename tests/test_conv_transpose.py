@@ -10,6 +10,7 @@ from torch import nn
 
 import locoprop
 from test_backprop_identity import ETA, GAMMA, assert_changed, assert_close_models, backprop_step
+from test_conv import steps_side_by_side
 from test_errors import _assert_unchanged, _snapshot
 
 C, H, W = 3, 4, 3
@@ -88,12 +89,8 @@ def test_a_stride_one_transposed_convolution_steps_as_the_convolution_it_is(vari
         conv[0].weight.copy_(as_conv(tconv[0].weight))
         conv[0].bias.copy_(tconv[0].bias)
         conv[3].load_state_dict(tconv[3].state_dict())
-    kw = dict(variant=variant, lr=1e-2, local_steps=4, output_transfer="sigmoid", backend=backend)
-    opts = [locoprop.LocoProp(m, **kw) for m in (tconv, conv)]
-    for seed in range(3):
-        x = _codes(seed=seed)
-        losses = [float(opt.step(lambda m=m: _loss(m, x))) for m, opt in zip((tconv, conv), opts)]
-        assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    steps_side_by_side((tconv, conv), [_codes(seed=seed) for seed in range(3)], _loss, variant=variant, lr=1e-2,
+                       local_steps=4, output_transfer="sigmoid", backend=backend)
     torch.testing.assert_close(as_conv(tconv[0].weight), conv[0].weight, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(tconv[3].weight, conv[3].weight, rtol=1e-10, atol=1e-13)
 

@@ -676,41 +676,36 @@ def get_transfer(spec) -> TransferFunction:
     return from_module
 
 
+def _from_modules() -> tuple:
+    """``(module class, its transfer function from the module)``, a subclass before its base class."""
+    nn = torch.nn
+    return (
+        (nn.Tanh, lambda m: Tanh()),
+        (nn.ReLU, lambda m: ReLU()),
+        (nn.LeakyReLU, lambda m: LeakyReLU(m.negative_slope)),
+        (nn.Sigmoid, lambda m: Sigmoid()),
+        (nn.Softmax, lambda m: Softmax() if m.dim in (-1, 1, None) else None),  # over the features only
+        (nn.Softplus, lambda m: scaled_softplus(m.beta)),
+        (nn.ELU, lambda m: ELU(m.alpha)),
+        (nn.Identity, lambda m: Linear()),
+        (nn.ReLU6, lambda m: ClampedLinear(m.min_val, m.max_val, name="relu6")),
+        (nn.Hardtanh, lambda m: ClampedLinear(m.min_val, m.max_val)),
+        (nn.Hardsigmoid, lambda m: get_transfer("hardsigmoid")),
+        (nn.SELU, lambda m: selu()),
+        (nn.CELU, lambda m: celu(m.alpha)),
+        (nn.Softsign, lambda m: Softsign()),
+        (nn.LogSigmoid, lambda m: LogSigmoid()),
+    )
+
+
 #: The activation modules :func:`transfer_from_module` knows, for error messages.
-MONOTONE_MODULES = ("Tanh, ReLU, LeakyReLU, Sigmoid, Softmax(dim=-1), Softplus, ELU, Identity, Hardtanh, ReLU6, "
-                    "Hardsigmoid, SELU, CELU, Softsign, LogSigmoid")
+MONOTONE_MODULES = ", ".join(kind.__name__ + ("(dim=-1)" if kind is torch.nn.Softmax else "")
+                             for kind, _ in _from_modules())
 
 
 def transfer_from_module(module) -> TransferFunction | None:
     """The transfer function an ``nn`` activation module computes, or ``None``."""
-    nn = torch.nn
-    if isinstance(module, nn.Tanh):
-        return Tanh()
-    if isinstance(module, nn.ReLU):
-        return ReLU()
-    if isinstance(module, nn.LeakyReLU):
-        return LeakyReLU(module.negative_slope)
-    if isinstance(module, nn.Sigmoid):
-        return Sigmoid()
-    if isinstance(module, nn.Softmax) and module.dim in (-1, 1, None):
-        return Softmax()
-    if isinstance(module, nn.Softplus):
-        return scaled_softplus(module.beta)
-    if isinstance(module, nn.ELU):
-        return ELU(module.alpha)
-    if isinstance(module, nn.Hardtanh):  # nn.ReLU6 too
-        return ClampedLinear(module.min_val, module.max_val,
-                             name="relu6" if isinstance(module, nn.ReLU6) else "hardtanh")
-    if isinstance(module, nn.Hardsigmoid):
-        return get_transfer("hardsigmoid")
-    if isinstance(module, nn.SELU):
-        return selu()
-    if isinstance(module, nn.CELU):
-        return celu(module.alpha)
-    if isinstance(module, nn.Softsign):
-        return Softsign()
-    if isinstance(module, nn.LogSigmoid):
-        return LogSigmoid()
-    if isinstance(module, nn.Identity):
-        return Linear()
+    for kind, make in _from_modules():
+        if isinstance(module, kind):
+            return make(module)
     return None

@@ -530,49 +530,38 @@ def test_graphed_step_gives_other_parameters_their_gradients_after_each_replay()
     assert _rel(models[0], models[1]) < 1e-5
 
 
-def test_graphed_step_of_a_convolutional_net_equals_reference():
-    """Convolutions on the fast path and in the captured whole step (their patches, ``F.unfold``, taken inside
-    the graph): the reference loop's weights to 1e-5 over several steps."""
-    def convnet():
+def _convnet():
+    """Convolutions: their patches (``F.unfold``) are taken inside the captured graph."""
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.Tanh(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 7 * 7, 784))
+
+
+def _shared_net():
+    """A Linear layer called twice in each forward pass: one local problem over both calls' rows."""
+    twice = nn.Linear(300, 300)
+    return nn.Sequential(nn.Linear(784, 300), nn.Tanh(), twice, nn.Tanh(), twice, nn.Tanh(), nn.Linear(300, 784))
+
+
+def _transposed_decoder():
+    """Transposed convolutions: their matrices are copies of the kernels, copied in before each replay and out
+    after it."""
+    return nn.Sequential(nn.Linear(784, 16 * 7 * 7), nn.Tanh(), nn.Unflatten(1, (16, 7, 7)),
+                         nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.Tanh(),
+                         nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1), nn.Flatten())
+
+
+@pytest.mark.parametrize("build, names", [(_convnet, ["1", "3", "6"]), (_shared_net, ["0", "2", "6"]),
+                                          (_transposed_decoder, ["0", "3", "5"])],
+                         ids=["conv", "shared-layer", "conv-transpose"])
+def test_graphed_step_of_other_architectures_equals_reference(build, names):
+    """Each architecture (see its builder) on the fast path and in the captured whole step: the reference loop's
+    weights to 1e-5 over several steps."""
+    def model():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.Tanh(),
-                             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
-                             nn.Linear(16 * 7 * 7, 784)).to(DEV)
-    ref_model, fast_model = convnet(), convnet()
+        return build().to(DEV)
+    ref_model, fast_model = model(), model()
     ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
     modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
     assert modes[2:] == ["capture", "replay", "replay", "replay"]
-    assert [lay.name for lay in fast.layers] == ["1", "3", "6"]
-    assert _rel(ref_model, fast_model) < 1e-5
-
-
-def test_graphed_step_of_a_net_with_a_shared_layer_equals_reference():
-    """A Linear layer called twice in each forward pass (shared weights): one local problem over both calls'
-    rows, on the fast path and in the captured whole step, the reference loop's weights to 1e-5."""
-    def shared_net():
-        torch.manual_seed(0)
-        twice = nn.Linear(300, 300)
-        return nn.Sequential(nn.Linear(784, 300), nn.Tanh(), twice, nn.Tanh(), twice, nn.Tanh(),
-                             nn.Linear(300, 784)).to(DEV)
-    ref_model, fast_model = shared_net(), shared_net()
-    ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
-    modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
-    assert modes[2:] == ["capture", "replay", "replay", "replay"]
-    assert [lay.name for lay in fast.layers] == ["0", "2", "6"]
-    assert _rel(ref_model, fast_model) < 1e-5
-
-
-def test_graphed_step_of_a_transposed_convolution_decoder_equals_reference():
-    """Transposed convolutions (their matrices copies of the kernels: copied in before each replay, out after
-    it) on the fast path and in the captured whole step, the reference loop's weights to 1e-5."""
-    def decoder():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(784, 16 * 7 * 7), nn.Tanh(), nn.Unflatten(1, (16, 7, 7)),
-                             nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.Tanh(),
-                             nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1), nn.Flatten()).to(DEV)
-    ref_model, fast_model = decoder(), decoder()
-    ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model)
-    modes = _graphed_beside_reference(ref, ref_model, fast, fast_model)
-    assert modes[2:] == ["capture", "replay", "replay", "replay"]
-    assert [lay.name for lay in fast.layers] == ["0", "3", "5"]
+    assert [lay.name for lay in fast.layers] == names
     assert _rel(ref_model, fast_model) < 1e-5
