@@ -46,16 +46,17 @@ def test_unknown_transfer_in_explicit_pairs():
         locoprop.LocoProp(model, layers=[(nn.Tanh(), "tanh")])
 
 
-def test_non_sequential_model_needs_layers():
+def test_a_model_torch_fx_cannot_trace_needs_layers():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.l = nn.Linear(3, 3)
 
         def forward(self, x):
-            return self.l(x)
+            return self.l(x) if x.sum() > 0 else -self.l(x)  # data-dependent control flow
 
-    with pytest.raises(ValueError, match="layers="):
+    with pytest.raises(ValueError, match=r"needs an nn.Sequential or a forward pass torch.fx can trace, and tracing "
+                                         r"Net failed \(TraceError: .*\); pass layers="):
         locoprop.LocoProp(Net())
 
 

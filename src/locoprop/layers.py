@@ -314,6 +314,119 @@ def _matrix_of(module: nn.Module) -> nn.Linear | ConvMatrix:
     return ConvMatrix(module) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else module
 
 
+def _transfer_after(name: str, module: nn.Module, nxt: nn.Module | None) -> Layer:
+    """The layer ``module`` with the module that takes its output alone (``None``: nothing, or several) as its
+    transfer function: linear before another layer, a ``Flatten`` or nothing; ``None`` (no transfer function,
+    which variants that use ``f`` refuse) for a module that is not a monotone activation."""
+    if nxt is None or isinstance(nxt, (*LAYER_MODULES, nn.Flatten, nn.Unflatten)):
+        return Layer(name, _matrix_of(module), LinearTransfer(), None, "none")
+    _check_not_inplace(name, nxt)
+    transfer = transfer_from_module(nxt)
+    return Layer(name, _matrix_of(module), transfer, nxt if transfer is not None else None, type(nxt).__name__)
+
+
+def _sequential_occurrences(model: nn.Sequential) -> list[tuple[nn.Module, Layer]]:
+    """Each layer module of the (flattened) ``nn.Sequential`` with the module right after it."""
+    flat = _flatten_sequential(model, "")
+    return [(mod, _transfer_after(name, mod, flat[i + 1][1] if i + 1 < len(flat) else None))
+            for i, (name, mod) in enumerate(flat) if isinstance(mod, LAYER_MODULES)]
+
+
+#: Functions (and tensor methods) of a monotone activation, with their transfer function from the call's
+#: arguments; and those of activations that are not monotone (no transfer function: refused where one is needed).
+_MONOTONE_FUNCTIONS = {
+    "tanh": lambda a: get_transfer("tanh"), "sigmoid": lambda a: get_transfer("sigmoid"),
+    "relu": lambda a: get_transfer("relu"), "relu6": lambda a: get_transfer("relu6"),
+    "leaky_relu": lambda a: transfer_from_module(nn.LeakyReLU(a.get("negative_slope", 0.01))),
+    "elu": lambda a: transfer_from_module(nn.ELU(a.get("alpha", 1.0))),
+    "celu": lambda a: transfer_from_module(nn.CELU(a.get("alpha", 1.0))),
+    "selu": lambda a: get_transfer("selu"),
+    "softplus": lambda a: transfer_from_module(nn.Softplus(a.get("beta", 1.0))),
+    "hardtanh": lambda a: transfer_from_module(nn.Hardtanh(a.get("min_val", -1.0), a.get("max_val", 1.0))),
+    "hardsigmoid": lambda a: get_transfer("hardsigmoid"), "softsign": lambda a: get_transfer("softsign"),
+    "logsigmoid": lambda a: get_transfer("logsigmoid"),
+    "softmax": lambda a: get_transfer("softmax") if a.get("dim", -1) in (-1, 1, None) else None,
+}
+_NON_MONOTONE_FUNCTIONS = ("gelu", "silu", "mish", "hardswish")
+
+
+def _call_arguments(node) -> dict:
+    """A traced call's arguments by name, where its signature can be read (keywords only otherwise)."""
+    import inspect
+
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        return dict(bound.arguments)
+    except (TypeError, ValueError):
+        return dict(node.kwargs)
+
+
+def _function_transfer(name: str, node) -> tuple[TransferFunction | None, str] | None:
+    """The transfer function of a traced activation call (``torch.tanh``, ``F.elu``, ``x.relu()``) consuming a
+    layer's output, ``(None, desc)`` for a non-monotone activation, ``None`` for any other call."""
+    kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    inplace = kind.endswith("_") and not kind.endswith("__")
+    kind = kind.rstrip("_")
+    if kind not in _MONOTONE_FUNCTIONS and kind not in _NON_MONOTONE_FUNCTIONS:
+        return None
+    args = {} if node.op == "call_method" else _call_arguments(node)
+    if inplace or args.get("inplace"):
+        raise ValueError(f"layer {name!r}: the activation {kind}(inplace=True) overwrites the pre-activation "
+                         "LocoProp needs; use the out-of-place call")
+    if kind in _NON_MONOTONE_FUNCTIONS:
+        return None, kind
+    return _MONOTONE_FUNCTIONS[kind](args), kind
+
+
+def _traced_occurrences(model: nn.Module) -> list[tuple[nn.Module, Layer]]:
+    """Each call of a layer module in ``model``'s forward pass, as ``torch.fx`` traces it, with what takes its
+    output: the module or activation function that alone consumes it (``_transfer_after``; a monotone function
+    such as ``torch.tanh`` too), else linear (several consumers, a residual sum, a reshape)."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # data-dependent control flow, an untraceable call, ...
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        raise ValueError(f"model: layer discovery needs an nn.Sequential or a forward pass torch.fx can trace, and "
+                         f"tracing {type(model).__name__} failed ({reason[:300]}); pass "
+                         "layers=[(model.linear1, 'tanh'), ...]") from None
+    modules = dict(model.named_modules())
+    out = []
+    for node in graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(module, LAYER_MODULES):
+            continue
+        users = list(node.users)
+        user = users[0] if len(users) == 1 else None
+        if user is not None and user.op == "call_module":
+            out.append((module, _transfer_after(node.target, module, modules[user.target])))
+            continue
+        called = _function_transfer(node.target, user) if user is not None and user.op in (
+            "call_function", "call_method") else None
+        if called is None:
+            out.append((module, _transfer_after(node.target, module, None)))
+        else:
+            transfer, kind = called
+            out.append((module, Layer(node.target, _matrix_of(module), transfer, None, kind)))
+    return out
+
+
+def _merge_repeated(occurrences: list[tuple[nn.Module, Layer]], where: str) -> list[Layer]:
+    """One layer per module: a module that occurs again (shared weights) is one layer called again, and must be
+    followed by the same transfer function each time."""
+    first: dict[int, Layer] = {}
+    for mod, lay in occurrences:
+        if id(mod) not in first:
+            first[id(mod)] = lay
+        elif repr(first[id(mod)].transfer) != repr(lay.transfer):
+            raise ValueError(f"layer {first[id(mod)].name!r} appears again in the {where}, followed by "
+                             f"{lay.transfer_desc} where it was followed by {first[id(mod)].transfer_desc}; a shared "
+                             "layer's local problem takes one transfer function (pass layers=[(module, transfer), "
+                             "...])")
+    return list(first.values())
+
+
 def discover_layers(
     model: nn.Module,
     layers: Sequence[tuple[nn.Module, object]] | None = None,
@@ -331,8 +444,17 @@ def discover_layers(
             (:data:`~locoprop.transfer.MONOTONE_MODULES`: Tanh, ReLU, Sigmoid,
             Softplus, ELU, Hardtanh, SELU, ...), is its transfer function; a Linear
             followed by another Linear (or nothing) is linear.  A module
-            listed twice (shared weights) is one layer, called twice.
-        layers: for any other model, the explicit ``(linear_module, transfer)``
+            listed twice (shared weights) is one layer, called twice.  Any
+            other model is traced with ``torch.fx``: each call of a layer
+            module pairs with what alone consumes its output, by the same
+            rule, an activation function (``torch.tanh``, ``F.elu(x,
+            alpha)``, ``x.relu()``) counting as its module; a layer whose
+            output goes to several places or into any other call (a residual
+            sum, a reshape) is linear.  Linear layers inside custom blocks of
+            an ``nn.Sequential`` are not searched (they get ``.grad`` for
+            another optimizer, with a warning): trace the model by wrapping it
+            in a module of your own, or pass ``layers``.
+        layers: the explicit ``(linear_module, transfer)``
             pairs, ``transfer`` a name (``"tanh"``), a
             :class:`~locoprop.transfer.TransferFunction` or an activation module.
         output_transfer: the transfer function of the last layer implied by the
@@ -342,9 +464,10 @@ def discover_layers(
 
     Raises:
         ValueError: no Linear layer, a module that is not ``nn.Linear``, a
-            Linear listed twice in ``layers`` (or in an ``nn.Sequential``
-            followed by different transfer functions), or an unknown transfer
-            name.
+            Linear listed twice in ``layers`` (or in an ``nn.Sequential`` or
+            the traced forward pass followed by different transfer functions),
+            a model that is neither an ``nn.Sequential`` nor traceable, an
+            in-place activation, or an unknown transfer name.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("model: a DistributedDataParallel model; LocoProp runs its own backward pass (to the "
@@ -373,33 +496,9 @@ def discover_layers(
             found.append(Layer(name, _matrix_of(lin), transfer, module,
                                type(spec).__name__ if module else str(spec)))
     elif isinstance(model, nn.Sequential):
-        flat = _flatten_sequential(model, "")
-        first: dict[int, Layer] = {}  # a module listed again (shared weights) is one layer, called again
-        for i, (name, mod) in enumerate(flat):
-            if not isinstance(mod, LAYER_MODULES):
-                continue
-            nxt_name, nxt = flat[i + 1] if i + 1 < len(flat) else (None, None)
-            if nxt is None or isinstance(nxt, (*LAYER_MODULES, nn.Flatten)):  # nothing in between: linear
-                lay = Layer(name, _matrix_of(mod), LinearTransfer(), None, "none")
-            else:
-                _check_not_inplace(name, nxt)
-                transfer = transfer_from_module(nxt)
-                lay = Layer(name, _matrix_of(mod), transfer, nxt if transfer is not None else None,
-                            type(nxt).__name__)
-            if id(mod) in first:
-                if repr(first[id(mod)].transfer) != repr(lay.transfer):
-                    raise ValueError(f"layer {first[id(mod)].name!r} appears again in the nn.Sequential, followed "
-                                     f"by {lay.transfer_desc} where it was followed by "
-                                     f"{first[id(mod)].transfer_desc}; a shared layer's local problem takes one "
-                                     "transfer function (pass layers=[(module, transfer), ...])")
-                continue
-            first[id(mod)] = lay
-            found.append(lay)
+        found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
     else:
-        raise ValueError(
-            f"model: layer discovery needs an nn.Sequential; for a {type(model).__name__} pass "
-            "layers=[(model.linear1, 'tanh'), ...]"
-        )
+        found = _merge_repeated(_traced_occurrences(model), "traced forward pass")
     if not found:
         raise ValueError(f"model: no nn.Linear or convolution layer found in {type(model).__name__}; "
                          "LocoProp updates those layers")

@@ -68,8 +68,10 @@ class LocoProp(Optimizer):
     Args:
         model: the network.  An ``nn.Sequential`` is searched for its
             ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d``
-            layers and the transfer function after each; any other module
-            needs ``layers``.  A convolution's local problem is a Linear
+            layers and the transfer function after each; any other module is
+            traced with ``torch.fx`` to find them (activation functions such as
+            ``torch.tanh`` too), or takes ``layers``
+            (:func:`~locoprop.layers.discover_layers`).  A convolution's local problem is a Linear
             layer's on its input patches, one row per example and output
             position (:class:`~locoprop.layers.ConvMatrix`; a transposed one's
             on the patches of its spread-out input,

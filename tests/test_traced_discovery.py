@@ -1,0 +1,101 @@
+"""Layer discovery in any model ``torch.fx`` can trace: each layer module with what alone consumes its output
+(an activation module or function), the same steps as the explicit ``layers=`` pairs."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import locoprop
+from conftest import bce_sum_mean
+from test_backprop_identity import assert_close_models
+
+
+class Block(nn.Module):
+    """A residual block: its second layer's output goes into a sum (linear)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.outer = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.outer(F.elu(self.inner(x), alpha=0.5))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(12, 10)
+        self.act = nn.Softplus()
+        self.block = Block(10)
+        self.shared = nn.Linear(10, 10)
+        self.head = nn.Linear(10, 12)
+
+    def forward(self, x):
+        h = self.act(self.embed(x))
+        h = self.block(h)
+        h = torch.tanh(self.shared(h))
+        h = self.shared(h).tanh()  # the same layer again, the same transfer function
+        return self.head(F.leaky_relu(h, 0.2) * 1.0)
+
+
+PAIRS = [("embed", "Softplus", "softplus"), ("block.inner", "elu", "elu"), ("block.outer", "none", "linear"),
+         ("shared", "tanh", "tanh"), ("head", "sigmoid (output_transfer)", "sigmoid")]
+
+
+def test_the_traced_pairs_are_the_activation_after_each_layer():
+    model = Net().double()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid")
+    assert [(lay.name, lay.transfer_desc, lay.transfer.name) for lay in opt.layers] == PAIRS
+    assert opt.layers[1].transfer.beta == 0.5
+    assert opt.layers[0].transfer_module is model.act  # a module's output is captured for post-activations
+
+
+@pytest.mark.parametrize("variant", ["M", "post-S", "S"])
+def test_traced_discovery_takes_the_steps_of_the_explicit_pairs(variant):
+    x = torch.rand(16, 12, dtype=torch.float64)
+    models = [Net().double() for _ in range(2)]
+    m = models[1]
+    explicit = [(m.embed, m.act), (m.block.inner, locoprop.transfer.ELU(0.5)), (m.block.outer, "linear"),
+                (m.shared, "tanh"), (m.head, "sigmoid")]
+    opts = [locoprop.LocoProp(models[0], variant, lr=1e-2, local_steps=4, output_transfer="sigmoid"),
+            locoprop.LocoProp(m, variant, lr=1e-2, local_steps=4, layers=explicit)]
+    start = copy.deepcopy(models[0])
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            opt.step(lambda model=model: bce_sum_mean(model(x), x))
+    assert_close_models(models[0], models[1], rtol=1e-14)
+    assert not torch.equal(models[0].embed.weight, start.embed.weight)
+
+
+def test_traced_discovery_refuses_what_it_cannot_pair():
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(F.gelu(self.a(x)))
+
+    with pytest.raises(ValueError, match=r"layer 'a': the module after it \(gelu\) is not a monotone transfer"):
+        locoprop.LocoProp(Gelu(), output_transfer="linear")
+    assert [lay.transfer for lay in locoprop.LocoProp(Gelu(), "S", output_transfer="linear").layers][0] is None
+
+    class InPlace(Gelu):
+        def forward(self, x):
+            return self.b(F.relu(self.a(x), inplace=True))
+
+    with pytest.raises(ValueError, match=r"layer 'a': the activation relu\(inplace=True\) overwrites"):
+        locoprop.LocoProp(InPlace(), output_transfer="linear")
+
+    class Twice(Gelu):
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.a(torch.tanh(self.a(x)))))
+
+    with pytest.raises(ValueError, match="layer 'a' appears again in the traced forward pass, followed by sigmoid "
+                                         "where it was followed by tanh"):
+        locoprop.LocoProp(Twice(), output_transfer="linear")
