@@ -41,11 +41,24 @@ SETTINGS = {
 }
 
 
-def conv_autoencoder(seed: int = 0) -> nn.Sequential:
+#: The decoders after the code of 30: fully connected (the first results), or the encoder mirrored by transposed
+#: convolutions (:class:`locoprop.layers.ConvTransposeMatrix`), with what the README says of each.
+DECODERS = {
+    "linear": ("a fully connected decoder (tanh)",
+               lambda: [nn.Linear(30, 1568), nn.Tanh(), nn.Linear(1568, 784)]),
+    "transposed": ("a decoder mirroring the encoder with transposed convolutions (30 -> 32 x 7 x 7, tanh, "
+                   "5x5 stride 2 to 16 x 14 x 14, tanh, 5x5 stride 2 to 1 x 28 x 28)",
+                   lambda: [nn.Linear(30, 1568), nn.Tanh(), nn.Unflatten(1, (32, 7, 7)),
+                            nn.ConvTranspose2d(32, 16, 5, stride=2, padding=2, output_padding=1), nn.Tanh(),
+                            nn.ConvTranspose2d(16, 1, 5, stride=2, padding=2, output_padding=1), nn.Flatten()]),
+}
+
+
+def conv_autoencoder(seed: int = 0, decoder: str = "linear") -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.Tanh(),
                          nn.Conv2d(16, 32, 5, stride=2, padding=2), nn.Tanh(), nn.Flatten(), nn.Linear(1568, 30),
-                         nn.Linear(30, 1568), nn.Tanh(), nn.Linear(1568, 784))
+                         *DECODERS[decoder][1]())
 
 
 def mean_loss(model: nn.Module, images: torch.Tensor) -> float:
@@ -54,8 +67,8 @@ def mean_loss(model: nn.Module, images: torch.Tensor) -> float:
         return evaluate(model, images)
 
 
-def train(name: str, lr: float, data, epochs: int, batch: int, seed: int) -> list[dict]:
-    model = conv_autoencoder(seed)
+def train(name: str, lr: float, data, epochs: int, batch: int, seed: int, decoder: str = "linear") -> list[dict]:
+    model = conv_autoencoder(seed, decoder)
     opt = build_optimizer(name, model, AutoencoderLoss(), lr=lr, **SETTINGS[name])
     order = torch.Generator().manual_seed(seed)
     records, wall = [], 0.0
@@ -106,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", nargs="+", metavar="OPTIMIZER:LR",
                     default=["rmsprop:3e-4", "rmsprop:1e-3", "rmsprop:3e-3", "adam:1e-3", "adam:3e-3",
                              "locoprop-m:3e-6", "locoprop-m:1e-5", "locoprop-m:3e-5"])
+    ap.add_argument("--decoder", choices=sorted(DECODERS), default="linear",
+                    help="the decoder after the code: fully connected, or transposed convolutions")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs --out already holds (same epochs) and train only the others")
@@ -122,13 +137,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset("mnist", args.data_dir, limit_train=args.limit_train)
     meta = {
-        "title": "LocoProp-M on convolution layers: a convolutional autoencoder on MNIST (CPU)",
+        "title": "LocoProp-M on convolution layers: a convolutional autoencoder on MNIST (CPU)" + (
+            ", transposed-convolution decoder" if args.decoder == "transposed" else ""),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.date.today().isoformat(),
         "machine": f"CPU {_processor()} ({platform.machine()}), {args.threads} threads",
         "torch": torch.__version__, "epochs": args.epochs, "train_examples": len(data.train),
         "batch_size": args.batch_size, "data": data.describe(),
-        "about": __doc__.split("\n\n")[1].replace("\n", " "),
+        "about": __doc__.split("\n\n")[1].replace("\n", " ").replace(DECODERS["linear"][0],
+                                                                       DECODERS[args.decoder][0]),
     }
     records: list[dict] = []
     if args.resume and Path(args.out).exists():
@@ -143,7 +160,7 @@ def main(argv=None) -> None:
         if (name, lr) in done:
             continue
         records = [r for r in records if (r["optimizer"], r["lr"]) != (name, lr)]  # an unfinished run: again
-        records += train(name, lr, data, args.epochs, args.batch_size, args.seed)
+        records += train(name, lr, data, args.epochs, args.batch_size, args.seed, args.decoder)
         write_records(args.out, meta, records, readme)  # after every run: a stopped job keeps what it did
 
 
