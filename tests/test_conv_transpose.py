@@ -96,7 +96,7 @@ def test_a_stride_one_transposed_convolution_steps_as_the_convolution_it_is(vari
 
 
 def _as_matrix(kernel):
-    return kernel.transpose(0, 1).reshape(kernel.shape[1], -1)
+    return kernel.flip(2, 3).transpose(0, 1).reshape(kernel.shape[1], -1)
 
 
 def test_the_kernel_follows_its_matrix_state_round_trips_and_a_failed_step_changes_nothing():

@@ -100,9 +100,9 @@ class ConvTransposeMatrix(ConvMatrix):
     zeros inserted between neighbours and ``d(k - 1) - p`` zeros around it
     (``output_padding`` more at the end), by the kernel with input and output
     channels swapped and flipped.  So its rows are the patches of that
-    spread-out input, their kernel offsets reversed, and its matrix is
-    ``W[i, o, a, b]`` at row ``o``, column ``(i, a, b)``.  The kernel's memory
-    (``(C_in, C_out, kh, kw)``) holds that matrix only as a permutation, so
+    spread-out input, and its matrix is ``W[i, o, kh-1-a, kw-1-b]`` at row
+    ``o``, column ``(i, a, b)``.  The kernel's memory
+    (``(C_in, C_out, kh, kw)``) holds that matrix only permuted and reversed, so
     ``weight`` is a parameter of its own: the kernel is copied into it before
     each step (:meth:`sync`) and back after a step that succeeded
     (:meth:`commit`), and the inner optimizer's state lives on it.  Only
@@ -118,8 +118,13 @@ class ConvTransposeMatrix(ConvMatrix):
             else conv.weight
         self.bias = conv.bias
 
+    def _offsets(self) -> tuple[int, ...]:
+        """The kernel's offset dimensions (2, 3 for a 2-d one), reversed between kernel and matrix."""
+        return tuple(range(2, 2 + self.dims))
+
     def _matrix(self) -> torch.Tensor:
-        return self.conv.weight.detach().transpose(0, 1).reshape(self.out_features, self.in_features).clone()
+        kernel = self.conv.weight.detach().flip(self._offsets())
+        return kernel.transpose(0, 1).reshape(self.out_features, self.in_features)
 
     def sync(self) -> None:
         """The kernel's current values into the matrix (where ``model.to(...)`` moved the kernel, a new one on
@@ -129,15 +134,14 @@ class ConvTransposeMatrix(ConvMatrix):
             self.weight.data = self._matrix()
         else:
             with torch.no_grad():
-                self.weight.view(self.out_features, *kernel.shape[:1], *kernel.shape[2:]).copy_(
-                    kernel.detach().transpose(0, 1))
+                self.weight.copy_(self._matrix())
 
     def commit(self) -> None:
         """The matrix's new values into the kernel."""
         kernel = self.conv.weight
         with torch.no_grad():
-            kernel.copy_(self.weight.detach().view(self.out_features, *kernel.shape[:1], *kernel.shape[2:])
-                         .transpose(0, 1))
+            shape = (self.out_features, kernel.shape[0], *kernel.shape[2:])
+            kernel.copy_(self.weight.detach().view(shape).transpose(0, 1).flip(self._offsets()))
 
     def rows(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
         """The patches of the spread-out input as rows, ``(b·positions, C_in·kh·kw)``, kernel offsets reversed.
@@ -161,8 +165,7 @@ class ConvTransposeMatrix(ConvMatrix):
         grid = x.new_zeros(*x.shape[:2], *(n + 2 * e + a for n, e, a in zip(spread, border, extra)))
         grid[:, :, border[0]:border[0] + spread[0]:stride[0], border[1]:border[1] + spread[1]:stride[1]] = x
         patches = Fn.unfold(grid, kernel, dilation, 0, 1)  # (b, C_in·kh·kw, positions)
-        patches = patches.view(*x.shape[:2], *kernel, patches.shape[-1]).flip(2, 3)
-        return patches.movedim(-1, 1).reshape(-1, self.in_features)
+        return patches.transpose(1, 2).reshape(-1, self.in_features)
 
 
 @dataclass
