@@ -362,9 +362,10 @@ class LocoProp(Optimizer):
             gs = torch.autograd.grad(sampled, [c.pre for c in calls], allow_unused=True)
             for c, g in zip(calls, gs):
                 c.grad_pre_sampled = torch.zeros_like(c.pre) if g is None else g
-        for b, cs in zip(batches, per_layer):  # as rows (leading dimensions, a convolution's positions),
-            dtype = b.layer.linear.weight.dtype  # detached; in the weights' dtype (under torch.autocast the
-            # passes produce bfloat16, float16)
+        # as rows (leading dimensions, a convolution's positions), detached, in the weights' dtype (under
+        # torch.autocast the passes produce bfloat16, float16)
+        for b, cs in zip(batches, per_layer):
+            dtype = b.layer.linear.weight.dtype
 
             def local(t, layer=b.layer):
                 return layer.output_rows(t.detach()).to(dtype)
