@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import locoprop
@@ -75,6 +76,75 @@ def test_one_local_sgd_iteration_on_convolutions_is_backprop(variant):
     assert_close_models(model, expected, rtol=1e-10)
 
 
+def _grouped_convnet():
+    """A convolution of 2 groups (4 -> 6 channels) and a depthwise one (6 groups), a bias-free one among them."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 6, 3, groups=2, padding=1),
+                         nn.Softplus(), nn.Conv2d(6, 6, 3, groups=6, stride=2, bias=False), nn.ELU(0.5), nn.Flatten(),
+                         nn.Linear(6 * 2 * 2, C * H * W)).double()
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("variant", ["S", "M", "post-S", "poco-M"])
+def test_one_local_sgd_iteration_on_grouped_convolutions_is_backprop(variant, backend):
+    """A convolution of G groups is G layers (each group's input channels to its output channels, its slice of
+    the kernel and bias); one local SGD iteration is still BackProp's step."""
+    model, x = _grouped_convnet(), _images()
+    expected = backprop_step(model, lambda m: _loss(m, x), ETA * GAMMA)
+    opt = locoprop.LocoProp(model, variant=variant, lr=ETA, activation_lr=GAMMA, local_steps=1, inner="sgd",
+                            output_transfer="sigmoid", backend=backend)
+    assert [lay.name for lay in opt.layers] == ["0", "2[0]", "2[1]", *(f"4[{g}]" for g in range(6)), "7"]
+    before = copy.deepcopy(model)
+    opt.step(lambda: _loss(model, x))
+    assert_changed(model, before)
+    assert_close_models(model, expected, rtol=1e-10)
+
+
+class _SplitGroups(nn.Module):
+    """The grouped convolution of :func:`_grouped_convnet` as two convolutions, each on its channels."""
+
+    def __init__(self, grouped: nn.Sequential):
+        super().__init__()
+        self.first, self.last = grouped[0], grouped[7]
+        self.halves = nn.ModuleList(nn.Conv2d(2, 3, 3, padding=1) for _ in range(2))
+        self.depthwise = nn.ModuleList(nn.Conv2d(1, 1, 3, stride=2, bias=False) for _ in range(6))
+        with torch.no_grad():
+            for g, conv in enumerate(self.halves):
+                conv.weight.copy_(grouped[2].weight[3 * g:3 * g + 3])
+                conv.bias.copy_(grouped[2].bias[3 * g:3 * g + 3])
+            for g, conv in enumerate(self.depthwise):
+                conv.weight.copy_(grouped[4].weight[g:g + 1])
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        h = torch.cat([F.softplus(conv(h[:, 2 * g:2 * g + 2])) for g, conv in enumerate(self.halves)], 1)
+        h = torch.cat([F.elu(conv(h[:, g:g + 1]), 0.5) for g, conv in enumerate(self.depthwise)], 1)
+        return self.last(h.flatten(1))
+
+
+@pytest.mark.parametrize("variant, backend", [("M", "reference"), ("M", "fused"), ("S", "fused"),
+                                              ("S-closed", "auto")])
+def test_a_grouped_convolution_steps_as_its_groups_as_separate_convolutions(variant, backend):
+    """The grouped model and the same map written as one convolution per group (traced: each group's layer
+    with its activation function) take the same steps (float64, 3 steps of T = 4)."""
+    grouped = _grouped_convnet()
+    split = _SplitGroups(copy.deepcopy(grouped)).double()
+    steps_side_by_side((grouped, split), [_images(seed=seed) for seed in range(3)], _loss, variant=variant,
+                       lr=1e-2, local_steps=4, output_transfer="sigmoid", backend=backend)
+    for g, conv in enumerate(split.halves):
+        torch.testing.assert_close(grouped[2].weight[3 * g:3 * g + 3], conv.weight, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(grouped[2].bias[3 * g:3 * g + 3], conv.bias, rtol=1e-10, atol=1e-13)
+    for g, conv in enumerate(split.depthwise):
+        torch.testing.assert_close(grouped[4].weight[g:g + 1], conv.weight, rtol=1e-10, atol=1e-13)
+    assert not torch.equal(grouped[4].weight, _grouped_convnet()[4].weight)
+
+
+def test_a_grouped_convolution_before_a_softmax_over_channels_is_refused():
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, groups=1), nn.Tanh(), nn.Conv2d(4, 4, 1, groups=2), nn.Softmax(dim=1))
+    with pytest.raises(ValueError, match=r"layer '2': a convolution with groups=2 followed by Softmax"):
+        locoprop.LocoProp(model)
+
+
 def test_the_fast_solver_on_convolutions_equals_the_reference_loop():
     runs = []
     for backend in ("reference", "fused"):
@@ -113,8 +183,7 @@ def test_the_kernel_moves_with_its_matrix_also_in_a_copy_and_after_a_change_of_d
 
 
 def test_convolutions_it_cannot_solve_are_refused_by_name_and_a_frozen_one_is_left_alone():
-    for conv, match in [(nn.Conv2d(C, 4, 3, groups=2), "groups=2"),
-                        (nn.Conv2d(C, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+    for conv, match in [(nn.Conv2d(C, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
                         (nn.Conv2d(C, 4, 2, padding="same"), "padding='same' and an even kernel")]:
         model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
         with pytest.raises(ValueError, match=f"layer '0': .*{match}"):

@@ -63,12 +63,22 @@ CASES = {
     # the step on every rank
     "data-M-tconv": ("data", "M", dict(local_steps=3, tconv=True)),
     "layers-M-tconv": ("layers", "M", dict(local_steps=3, tconv=True)),
+    # a convolution of 2 groups: two layers of one module, whose output both read
+    "data-post-S-groups": ("data", "post-S", dict(local_steps=3, groups=True)),
+    "layers-S-groups": ("layers", "S", dict(local_steps=3, groups=True)),
 }
 
 
+#: The cases' keywords that choose the model, not LocoProp's arguments.
+SHAPES = ("input_norm", "conv", "seq", "shared", "tconv", "groups")
+
+
 def _model(input_norm: bool = False, conv: bool = False, seq: bool = False, shared: bool = False,
-           tconv: bool = False) -> nn.Sequential:
+           tconv: bool = False, groups: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
+    if groups:
+        return nn.Sequential(nn.Unflatten(1, (2, 2, 3)), nn.Conv2d(2, 4, 2, groups=2, padding=1), nn.Tanh(),
+                             nn.Flatten(), nn.Linear(4 * 3 * 4, WIDTHS[-1])).double()
     if tconv:
         return nn.Sequential(nn.Unflatten(1, (3, 2, 2)), nn.ConvTranspose2d(3, 2, 2, stride=2), nn.Tanh(),
                              nn.ConvTranspose2d(2, 2, 3, padding=1), nn.Softplus(), nn.Flatten(),
@@ -109,7 +119,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     mode, variant, kw = CASES[name]
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
-    model = _model(**{k: kw.pop(k) for k in ("input_norm", "conv", "seq", "shared", "tconv") if k in kw})
+    model = _model(**{k: kw.pop(k) for k in SHAPES if k in kw})
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -271,7 +281,7 @@ def _check_match(world: int, tmp_path: Path) -> None:
         assert all((got["solver"] == "fused") == fused for got in ranks), (name, [g["solver"] for g in ranks])
         # the updates moved the weights: the comparison is not vacuous
         extra = CASES[name][2]
-        shape = {k: v for k, v in extra.items() if k in ("input_norm", "conv", "seq", "shared", "tconv")}
+        shape = {k: v for k, v in extra.items() if k in SHAPES}
         before = torch.cat([p.detach().reshape(-1) for p in _model(**shape).parameters()])
         assert _rel(torch.cat([w.reshape(-1) for w in want]), before) > 1e-2, name
 

@@ -35,17 +35,33 @@ class ConvMatrix:
     ``(C_out, C_in·kh·kw)`` matrix.  ``weight`` is that matrix, a parameter of
     its own sharing the kernel's storage (the local solve and the inner
     optimizer update it in place, so the kernel moves with it); ``bias`` is the
-    convolution's.  Only ``groups=1`` and zero padding (a local problem per
-    group is not implemented).
+    convolution's.  Only zero padding.
+
+    A convolution of ``groups=G`` maps each group of ``C_in/G`` input channels
+    to its ``C_out/G`` output channels alone: ``G`` independent linear maps,
+    so ``G`` layers (``group`` ``g``), each with the patches of its input
+    channels as rows, its output channels as the pre-activation, and its
+    slice of the kernel (and bias) as matrix, sharing their storage.
     """
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d) -> None:
-        self.conv = conv
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, group: int = 0) -> None:
+        self.conv, self.group = conv, group
         self.dims = 1 if isinstance(conv, nn.Conv1d) else 2
-        self.out_features, self.in_features = conv.out_channels, conv.weight[0].numel()
-        self.weight = nn.Parameter(conv.weight.detach().view(self.out_features, -1),
-                                   requires_grad=conv.weight.requires_grad)
-        self.bias = conv.bias
+        self.out_features, self.in_features = conv.out_channels // conv.groups, conv.weight[0].numel()
+        self.weight = nn.Parameter(self._kernel_part(), requires_grad=conv.weight.requires_grad)
+        self.bias = conv.bias if conv.groups == 1 or conv.bias is None else nn.Parameter(
+            self._bias_part(), requires_grad=conv.bias.requires_grad)
+
+    def _outputs(self) -> slice:
+        """This group's output channels."""
+        return slice(self.group * self.out_features, (self.group + 1) * self.out_features)
+
+    def _kernel_part(self) -> torch.Tensor:
+        """The group's rows of the kernel as its matrix, a view of the kernel's storage."""
+        return self.conv.weight.detach()[self._outputs()].view(self.out_features, -1)
+
+    def _bias_part(self) -> torch.Tensor:
+        return self.conv.bias.detach()[self._outputs()]
 
     def _as_2d(self, values, height: int) -> tuple[int, ...]:
         """A 1-d convolution's kernel size, stride, dilation or padding as a 2-d one's, over an input of height
@@ -63,10 +79,13 @@ class ConvMatrix:
 
     def sync(self) -> None:
         """Share the kernel's storage again where it moved (``model.to(...)``, a copy of the model)."""
-        kernel = self.conv.weight
-        if self.weight.data_ptr() != kernel.data_ptr() or self.weight.device != kernel.device \
-                or self.weight.dtype != kernel.dtype:
-            self.weight.data = kernel.detach().view(self.out_features, -1)
+        for mine, part in ((self.weight, self._kernel_part),
+                           (self.bias if self.conv.groups > 1 and self.bias is not None else None, self._bias_part)):
+            if mine is None:
+                continue
+            view = part()
+            if mine.data_ptr() != view.data_ptr() or mine.device != view.device or mine.dtype != view.dtype:
+                mine.data = view
 
     def commit(self) -> None:
         """After a step: nothing to do, the kernel shares the matrix's storage."""
@@ -78,6 +97,9 @@ class ConvMatrix:
             x = x.unsqueeze(0)
         if self.dims == 1:
             x = x.unsqueeze(2)
+        if conv.groups > 1:
+            channels = conv.in_channels // conv.groups
+            x = x[:, self.group * channels:(self.group + 1) * channels]
         patches = Fn.unfold(x, self._as_2d(conv.kernel_size, 1), self._as_2d(conv.dilation, 1),
                             self._as_2d(self.padding(), 0), self._as_2d(conv.stride, 1))
         return patches.transpose(1, 2).reshape(-1, self.in_features)
@@ -85,6 +107,8 @@ class ConvMatrix:
     def output_rows(self, t: torch.Tensor) -> torch.Tensor:
         """The output ``(b, C_out, *positions)`` (or unbatched) as rows, ``(b·positions, C_out)``."""
         t = t.unsqueeze(0) if t.dim() == self.dims + 1 else t
+        if self.conv.groups > 1:
+            t = t[:, self._outputs()]
         return t.movedim(1, -1).reshape(-1, self.out_features)
 
     def rows_per_example(self, output: torch.Tensor) -> int:
@@ -110,7 +134,7 @@ class ConvTransposeMatrix(ConvMatrix):
     """
 
     def __init__(self, conv: nn.ConvTranspose1d | nn.ConvTranspose2d) -> None:
-        self.conv = conv
+        self.conv, self.group = conv, 0
         self.dims = 1 if isinstance(conv, nn.ConvTranspose1d) else 2
         self.out_features, self.in_features = conv.out_channels, conv.in_channels * math.prod(conv.kernel_size)
         # (groups > 1 has no such matrix: check_solvable_layers refuses it by name)
@@ -510,6 +534,7 @@ def discover_layers(
         if id(lay.module) in seen:
             raise ValueError(f"layer {lay.name!r} is listed twice")
         seen.add(id(lay.module))
+    found = [part for lay in found for part in _group_layers(lay)]
     if output_transfer is not None:
         last = found[-1]
         try:
@@ -519,6 +544,20 @@ def discover_layers(
         last.transfer_module = None  # the transfer lives inside the loss
         last.transfer_desc = f"{output_transfer} (output_transfer)"
     return found
+
+
+def _group_layers(lay: Layer) -> list[Layer]:
+    """A convolution of ``groups=G > 1`` as its ``G`` layers (``name[g]``, :class:`ConvMatrix` ``group=g``), each
+    with the layer's transfer function; any other layer as itself."""
+    module = lay.module
+    if not isinstance(lay.linear, ConvMatrix) or isinstance(lay.linear, ConvTransposeMatrix) or module.groups == 1:
+        return [lay]
+    if lay.transfer is not None and not lay.transfer.elementwise:
+        raise ValueError(f"layer {lay.name!r}: a convolution with groups={module.groups} followed by "
+                         f"{lay.transfer_desc}, which mixes the groups' channels; its groups' local problems "
+                         "need an elementwise transfer function")
+    return [Layer(f"{lay.name}[{g}]", ConvMatrix(module, g), lay.transfer, lay.transfer_module, lay.transfer_desc)
+            for g in range(module.groups)]
 
 
 def split_frozen_layers(found: Sequence[Layer], explicit: bool) -> tuple[list[Layer], list[Layer]]:
@@ -562,15 +601,15 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
         ValueError: naming the layer, for a lazy module not yet initialized,
             a subclass of ``nn.Linear`` (or of a
             convolution) with a forward of its own (a LoRA adapter, a quantised
-            layer), a convolution with ``groups > 1`` or padding other than
-            zeros, a
+            layer), a convolution with padding other than zeros, a transposed
+            one with ``groups > 1``, a
             parametrized weight or bias (``weight_norm``, ``spectral_norm``:
             the parameter is computed from others) or one shared with another
             layer (tied weights).
     """
     from torch.nn.utils import parametrize
 
-    owner: dict[int, str] = {}
+    owner: dict[int, tuple[nn.Module, str]] = {}
     for lay in layers:
         module = lay.module
         base = next(kind for kind in LAYER_MODULES if isinstance(module, kind))
@@ -579,10 +618,11 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
                              "of its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
                              "(leave it out of layers=, or freeze it)")
         if base is not nn.Linear:
-            if module.groups != 1 or module.padding_mode != "zeros":
+            transposed = isinstance(lay.linear, ConvTransposeMatrix)  # (a convolution's groups are its layers)
+            if (module.groups != 1 and transposed) or module.padding_mode != "zeros":
                 raise ValueError(f"layer {lay.name!r}: {base.__name__} with groups={module.groups}, padding_mode="
-                                 f"{module.padding_mode!r}; LocoProp's convolution layers take groups=1 and zero "
-                                 "padding (freeze the layer to leave it out)")
+                                 f"{module.padding_mode!r}; LocoProp's convolution layers take zero padding, its "
+                                 "transposed convolutions groups=1 (freeze the layer to leave it out)")
             if isinstance(lay.linear, ConvTransposeMatrix) and any(
                     p > d * (k - 1) for p, d, k in zip(module.padding, module.dilation, module.kernel_size)):
                 raise ValueError(f"layer {lay.name!r}: {base.__name__} with padding={module.padding} above "
@@ -601,10 +641,10 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
                              "parametrization (torch.nn.utils.parametrize.remove_parametrizations) or leave the "
                              "layer out of layers=")
         for which, p in zip(("weight", "bias"), lay.module_params):
-            if id(p) in owner:
-                raise ValueError(f"layer {lay.name!r}: its {which} is also a parameter of layer {owner[id(p)]!r} "
+            if id(p) in owner and owner[id(p)][0] is not module:  # a grouped convolution's layers share a module
+                raise ValueError(f"layer {lay.name!r}: its {which} is also a parameter of layer {owner[id(p)][1]!r} "
                                  "(tied weights); LocoProp solves each layer's local problem for weights of its own")
-            owner[id(p)] = lay.name
+            owner[id(p)] = (module, lay.name)
 
 
 class LayerCapture:
@@ -625,7 +665,7 @@ class LayerCapture:
         self.capture_post = capture_post
         self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
         self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
-        self._by_pre: dict[int, tuple[int, LayerBatch]] = {}
+        self._by_pre: dict[int, list[tuple[int, LayerBatch]]] = {}  # a grouped convolution's layers share one
         self._handles: list = []
 
     def _linear_hook(self, index: int):
@@ -638,15 +678,15 @@ class LayerCapture:
             batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach(), output), pre=output,
                                rows_per_example=layer.rows_per_example(output))
             self.calls[index].append(batch)
-            self._by_pre[id(output)] = (index, batch)
+            self._by_pre.setdefault(id(output), []).append((index, batch))
 
         return hook
 
     @torch.compiler.disable
     def _transfer_hook(self, module, inputs, output):
-        index, batch = self._by_pre.get(id(inputs[0]), (None, None))
-        if index is not None and self.layers[index].transfer_module is module:
-            batch.post = output
+        for index, batch in self._by_pre.get(id(inputs[0]), ()):
+            if self.layers[index].transfer_module is module:
+                batch.post = output
 
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()

@@ -536,6 +536,13 @@ def _convnet():
                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 7 * 7, 784))
 
 
+def _grouped_convnet():
+    """A convolution of 4 groups: four layers reading one output."""
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.Tanh(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=4), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(16 * 7 * 7, 784))
+
+
 def _shared_net():
     """A Linear layer called twice in each forward pass: one local problem over both calls' rows."""
     twice = nn.Linear(300, 300)
@@ -550,9 +557,10 @@ def _transposed_decoder():
                          nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1), nn.Flatten())
 
 
-@pytest.mark.parametrize("build, names", [(_convnet, ["1", "3", "6"]), (_shared_net, ["0", "2", "6"]),
-                                          (_transposed_decoder, ["0", "3", "5"])],
-                         ids=["conv", "shared-layer", "conv-transpose"])
+@pytest.mark.parametrize("build, names", [(_convnet, ["1", "3", "6"]),
+                                          (_grouped_convnet, ["1", "3[0]", "3[1]", "3[2]", "3[3]", "6"]),
+                                          (_shared_net, ["0", "2", "6"]), (_transposed_decoder, ["0", "3", "5"])],
+                         ids=["conv", "grouped-conv", "shared-layer", "conv-transpose"])
 def test_graphed_step_of_other_architectures_equals_reference(build, names):
     """Each architecture (see its builder) on the fast path and in the captured whole step: the reference loop's
     weights to 1e-5 over several steps."""
