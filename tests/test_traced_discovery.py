@@ -2,6 +2,7 @@
 (an activation module or function), the same steps as the explicit ``layers=`` pairs."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -99,3 +100,37 @@ def test_traced_discovery_refuses_what_it_cannot_pair():
     with pytest.raises(ValueError, match="layer 'a' appears again in the traced forward pass, followed by sigmoid "
                                          "where it was followed by tanh"):
         locoprop.LocoProp(Twice(), output_transfer="linear")
+
+
+def test_a_sequential_with_layers_inside_its_blocks_is_traced_and_read_in_order_where_tracing_fails():
+    """The residual block's layers are LocoProp layers too (no warning), the same steps as the explicit pairs;
+    where a block cannot be traced the Sequential is read in order and the block's layers are left to another
+    optimizer, with the warning that says so."""
+    x = torch.rand(16, 12, dtype=torch.float64)
+
+    def model():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(12, 10), nn.Tanh(), Block(10), nn.Linear(10, 12)).double()
+    traced, explicit = model(), model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no parameter left to another optimizer
+        opt = locoprop.LocoProp(traced, lr=1e-2, local_steps=4, output_transfer="sigmoid")
+    assert [(lay.name, lay.transfer.name) for lay in opt.layers] == [
+        ("0", "tanh"), ("2.inner", "elu"), ("2.outer", "linear"), ("3", "sigmoid")]
+    m = explicit
+    twin = locoprop.LocoProp(m, lr=1e-2, local_steps=4, layers=[
+        (m[0], m[1]), (m[2].inner, locoprop.transfer.ELU(0.5)), (m[2].outer, "linear"), (m[3], "sigmoid")])
+    for _ in range(3):
+        opt.step(lambda: bce_sum_mean(traced(x), x))
+        twin.step(lambda: bce_sum_mean(explicit(x), x))
+    assert_close_models(traced, explicit, rtol=1e-14)
+
+    class Branchy(Block):
+        def forward(self, x):
+            return self.outer(x) if x.sum() > 0 else self.inner(x)  # data-dependent: not traceable
+
+    untraceable = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), Branchy(10), nn.Linear(10, 12))
+    with pytest.warns(UserWarning, match=r"left to another optimizer.*\['2.inner.weight', '2.inner.bias', "
+                                         r"'2.outer.weight', '2.outer.bias'\]"):
+        opt = locoprop.LocoProp(untraceable, output_transfer="sigmoid")
+    assert [lay.name for lay in opt.layers] == ["0", "3"]

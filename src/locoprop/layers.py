@@ -352,6 +352,12 @@ def _transfer_after(name: str, module: nn.Module, nxt: nn.Module | None) -> Laye
     return Layer(name, _matrix_of(module), transfer, nxt if transfer is not None else None, type(nxt).__name__)
 
 
+def _has_nested_layers(model: nn.Sequential) -> bool:
+    """Whether a block of the (flattened) ``nn.Sequential`` other than a layer holds layers of its own."""
+    return any(not isinstance(mod, LAYER_MODULES) and any(isinstance(m, LAYER_MODULES) for m in mod.modules())
+               for _, mod in _flatten_sequential(model, ""))
+
+
 def _sequential_occurrences(model: nn.Sequential) -> list[tuple[nn.Module, Layer]]:
     """Each layer module of the (flattened) ``nn.Sequential`` with the module right after it."""
     flat = _flatten_sequential(model, "")
@@ -405,19 +411,20 @@ def _function_transfer(name: str, node) -> tuple[TransferFunction | None, str] |
     return _MONOTONE_FUNCTIONS[kind](args), kind
 
 
-def _traced_occurrences(model: nn.Module) -> list[tuple[nn.Module, Layer]]:
-    """Each call of a layer module in ``model``'s forward pass, as ``torch.fx`` traces it, with what takes its
-    output: the module or activation function that alone consumes it (``_transfer_after``; a monotone function
-    such as ``torch.tanh`` too), else linear (several consumers, a residual sum, a reshape)."""
+def _trace(model: nn.Module):
+    """``model``'s forward pass as a ``torch.fx`` graph, or why it cannot be traced (a string)."""
     import torch.fx
 
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        return torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # data-dependent control flow, an untraceable call, ...
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        raise ValueError(f"model: layer discovery needs an nn.Sequential or a forward pass torch.fx can trace, and "
-                         f"tracing {type(model).__name__} failed ({reason[:300]}); pass "
-                         "layers=[(model.linear1, 'tanh'), ...]") from None
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+
+
+def _traced_occurrences(model: nn.Module, graph) -> list[tuple[nn.Module, Layer]]:
+    """Each call of a layer module in ``model``'s forward pass, as ``torch.fx`` traced it (``graph``), with what
+    takes its output: the module or activation function that alone consumes it (``_transfer_after``; a monotone
+    function such as ``torch.tanh`` too), else linear (several consumers, a residual sum, a reshape)."""
     modules = dict(model.named_modules())
     out = []
     for node in graph.nodes:
@@ -477,10 +484,10 @@ def discover_layers(
             rule, an activation function (``torch.tanh``, ``F.elu(x,
             alpha)``, ``x.relu()``) counting as its module; a layer whose
             output goes to several places or into any other call (a residual
-            sum, a reshape) is linear.  Linear layers inside custom blocks of
-            an ``nn.Sequential`` are not searched (they get ``.grad`` for
-            another optimizer, with a warning): trace the model by wrapping it
-            in a module of your own, or pass ``layers``.
+            sum, a reshape) is linear.  An ``nn.Sequential`` whose blocks hold
+            layers of their own is traced too (where tracing fails, it is
+            read in order and those layers get ``.grad`` for another
+            optimizer, with a warning).
         layers: the explicit ``(linear_module, transfer)``
             pairs, ``transfer`` a name (``"tanh"``), a
             :class:`~locoprop.transfer.TransferFunction` or an activation module.
@@ -522,10 +529,18 @@ def discover_layers(
                 raise ValueError(f"layer {name!r}: {exc}") from None
             found.append(Layer(name, _matrix_of(lin), transfer, module,
                                type(spec).__name__ if module else str(spec)))
-    elif isinstance(model, nn.Sequential):
+    elif isinstance(model, nn.Sequential) and not _has_nested_layers(model):
         found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
-    else:
-        found = _merge_repeated(_traced_occurrences(model), "traced forward pass")
+    else:  # traced; an nn.Sequential with layers inside blocks of its own too, read in order where tracing fails
+        graph = _trace(model)
+        if not isinstance(graph, str):
+            found = _merge_repeated(_traced_occurrences(model, graph), "traced forward pass")
+        elif isinstance(model, nn.Sequential):
+            found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
+        else:
+            raise ValueError(f"model: layer discovery needs an nn.Sequential or a forward pass torch.fx can trace, "
+                             f"and tracing {type(model).__name__} failed ({graph}); pass "
+                             "layers=[(model.linear1, 'tanh'), ...]")
     if not found:
         raise ValueError(f"model: no nn.Linear or convolution layer found in {type(model).__name__}; "
                          "LocoProp updates those layers")
