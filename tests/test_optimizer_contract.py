@@ -276,6 +276,11 @@ def test_a_ddp_model_is_refused_with_the_fix():
         dist.destroy_process_group()
 
 
+def test_a_data_parallel_model_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"nn.DataParallel model; .*copies.*pass model.module.*distributed='data'"):
+        locoprop.LocoProp(torch.nn.DataParallel(small_autoencoder()), output_transfer="sigmoid")
+
+
 def test_a_step_called_under_no_grad_is_the_same_step():
     torch.manual_seed(0)
     x = torch.rand(16, 20, dtype=torch.float64)

@@ -507,6 +507,10 @@ def discover_layers(
         raise ValueError("model: a DistributedDataParallel model; LocoProp runs its own backward pass (to the "
                          "layers' pre-activations), which DDP does not reduce: pass model.module, with "
                          "LocoProp(..., distributed='data') for exact data parallelism (or 'layers')")
+    if isinstance(model, nn.DataParallel):
+        raise ValueError("model: an nn.DataParallel model; its forward pass runs on copies of the layers made for "
+                         "each GPU, which LocoProp's hooks on the layers never see: pass model.module, with "
+                         "LocoProp(..., distributed='data') on torch.distributed for data parallelism")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model): the same modules
         model = model._orig_mod
     names = {id(m): n for n, m in model.named_modules()}
