@@ -509,8 +509,9 @@ def discover_layers(
                          "LocoProp(..., distributed='data') for exact data parallelism (or 'layers')")
     if isinstance(model, nn.DataParallel):
         raise ValueError("model: an nn.DataParallel model; its forward pass runs on copies of the layers made for "
-                         "each GPU, which LocoProp's hooks on the layers never see: pass model.module, with "
-                         "LocoProp(..., distributed='data') on torch.distributed for data parallelism")
+                         "each GPU, each on its own device, where LocoProp solves each layer on the layer's own: "
+                         "pass model.module, with LocoProp(..., distributed='data') on torch.distributed for data "
+                         "parallelism")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model): the same modules
         model = model._orig_mod
     names = {id(m): n for n, m in model.named_modules()}
