@@ -534,13 +534,14 @@ def discover_layers(
                 raise ValueError(f"layer {name!r}: {exc}") from None
             found.append(Layer(name, _matrix_of(lin), transfer, module,
                                type(spec).__name__ if module else str(spec)))
-    elif isinstance(model, nn.Sequential) and not _has_nested_layers(model):
-        found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
-    else:  # traced; an nn.Sequential with layers inside blocks of its own too, read in order where tracing fails
-        graph = _trace(model)
-        if not isinstance(graph, str):
+    else:
+        # traced: any model but an nn.Sequential of plain layers and activations; an nn.Sequential is read in
+        # order where it need not be traced or tracing fails
+        sequential = isinstance(model, nn.Sequential)
+        graph = _trace(model) if not sequential or _has_nested_layers(model) else None
+        if graph is not None and not isinstance(graph, str):
             found = _merge_repeated(_traced_occurrences(model, graph), "traced forward pass")
-        elif isinstance(model, nn.Sequential):
+        elif sequential:
             found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
         else:
             raise ValueError(f"model: layer discovery needs an nn.Sequential or a forward pass torch.fx can trace, "
