@@ -79,10 +79,10 @@ class ConvMatrix:
 
     def sync(self) -> None:
         """Share the kernel's storage again where it moved (``model.to(...)``, a copy of the model)."""
-        for mine, part in ((self.weight, self._kernel_part),
-                           (self.bias if self.conv.groups > 1 and self.bias is not None else None, self._bias_part)):
-            if mine is None:
-                continue
+        shared = [(self.weight, self._kernel_part)]
+        if self.conv.groups > 1 and self.bias is not None:  # a group's bias is a slice too (else the conv's own)
+            shared.append((self.bias, self._bias_part))
+        for mine, part in shared:
             view = part()
             if mine.data_ptr() != view.data_ptr() or mine.device != view.device or mine.dtype != view.dtype:
                 mine.data = view

@@ -586,8 +586,7 @@ class LocoProp(Optimizer):
             raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
                              "the loss (LocoProp needs the layer inputs of the current batch)")
         self._check_still_frozen_or_trainable()
-        for lay in self.layers:  # a convolution's matrix on its kernel's storage (moved by model.to, a copy)
-            lay.sync()
+        self._sync_layers()
         loss, problems = self._step_body(closure)
         if self.check_finite and not bool(self._all_finite()):
             err = self._divergence()
@@ -599,6 +598,12 @@ class LocoProp(Optimizer):
         self._accumulate_other_grads()
         self._finish(problems)
         return loss
+
+    def _sync_layers(self) -> None:
+        """Before a step, each convolution's matrix on its kernel (:meth:`~locoprop.layers.Layer.sync`): on its
+        storage again where ``model.to`` or a copy moved it; a transposed one's values copied in."""
+        for lay in self.layers:
+            lay.sync()
 
     def _finish(self, problems) -> None:
         """After a step that succeeded: kernels that are not their matrices' storage take the new values
@@ -883,8 +888,7 @@ class CapturedStep:
             return loss
         table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(),
                                  update_rule_for(opt.inner)[0], fresh=opt.reset_inner_state)
-        for lay in opt.layers:  # a transposed convolution's matrix takes its kernel's values (outside the graph)
-            lay.sync()
+        opt._sync_layers()  # outside the graph
         key = self._hyper_key() + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
         if self.graph is None or key != self._key:
             self._capture(key, table)
