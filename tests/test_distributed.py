@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -160,6 +161,17 @@ def _worker(scenario: str, out: Path) -> None:
             opt.step(lambda: _loss(shared(xb), xb) + shared[0](xb[:1]).sum())
         except ValueError as exc:
             errors["uneven"] = str(exc)
+        for mode in ("data", "layers"):  # the last layers do not run on rank 1: every rank refuses the step
+            model = _model()
+            opt = locoprop.LocoProp(model, "M", output_transfer="sigmoid", distributed=mode)
+            start = [p.detach().clone() for p in model.parameters()]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # rank 1's "did not run"
+                    opt.step(lambda: _loss(model(xb), xb) if rank != 1 else model[:2](xb).square().sum())
+            except ValueError as exc:
+                errors[f"idle-{mode}"] = str(exc)
+            errors[f"idle-{mode}-unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
         (out / f"errors-rank{rank}.json").write_text(json.dumps(errors))
         for name in CASES:
             model, opt, losses = _run_case(name, rank, world, distributed=True)
@@ -259,6 +271,9 @@ def _check_match(world: int, tmp_path: Path) -> None:
         assert "built a different LocoProp" in errors["mismatch"] and "mode" in errors["mismatch"]
         n = len(batch_shard(torch.arange(BATCH), r, world))  # the shared layer's rows: twice n, then one
         assert f"'0' {2 * n + 1} rows of 3, '2' {n} rows of 1" in errors["uneven"], errors
+        for mode in ("data", "layers"):
+            assert "layer '2' did not run on rank 1 in this step" in errors[f"idle-{mode}"], errors
+            assert errors[f"idle-{mode}-unchanged"], mode
     for name in CASES:
         model, opt, losses = _run_case(name)
         want = [p.detach() for p in model.parameters()]

@@ -104,8 +104,8 @@ def test_traced_discovery_refuses_what_it_cannot_pair():
 
 def test_a_sequential_with_layers_inside_its_blocks_is_traced_and_read_in_order_where_tracing_fails():
     """The residual block's layers are LocoProp layers too (no warning), the same steps as the explicit pairs;
-    where a block cannot be traced the Sequential is read in order and the block's layers are left to another
-    optimizer, with the warning that says so."""
+    where a block cannot be traced the Sequential is read in order and the block's layers are paired at the first
+    step that runs them (``tests/test_runtime_pairing.py``)."""
     x = torch.rand(16, 12, dtype=torch.float64)
 
     def model():
@@ -129,8 +129,18 @@ def test_a_sequential_with_layers_inside_its_blocks_is_traced_and_read_in_order_
         def forward(self, x):
             return self.outer(x) if x.sum() > 0 else self.inner(x)  # data-dependent: not traceable
 
-    untraceable = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), Branchy(10), nn.Linear(10, 12))
-    with pytest.warns(UserWarning, match=r"left to another optimizer.*\['2.inner.weight', '2.inner.bias', "
-                                         r"'2.outer.weight', '2.outer.bias'\]"):
-        opt = locoprop.LocoProp(untraceable, output_transfer="sigmoid")
-    assert [lay.name for lay in opt.layers] == ["0", "3"]
+    torch.manual_seed(0)
+    untraceable = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), Branchy(10), nn.Linear(10, 12)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no parameter left to another optimizer
+        opt = locoprop.LocoProp(untraceable, lr=1e-2, output_transfer="sigmoid")
+    assert [(lay.name, lay.pending) for lay in opt.layers] == [
+        ("0", False), ("2.inner", True), ("2.outer", True), ("3", False)]
+    before = copy.deepcopy(untraceable)
+    ran, idle = ("outer", "inner") if untraceable[:2](x).sum() > 0 else ("inner", "outer")
+    with pytest.warns(UserWarning, match=rf"\['2.{idle}'\] did not run"):  # the branch taken runs, the other waits
+        opt.step(lambda: bce_sum_mean(untraceable(x), x))
+    assert {lay.name: lay.pending for lay in opt.layers} == {"0": False, f"2.{idle}": True, f"2.{ran}": False,
+                                                             "3": False}
+    assert torch.equal(getattr(untraceable[2], idle).weight, getattr(before[2], idle).weight)
+    assert not torch.equal(getattr(untraceable[2], ran).weight, getattr(before[2], ran).weight)

@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as Fn
 
 from .layers import LayerBatch
+from .solvers import InnerView
 
 __all__ = [
     "DistributedConfig", "DataParallelConfig", "LayerShardedConfig", "DistributedError", "CommStats",
@@ -404,22 +405,6 @@ def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 # -- distributors -----------------------------------------------------------------------------------
-class _InnerView:
-    """The inner optimizer restricted to some layers' groups (same dicts, same state).
-
-    ``step`` runs the whole inner optimizer; the parameters of the other layers
-    have no gradient, and every ``torch.optim`` optimizer skips those.
-    """
-
-    def __init__(self, inner, indices: Sequence[int]) -> None:
-        self.inner = inner
-        self.param_groups = [inner.param_groups[i] for i in indices]
-        self.state = inner.state
-
-    def step(self, closure=None):
-        return self.inner.step(closure)
-
-
 def _rows_not_whole(batch: LayerBatch) -> str | None:
     """Why ``batch``'s rows are not a whole number of examples of ``rows_per_example`` rows each, or ``None``."""
     rows, per = batch.inputs.shape[0], batch.rows_per_example
@@ -522,15 +507,23 @@ class Distributor(abc.ABC):
     def reduce_loss(self, loss: torch.Tensor, batches: list[LayerBatch]) -> torch.Tensor:
         """The loss of the global batch (identical on every rank); records every rank's row count (examples where
         the first layer is a convolution, whose rows are its positions)."""
-        problem = self._uneven_rows(batches)
-        rows = batches[0].inputs.shape[0] // max(batches[0].rows_per_example, 1)
-        mine = torch.tensor([float(rows), float(loss.detach()), float(problem is not None)], dtype=torch.float64,
-                            device=loss.device)
+        idle = next((m for m, b in enumerate(batches) if b is None), -1)  # a layer that did not run on this rank
+        present = [b for b in batches if b is not None]
+        problem = self._uneven_rows(present) if idle < 0 else None
+        rows = present[0].inputs.shape[0] // max(present[0].rows_per_example, 1)
+        mine = torch.tensor([float(rows), float(loss.detach()), float(problem is not None), float(idle)],
+                            dtype=torch.float64, device=loss.device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         self.comm.all_gather(every, mine, "loss and row counts")
         table = torch.stack(every).cpu().tolist()
+        not_run = [(r, int(row[3])) for r, row in enumerate(table) if row[3] >= 0]
+        if not_run:  # every rank raises, none waits in a later collective
+            rank, m = not_run[0]
+            raise ValueError(f"layer {self.layers[m].name!r} did not run on rank {rank} in this step; distributed "
+                             "LocoProp solves each layer's one local problem over every rank's rows, so every layer "
+                             "runs on every rank in each step (freeze a layer that is not used)")
         flagged = [r for r, row in enumerate(table) if row[2]]
-        if flagged:  # every rank raises, none waits in a later collective
+        if flagged:
             raise ValueError(problem or f"rank {flagged[0]}: its layers' rows are not whole examples (see its error)")
         table = [row[:2] for row in table]
         self.counts = [int(c) for c, _ in table]
@@ -837,7 +830,7 @@ class LayerShardedDistributor(Distributor):
         return out
 
     def local_inner(self, inner):
-        return _InnerView(inner, self.mine) if inner is not None else None
+        return InnerView(inner, self.mine) if inner is not None else None
 
     def solve(self, solver, problems, local_loss, regularizer, inner) -> None:
         mine = [p for p in problems if p is not None]

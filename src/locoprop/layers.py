@@ -21,7 +21,7 @@ from .transfer import Linear as LinearTransfer
 from .transfer import TransferFunction, get_transfer, transfer_from_module
 
 __all__ = ["Layer", "LayerBatch", "ConvMatrix", "ConvTransposeMatrix", "discover_layers", "split_frozen_layers",
-           "check_solvable_layers", "LayerCapture"]
+           "check_solvable_layers", "LayerCapture", "pair_from_autograd", "set_output_transfer"]
 
 
 class ConvMatrix:
@@ -202,7 +202,10 @@ class Layer:
     there is one, so that its output (the post-activation) can be captured.
     ``linear`` is the layer's matrix (``weight``, ``bias``): the ``nn.Linear``
     itself, or a :class:`ConvMatrix` for a convolution; ``module`` is the
-    model's module (hooked during the forward pass).
+    model's module (hooked during the forward pass).  ``pending``: a layer
+    inside a block ``torch.fx`` does not trace into (or in a model it cannot
+    trace), whose transfer function is read from the autograd graph of the
+    first step's loss (:func:`pair_from_autograd`).
     """
 
     name: str
@@ -210,6 +213,7 @@ class Layer:
     transfer: TransferFunction | None
     transfer_module: nn.Module | None = None
     transfer_desc: str = ""
+    pending: bool = False
 
     @property
     def module(self) -> nn.Module:
@@ -299,6 +303,8 @@ class LayerBatch:
     #: Rows of the local problem per example (a convolution's output positions; 1 for a Linear layer).
     rows_per_example: int = 1
     calls: list["LayerBatch"] = field(default_factory=list)
+    #: ``pre._version`` when the layer returned it: a later in-place change of the pre-activation is refused.
+    pre_version: int = 0
 
     @property
     def transfer(self) -> TransferFunction:
@@ -358,11 +364,43 @@ def _has_nested_layers(model: nn.Sequential) -> bool:
                for _, mod in _flatten_sequential(model, ""))
 
 
+#: Blocks that call the layer modules they hold as functions of their weights (``F.linear(x, out_proj.weight,
+#: ...)``), so that the modules' hooks never fire: their layers are left to another optimizer.
+FUNCTIONAL_LAYER_OWNERS = (nn.MultiheadAttention,)
+
+
+def _hidden_layers(block: nn.Module, name: str) -> list[tuple[nn.Module, Layer]]:
+    """The layer modules inside ``block`` (one ``torch.fx`` does not trace into, such as
+    ``nn.TransformerEncoderLayer``, or a whole model it cannot trace), in definition order, each pending: its
+    transfer function is read from the first step's autograd graph (:func:`pair_from_autograd`).  Left out, for
+    another optimizer: those inside :data:`FUNCTIONAL_LAYER_OWNERS`, and subclasses with a forward of their own."""
+    inside_owner = {id(m) for owner in block.modules() if isinstance(owner, FUNCTIONAL_LAYER_OWNERS)
+                    for m in owner.modules()}
+    out = []
+    for qual, mod in block.named_modules(prefix=name):
+        kind = next((k for k in LAYER_MODULES if isinstance(mod, k)), None)
+        if kind is None or id(mod) in inside_owner or type(mod).forward is not kind.forward:
+            continue
+        out.append((mod, Layer(qual, _matrix_of(mod), None, None, "paired at the first step", pending=True)))
+    return out
+
+
+def _holds_layers(module: nn.Module | None) -> bool:
+    return (module is not None and not isinstance(module, LAYER_MODULES)
+            and any(isinstance(m, LAYER_MODULES) for m in module.modules()))
+
+
 def _sequential_occurrences(model: nn.Sequential) -> list[tuple[nn.Module, Layer]]:
-    """Each layer module of the (flattened) ``nn.Sequential`` with the module right after it."""
+    """Each layer module of the (flattened) ``nn.Sequential`` with the module right after it; the layers inside
+    any other block, pending (:func:`_hidden_layers`)."""
     flat = _flatten_sequential(model, "")
-    return [(mod, _transfer_after(name, mod, flat[i + 1][1] if i + 1 < len(flat) else None))
-            for i, (name, mod) in enumerate(flat) if isinstance(mod, LAYER_MODULES)]
+    out = []
+    for i, (name, mod) in enumerate(flat):
+        if isinstance(mod, LAYER_MODULES):
+            out.append((mod, _transfer_after(name, mod, flat[i + 1][1] if i + 1 < len(flat) else None)))
+        elif _holds_layers(mod):
+            out.extend(_hidden_layers(mod, name))
+    return out
 
 
 #: Functions (and tensor methods) of a monotone activation, with their transfer function from the call's
@@ -378,6 +416,7 @@ _MONOTONE_FUNCTIONS = {
     "hardtanh": lambda a: transfer_from_module(nn.Hardtanh(a.get("min_val", -1.0), a.get("max_val", 1.0))),
     "hardsigmoid": lambda a: get_transfer("hardsigmoid"), "softsign": lambda a: get_transfer("softsign"),
     "logsigmoid": lambda a: get_transfer("logsigmoid"),
+    "log_sigmoid": lambda a: get_transfer("logsigmoid"),  # F.logsigmoid is torch._C._nn.log_sigmoid
     "softmax": lambda a: get_transfer("softmax") if a.get("dim", -1) in (-1, 1, None) else None,
 }
 _NON_MONOTONE_FUNCTIONS = ("gelu", "silu", "mish", "hardswish")
@@ -424,11 +463,15 @@ def _trace(model: nn.Module):
 def _traced_occurrences(model: nn.Module, graph) -> list[tuple[nn.Module, Layer]]:
     """Each call of a layer module in ``model``'s forward pass, as ``torch.fx`` traced it (``graph``), with what
     takes its output: the module or activation function that alone consumes it (``_transfer_after``; a monotone
-    function such as ``torch.tanh`` too), else linear (several consumers, a residual sum, a reshape)."""
+    function such as ``torch.tanh`` too), else linear (several consumers, a residual sum, a reshape).  The layers
+    inside a block the trace does not enter (a ``torch.nn`` block such as ``nn.TransformerEncoderLayer``) are
+    pending, at the block's place (:func:`_hidden_layers`)."""
     modules = dict(model.named_modules())
     out = []
     for node in graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
+        if _holds_layers(module):
+            out.extend(_hidden_layers(module, node.target))
         if not isinstance(module, LAYER_MODULES):
             continue
         users = list(node.users)
@@ -543,10 +586,8 @@ def discover_layers(
             found = _merge_repeated(_traced_occurrences(model, graph), "traced forward pass")
         elif sequential:
             found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
-        else:
-            raise ValueError(f"model: layer discovery needs an nn.Sequential or a forward pass torch.fx can trace, "
-                             f"and tracing {type(model).__name__} failed ({graph}); pass "
-                             "layers=[(model.linear1, 'tanh'), ...]")
+        else:  # untraceable (shapes read in Python, data-dependent branches): paired at the first step
+            found = _merge_repeated(_hidden_layers(model, ""), "model")
     if not found:
         raise ValueError(f"model: no nn.Linear or convolution layer found in {type(model).__name__}; "
                          "LocoProp updates those layers")
@@ -557,14 +598,21 @@ def discover_layers(
         seen.add(id(lay.module))
     found = [part for lay in found for part in _group_layers(lay)]
     if output_transfer is not None:
-        last = found[-1]
         try:
-            last.transfer = get_transfer(output_transfer)
+            transfer = get_transfer(output_transfer)
         except ValueError as exc:
             raise ValueError(f"output_transfer: {exc}") from None
-        last.transfer_module = None  # the transfer lives inside the loss
-        last.transfer_desc = f"{output_transfer} (output_transfer)"
+        if not found[-1].pending:  # else: the layer the first step's forward pass calls last takes it
+            set_output_transfer(found[-1], transfer, output_transfer)
     return found
+
+
+def set_output_transfer(layer: Layer, transfer: TransferFunction, spec) -> None:
+    """``layer`` (the output layer) takes the transfer function the loss implies (``output_transfer``)."""
+    layer.transfer = transfer
+    layer.transfer_module = None  # the transfer lives inside the loss
+    layer.transfer_desc = f"{spec} (output_transfer)"
+    layer.pending = False
 
 
 def _group_layers(lay: Layer) -> list[Layer]:
@@ -577,8 +625,8 @@ def _group_layers(lay: Layer) -> list[Layer]:
         raise ValueError(f"layer {lay.name!r}: a convolution with groups={module.groups} followed by "
                          f"{lay.transfer_desc}, which mixes the groups' channels; its groups' local problems "
                          "need an elementwise transfer function")
-    return [Layer(f"{lay.name}[{g}]", ConvMatrix(module, g), lay.transfer, lay.transfer_module, lay.transfer_desc)
-            for g in range(module.groups)]
+    return [Layer(f"{lay.name}[{g}]", ConvMatrix(module, g), lay.transfer, lay.transfer_module, lay.transfer_desc,
+                  lay.pending) for g in range(module.groups)]
 
 
 def split_frozen_layers(found: Sequence[Layer], explicit: bool) -> tuple[list[Layer], list[Layer]]:
@@ -668,6 +716,118 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
             owner[id(p)] = (module, lay.name)
 
 
+def _elu_node(node) -> TransferFunction | None:
+    """``F.elu`` and ``F.selu`` share one autograd node; its saved scales tell them apart."""
+    alpha, scale, input_scale = (float(getattr(node, f"_saved_{a}")) for a in ("alpha", "scale", "input_scale"))
+    if scale == 1.0 and input_scale == 1.0:
+        return transfer_from_module(nn.ELU(alpha))
+    if input_scale == 1.0 and abs(alpha - 1.6732632423543772) < 1e-12 and abs(scale - 1.0507009873554805) < 1e-12:
+        return transfer_from_module(nn.SELU())
+    return None
+
+
+def _softmax_node(node, pre: torch.Tensor) -> TransferFunction | None:
+    dim = int(node._saved_dim)
+    dim = dim - 2 ** 64 if dim >= 2 ** 63 else dim  # saved as an unsigned integer
+    return get_transfer("softmax") if dim in (-1, pre.dim() - 1) else None
+
+
+#: The autograd nodes of monotone activations, with their transfer function from the node's saved arguments and
+#: the pre-activation (``None``: an argument no transfer function takes, such as a softmax over the batch).
+_MONOTONE_NODES = {
+    "TanhBackward0": lambda n, pre: get_transfer("tanh"),
+    "SigmoidBackward0": lambda n, pre: get_transfer("sigmoid"),
+    "ReluBackward0": lambda n, pre: get_transfer("relu"),
+    "AtanBackward0": lambda n, pre: get_transfer("arctan"),
+    "LeakyReluBackward0": lambda n, pre: transfer_from_module(nn.LeakyReLU(float(n._saved_negative_slope))),
+    "EluBackward0": lambda n, pre: _elu_node(n),
+    "CeluBackward0": lambda n, pre: transfer_from_module(nn.CELU(float(n._saved_alpha))),
+    "SoftplusBackward0": lambda n, pre: transfer_from_module(nn.Softplus(float(n._saved_beta))),
+    "HardtanhBackward0": lambda n, pre: transfer_from_module(
+        (nn.ReLU6() if (float(n._saved_min_val), float(n._saved_max_val)) == (0.0, 6.0) else
+         nn.Hardtanh(float(n._saved_min_val), float(n._saved_max_val)))),
+    "HardsigmoidBackward0": lambda n, pre: get_transfer("hardsigmoid"),
+    "LogSigmoidBackward0": lambda n, pre: get_transfer("logsigmoid"),
+    "SoftmaxBackward0": _softmax_node,
+}
+_NON_MONOTONE_NODES = {"GeluBackward0": "gelu", "SiluBackward0": "silu", "MishBackward0": "mish",
+                       "HardswishBackward0": "hardswish"}
+
+
+def _consumers(loss: torch.Tensor) -> dict[tuple[int, int], list]:
+    """For each ``(autograd node, output index)`` the loss's backward graph reaches, the nodes that take that
+    output: the forward pass's consumers of the tensor it made."""
+    consumers: dict[tuple[int, int], list] = {}
+    seen = {id(loss.grad_fn): loss.grad_fn}  # holds every node, so that ids stay unique
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        for child, index in node.next_functions:
+            if child is None:
+                continue
+            users = consumers.setdefault((id(child), index), [])
+            if all(u is not node for u in users):
+                users.append(node)
+            if id(child) not in seen:
+                seen[id(child)] = child
+                stack.append(child)
+    return consumers
+
+
+def pair_from_autograd(layers: Sequence[Layer], calls: Sequence[Sequence[LayerBatch]],
+                       loss: torch.Tensor) -> dict[int, tuple[TransferFunction | None, str]]:
+    """The transfer function of each pending layer, read from the autograd graph of the first step's ``loss``.
+
+    The rule is discovery's (:func:`discover_layers`), on the operations the
+    forward pass ran instead of a trace: the activation that alone takes the
+    layer's output (``torch.tanh``, ``F.relu``, an ``nn.ELU``'s ``alpha``,
+    ``nn.Softplus``'s ``beta``, a softmax over the features, ...; the nodes
+    of :data:`_MONOTONE_NODES`) is its transfer function; a layer whose output
+    goes to several operations, or to any other one (a residual sum, a
+    dropout, a reshape), is linear; GELU, SiLU, Mish and Hardswish are not
+    monotone (``(None, name)``, which variants that use ``f`` refuse).
+    Returns ``{index in layers: (transfer, description)}`` for the pending
+    layers; ``calls`` are each layer's captured calls
+    (:attr:`LayerCapture.calls`), which must agree.
+
+    Raises:
+        ValueError: a layer whose calls are followed by different functions.
+    """
+    consumers = _consumers(loss)
+    found: dict[int, tuple[TransferFunction | None, str]] = {}
+    for index, (lay, lay_calls) in enumerate(zip(layers, calls)):
+        if not lay.pending:
+            continue
+        seen: tuple[TransferFunction | None, str] | None = None
+        if not lay_calls:  # did not run in this step: paired in the first step that runs it
+            continue
+        for call in lay_calls:
+            pre = call.pre
+            users = consumers.get((id(pre.grad_fn), pre.output_nr), []) if pre.grad_fn is not None else []
+            kind = type(users[0]).__name__ if len(users) == 1 else ""
+            if kind in _MONOTONE_NODES:
+                transfer = _MONOTONE_NODES[kind](users[0], pre)
+                pair = (transfer, kind.removesuffix("Backward0").lower()) if transfer is not None else (
+                    LinearTransfer(), "none")
+            elif kind in _NON_MONOTONE_NODES:
+                pair = (None, _NON_MONOTONE_NODES[kind])
+            else:
+                pair = (LinearTransfer(), "none")
+            if seen is not None and repr(seen[0]) != repr(pair[0]):
+                raise ValueError(f"layer {lay.name!r}: its calls in the forward pass are followed by {seen[1]} and "
+                                 f"{pair[1]}; a layer's local problem takes one transfer function (pass "
+                                 "layers=[(module, transfer), ...])")
+            seen = pair
+        transfer = seen[0]
+        if (isinstance(lay.linear, ConvMatrix) and lay.module.groups > 1 and transfer is not None
+                and not transfer.elementwise):
+            raise ValueError(f"layer {lay.name!r}: a convolution with groups={lay.module.groups} followed by "
+                             f"{seen[1]}, which mixes the groups' channels; its groups' local problems need an "
+                             "elementwise transfer function")
+        found[index] = seen
+    return found
+
+
 class LayerCapture:
     """Forward hooks that record each layer's input, pre- and post-activation, once per call.
 
@@ -686,6 +846,7 @@ class LayerCapture:
         self.capture_post = capture_post
         self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
         self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
+        self.order: list[int] = []  # the layers' indices, one per call, in the order the forward pass called them
         self._by_pre: dict[int, list[tuple[int, LayerBatch]]] = {}  # a grouped convolution's layers share one
         self._handles: list = []
 
@@ -697,8 +858,9 @@ class LayerCapture:
                 return
             layer = self.layers[index]
             batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach(), output), pre=output,
-                               rows_per_example=layer.rows_per_example(output))
+                               rows_per_example=layer.rows_per_example(output), pre_version=output._version)
             self.calls[index].append(batch)
+            self.order.append(index)
             self._by_pre.setdefault(id(output), []).append((index, batch))
 
         return hook
@@ -725,18 +887,27 @@ class LayerCapture:
         self._handles.clear()
         self._by_pre.clear()
 
-    def check(self) -> list[LayerBatch]:
-        """One batch per layer (its calls' input rows stacked), or a ``RuntimeError`` naming a layer whose
-        output never entered autograd."""
-        out = []
+    def check(self) -> list[LayerBatch | None]:
+        """One batch per layer (its calls' input rows stacked; ``None`` for a layer the forward pass did not
+        call, which the step leaves as it is, as ``torch.optim`` leaves a parameter without a gradient), or a
+        ``RuntimeError`` naming a layer whose output never entered autograd, or changed in place."""
+        out: list[LayerBatch | None] = []
         for lay, calls, untracked in zip(self.layers, self.calls, self.untracked):
+            if not calls and untracked:
+                raise RuntimeError(f"layer {lay.name!r} ran {untracked} times in the closure's forward pass, each "
+                                   "time outside autograd (under torch.no_grad, or in torch.utils.checkpoint with "
+                                   "use_reentrant=True: pass use_reentrant=False); its local problem needs its "
+                                   "output in the loss's graph: run it in the closure, or freeze it "
+                                   "(requires_grad_(False)) to leave it alone")
             if not calls:
-                how = (f"ran {untracked} times in the closure's forward pass, each time outside autograd "
-                       "(under torch.no_grad, or in torch.utils.checkpoint with use_reentrant=True: pass "
-                       "use_reentrant=False)" if untracked else "did not run in the closure's forward pass")
-                raise RuntimeError(f"layer {lay.name!r} {how}; its local problem needs its output in the loss's "
-                                   "graph: run it in the closure, or freeze it (requires_grad_(False)) to leave it "
-                                   "alone")
+                out.append(None)
+                continue
+            for c in calls:
+                if c.pre._version != c.pre_version:
+                    raise RuntimeError(f"layer {lay.name!r}: its output was changed in place after the layer "
+                                       "returned it (an in-place activation such as F.relu(x, inplace=True), or "
+                                       "x += ...); LocoProp's local problem needs the pre-activation: use the "
+                                       "out-of-place call")
             if len(calls) == 1:
                 out.append(calls[0])
                 continue
@@ -745,4 +916,7 @@ class LayerCapture:
                 c.inputs = None  # the stacked rows hold them
             out.append(LayerBatch(layer=lay, inputs=inputs, pre=None, calls=calls,
                                   rows_per_example=sum(c.rows_per_example for c in calls)))
+        if all(b is None for b in out):
+            raise RuntimeError("closure: none of LocoProp's layers ran in its forward pass (a closure of another "
+                               f"model?); the layers are {[lay.name for lay in self.layers][:5]}")
         return out

@@ -37,11 +37,12 @@ from torch.optim import Optimizer
 
 from .errors import DivergenceError
 from .inner import make_inner_optimizer
-from .layers import Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, split_frozen_layers
+from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, pair_from_autograd,
+                     set_output_transfer, split_frozen_layers)
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
-from .transfer import MONOTONE_MODULES
+from .transfer import MONOTONE_MODULES, get_transfer
 from .update_rules import update_rule_for
-from .solvers import SOLVER_CLASSES, LocalProblem, local_objective
+from .solvers import SOLVER_CLASSES, InnerView, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
 
 __all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CapturedStep"]
@@ -233,8 +234,15 @@ class LocoProp(Optimizer):
         self.layers, self.frozen_layers = split_frozen_layers(discover_layers(model, layers, output_transfer),
                                                               explicit=layers is not None)
         check_solvable_layers(self.layers)
-        self._check_layers(output_transfer)
-        if self.variant.needs_sampled_grad:
+        #: The output layer (whose transfer function the loss implies): the last one discovered, or, where that
+        #: one is pending, the layer the first step's forward pass calls last (:meth:`_pair_pending_layers`).
+        self._output_index = len(self.layers) - 1
+        self._output_transfer = output_transfer
+        self._output_deferred = self.layers[-1].pending
+        self._warned_idle: set[str] = set()  # layers already named in the warning that they did not run
+        self._sampler: _OutputSampler | None = None
+        self._check_layers(output_transfer, warn_output=not self.layers[-1].pending)
+        if self.variant.needs_sampled_grad and not self.layers[-1].pending:
             self._sampler = _OutputSampler(self.layers[-1])
 
         defaults = dict(lr=lr, activation_lr=activation_lr, local_steps=local_steps, lr_decay=bool(lr_decay),
@@ -299,19 +307,22 @@ class LocoProp(Optimizer):
             self.distributor = make_distributor(self, distributed, process_group)
 
     # -- construction checks ------------------------------------------------------------------
-    def _check_layers(self, output_transfer) -> None:
+    def _check_layers(self, output_transfer, warn_output: bool = True) -> None:
+        """Every layer has the transfer function the variant needs (a ``ValueError`` naming the first that does
+        not); a warning where the output layer is linear though no ``output_transfer`` says so."""
         v = self.variant
         for lay in self.layers:
-            if v.needs_transfer and lay.transfer is None:
+            if v.needs_transfer and lay.transfer is None and not lay.pending:
                 raise ValueError(
                     f"layer {lay.name!r}: the module after it ({lay.transfer_desc}) is not a monotone "
                     f"transfer function, which {v.name} needs (its matching loss or target uses f); "
                     f"valid: {MONOTONE_MODULES}, or pass layers=[(linear, 'arctan'), ...] (GELU, SiLU and Mish "
                     "are not monotone: LocoProp-S, whose squared loss is on the pre-activation, takes any)"
                 )
-        if (v.needs_transfer and output_transfer is None and self.layers[-1].transfer_desc == "none"):
+        last = self.layers[self._output_index]
+        if v.needs_transfer and warn_output and output_transfer is None and last.transfer_desc == "none":
             warnings.warn(
-                f"{v.name}: the last layer {self.layers[-1].name!r} is taken as linear; pass "
+                f"{v.name}: the last layer {last.name!r} is taken as linear; pass "
                 "output_transfer='sigmoid' (BCE with logits), 'softmax' (cross-entropy) or 'linear' (MSE) "
                 "to match the loss",
                 stacklevel=3,
@@ -330,14 +341,51 @@ class LocoProp(Optimizer):
                     raise ValueError("closure: the returned loss does not depend on the model's parameters "
                                      "(was it computed under torch.no_grad or detached?)")
                 loss = loss.reshape(())
-        return loss, cap.check()
+        batches = cap.check()
+        idle = [lay.name for lay, b in zip(self.layers, batches) if b is None and lay.name not in self._warned_idle]
+        if idle:
+            self._warned_idle.update(idle)
+            warnings.warn(f"layer(s) {idle} did not run in the closure's forward pass; a step leaves a layer that "
+                          "did not run as it is, as torch.optim leaves a parameter without a gradient (said once "
+                          "per layer)", stacklevel=5)
+        if any(lay.pending for lay in self.layers):
+            self._pair_pending_layers(cap, loss)
+        return loss, batches
+
+    def _pair_pending_layers(self, cap: LayerCapture, loss: torch.Tensor) -> None:
+        """The first step pairs the layers discovery could not see into (inside an ``nn.TransformerEncoderLayer``,
+        or in a model ``torch.fx`` cannot trace) with their transfer functions, from the loss's autograd graph
+        (:func:`~locoprop.layers.pair_from_autograd`); where the last discovered layer is pending, the layer called
+        last is the output layer, and takes ``output_transfer``.  A pairing the variant refuses (a GELU for
+        LocoProp-M) raises ``ValueError`` and leaves every layer pending and every weight as it was."""
+        pairs = pair_from_autograd(self.layers, cap.calls, loss)
+        deferred = self._output_deferred  # discovery could not tell the output layer: the one called last
+        output_index = cap.order[-1] if deferred else self._output_index
+        saved = [(lay.transfer, lay.transfer_desc, lay.transfer_module, lay.pending) for lay in self.layers]
+        saved_output = self._output_index
+        for index, (transfer, desc) in pairs.items():
+            lay = self.layers[index]
+            lay.transfer, lay.transfer_desc, lay.pending = transfer, desc, False
+        if deferred and self._output_transfer is not None:
+            set_output_transfer(self.layers[output_index], get_transfer(self._output_transfer), self._output_transfer)
+        try:
+            self._output_index = output_index
+            self._check_layers(self._output_transfer, warn_output=deferred)
+            if self.variant.needs_sampled_grad:
+                self._sampler = _OutputSampler(self.layers[output_index])
+            self._output_deferred = False
+        except Exception:
+            for lay, (transfer, desc, module, pending) in zip(self.layers, saved):
+                lay.transfer, lay.transfer_desc, lay.transfer_module, lay.pending = transfer, desc, module, pending
+            self._output_index = saved_output
+            raise
 
     def _gradients(self, loss: torch.Tensor, batches: list[LayerBatch]) -> None:
         """The backward pass: ``∇_â L`` of every layer's calls (and ``∇_ŷ L``, sampled gradients where the
         variant needs them), then each layer's tensors as rows of its local problem (a layer called more than
         once: its calls' rows stacked, :class:`~locoprop.layers.LayerCapture`)."""
         v = self.variant
-        per_layer = [b.calls or [b] for b in batches]
+        per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]  # None: the layer did not run
         calls = [c for cs in per_layer for c in cs]
         wants = [c.pre for c in calls]
         posts = [c for c in calls if v.needs_grad_post and c.post is not None]
@@ -358,13 +406,18 @@ class LocoProp(Optimizer):
             c.grad_post = torch.zeros_like(c.post) if g is None else g
         self._keep_other_grads(others, grads[n + len(posts):])
         if v.needs_sampled_grad:  # the output layer's every call draws from the predictive distribution
-            sampled = sum(self._sampler(c.pre) for c in per_layer[-1])
+            if not per_layer[self._output_index]:
+                raise RuntimeError(f"the output layer {self.layers[self._output_index].name!r} did not run in the "
+                                   "closure's forward pass; the sampled Fisher draws labels from its output")
+            sampled = sum(self._sampler(c.pre) for c in per_layer[self._output_index])
             gs = torch.autograd.grad(sampled, [c.pre for c in calls], allow_unused=True)
             for c, g in zip(calls, gs):
                 c.grad_pre_sampled = torch.zeros_like(c.pre) if g is None else g
         # as rows (leading dimensions, a convolution's positions), detached, in the weights' dtype (under
         # torch.autocast the passes produce bfloat16, float16)
         for b, cs in zip(batches, per_layer):
+            if b is None:
+                continue
             dtype = b.layer.linear.weight.dtype
 
             def local(t, layer=b.layer):
@@ -431,9 +484,7 @@ class LocoProp(Optimizer):
         judged on the layers this rank solves (``docs/distributed.md``)."""
         if self.fused_solver is None or self.backend == "reference":
             return self.solver
-        inner = self.inner
-        if self.distributor is not None:
-            problems, inner = [p for p in problems if p is not None], self.distributor.local_inner(self.inner)
+        problems, inner = self._solved(problems)
         device = next((p.params[0].device for p in problems), None)
         if self.backend == "auto" and self.precision == "fp32" and (device is None or device.type != "cuda"):
             return self.solver
@@ -443,6 +494,16 @@ class LocoProp(Optimizer):
                 raise ValueError(f"backend={self.backend!r}: the fast solver cannot run this step: {why}")
             return self.solver
         return self.fused_solver
+
+    def _solved(self, problems: list[LocalProblem | None]) -> tuple[list[LocalProblem], object]:
+        """The problems this process solves in this step and the inner optimizer restricted to their layers:
+        ``None`` marks a layer another rank solves (``distributed="layers"``) or one that did not run."""
+        if self.distributor is not None:
+            return [p for p in problems if p is not None], self.distributor.local_inner(self.inner)
+        ran = [m for m, p in enumerate(problems) if p is not None]
+        if len(ran) == len(problems) or self.inner is None:
+            return [problems[m] for m in ran], self.inner
+        return [problems[m] for m in ran], InnerView(self.inner, ran)
 
     def _other_params(self) -> list[torch.Tensor]:
         """The model's trainable parameters outside LocoProp's layers whose gradients the step accumulates."""
@@ -560,7 +621,11 @@ class LocoProp(Optimizer):
         try:
             with torch.no_grad():
                 if self.distributor is None:
-                    solver.solve(problems, self.variant.local_loss, self.variant.regularizer, self.inner)
+                    for m in (m for m, p in enumerate(problems) if p is None):  # did not run: left as it is
+                        for p in self.layers[m].params:
+                            p.grad = None
+                    solved, inner = self._solved(problems)
+                    solver.solve(solved, self.variant.local_loss, self.variant.regularizer, inner)
                 else:
                     self.distributor.solve(solver, problems, self.variant.local_loss, self.variant.regularizer,
                                            self.inner)
@@ -635,6 +700,8 @@ class LocoProp(Optimizer):
         if self.last_problems is None:
             raise RuntimeError("local_objective: construct LocoProp(..., retain_problems=True) and take a step first")
         problem = self.last_problems[layer]
+        if problem is None and self.distributor is None:
+            raise RuntimeError(f"local_objective: layer {layer} did not run in the last step")
         if problem is None:
             raise RuntimeError(f"local_objective: layer {layer} is solved by rank "
                                f"{self.distributor.assignment[layer]} (distributed='layers'); call it there")
@@ -721,7 +788,8 @@ class LocoProp(Optimizer):
                  f"{self.variant.local_loss!r}, regularizer={self.variant.regularizer!r}, solver={self.variant.solver!r},"
                  f" inner={self.inner_spec!r}"]
         for lay, g in zip(self.layers, self.param_groups):
-            lines.append(f"  {lay.name}: {tuple(lay.linear.weight.shape)} -> {lay.transfer!r}  lr={g['lr']}, "
+            transfer = "(paired at the first step)" if lay.pending else repr(lay.transfer)
+            lines.append(f"  {lay.name}: {tuple(lay.linear.weight.shape)} -> {transfer}  lr={g['lr']}, "
                          f"activation_lr={g['activation_lr']}, local_steps={g['local_steps']}")
         if self.frozen_layers:
             lines.append(f"  frozen (left as they are): {[lay.name for lay in self.frozen_layers]}")

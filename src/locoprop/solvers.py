@@ -17,6 +17,7 @@ parameters in place.  It knows nothing about how the targets were built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch.optim import Optimizer
@@ -186,6 +187,23 @@ class ClosedFormSolver:
             W.sub_(step[:, : W.shape[1]])
             if has_bias:
                 problem.params[1].sub_(step[:, -1])
+
+
+class InnerView:
+    """The inner optimizer restricted to some layers' groups (same dicts, same state): the layers a rank
+    solves (``distributed="layers"``), or those that ran in a step.
+
+    ``step`` runs the whole inner optimizer; the parameters of the other layers
+    have no gradient, and every ``torch.optim`` optimizer skips those.
+    """
+
+    def __init__(self, inner, indices: Sequence[int]) -> None:
+        self.inner = inner
+        self.param_groups = [inner.param_groups[i] for i in indices]
+        self.state = inner.state
+
+    def step(self, closure=None):
+        return self.inner.step(closure)
 
 
 SOLVER_CLASSES = {"iterative": IterativeSolver, "closed_form": ClosedFormSolver}
