@@ -67,16 +67,24 @@ CASES = {
     # a convolution of 2 groups: two layers of one module, whose output both read
     "data-post-S-groups": ("data", "post-S", dict(local_steps=3, groups=True)),
     "layers-S-groups": ("layers", "S", dict(local_steps=3, groups=True)),
+    # an nn.TransformerEncoderLayer (each example 3 positions of 4 features): torch.fx keeps it whole, and its
+    # feed-forward layers are paired at the first step, alike on every rank; its attention and norms: other_grads
+    "data-M-block": ("data", "M", dict(local_steps=3, block=True)),
+    "layers-post-S-block": ("layers", "post-S", dict(local_steps=3, block=True)),
 }
 
 
 #: The cases' keywords that choose the model, not LocoProp's arguments.
-SHAPES = ("input_norm", "conv", "seq", "shared", "tconv", "groups")
+SHAPES = ("input_norm", "conv", "seq", "shared", "tconv", "groups", "block")
 
 
 def _model(input_norm: bool = False, conv: bool = False, seq: bool = False, shared: bool = False,
-           tconv: bool = False, groups: bool = False) -> nn.Sequential:
+           tconv: bool = False, groups: bool = False, block: bool = False) -> nn.Sequential:
     torch.manual_seed(1)
+    if block:
+        return nn.Sequential(nn.Unflatten(1, (3, 4)),
+                             nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True), nn.Flatten(),
+                             nn.Linear(12, WIDTHS[-1])).double()
     if groups:
         return nn.Sequential(nn.Unflatten(1, (2, 2, 3)), nn.Conv2d(2, 4, 2, groups=2, padding=1), nn.Tanh(),
                              nn.Flatten(), nn.Linear(4 * 3 * 4, WIDTHS[-1])).double()
@@ -284,7 +292,8 @@ def _check_match(world: int, tmp_path: Path) -> None:
                 assert _rel(g, w) < 1e-5, f"{name}, rank {r}, parameter {i}: relative error {_rel(g, w):.2e}"
             assert got["losses"] == [pytest_approx(v) for v in losses], f"{name}, rank {r}: step losses"
             want_grads = [p.grad for p in model.parameters() if p.grad is not None]
-            assert len(got["grads"]) == len(want_grads) == (2 if CASES[name][2].get("input_norm") else 0), name
+            others = 2 if CASES[name][2].get("input_norm") else 8 if CASES[name][2].get("block") else 0
+            assert len(got["grads"]) == len(want_grads) == others, name
             for i, (g, w) in enumerate(zip(got["grads"], want_grads)):
                 assert _rel(g, w) < 1e-9, f"{name}, rank {r}, gradient {i}: relative error {_rel(g, w):.2e}"
             _check_states(got["state"], want_state, f"{name}, rank {r}")

@@ -254,3 +254,36 @@ def test_a_layer_that_does_not_run_is_left_as_it_is(backend):
     assert not torch.equal(model.heads[1].weight, head1["weight"])
     with pytest.raises(RuntimeError, match="none of LocoProp's layers ran"):
         opt.step(lambda: nn.Linear(6, 1).double()(x).sum())
+
+
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = x.tanh()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_a_layer_whose_output_goes_into_a_custom_autograd_function_is_linear_with_a_warning():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            if x.dim() != 2:  # untraceable
+                raise ValueError("expected (batch, features)")
+            return self.b(_Tanh.apply(self.a(x)))
+
+    x = torch.rand(8, 6, dtype=torch.float64)
+    model = Custom().double()
+    opt = locoprop.LocoProp(model, "M", lr=1e-2, output_transfer="sigmoid")
+    with pytest.warns(UserWarning, match=r"layers \{'a': '_TanhBackward'\}.*custom autograd Function.*taken as "
+                                         r"linear: pass layers="):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    assert [lay.transfer_desc for lay in opt.layers] == ["none", "sigmoid (output_transfer)"]

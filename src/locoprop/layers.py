@@ -785,7 +785,9 @@ def pair_from_autograd(layers: Sequence[Layer], calls: Sequence[Sequence[LayerBa
     of :data:`_MONOTONE_NODES`) is its transfer function; a layer whose output
     goes to several operations, or to any other one (a residual sum, a
     dropout, a reshape), is linear; GELU, SiLU, Mish and Hardswish are not
-    monotone (``(None, name)``, which variants that use ``f`` refuse).
+    monotone (``(None, name)``, which variants that use ``f`` refuse); one
+    whose output goes into a custom ``torch.autograd.Function`` (or a
+    ``torch.compile``'d region) is linear, with a warning.
     Returns ``{index in layers: (transfer, description)}`` for the pending
     layers; ``calls`` are each layer's captured calls
     (:attr:`LayerCapture.calls`), which must agree.
@@ -795,6 +797,7 @@ def pair_from_autograd(layers: Sequence[Layer], calls: Sequence[Sequence[LayerBa
     """
     consumers = _consumers(loss)
     found: dict[int, tuple[TransferFunction | None, str]] = {}
+    opaque: dict[str, str] = {}  # layers whose output goes into a custom autograd Function
     for index, (lay, lay_calls) in enumerate(zip(layers, calls)):
         if not lay.pending:
             continue
@@ -811,6 +814,9 @@ def pair_from_autograd(layers: Sequence[Layer], calls: Sequence[Sequence[LayerBa
                     LinearTransfer(), "none")
             elif kind in _NON_MONOTONE_NODES:
                 pair = (None, _NON_MONOTONE_NODES[kind])
+            elif isinstance(users[0] if users else None, torch.autograd.function.BackwardCFunction):
+                pair = (LinearTransfer(), "none")
+                opaque.setdefault(lay.name, kind)
             else:
                 pair = (LinearTransfer(), "none")
             if seen is not None and repr(seen[0]) != repr(pair[0]):
@@ -825,6 +831,13 @@ def pair_from_autograd(layers: Sequence[Layer], calls: Sequence[Sequence[LayerBa
                              f"{seen[1]}, which mixes the groups' channels; its groups' local problems need an "
                              "elementwise transfer function")
         found[index] = seen
+    if opaque:
+        import warnings
+
+        warnings.warn(f"layers {opaque} (layer: the node its output goes into): their output goes into a custom "
+                      "autograd Function (or a torch.compile'd region), which LocoProp cannot see into; they are "
+                      "taken as linear: pass layers=[(module, transfer), ...] to name their transfer functions",
+                      stacklevel=5)
     return found
 
 
