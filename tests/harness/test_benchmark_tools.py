@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -594,3 +595,24 @@ def test_conv_autoencoder_with_a_transposed_convolution_decoder_trains(tmp_path)
     records = json.loads(out.read_text())["records"]
     assert records[1]["train_loss"] < records[0]["train_loss"] < 543
     assert "transposed convolutions (30 -> 32 x 7 x 7" in (tmp_path / "README.md").read_text()
+
+
+def test_transformer_mnist_trains_locoprop_on_the_blocks_layers_and_resumes(tmp_path):
+    """benchmarks/transformer_mnist.py on real MNIST (400 images, 2 epochs): LocoProp-M with the layers inside
+    nn.TransformerEncoder paired at the first step (linear1 with its ReLU) lowers the loss below a uniform guess's
+    ln 10; --resume trains only the runs the file does not hold."""
+    mod = _module("transformer_mnist")
+    out = tmp_path / "runs.json"
+    common = ["--data-dir", str(REPO.parent / "shared" / "data" / "mnist"), "--epochs", "2", "--limit-train", "400",
+              "--batch-size", "100", "--threads", "1", "--out", str(out)]
+    mod.main(common + ["--runs", "locoprop-m:1e-3"])
+    records = json.loads(out.read_text())["records"]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["train_loss"] < records[0]["train_loss"] < math.log(10)
+    assert records[1]["pairs"]["blocks.layers.1.linear1"] == "relu"
+    assert records[1]["pairs"]["head"] == "softmax (output_transfer)"
+    readme = (tmp_path / "README.md").read_text()
+    assert "| `blocks.layers.0.linear1` | relu |" in readme and "| locoprop-m | 0.001 |" in readme
+    mod.main(common + ["--resume", "--runs", "locoprop-m:1e-3", "adam:3e-3"])
+    again = json.loads(out.read_text())["records"]
+    assert again[:2] == records and [r["optimizer"] for r in again[2:]] == ["adam", "adam"]
