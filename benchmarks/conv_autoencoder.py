@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +27,7 @@ from torch import nn
 from locoprop.harness.data import load_dataset
 from locoprop.harness.models import AutoencoderLoss, autoencoder_loss
 from locoprop.harness.optimizers import build_optimizer
-from locoprop.harness.records import write_records
+from locoprop.harness.records import parse_runs, processor, resumed_records, train_missing_runs
 from locoprop.harness.train import evaluate
 
 #: The harness's settings of each optimizer, but the learning rate (``--runs``).
@@ -100,14 +97,6 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
     return "\n".join(lines) + "\n\nEvery epoch of every run is in the JSON file.\n"
 
 
-def _processor() -> str:
-    """``benchmarks/step_time.py``'s description of the CPU (model name and instruction sets)."""
-    spec = importlib.util.spec_from_file_location("step_time", Path(__file__).with_name("step_time.py"))
-    step_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_time)
-    return step_time.processor()
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", required=True)
@@ -125,15 +114,7 @@ def main(argv=None) -> None:
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs --out already holds (same epochs) and train only the others")
     args = ap.parse_args(argv)
-    runs = []
-    for spec in args.runs:
-        name, _, lr = spec.partition(":")
-        if name not in SETTINGS:
-            ap.error(f"--runs {spec!r}: optimizer must be one of {sorted(SETTINGS)}")
-        try:
-            runs.append((name, float(lr)))
-        except ValueError:
-            ap.error(f"--runs {spec!r}: expected OPTIMIZER:LEARNING_RATE")
+    runs = parse_runs(ap, args.runs, SETTINGS)
     torch.set_num_threads(args.threads)
     data = load_dataset("mnist", args.data_dir, limit_train=args.limit_train)
     meta = {
@@ -141,27 +122,16 @@ def main(argv=None) -> None:
             ", transposed-convolution decoder" if args.decoder == "transposed" else ""),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.date.today().isoformat(),
-        "machine": f"CPU {_processor()} ({platform.machine()}), {args.threads} threads",
+        "machine": f"CPU {processor()} ({platform.machine()}), {args.threads} threads",
         "torch": torch.__version__, "epochs": args.epochs, "train_examples": len(data.train),
         "batch_size": args.batch_size, "data": data.describe(),
         "about": __doc__.split("\n\n")[1].replace("\n", " ").replace(DECODERS["linear"][0],
                                                                        DECODERS[args.decoder][0]),
     }
-    records: list[dict] = []
-    if args.resume and Path(args.out).exists():
-        previous = json.loads(Path(args.out).read_text())
-        kept = {key for key, m in previous["meta"].items() if key not in ("command", "date")}
-        if {k: previous["meta"][k] for k in kept} != {k: meta.get(k) for k in kept}:
-            ap.error(f"--resume: {args.out} was made with other settings ({previous['meta']['command']})")
-        records = previous["records"]
-        meta["command"] = previous["meta"]["command"] + "  # then: " + meta["command"]
-    done = {(r["optimizer"], r["lr"]) for r in records if r["epoch"] == args.epochs}
-    for name, lr in runs:
-        if (name, lr) in done:
-            continue
-        records = [r for r in records if (r["optimizer"], r["lr"]) != (name, lr)]  # an unfinished run: again
-        records += train(name, lr, data, args.epochs, args.batch_size, args.seed, args.decoder)
-        write_records(args.out, meta, records, readme)  # after every run: a stopped job keeps what it did
+    records = resumed_records(ap, args.out, meta, args.resume)
+    train_missing_runs(runs, records, args.epochs,
+                       lambda name, lr: train(name, lr, data, args.epochs, args.batch_size, args.seed, args.decoder),
+                       args.out, meta, readme)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ import torch
 from locoprop.fused import graph_side_stream
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
 from locoprop.harness.optimizers import build_optimizer
-from locoprop.harness.records import write_records
+from locoprop.harness.records import processor, write_records
 
 # (harness name, settings); LocoProp entries are expanded over --local-steps.
 OPTIMIZERS = {
@@ -85,19 +85,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-
-
-def processor() -> str:
-    """The CPU's model name and the instruction sets that decide its product rates (bf16 is fast only with
-    AVX512-BF16 or AMX), from ``/proc/cpuinfo`` where there is one."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    sets = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(sets) or 'no AVX2'})"
 
 
 def matmul_rate(device: torch.device, dtype=torch.float32, n: int | None = None, reps: int = 10,
