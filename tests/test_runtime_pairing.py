@@ -131,6 +131,7 @@ def test_a_sequential_holding_a_transformer_block_pairs_its_layers_in_place():
     opt.step(lambda: bce_sum_mean(model(x), x))
     assert [lay.transfer_desc for lay in opt.layers] == ["Tanh", "gelu", "none", "sigmoid (output_transfer)"]
     assert opt.layers[1].transfer is None  # GELU is not monotone: LocoProp-S takes it, LocoProp-M refuses it
+    assert "2.linear1: (32, 16) -> no transfer function (gelu, not monotone)" in repr(opt)
 
 
 def _snapshot(model, opt):
@@ -287,3 +288,37 @@ def test_a_layer_whose_output_goes_into_a_custom_autograd_function_is_linear_wit
                                          r"linear: pass layers="):
         opt.step(lambda: bce_sum_mean(model(x), x))
     assert [lay.transfer_desc for lay in opt.layers] == ["none", "sigmoid (output_transfer)"]
+
+
+class GeluNet(nn.Module):
+    """A GELU MLP; ``untraceable``: a branch on the input's shape."""
+
+    def __init__(self, untraceable: bool):
+        super().__init__()
+        torch.manual_seed(5)
+        self.untraceable = untraceable
+        self.a, self.b, self.c = nn.Linear(8, 10), nn.Linear(10, 10), nn.Linear(10, 8)
+
+    def forward(self, x):
+        if self.untraceable and x.dim() != 2:
+            raise ValueError("expected (batch, features)")
+        return self.c(torch.tanh(self.b(F.gelu(self.a(x)))))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_non_monotone_linear_takes_the_layers_before_a_gelu_as_linear_under_locoprop_m(untraceable):
+    x = torch.rand(16, 8, dtype=torch.float64)
+    model, twin = GeluNet(untraceable).double(), GeluNet(False).double()
+    with pytest.raises(ValueError, match="non_monotone='linear' gives such layers"):
+        opt = locoprop.LocoProp(model, "M", lr=1e-2, local_steps=3, output_transfer="sigmoid")
+        opt.step(lambda: bce_sum_mean(model(x), x))  # (untraceable: refused at the first step)
+    opt = locoprop.LocoProp(model, "M", lr=1e-2, local_steps=3, output_transfer="sigmoid", non_monotone="linear")
+    explicit = locoprop.LocoProp(twin, "M", lr=1e-2, local_steps=3,
+                                 layers=[(twin.a, "linear"), (twin.b, "tanh"), (twin.c, "sigmoid")])
+    for _ in range(3):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        explicit.step(lambda: bce_sum_mean(twin(x), x))
+    assert opt.layers[0].transfer_desc == "gelu (not monotone: linear)"
+    assert_close_models(model, twin, rtol=1e-14)
+    with pytest.raises(ValueError, match=r"non_monotone: expected one of \('refuse', 'linear'\), got 'skip'"):
+        locoprop.LocoProp(model, "M", non_monotone="skip")

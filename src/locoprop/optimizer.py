@@ -41,6 +41,7 @@ from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, dis
                      set_output_transfer, split_frozen_layers)
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
 from .transfer import MONOTONE_MODULES, get_transfer
+from .transfer import Linear as LinearTransfer
 from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, InnerView, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
@@ -51,6 +52,8 @@ __all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CapturedStep"]
 BACKENDS = ("auto", "fused", "reference")
 #: Where ``check_finite`` keeps its copy of the weights and inner state (the ``rollback`` argument).
 ROLLBACKS = ("device", "host")
+#: What a variant that uses the transfer function does with a layer before a non-monotone activation.
+NON_MONOTONE = ("refuse", "linear")
 
 
 def _positive(name: str, value) -> float:
@@ -179,6 +182,14 @@ class LocoProp(Optimizer):
             ``True``; distributed, summed over the ranks as the global batch's
             gradient).  Added once the step succeeded (not for a step that
             raises).  ``False``: their ``.grad`` is left alone.
+        non_monotone: what a variant that uses the transfer function
+            (LocoProp-M, the post-activation variants) does with a layer
+            followed by an activation that is not monotone (GELU, SiLU, Mish,
+            Hardswish: no matching loss, Table 2): ``"refuse"`` (default, a
+            ``ValueError`` naming the layer) or ``"linear"`` (the layer is
+            taken as linear: its local problem is the squared loss on its
+            pre-activation, LocoProp-S's, so that a GELU transformer trains
+            under LocoProp-M without ``layers=``).
     """
 
     def __init__(
@@ -212,6 +223,7 @@ class LocoProp(Optimizer):
         triton_elementwise: bool | None = None,
         solve_order: str = "layer-major",
         other_grads: bool = True,
+        non_monotone: str = "refuse",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -223,6 +235,9 @@ class LocoProp(Optimizer):
             raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {min_lr_ratio!r}")
         if rollback not in ROLLBACKS:
             raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {rollback!r}")
+        if non_monotone not in NON_MONOTONE:
+            raise ValueError(f"non_monotone: expected one of {NON_MONOTONE}, got {non_monotone!r}")
+        self.non_monotone = non_monotone
 
         base = get_variant(variant)
         if regularizer is not None:
@@ -312,12 +327,15 @@ class LocoProp(Optimizer):
         not); a warning where the output layer is linear though no ``output_transfer`` says so."""
         v = self.variant
         for lay in self.layers:
+            if v.needs_transfer and lay.transfer is None and not lay.pending and self.non_monotone == "linear":
+                lay.transfer, lay.transfer_desc = LinearTransfer(), f"{lay.transfer_desc} (not monotone: linear)"
             if v.needs_transfer and lay.transfer is None and not lay.pending:
                 raise ValueError(
                     f"layer {lay.name!r}: the module after it ({lay.transfer_desc}) is not a monotone "
                     f"transfer function, which {v.name} needs (its matching loss or target uses f); "
                     f"valid: {MONOTONE_MODULES}, or pass layers=[(linear, 'arctan'), ...] (GELU, SiLU and Mish "
-                    "are not monotone: LocoProp-S, whose squared loss is on the pre-activation, takes any)"
+                    "are not monotone: LocoProp-S, whose squared loss is on the pre-activation, takes any; "
+                    "non_monotone='linear' gives such layers that squared loss under this variant too)"
                 )
         last = self.layers[self._output_index]
         if v.needs_transfer and warn_output and output_transfer is None and last.transfer_desc == "none":
@@ -788,7 +806,8 @@ class LocoProp(Optimizer):
                  f"{self.variant.local_loss!r}, regularizer={self.variant.regularizer!r}, solver={self.variant.solver!r},"
                  f" inner={self.inner_spec!r}"]
         for lay, g in zip(self.layers, self.param_groups):
-            transfer = "(paired at the first step)" if lay.pending else repr(lay.transfer)
+            transfer = ("(paired at the first step)" if lay.pending else repr(lay.transfer) if lay.transfer is not None
+                        else f"no transfer function ({lay.transfer_desc}, not monotone)")
             lines.append(f"  {lay.name}: {tuple(lay.linear.weight.shape)} -> {transfer}  lr={g['lr']}, "
                          f"activation_lr={g['activation_lr']}, local_steps={g['local_steps']}")
         if self.frozen_layers:
