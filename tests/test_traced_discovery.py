@@ -144,3 +144,17 @@ def test_a_sequential_with_layers_inside_its_blocks_is_traced_and_read_in_order_
                                                              "3": False}
     assert torch.equal(getattr(untraceable[2], idle).weight, getattr(before[2], idle).weight)
     assert not torch.equal(getattr(untraceable[2], ran).weight, getattr(before[2], ran).weight)
+
+
+def test_a_layer_before_a_norm_a_dropout_or_a_block_is_linear_and_before_another_activation_has_none():
+    """The module rule is the function rule: an activation of torch.nn gives its transfer function (none for a
+    non-monotone one, which LocoProp-M refuses by name); any other module (a LayerNorm, a Dropout, a block) takes
+    the output as any other call does: linear."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 6), nn.Dropout(0.0),
+                          nn.Linear(6, 6), nn.Sigmoid(), Block(6), nn.Linear(6, 6))
+    opt = locoprop.LocoProp(model, "M", output_transfer="sigmoid")
+    assert [(lay.name, lay.transfer_desc) for lay in opt.layers] == [
+        ("0", "none"), ("3", "none"), ("5", "Sigmoid"), ("7.inner", "elu"), ("7.outer", "none"),
+        ("8", "sigmoid (output_transfer)")]
+    with pytest.raises(ValueError, match=r"layer '0': the module after it \(PReLU\) is not a monotone transfer"):
+        locoprop.LocoProp(nn.Sequential(nn.Linear(6, 6), nn.PReLU(), nn.Linear(6, 6)), "M", output_transfer="linear")

@@ -347,14 +347,23 @@ def _matrix_of(module: nn.Module) -> nn.Linear | ConvMatrix:
     return ConvMatrix(module) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else module
 
 
+def _is_activation(module: nn.Module) -> bool:
+    """An activation module of ``torch.nn`` (``torch.nn.modules.activation``: Tanh, GELU, PReLU, Softmin, ...;
+    not ``nn.MultiheadAttention``, which lives there too)."""
+    return (type(module).__module__ == "torch.nn.modules.activation"
+            and not isinstance(module, nn.MultiheadAttention))
+
+
 def _transfer_after(name: str, module: nn.Module, nxt: nn.Module | None) -> Layer:
     """The layer ``module`` with the module that takes its output alone (``None``: nothing, or several) as its
-    transfer function: linear before another layer, a ``Flatten`` or nothing; ``None`` (no transfer function,
-    which variants that use ``f`` refuse) for a module that is not a monotone activation."""
-    if nxt is None or isinstance(nxt, (*LAYER_MODULES, nn.Flatten, nn.Unflatten)):
-        return Layer(name, _matrix_of(module), LinearTransfer(), None, "none")
+    transfer function: a monotone activation's (Table 2 and :data:`~locoprop.transfer.MONOTONE_MODULES`);
+    ``None`` (no transfer function, which variants that use ``f`` refuse) for another activation of ``torch.nn``
+    (GELU, SiLU, PReLU, ...); linear before anything else (another layer, a ``Flatten``, a norm, a dropout, a
+    block) or nothing, as for an output that goes into any call other than an activation's."""
     _check_not_inplace(name, nxt)
-    transfer = transfer_from_module(nxt)
+    transfer = transfer_from_module(nxt) if nxt is not None else None
+    if transfer is None and (nxt is None or not _is_activation(nxt)):
+        return Layer(name, _matrix_of(module), LinearTransfer(), None, "none")
     return Layer(name, _matrix_of(module), transfer, nxt if transfer is not None else None, type(nxt).__name__)
 
 

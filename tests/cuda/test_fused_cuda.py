@@ -557,10 +557,37 @@ def _transposed_decoder():
                          nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1), nn.Flatten())
 
 
+def _transformer_block():
+    """An nn.TransformerEncoderLayer over the image's rows: its feed-forward layers paired in the first (warm-up)
+    step; its attention and norms outside LocoProp (their gradients into .grad)."""
+    return nn.Sequential(nn.Unflatten(1, (28, 28)), nn.Linear(28, 32),
+                         nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), nn.Flatten(),
+                         nn.Linear(28 * 32, 784))
+
+
+class _TwoHeads(nn.Module):
+    """Untraceable (a branch on the input's shape), with a second head that never runs: every step solves the
+    layers that ran, on the fast path and in the captured step."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(784, 300)
+        self.heads = nn.ModuleList([nn.Linear(300, 784), nn.Linear(300, 784)])
+
+    def forward(self, x):
+        if x.dim() != 2:
+            raise ValueError("expected (batch, 784)")
+        return self.heads[0](torch.tanh(self.trunk(x)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("build, names", [(_convnet, ["1", "3", "6"]),
                                           (_grouped_convnet, ["1", "3[0]", "3[1]", "3[2]", "3[3]", "6"]),
-                                          (_shared_net, ["0", "2", "6"]), (_transposed_decoder, ["0", "3", "5"])],
-                         ids=["conv", "grouped-conv", "shared-layer", "conv-transpose"])
+                                          (_shared_net, ["0", "2", "6"]), (_transposed_decoder, ["0", "3", "5"]),
+                                          (_transformer_block, ["1", "2.linear1", "2.linear2", "4"]),
+                                          (_TwoHeads, ["trunk", "heads.0", "heads.1"])],
+                         ids=["conv", "grouped-conv", "shared-layer", "conv-transpose", "transformer-block",
+                              "idle-layer"])
 def test_graphed_step_of_other_architectures_equals_reference(build, names):
     """Each architecture (see its builder) on the fast path and in the captured whole step: the reference loop's
     weights to 1e-5 over several steps."""
