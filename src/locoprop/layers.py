@@ -348,10 +348,13 @@ def _matrix_of(module: nn.Module) -> nn.Linear | ConvMatrix:
 
 
 def _is_activation(module: nn.Module) -> bool:
-    """An activation module of ``torch.nn`` (``torch.nn.modules.activation``: Tanh, GELU, PReLU, Softmin, ...;
-    not ``nn.MultiheadAttention``, which lives there too)."""
-    return (type(module).__module__ == "torch.nn.modules.activation"
-            and not isinstance(module, nn.MultiheadAttention))
+    """An activation module of ``torch.nn`` or a subclass of one (``torch.nn.modules.activation``: Tanh, GELU,
+    PReLU, Softmin, ...; not ``nn.MultiheadAttention``, which lives there too)."""
+    import torch.nn.modules.activation as activation
+
+    kinds = tuple(k for k in vars(activation).values() if isinstance(k, type) and issubclass(k, nn.Module)
+                  and k.__module__ == activation.__name__ and k is not nn.MultiheadAttention)
+    return isinstance(module, kinds)
 
 
 def _transfer_after(name: str, module: nn.Module, nxt: nn.Module | None) -> Layer:

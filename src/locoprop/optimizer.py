@@ -256,6 +256,7 @@ class LocoProp(Optimizer):
         self._output_deferred = self.layers[-1].pending
         self._warned_idle: set[str] = set()  # layers already named in the warning that they did not run
         self._sampler: _OutputSampler | None = None
+        self._take_non_monotone_as_linear()
         self._check_layers(output_transfer, warn_output=not self.layers[-1].pending)
         if self.variant.needs_sampled_grad and not self.layers[-1].pending:
             self._sampler = _OutputSampler(self.layers[-1])
@@ -322,13 +323,20 @@ class LocoProp(Optimizer):
             self.distributor = make_distributor(self, distributed, process_group)
 
     # -- construction checks ------------------------------------------------------------------
+    def _take_non_monotone_as_linear(self) -> None:
+        """``non_monotone="linear"``: under a variant that uses the transfer function, each paired layer before
+        a non-monotone activation is taken as linear (the squared loss on its pre-activation)."""
+        if self.non_monotone != "linear" or not self.variant.needs_transfer:
+            return
+        for lay in self.layers:
+            if lay.transfer is None and not lay.pending:
+                lay.transfer, lay.transfer_desc = LinearTransfer(), f"{lay.transfer_desc} (not monotone: linear)"
+
     def _check_layers(self, output_transfer, warn_output: bool = True) -> None:
         """Every layer has the transfer function the variant needs (a ``ValueError`` naming the first that does
         not); a warning where the output layer is linear though no ``output_transfer`` says so."""
         v = self.variant
         for lay in self.layers:
-            if v.needs_transfer and lay.transfer is None and not lay.pending and self.non_monotone == "linear":
-                lay.transfer, lay.transfer_desc = LinearTransfer(), f"{lay.transfer_desc} (not monotone: linear)"
             if v.needs_transfer and lay.transfer is None and not lay.pending:
                 raise ValueError(
                     f"layer {lay.name!r}: the module after it ({lay.transfer_desc}) is not a monotone "
@@ -388,6 +396,7 @@ class LocoProp(Optimizer):
             set_output_transfer(self.layers[output_index], get_transfer(self._output_transfer), self._output_transfer)
         try:
             self._output_index = output_index
+            self._take_non_monotone_as_linear()
             self._check_layers(self._output_transfer, warn_output=deferred)
             if self.variant.needs_sampled_grad:
                 self._sampler = _OutputSampler(self.layers[output_index])
