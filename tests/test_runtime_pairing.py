@@ -14,6 +14,7 @@ from torch import nn
 import locoprop
 from conftest import bce_sum_mean
 from test_backprop_identity import assert_close_models
+from test_errors import _assert_unchanged, _snapshot
 
 ACTIVATIONS = [torch.tanh, torch.sigmoid, F.relu, lambda t: F.leaky_relu(t, 0.2), lambda t: F.elu(t, 0.5), F.selu,
                lambda t: F.celu(t, 2.0), lambda t: F.softplus(t, beta=2.0), lambda t: F.hardtanh(t, -2.0, 3.0),
@@ -132,16 +133,6 @@ def test_a_sequential_holding_a_transformer_block_pairs_its_layers_in_place():
     assert [lay.transfer_desc for lay in opt.layers] == ["Tanh", "gelu", "none", "sigmoid (output_transfer)"]
     assert opt.layers[1].transfer is None  # GELU is not monotone: LocoProp-S takes it, LocoProp-M refuses it
     assert "2.linear1: (32, 16) -> no transfer function (gelu, not monotone)" in repr(opt)
-
-
-def _snapshot(model, opt):
-    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(model, opt, snap):
-    for k, v in snap[0].items():
-        assert torch.equal(model.state_dict()[k], v), k
-    assert repr(opt.state_dict()) == repr(snap[1])
 
 
 def test_a_pairing_the_variant_refuses_raises_at_the_first_step_and_changes_nothing():
