@@ -834,11 +834,7 @@ class LayerShardedDistributor(Distributor):
 
     def solve(self, solver, problems, local_loss, regularizer, inner) -> None:
         mine = [p for p in problems if p is not None]
-        for m, lay in enumerate(self.layers):
-            if m not in self.mine:
-                for p in lay.params:
-                    p.grad = None
-        if mine:
+        if mine:  # the inner optimizer's view of this rank's layers steps only theirs (InnerView)
             solver.solve(mine, local_loss, regularizer, self.local_inner(inner))
         works, finishers = [], []
         for owner, layers in enumerate(self.owned):

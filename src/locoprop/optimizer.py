@@ -648,10 +648,7 @@ class LocoProp(Optimizer):
         try:
             with torch.no_grad():
                 if self.distributor is None:
-                    for m in (m for m, p in enumerate(problems) if p is None):  # did not run: left as it is
-                        for p in self.layers[m].params:
-                            p.grad = None
-                    solved, inner = self._solved(problems)
+                    solved, inner = self._solved(problems)  # a layer that did not run is left as it is
                     solver.solve(solved, self.variant.local_loss, self.variant.regularizer, inner)
                 else:
                     self.distributor.solve(solver, problems, self.variant.local_loss, self.variant.regularizer,

@@ -193,16 +193,21 @@ class InnerView:
     """The inner optimizer restricted to some layers' groups (same dicts, same state): the layers a rank
     solves (``distributed="layers"``), or those that ran in a step.
 
-    ``step`` runs the whole inner optimizer; the parameters of the other layers
-    have no gradient, and every ``torch.optim`` optimizer skips those.
+    ``step`` runs the whole inner optimizer after taking the gradients of the
+    other layers' parameters away (a stale ``.grad`` would move them): every
+    ``torch.optim`` optimizer skips a parameter without one.
     """
 
     def __init__(self, inner, indices: Sequence[int]) -> None:
         self.inner = inner
         self.param_groups = [inner.param_groups[i] for i in indices]
         self.state = inner.state
+        mine = set(indices)
+        self._others = [p for i, g in enumerate(inner.param_groups) if i not in mine for p in g["params"]]
 
     def step(self, closure=None):
+        for p in self._others:
+            p.grad = None
         return self.inner.step(closure)
 
 
