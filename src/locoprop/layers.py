@@ -819,14 +819,15 @@ def pair_from_autograd(layers: Sequence[Layer], calls: Sequence[Sequence[LayerBa
         for call in lay_calls:
             pre = call.pre
             users = consumers.get((id(pre.grad_fn), pre.output_nr), []) if pre.grad_fn is not None else []
-            kind = type(users[0]).__name__ if len(users) == 1 else ""
+            user = users[0] if len(users) == 1 else None  # the one operation that takes the output
+            kind = type(user).__name__ if user is not None else ""
             if kind in _MONOTONE_NODES:
-                transfer = _MONOTONE_NODES[kind](users[0], pre)
+                transfer = _MONOTONE_NODES[kind](user, pre)
                 pair = (transfer, kind.removesuffix("Backward0").lower()) if transfer is not None else (
                     LinearTransfer(), "none")
             elif kind in _NON_MONOTONE_NODES:
                 pair = (None, _NON_MONOTONE_NODES[kind])
-            elif isinstance(users[0] if users else None, torch.autograd.function.BackwardCFunction):
+            elif isinstance(user, torch.autograd.function.BackwardCFunction):
                 pair = (LinearTransfer(), "none")
                 opaque.setdefault(lay.name, kind)
             else:
@@ -871,7 +872,7 @@ class LayerCapture:
         self.capture_post = capture_post
         self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
         self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
-        self.order: list[int] = []  # the layers' indices, one per call, in the order the forward pass called them
+        self.last_called: int | None = None  # the index of the layer the forward pass called last
         self._by_pre: dict[int, list[tuple[int, LayerBatch]]] = {}  # a grouped convolution's layers share one
         self._handles: list = []
 
@@ -885,7 +886,7 @@ class LayerCapture:
             batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach(), output), pre=output,
                                rows_per_example=layer.rows_per_example(output), pre_version=output._version)
             self.calls[index].append(batch)
-            self.order.append(index)
+            self.last_called = index
             self._by_pre.setdefault(id(output), []).append((index, batch))
 
         return hook

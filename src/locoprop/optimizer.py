@@ -386,7 +386,7 @@ class LocoProp(Optimizer):
         LocoProp-M) raises ``ValueError`` and leaves every layer pending and every weight as it was."""
         pairs = pair_from_autograd(self.layers, cap.calls, loss)
         deferred = self._output_deferred  # discovery could not tell the output layer: the one called last
-        output_index = cap.order[-1] if deferred else self._output_index
+        output_index = cap.last_called if deferred else self._output_index
         saved = [(lay.transfer, lay.transfer_desc, lay.transfer_module, lay.pending) for lay in self.layers]
         saved_output = self._output_index
         for index, (transfer, desc) in pairs.items():
