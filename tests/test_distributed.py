@@ -71,6 +71,9 @@ CASES = {
     # feed-forward layers are paired at the first step, alike on every rank; its attention and norms: other_grads
     "data-M-block": ("data", "M", dict(local_steps=3, block=True)),
     "layers-post-S-block": ("layers", "post-S", dict(local_steps=3, block=True)),
+    # each rank's shard taken in micro-batches (step([closure, ...])): the step of the whole global batch
+    "data-M-micro": ("data", "M", dict(local_steps=3, input_norm=True, micro=True)),
+    "layers-M-fused-micro": ("layers", "M", dict(local_steps=3, backend="fused", seq=True, micro=True)),
 }
 
 
@@ -129,6 +132,7 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     kw = dict(kw)
     kw.setdefault("lr", 5e-2)
     model = _model(**{k: kw.pop(k) for k in SHAPES if k in kw})
+    micro = kw.pop("micro", False)
     opt = locoprop.LocoProp(model, variant, activation_lr=0.5, output_transfer="sigmoid", **kw,
                             **(dict(distributed=mode) if distributed else {}))
     x = _data()
@@ -136,7 +140,11 @@ def _run_case(name: str, rank: int = 0, world: int = 1, distributed: bool = Fals
     for i in range(0, ROWS, BATCH):
         index = torch.arange(i, min(i + BATCH, ROWS))
         xb = x[batch_shard(index, rank, world)] if distributed else x[index]
-        losses.append(float(opt.step(lambda: _loss(model(xb), xb))))
+        if micro and distributed:  # micro-batches of 7 rows and the rest; each loss a share of the shard's mean
+            closures = [lambda part=part, n=len(xb): _loss(model(part), part) * len(part) / n for part in xb.split(7)]
+            losses.append(float(opt.step(closures)))
+        else:
+            losses.append(float(opt.step(lambda: _loss(model(xb), xb))))
     return model, opt, losses
 
 
@@ -180,6 +188,16 @@ def _worker(scenario: str, out: Path) -> None:
             except ValueError as exc:
                 errors[f"idle-{mode}"] = str(exc)
             errors[f"idle-{mode}-unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+        for mode in ("data", "layers"):  # micro-batches of sequences of 3 and 2 positions: examples uncounted
+            model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+            opt = locoprop.LocoProp(model, "M", output_transfer="sigmoid", distributed=mode)
+            start = [p.detach().clone() for p in model.parameters()]
+            seqs = [xb.reshape(len(xb), 3, 4), xb[:, :8].reshape(len(xb), 2, 4)]
+            try:
+                opt.step([lambda s=s: _loss(model(s), s) for s in seqs])
+            except ValueError as exc:
+                errors[f"lengths-{mode}"] = str(exc)
+            errors[f"lengths-{mode}-unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
         (out / f"errors-rank{rank}.json").write_text(json.dumps(errors))
         for name in CASES:
             model, opt, losses = _run_case(name, rank, world, distributed=True)
@@ -282,6 +300,8 @@ def _check_match(world: int, tmp_path: Path) -> None:
         for mode in ("data", "layers"):
             assert "layer '2' did not run on rank 1 in this step" in errors[f"idle-{mode}"], errors
             assert errors[f"idle-{mode}-unchanged"], mode
+            assert "different numbers of rows per example" in errors[f"lengths-{mode}"], errors
+            assert errors[f"lengths-{mode}-unchanged"], mode
     for name in CASES:
         model, opt, losses = _run_case(name)
         want = [p.detach() for p in model.parameters()]

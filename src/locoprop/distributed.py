@@ -410,6 +410,10 @@ def _rows_not_whole(batch: LayerBatch) -> str | None:
     rows, per = batch.inputs.shape[0], batch.rows_per_example
     if per > 0 and rows % per == 0:
         return None
+    if per == 0:  # LayerBatch.stack: micro-batches whose examples have different numbers of rows
+        return (f"layer {batch.layer.name!r}: the step's micro-batches have different numbers of rows per example "
+                "(sequences of different lengths); distributed LocoProp counts a shard's examples by them: give "
+                "every micro-batch of a step the same shape but the first dimension")
     return (f"layer {batch.layer.name!r}: {rows} rows of {per} per example; distributed LocoProp counts a shard's "
             "examples by the first dimension of each layer's input (the batch; a shared layer's calls each on "
             "the whole shard)")
@@ -787,6 +791,9 @@ class LayerShardedDistributor(Distributor):
         shapes = [(b.inputs.shape[0], b.rows_per_example) for b in batches]
         if all(per > 0 and rows == shapes[0][0] // shapes[0][1] * per for rows, per in shapes):
             return None
+        mixed = next((b for b, (_, per) in zip(batches, shapes) if per == 0), None)
+        if mixed is not None:
+            return _rows_not_whole(mixed)
         told = ", ".join(f"{b.layer.name!r} {rows} rows of {per}" for b, (rows, per) in zip(batches, shapes))
         return (f"the layers' rows are not the same examples ({told} per example); distributed='layers' gathers "
                 "each layer's rows one example at a time, counting a shard's examples by the first dimension of "

@@ -314,6 +314,31 @@ class LayerBatch:
     def batch_size(self) -> int:
         return self.inputs.shape[0]
 
+    #: The row tensors that :meth:`stack` concatenates (``None`` in every part, or in none).
+    ROW_FIELDS = ("inputs", "pre", "grad_pre", "grad_post", "grad_pre_sampled")
+
+    @classmethod
+    def stack(cls, parts: Sequence["LayerBatch"]) -> "LayerBatch | None":
+        """One layer's batches of several micro-batches (as rows, after the backward pass) as one batch whose
+        rows are theirs in order; ``None`` for none, the batch itself for one.  The parts' tensors are
+        released as they are stacked.  ``rows_per_example`` is the parts' when they agree, else 0 (the rows
+        are no whole number of examples of one size: micro-batches of different sequence lengths)."""
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        layer = parts[0].layer
+        per = {p.rows_per_example for p in parts}
+        out = cls(layer=layer, inputs=None, pre=None, rows_per_example=per.pop() if len(per) == 1 else 0)
+        for name in cls.ROW_FIELDS:
+            values = [getattr(p, name) for p in parts]
+            if all(v is None for v in values):
+                continue
+            if any(v is None for v in values):
+                raise RuntimeError(f"layer {layer.name!r}: {name} is missing in some micro-batches")
+            setattr(out, name, torch.cat(values))
+            for p in parts:
+                setattr(p, name, None)
+        return out
+
 
 def _flatten_sequential(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     out = []
@@ -942,7 +967,4 @@ class LayerCapture:
                 c.inputs = None  # the stacked rows hold them
             out.append(LayerBatch(layer=lay, inputs=inputs, pre=None, calls=calls,
                                   rows_per_example=sum(c.rows_per_example for c in calls)))
-        if all(b is None for b in out):
-            raise RuntimeError("closure: none of LocoProp's layers ran in its forward pass (a closure of another "
-                               f"model?); the layers are {[lay.name for lay in self.layers][:5]}")
         return out

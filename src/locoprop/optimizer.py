@@ -368,15 +368,37 @@ class LocoProp(Optimizer):
                                      "(was it computed under torch.no_grad or detached?)")
                 loss = loss.reshape(())
         batches = cap.check()
+        if any(lay.pending for lay in self.layers):
+            self._pair_pending_layers(cap, loss)
+        return loss, batches
+
+    def _forward_backward(self, closures: list[Callable[[], torch.Tensor]]):
+        """Forward and backward pass of each closure in turn (a micro-batch each), each layer's rows of every
+        micro-batch stacked into one local problem; the summed loss, the batches and the other parameters'
+        summed gradients.  A micro-batch's autograd graph is freed before the next closure runs: the step holds
+        the layers' rows (inputs, pre-activations, gradients) of the whole batch, not its activations."""
+        total, parts, others, other_sums = None, [], [], None
+        for closure in closures:
+            loss, batches = self._capture(closure)
+            others, grads = self._gradients(loss, batches)
+            parts.append(batches)
+            total = loss.detach() if total is None else total + loss.detach()
+            if other_sums is None:
+                other_sums = list(grads)
+            else:
+                other_sums = [a if b is None else b if a is None else a + b for a, b in zip(other_sums, grads)]
+            del loss
+        batches = [LayerBatch.stack([b for b in per_layer if b is not None]) for per_layer in zip(*parts)]
+        if all(b is None for b in batches):
+            raise RuntimeError("closure: none of LocoProp's layers ran in its forward pass (a closure of another "
+                               f"model?); the layers are {[lay.name for lay in self.layers][:5]}")
         idle = [lay.name for lay, b in zip(self.layers, batches) if b is None and lay.name not in self._warned_idle]
         if idle:
             self._warned_idle.update(idle)
             warnings.warn(f"layer(s) {idle} did not run in the closure's forward pass; a step leaves a layer that "
                           "did not run as it is, as torch.optim leaves a parameter without a gradient (said once "
                           "per layer)", stacklevel=5)
-        if any(lay.pending for lay in self.layers):
-            self._pair_pending_layers(cap, loss)
-        return loss, batches
+        return total, batches, (others, other_sums or [])
 
     def _pair_pending_layers(self, cap: LayerCapture, loss: torch.Tensor) -> None:
         """The first step pairs the layers discovery could not see into (inside an ``nn.TransformerEncoderLayer``,
@@ -407,10 +429,11 @@ class LocoProp(Optimizer):
             self._output_index = saved_output
             raise
 
-    def _gradients(self, loss: torch.Tensor, batches: list[LayerBatch]) -> None:
+    def _gradients(self, loss: torch.Tensor, batches: list[LayerBatch | None]):
         """The backward pass: ``∇_â L`` of every layer's calls (and ``∇_ŷ L``, sampled gradients where the
         variant needs them), then each layer's tensors as rows of its local problem (a layer called more than
-        once: its calls' rows stacked, :class:`~locoprop.layers.LayerCapture`)."""
+        once: its calls' rows stacked, :class:`~locoprop.layers.LayerCapture`).  Returns the model's other
+        trainable parameters and their gradients (``None`` where unused), for :meth:`_keep_other_grads`."""
         v = self.variant
         per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]  # None: the layer did not run
         calls = [c for cs in per_layer for c in cs]
@@ -419,8 +442,9 @@ class LocoProp(Optimizer):
         wants += [c.post for c in posts]
         others = self._other_params()
         wants += others
-        try:
-            grads = torch.autograd.grad(loss, wants, allow_unused=True, retain_graph=v.needs_sampled_grad)
+        try:  # nothing to take the gradient of: no layer ran in this micro-batch, and no other parameters
+            grads = torch.autograd.grad(loss, wants, allow_unused=True, retain_graph=v.needs_sampled_grad) if wants \
+                else ()
         except RuntimeError as exc:
             if "backward through the graph a second time" in str(exc) or "freed" in str(exc):
                 raise RuntimeError("closure: return the loss without calling backward(); LocoProp runs "
@@ -431,7 +455,7 @@ class LocoProp(Optimizer):
             c.grad_pre = torch.zeros_like(c.pre) if g is None else g
         for c, g in zip(posts, grads[n:n + len(posts)]):
             c.grad_post = torch.zeros_like(c.post) if g is None else g
-        self._keep_other_grads(others, grads[n + len(posts):])
+        other_grads = grads[n + len(posts):]
         if v.needs_sampled_grad:  # the output layer's every call draws from the predictive distribution
             if not per_layer[self._output_index]:
                 raise RuntimeError(f"the output layer {self.layers[self._output_index].name!r} did not run in the "
@@ -466,6 +490,7 @@ class LocoProp(Optimizer):
                     parts = [getattr(c, name) for c in cs]
                     setattr(b, name, None if parts[0] is None else torch.cat(parts))
                 b.calls = []
+        return others, other_grads
 
     def _problems(self, batches: list[LayerBatch], saved: "_Rollback | None" = None) -> list[LocalProblem]:
         """Each layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback
@@ -602,8 +627,9 @@ class LocoProp(Optimizer):
             raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {where!r}")
         self._rollback = _Rollback(where)
 
-    def _step_body(self, closure: Callable[[], torch.Tensor], capturing: bool = False):
-        """Forward, backward, targets and solve; the loss and problems.  ``capturing``: no host syncs.
+    def _step_body(self, closures: list[Callable[[], torch.Tensor]], capturing: bool = False):
+        """Forward, backward (of each micro-batch's closure), targets and solve; the loss and problems.
+        ``capturing``: no host syncs.
 
         The rollback copy is started before the forward pass (on CUDA with
         ``rollback="host"`` it runs beside it) unless the inner state is reset
@@ -612,9 +638,9 @@ class LocoProp(Optimizer):
         early_copy = self.check_finite and not (self.inner is not None and self.reset_inner_state)
         if early_copy:
             self._rollback.save(self._params(), self.inner, host=not capturing)
-        loss, batches = self._capture(closure)
+        loss, batches, other_grads = self._forward_backward(closures)
         with self._autocast_off():  # the user's torch.autocast shapes the forward pass, not the local solve
-            return self._solve_captured(loss, batches, early_copy, capturing)
+            return self._solve_captured(loss, batches, other_grads, early_copy, capturing)
 
     def _autocast_off(self) -> contextlib.ExitStack:
         """``torch.autocast`` disabled on the layers' devices: the targets and local iterations run in the
@@ -625,12 +651,13 @@ class LocoProp(Optimizer):
                 stack.enter_context(torch.autocast(kind, enabled=False))
         return stack
 
-    def _solve_captured(self, loss: torch.Tensor, batches: list[LayerBatch], early_copy: bool, capturing: bool):
-        """The rest of :meth:`_step_body` after the closure: backward pass, targets, local solve."""
+    def _solve_captured(self, loss: torch.Tensor, batches: list[LayerBatch | None], other_grads,
+                        early_copy: bool, capturing: bool):
+        """The rest of :meth:`_step_body` after the forward and backward passes: targets, local solve."""
         reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
         if not capturing and not torch.isfinite(reported.detach()).all():  # every rank decides alike
             raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
-        self._gradients(loss, batches)
+        self._keep_other_grads(*other_grads)
         if self.distributor is not None:
             batches = self.distributor.exchange(batches)
         # the L2 proximity anchor (the weights at the start of the step) can be the rollback's copy of them,
@@ -661,22 +688,30 @@ class LocoProp(Optimizer):
             "reference" if self.variant.solver == "iterative" else self.variant.solver)
         return reported.detach(), problems
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]] | None = None
+             ) -> torch.Tensor:  # type: ignore[override]
         """One LocoProp step; ``closure()`` runs the forward pass and returns the scalar loss.
 
-        The closure must not call ``backward()``.  Returns the loss (detached),
+        The closure must not call ``backward()``.  A list of closures is one
+        step on a batch taken in micro-batches (gradient accumulation): each
+        closure runs the forward pass of one micro-batch and returns its
+        loss, the step's loss is their sum (scale a mean loss by the
+        micro-batch's share of the batch, as for ``loss.backward()``
+        accumulation), and each layer's local problem holds the rows of every
+        micro-batch, so the step is the one-closure step on the whole batch.
+        Each micro-batch's backward pass runs before the next closure, so its
+        activations are freed: the step's peak memory is one micro-batch's
+        activations plus the layers' rows of the whole batch.  Returns the loss (detached),
         measured before the update.  Raises :class:`~locoprop.DivergenceError`
         and leaves weights and inner state untouched when the loss or the
         local update is not finite.  An exception raised inside the local
         solve (out of memory, a failed ``torch.compile``) also leaves them
         untouched when ``check_finite`` keeps its copy (the default).
         """
-        if closure is None:
-            raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
-                             "the loss (LocoProp needs the layer inputs of the current batch)")
+        closures = _closures(closure)
         self._check_still_frozen_or_trainable()
         self._sync_layers()
-        loss, problems = self._step_body(closure)
+        loss, problems = self._step_body(closures)
         if self.check_finite and not bool(self._all_finite()):
             err = self._divergence()
             self._rollback.restore(self.inner)
@@ -716,6 +751,9 @@ class LocoProp(Optimizer):
         hyper-parameter change makes a new capture.  CUDA only; the fast
         solver must support the components.
         """
+        if not callable(closure):
+            raise TypeError(f"graphed_step: closure: expected one callable (a replay re-runs one forward pass; "
+                            f"micro-batches are for step), got {type(closure).__name__}")
         return CapturedStep(self, closure, warmup)
 
     # -- introspection --------------------------------------------------------------------------
@@ -926,6 +964,26 @@ class _Rollback:
                     st[k] = v
 
 
+def _closures(closure) -> list[Callable[[], torch.Tensor]]:
+    """``step``'s ``closure`` argument as a list: one closure, or a sequence of them (micro-batches)."""
+    if closure is None:
+        raise ValueError("closure: LocoProp.step needs a closure that runs the forward pass and returns "
+                         "the loss (LocoProp needs the layer inputs of the current batch)")
+    if callable(closure):
+        return [closure]
+    if isinstance(closure, (str, bytes)) or not isinstance(closure, Sequence):
+        raise TypeError(f"closure: expected a callable or a list of callables (one per micro-batch), got "
+                        f"{type(closure).__name__}")
+    closures = list(closure)
+    if not closures:
+        raise ValueError("closure: an empty list of closures; give at least one micro-batch's closure")
+    bad = [i for i, c in enumerate(closures) if not callable(c)]
+    if bad:
+        raise TypeError(f"closure: item {bad[0]} of the list is a {type(closures[bad[0]]).__name__}, not a "
+                        "callable; each item runs one micro-batch's forward pass and returns its loss")
+    return closures
+
+
 class CapturedStep:
     """:meth:`LocoProp.graphed_step`: the whole LocoProp step captured in one CUDA graph."""
 
@@ -1010,7 +1068,7 @@ class CapturedStep:
         solver.shared_rates = solver.shared_rates_of(table)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=graph_side_stream(first.device)):
-            loss, problems = opt._step_body(self.closure, capturing=True)
+            loss, problems = opt._step_body([self.closure], capturing=True)
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []

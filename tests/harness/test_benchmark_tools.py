@@ -616,3 +616,21 @@ def test_transformer_mnist_trains_locoprop_on_the_blocks_layers_and_resumes(tmp_
     mod.main(common + ["--resume", "--runs", "locoprop-m:1e-3", "adam:3e-3"])
     again = json.loads(out.read_text())["records"]
     assert again[:2] == records and [r["optimizer"] for r in again[2:]] == ["adam", "adam"]
+
+
+def test_micro_batches_measures_the_same_step_in_parts(tmp_path):
+    """benchmarks/micro_batches.py on 64 real MNIST images: every K's step is K = 1's (float64), BackProp + Adam's
+    peak falls with K, and the README holds a row per configuration."""
+    mod = _module("micro_batches")
+    out = tmp_path / "results.json"
+    mod.main(["--data-dir", str(REPO.parent / "shared" / "data" / "mnist"), "--models", "transformer",
+              "--micro-batches", "1", "4", "--batch-size", "64", "--steps", "1", "--threads", "1", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert [(r["optimizer"], r["micro_batches"]) for r in records] == [
+        ("locoprop-m", 1), ("locoprop-m", 4), ("adam", 1), ("adam", 4)]
+    assert all(r["max_rel_diff_to_one"] < 1e-9 for r in records if r["micro_batches"] > 1)
+    assert records[3]["peak_tensor_mb"] < records[2]["peak_tensor_mb"]
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.count("| transformer |") == 4
+    with pytest.raises(SystemExit):
+        mod.main(["--data-dir", "x", "--micro-batches", "2", "--out", str(out)])  # no K = 1 to compare with
