@@ -8,7 +8,8 @@ next micro-batch runs.  The peak is read from the profiler's memory timeline of 
 the step: the model, the optimizers' state, the batch's rows, one micro-batch's graph).  Each configuration also
 checks that its step is the one-closure step: from the same weights, the largest relative difference of a
 parameter after one float64 step against ``K = 1``.  Models: ``transformer`` (the row-token transformer of
-``benchmarks/transformer_mnist.py``, LocoProp-M on its Linear layers with inner Adam, Adam on the rest; mean
+``benchmarks/transformer_mnist.py``, LocoProp-M with inner Adam on its Linear layers, Adam on the rest; and
+``locoprop-m-attention``: on its attention's projections too, Adam on the norms and positions; mean
 cross-entropy) and ``standard`` (the paper's standard MNIST autoencoder, tanh, LocoProp-M with TF-RMSProp; the
 paper's loss), on real MNIST images.
 
@@ -39,7 +40,7 @@ from step_time import peak_tensor_bytes  # noqa: E402
 from transformer_mnist import RowTransformer  # noqa: E402
 
 MODELS = ("transformer", "standard")
-OPTIMIZERS = ("locoprop-m", "adam")
+OPTIMIZERS = ("locoprop-m", "locoprop-m-attention", "adam")
 
 
 def build(model_name: str, optimizer: str, seed: int, dtype: torch.dtype = torch.float32):
@@ -61,9 +62,8 @@ def build(model_name: str, optimizer: str, seed: int, dtype: torch.dtype = torch
                 closure().backward()
             adam.step()
         return model, step
-    opt = locoprop.LocoProp(model, "M", **kwargs)
-    covered = {id(p) for g in opt.param_groups for p in g["params"]}
-    others = [p for p in model.parameters() if id(p) not in covered]
+    opt = locoprop.LocoProp(model, "M", attention=optimizer == "locoprop-m-attention", **kwargs)
+    others = opt.other_parameters()
     adam = torch.optim.Adam(others, lr=1e-3) if others else None
 
     def step(closures):
@@ -152,6 +152,8 @@ def main(argv=None) -> None:
     records = []
     for model_name in args.models:
         for optimizer in args.optimizers:
+            if optimizer == "locoprop-m-attention" and model_name != "transformer":
+                continue  # no attention: locoprop-m's steps
             one = one_step(model_name, optimizer, 1, images, labels, args.seed)
             for parts in sorted(args.micro_batches):
                 r = measure(model_name, optimizer, parts, images, labels, args)

@@ -14,6 +14,10 @@ stay constant (no schedule: a short run is not a truncated long one).
 
     python benchmarks/transformer_mnist.py --data-dir ../shared/data/mnist --epochs 5 --limit-train 20000 \\
         --out results/transformer-mnist-cpu/runs.json
+
+``locoprop-m-attention`` runs are LocoProp-M on the attention's projections too (its query, key, value and
+output projections, ``locoprop.layers.AttentionProjection``: eight more layers), Adam then only on the norms
+and the positions; ``locoprop-m`` keeps the attention with Adam (``attention=False``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from locoprop.harness.data import load_dataset
 from locoprop.harness.records import (final_records, parse_runs, processor, readme_header, resumed_records,
                                      train_missing_runs)
 
-OPTIMIZERS = ("adam", "locoprop-m")
+OPTIMIZERS = ("adam", "locoprop-m", "locoprop-m-attention")
 
 
 class RowTransformer(nn.Module):
@@ -73,9 +77,9 @@ class Optimizers:
             self.adam = torch.optim.Adam(model.parameters(), lr=lr)
             return
         self.locoprop = locoprop.LocoProp(model, "M", lr=lr, activation_lr=args.activation_lr,
-                                          local_steps=args.local_steps, inner="adam", output_transfer="softmax")
-        covered = {id(p) for g in self.locoprop.param_groups for p in g["params"]}
-        self.adam = torch.optim.Adam([p for p in model.parameters() if id(p) not in covered], lr=args.other_lr)
+                                          local_steps=args.local_steps, inner="adam", output_transfer="softmax",
+                                          attention=name == "locoprop-m-attention")
+        self.adam = torch.optim.Adam(self.locoprop.other_parameters(), lr=args.other_lr)
 
     def step(self, closure) -> None:
         self.adam.zero_grad()

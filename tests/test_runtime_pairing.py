@@ -92,29 +92,30 @@ def _cross_entropy(model, tokens, labels):
 
 def test_the_layers_inside_a_transformer_block_are_layers_and_one_local_sgd_iteration_is_backprop():
     """The feed-forward layers of ``nn.TransformerEncoderLayer``: ``linear1`` with its ReLU, ``linear2`` linear
-    (its output goes to a dropout and a residual sum).  The attention's projections (``F.linear`` on its
-    weights, not a module call) are left to another optimizer, which gets their gradients."""
+    (its output goes to a dropout and a residual sum); the attention's four projections, linear
+    (``tests/test_attention_layers.py``).  The embedding and the norms are left to another optimizer, which gets
+    their gradients."""
     tokens, labels = torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (4, 6))
     model = Encoder().double()
-    with pytest.warns(UserWarning, match=r"left to another optimizer.*\['embed.weight', "
-                                         r"'block.self_attn.in_proj_weight'"):
+    with pytest.warns(UserWarning, match=r"left to another optimizer.*\['embed.weight', 'block.norm1.weight'"):
         opt = locoprop.LocoProp(model, "M", lr=0.05, activation_lr=0.7, local_steps=1, inner="sgd",
                                 output_transfer="softmax")
-    assert [(lay.name, lay.pending) for lay in opt.layers] == [
+    attention = [f"block.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]
+    assert [(lay.name, lay.pending) for lay in opt.layers] == [(name, False) for name in attention] + [
         ("block.linear1", True), ("block.linear2", True), ("head", False)]
     reference = copy.deepcopy(model)
     loss = _cross_entropy(reference, tokens, labels)
-    layer_params = [p for name in ("block.linear1", "block.linear2", "head") for p in
-                    reference.get_submodule(name).parameters()]
+    modules = ("block.self_attn", "block.linear1", "block.linear2", "head")
+    layer_params = [p for name in modules for p in reference.get_submodule(name).parameters()]
     grads = torch.autograd.grad(loss, layer_params)
     other = torch.autograd.grad(_cross_entropy(reference, tokens, labels), reference.embed.weight)[0]
     opt.step(lambda: _cross_entropy(model, tokens, labels))
-    assert [(lay.name, lay.transfer_desc) for lay in opt.layers] == [
+    assert [(lay.name, lay.transfer_desc) for lay in opt.layers] == [(name, "none (attention)") for name in attention] + [
         ("block.linear1", "relu"), ("block.linear2", "none"), ("head", "softmax (output_transfer)")]
     with torch.no_grad():
         for p, g in zip(layer_params, grads):
             p.sub_(0.05 * 0.7 * g)
-    moved = [p for name in ("block.linear1", "block.linear2", "head") for p in model.get_submodule(name).parameters()]
+    moved = [p for name in modules for p in model.get_submodule(name).parameters()]
     for p, q in zip(moved, layer_params):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(model.embed.weight.grad, other, rtol=1e-12, atol=1e-14)  # for another optimizer
@@ -128,10 +129,12 @@ def test_a_sequential_holding_a_transformer_block_pairs_its_layers_in_place():
                           nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, activation=F.gelu),
                           nn.Linear(16, 16)).double()
     opt = locoprop.LocoProp(model, "S", lr=1e-2, output_transfer="sigmoid")
-    assert [lay.name for lay in opt.layers] == ["0", "2.linear1", "2.linear2", "3"]
+    attention = [f"2.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]
+    assert [lay.name for lay in opt.layers] == ["0", *attention, "2.linear1", "2.linear2", "3"]
     opt.step(lambda: bce_sum_mean(model(x), x))
-    assert [lay.transfer_desc for lay in opt.layers] == ["Tanh", "gelu", "none", "sigmoid (output_transfer)"]
-    assert opt.layers[1].transfer is None  # GELU is not monotone: LocoProp-S takes it, LocoProp-M refuses it
+    assert [lay.transfer_desc for lay in opt.layers] == ["Tanh", *["none (attention)"] * 4, "gelu", "none",
+                                                         "sigmoid (output_transfer)"]
+    assert opt.layers[5].transfer is None  # GELU is not monotone: LocoProp-S takes it, LocoProp-M refuses it
     assert "2.linear1: (32, 16) -> no transfer function (gelu, not monotone)" in repr(opt)
 
 

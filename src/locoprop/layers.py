@@ -24,6 +24,15 @@ __all__ = ["Layer", "LayerBatch", "ConvMatrix", "ConvTransposeMatrix", "discover
            "check_solvable_layers", "LayerCapture", "pair_from_autograd", "set_output_transfer"]
 
 
+def _share_storage(shared) -> None:
+    """Each ``(parameter, view_of_the_model's_tensor)`` pair: the parameter on the view again where the model's
+    tensor moved (``model.to(...)``, a copy of the model), so that updating it updates the model."""
+    for mine, part in shared:
+        view = part()
+        if mine.data_ptr() != view.data_ptr() or mine.device != view.device or mine.dtype != view.dtype:
+            mine.data = view
+
+
 class ConvMatrix:
     """A ``nn.Conv1d`` or ``nn.Conv2d`` as the matrix of its local problem (Sec. 1.2, Eq. 2, applied at every
     output position).
@@ -82,10 +91,7 @@ class ConvMatrix:
         shared = [(self.weight, self._kernel_part)]
         if self.conv.groups > 1 and self.bias is not None:  # a group's bias is a slice too (else the conv's own)
             shared.append((self.bias, self._bias_part))
-        for mine, part in shared:
-            view = part()
-            if mine.data_ptr() != view.data_ptr() or mine.device != view.device or mine.dtype != view.dtype:
-                mine.data = view
+        _share_storage(shared)
 
     def commit(self) -> None:
         """After a step: nothing to do, the kernel shares the matrix's storage."""
@@ -192,6 +198,150 @@ class ConvTransposeMatrix(ConvMatrix):
         return patches.transpose(1, 2).reshape(-1, self.in_features)
 
 
+class AttentionProjection:
+    """One projection of an ``nn.MultiheadAttention`` as the matrix of a layer: its query, key or value
+    projection (``part`` ``"q"``, ``"k"``, ``"v"``) or its output projection (``"out"``).
+
+    ``nn.MultiheadAttention`` applies its projections with ``F.linear`` on its
+    weights inside ``F.multi_head_attention_forward``, never as module calls,
+    so no module hook sees them; :class:`LayerCapture` finds their products
+    in the autograd graph of the attention's output instead
+    (:func:`attention_products`).  Each is a linear map of its input rows
+    (Sec. 1.2, Eq. 2): the query projection of the queries, the key and value
+    projections of the keys and values, the output projection of the heads'
+    concatenated outputs.  The three input projections are three layers, as
+    a grouped convolution's groups are, whether the attention packs them in
+    one ``in_proj_weight`` (``weight``: a third of its rows, a parameter of
+    its own sharing their storage, as :class:`ConvMatrix` does) or keeps
+    them apart (``q_proj_weight``, ...; ``kdim``/``vdim`` other than
+    ``embed_dim``), their biases thirds of ``in_proj_bias``: so a
+    self-attention's one product on the packed weight and a
+    cross-attention's products on its parts give the same layers.  Their
+    output goes into the attention scores, not into an activation, so the
+    layers are linear.  ``add_bias_kv``'s ``bias_k``, ``bias_v`` are left to
+    another optimizer.
+    """
+
+    PARTS = ("q", "k", "v", "out")
+
+    def __init__(self, attention: nn.MultiheadAttention, part: str) -> None:
+        if part not in self.PARTS:
+            raise ValueError(f"part: expected one of {self.PARTS}, got {part!r}")
+        self.attention, self.part = attention, part
+        self.out_features = attention.embed_dim
+        self.packed = attention._qkv_same_embed_dim
+        if part == "out":
+            self.weight, self.bias = attention.out_proj.weight, attention.out_proj.bias
+            return
+        source = attention.in_proj_weight if self.packed else getattr(attention, f"{part}_proj_weight")
+        self.weight = nn.Parameter(self._weight_part(), requires_grad=source.requires_grad) if self.packed \
+            else source
+        self.bias = None if attention.in_proj_bias is None else nn.Parameter(
+            self._bias_part(), requires_grad=attention.in_proj_bias.requires_grad)
+
+    def _rows(self) -> slice:
+        """This projection's rows of ``in_proj_weight`` (and ``in_proj_bias``)."""
+        index = "qkv".index(self.part)
+        return slice(index * self.out_features, (index + 1) * self.out_features)
+
+    def _weight_part(self) -> torch.Tensor:
+        return self.attention.in_proj_weight.detach()[self._rows()]
+
+    def _bias_part(self) -> torch.Tensor:
+        return self.attention.in_proj_bias.detach()[self._rows()]
+
+    @property
+    def model_params(self) -> list[nn.Parameter]:
+        """The attention's own parameters this projection is part of (``in_proj_weight``, ``in_proj_bias``, ...)."""
+        att = self.attention
+        if self.part == "out":
+            pair = (att.out_proj.weight, att.out_proj.bias)
+        else:
+            pair = (att.in_proj_weight if self.packed else getattr(att, f"{self.part}_proj_weight"), att.in_proj_bias)
+        return [p for p in pair if p is not None]
+
+    def sync(self) -> None:
+        """Share the attention's storage again where it moved (``model.to(...)``, a copy of the model)."""
+        if self.part == "out":
+            return
+        shared = [(self.weight, self._weight_part)] if self.packed else []
+        if self.bias is not None:
+            shared.append((self.bias, self._bias_part))
+        _share_storage(shared)
+
+    def commit(self) -> None:
+        """After a step: nothing to do, the attention's parameters share the projections' storage."""
+
+
+def _weight_source(node) -> tuple[torch.Tensor, int, int] | None:
+    """The leaf parameter a product's weight operand (``TBackward0``, the ``F.linear`` transpose) comes from,
+    through casts (``torch.autocast``) and splits along the rows (``w.chunk(3)``, ``w.split([E, 2E])``), with
+    the parameter's rows the operand holds (first row, number of rows); ``None`` for anything else."""
+    if type(node).__name__ != "TBackward0":
+        return None
+    splits = []  # (sizes of the split's parts, which part), from the operand towards the parameter
+    node, index = node.next_functions[0]
+    while node is not None and not hasattr(node, "variable"):
+        kind = type(node).__name__
+        if kind == "SplitBackward0":
+            splits.append((int(node._saved_split_size), index))
+        elif kind == "SplitWithSizesBackward0":
+            splits.append(([int(n) for n in node._saved_split_sizes], index))
+        elif kind != "ToCopyBackward0":
+            return None
+        node, index = node.next_functions[0]
+    if node is None:
+        return None
+    first, rows = 0, node.variable.shape[0]
+    for sizes, i in reversed(splits):  # from the parameter outwards
+        if isinstance(sizes, int):
+            start, size = i * sizes, min(sizes, rows - i * sizes)
+        else:
+            start, size = sum(sizes[:i]), sizes[i]
+        first, rows = first + start, size
+    return node.variable, first, rows
+
+
+#: The products ``F.linear`` leaves in the autograd graph, and the name of the input rows each saves.
+_PRODUCT_NODES = {"AddmmBackward0": "_saved_mat1", "MmBackward0": "_saved_self"}
+
+
+def attention_products(attention: nn.MultiheadAttention, output: torch.Tensor, inputs) -> list[tuple]:
+    """The projections' products in one call of ``attention``: ``(part, node, x, columns)`` for each projection
+    (:attr:`AttentionProjection.PARTS`) whose product the autograd graph of ``output`` holds, ``x`` the
+    product's input rows, ``columns`` the projection's columns of the product's output (a self-attention's one
+    product on the packed ``in_proj_weight`` makes ``q``, ``k`` and ``v``).  The walk stops at the call's
+    inputs."""
+    stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    E = attention.embed_dim
+    weights = {id(attention.out_proj.weight): "out"}
+    if attention._qkv_same_embed_dim:
+        weights[id(attention.in_proj_weight)] = "in"
+    else:
+        weights.update({id(getattr(attention, f"{p}_proj_weight")): p for p in "qkv"})
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            source = _weight_source(child) if child is not None else None
+            if source is not None and id(source[0]) in weights and type(node).__name__ in _PRODUCT_NODES:
+                x = getattr(node, _PRODUCT_NODES[type(node).__name__])
+                which, offset, width = weights[id(source[0])], source[1], source[2]
+                if which == "in":  # the packed weight, or a part of it: its rows offset .. offset + width
+                    for i, part in enumerate("qkv"):
+                        lo, hi = max(offset, i * E), min(offset + width, (i + 1) * E)
+                        if lo < hi:
+                            found.append((part, node, x, slice(lo - offset, hi - offset)))
+                else:
+                    found.append((which, node, x, None))
+            if child is not None:
+                stack.append(child)
+    return found
+
+
 @dataclass
 class Layer:
     """One LocoProp layer: a linear map and the transfer function after it.
@@ -209,7 +359,7 @@ class Layer:
     """
 
     name: str
-    linear: nn.Linear | ConvMatrix
+    linear: nn.Linear | ConvMatrix | AttentionProjection
     transfer: TransferFunction | None
     transfer_module: nn.Module | None = None
     transfer_desc: str = ""
@@ -217,11 +367,22 @@ class Layer:
 
     @property
     def module(self) -> nn.Module:
-        return self.linear.conv if isinstance(self.linear, ConvMatrix) else self.linear
+        """The model's module the layer belongs to (an attention projection's: the ``nn.MultiheadAttention``)."""
+        if isinstance(self.linear, ConvMatrix):
+            return self.linear.conv
+        return self.linear.attention if isinstance(self.linear, AttentionProjection) else self.linear
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the layer: its module, and an attention projection's part."""
+        return (id(self.module), getattr(self.linear, "part", None))
 
     @property
     def module_params(self) -> list[nn.Parameter]:
-        """The model's own parameters of the layer (for a convolution, its kernel, not the matrix view)."""
+        """The model's own parameters of the layer (for a convolution, its kernel, not the matrix view; for an
+        attention projection, the attention's parameters it is part of)."""
+        if isinstance(self.linear, AttentionProjection):
+            return self.linear.model_params
         return [p for p in (self.module.weight, self.module.bias) if p is not None]
 
     def input_rows(self, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,13 +406,14 @@ class Layer:
         return math.prod(output.shape[1:-1])
 
     def sync(self) -> None:
-        """Before a step, for a convolution: its matrix on the kernel's values (:meth:`ConvMatrix.sync`)."""
-        if isinstance(self.linear, ConvMatrix):
+        """Before a step, for a convolution or an attention projection: its matrix on the model's parameters'
+        values (:meth:`ConvMatrix.sync`, :meth:`AttentionProjection.sync`)."""
+        if isinstance(self.linear, (ConvMatrix, AttentionProjection)):
             self.linear.sync()
 
     def commit(self) -> None:
         """After a step that succeeded: the kernel of a transposed convolution takes the matrix's values."""
-        if isinstance(self.linear, ConvMatrix):
+        if isinstance(self.linear, (ConvMatrix, AttentionProjection)):
             self.linear.commit()
 
     @property
@@ -305,6 +467,10 @@ class LayerBatch:
     calls: list["LayerBatch"] = field(default_factory=list)
     #: ``pre._version`` when the layer returned it: a later in-place change of the pre-activation is refused.
     pre_version: int = 0
+    #: An attention projection's product in the autograd graph (``GradientEdge``), whose gradient is ``∇_â L``
+    #: (``pre`` is then recomputed from the rows, outside the graph), and the projection's columns of it.
+    grad_edge: object = None
+    grad_columns: slice | None = None
 
     @property
     def transfer(self) -> TransferFunction:
@@ -318,11 +484,13 @@ class LayerBatch:
     ROW_FIELDS = ("inputs", "pre", "grad_pre", "grad_post", "grad_pre_sampled")
 
     @classmethod
-    def stack(cls, parts: Sequence["LayerBatch"]) -> "LayerBatch | None":
+    def stack(cls, parts: Sequence["LayerBatch"], shared: dict | None = None) -> "LayerBatch | None":
         """One layer's batches of several micro-batches (as rows, after the backward pass) as one batch whose
         rows are theirs in order; ``None`` for none, the batch itself for one.  The parts' tensors are
         released as they are stacked.  ``rows_per_example`` is the parts' when they agree, else 0 (the rows
-        are no whole number of examples of one size: micro-batches of different sequence lengths)."""
+        are no whole number of examples of one size: micro-batches of different sequence lengths).
+        ``shared``: a dict kept over the layers of one step, so that layers whose parts hold the same input
+        tensors (an attention's query, key and value projections of a self-attention) share one stacked copy."""
         if len(parts) <= 1:
             return parts[0] if parts else None
         layer = parts[0].layer
@@ -334,10 +502,22 @@ class LayerBatch:
                 continue
             if any(v is None for v in values):
                 raise RuntimeError(f"layer {layer.name!r}: {name} is missing in some micro-batches")
-            setattr(out, name, torch.cat(values))
+            setattr(out, name, _cat_once(values, shared if name == "inputs" else None))
             for p in parts:
                 setattr(p, name, None)
         return out
+
+
+def _cat_once(values: list[torch.Tensor], shared: dict | None) -> torch.Tensor:
+    """``torch.cat(values)``, made once for the same tensors where ``shared`` is given.  It is keyed by the
+    tensors' ids and holds only the results: every tensor looked up was alive, beside every other, before the
+    first was stacked, so no two of them share an id, and the parts are freed as soon as no layer needs them."""
+    if shared is None:
+        return torch.cat(values)
+    key = tuple(id(v) for v in values)
+    if key not in shared:
+        shared[key] = torch.cat(values)
+    return shared[key]
 
 
 def _flatten_sequential(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -402,19 +582,33 @@ def _has_nested_layers(model: nn.Sequential) -> bool:
 
 
 #: Blocks that call the layer modules they hold as functions of their weights (``F.linear(x, out_proj.weight,
-#: ...)``), so that the modules' hooks never fire: their layers are left to another optimizer.
+#: ...)``), so that the modules' hooks never fire: their projections are layers of their own
+#: (:class:`AttentionProjection`), or with ``attention=False`` left to another optimizer.
 FUNCTIONAL_LAYER_OWNERS = (nn.MultiheadAttention,)
 
 
-def _hidden_layers(block: nn.Module, name: str) -> list[tuple[nn.Module, Layer]]:
+def _attention_layers(attention: nn.MultiheadAttention, name: str) -> list[tuple[nn.Module, Layer]]:
+    """An ``nn.MultiheadAttention``'s four projections as linear layers (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``: :class:`AttentionProjection`)."""
+    prefix = f"{name}." if name else ""
+    return [(attention, Layer(f"{prefix}{part}_proj", AttentionProjection(attention, part), LinearTransfer(), None,
+                              "none (attention)")) for part in AttentionProjection.PARTS]
+
+
+def _hidden_layers(block: nn.Module, name: str, attention: bool = True) -> list[tuple[nn.Module, Layer]]:
     """The layer modules inside ``block`` (one ``torch.fx`` does not trace into, such as
     ``nn.TransformerEncoderLayer``, or a whole model it cannot trace), in definition order, each pending: its
-    transfer function is read from the first step's autograd graph (:func:`pair_from_autograd`).  Left out, for
-    another optimizer: those inside :data:`FUNCTIONAL_LAYER_OWNERS`, and subclasses with a forward of their own."""
+    transfer function is read from the first step's autograd graph (:func:`pair_from_autograd`); an
+    ``nn.MultiheadAttention``'s projections (linear, :func:`_attention_layers`) at its place.  Left out, for
+    another optimizer: the modules inside :data:`FUNCTIONAL_LAYER_OWNERS` (with ``attention=False``, the
+    attention's projections too), and subclasses with a forward of their own."""
     inside_owner = {id(m) for owner in block.modules() if isinstance(owner, FUNCTIONAL_LAYER_OWNERS)
                     for m in owner.modules()}
     out = []
     for qual, mod in block.named_modules(prefix=name):
+        if attention and isinstance(mod, nn.MultiheadAttention) and type(mod).forward is nn.MultiheadAttention.forward:
+            out.extend(_attention_layers(mod, qual))
+            continue
         kind = next((k for k in LAYER_MODULES if isinstance(mod, k)), None)
         if kind is None or id(mod) in inside_owner or type(mod).forward is not kind.forward:
             continue
@@ -427,7 +621,7 @@ def _holds_layers(module: nn.Module | None) -> bool:
             and any(isinstance(m, LAYER_MODULES) for m in module.modules()))
 
 
-def _sequential_occurrences(model: nn.Sequential) -> list[tuple[nn.Module, Layer]]:
+def _sequential_occurrences(model: nn.Sequential, attention: bool = True) -> list[tuple[nn.Module, Layer]]:
     """Each layer module of the (flattened) ``nn.Sequential`` with the module right after it; the layers inside
     any other block, pending (:func:`_hidden_layers`)."""
     flat = _flatten_sequential(model, "")
@@ -436,7 +630,7 @@ def _sequential_occurrences(model: nn.Sequential) -> list[tuple[nn.Module, Layer
         if isinstance(mod, LAYER_MODULES):
             out.append((mod, _transfer_after(name, mod, flat[i + 1][1] if i + 1 < len(flat) else None)))
         elif _holds_layers(mod):
-            out.extend(_hidden_layers(mod, name))
+            out.extend(_hidden_layers(mod, name, attention))
     return out
 
 
@@ -497,7 +691,7 @@ def _trace(model: nn.Module):
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
 
 
-def _traced_occurrences(model: nn.Module, graph) -> list[tuple[nn.Module, Layer]]:
+def _traced_occurrences(model: nn.Module, graph, attention: bool = True) -> list[tuple[nn.Module, Layer]]:
     """Each call of a layer module in ``model``'s forward pass, as ``torch.fx`` traced it (``graph``), with what
     takes its output: the module or activation function that alone consumes it (``_transfer_after``; a monotone
     function such as ``torch.tanh`` too), else linear (several consumers, a residual sum, a reshape).  The layers
@@ -508,7 +702,7 @@ def _traced_occurrences(model: nn.Module, graph) -> list[tuple[nn.Module, Layer]
     for node in graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         if _holds_layers(module):
-            out.extend(_hidden_layers(module, node.target))
+            out.extend(_hidden_layers(module, node.target, attention))
         if not isinstance(module, LAYER_MODULES):
             continue
         users = list(node.users)
@@ -529,13 +723,13 @@ def _traced_occurrences(model: nn.Module, graph) -> list[tuple[nn.Module, Layer]
 def _merge_repeated(occurrences: list[tuple[nn.Module, Layer]], where: str) -> list[Layer]:
     """One layer per module: a module that occurs again (shared weights) is one layer called again, and must be
     followed by the same transfer function each time."""
-    first: dict[int, Layer] = {}
-    for mod, lay in occurrences:
-        if id(mod) not in first:
-            first[id(mod)] = lay
-        elif repr(first[id(mod)].transfer) != repr(lay.transfer):
-            raise ValueError(f"layer {first[id(mod)].name!r} appears again in the {where}, followed by "
-                             f"{lay.transfer_desc} where it was followed by {first[id(mod)].transfer_desc}; a shared "
+    first: dict[tuple, Layer] = {}
+    for _, lay in occurrences:
+        if lay.key not in first:
+            first[lay.key] = lay
+        elif repr(first[lay.key].transfer) != repr(lay.transfer):
+            raise ValueError(f"layer {first[lay.key].name!r} appears again in the {where}, followed by "
+                             f"{lay.transfer_desc} where it was followed by {first[lay.key].transfer_desc}; a shared "
                              "layer's local problem takes one transfer function (pass layers=[(module, transfer), "
                              "...])")
     return list(first.values())
@@ -545,6 +739,7 @@ def discover_layers(
     model: nn.Module,
     layers: Sequence[tuple[nn.Module, object]] | None = None,
     output_transfer=None,
+    attention: bool | None = None,
 ) -> list[Layer]:
     """Pair each ``nn.Linear`` (and ``nn.Conv1d``, ``nn.Conv2d``: linear maps of each input patch,
     :class:`ConvMatrix`; ``nn.ConvTranspose1d``, ``nn.ConvTranspose2d``: :class:`ConvTransposeMatrix`)
@@ -575,6 +770,11 @@ def discover_layers(
             loss (``"sigmoid"`` for BCE-with-logits, ``"softmax"`` for
             cross-entropy, ``"linear"`` for MSE).  ``None`` keeps what the model
             shows (a trailing activation module, or linear).
+        attention: an ``nn.MultiheadAttention``'s projections are layers
+            (:class:`AttentionProjection`; found without ``layers=``);
+            ``False``: they are left to another optimizer.  ``None``
+            (default): ``True``, but for a ``torch.compile``'d model, whose
+            compiled attention leaves no products in the autograd graph.
 
     Raises:
         ValueError: no Linear layer, a module that is not ``nn.Linear``, a
@@ -592,8 +792,11 @@ def discover_layers(
                          "each GPU, each on its own device, where LocoProp solves each layer on the layer's own: "
                          "pass model.module, with LocoProp(..., distributed='data') on torch.distributed for data "
                          "parallelism")
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model): the same modules
+    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    if compiled:  # torch.compile(model): the same modules
         model = model._orig_mod
+    if attention is None:
+        attention = not compiled
     names = {id(m): n for n, m in model.named_modules()}
     found: list[Layer] = []
     if layers is not None:
@@ -620,19 +823,19 @@ def discover_layers(
         sequential = isinstance(model, nn.Sequential)
         graph = _trace(model) if not sequential or _has_nested_layers(model) else None
         if graph is not None and not isinstance(graph, str):
-            found = _merge_repeated(_traced_occurrences(model, graph), "traced forward pass")
+            found = _merge_repeated(_traced_occurrences(model, graph, attention), "traced forward pass")
         elif sequential:
-            found = _merge_repeated(_sequential_occurrences(model), "nn.Sequential")
+            found = _merge_repeated(_sequential_occurrences(model, attention), "nn.Sequential")
         else:  # untraceable (shapes read in Python, data-dependent branches): paired at the first step
-            found = _merge_repeated(_hidden_layers(model, ""), "model")
+            found = _merge_repeated(_hidden_layers(model, "", attention), "model")
     if not found:
         raise ValueError(f"model: no nn.Linear or convolution layer found in {type(model).__name__}; "
                          "LocoProp updates those layers")
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     for lay in found:
-        if id(lay.module) in seen:
+        if lay.key in seen:
             raise ValueError(f"layer {lay.name!r} is listed twice")
-        seen.add(id(lay.module))
+        seen.add(lay.key)
     found = [part for lay in found for part in _group_layers(lay)]
     if output_transfer is not None:
         try:
@@ -718,12 +921,14 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
     owner: dict[int, tuple[nn.Module, str]] = {}
     for lay in layers:
         module = lay.module
-        base = next(kind for kind in LAYER_MODULES if isinstance(module, kind))
-        if type(module).forward is not base.forward:
+        base = next((kind for kind in LAYER_MODULES if isinstance(module, kind)), None)
+        if base is None:  # an attention projection (AttentionProjection): nn.MultiheadAttention's own forward
+            pass
+        elif type(module).forward is not base.forward:
             raise ValueError(f"layer {lay.name!r}: {type(module).__name__} subclasses nn.{base.__name__} with a forward "
                              "of its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
                              "(leave it out of layers=, or freeze it)")
-        if base is not nn.Linear:
+        if base is not None and base is not nn.Linear:
             transposed = isinstance(lay.linear, ConvTransposeMatrix)  # (a convolution's groups are its layers)
             if (module.groups != 1 and transposed) or module.padding_mode != "zeros":
                 raise ValueError(f"layer {lay.name!r}: {base.__name__} with groups={module.groups}, padding_mode="
@@ -898,6 +1103,7 @@ class LayerCapture:
         self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
         self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
         self.last_called: int | None = None  # the index of the layer the forward pass called last
+        self._stacked_inputs: dict = {}  # the calls' inputs stacked once where layers share them (:func:`_cat_once`)
         self._by_pre: dict[int, list[tuple[int, LayerBatch]]] = {}  # a grouped convolution's layers share one
         self._handles: list = []
 
@@ -916,6 +1122,46 @@ class LayerCapture:
 
         return hook
 
+    def _attention_hook(self, parts: dict[str, int]):
+        """The hook of an ``nn.MultiheadAttention`` whose projections are the layers ``parts`` (part: index): each
+        projection's rows and ``∇_â``'s place in the graph, from the products :func:`attention_products` finds."""
+        @torch.compiler.disable
+        def hook(module, args, kwargs, output):
+            inputs = [*args, *(kwargs[k] for k in ("query", "key", "value")[len(args):] if k in kwargs)]
+            out = output[0] if isinstance(output, tuple) else output
+            if not out.requires_grad:
+                for index in parts.values():
+                    self.untracked[index] += 1
+                return
+            # rows per example: the length of the sequence a product's rows come from (queries: also the output's)
+            lengths = [t.shape[1 if module.batch_first else 0] if t.dim() == 3 else t.shape[0] for t in inputs[:3]]
+            length = dict(zip("qkv", lengths), out=lengths[0])
+            found = attention_products(module, out, inputs)
+            missing = sorted(set(parts) - {part for part, *_ in found}, key=AttentionProjection.PARTS.index)
+            if missing:
+                names = [self.layers[parts[p]].name for p in missing]
+                raise RuntimeError(f"layers {names}: LocoProp did not find their products in the autograd graph of "
+                                   f"this {type(module).__name__} call (a torch.compile'd attention, or a new "
+                                   "version of F.multi_head_attention_forward?); pass attention=False to leave "
+                                   "nn.MultiheadAttention's parameters to another optimizer")
+            rows_of: dict[int, torch.Tensor] = {}  # one tensor of rows per product: q, k, v of one share it
+            with torch.no_grad():
+                for part, node, x, columns in found:
+                    if part not in parts:
+                        continue
+                    index = parts[part]
+                    layer = self.layers[index]
+                    rows = rows_of.setdefault(id(node), x.detach())
+                    weight, bias = layer.linear.weight, layer.linear.bias
+                    pre = rows.to(weight.dtype) @ weight.T if bias is None else torch.addmm(
+                        bias, rows.to(weight.dtype), weight.T)
+                    batch = LayerBatch(layer=layer, inputs=rows, pre=pre, rows_per_example=length[part],
+                                       grad_edge=torch.autograd.graph.GradientEdge(node, 0), grad_columns=columns)
+                    self.calls[index].append(batch)
+            self.last_called = parts.get("out", self.last_called)
+
+        return hook
+
     @torch.compiler.disable
     def _transfer_hook(self, module, inputs, output):
         for index, batch in self._by_pre.get(id(inputs[0]), ()):
@@ -924,12 +1170,18 @@ class LayerCapture:
 
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()
+        attentions: dict[int, tuple[nn.Module, dict[str, int]]] = {}
         for i, lay in enumerate(self.layers):
+            if isinstance(lay.linear, AttentionProjection):
+                attentions.setdefault(id(lay.module), (lay.module, {}))[1][lay.linear.part] = i
+                continue
             self._handles.append(lay.module.register_forward_hook(self._linear_hook(i)))
             mod = lay.transfer_module
             if self.capture_post and mod is not None and id(mod) not in hooked_transfers:
                 hooked_transfers.add(id(mod))
                 self._handles.append(mod.register_forward_hook(self._transfer_hook))
+        for module, parts in attentions.values():
+            self._handles.append(module.register_forward_hook(self._attention_hook(parts), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -962,7 +1214,7 @@ class LayerCapture:
             if len(calls) == 1:
                 out.append(calls[0])
                 continue
-            inputs = torch.cat([c.inputs for c in calls])
+            inputs = _cat_once([c.inputs for c in calls], self._stacked_inputs)
             for c in calls:
                 c.inputs = None  # the stacked rows hold them
             out.append(LayerBatch(layer=lay, inputs=inputs, pre=None, calls=calls,

@@ -182,6 +182,14 @@ class LocoProp(Optimizer):
             ``True``; distributed, summed over the ranks as the global batch's
             gradient).  Added once the step succeeded (not for a step that
             raises).  ``False``: their ``.grad`` is left alone.
+        attention: an ``nn.MultiheadAttention``'s four projections (query, key,
+            value, output) are LocoProp layers, linear, found in the autograd
+            graph of each call (:class:`~locoprop.layers.AttentionProjection`);
+            ``False`` leaves its parameters to another optimizer, as any
+            parameter outside LocoProp's layers; ``None`` (default): ``True``,
+            but ``False`` for a model given ``torch.compile``'d (a compiled
+            attention leaves no products in the autograd graph: a step with
+            ``True`` there raises, naming the layers).
         non_monotone: what a variant that uses the transfer function
             (LocoProp-M, the post-activation variants) does with a layer
             followed by an activation that is not monotone (GELU, SiLU, Mish,
@@ -223,6 +231,7 @@ class LocoProp(Optimizer):
         triton_elementwise: bool | None = None,
         solve_order: str = "layer-major",
         other_grads: bool = True,
+        attention: bool | None = None,
         non_monotone: str = "refuse",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -238,6 +247,8 @@ class LocoProp(Optimizer):
         if non_monotone not in NON_MONOTONE:
             raise ValueError(f"non_monotone: expected one of {NON_MONOTONE}, got {non_monotone!r}")
         self.non_monotone = non_monotone
+        if attention is not None and not isinstance(attention, bool):
+            raise TypeError(f"attention: expected True, False or None, got {attention!r}")
 
         base = get_variant(variant)
         if regularizer is not None:
@@ -246,8 +257,8 @@ class LocoProp(Optimizer):
         self.variant.validate()
 
         self.layers: list[Layer]
-        self.layers, self.frozen_layers = split_frozen_layers(discover_layers(model, layers, output_transfer),
-                                                              explicit=layers is not None)
+        found = discover_layers(model, layers, output_transfer, attention)
+        self.layers, self.frozen_layers = split_frozen_layers(found, explicit=layers is not None)
         check_solvable_layers(self.layers)
         #: The output layer (whose transfer function the loss implies): the last one discovered, or, where that
         #: one is pending, the layer the first step's forward pass calls last (:meth:`_pair_pending_layers`).
@@ -388,7 +399,9 @@ class LocoProp(Optimizer):
             else:
                 other_sums = [a if b is None else b if a is None else a + b for a, b in zip(other_sums, grads)]
             del loss
-        batches = [LayerBatch.stack([b for b in per_layer if b is not None]) for per_layer in zip(*parts)]
+        shared: dict = {}  # layers whose micro-batches' inputs are the same tensors share one stacked copy
+        batches = [LayerBatch.stack([b for b in per_layer if b is not None], shared) for per_layer in zip(*parts)]
+        del shared
         if all(b is None for b in batches):
             raise RuntimeError("closure: none of LocoProp's layers ran in its forward pass (a closure of another "
                                f"model?); the layers are {[lay.name for lay in self.layers][:5]}")
@@ -437,11 +450,10 @@ class LocoProp(Optimizer):
         v = self.variant
         per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]  # None: the layer did not run
         calls = [c for cs in per_layer for c in cs]
-        wants = [c.pre for c in calls]
+        pres, slots = _gradient_inputs(calls)
         posts = [c for c in calls if v.needs_grad_post and c.post is not None]
-        wants += [c.post for c in posts]
         others = self._other_params()
-        wants += others
+        wants = pres + [c.post for c in posts] + others
         try:  # nothing to take the gradient of: no layer ran in this micro-batch, and no other parameters
             grads = torch.autograd.grad(loss, wants, allow_unused=True, retain_graph=v.needs_sampled_grad) if wants \
                 else ()
@@ -450,9 +462,8 @@ class LocoProp(Optimizer):
                 raise RuntimeError("closure: return the loss without calling backward(); LocoProp runs "
                                    "the backward pass itself") from exc
             raise
-        n = len(calls)
-        for c, g in zip(calls, grads[:n]):
-            c.grad_pre = torch.zeros_like(c.pre) if g is None else g
+        n = len(pres)
+        _set_gradients(calls, slots, grads[:n], "grad_pre")
         for c, g in zip(posts, grads[n:n + len(posts)]):
             c.grad_post = torch.zeros_like(c.post) if g is None else g
         other_grads = grads[n + len(posts):]
@@ -461,9 +472,7 @@ class LocoProp(Optimizer):
                 raise RuntimeError(f"the output layer {self.layers[self._output_index].name!r} did not run in the "
                                    "closure's forward pass; the sampled Fisher draws labels from its output")
             sampled = sum(self._sampler(c.pre) for c in per_layer[self._output_index])
-            gs = torch.autograd.grad(sampled, [c.pre for c in calls], allow_unused=True)
-            for c, g in zip(calls, gs):
-                c.grad_pre_sampled = torch.zeros_like(c.pre) if g is None else g
+            _set_gradients(calls, slots, torch.autograd.grad(sampled, pres, allow_unused=True), "grad_pre_sampled")
         # as rows (leading dimensions, a convolution's positions), detached, in the weights' dtype (under
         # torch.autocast the passes produce bfloat16, float16)
         for b, cs in zip(batches, per_layer):
@@ -557,11 +566,17 @@ class LocoProp(Optimizer):
             return [problems[m] for m in ran], self.inner
         return [problems[m] for m in ran], InnerView(self.inner, ran)
 
-    def _other_params(self) -> list[torch.Tensor]:
-        """The model's trainable parameters outside LocoProp's layers whose gradients the step accumulates."""
-        if not self.other_grads:
-            return []
+    def other_parameters(self) -> list[nn.Parameter]:
+        """The model's trainable parameters outside LocoProp's layers (a LayerNorm, an embedding, an attention's
+        ``bias_k``), in the model's order: what another optimizer steps, from the gradients each step leaves in
+        their ``.grad`` (``other_grads``): ``other = torch.optim.Adam(opt.other_parameters())``.  (A layer's
+        ``param_groups`` may hold views of the model's parameters, a convolution's matrix or an attention's
+        query projection, so the model's parameters not in them are not these.)"""
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._covered]
+
+    def _other_params(self) -> list[torch.Tensor]:
+        """The parameters whose gradients the step accumulates (:meth:`other_parameters`, with ``other_grads``)."""
+        return self.other_parameters() if self.other_grads else []
 
     def _keep_other_grads(self, others: list[torch.Tensor], grads) -> None:
         """Hold the other parameters' gradients until the step has succeeded (:meth:`_accumulate_other_grads`);
@@ -962,6 +977,30 @@ class _Rollback:
                     st[k].copy_(v)
                 else:
                     st[k] = v
+
+
+def _gradient_inputs(calls: Sequence[LayerBatch]) -> tuple[list, list[int]]:
+    """What to take each call's ``∇_â L`` from: its pre-activation, or for an attention projection the product
+    in the graph (``grad_edge``: the three input projections of a self-attention share one), each once; and the
+    position of each call's in that list."""
+    wants, slots, where = [], [], {}
+    for c in calls:
+        key = id(c.pre) if c.grad_edge is None else (id(c.grad_edge.node), c.grad_edge.output_nr)
+        if key not in where:
+            where[key] = len(wants)
+            wants.append(c.pre if c.grad_edge is None else c.grad_edge)
+        slots.append(where[key])
+    return wants, slots
+
+
+def _set_gradients(calls: Sequence[LayerBatch], slots: list[int], grads, name: str) -> None:
+    """Each call's gradient (``name``: ``grad_pre``, ``grad_pre_sampled``) from :func:`_gradient_inputs`'s: its
+    projection's columns of a product's gradient, zeros where the loss does not use the output."""
+    for c, slot in zip(calls, slots):
+        g = grads[slot]
+        if g is not None and c.grad_columns is not None:
+            g = g[:, c.grad_columns]
+        setattr(c, name, torch.zeros_like(c.pre) if g is None else g)
 
 
 def _closures(closure) -> list[Callable[[], torch.Tensor]]:

@@ -559,7 +559,8 @@ def _transposed_decoder():
 
 def _transformer_block():
     """An nn.TransformerEncoderLayer over the image's rows: its feed-forward layers paired in the first (warm-up)
-    step; its attention and norms outside LocoProp (their gradients into .grad)."""
+    step, its attention's four projections found in the autograd graph of every call (captured too); its norms
+    outside LocoProp (their gradients into .grad)."""
     return nn.Sequential(nn.Unflatten(1, (28, 28)), nn.Linear(28, 32),
                          nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), nn.Flatten(),
                          nn.Linear(28 * 32, 784))
@@ -584,7 +585,8 @@ class _TwoHeads(nn.Module):
 @pytest.mark.parametrize("build, names", [(_convnet, ["1", "3", "6"]),
                                           (_grouped_convnet, ["1", "3[0]", "3[1]", "3[2]", "3[3]", "6"]),
                                           (_shared_net, ["0", "2", "6"]), (_transposed_decoder, ["0", "3", "5"]),
-                                          (_transformer_block, ["1", "2.linear1", "2.linear2", "4"]),
+                                          (_transformer_block, ["1", *[f"2.self_attn.{p}_proj" for p in ("q", "k", "v", "out")],
+                                                                       "2.linear1", "2.linear2", "4"]),
                                           (_TwoHeads, ["trunk", "heads.0", "heads.1"])],
                          ids=["conv", "grouped-conv", "shared-layer", "conv-transpose", "transformer-block",
                               "idle-layer"])

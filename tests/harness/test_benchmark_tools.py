@@ -613,9 +613,12 @@ def test_transformer_mnist_trains_locoprop_on_the_blocks_layers_and_resumes(tmp_
     assert records[1]["pairs"]["head"] == "softmax (output_transfer)"
     readme = (tmp_path / "README.md").read_text()
     assert "| `blocks.layers.0.linear1` | relu |" in readme and "| locoprop-m | 0.001 |" in readme
-    mod.main(common + ["--resume", "--runs", "locoprop-m:1e-3", "adam:3e-3"])
+    mod.main(common + ["--resume", "--runs", "locoprop-m:1e-3", "adam:3e-3", "locoprop-m-attention:1e-3"])
     again = json.loads(out.read_text())["records"]
-    assert again[:2] == records and [r["optimizer"] for r in again[2:]] == ["adam", "adam"]
+    assert again[:2] == records and [r["optimizer"] for r in again[2:]] == ["adam", "adam"] + [
+        "locoprop-m-attention"] * 2
+    attention = again[-1]["pairs"]  # the attention's projections are layers too, linear
+    assert attention["blocks.layers.0.self_attn.q_proj"] == "none (attention)" and len(attention) == 6 + 8
 
 
 def test_micro_batches_measures_the_same_step_in_parts(tmp_path):
@@ -627,10 +630,11 @@ def test_micro_batches_measures_the_same_step_in_parts(tmp_path):
               "--micro-batches", "1", "4", "--batch-size", "64", "--steps", "1", "--threads", "1", "--out", str(out)])
     records = json.loads(out.read_text())["records"]
     assert [(r["optimizer"], r["micro_batches"]) for r in records] == [
-        ("locoprop-m", 1), ("locoprop-m", 4), ("adam", 1), ("adam", 4)]
+        ("locoprop-m", 1), ("locoprop-m", 4), ("locoprop-m-attention", 1), ("locoprop-m-attention", 4),
+        ("adam", 1), ("adam", 4)]
     assert all(r["max_rel_diff_to_one"] < 1e-9 for r in records if r["micro_batches"] > 1)
-    assert records[3]["peak_tensor_mb"] < records[2]["peak_tensor_mb"]
+    assert records[5]["peak_tensor_mb"] < records[4]["peak_tensor_mb"]
     readme = (tmp_path / "README.md").read_text()
-    assert readme.count("| transformer |") == 4
+    assert readme.count("| transformer |") == 6
     with pytest.raises(SystemExit):
         mod.main(["--data-dir", "x", "--micro-batches", "2", "--out", str(out)])  # no K = 1 to compare with
