@@ -1,4 +1,5 @@
-"""Layer discovery and capture: which ``nn.Linear`` (or convolution) pairs with which transfer function.
+"""Layer discovery and capture: which ``nn.Linear`` (or convolution, or attention projection) pairs with which
+transfer function.
 
 LocoProp splits a network into layers ``â_m = W_m ŷ_{m-1}``, ``ŷ_m = f_m(â_m)``
 (paper Sec. 1.2, biases folded into ``W_m``).  This module finds those pairs
@@ -351,8 +352,9 @@ class Layer:
     variants accept that).  ``transfer_module`` is the activation module, when
     there is one, so that its output (the post-activation) can be captured.
     ``linear`` is the layer's matrix (``weight``, ``bias``): the ``nn.Linear``
-    itself, or a :class:`ConvMatrix` for a convolution; ``module`` is the
-    model's module (hooked during the forward pass).  ``pending``: a layer
+    itself, a :class:`ConvMatrix` for a convolution, or an
+    :class:`AttentionProjection`; ``module`` is the model's module (hooked
+    during the forward pass; an attention projection's, its attention).  ``pending``: a layer
     inside a block ``torch.fx`` does not trace into (or in a model it cannot
     trace), whose transfer function is read from the autograd graph of the
     first step's loss (:func:`pair_from_autograd`).
