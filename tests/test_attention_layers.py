@@ -168,6 +168,20 @@ def test_steps_under_autocast_solve_the_same_problems_on_both_solvers():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_under_autocast_the_three_projections_share_their_converted_rows():
+    """The bfloat16 rows of a self-attention's product become one float32 tensor for the three layers."""
+    model = Attention("self", batch_first=True)
+    q, k, v = (t.float() for t in _inputs(True))
+    opt = locoprop.LocoProp(model, "M", lr=1e-2, output_transfer="linear", retain_problems=True)
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(q, k, v).float().square().mean()
+    opt.step(closure)
+    rows = [problem.batch.inputs for problem in opt.last_problems[:3]]
+    assert rows[0].dtype == torch.float32 and rows[0] is rows[1] is rows[2]
+
+
 def test_an_attention_whose_products_are_not_found_is_named_and_nothing_changes(monkeypatch):
     import locoprop.layers as layers
 

@@ -474,7 +474,9 @@ class LocoProp(Optimizer):
             sampled = sum(self._sampler(c.pre) for c in per_layer[self._output_index])
             _set_gradients(calls, slots, torch.autograd.grad(sampled, pres, allow_unused=True), "grad_pre_sampled")
         # as rows (leading dimensions, a convolution's positions), detached, in the weights' dtype (under
-        # torch.autocast the passes produce bfloat16, float16)
+        # torch.autocast the passes produce bfloat16, float16); layers that share their input rows (an attention's
+        # query, key and value projections) share the converted rows too
+        converted: dict[int, torch.Tensor] = {}
         for b, cs in zip(batches, per_layer):
             if b is None:
                 continue
@@ -482,7 +484,9 @@ class LocoProp(Optimizer):
 
             def local(t, layer=b.layer):
                 return layer.output_rows(t.detach()).to(dtype)
-            b.inputs = b.inputs.to(dtype)
+            if id(b.inputs) not in converted:
+                converted[id(b.inputs)] = b.inputs.to(dtype)
+            b.inputs = converted[id(b.inputs)]
             for c in cs:
                 c.pre = local(c.pre)
                 c.grad_pre = local(c.grad_pre)
