@@ -79,6 +79,10 @@ class Optimizers:
         self.locoprop = locoprop.LocoProp(model, "M", lr=lr, activation_lr=args.activation_lr,
                                           local_steps=args.local_steps, inner="adam", output_transfer="softmax",
                                           attention=name == "locoprop-m-attention")
+        if args.attention_activation_lr is not None:  # the attention's projections' own γ (their param groups)
+            for lay, group in zip(self.locoprop.layers, self.locoprop.param_groups):
+                if isinstance(lay.linear, locoprop.layers.AttentionProjection):
+                    group["activation_lr"] = args.attention_activation_lr
         self.adam = torch.optim.Adam(self.locoprop.other_parameters(), lr=args.other_lr)
 
     def step(self, closure) -> None:
@@ -117,7 +121,10 @@ def train(name: str, lr: float, data, args) -> list[dict]:
 def readme(meta: dict, records: list[dict], json_name: str) -> str:
     rows = final_records(records)
     lines = readme_header("benchmarks/transformer_mnist.py", meta, json_name) + [
-             f"LocoProp-M: γ {meta['activation_lr']:g}, T {meta['local_steps']}, Adam at "
+             f"LocoProp-M: γ {meta['activation_lr']:g}"
+             + (f" (the attention's projections: γ {meta['attention_activation_lr']:g})"
+                if meta.get("attention_activation_lr") is not None else "")
+             + f", T {meta['local_steps']}, Adam at "
              f"{meta['other_lr']:g} on the other parameters. After {meta['epochs']} epochs of "
              f"{meta['train_examples']} training images (batch {meta['batch_size']}), best train loss first:", "",
              "| optimizer | learning rate | train loss | train error | test loss | test error | train wall s |",
@@ -152,6 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--activation-lr", type=float, default=25.0, help="LocoProp-M's gamma")
     ap.add_argument("--local-steps", type=int, default=5, help="LocoProp-M's T")
+    ap.add_argument("--attention-activation-lr", type=float, default=None,
+                    help="locoprop-m-attention: the attention projections' gamma (default: --activation-lr)")
     ap.add_argument("--other-lr", type=float, default=3e-3,
                     help="Adam's learning rate on the parameters outside LocoProp-M's layers")
     ap.add_argument("--threads", type=int, default=2)
@@ -172,7 +181,8 @@ def main(argv=None) -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"CPU {processor()} ({platform.machine()}), {args.threads} threads",
         "torch": torch.__version__, "epochs": args.epochs, "train_examples": len(data.train),
-        "batch_size": args.batch_size, "activation_lr": args.activation_lr, "local_steps": args.local_steps,
+        "batch_size": args.batch_size, "activation_lr": args.activation_lr,
+        "attention_activation_lr": args.attention_activation_lr, "local_steps": args.local_steps,
         "other_lr": args.other_lr, "data": data.describe(), "about": __doc__.split("\n\n")[1].replace("\n", " "),
     }
     records = resumed_records(ap, args.out, meta, args.resume)

@@ -638,3 +638,16 @@ def test_micro_batches_measures_the_same_step_in_parts(tmp_path):
     assert readme.count("| transformer |") == 6
     with pytest.raises(SystemExit):
         mod.main(["--data-dir", "x", "--micro-batches", "2", "--out", str(out)])  # no K = 1 to compare with
+
+
+def test_transformer_mnist_gives_the_attention_layers_their_own_gamma():
+    """--attention-activation-lr sets the activation step size of the attention's projections' groups only."""
+    import argparse
+
+    mod = _module("transformer_mnist")
+    args = argparse.Namespace(activation_lr=25.0, attention_activation_lr=2.5, local_steps=5, other_lr=3e-3)
+    opt = mod.Optimizers("locoprop-m-attention", mod.RowTransformer(), 1e-3, args).locoprop
+    gammas = {lay.name: g["activation_lr"] for lay, g in zip(opt.layers, opt.param_groups)}
+    assert gammas["blocks.layers.0.self_attn.q_proj"] == gammas["blocks.layers.1.self_attn.out_proj"] == 2.5
+    assert gammas["blocks.layers.0.linear1"] == gammas["embed"] == gammas["head"] == 25.0
+    assert sum(g == 2.5 for g in gammas.values()) == 8
