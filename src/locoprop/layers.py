@@ -923,10 +923,9 @@ def check_solvable_layers(layers: Sequence[Layer]) -> None:
     owner: dict[int, tuple[nn.Module, str]] = {}
     for lay in layers:
         module = lay.module
+        # None: an attention projection (AttentionProjection), whose attention has nn.MultiheadAttention's forward
         base = next((kind for kind in LAYER_MODULES if isinstance(module, kind)), None)
-        if base is None:  # an attention projection (AttentionProjection): nn.MultiheadAttention's own forward
-            pass
-        elif type(module).forward is not base.forward:
+        if base is not None and type(module).forward is not base.forward:
             raise ValueError(f"layer {lay.name!r}: {type(module).__name__} subclasses nn.{base.__name__} with a forward "
                              "of its own; LocoProp's local problem needs the layer's output to be x @ weight.T + bias "
                              "(leave it out of layers=, or freeze it)")
