@@ -401,7 +401,6 @@ class LocoProp(Optimizer):
             del loss
         shared: dict = {}  # layers whose micro-batches' inputs are the same tensors share one stacked copy
         batches = [LayerBatch.stack([b for b in per_layer if b is not None], shared) for per_layer in zip(*parts)]
-        del shared
         if all(b is None for b in batches):
             raise RuntimeError("closure: none of LocoProp's layers ran in its forward pass (a closure of another "
                                f"model?); the layers are {[lay.name for lay in self.layers][:5]}")
