@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from locoprop.fused import graph_side_stream
+from locoprop.fused import capturing_graph, graph_side_stream
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
 from locoprop.harness.optimizers import build_optimizer
 from locoprop.harness.records import processor, write_records
@@ -212,7 +212,7 @@ def _graphed_backprop(model, loss_fn, name: str, kwargs: dict, x: torch.Tensor):
     torch.cuda.current_stream().wait_stream(side)
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
+    with capturing_graph(graph, stream=side):
         static_loss = body()
 
     def step():

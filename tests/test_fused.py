@@ -3,6 +3,7 @@
 The CUDA graph and stream paths are checked by ``tests/cuda`` on a machine with a GPU.
 """
 
+import contextlib
 import copy
 import warnings
 
@@ -588,6 +589,63 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
 def test_layers_sharing_learning_rates_are_grouped_from_the_table():
     table = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 2.0], [3.0, 1.5, 0.0], [1.0, 0.5, 0.0], [1.0, 0.0, 0.0]])
     assert FusedIterativeSolver.rate_groups(table) == ((0, 1, 3), (2,), (4,))  # the last column is c, not η_k
+
+
+def test_captured_step_reads_the_table_rows_of_the_layers_that_ran():
+    """graphed_step prepares one table row per parameter group; where a layer did not run in the captured
+    forward pass, the solve reads the other layers' rows (a copy made inside the graph, from the table each
+    replay refills) with their own shared rates.  Device session 18 saw the capture fail there (the table had a
+    row too many)."""
+    from types import SimpleNamespace
+
+    groups = [{"name": "trunk"}, {"name": "idle head"}, {"name": "head"}]
+    table = torch.tensor([[1.0, 0.5, 0.0], [2.0, 1.0, 0.0], [1.0, 0.5, 0.0]], dtype=torch.float64)
+    solver = FusedIterativeSolver(order="iteration-major")
+    solver.prepare_capture(table, groups, torch.float32, torch.device("cpu"))
+    assert solver.shared_rates == ((0, 2), (1,))
+    ran = [SimpleNamespace(group=groups[0]), SimpleNamespace(group=groups[2])]
+    rows = solver._captured_table(ran)
+    assert torch.equal(rows, table[[0, 2]].float()) and solver.shared_rates == ((0, 1),)
+    solver.static_table.mul_(2)  # a replay refills the table: a copy made inside the graph reads it again
+    assert torch.equal(solver._captured_table(ran), 2 * table[[0, 2]].float())
+    every = [SimpleNamespace(group=g) for g in groups]
+    assert solver._captured_table(every) is solver.static_table  # all layers ran: the table itself
+    with pytest.raises(RuntimeError, match="learning-rate table must be prepared"):
+        solver._captured_table([SimpleNamespace(group={"name": "not prepared"})])
+
+
+def test_captures_collect_garbage_first_and_pause_the_collector(monkeypatch):
+    """A dead reference cycle holding a CUDA graph is collected before a capture, never during it (destroying a
+    graph while a stream captures invalidates the capture: device session 18), and the collector is on again
+    after the capture, also one that raised."""
+    import gc
+
+    from locoprop import fused
+
+    seen = []
+
+    class Graph:  # stands in for a CUDA graph in a dead cycle
+        def __del__(self):
+            seen.append(("destroyed", gc.isenabled()))
+
+    @contextlib.contextmanager
+    def fake_capture(graph, **kwargs):
+        seen.append(("capture", gc.isenabled(), kwargs))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    cycle = [Graph()]
+    cycle.append(cycle)
+    del cycle
+    assert gc.isenabled()
+    with fused.capturing_graph(object(), stream="side"):
+        seen.append(("inside", gc.isenabled()))
+    assert seen == [("destroyed", True), ("capture", False, {"stream": "side"}), ("inside", False)]
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="capture failed"):
+        with fused.capturing_graph(object()):
+            raise RuntimeError("capture failed")
+    assert gc.isenabled()
 
 
 def test_iteration_major_graphs_follow_a_layer_whose_learning_rate_changes(monkeypatch):

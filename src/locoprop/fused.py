@@ -175,6 +175,27 @@ def graph_side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 @contextlib.contextmanager
+def capturing_graph(graph: "torch.cuda.CUDAGraph", **kwargs):
+    """``torch.cuda.graph(graph, **kwargs)`` with Python's garbage collector run before the capture and paused
+    during it.  A dead reference cycle that holds a CUDA graph (an earlier optimizer's, a failed step's
+    traceback) can otherwise be collected mid-capture: destroying a graph while a stream captures is not
+    permitted, and it invalidates the capture (seen on the H200 of session 18: "operation failed due to a
+    previous error during capture" after "operation not permitted when stream is capturing (function reset)").
+    Recent PyTorch no longer collects before a capture unless ``torch.compiler.config.force_cudagraph_gc``."""
+    import gc
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, **kwargs):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
 def matmul_precision(precision: str):
     """Inside it, CUDA matrix products run in TF32 where ``precision="tf32"`` (float32 accumulation); any other
     precision leaves the setting as it is.  The setting is restored on exit."""
@@ -301,8 +322,11 @@ class FusedIterativeSolver:
         self._graph_key: tuple | None = None
         self._pool = None
         self._warm = False
-        #: The learning-rate table read inside a capture of the whole step (:class:`~locoprop.CapturedStep`).
+        #: The learning-rate table read inside a capture of the whole step (:class:`~locoprop.CapturedStep`),
+        #: one row per parameter group, and its host copy (:meth:`prepare_capture`).
         self.static_table: torch.Tensor | None = None
+        self._static_host_table: torch.Tensor | None = None
+        self._static_rows: dict[int, int] = {}  # id(parameter group) -> its row of static_table
         #: Layers that share their learning rates (:meth:`shared_rates_of` this step's table; ``None``: each
         #: layer alone), so that an update of several layers scales their gradients with one multiply.
         self.shared_rates: tuple[tuple[int, ...], ...] | None = None
@@ -616,10 +640,7 @@ class FusedIterativeSolver:
         cuda = param.device.type == "cuda"
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
-            table = self.static_table
-            if table is None or table.shape[0] != len(problems):
-                raise RuntimeError("FusedIterativeSolver: inside a CUDA graph capture the learning-rate table must "
-                                   "be prepared first (use LocoProp.graphed_step)")
+            table = self._captured_table(problems)
         else:  # into a persistent device tensor, so that captured graphs find it where they read it
             host = self.table_for([pr.group for pr in problems], regularizer, problems[0].anchor is not None,
                                   rule).to(param.dtype)
@@ -637,6 +658,28 @@ class FusedIterativeSolver:
             self._run(layers, inputs, loss, rule, table, use_streams)
         else:
             self._solve_graphed(problems, layers, inputs, loss, rule, table, use_streams)
+
+    def prepare_capture(self, table: torch.Tensor, groups: list[dict], dtype: torch.dtype,
+                        device: torch.device) -> None:
+        """Before a capture of the whole step: the device table it reads (``table``, :meth:`table_for` of
+        every parameter group ``groups``, refilled before each replay)."""
+        self.static_table = table.to(device, dtype)
+        self._static_host_table = table
+        self._static_rows = {id(g): m for m, g in enumerate(groups)}
+        self.shared_rates = self.shared_rates_of(table)
+
+    def _captured_table(self, problems: list[LocalProblem]) -> torch.Tensor:
+        """Inside a capture of the whole step: the table rows of ``problems``' groups.  Where some layer did not
+        run in the captured forward pass, a copy of the running layers' rows, made inside the graph (it reads
+        the static table, which each replay refills), and their shared rates."""
+        rows = [self._static_rows.get(id(pr.group)) for pr in problems]
+        if self.static_table is None or None in rows:
+            raise RuntimeError("FusedIterativeSolver: inside a CUDA graph capture the learning-rate table must "
+                               "be prepared first (use LocoProp.graphed_step)")
+        if rows == list(range(self.static_table.shape[0])):
+            return self.static_table
+        self.shared_rates = self.shared_rates_of(self._static_host_table[rows])
+        return torch.stack([self.static_table[m] for m in rows])
 
     def count_steps(self, problems, inner) -> None:
         """Host-side bookkeeping of one solve, done by the caller once the step is kept (the inner
@@ -680,7 +723,7 @@ class FusedIterativeSolver:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=graph_side_stream(layers[0].params[0].device)):
+            with capturing_graph(graph, pool=self._pool, stream=graph_side_stream(layers[0].params[0].device)):
                 self._run(layers, inputs, loss, rule, table, use_streams)
         except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
             self.release_graph()

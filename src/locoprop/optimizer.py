@@ -39,7 +39,7 @@ from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, pair_from_autograd,
                      set_output_transfer, split_frozen_layers)
-from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, graph_side_stream
+from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, capturing_graph, graph_side_stream
 from .transfer import MONOTONE_MODULES, get_transfer
 from .transfer import Linear as LinearTransfer
 from .update_rules import update_rule_for
@@ -1106,10 +1106,9 @@ class CapturedStep:
         solver.release_graph()
         # the learning-rate table the graph reads, filled before every replay
         first = opt._params()[0]  # the same dtype as the eager path's table
-        solver.static_table = table.to(first.device, first.dtype)
-        solver.shared_rates = solver.shared_rates_of(table)
+        solver.prepare_capture(table, opt.param_groups, first.dtype, first.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=graph_side_stream(first.device)):
+        with capturing_graph(graph, stream=graph_side_stream(first.device)):
             loss, problems = opt._step_body([self.closure], capturing=True)
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
