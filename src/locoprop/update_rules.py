@@ -77,9 +77,15 @@ class UpdateRule:
     def branches(self) -> tuple:
         """The conditions on :meth:`hyper` that decide which operations an update runs (weight decay or not,
         momentum or not), decided here on the host as Python bools and passed after :meth:`hyper` to the
-        compiled kernels, which never compare a float: torch.compile (PyTorch 2.11) answers a branch on one
-        float hyper-parameter by specialising every float of the program, one compilation per setting."""
+        compiled kernels, which never compare a float: torch.compile specialises a float that a branch
+        compares, one compilation per value."""
         return ()
+
+    def kernel_hyper(self) -> tuple:
+        """The hyper-parameters :attr:`tensor_kernel` reads (:meth:`hyper` unless a rule derives some on the host:
+        torch.compile before PyTorch 2.13 specialises a float that reaches the program only inside an
+        expression such as ``1 - β1``, one compilation per value)."""
+        return self.hyper()
 
     def state(self, p: torch.Tensor) -> list[torch.Tensor]:
         raise TypeError(f"{type(self).__name__} must implement state")
@@ -118,7 +124,7 @@ class UpdateRule:
         scalars = [sc for lay_params, _, _, sc in layers for _ in lay_params]
         compile_once(each_tensor(type(self).tensor_kernel))(
             [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
-            scalars, self.hyper() + self.branches())
+            scalars, self.kernel_hyper() + self.branches())
 
     def update_layers_triton(self, layers: list[tuple], strict: bool = False) -> bool:
         """:meth:`update_layers` with one Triton kernel launch per layer (:mod:`locoprop.triton_kernels`) where
@@ -157,6 +163,10 @@ def _scale_each_layer(tensors: list, layers: list[tuple], which: int, op=torch._
 # pass them as an operator's scalar argument (lerp_'s weight, addcmul_'s value), which this test suite's process
 # has seen torch.compile specialise on (a guard on 1 - α: one compilation per value, at most 8); they branch
 # only on the bools of the rule's branches(), after the hyper-parameters, never on a float (UpdateRule.branches).
+# Each float must also reach at least one tensor operation by itself: torch.compile in PyTorch 2.11 keeps a float
+# symbolic only then, and specialises one that appears only inside an expression such as 1 - β1 (Adam's β1, seen
+# on the H200 of session 18: one compilation per β1; PyTorch 2.13 keeps it symbolic).  So Adam's kernel takes
+# 1 - β1 from the host (AdamRule.kernel_hyper).
 def _tf_rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
     (ms, m), lr, (alpha, mom, eps) = state, scalars[0], hyper
     ms.mul_(alpha).add_(g * g * (1.0 - alpha))  # not addcmul_(value=...): see the note above
@@ -176,14 +186,14 @@ def _sgd_tensor_(p, g, state, scalars, hyper) -> None:
 
 
 def _adam_tensor_(p, g, state, scalars, hyper) -> None:
-    (m, v), (_, step_size, correction2_sqrt, shrink), (beta1, beta2, eps, decay, decoupled, decays) = \
+    (m, v), (_, step_size, correction2_sqrt, shrink), (one_minus_beta1, beta2, eps, decay, decoupled, decays) = \
         state, scalars, hyper
     if decays:
         if decoupled:
             p.mul_(shrink)
         else:
             g = g + decay * p
-    m.add_((g - m) * (1.0 - beta1))  # lerp_ (see the note above)
+    m.add_((g - m) * one_minus_beta1)  # lerp_ (see the note above); 1 - β1 from the host (AdamRule.kernel_hyper)
     v.mul_(beta2).add_(g * g * (1.0 - beta2))
     p.sub_(m / (v.sqrt() / correction2_sqrt + eps) * step_size)
 
@@ -342,6 +352,10 @@ class AdamRule(UpdateRule):
         beta1, beta2 = g["betas"]
         return (float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"]),
                 bool(g.get("decoupled_weight_decay", False)))
+
+    def kernel_hyper(self):
+        beta1, *rest = self.hyper()
+        return (1.0 - beta1, *rest)
 
     def branches(self):
         return (self.hyper()[3] != 0.0,)
