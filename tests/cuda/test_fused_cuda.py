@@ -27,7 +27,11 @@ def _batches(n, b=256):
 
 
 def _rel(model_a, model_b):
-    return max(((p - q).norm() / p.norm()).item() for p, q in zip(model_a.parameters(), model_b.parameters()))
+    """The largest difference of two models' parameters, relative to the tensor's norm, or absolute for a tensor
+    of norm below 1 (a bias that starts at zero: the attention's key bias, whose gradient is zero in exact
+    arithmetic, takes RMSProp steps of rounding noise's sign)."""
+    return max(((p - q).norm() / p.norm().clamp(min=1.0)).item()
+               for p, q in zip(model_a.parameters(), model_b.parameters()))
 
 
 def _graphed_beside_reference(ref, ref_model, fast, fast_model, steps=6):
@@ -44,7 +48,11 @@ def _graphed_beside_reference(ref, ref_model, fast, fast_model, steps=6):
 
 
 def _opt(model, **kw):
-    base = dict(variant="M", lr=1e-4, activation_lr=10.0, local_steps=10, inner_kwargs={"momentum": 0.9,
+    """LocoProp-M with TF-RMSProp (momentum 0.9).  At ``lr=1e-5`` the weights move about 5% in 8 steps and a
+    relative perturbation of 1e-7 grows to about 5e-7; at 1e-4 it grows to 1.5e-4 (measured on the CPU,
+    session 18), so that kernels which round differently from the reference cannot agree to 1e-5
+    there, however right they are."""
+    base = dict(variant="M", lr=1e-5, activation_lr=10.0, local_steps=10, inner_kwargs={"momentum": 0.9,
                 "alpha": 0.9, "eps": 1e-8}, output_transfer="sigmoid")
     base.update(kw)
     return locoprop.LocoProp(model, **base)
@@ -189,10 +197,40 @@ def test_triton_elementwises_are_the_cuda_default_and_equal_the_multi_tensor_upd
     layers = len(opts[0].layers)
     assert launches and set(launches) == {2} and len(launches) % (10 * layers) == 0  # eager and captured steps
     assert _rel(models[1], models[0]) < 1e-5
+    # The inner state holds the last local iterations' gradients δᵀx, where δ is the small difference f(a) - y
+    # near the local optimum: a last-place difference of f(a), of a sum's order or of one update is a relative
+    # difference of δ thousands of times larger.  Device session 18 (lr 1e-5, 8 steps) measured the first layer's
+    # mean square 3.8e-4 apart and its momentum 2.7e-3 apart, relative to their own norms, with the weights
+    # 4.4e-7 apart (results/gpu-h200-session18/call3-diag.txt).  So the mean square is held to 1e-3, and the
+    # momentum, the displacement each iteration applies, to 1e-5 of its weights (as _rel): about 3e-7 there.
+    # A wrong rule is O(1) off.
     for p, q in zip(models[1].parameters(), models[0].parameters()):
-        for key in ("mean_square", "momentum_buffer"):
-            a, b = opts[1].inner.state[p][key], opts[0].inner.state[q][key]
-            assert ((a - b).norm() / a.norm()).item() < 1e-5
+        a, b = opts[1].inner.state[p]["mean_square"], opts[0].inner.state[q]["mean_square"]
+        assert ((a - b).norm() / a.norm()).item() < 1e-3
+        a, b = opts[1].inner.state[p]["momentum_buffer"], opts[0].inner.state[q]["momentum_buffer"]
+        assert ((a - b).norm() / p.norm().clamp(min=1.0)).item() < 1e-5
+
+
+@pytest.mark.parametrize("transfer", [0, 1, 2])
+def test_triton_residual_is_as_accurate_as_pytorchs_operations(transfer):
+    """The residual kernel's ``δ = f(â) - y`` and ``Σδ`` on CUDA against float64: within twice the error of
+    PyTorch's own operations on the same float32 inputs (plus a last place), at the standard model's widest layer
+    and a batch of 1000."""
+    from locoprop import triton_kernels
+
+    f = [lambda a: a, torch.tanh, torch.sigmoid][transfer]
+    g = torch.Generator(device=DEV).manual_seed(0)
+    pre = torch.randn(1000, 784, device=DEV, generator=g) * 2
+    target = torch.rand(1000, 784, device=DEV, generator=g)
+    exact = f(pre.double()) - target.double()
+    by_torch = f(pre) - target
+    bias = torch.empty(784, device=DEV)
+    by_kernel = triton_kernels.residual_(pre.clone(), target, bias, transfer)
+    ulp = torch.finfo(torch.float32).eps
+    for ours, theirs, truth in ((by_kernel, by_torch, exact), (bias, by_torch.sum(0), exact.sum(0))):
+        err, err_torch = [(t.double() - truth).abs().max().item() for t in (ours, theirs)]
+        print(f"transfer {transfer}: kernel {err:.3g}, PyTorch {err_torch:.3g}")
+        assert err <= 2 * err_torch + ulp * truth.abs().max().item()
 
 
 @pytest.mark.parametrize("inner, inner_kwargs, reset", [
