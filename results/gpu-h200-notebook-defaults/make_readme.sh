@@ -29,44 +29,7 @@ $PY benchmarks/results_readme.py "$dir" \
   --note "**Alone or not.** rmsprop, notebook-m, shampoo and kfac ran one after another with the GPU to themselves (call 1), notebook-m-compiled alone in call 3. notebook-m-tf32 and notebook-m-bf16 ran together beside the CUDA tests (\`pytest -n 8\`): their losses are meant, their wall times are not (the time-to-loss tables give their uncontended estimate from the step-time benchmark where it has their row: TF32 yes, bf16 not timed this session)." \
   --note "**Time to RMSProp's loss**: [time-to-rmsprop-loss.md](time-to-rmsprop-loss.md) (RMSProp's final train loss, its epoch at learning rate 0 included) and [time-to-rmsprop-epoch99-loss.md](time-to-rmsprop-epoch99-loss.md) (its loss after epoch 99). \`first epoch s\` holds the one-off costs: the CUDA graph's warm-up and capture and, with \`compile_elementwise\`, torch.compile's compilations on a machine with no compile cache." \
   > /dev/null
-$PY - "$dir" "$cpu/locoprop-m-fp32" >> "$dir/README.md" <<'PY'
-import json, statistics, sys
-from pathlib import Path
-
-folder, cpu_fp32 = Path(sys.argv[1]), Path(sys.argv[2])
-
-
-def load(path):
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["epoch"]: r for r in rows if "epoch" in r}
-
-
-runs = {name: load(folder / name) for name in ("rmsprop", "notebook-m", "notebook-m-compiled", "notebook-m-tf32",
-                                               "notebook-m-bf16", "kfac", "shampoo")}
-fp32 = {e: r["train_loss"] for e, r in runs["notebook-m"].items()}
-print("\n## Reduced precision and compile_elementwise against FP32, train loss\n")
-print("Relative difference to notebook-m (FP32, this H200) after each epoch. Epoch 100 trains at learning rate 0 "
-      "(TF-RMSProp's momentum still moves the weights there; the notebook's protocol stops after epoch 99), so the "
-      "issue's 0.5% is read over the epochs that train, 2 to 99.\n")
-print("| run | epochs 2 to 99: lowest | highest | epoch 99 | FP32 epoch 99 | epoch 100 |")
-print("| --- | --- | --- | --- | --- | --- |")
-others = {name: {e: r["train_loss"] for e, r in runs[name].items()}
-          for name in ("notebook-m-compiled", "notebook-m-tf32", "notebook-m-bf16")}
-others["CPU FP32 (../notebook-defaults-cpu/locoprop-m-fp32)"] = {e: r["train_loss"] for e, r in load(cpu_fp32).items()}
-for name, loss in others.items():
-    rel = {e: (loss[e] - fp32[e]) / fp32[e] * 100 for e in fp32 if e in loss}
-    mid = [rel[e] for e in range(2, 100)]
-    print(f"| {name} | {min(mid):+.3f}% | {max(mid):+.3f}% | {loss[99]:.3f} ({rel[99]:+.3f}%) | {fp32[99]:.3f} | "
-          f"{rel[100]:+.3f}% |")
-print("\n## Wall time per epoch (the harness's training time, batches only)\n")
-print("| run | alone | epochs | median epoch s | median step ms (60 steps an epoch) | first epoch s | "
-      "train loss at its last epoch |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
-for name, recs in runs.items():
-    walls = [recs[e]["wall_time"] for e in sorted(recs)]
-    epoch_s = statistics.median(b - a for a, b in zip(walls[1:], walls[2:])) if len(walls) > 2 else None
-    last = max(recs)
-    alone = "no (beside the CUDA tests)" if name in ("notebook-m-tf32", "notebook-m-bf16") else "yes"
-    print(f"| {name} | {alone} | {last} | {epoch_s:.3f} | {epoch_s / 60 * 1e3:.2f} | {recs[1]['wall_time']:.2f} | "
-          f"{recs[last]['train_loss']:.3f} |")
-PY
+$PY benchmarks/against_fp32.py "$dir" --fp32 notebook-m \
+  --compare notebook-m-compiled notebook-m-tf32 notebook-m-bf16 "CPU FP32 (../notebook-defaults-cpu/locoprop-m-fp32)=$cpu/locoprop-m-fp32" \
+  --wall rmsprop notebook-m notebook-m-compiled notebook-m-tf32 notebook-m-bf16 kfac shampoo \
+  --not-alone notebook-m-tf32 notebook-m-bf16 >> "$dir/README.md"

@@ -26,42 +26,6 @@ $PY benchmarks/results_readme.py "$dir" \
   --note "**Runs.** rmsprop is the best RMSProp setting of the 100-epoch H200 study (\`../tuning-h200-100epoch/best-rmsprop.yaml\`), run eagerly as the harness runs BackProp baselines; notebook-m the authors' notebook defaults for LocoProp-M (\`configs/notebook-defaults-locoprop-m.yaml\`), FP32, the harness's default path on CUDA (the whole step as one CUDA graph, since session 13 with the Triton kernels for the update and the residual); notebook-m-tf32 the same with TF32 local products (in the update form), notebook-m-T5 with T = 5 local iterations, notebook-m-compiled with \`compile_elementwise\` (torch.compile's kernels instead of the Triton ones). Every run had the GPU to itself, one after another, after the CUDA tests and the step-time benchmark of the same call." \
   --note "**Time to RMSProp's loss**: [time-to-rmsprop-loss.md](time-to-rmsprop-loss.md) (RMSProp's final train loss, its epoch at learning rate 0 included) and [time-to-rmsprop-epoch99-loss.md](time-to-rmsprop-epoch99-loss.md) (its loss after epoch 99). \`x reference wall\` compares with RMSProp as the harness runs it (eager, torch.optim); the last two columns put both on the same footing, each step captured in one CUDA graph, from the step times of call 2 (\`$perf\`: RMSProp's \`graph\` row, LocoProp-M's \`graphed\` rows). \`first epoch s\` holds the one-off costs: the CUDA graph's warm-up and capture and, with \`compile_elementwise\`, torch.compile's compilations on a machine with no compile cache." \
   > /dev/null
-$PY - "$dir" "$before/notebook-m" >> "$dir/README.md" <<'PY'
-import json, statistics, sys
-from pathlib import Path
-
-folder, before = Path(sys.argv[1]), Path(sys.argv[2])
-
-
-def load(path):
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["epoch"]: r for r in rows if "epoch" in r}
-
-
-runs = {name: load(folder / name) for name in ("rmsprop", "notebook-m", "notebook-m-tf32", "notebook-m-T5",
-                                               "notebook-m-compiled")}
-runs["notebook-m of session 12 (../gpu-h200-notebook-defaults/, before the Triton kernels)"] = load(before)
-fp32 = {e: r["train_loss"] for e, r in runs["notebook-m"].items()}
-print("\n## Against FP32, train loss\n")
-print("Relative difference to notebook-m (FP32, this H200) after each epoch; epoch 100 trains at learning rate 0 "
-      "(TF-RMSProp's momentum still moves the weights), so the issue's 0.5% is read over epochs 2 to 99.\n")
-print("| run | epochs 2 to 99: lowest | highest | epoch 99 | FP32 epoch 99 | epoch 100 |")
-print("| --- | --- | --- | --- | --- | --- |")
-for name in ("notebook-m-tf32", "notebook-m-compiled",
-             "notebook-m of session 12 (../gpu-h200-notebook-defaults/, before the Triton kernels)"):
-    loss = {e: r["train_loss"] for e, r in runs[name].items()}
-    rel = {e: (loss[e] - fp32[e]) / fp32[e] * 100 for e in fp32 if e in loss}
-    mid = [rel[e] for e in range(2, 100)]
-    print(f"| {name} | {min(mid):+.3f}% | {max(mid):+.3f}% | {loss[99]:.3f} ({rel[99]:+.3f}%) | {fp32[99]:.3f} | "
-          f"{rel[100]:+.3f}% |")
-print("\n## Wall time per epoch (the harness's training time, batches only; every run alone on the GPU)\n")
-print("| run | epochs | median epoch s | median step ms (60 steps an epoch) | first epoch s | "
-      "train loss at its last epoch |")
-print("| --- | --- | --- | --- | --- | --- |")
-for name, recs in runs.items():
-    walls = [recs[e]["wall_time"] for e in sorted(recs)]
-    epoch_s = statistics.median(b - a for a, b in zip(walls[1:], walls[2:]))
-    last = max(recs)
-    print(f"| {name} | {last} | {epoch_s:.3f} | {epoch_s / 60 * 1e3:.2f} | {recs[1]['wall_time']:.2f} | "
-          f"{recs[last]['train_loss']:.3f} |")
-PY
+$PY benchmarks/against_fp32.py "$dir" --fp32 notebook-m \
+  --compare notebook-m-tf32 notebook-m-compiled "notebook-m of session 12 (../gpu-h200-notebook-defaults/, before the Triton kernels)=$before/notebook-m" \
+  --wall rmsprop notebook-m notebook-m-tf32 notebook-m-T5 notebook-m-compiled "notebook-m of session 12 (../gpu-h200-notebook-defaults/, before the Triton kernels)=$before/notebook-m" >> "$dir/README.md"

@@ -651,3 +651,28 @@ def test_transformer_mnist_gives_the_attention_layers_their_own_gamma():
     assert gammas["blocks.layers.0.self_attn.q_proj"] == gammas["blocks.layers.1.self_attn.out_proj"] == 2.5
     assert gammas["blocks.layers.0.linear1"] == gammas["embed"] == gammas["head"] == 25.0
     assert sum(g == 2.5 for g in gammas.values()) == 8
+
+
+def test_against_fp32_reads_the_epochs_that_train_and_the_epoch_times(tmp_path, capsys):
+    """The loss table compares epochs 2 to 99 (epoch 100 trains at learning rate 0) and epoch 99; the wall table
+    leaves out the first epoch's one-off costs."""
+    def run(name, losses, first_epoch_s, epoch_s, folder=tmp_path):
+        d = folder / name
+        d.mkdir(parents=True)
+        walls = [0.0] + [first_epoch_s + epoch_s * i for i in range(len(losses))]
+        lines = [{"epoch": e, "train_loss": loss, "wall_time": w, "step": 60 * e}
+                 for e, (loss, w) in enumerate(zip([500.0] + losses, walls))]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    fp32 = [100.0 - 0.5 * e for e in range(1, 101)]
+    run("fp32", fp32, 3.0, 0.25)
+    run("tf32", [v * (1.002 if e == 50 else 1.001) for e, v in enumerate(fp32, 1)], 1.0, 0.2)
+    run("elsewhere", [v * 0.999 if e != 100 else v * 0.9 for e, v in enumerate(fp32, 1)], 2.0, 0.5,
+        folder=tmp_path / "other")
+    _module("against_fp32").main([str(tmp_path), "--fp32", "fp32", "--compare", "tf32",
+                                  f"the other one={tmp_path / 'other' / 'elsewhere'}", "--wall", "fp32", "tf32",
+                                  "--not-alone", "tf32"])
+    out = capsys.readouterr().out
+    assert "| tf32 | +0.100% | +0.200% | 50.550 (+0.100%) | 50.500 | +0.100% |" in out
+    assert "| the other one | -0.100% | -0.100% | 50.450 (-0.100%) | 50.500 | -10.000% |" in out
+    assert "| fp32 | yes | 100 | 0.250 | 4.17 | 3.00 | 50.000 |" in out
+    assert "| tf32 | no (shared the device) | 100 | 0.200 | 3.33 | 1.00 | 50.050 |" in out
