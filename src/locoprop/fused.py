@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import warnings
 from dataclasses import dataclass
 
@@ -182,8 +183,6 @@ def capturing_graph(graph: "torch.cuda.CUDAGraph", **kwargs):
     permitted, and it invalidates the capture (seen on the H200 of session 18: "operation failed due to a
     previous error during capture" after "operation not permitted when stream is capturing (function reset)").
     Recent PyTorch no longer collects before a capture unless ``torch.compiler.config.force_cudagraph_gc``."""
-    import gc
-
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
