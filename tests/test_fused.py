@@ -856,3 +856,108 @@ def test_one_graph_side_stream_per_device(monkeypatch):
     first = fused.graph_side_stream(torch.device("cpu"))
     assert fused.graph_side_stream("cpu") is first and len(made) == 1
     assert fused.graph_side_stream("meta") is not first and len(made) == 2
+
+
+def test_the_table_is_made_again_only_when_what_it_is_computed_from_changes():
+    """A step reuses the last table while the groups' learning-rate settings, the L2 coefficient and the update
+    rule's :meth:`~locoprop.update_rules.UpdateRule.table_key` are unchanged (no Python arithmetic, no device
+    copy); any change makes it anew, equal to :meth:`FusedIterativeSolver.table_for`.  Adam's bias corrections
+    change with its step counter, so its table is made at every step."""
+    model, opt, _ = _run("fused", steps=1, local_steps=3)
+    solver, groups, anchored = opt.fused_solver, opt.param_groups, opt._needs_anchor()
+    rule = locoprop.fused.update_rule_for(opt.inner)[0]
+    reg = opt.variant.regularizer
+
+    def table():
+        return solver.host_table(groups, reg, anchored, rule)
+    first = table()
+    assert table() is first and torch.equal(first, solver.table_for(groups, reg, anchored, rule))
+    changes = [("lr", 2e-2), ("local_steps", 4), ("lr_decay", False), ("min_lr_ratio", 0.5)]
+    for key, value in changes:
+        before = table()
+        groups[1][key] = value
+        after = table()
+        assert after is not before and torch.equal(after, solver.table_for(groups, reg, anchored, rule)), key
+        assert table() is after
+    assert float(solver.host_table(groups, reg, True, rule)[1, -1]) == 0.0  # the L2 coefficient c of Eq. 7
+    reg.coef = None  # c = 1/η
+    with_anchor = solver.host_table(groups, reg, True, rule)
+    assert float(with_anchor[1, -1]) == 1 / 2e-2 and solver.host_table(groups, reg, True, rule) is with_anchor
+    reg.coef = 3.0  # a fixed c
+    assert torch.equal(solver.host_table(groups, reg, True, rule)[:, -1], torch.full((len(groups),), 3.0,
+                                                                                      dtype=torch.float64))
+
+    current = table()
+    dst = torch.full(current.shape, -1.0)
+    assert torch.equal(solver.upload_table(dst, current), current.float())
+    dst.fill_(-1.0)  # written behind its back: the same host table is not copied again
+    assert torch.equal(solver.upload_table(dst, current), torch.full(current.shape, -1.0))
+    groups[0]["lr"] = 5e-3
+    assert torch.equal(solver.upload_table(dst, table()), table().float())
+
+    _, adam, _ = _run("fused", steps=1, inner="adam", inner_kwargs={}, lr=1e-3)
+    adam_rule = locoprop.fused.update_rule_for(adam.inner)[0]
+    a = adam.fused_solver.host_table(adam.param_groups, adam.variant.regularizer, False, adam_rule)
+    assert adam_rule.table_key(adam.param_groups, False) is None
+    assert adam.fused_solver.host_table(adam.param_groups, adam.variant.regularizer, False, adam_rule) is not a
+
+
+@pytest.mark.parametrize("inner, inner_kwargs", [("tf_rmsprop", {}), ("adam", {}), ("sgd", {"momentum": 0.9})])
+def test_step_counters_are_advanced_together_and_stay_the_inner_optimizers_own(inner, inner_kwargs, tmp_path):
+    """The fast solver advances the inner optimizer's per-parameter step counters as views of one vector (one
+    addition a step): each stays a 0-d tensor of the optimizer's state and counts the layer's own local
+    iterations, also after ``load_state_dict`` replaced them, through a checkpoint read with
+    ``weights_only=True``, and on the reference loop after the fast solver."""
+    lr = 1e-2 if inner == "tf_rmsprop" else 1e-3
+    model, opt, _ = _run("fused", steps=3, inner=inner, inner_kwargs=inner_kwargs, lr=lr, per_layer=True)
+    _, ref, _ = _run("reference", steps=3, inner=inner, inner_kwargs=inner_kwargs, lr=lr, per_layer=True)
+
+    def counters(o):
+        return [o.inner.state[p].get("step") for g in o.param_groups for p in g["params"]]
+    fast = counters(opt)
+    if inner == "sgd":  # torch's SGD keeps no counter: nothing to advance
+        assert fast == [None] * len(fast) and counters(ref) == fast
+        return
+    assert all(c.dim() == 0 for c in fast) and [float(c) for c in fast] == [float(c) for c in counters(ref)]
+    assert len({c.untyped_storage().data_ptr() for c in fast}) == 1  # one vector
+    assert [float(c) for c in fast] == [3.0 * g["local_steps"] for g in opt.param_groups for _ in g["params"]]
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    opt.load_state_dict(torch.load(path, weights_only=True))  # new counter tensors: made views again
+    x = torch.rand(32, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert [float(c) for c in counters(opt)] == [4.0 * g["local_steps"] for g in opt.param_groups
+                                                 for _ in g["params"]]
+    opt.backend = "reference"
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert [float(c) for c in counters(opt)] == [5.0 * g["local_steps"] for g in opt.param_groups
+                                                 for _ in g["params"]]
+    saved = torch.load(path, weights_only=True)["inner"]["state"]
+    assert [float(st["step"]) for st in saved.values()] == [3.0 * g["local_steps"] for g in opt.param_groups
+                                                            for _ in g["params"]]
+
+
+def test_a_captured_steps_key_follows_every_setting_but_the_learning_rates():
+    """What a captured step is specific to (``CapturedStep._hyper_key``, computed before every replay, kept
+    cheap): a change of a group's or the inner optimizer's setting, of the optimizer's flags or of which other
+    parameters train captures anew; a learning rate does not (the graph reads it from the table)."""
+    from locoprop.optimizer import CapturedStep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 20))
+    with pytest.warns(UserWarning, match="left to another optimizer"):
+        opt = locoprop.LocoProp(model, output_transfer="sigmoid", backend="fused")
+    step = CapturedStep.__new__(CapturedStep)  # its key only: the step itself needs CUDA
+    step.optimizer, step._model_params = opt, None
+    key = step._hyper_key()
+    opt.param_groups[0]["lr"] *= 2
+    opt.inner.param_groups[1]["lr"] *= 2
+    assert step._hyper_key() == key
+    changes = [lambda: opt.param_groups[1].__setitem__("local_steps", 7),
+               lambda: opt.inner.param_groups[0].__setitem__("momentum", 0.5),
+               lambda: setattr(opt, "check_finite", False),
+               lambda: model[2].weight.requires_grad_(False)]
+    for change in changes:
+        change()
+        assert step._hyper_key() != key
+        key = step._hyper_key()

@@ -75,8 +75,8 @@ from . import triton_kernels
 from .losses import LocalLoss
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
-from .update_rules import (AdagradRule, AdamRule, RMSpropRule, SGDRule, TFRMSpropRule, UpdateRule,  # noqa: F401
-                           update_rule_for)
+from .update_rules import (AdagradRule, AdamRule, RMSpropRule, SGDRule, StepCounters, TFRMSpropRule,  # noqa: F401
+                           UpdateRule, update_rule_for)
 
 __all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "FusedIterativeSolver", "UpdateRule",
            "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for"]
@@ -326,6 +326,10 @@ class FusedIterativeSolver:
         self.static_table: torch.Tensor | None = None
         self._static_host_table: torch.Tensor | None = None
         self._static_rows: dict[int, int] = {}  # id(parameter group) -> its row of static_table
+        self._table_memo: tuple | None = None  # (what the last table was computed from, the table): host_table
+        self._uploaded: dict = {}  # id(device table) -> (that table, the host table it holds): upload_table
+        self._rates_memo: tuple | None = None  # (table, its rate_groups)
+        self._step_counters = StepCounters()  # count_steps
         #: Layers that share their learning rates (:meth:`shared_rates_of` this step's table; ``None``: each
         #: layer alone), so that an update of several layers scales their gradients with one multiply.
         self.shared_rates: tuple[tuple[int, ...], ...] | None = None
@@ -398,6 +402,36 @@ class FusedIterativeSolver:
             rows.append(row + [regularizer.coefficient(g["lr"]) if anchored else 0.0])
         return torch.tensor(rows, dtype=torch.float64)
 
+    def host_table(self, groups: list[dict], regularizer: L2Proximity, anchored: bool,
+                   rule: UpdateRule | None = None, fresh: bool = False) -> torch.Tensor:
+        """:meth:`table_for`, returning the same tensor again while nothing it is computed from has changed
+        (each group's ``lr``, ``local_steps``, ``lr_decay`` and ``min_lr_ratio``, the L2 coefficient, and what
+        :meth:`~locoprop.update_rules.UpdateRule.table_key` names): a step's host bookkeeping without the
+        table's Python arithmetic, and a device copy of it only when it changed (:meth:`upload_table`).
+        Read the returned tensor; never write into it."""
+        rule_key = () if rule is None else rule.table_key(groups, fresh)
+        key = None
+        if rule_key is not None:
+            key = (anchored, rule_key, tuple((g["lr"], g["local_steps"], g["lr_decay"], g["min_lr_ratio"],
+                                              regularizer.coefficient(g["lr"]) if anchored else 0.0)
+                                             for g in groups))
+            memo = self._table_memo
+            if memo is not None and memo[0] == key:
+                return memo[1]
+        table = self.table_for(groups, regularizer, anchored, rule, fresh)
+        self._table_memo = None if key is None else (key, table)
+        return table
+
+    def upload_table(self, dst: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+        """``dst.copy_(host)`` unless ``dst`` already holds that host table (:meth:`host_table` returns the
+        same tensor while the table is unchanged): on CUDA a copy from pageable host memory waits for the
+        stream, so an unchanged table is not copied again."""
+        held = self._uploaded.get(id(dst))
+        if held is None or held[1] is not host:
+            dst.copy_(host)
+            self._uploaded[id(dst)] = (dst, host)  # holding dst: its id is not reused while it is here
+        return dst
+
     @staticmethod
     def iteration_scalars_of(table: torch.Tensor, m: int, k: int, count: int) -> tuple[torch.Tensor, ...]:
         """The ``count`` scalars of iteration ``k`` of layer ``m`` in a :meth:`table_for` table, as 0-d views
@@ -419,7 +453,11 @@ class FusedIterativeSolver:
         """:meth:`rate_groups` where the order of work uses them (iteration-major: one update of all layers),
         ``None`` where it does not (layer-major updates one layer at a time), so that a layer-major graph is
         not captured again when the groups change."""
-        return self.rate_groups(table) if self.order == "iteration-major" else None
+        if self.order != "iteration-major":
+            return None
+        if self._rates_memo is None or self._rates_memo[0] is not table:  # host_table's tables recur
+            self._rates_memo = (table, self.rate_groups(table))
+        return self._rates_memo[1]
 
     def release_graph(self) -> None:
         """Drop the captured solves (their memory returns to the allocator)."""
@@ -641,10 +679,9 @@ class FusedIterativeSolver:
         if capturing:
             table = self._captured_table(problems)
         else:  # into a persistent device tensor, so that captured graphs find it where they read it
-            host = self.table_for([pr.group for pr in problems], regularizer, problems[0].anchor is not None,
-                                  rule).to(param.dtype)
-            table = self._buffer(("table",), host.shape, host.dtype, param.device)
-            table.copy_(host)
+            host = self.host_table([pr.group for pr in problems], regularizer, problems[0].anchor is not None,
+                                   rule)
+            table = self.upload_table(self._buffer(("table",), host.shape, param.dtype, param.device), host)
             self.shared_rates = self.shared_rates_of(host)
         inputs = [(pr.batch.inputs, pr.first_residual(loss), pr.target, pr.anchor, pr.batch.transfer,
                    (pr.start_pre, pr.start_params) if pr.start_pre is not None else None)
@@ -662,7 +699,7 @@ class FusedIterativeSolver:
                         device: torch.device) -> None:
         """Before a capture of the whole step: the device table it reads (``table``, :meth:`table_for` of
         every parameter group ``groups``, refilled before each replay)."""
-        self.static_table = table.to(device, dtype)
+        self.static_table = self.upload_table(torch.empty(table.shape, dtype=dtype, device=device), table)
         self._static_host_table = table
         self._static_rows = {id(g): m for m, g in enumerate(groups)}
         self.shared_rates = self.shared_rates_of(table)
@@ -680,15 +717,22 @@ class FusedIterativeSolver:
         self.shared_rates = self.shared_rates_of(self._static_host_table[rows])
         return torch.stack([self.static_table[m] for m in rows])
 
-    def count_steps(self, problems, inner) -> None:
+    def count_steps(self, problems, inner, rule: UpdateRule | None = None) -> None:
         """Host-side bookkeeping of one solve, done by the caller once the step is kept (the inner
-        optimizer's step counters)."""
-        rule, _ = update_rule_for(inner)
+        optimizer's step counters); ``rule``: ``inner``'s update rule, where the caller has it."""
+        if rule is None:
+            rule, _ = update_rule_for(inner)
+        params, steps = [], []
         for pr in problems:
             if pr is None:  # layer-sharded: another rank solved this layer
                 continue
-            for p in pr.params:
-                rule.count_steps(p, int(pr.group["local_steps"]))
+            params += pr.params
+            steps += [int(pr.group["local_steps"])] * len(pr.params)
+        if type(rule).count_steps is UpdateRule.count_steps:  # the counters as views of one vector
+            self._step_counters.advance(rule, params, steps)
+        else:
+            for p, n in zip(params, steps):
+                rule.count_steps(p, n)
 
     # -- CUDA graph ----------------------------------------------------------------------------------
     def _graphs_for(self, device: torch.device) -> bool:

@@ -594,6 +594,9 @@ class LocoProp(Optimizer):
         """``p.grad += g`` (or ``p.grad = g``) for the held gradients, as ``loss.backward()`` accumulates;
         ``copy``: the gradients are a captured graph's tensors, which the next replay overwrites."""
         pending = self._pending_other_grads if pending is None else pending
+        if not pending:
+            self._pending_other_grads = []
+            return
         with torch.no_grad():
             for p, g in pending:
                 if p.grad is None:
@@ -604,6 +607,12 @@ class LocoProp(Optimizer):
 
     def _check_still_frozen_or_trainable(self) -> None:
         """Refuse a step after a layer was frozen or unfrozen since construction (nothing changes)."""
+        watched = self.__dict__.get("_watched_grad_flags")  # the layers' parameters, fixed when it was made
+        if watched is None:
+            watched = self._watched_grad_flags = ([p for lay in self.layers for p in lay.module_params],
+                                                  [p for lay in self.frozen_layers for p in lay.module_params])
+        if all(p.requires_grad for p in watched[0]) and not any(p.requires_grad for p in watched[1]):
+            return
         for lay in self.layers:
             frozen = lay.frozen_param_names()
             if frozen:
@@ -1026,6 +1035,19 @@ def _closures(closure) -> list[Callable[[], torch.Tensor]]:
     return closures
 
 
+_NOT_IN_GROUP_KEY = ("params", "lr", "step")  # a LocoProp group's items a captured step reads anew
+_NOT_IN_INNER_KEY = ("params", "lr")
+
+
+def _settings(group: dict, leave_out: tuple[str, ...]) -> dict:
+    """A copy of a parameter group without the items ``leave_out`` (a shallow copy: C speed, for a key computed
+    before every replay)."""
+    settings = group.copy()
+    for key in leave_out:
+        settings.pop(key, None)
+    return settings
+
+
 class CapturedStep:
     """:meth:`LocoProp.graphed_step`: the whole LocoProp step captured in one CUDA graph."""
 
@@ -1049,17 +1071,26 @@ class CapturedStep:
         self.graph = None
         self._key = None
         self.other_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._model_params: list[torch.Tensor] | None = None  # the model's parameters when it was captured
+        self._rule = None  # the inner optimizer's update rule, derived again when its hyper-parameters change
         #: How the last call ran: "eager", "capture" or "replay".
         self.last_mode = ""
 
     def _hyper_key(self) -> tuple:
+        """What the captured graph is specific to besides the learning rates (which it reads from the table):
+        the groups' and the inner optimizer's other hyper-parameters, the optimizer's and solver's settings,
+        the other parameters whose gradients it computes.  Computed before every replay, so kept cheap (the
+        groups as copied dicts, compared with ``==``; the model's parameters as they were at the capture, since
+        a graph replays the modules it captured)."""
         opt = self.optimizer
-        groups = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr", "step"))
-                       for g in opt.param_groups)
-        inner = tuple(tuple((k, v) for k, v in sorted(g.items()) if k not in ("params", "lr"))
-                      for g in opt.inner.param_groups)
+        groups = [_settings(g, _NOT_IN_GROUP_KEY) for g in opt.param_groups]
+        inner = [_settings(g, _NOT_IN_INNER_KEY) for g in opt.inner.param_groups]
         solver = opt.fused_solver
-        others = tuple(id(p) for p in opt._other_params())  # the gradients the graph computes
+        others = ()  # the gradients the graph computes
+        if opt.other_grads:
+            if self._model_params is None:
+                self._model_params = list(opt.model.parameters())
+            others = tuple(id(p) for p in self._model_params if p.requires_grad and id(p) not in opt._covered)
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, others, solver.order,
                 solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels)
 
@@ -1079,22 +1110,25 @@ class CapturedStep:
                 torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
             return loss
-        table = solver.table_for(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(),
-                                 update_rule_for(opt.inner)[0], fresh=opt.reset_inner_state)
+        hyper = self._hyper_key()
+        if self.graph is None or hyper != self._key[:-1]:
+            self._rule = update_rule_for(opt.inner)[0]
+        table = solver.host_table(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(), self._rule,
+                                  fresh=opt.reset_inner_state)
         opt._sync_layers()  # outside the graph
-        key = self._hyper_key() + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
+        key = hyper + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
         if self.graph is None or key != self._key:
             self._capture(key, table)
             self.last_mode = "capture"
         else:
-            solver.static_table.copy_(table)
+            solver.upload_table(solver.static_table, table)  # only where the learning rates changed
             self.last_mode = "replay"
         self.graph.replay()
         if opt.check_finite and not bool(self.flag):
             opt._rollback.restore(opt.inner, host=False)
             raise DivergenceError("the loss or the local update of this step is not finite; the step was undone "
                                   "(lower lr or activation_lr)")
-        solver.count_steps(self.problems, opt.inner)
+        solver.count_steps(self.problems, opt.inner, self._rule)
         opt.last_solver = "fused"
         opt._accumulate_other_grads(self.other_grads, copy=True)
         opt._finish(self.problems)
@@ -1103,6 +1137,7 @@ class CapturedStep:
     def _capture(self, key, table: torch.Tensor) -> None:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         self.graph = None
+        self._model_params = list(opt.model.parameters())
         solver.release_graph()
         # the learning-rate table the graph reads, filled before every replay
         first = opt._params()[0]  # the same dtype as the eager path's table

@@ -676,3 +676,38 @@ def test_against_fp32_reads_the_epochs_that_train_and_the_epoch_times(tmp_path, 
     assert "| the other one | -0.100% | -0.100% | 50.450 (-0.100%) | 50.500 | -10.000% |" in out
     assert "| fp32 | yes | 100 | 0.250 | 4.17 | 3.00 | 50.000 |" in out
     assert "| tf32 | no (shared the device) | 100 | 0.200 | 3.33 | 1.00 | 50.050 |" in out
+
+
+def test_host_overhead_times_the_captured_steps_own_call_and_writes_its_readme(tmp_path, capsys):
+    """benchmarks/host_overhead.py runs the real ``CapturedStep.__call__`` on the CPU, the graph's replay a
+    stand-in: every call takes the replay path, and the learning rates and step counters move as a real
+    step's would."""
+    host = _module("host_overhead")
+    out = tmp_path / "host" / "after.json"
+    host.main(["--models", "standard", "--calls", "20", "--local-steps", "3", "--label", "after", "--out", str(out),
+               "--readme"])
+    data = json.loads(out.read_text())
+    (record,) = data["records"]
+    assert record["model"] == "standard" and record["layers"] == 8 and record["calls"] == 20
+    assert 0 < record["host_us_p10"] <= record["host_us_median"] <= record["host_us_p90"]
+    assert data["meta"]["label"] == "after" and "host_overhead.py --models standard" in data["meta"]["command"]
+    readme = (out.parent / "README.md").read_text()
+    assert "`after.json`: after" in readme and f"{record['host_us_median']:.1f}" in readme
+
+    import locoprop
+    import torch
+    from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+
+    model, loss_fn, x = build_autoencoder("standard"), AutoencoderLoss(), torch.rand(4, 784)
+    opt = locoprop.LocoProp(model, local_steps=3, output_transfer="sigmoid", backend="fused")
+    step = host.captured_step_on_the_cpu(opt, lambda: loss_fn(model(x), x))
+    counters = [opt.inner.state[p]["step"] for p in opt.param_groups[0]["params"]]
+    before = [float(c) for c in counters]
+    opt.param_groups[0]["lr"] = 0.5
+    step()
+    assert step.last_mode == "replay" and opt.param_groups[0]["step"] == 1
+    assert [float(opt.inner.state[p]["step"]) for p in opt.param_groups[0]["params"]] == [b + 3 for b in before]
+    assert float(opt.fused_solver.static_table[0, 0]) == 0.5  # the new learning rate reached the graph's table
+    with pytest.raises(SystemExit):
+        host.main(["--readme"])
+    assert "--readme: needs --out" in capsys.readouterr().err
