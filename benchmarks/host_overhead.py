@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -136,8 +137,8 @@ def main(argv=None) -> None:
     if args.out:
         meta = dict(label=args.label, commit=_commit(), date=datetime.date.today().isoformat(),
                     processor=processor(), torch=torch.__version__, threads=args.threads,
-                    command=" ".join(["python", "benchmarks/host_overhead.py",
-                                      *(sys.argv[1:] if argv is None else argv)]))
+                    command=shlex.join(["python", "benchmarks/host_overhead.py",
+                                        *(sys.argv[1:] if argv is None else argv)]))
         write_records(args.out, meta, records)
         if args.readme:
             (args.out.parent / "README.md").write_text(readme(args.out.parent))
