@@ -364,3 +364,36 @@ def test_triton_elementwise_setting_reaches_the_fast_solver(tmp_path):
         opt = build_optimizer("locoprop-m", build_autoencoder("tiny", "tanh"), AutoencoderLoss(), lr=1e-3,
                               triton_elementwise=cfg.triton_elementwise)
         assert opt.fused_solver.triton_elementwise is expected
+
+
+def test_the_batch_loss_is_the_host_mean_of_the_step_losses_read_only_now_and_then(tmp_path, monkeypatch):
+    """The running mean of an epoch's batch losses is kept on the device (no read-back, so no wait for the GPU,
+    after every step; read every ``LOSS_READ_EVERY`` steps and at the epoch's end) and equals the host's float64
+    mean of the steps' losses to the bit."""
+    from locoprop.harness import train as train_module
+
+    losses = []
+    built = train_module.build_optimizer
+
+    def recording(*args, **kwargs):
+        opt = built(*args, **kwargs)
+        step = opt.step
+
+        def recorded(closure):
+            loss = step(closure)
+            losses.append(float(loss))
+            return loss
+        opt.step = recorded
+        return opt
+    monkeypatch.setattr(train_module, "build_optimizer", recording)
+    monkeypatch.setattr(train_module, "LOSS_READ_EVERY", 2)
+    cfg = TrainConfig(optimizer="rmsprop", lr=1e-3, **{**TINY, "epochs": 2})
+    train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    records, _ = read_metrics(tmp_path / "run")
+    per_epoch = len(losses) // 2
+    for epoch, rec in enumerate(records[1:]):
+        running = 0.0
+        for i, value in enumerate(losses[epoch * per_epoch:(epoch + 1) * per_epoch]):
+            running += (value - running) / (i + 1)
+        assert rec["batch_loss"] == running
+    assert per_epoch == 3 and len(records) == 3

@@ -395,6 +395,11 @@ def run_record(cfg: TrainConfig, data, device: torch.device, model: torch.nn.Mod
     }
 
 
+#: Steps between two reads of the running batch loss (for the progress bar and the divergence check): each read
+#: waits for the GPU, so a run does not read every step's loss.
+LOSS_READ_EVERY = 20
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -512,7 +517,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                    disable=not progress or not ranks.main) if tqdm else None
         _sync(device)
         t0 = time.perf_counter()
-        running = 0.0
+        # the running mean of the batch losses stays on the device (the arithmetic of a host float64 mean, to the
+        # bit): reading a loss back after every step would make the host wait for the GPU at every step
+        running = torch.zeros((), dtype=torch.float64, device=device)
         diverged = None
         for i in range(batches):
             index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
@@ -528,19 +535,21 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             except locoprop.DivergenceError as exc:
                 diverged = str(exc)
                 break
-            value = float(loss)
-            if not math.isfinite(value):
-                diverged = f"batch loss is {value}"
-                break
+            running += (loss.detach().double() - running) / (i + 1)
+            if (i + 1) % LOSS_READ_EVERY == 0 or i + 1 == batches:
+                value = float(running)
+                if not math.isfinite(value):
+                    diverged = f"batch loss is {value} (the mean of the epoch's batches 1 to {i + 1})"
+                    break
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.3f}")
             if cfg.weight_decay:
                 with torch.no_grad():
                     for p in model.parameters():
                         p.mul_(1.0 - lr * cfg.weight_decay)
             step += 1
-            running += (value - running) / (i + 1)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}")
         _sync(device)
         wall += time.perf_counter() - t0
         if bar is not None:
@@ -551,7 +560,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         train_loss, test_loss = evaluate(model, data.train, ranks=dranks), evaluate(model, data.test, ranks=dranks)
         best = min(best, train_loss)
         rec = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "wall_time": wall, "lr": lr,
-               "step": step, "batch_loss": running}
+               "step": step, "batch_loss": float(running)}
         why = early_exit_reason(train_loss, best, epoch + 1) if cfg.early_exit else (
             None if math.isfinite(train_loss) else f"train loss is {train_loss}")
         if why and not math.isfinite(train_loss):
