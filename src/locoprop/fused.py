@@ -327,7 +327,7 @@ class FusedIterativeSolver:
         self._static_host_table: torch.Tensor | None = None
         self._static_rows: dict[int, int] = {}  # id(parameter group) -> its row of static_table
         self._table_memo: tuple | None = None  # (what the last table was computed from, the table): host_table
-        self._uploaded: dict = {}  # id(device table) -> (that table, the host table it holds): upload_table
+        self._uploaded: dict = {}  # role -> (device table, the host table it holds): upload_table
         self._rates_memo: tuple | None = None  # (table, its rate_groups)
         self._step_counters = StepCounters()  # count_steps
         #: Layers that share their learning rates (:meth:`shared_rates_of` this step's table; ``None``: each
@@ -422,14 +422,15 @@ class FusedIterativeSolver:
         self._table_memo = None if key is None else (key, table)
         return table
 
-    def upload_table(self, dst: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    def upload_table(self, dst: torch.Tensor, host: torch.Tensor, role: str = "eager") -> torch.Tensor:
         """``dst.copy_(host)`` unless ``dst`` already holds that host table (:meth:`host_table` returns the
         same tensor while the table is unchanged): on CUDA a copy from pageable host memory waits for the
-        stream, so an unchanged table is not copied again."""
-        held = self._uploaded.get(id(dst))
-        if held is None or held[1] is not host:
+        stream, so an unchanged table is not copied again.  ``role``: which device table this is (the eager
+        solve's buffer, the captured step's ``static_table``); only the last of each role is remembered."""
+        held = self._uploaded.get(role)
+        if held is None or held[0] is not dst or held[1] is not host:
             dst.copy_(host)
-            self._uploaded[id(dst)] = (dst, host)  # holding dst: its id is not reused while it is here
+            self._uploaded[role] = (dst, host)
         return dst
 
     @staticmethod
@@ -699,7 +700,7 @@ class FusedIterativeSolver:
                         device: torch.device) -> None:
         """Before a capture of the whole step: the device table it reads (``table``, :meth:`table_for` of
         every parameter group ``groups``, refilled before each replay)."""
-        self.static_table = self.upload_table(torch.empty(table.shape, dtype=dtype, device=device), table)
+        self.static_table = self.upload_table(torch.empty(table.shape, dtype=dtype, device=device), table, "static")
         self._static_host_table = table
         self._static_rows = {id(g): m for m, g in enumerate(groups)}
         self.shared_rates = self.shared_rates_of(table)

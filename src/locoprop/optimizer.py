@@ -1121,7 +1121,7 @@ class CapturedStep:
             self._capture(key, table)
             self.last_mode = "capture"
         else:
-            solver.upload_table(solver.static_table, table)  # only where the learning rates changed
+            solver.upload_table(solver.static_table, table, "static")  # only where the learning rates changed
             self.last_mode = "replay"
         self.graph.replay()
         if opt.check_finite and not bool(self.flag):
