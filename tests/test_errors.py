@@ -156,3 +156,33 @@ def test_finiteness_check_does_not_overflow_on_large_finite_weights():
     with torch.no_grad():
         model[0].weight[0, 1] = float("nan")
     assert not bool(opt._all_finite())
+
+
+@pytest.mark.parametrize("backend, settings, after_solve", [
+    ("auto", {}, True), ("fused", {}, True), ("fused", {"rollback": "host"}, True),
+    ("fused", {"reset_inner_state": True}, False),  # the reset is not undone: the loss is read first
+    ("auto", {"variant": "S-natural"}, False),  # its target's Cholesky factorisation would raise on a NaN
+    ("fused", {"check_finite": False}, False),  # nothing undoes the solve: the loss is read first
+])
+def test_a_non_finite_loss_is_read_with_the_weights_and_changes_nothing(backend, settings, after_solve):
+    """Where the solve can be undone and takes a NaN without raising, ``step`` reads whether the loss is finite
+    together with the weights after the solve (one read-back a step), undoes the solve and raises; elsewhere
+    it reads the loss before the solve.  Either way a non-finite loss changes nothing and names itself."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(16, 20)
+    variant = settings.pop("variant", "M")
+    opt = locoprop.LocoProp(model, variant=variant, lr=1e-2, output_transfer="sigmoid", backend=backend, **settings)
+    for _ in range(2):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    assert opt._loss_checked_after_solve() == after_solve
+    snap = _snapshot(model, opt)
+    solved = []
+    solver = opt.fused_solver if backend == "fused" else opt.solver
+    original = solver.solve
+    solver.solve = lambda *a, **k: solved.append(1) or original(*a, **k)
+    with pytest.raises(locoprop.DivergenceError, match="closure's loss is nan"):
+        opt.step(lambda: bce_sum_mean(model(x), x) * float("nan"))
+    _assert_unchanged(model, opt, snap)
+    assert solved == ([1] if after_solve else [])
+    assert torch.isfinite(opt.step(lambda: bce_sum_mean(model(x), x)))

@@ -42,6 +42,8 @@ from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, dis
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, capturing_graph, graph_side_stream
 from .transfer import MONOTONE_MODULES, get_transfer
 from .transfer import Linear as LinearTransfer
+from .regularizers import L2Proximity
+from .targets import GradientStepTarget
 from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, InnerView, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
@@ -638,7 +640,21 @@ class LocoProp(Optimizer):
         norms = torch._foreach_norm(self._params(), float("inf"))
         return torch.isfinite(torch.stack(norms)).all()
 
-    def _divergence(self) -> DivergenceError:
+    def _loss_checked_after_solve(self) -> bool:
+        """Whether :meth:`step` reads whether the loss is finite together with the weights, after the solve (one
+        read-back of the GPU a step: the host builds the local problems while the GPU still runs the forward
+        and backward passes), rather than before the solve.  Where ``check_finite`` undoes the solve, in one
+        process, and the components take a NaN without raising (gradient-step targets, the L2 proximity term,
+        local iterations; a natural-gradient target's Cholesky factorisation would raise instead); not where
+        the inner state is reset before the solve, which the rollback does not undo."""
+        v = self.variant
+        return (self.check_finite and self.distributor is None and isinstance(v.target, GradientStepTarget)
+                and type(v.regularizer) is L2Proximity and v.solver == "iterative"
+                and not (self.inner is not None and self.reset_inner_state))  # the reset is not undone
+
+    def _divergence(self, loss: torch.Tensor) -> DivergenceError:
+        if not torch.isfinite(loss).all():
+            return DivergenceError(f"the closure's loss is {loss.item()}; the step was undone")
         names = [g["name"] for g in self.param_groups if not all(torch.isfinite(p).all() for p in g["params"])]
         return DivergenceError(f"the local update of layer(s) {sorted(names)} is not finite; the step was undone "
                                "(lower lr or activation_lr)")
@@ -682,8 +698,9 @@ class LocoProp(Optimizer):
                         early_copy: bool, capturing: bool):
         """The rest of :meth:`_step_body` after the forward and backward passes: targets, local solve."""
         reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
-        if not capturing and not torch.isfinite(reported.detach()).all():  # every rank decides alike
-            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
+        if not capturing and not self._loss_checked_after_solve() and not torch.isfinite(reported.detach()).all():
+            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")  # every
+            # rank decides alike
         self._keep_other_grads(*other_grads)
         if self.distributor is not None:
             batches = self.distributor.exchange(batches)
@@ -739,8 +756,8 @@ class LocoProp(Optimizer):
         self._check_still_frozen_or_trainable()
         self._sync_layers()
         loss, problems = self._step_body(closures)
-        if self.check_finite and not bool(self._all_finite()):
-            err = self._divergence()
+        if self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the step's one read-back
+            err = self._divergence(loss)
             self._rollback.restore(self.inner)
             self._pending_other_grads = []  # not added for a step that raises
             raise err

@@ -315,6 +315,33 @@ def test_graphed_step_divergence_is_undone(rollback):
             assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
 
 
+@pytest.mark.parametrize("rollback", ["device", "host"])
+def test_default_step_reads_a_non_finite_loss_after_the_solve_and_undoes_it(rollback):
+    """The default step on CUDA reads back once, after the solve (the loss's finiteness with the weights'), so
+    the host builds the problems while the GPU runs the passes: a NaN loss runs the captured solve, which is
+    undone, and the step raises naming the loss (session 19; the CPU tests check the same logic)."""
+    model = _model()
+    opt = _opt(model, rollback=rollback)
+    batches = _batches(4)
+    for x in batches[:3]:
+        opt.step(lambda: _loss(model(x), x))
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    x = batches[3]
+    solved, solve = [], opt.fused_solver.solve
+    opt.fused_solver.solve = lambda *a, **k: solved.append(1) or solve(*a, **k)
+    with pytest.raises(locoprop.DivergenceError, match="closure's loss is nan"):
+        opt.step(lambda: _loss(model(x), x) * float("nan"))
+    assert solved == [1] and opt.fused_solver.last_mode.startswith("graph")  # solved on the NaN's targets
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    now = opt.state_dict()["inner"]["state"]
+    for k, s in state["inner"]["state"].items():
+        for name, v in s.items():
+            assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
+    assert torch.isfinite(opt.step(lambda: _loss(model(x), x)))
+
+
 @pytest.mark.parametrize("precision, tol", [("tf32", 5e-3), ("bf16", 3e-2)])
 def test_reduced_precision_stays_close(precision, tol):
     a, b = _model(), _model()
