@@ -151,10 +151,10 @@ class StepCounters:
     """The inner optimizer's per-parameter ``step`` counters advanced by one tensor operation a step.
 
     ``torch.optim`` (and :class:`~locoprop.inner.TFRMSprop`) keep each counter
-    as a 0-d tensor, and adding to each of them is one operation per
-    parameter: on a 2-core CPU about 75 µs for the standard autoencoder's 16
-    parameters, host time that a captured step's replay (whose finite check
-    reads a flag back) waits behind.  :meth:`advance` makes the counters
+    as a 0-d tensor, and adding to each of them is one tensor operation per
+    parameter (16 for the standard autoencoder): host time that a captured
+    step's replay (whose finite check reads a flag back) waits behind
+    (``benchmarks/host_overhead.py``).  :meth:`advance` makes the counters
     views of one vector (same values, dtype and device, so ``state_dict``,
     checkpoints and the reference path see 0-d tensors as before) and then
     adds each parameter's number of local iterations to that vector in one
