@@ -289,6 +289,21 @@ def test_graphed_iteration_major_step_follows_one_layers_learning_rate():
     assert _rel(ref_model, fast_model) < 1e-5
 
 
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_as_before(model, opt, snapshot):
+    """The weights and the inner optimizer's state are those of :func:`_snapshot`, to the bit."""
+    weights, state = snapshot
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    now = opt.state_dict()["inner"]["state"]
+    for k, s in state["inner"]["state"].items():
+        for name, v in s.items():
+            assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
+
+
 @pytest.mark.parametrize("rollback", ["device", "host"])
 def test_graphed_step_divergence_is_undone(rollback):
     model = _model()
@@ -299,20 +314,14 @@ def test_graphed_step_divergence_is_undone(rollback):
     for x in batches[:4]:
         static_x.copy_(x)
         step()
-    weights = copy.deepcopy(model.state_dict())
-    state = copy.deepcopy(opt.state_dict())
+    before = _snapshot(model, opt)
     for g in opt.param_groups:
         g["lr"] = float("inf")  # only lr changes: the captured graph is replayed and its update is not finite
     static_x.copy_(batches[4])
     with pytest.raises(locoprop.DivergenceError):
         step()
     assert step.last_mode == "replay"
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    now = opt.state_dict()["inner"]["state"]
-    for k, s in state["inner"]["state"].items():
-        for name, v in s.items():
-            assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
+    _assert_as_before(model, opt, before)
 
 
 @pytest.mark.parametrize("rollback", ["device", "host"])
@@ -325,20 +334,14 @@ def test_default_step_reads_a_non_finite_loss_after_the_solve_and_undoes_it(roll
     batches = _batches(4)
     for x in batches[:3]:
         opt.step(lambda: _loss(model(x), x))
-    weights = copy.deepcopy(model.state_dict())
-    state = copy.deepcopy(opt.state_dict())
+    before = _snapshot(model, opt)
     x = batches[3]
     solved, solve = [], opt.fused_solver.solve
     opt.fused_solver.solve = lambda *a, **k: solved.append(1) or solve(*a, **k)
     with pytest.raises(locoprop.DivergenceError, match="closure's loss is nan"):
         opt.step(lambda: _loss(model(x), x) * float("nan"))
     assert solved == [1] and opt.fused_solver.last_mode.startswith("graph")  # solved on the NaN's targets
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    now = opt.state_dict()["inner"]["state"]
-    for k, s in state["inner"]["state"].items():
-        for name, v in s.items():
-            assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
+    _assert_as_before(model, opt, before)
     assert torch.isfinite(opt.step(lambda: _loss(model(x), x)))
 
 
