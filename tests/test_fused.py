@@ -965,3 +965,45 @@ def test_a_captured_steps_key_follows_every_setting_but_the_learning_rates():
         change()
         assert step._hyper_key() != key
         key = step._hyper_key()
+
+
+def test_a_changed_table_reaches_a_cuda_table_through_one_pinned_buffer_per_role(monkeypatch):
+    """On CUDA a changed table is converted into a pinned buffer kept per role and copied from it without a
+    wait for the stream; before the buffer is written again the host waits for the event recorded after the
+    last copy from it.  Run here with stand-ins for pinned memory and CUDA events (the CUDA tests run the
+    real ones: Adam's table changes at every captured step)."""
+    events, real_empty = [], torch.empty
+
+    class Event:
+        def __init__(self):
+            self.log = []
+            events.append(self)
+
+        def record(self, stream):
+            self.log.append("recorded")
+
+        def synchronize(self):
+            self.log.append("waited")
+
+    class CudaTable(torch.Tensor):  # a CPU tensor the solver takes for a CUDA one
+        is_cuda = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "stream")
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    solver = FusedIterativeSolver()
+    dst = torch.zeros(2, 3).as_subclass(CudaTable)
+    first, second = torch.rand(2, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+    solver.upload_table(dst, first, "static")
+    buffer = solver._staging["static"][0]
+    assert torch.equal(dst, first.float()) and buffer.dtype == torch.float32
+    assert [e.log for e in events] == [["recorded"]]
+    solver.upload_table(dst, first, "static")  # unchanged: no copy, no wait
+    assert len(events) == 1
+    solver.upload_table(dst, second, "static")
+    assert torch.equal(dst, second.float()) and solver._staging["static"][0] is buffer
+    assert [e.log for e in events] == [["recorded", "waited"], ["recorded"]]  # waited for the first copy's read
+    wider = torch.zeros(2, 4).as_subclass(CudaTable)
+    solver.upload_table(wider, torch.rand(2, 4, dtype=torch.float64), "static")  # a new shape: a new buffer
+    assert solver._staging["static"][0] is not buffer and solver._staging["static"][0].shape == (2, 4)
+    assert [e.log for e in events][1:] == [["recorded"], ["recorded"]]  # nothing to wait for in a new buffer

@@ -328,6 +328,7 @@ class FusedIterativeSolver:
         self._static_rows: dict[int, int] = {}  # id(parameter group) -> its row of static_table
         self._table_memo: tuple | None = None  # (what the last table was computed from, the table): host_table
         self._uploaded: dict = {}  # role -> (device table, the host table it holds): upload_table
+        self._staging: dict = {}  # role -> (pinned buffer, event after the stream read it): upload_table on CUDA
         self._rates_memo: tuple | None = None  # (table, its rate_groups)
         self._step_counters = StepCounters()  # count_steps
         #: Layers that share their learning rates (:meth:`shared_rates_of` this step's table; ``None``: each
@@ -425,13 +426,33 @@ class FusedIterativeSolver:
     def upload_table(self, dst: torch.Tensor, host: torch.Tensor, role: str = "eager") -> torch.Tensor:
         """``dst.copy_(host)`` unless ``dst`` already holds that host table (:meth:`host_table` returns the
         same tensor while the table is unchanged): on CUDA a copy from pageable host memory waits for the
-        stream, so an unchanged table is not copied again.  ``role``: which device table this is (the eager
-        solve's buffer, the captured step's ``static_table``); only the last of each role is remembered."""
+        stream, so an unchanged table is not copied again, and a changed one goes through pinned memory
+        (:meth:`_copy_through_pinned_memory`).  ``role``: which device table this is (the eager solve's
+        buffer, the captured step's ``static_table``); only the last of each role is remembered."""
         held = self._uploaded.get(role)
         if held is None or held[0] is not dst or held[1] is not host:
-            dst.copy_(host)
+            if dst.is_cuda:
+                self._copy_through_pinned_memory(dst, host, role)
+            else:
+                dst.copy_(host)
             self._uploaded[role] = (dst, host)
         return dst
+
+    def _copy_through_pinned_memory(self, dst: torch.Tensor, host: torch.Tensor, role: str) -> None:
+        """``dst.copy_(host)`` for a CUDA ``dst`` without waiting for the stream (a table that changes at every
+        step: a learning-rate schedule per step, Adam's bias corrections): ``host`` is converted into a pinned
+        buffer kept per role, which the stream reads asynchronously; before the buffer is written again the
+        host waits for the stream to have read it (one step back, long done unless the host ran ahead)."""
+        buffer, read = self._staging.get(role, (None, None))
+        if buffer is None or buffer.shape != host.shape or buffer.dtype != dst.dtype:
+            buffer, read = torch.empty(host.shape, dtype=dst.dtype, pin_memory=True), None
+        if read is not None:
+            read.synchronize()
+        buffer.copy_(host)
+        dst.copy_(buffer, non_blocking=True)
+        read = torch.cuda.Event()
+        read.record(torch.cuda.current_stream(dst.device))
+        self._staging[role] = (buffer, read)
 
     @staticmethod
     def iteration_scalars_of(table: torch.Tensor, m: int, k: int, count: int) -> tuple[torch.Tensor, ...]:
