@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import locoprop
+from test_errors import _assert_unchanged, _snapshot
 
 DEV = torch.device("cuda")
 
@@ -289,21 +290,6 @@ def test_graphed_iteration_major_step_follows_one_layers_learning_rate():
     assert _rel(ref_model, fast_model) < 1e-5
 
 
-def _snapshot(model, opt):
-    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-
-
-def _assert_as_before(model, opt, snapshot):
-    """The weights and the inner optimizer's state are those of :func:`_snapshot`, to the bit."""
-    weights, state = snapshot
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    now = opt.state_dict()["inner"]["state"]
-    for k, s in state["inner"]["state"].items():
-        for name, v in s.items():
-            assert torch.equal(now[k][name].cpu(), v.cpu()), (k, name)
-
-
 @pytest.mark.parametrize("rollback", ["device", "host"])
 def test_graphed_step_divergence_is_undone(rollback):
     model = _model()
@@ -321,7 +307,7 @@ def test_graphed_step_divergence_is_undone(rollback):
     with pytest.raises(locoprop.DivergenceError):
         step()
     assert step.last_mode == "replay"
-    _assert_as_before(model, opt, before)
+    _assert_unchanged(model, opt, before)
 
 
 @pytest.mark.parametrize("rollback", ["device", "host"])
@@ -341,7 +327,7 @@ def test_default_step_reads_a_non_finite_loss_after_the_solve_and_undoes_it(roll
     with pytest.raises(locoprop.DivergenceError, match="closure's loss is nan"):
         opt.step(lambda: _loss(model(x), x) * float("nan"))
     assert solved == [1] and opt.fused_solver.last_mode.startswith("graph")  # solved on the NaN's targets
-    _assert_as_before(model, opt, before)
+    _assert_unchanged(model, opt, before)
     assert torch.isfinite(opt.step(lambda: _loss(model(x), x)))
 
 
