@@ -698,9 +698,9 @@ class LocoProp(Optimizer):
                         early_copy: bool, capturing: bool):
         """The rest of :meth:`_step_body` after the forward and backward passes: targets, local solve."""
         reported = loss if self.distributor is None else self.distributor.reduce_loss(loss, batches)
+        # read now unless step() reads it with the weights after the solve; every rank decides alike
         if not capturing and not self._loss_checked_after_solve() and not torch.isfinite(reported.detach()).all():
-            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")  # every
-            # rank decides alike
+            raise DivergenceError(f"the closure's loss is {reported.item()}; the step was not taken")
         self._keep_other_grads(*other_grads)
         if self.distributor is not None:
             batches = self.distributor.exchange(batches)
