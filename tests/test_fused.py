@@ -896,8 +896,9 @@ def test_the_table_is_made_again_only_when_what_it_is_computed_from_changes():
     assert torch.equal(solver.upload_table(dst, table()), table().float())
     other = torch.full(current.shape, -1.0)  # another buffer (a new shape's, say): copied into
     assert torch.equal(solver.upload_table(other, table()), table().float())
-    assert torch.equal(solver.upload_table(dst, current, "static"), current.float())  # one entry per role
-    assert torch.equal(solver.upload_table(other, table()), table().float())
+    assert torch.equal(solver.upload_table(dst, current, "static"), current.float())  # one entry per role:
+    other.fill_(-1.0)  # the eager role still knows that `other` holds this table, and does not copy again
+    assert torch.equal(solver.upload_table(other, table()), torch.full(current.shape, -1.0))
 
     _, adam, _ = _run("fused", steps=1, inner="adam", inner_kwargs={}, lr=1e-3)
     adam_rule = locoprop.fused.update_rule_for(adam.inner)[0]
