@@ -39,10 +39,11 @@ def _load(folder: Path) -> tuple[dict, list[dict]]:
 
 def _locoprop_mode(base: str, settings: dict) -> str:
     """The step-time benchmark's mode of a LocoProp run's settings: ``base`` and its flags in the benchmark's
-    order (``graphed-iter-compiled``, ``graphed-adam-compiled``, ...): the solve order, the host rollback,
-    an inner optimizer of torch's, ``compile_elementwise`` and the multi-tensor update (``triton_elementwise``
-    false)."""
+    order (``graphed-iter-compiled``, ``graphed-adam-compiled``, ``graphed-iter-nocheck``, ...): the solve
+    order, no finite check, the host rollback, an inner optimizer of torch's, ``compile_elementwise`` and the
+    multi-tensor update (``triton_elementwise`` false)."""
     flags = ["iter" if settings.get("solve_order") == "iteration-major" else None,
+             "nocheck" if settings.get("check_finite") is False else None,
              "host" if settings.get("rollback") == "host" else None,
              settings.get("inner") if settings.get("inner") in ("adam", "adagrad") else None,
              "compiled" if settings.get("compile_elementwise") else None,

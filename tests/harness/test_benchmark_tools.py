@@ -80,7 +80,8 @@ def test_time_to_loss_takes_the_step_time_of_the_runs_own_mode():
     base = {"optimizer": "locoprop-m", "model": "standard", "batch_size": 1000, "local_steps": 10}
     perf = [{**base, "mode": mode, "precision": "fp32", "step_ms_median": ms}
             for mode, ms in (("graphed", 5.0), ("graphed-compiled", 4.0), ("graphed-iter-compiled", 4.5),
-                             ("graphed-adam", 5.5), ("graphed-host", 5.2), ("graphed-iter-notriton", 6.0))]
+                             ("graphed-adam", 5.5), ("graphed-host", 5.2), ("graphed-iter-notriton", 6.0),
+                             ("graphed-nocheck", 4.8), ("graphed-iter-nocheck", 4.9))]
     assert mod._step_ms(perf, base) == 5.0
     assert mod._step_ms(perf, {**base, "triton_elementwise": None}) == 5.0
     assert mod._step_ms(perf, {**base, "triton_elementwise": False, "solve_order": "iteration-major"}) == 6.0
@@ -89,6 +90,9 @@ def test_time_to_loss_takes_the_step_time_of_the_runs_own_mode():
     assert mod._step_ms(perf, {**base, "inner": "adam"}) == 5.5
     assert mod._step_ms(perf, {**base, "rollback": "host"}) == 5.2
     assert mod._step_ms(perf, {**base, "rollback": "host", "compile_elementwise": True}) is None  # not timed
+    assert mod._step_ms(perf, {**base, "check_finite": False}) == 4.8
+    assert mod._step_ms(perf, {**base, "check_finite": False, "solve_order": "iteration-major"}) == 4.9
+    assert mod._step_ms(perf, {**base, "check_finite": True}) == 5.0
 
 
 def test_perf_readme_lists_every_record(tmp_path):

@@ -288,6 +288,7 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="locoprop-m", precision="fp16"), "precision: expected fp32, tf32 or bf16"),
     (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
     (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
+    (dict(optimizer="rmsprop", check_finite=False), "check_finite: False applies to the LocoProp optimizers only"),
     (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: True applies to the LocoProp optimizers"),
     (dict(optimizer="adam", solve_order="iteration-major"), "solve_order: 'iteration-major' applies to the LocoProp"),
     (dict(optimizer="adam", triton_elementwise=False), "triton_elementwise: False applies to the LocoProp optimizers"),
@@ -397,3 +398,34 @@ def test_the_batch_loss_is_the_host_mean_of_the_step_losses_read_only_now_and_th
             running += (value - running) / (i + 1)
         assert rec["batch_loss"] == running
     assert per_epoch == 3 and len(records) == 3
+
+
+def test_a_locoprop_run_without_the_finite_check_stops_at_a_later_non_finite_loss(tmp_path, monkeypatch):
+    """``--no-check-finite`` builds LocoProp with ``check_finite=False`` (no copy to undo a step; a captured
+    step on CUDA reads nothing back): a run trains as with the check, to the same losses, and one that diverges
+    stops as diverged at a later step's non-finite loss (here, eagerly, the next step's; a captured step's at
+    the next read of the running loss), writing no epoch of NaN weights, as a run with the check stops at the
+    step itself."""
+    from locoprop.harness import train as train_module
+
+    built = []
+    original = train_module.build_optimizer
+    monkeypatch.setattr(train_module, "build_optimizer", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    settings = dict(optimizer="locoprop-m", lr=1e-4, activation_lr=10.0, local_steps=2, **TINY)
+    plain = train(TrainConfig(**settings), tmp_path / "check", progress=False, log=lambda s: None)
+    unchecked = train(TrainConfig(**settings, check_finite=False), tmp_path / "nocheck", progress=False,
+                      log=lambda s: None)
+    assert built[0].check_finite and not built[1].check_finite
+    assert (plain.status, unchecked.status) == ("finished", "finished")
+    key = lambda r: (r["epoch"], r["train_loss"], r["test_loss"], r.get("batch_loss"))  # noqa: E731
+    assert [key(r) for r in read_metrics(tmp_path / "check")[0]] == \
+        [key(r) for r in read_metrics(tmp_path / "nocheck")[0]]
+    for check in (True, False):
+        out = tmp_path / f"diverged-{check}"
+        result = train(TrainConfig(**{**settings, "activation_lr": 1e300}, check_finite=check), out,
+                       progress=False, log=lambda s: None)
+        records, events = read_metrics(out)
+        assert result.status == "diverged" and events[-1]["event"] == "diverged", check
+        reason = events[-1]["reason"]
+        assert ("not finite" in reason) if check else ("loss is nan" in reason), reason
+        assert records[-1]["epoch"] == 0 and not (out / "checkpoint.pt").exists()  # no epoch ended: none saved

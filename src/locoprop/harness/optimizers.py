@@ -63,13 +63,14 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
                     beta2: float | None = None, eps: float | None = None, activation_lr: float = 1.0,
                     local_steps: int = 10, inner: str = "tf_rmsprop", inverse_every: int = 1,
                     damping: float | None = None, precision: str = "fp32", kl_clip: float | None = None,
-                    rollback: str = "device", compile_elementwise: bool = False, triton_elementwise: bool | None = None,
+                    rollback: str = "device", check_finite: bool = True, compile_elementwise: bool = False,
+                    triton_elementwise: bool | None = None,
                     solve_order: str = "layer-major", shampoo_root: str = "newton"):
     """An optimizer with ``step(closure)``, ``param_groups`` and ``state_dict``.
 
-    ``precision``, ``rollback``, ``compile_elementwise``, ``triton_elementwise`` and ``solve_order`` are
-    :class:`locoprop.LocoProp`'s arguments of the same names (LocoProp optimizers only); ``kl_clip`` and
-    ``shampoo_root`` are :func:`~locoprop.harness.baselines.build_baseline`'s (K-FAC and Shampoo only).
+    ``precision``, ``rollback``, ``check_finite``, ``compile_elementwise``, ``triton_elementwise`` and
+    ``solve_order`` are :class:`locoprop.LocoProp`'s arguments of the same names (LocoProp optimizers only);
+    ``kl_clip`` and ``shampoo_root`` are :func:`~locoprop.harness.baselines.build_baseline`'s (K-FAC and Shampoo only).
 
     Raises ``ValueError`` naming ``optimizer`` and the valid names when ``name`` is unknown.
     """
@@ -77,7 +78,7 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
         return locoprop.LocoProp(
             model, variant=LOCOPROP_VARIANTS[name], lr=lr, activation_lr=activation_lr, local_steps=local_steps,
             inner=inner, inner_kwargs=inner_kwargs_for(inner, beta1, beta2, eps), output_transfer=OUTPUT_TRANSFER,
-            precision=precision, rollback=rollback, compile_elementwise=compile_elementwise,
+            precision=precision, rollback=rollback, check_finite=check_finite, compile_elementwise=compile_elementwise,
             triton_elementwise=triton_elementwise, solve_order=solve_order,
         )
     if name in BASELINE_NAMES:

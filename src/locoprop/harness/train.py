@@ -54,6 +54,9 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 #: Settings that do not change the computed losses: a run may resume with other values.
 RUNTIME_SETTINGS = ("distributed", "dist_timeout")
+#: Steps between two reads of the running batch loss (for the progress bar and the divergence check): each read
+#: waits for the GPU, so a run does not read every step's loss.
+LOSS_READ_EVERY = 20
 
 
 def _opt(help: str, **kw) -> Any:
@@ -105,6 +108,11 @@ class TrainConfig:
                             "(LocoProp.graphed_step)", default=True)
     rollback: str = _opt("LocoProp: where the copy that undoes a diverged step lives, device or host (pinned "
                          "host memory: less GPU memory, slightly slower)", default="device")
+    check_finite: bool = _opt("LocoProp: check every step's update, undo one that is not finite and stop the run "
+                              "there (one read-back of the GPU a step); --no-check-finite: no copy to undo a step, "
+                              "and a captured step (CUDA) reads nothing back: a divergence stops the run at a "
+                              f"later step's non-finite loss (read every {LOSS_READ_EVERY} steps there)",
+                              default=True)
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
                                      "compilation on the first step)", default=False)
@@ -144,7 +152,8 @@ class TrainConfig:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
         if self.triton_elementwise not in (None, True, False):
             raise ValueError(f"triton_elementwise: expected true, false or unset, got {self.triton_elementwise!r}")
-        for name, default in (("precision", "fp32"), ("rollback", "device"), ("compile_elementwise", False),
+        for name, default in (("precision", "fp32"), ("rollback", "device"), ("check_finite", True),
+                              ("compile_elementwise", False),
                               ("triton_elementwise", None), ("solve_order", "layer-major")):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
                 raise ValueError(f"{name}: {getattr(self, name)!r} applies to the LocoProp optimizers only, not "
@@ -395,11 +404,6 @@ def run_record(cfg: TrainConfig, data, device: torch.device, model: torch.nn.Mod
     }
 
 
-#: Steps between two reads of the running batch loss (for the progress bar and the divergence check): each read
-#: waits for the GPU, so a run does not read every step's loss.
-LOSS_READ_EVERY = 20
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -447,7 +451,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     opt = build_optimizer(cfg.optimizer, model, loss_fn, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                           activation_lr=cfg.activation_lr, local_steps=cfg.local_steps, inner=cfg.inner,
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
-                          kl_clip=cfg.kl_clip, rollback=cfg.rollback, compile_elementwise=cfg.compile_elementwise,
+                          kl_clip=cfg.kl_clip, rollback=cfg.rollback, check_finite=cfg.check_finite,
+                          compile_elementwise=cfg.compile_elementwise,
                           triton_elementwise=cfg.triton_elementwise, solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
