@@ -7,9 +7,13 @@ the kernels (kernels inside a replayed CUDA graph included) by kind: matrix prod
 GEMM and GEMV kernels), multi-tensor (``foreach``) kernels, reductions, and other elementwise kernels, with
 their counts per step, beside the step's wall time from CUDA events.  Kernel time summed over several
 streams can exceed the wall time (the kernels overlapped); wall time above it is the GPU idle between
-kernels.  If the profiler sees no kernels inside replayed graphs on some setup, the ``fused-nograph`` and
-``fused-iter-nograph`` modes launch the same solve eagerly.  On the CPU the same table counts the ATen
-operations and their own CPU time (a check of the script; on 2 cores the products dominate).
+kernels.  The timeline says the same from the kernels' intervals: per step, the time from the first
+kernel's start to the last one's end, the part in which some kernel ran on any stream (busy), the rest
+(idle: the GPU waited for the host or for a dependency), and the time with 1, 2, ... kernels running at
+once (how far the layer streams overlap).  If the profiler sees no kernels inside replayed graphs on some
+setup, the ``fused-nograph`` and ``fused-iter-nograph`` modes launch the same solve eagerly.  On the CPU
+the same table counts the ATen operations and their own CPU time (a check of the script; on 2 cores the
+products dominate).
 
     python benchmarks/step_profile.py --model standard --modes eager graph graphed graphed-iter --out profile.json
 """
@@ -57,15 +61,45 @@ NO_KERNEL = {"aten::select", "aten::numpy_T", "aten::t", "aten::transpose", "ate
              "aten::split", "aten::chunk", "aten::contiguous", "aten::stack", "aten::item", "aten::_local_scalar_dense"}
 
 
-def timed_events(events, cuda: bool):
-    """``(name, microseconds)`` of each kernel (GPU) or each top-level ATen operation that computes (CPU)."""
+def counted_events(events, cuda: bool):
+    """The events a profile counts: each kernel (GPU) or each top-level ATen operation that computes (CPU)."""
     for e in events:
         if cuda:
             if e.device_type == torch.autograd.DeviceType.CUDA:
-                yield e.name, e.time_range.elapsed_us()
+                yield e
         elif (e.name.startswith("aten::") and e.name not in NO_KERNEL
               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))):
-            yield e.name, e.time_range.elapsed_us()
+            yield e
+
+
+def timed_events(events, cuda: bool):
+    """``(name, microseconds)`` of each of :func:`counted_events`."""
+    for e in counted_events(events, cuda):
+        yield e.name, e.time_range.elapsed_us()
+
+
+def timed_intervals(events, cuda: bool) -> list[tuple[float, float]]:
+    """``(start, end)`` in microseconds of each of :func:`counted_events`."""
+    return [(e.time_range.start, e.time_range.end) for e in counted_events(events, cuda)]
+
+
+def concurrency(intervals: list[tuple[float, float]]) -> dict:
+    """How the kernels' intervals cover the time from the first start to the last end: ``span`` (that time),
+    ``busy`` (some kernel running, on any stream), ``idle`` (none: the GPU waits for the host, or for a
+    dependency's latency) and ``by_running`` (time with exactly n kernels running, n >= 1), in the intervals'
+    unit.  Where the kernels' summed time exceeds ``busy``, streams overlapped them."""
+    if not intervals:
+        return {"span": 0.0, "busy": 0.0, "idle": 0.0, "by_running": {}}
+    edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals], key=lambda e: (e[0], e[1]))
+    running, last, by_running = 0, edges[0][0], {}
+    for t, change in edges:  # ends before starts at the same instant: touching kernels do not overlap
+        if running > 0 and t > last:
+            by_running[running] = by_running.get(running, 0.0) + (t - last)
+        running += change
+        last = t
+    span = max(b for _, b in intervals) - min(a for a, _ in intervals)
+    busy = sum(by_running.values())
+    return {"span": span, "busy": busy, "idle": span - busy, "by_running": dict(sorted(by_running.items()))}
 
 
 def profile_mode(step_time, model_name: str, optimizer: str, mode: str, precision: str, batch: int,
@@ -85,8 +119,9 @@ def profile_mode(step_time, model_name: str, optimizer: str, mode: str, precisio
             step()
         if cuda:
             torch.cuda.synchronize(device)
+    events = prof.events()
     kinds: dict = {}
-    for name, us in timed_events(prof.events(), cuda):
+    for name, us in timed_events(events, cuda):
         k = kinds.setdefault(kind_of(name), {"count_per_step": 0.0, "ms_per_step": 0.0})
         k["count_per_step"] += 1 / steps
         k["ms_per_step"] += us / 1e3 / steps
@@ -101,7 +136,16 @@ def profile_mode(step_time, model_name: str, optimizer: str, mode: str, precisio
             "local_steps": local_steps if optimizer.startswith("locoprop") else 0,
             "wall_ms_median": statistics.median(walls), "kinds": kinds,
             "counted_ms_per_step": sum(k["ms_per_step"] for k in kinds.values()),
-            "count_per_step": sum(k["count_per_step"] for k in kinds.values()), "profiler_table": top}
+            "count_per_step": sum(k["count_per_step"] for k in kinds.values()),
+            "timeline_ms_per_step": _per_step_ms(concurrency(timed_intervals(events, cuda)), steps),
+            "profiler_table": top}
+
+
+def _per_step_ms(cover: dict, steps: int) -> dict:
+    """:func:`concurrency`'s microseconds over ``steps`` steps as milliseconds per step."""
+    return {"span": cover["span"] / 1e3 / steps, "busy": cover["busy"] / 1e3 / steps,
+            "idle": cover["idle"] / 1e3 / steps,
+            "by_running": {str(n): v / 1e3 / steps for n, v in cover["by_running"].items()}}
 
 
 def main(argv=None) -> int:
@@ -129,8 +173,10 @@ def main(argv=None) -> int:
         records.append(rec)
         kinds = ", ".join(f"{k} {v['count_per_step']:.0f} x / {v['ms_per_step']:.2f} ms"
                           for k, v in sorted(rec["kinds"].items()))
+        line = rec["timeline_ms_per_step"]
         print(f"{mode:24} wall {rec['wall_ms_median']:8.2f} ms; counted {rec['counted_ms_per_step']:8.2f} ms in "
-              f"{rec['count_per_step']:.0f} per step ({kinds})", flush=True)
+              f"{rec['count_per_step']:.0f} per step ({kinds}); timeline {line['span']:.2f} ms a step, busy "
+              f"{line['busy']:.2f}, idle {line['idle']:.2f}", flush=True)
     if args.out:
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -715,3 +715,23 @@ def test_host_overhead_times_the_captured_steps_own_call_and_writes_its_readme(t
     with pytest.raises(SystemExit):
         host.main(["--readme"])
     assert "--readme: needs --out" in capsys.readouterr().err
+
+
+def test_step_profile_timeline_splits_a_step_into_busy_idle_and_overlapped_time(tmp_path):
+    """benchmarks/step_profile.py's timeline: the union of the kernels' intervals on any stream (busy), the gaps
+    between them (idle), and the time with n kernels running at once; touching kernels do not overlap."""
+    mod = _module("step_profile")
+    cover = mod.concurrency([(0.0, 10.0), (5.0, 15.0), (15.0, 20.0), (30.0, 40.0), (32.0, 34.0), (33.0, 35.0)])
+    assert cover["span"] == 40.0 and cover["busy"] == 30.0 and cover["idle"] == 10.0
+    assert cover["by_running"] == {1: 22.0, 2: 7.0, 3: 1.0}
+    assert mod.concurrency([]) == {"span": 0.0, "busy": 0.0, "idle": 0.0, "by_running": {}}
+    assert mod._per_step_ms(cover, 2) == {"span": 0.02, "busy": 0.015, "idle": 0.005,
+                                          "by_running": {"1": 0.011, "2": 0.0035, "3": 0.0005}}
+    out = tmp_path / "profile.json"
+    assert mod.main(["--model", "tiny", "--batch-size", "16", "--local-steps", "2", "--modes", "fused",
+                     "--warmup", "1", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    line = record["timeline_ms_per_step"]
+    assert 0 < line["busy"] <= line["span"] and line["idle"] >= 0
+    assert abs(sum(line["by_running"].values()) - line["busy"]) < 1e-9
+    assert abs(line["busy"] - record["counted_ms_per_step"]) < 1e-6  # one CPU thread: nothing overlaps
