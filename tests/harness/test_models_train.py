@@ -368,9 +368,9 @@ def test_triton_elementwise_setting_reaches_the_fast_solver(tmp_path):
 
 
 def test_the_batch_loss_is_the_host_mean_of_the_step_losses_read_only_now_and_then(tmp_path, monkeypatch):
-    """The running mean of an epoch's batch losses is kept on the device (no read-back, so no wait for the GPU,
-    after every step; read every ``LOSS_READ_EVERY`` steps and at the epoch's end) and equals the host's float64
-    mean of the steps' losses to the bit."""
+    """The running mean of an epoch's batch losses is kept on the device (on a GPU no read-back, so no wait for
+    the GPU, after every step; read every ``LOSS_READ_EVERY`` steps and at the epoch's end) and equals the
+    host's float64 mean of the steps' losses to the bit."""
     from locoprop.harness import train as train_module
 
     losses = []
@@ -387,7 +387,6 @@ def test_the_batch_loss_is_the_host_mean_of_the_step_losses_read_only_now_and_th
         opt.step = recorded
         return opt
     monkeypatch.setattr(train_module, "build_optimizer", recording)
-    monkeypatch.setattr(train_module, "LOSS_READ_EVERY", 2)
     cfg = TrainConfig(optimizer="rmsprop", lr=1e-3, **{**TINY, "epochs": 2})
     train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     records, _ = read_metrics(tmp_path / "run")

@@ -54,8 +54,8 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 #: Settings that do not change the computed losses: a run may resume with other values.
 RUNTIME_SETTINGS = ("distributed", "dist_timeout")
-#: Steps between two reads of the running batch loss (for the progress bar and the divergence check): each read
-#: waits for the GPU, so a run does not read every step's loss.
+#: Steps between two reads of the running batch loss on a GPU (for the progress bar and the divergence check):
+#: each read waits for the GPU, so a run there does not read every step's loss (on the CPU it does: no wait).
 LOSS_READ_EVERY = 20
 
 
@@ -111,7 +111,7 @@ class TrainConfig:
     check_finite: bool = _opt("LocoProp: check every step's update, undo one that is not finite and stop the run "
                               "there (one read-back of the GPU a step); --no-check-finite: no copy to undo a step, "
                               "and a captured step (CUDA) reads nothing back: a divergence stops the run at a "
-                              f"later step's non-finite loss (read every {LOSS_READ_EVERY} steps there)",
+                              f"later step's non-finite loss (on a GPU read every {LOSS_READ_EVERY} steps)",
                               default=True)
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
@@ -541,7 +541,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 diverged = str(exc)
                 break
             running += (loss.detach().double() - running) / (i + 1)
-            if (i + 1) % LOSS_READ_EVERY == 0 or i + 1 == batches:
+            if device.type == "cpu" or (i + 1) % LOSS_READ_EVERY == 0 or i + 1 == batches:
                 value = float(running)
                 if not math.isfinite(value):
                     diverged = f"batch loss is {value} (the mean of the epoch's batches 1 to {i + 1})"
