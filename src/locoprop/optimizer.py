@@ -794,6 +794,12 @@ class LocoProp(Optimizer):
         (``param_groups[m]["lr"]``) may change between calls, any other
         hyper-parameter change makes a new capture.  CUDA only; the fast
         solver must support the components.
+
+        Each call reads one flag back from the GPU (``check_finite``: a step
+        whose loss or update is not finite is undone and raises), so the host
+        waits for the step's end; with ``check_finite=False`` a call reads
+        nothing back and the host can run steps ahead of the GPU (a diverged
+        step then shows only in the losses, which stay on the device).
         """
         if not callable(closure):
             raise TypeError(f"graphed_step: closure: expected one callable (a replay re-runs one forward pass; "
