@@ -577,11 +577,15 @@ class LocoProp(Optimizer):
         their ``.grad`` (``other_grads``): ``other = torch.optim.Adam(opt.other_parameters())``.  (A layer's
         ``param_groups`` may hold views of the model's parameters, a convolution's matrix or an attention's
         query projection, so the model's parameters not in them are not these.)"""
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._covered]
+        return self._other_params(every=True)
 
-    def _other_params(self) -> list[torch.Tensor]:
-        """The parameters whose gradients the step accumulates (:meth:`other_parameters`, with ``other_grads``)."""
-        return self.other_parameters() if self.other_grads else []
+    def _other_params(self, model_params=None, every: bool = False) -> list[torch.Tensor]:
+        """The parameters whose gradients the step accumulates (:meth:`other_parameters`, with ``other_grads``;
+        ``every``: whatever ``other_grads`` says), of ``model_params`` (default: the model's parameters now)."""
+        if not (self.other_grads or every):
+            return []
+        candidates = self.model.parameters() if model_params is None else model_params
+        return [p for p in candidates if p.requires_grad and id(p) not in self._covered]
 
     def _keep_other_grads(self, others: list[torch.Tensor], grads) -> None:
         """Hold the other parameters' gradients until the step has succeeded (:meth:`_accumulate_other_grads`);
@@ -1109,11 +1113,9 @@ class CapturedStep:
         groups = [_settings(g, _NOT_IN_GROUP_KEY) for g in opt.param_groups]
         inner = [_settings(g, _NOT_IN_INNER_KEY) for g in opt.inner.param_groups]
         solver = opt.fused_solver
-        others = ()  # the gradients the graph computes
-        if opt.other_grads:
-            if self._model_params is None:
-                self._model_params = list(opt.model.parameters())
-            others = tuple(id(p) for p in self._model_params if p.requires_grad and id(p) not in opt._covered)
+        if self._model_params is None:
+            self._model_params = list(opt.model.parameters())
+        others = tuple(id(p) for p in opt._other_params(self._model_params))  # the gradients the graph computes
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, others, solver.order,
                 solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels)
 
