@@ -750,11 +750,7 @@ class FusedIterativeSolver:
                 continue
             params += pr.params
             steps += [int(pr.group["local_steps"])] * len(pr.params)
-        if type(rule).count_steps is UpdateRule.count_steps:  # the counters as views of one vector
-            self._step_counters.advance(rule, params, steps)
-        else:
-            for p, n in zip(params, steps):
-                rule.count_steps(p, n)
+        self._step_counters.advance(rule, params, steps)
 
     # -- CUDA graph ----------------------------------------------------------------------------------
     def _graphs_for(self, device: torch.device) -> bool:

@@ -170,17 +170,23 @@ class StepCounters:
         self._steps: list[int] = []
 
     def advance(self, rule: UpdateRule, params: list[torch.Tensor], steps: list[int]) -> None:
-        """``state[p]["step"] += steps[i]`` for ``p = params[i]``, as :meth:`UpdateRule.count_steps` does."""
+        """``rule.count_steps(p, steps[i])`` for ``p = params[i]``: the base rule's count
+        (``state[p]["step"] += steps[i]``) as one addition to the shared vector; a rule that counts otherwise,
+        or counters that are not all 0-d tensors of one kind, one parameter at a time."""
+        if type(rule).count_steps is UpdateRule.count_steps and self._shared(rule, params, steps):
+            self._vector.add_(self._increments)
+            return
+        for p, n in zip(params, steps):
+            rule.count_steps(p, n)
+
+    def _shared(self, rule: UpdateRule, params: list[torch.Tensor], steps: list[int]) -> bool:
+        """Whether the counters of ``params`` are the vector's views, made so now where they can be."""
         states = [rule.inner.state.get(p) for p in params]
         counters = [None if st is None else st.get("step") for st in states]
-        views = self._views
-        if not (len(counters) == len(views) and steps == self._steps
-                and all(c is v for c, v in zip(counters, views))):
-            if not self._share(states, counters, steps):  # not all 0-d tensors of one kind: one at a time
-                for p, n in zip(params, steps):
-                    rule.count_steps(p, n)
-                return
-        self._vector.add_(self._increments)
+        if len(counters) == len(self._views) and steps == self._steps and all(
+                c is v for c, v in zip(counters, self._views)):
+            return True
+        return self._share(states, counters, steps)
 
     def _share(self, states: list, counters: list, steps: list[int]) -> bool:
         self._views, self._vector, self._steps = [], None, []
