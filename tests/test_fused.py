@@ -380,6 +380,72 @@ def test_layer_streams_share_the_layers_out_by_cost():
     assert opt.fused_solver.layer_streams == 2
 
 
+def _gradient_buffers(solver):
+    """The solver's gradient buffers: ``(shared ones by stream, per-parameter ones)``."""
+    shared = {k[1]: b for k, b in solver._buffers.items() if k[0] == "grad-shared"}
+    return shared, [b for k, b in solver._buffers.items() if k[0] == "grad"]
+
+
+def _padded(params, alignment=64):
+    return sum(-(-p.numel() // alignment) * alignment for p in params)
+
+
+def test_layers_solved_one_after_another_share_one_gradient_buffer():
+    """Without layer streams (the CPU) each layer's chain has finished before the next one starts, so every
+    layer's local gradient is written into one buffer the size of the largest layer's (each parameter's view
+    aligned to 64 elements), and the steps are still the reference loop's, to the bit
+    (``test_fused_is_bitwise_the_reference_with_tf_rmsprop_on_the_cpu``).  The iteration-major order holds
+    every layer's gradients of an iteration at once: one buffer per parameter, none aliasing another."""
+    kw = dict(inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}, per_layer=True)
+    m_ref, _, l_ref = _run("reference", **kw)
+    model, opt, losses = _run("fused", **kw)
+    assert losses == l_ref and all(torch.equal(p, q) for p, q in zip(m_ref.parameters(), model.parameters()))
+    shared, own = _gradient_buffers(opt.fused_solver)
+    assert own == [] and list(shared) == [0]
+    assert shared[0].numel() == max(_padded(g["params"]) for g in opt.param_groups) < _padded(model.parameters())
+    assert opt.fused_solver.buffers_version == 1  # made once, at the first step
+
+    model, opt, _ = _run("fused", solve_order="iteration-major", **kw)
+    shared, own = _gradient_buffers(opt.fused_solver)
+    params = list(model.parameters())
+    assert shared == {} and len(own) == len(params) and [b.shape for b in own] == [p.shape for p in params]
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in own)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+def test_a_shared_gradient_buffer_follows_the_layers_of_each_stream():
+    """Layers on one stream share its buffer; a layer alone on its stream keeps a buffer per parameter (as with
+    one stream per layer, the CUDA default); a larger layer on a stream grows its buffer and counts a growth in
+    ``buffers_version`` (a captured step replaying the old buffer captures again); a smaller one reuses it."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(32, 20)
+    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                            backend="fused", retain_problems=True)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    solver, problems = opt.fused_solver, opt.last_problems
+    rule = locoprop.fused.update_rule_for(opt.inner)[0]
+    layers = solver._layers(problems, rule, [0, 1, 1, 2])
+    shared, own = _gradient_buffers(solver)
+    assert set(shared) == {0, 1}  # 0: the step's own, every layer on the current stream (the CPU)
+    assert shared[1].numel() == max(_padded(problems[m].params) for m in (1, 2))
+    for m in (1, 2):  # stream 1's two layers: views of one buffer, each weight's at its start
+        assert all(g.untyped_storage().data_ptr() == shared[1].untyped_storage().data_ptr()
+                   for g in layers[m].grads)
+        assert layers[m].grads[0].data_ptr() == shared[1].data_ptr()
+        assert (layers[m].grads[1].data_ptr() - shared[1].data_ptr()) % 256 == 0  # 64 float32 elements
+        assert layers[m].grads[1].is_contiguous()
+    for m in (0, 3):  # alone on their streams (as with one stream per layer, the CUDA default): their own
+        assert [g.shape for g in layers[m].grads] == [p.shape for p in problems[m].params]
+        assert all(g.untyped_storage().data_ptr() != shared[1].untyped_storage().data_ptr() for g in layers[m].grads)
+    version = solver.buffers_version
+    solver._layers(problems, rule, [0, 1, 1, 1])  # the larger last layer joins stream 1: its buffer grows
+    assert solver.buffers_version == version + 1
+    assert _gradient_buffers(solver)[0][1].numel() == max(_padded(problems[m].params) for m in (1, 2, 3))
+    solver._layers(problems[1:3], rule, [1, 1])  # smaller layers: the buffer as it is
+    assert solver.buffers_version == version + 1
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
 def test_compiled_elementwise_agrees_with_the_eager_fast_solver(order):
@@ -458,7 +524,7 @@ class _FakeGraph:
     def replay(self):
         inputs, table = self.static or (self.solver.step_inputs, self.solver.step_table)
         assert self.addresses(inputs, table) == self.where, "a graph replayed where its inputs are not"
-        self.solver._run(self.layers, inputs, self.loss, self.rule, table, False)
+        self.solver._run(self.layers, inputs, self.loss, self.rule, table, None)
 
 
 class _FakeStream:
@@ -482,14 +548,14 @@ def _fake_cuda_graphs(monkeypatch, solver):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     original = solver._solve_graphed
 
-    def spy(problems, layers, inputs, loss, rule, table, use_streams):
+    def spy(problems, layers, inputs, loss, rule, table, stream_of):
         solver.step_inputs, solver.step_table = inputs, table
         try:
-            return original(problems, layers, inputs, loss, rule, table, use_streams)
+            return original(problems, layers, inputs, loss, rule, table, stream_of)
         finally:  # hold nothing of this step (the caching allocator may hand its memory to the next one)
             solver.step_inputs = solver.step_table = None
 
-    def capture(layers, inputs, loss, rule, table, use_streams):
+    def capture(layers, inputs, loss, rule, table, stream_of):
         graph = _FakeGraph(solver, layers, inputs, loss, rule, table, zero_copy=inputs is solver.step_inputs)
         graph.replay()  # as the real capture: recorded, then replayed once for this step
         return graph
@@ -558,7 +624,7 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
     opt.step(lambda: bce_sum_mean(model(x0), x0))  # creates the inner state; keeps the problems
     solver, problems, loss = opt.fused_solver, opt.last_problems, opt.variant.local_loss
     rule = locoprop.fused.update_rule_for(opt.inner)[0]
-    layers = solver._layers(problems, rule)
+    layers = solver._layers(problems, rule, None)
     table = solver.table_for(opt.param_groups, opt.variant.regularizer, False).float()
     shapes = [(pr.batch.inputs.shape, pr.batch.pre.shape, pr.batch.transfer) for pr in problems]
     persistent = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t, None) for a, b, t in shapes]
@@ -572,7 +638,7 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
             x.copy_(dx), d.copy_(dd), y.copy_(dy)
         before = [t.clone() for t in state]
         with torch.no_grad():
-            solver._solve_graphed(problems, layers, where, loss, rule, table, False)
+            solver._solve_graphed(problems, layers, where, loss, rule, table, None)
         modes.append(solver.last_mode)
         graphed = [t.clone() for t in state]
         with torch.no_grad():  # the same solve, eagerly, from the same weights and state
@@ -580,7 +646,7 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
                 t.copy_(b)
             fresh = [(dx.clone(), dd.clone(), dy.clone(), None, tr, None)
                      for (dx, dd, dy), (_, _, tr) in zip(data, shapes)]
-            solver._run(layers, fresh, loss, rule, table, False)
+            solver._run(layers, fresh, loss, rule, table, None)
         assert all(torch.equal(a, b) for a, b in zip(state, graphed)), (i, modes)
     assert modes == ["eager", "graph-capture", "graph-replay", "graph-replay", "graph-capture", "graph-replay",
                      "graph-replay"], modes

@@ -8,7 +8,10 @@ runs each layer's whole chain of ``T`` iterations (Algorithms 1-4, reference
 notes steps 4-5) as one unit:
 
 * the local gradient ``δᵀx̃`` and ``Σδ`` are written into persistent buffers
-  (no allocation per iteration); ``δ`` of the first iteration is the problem's
+  (no allocation per iteration), one for all the layers whose chains run one
+  after another on a stream (the CPU, ``layer_streams=False`` or fewer
+  streams than layers), sized by the largest of them; ``δ`` of the first
+  iteration is the problem's
   :attr:`~locoprop.solvers.LocalProblem.residual` (made from the forward
   pass's pre-activation, which is freed before the solve), and later
   iterations compute the pre-activation and ``δ`` in place in that same
@@ -209,6 +212,16 @@ def matmul_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def _aligned_offsets(numels: list[int], alignment: int = 64) -> list[int]:
+    """Where each of tensors of ``numels`` elements starts in one flat buffer, each start a multiple of
+    ``alignment`` elements, and, last, the buffer's length."""
+    offsets, at = [], 0
+    for n in numels:
+        offsets.append(at)
+        at += -(-n // alignment) * alignment
+    return offsets + [at]
+
+
 @dataclass
 class _Layer:
     """One layer's tensors for the fused chain (persistent across steps)."""
@@ -311,6 +324,9 @@ class FusedIterativeSolver:
         else:
             raise ValueError(f"layer_streams: expected True, False or an integer >= 0, got {layer_streams!r}")
         self._buffers: dict = {}  # persistent gradient buffers and the learning-rate table
+        #: Counts the growths of the shared gradient buffers (:meth:`_layers`): a graph captured before one
+        #: wrote into the buffer it replaced (:class:`~locoprop.CapturedStep` captures again).
+        self.buffers_version = 0
         #: Zero-copy graphs of the solve, by where the step's inputs live (the caching allocator usually
         #: hands a training loop's tensors the same addresses again: one graph per recurring layout).
         #: Once this many are captured and the inputs are somewhere else again, one more graph is
@@ -379,10 +395,48 @@ class FusedIterativeSolver:
             self._buffers[key] = buf
         return buf
 
-    def _layers(self, problems, rule: UpdateRule) -> list[_Layer]:
-        return [_Layer(list(pr.params), [self._buffer(("grad", id(p)), p.shape, p.dtype, p.device) for p in pr.params],
-                       [rule.state(p) for p in pr.params], int(pr.group["local_steps"]))
-                for pr in problems]
+    def _shared_buffer(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The flat gradient buffer of the layers whose chains run one after another on stream ``slot``: at
+        least ``numel`` elements; it only grows, and each growth counts in :attr:`buffers_version`."""
+        key = ("grad-shared", slot, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+            self.buffers_version += 1
+        return buf
+
+    def shares_gradient_buffers(self) -> bool:
+        """Whether the layers whose chains run on one stream (every layer on the CPU or without layer streams)
+        share one gradient buffer: in the layer-major order, where a chain's gradients live only in its own
+        turn; not in the iteration-major order or with :attr:`reduce_local_gradients`, which hold every
+        layer's gradients of an iteration at once."""
+        return self.order == "layer-major" and self.reduce_local_gradients is None
+
+    def _layers(self, problems, rule: UpdateRule, stream_of: list[int] | None) -> list[_Layer]:
+        """Each problem's layer: its parameters, gradient buffers, inner state and ``T``.  Layers that run one
+        after another on one stream (``stream_of``: each layer's stream; ``None``: all on the current one) share
+        one gradient buffer where :meth:`shares_gradient_buffers` (and their parameters have one dtype), a view
+        of it per parameter, each aligned to 64 elements: a solve holds the gradients of the largest layer
+        on each stream instead of every layer's (on one stream, 3.0 against 10.8 MiB on the standard
+        autoencoder, 30.5 against 101.2 MiB on the wide one)."""
+        slots = stream_of if stream_of is not None else [0] * len(problems)
+        per_slot: dict[int, list[int]] = {}
+        for m, s in enumerate(slots):
+            per_slot.setdefault(s, []).append(m)
+        grads: list[list[torch.Tensor]] = [[] for _ in problems]
+        for s, members in per_slot.items():
+            params = [p for m in members for p in problems[m].params]
+            if len(members) == 1 or not self.shares_gradient_buffers() or len({p.dtype for p in params}) > 1:
+                for m in members:
+                    grads[m] = [self._buffer(("grad", id(p)), p.shape, p.dtype, p.device) for p in problems[m].params]
+                continue
+            offsets = {m: _aligned_offsets([p.numel() for p in problems[m].params]) for m in members}
+            flat = self._shared_buffer(s, max(o[-1] for o in offsets.values()), params[0].dtype, params[0].device)
+            for m in members:
+                grads[m] = [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets[m], problems[m].params)]
+        return [_Layer(list(pr.params), grads[m], [rule.state(p) for p in pr.params], int(pr.group["local_steps"]))
+                for m, pr in enumerate(problems)]
 
     @staticmethod
     def table_for(groups: list[dict], regularizer: L2Proximity, anchored: bool, rule: UpdateRule | None = None,
@@ -623,6 +677,15 @@ class FusedIterativeSolver:
             self._local_gradient(c, k, loss, table)
             self._update([c], rule, table, k)
 
+    def stream_plan(self, problems, use_streams: bool) -> list[int] | None:
+        """Each layer's stream in the pool (:meth:`stream_assignment` of the layers' product costs, ``T`` times
+        rows times weights), or ``None`` where every chain runs on the current stream."""
+        n = self.stream_count(len(problems)) if use_streams else 0
+        if not n:
+            return None
+        return self.stream_assignment([int(pr.group["local_steps"]) * pr.batch.inputs.shape[0] * pr.params[0].numel()
+                                       for pr in problems], n)
+
     def stream_count(self, n_layers: int) -> int:
         """Streams the chains of ``n_layers`` layers run on (0: all on the current stream)."""
         cap = n_layers if self.layer_streams is True else int(self.layer_streams)
@@ -655,8 +718,9 @@ class FusedIterativeSolver:
         for s in streams:
             main.wait_stream(s)
 
-    def _run(self, layers: list[_Layer], inputs, loss, rule, table, use_streams: bool) -> None:
-        """All layers' local iterations; ``inputs[m] = (x, residual, target, anchor, transfer, start)``.
+    def _run(self, layers: list[_Layer], inputs, loss, rule, table, stream_of: list[int] | None) -> None:
+        """All layers' local iterations; ``inputs[m] = (x, residual, target, anchor, transfer, start)``, layer
+        ``m`` on stream ``stream_of[m]`` of the pool (:meth:`stream_plan`; ``None``: all on the current stream).
 
         ``"layer-major"``: each layer's whole chain of iterations on its
         stream.  ``"iteration-major"``: iteration ``k`` of every layer (its
@@ -665,22 +729,17 @@ class FusedIterativeSolver:
         iteration.
         """
         with matmul_precision(self.precision):
-            n = self.stream_count(len(layers)) if use_streams else 0
-            streams, where = [], []
-            if n:
-                streams = _shared_streams(torch.cuda.current_stream().device, n)
-                where = self.stream_assignment(
-                    [lay.steps * inp[0].shape[0] * lay.params[0].numel() for lay, inp in zip(layers, inputs)], n)
+            streams = _shared_streams(torch.cuda.current_stream().device, max(stream_of) + 1) if stream_of else []
             reduce = self.reduce_local_gradients
             if self.order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
                 self._each_layer(range(len(layers)), lambda m: self._chain(
-                    self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, where)
+                    self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, stream_of)
                 return
             chains = [self._open_chain(lay, m, *inp) for m, (lay, inp) in enumerate(zip(layers, inputs))]
             for k in range(max(lay.steps for lay in layers)):
                 active = [c for c in chains if k < c.layer.steps]
                 self._each_layer([c.index for c in active], lambda m: self._local_gradient(
-                    chains[m], k, loss, table, proximity=reduce is None), streams, where)
+                    chains[m], k, loss, table, proximity=reduce is None), streams, stream_of)
                 if reduce is not None:  # the sums over the processes' rows, then the (shared) proximity term
                     reduce([g for c in active for g in c.layer.grads])
                     for c in active:
@@ -694,9 +753,10 @@ class FusedIterativeSolver:
         if reason:
             raise ValueError(f"FusedIterativeSolver: cannot solve these problems: {reason}")
         rule, _ = update_rule_for(inner)
-        layers = self._layers(problems, rule)
         param = problems[0].params[0]
         cuda = param.device.type == "cuda"
+        stream_of = self.stream_plan(problems, cuda)
+        layers = self._layers(problems, rule, stream_of)
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
             table = self._captured_table(problems)
@@ -710,12 +770,11 @@ class FusedIterativeSolver:
                   for pr in problems]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
             pr.residual = None
-        use_streams = cuda and self.stream_count(len(problems)) > 0
         if capturing or not self._graphs_for(param.device):
             self.last_mode = "inside-capture" if capturing else "eager"
-            self._run(layers, inputs, loss, rule, table, use_streams)
+            self._run(layers, inputs, loss, rule, table, stream_of)
         else:
-            self._solve_graphed(problems, layers, inputs, loss, rule, table, use_streams)
+            self._solve_graphed(problems, layers, inputs, loss, rule, table, stream_of)
 
     def prepare_capture(self, table: torch.Tensor, groups: list[dict], dtype: torch.dtype,
                         device: torch.device) -> None:
@@ -777,7 +836,7 @@ class FusedIterativeSolver:
             tensors += [start[0], *start[1]] if start is not None else []
         return tuple((t.data_ptr(), t.stride()) for t in tensors)
 
-    def _capture(self, layers, inputs, loss, rule, table, use_streams) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, layers, inputs, loss, rule, table, stream_of) -> torch.cuda.CUDAGraph | None:
         """Capture the solve reading ``inputs`` and ``table`` where they are, and replay it once (this step);
         ``None`` if capture failed: nothing ran, and from then on the solver runs eagerly."""
         graph = torch.cuda.CUDAGraph()
@@ -785,7 +844,7 @@ class FusedIterativeSolver:
             self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
         try:
             with capturing_graph(graph, pool=self._pool, stream=graph_side_stream(layers[0].params[0].device)):
-                self._run(layers, inputs, loss, rule, table, use_streams)
+                self._run(layers, inputs, loss, rule, table, stream_of)
         except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
             self.release_graph()
             self.cuda_graph = False
@@ -794,7 +853,7 @@ class FusedIterativeSolver:
         graph.replay()  # capture records, it does not run: this is the step
         return graph
 
-    def _solve_graphed(self, problems, layers, inputs, loss, rule, table, use_streams) -> None:
+    def _solve_graphed(self, problems, layers, inputs, loss, rule, table, stream_of) -> None:
         """Replay a captured solve (see :attr:`max_zero_copy_graphs`), capturing one first if needed."""
         key = self._key(layers, inputs, loss, rule, table)
         if key != self._graph_key:  # new shapes, parameters or hyper-parameters: forget the old graphs
@@ -824,7 +883,7 @@ class FusedIterativeSolver:
             side = graph_side_stream(layers[0].params[0].device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._run(layers, inputs, loss, rule, table, use_streams)
+                self._run(layers, inputs, loss, rule, table, stream_of)
             torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
             return
@@ -840,9 +899,9 @@ class FusedIterativeSolver:
                 graph_inputs.append((st["x"], st["delta"], st["target"], st["anchor"], transfer,
                                      (st["start"][0], st["start"][1:]) if start is not None else None))
             graph_table = static[0]["table"]
-        graph = self._capture(layers, graph_inputs, loss, rule, graph_table, use_streams)
+        graph = self._capture(layers, graph_inputs, loss, rule, graph_table, stream_of)
         if graph is None:  # capture failed: this solve runs eagerly, and so do the later ones
-            self._run(layers, inputs, loss, rule, table, use_streams)
+            self._run(layers, inputs, loss, rule, table, stream_of)
             self.last_mode = "eager"
         elif static is None:
             self._graphs[where] = graph

@@ -154,7 +154,9 @@ class LocoProp(Optimizer):
         layer_streams: on CUDA, the fast solver runs the layers side by side
             on one stream per layer (``True``), on at most ``n`` streams (an
             integer), or on the current stream (``False``); each stream costs
-            a cuBLAS workspace (32 MiB on Hopper).
+            a cuBLAS workspace (32 MiB on Hopper), and the layers of one stream
+            share one gradient buffer the size of the largest one's (with
+            ``False``, as on the CPU, one for all).
         compile_elementwise: fuse the fast solver's elementwise work with
             ``torch.compile`` (off by default): ``δ`` with the bias gradient,
             and the TF-RMSProp update in one pass per tensor.  On an H200 it
@@ -1119,6 +1121,14 @@ class CapturedStep:
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, others, solver.order,
                 solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels)
 
+    def _graph_key(self, hyper: tuple, table: torch.Tensor) -> tuple:
+        """:meth:`_hyper_key` with what the solver's state adds: the layers that share their learning rates (they
+        share a multiply) and :attr:`~locoprop.fused.FusedIterativeSolver.buffers_version` (a shared gradient
+        buffer that grew, in an eager step of more layers, leaves the graph writing into the buffer it
+        replaced)."""
+        solver = self.optimizer.fused_solver
+        return hyper + (solver.shared_rates_of(table), solver.buffers_version)
+
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         opt._check_still_frozen_or_trainable()
@@ -1136,12 +1146,12 @@ class CapturedStep:
             self.last_mode = "eager"
             return loss
         hyper = self._hyper_key()
-        if self.graph is None or hyper != self._key[:-1]:
+        if self.graph is None or hyper != self._key[:-2]:
             self._rule = update_rule_for(opt.inner)[0]
         table = solver.host_table(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(), self._rule,
                                   fresh=opt.reset_inner_state)
         opt._sync_layers()  # outside the graph
-        key = hyper + (solver.shared_rates_of(table),)  # layers sharing η_k share a multiply
+        key = self._graph_key(hyper, table)
         if self.graph is None or key != self._key:
             self._capture(key, table)
             self.last_mode = "capture"
@@ -1173,6 +1183,7 @@ class CapturedStep:
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
+        key = key[:-1] + (solver.buffers_version,)  # the buffers the graph captured
         self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key
 
 

@@ -104,15 +104,51 @@ def test_zero_copy_graphs_replay_where_the_inputs_recur():
 
 
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
-def test_streams_off_and_on_agree(order):
+@pytest.mark.parametrize("streams", [False, 2])
+def test_streams_off_and_on_agree(order, streams):
+    """One stream per layer against none or two (layer-major: the layers of one stream share one gradient
+    buffer)."""
     a, b = _model(), _model()
     oa = _opt(a, backend="fused", cuda_graph=False, solve_order=order)
     ob = _opt(b, backend="fused", cuda_graph=False, solve_order=order)
-    ob.fused_solver.layer_streams = False
+    ob.fused_solver.layer_streams = streams
     for x in _batches(4):
         oa.step(lambda: _loss(a(x), x))
         ob.step(lambda: _loss(b(x), x))
     assert _rel(a, b) < 1e-6
+    shared = [k for k in ob.fused_solver._buffers if k[0] == "grad-shared"]
+    assert len(shared) == (1 if order == "layer-major" else 0), shared
+
+
+def test_graphed_step_captures_again_after_its_shared_gradient_buffer_grew():
+    """Without layer streams the layers share one gradient buffer, sized by the largest layer that ran.  A
+    captured step of the first two layers, then an eager step of all four (the last layer is larger: the
+    buffer is made anew), then the captured step again: it captures again rather than replay into the freed
+    buffer, and every step equals the reference loop's."""
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, backend="reference")
+    fast = _opt(fast_model, layer_streams=False)
+    static_x = torch.empty(256, 784, device=DEV)
+    target = torch.rand(256, 30, device=DEV, generator=torch.Generator(device=DEV).manual_seed(5))
+
+    def encoder_loss(model, x):  # the last two layers do not run
+        return ((model[:3](x) - target) ** 2).sum() / x.shape[0]
+    step = fast.graphed_step(lambda: encoder_loss(fast_model, static_x))
+    modes = []
+    with pytest.warns(UserWarning, match="did not run"):
+        for i, x in enumerate(_batches(6)):
+            if i == 3:  # all four layers, eagerly
+                ref.step(lambda: _loss(ref_model(x), x))
+                version = fast.fused_solver.buffers_version
+                fast.step(lambda: _loss(fast_model(x), x))
+                assert fast.fused_solver.buffers_version == version + 1
+                continue
+            ref.step(lambda: encoder_loss(ref_model, x))
+            static_x.copy_(x)
+            step()
+            modes.append(step.last_mode)
+    assert modes == ["eager", "eager", "capture", "capture", "replay"], modes
+    assert _rel(ref_model, fast_model) < 1e-5
 
 
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
