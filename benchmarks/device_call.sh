@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The next device session's first call (docs/performance.md, "The next device session, prepared"), as one
+# script, so that the call is `bash benchmarks/device_call.sh` with carry [".whl", ".carrydata"] and
+# timeout_s 580 (about 520 s).  Everything it measures is written under $OUT; each part has its own timeout,
+# so one part that hangs leaves the others' files.
+#
+#   PART=tests|perf|host|memory|cpu|profile  runs one part only (a rerun of what failed).
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder the results go to}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
+
+part() { [ -z "${PART:-}" ] || [ "$PART" = "$1" ]; }
+started=$(date +%s)
+stamp() { echo "$1: done after $(( $(date +%s) - started )) s (rc $2)" | tee -a "$OUT/parts.txt"; }
+
+if part tests; then  # the CUDA tests, and the fast solver's CPU tests on the device's Python
+  timeout 170 python3 -m pytest -q -p no:cacheprovider -n 8 tests/cuda tests/test_fused.py > "$OUT/tests.txt" 2>&1
+  stamp tests $?
+fi
+if part perf; then  # step times at T = 1, 5, 10, with and without the finite check, FP32 and TF32
+  timeout 90 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
+    --optimizers rmsprop locoprop-m --local-steps 1 5 10 --precisions fp32 tf32 \
+    --modes eager graph graphed graphed-nocheck --steps 20 --warmup 3 --deadline-s 80 \
+    --out "$OUT/perf.json" > "$OUT/perf.txt" 2>&1
+  stamp perf $?
+fi
+if part host; then  # the captured step's host work on the device's CPU
+  timeout 30 python3 benchmarks/host_overhead.py --calls 3000 --models standard deep --label "device host" \
+    --out "$OUT/host-overhead.json" > "$OUT/host-overhead.txt" 2>&1
+  stamp host $?
+fi
+if part memory; then  # the shared gradient buffers, and what fewer streams cost (session 20)
+  timeout 50 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
+    --optimizers adam locoprop-m --local-steps 10 --precisions fp32 \
+    --modes eager graphed graphed-host-s0 graphed-s2 graphed-s4 --steps 5 --warmup 2 --deadline-s 45 \
+    --out "$OUT/perf-memory.json" > "$OUT/perf-memory.txt" 2>&1
+  stamp memory $?
+fi
+if part cpu; then  # the issue's CPU goal on the device's Xeon (AVX512-bf16, AMX), two threads
+  timeout 120 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
+    --optimizers rmsprop locoprop-m --local-steps 10 --precisions fp32 bf16 \
+    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 100 \
+    --out "$OUT/perf-cpu-amx.json" > "$OUT/perf-cpu-amx.txt" 2>&1
+  stamp cpu $?
+fi
+if part profile; then  # where the standard step's time goes: kernels by kind, and the timeline
+  timeout 40 python3 benchmarks/step_profile.py --model standard --modes graphed graphed-nocheck \
+    --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
+  stamp profile $?
+fi
