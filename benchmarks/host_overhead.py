@@ -115,7 +115,8 @@ def readme(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (``benchmarks/device_call.sh``'s command is checked against it by a test)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["standard", "deep"], choices=["standard", "deep", "wide"])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per model (after a tenth as warm-up)")
@@ -125,6 +126,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="write the records here as JSON")
     parser.add_argument("--readme", action="store_true", help="then write README.md beside --out from its folder's "
                         "JSON files")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.calls < 10:
         parser.error(f"--calls: expected at least 10, got {args.calls}")

@@ -148,7 +148,8 @@ def _per_step_ms(cover: dict, steps: int) -> dict:
             "by_running": {str(n): v / 1e3 / steps for n, v in cover["by_running"].items()}}
 
 
-def main(argv=None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (``benchmarks/device_call.sh``'s command is checked against it by a test)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="standard")
     p.add_argument("--batch-size", type=int, default=1000)
@@ -160,7 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = arguments().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -510,7 +510,8 @@ def write_results(out: Path, meta: dict, records: list[dict]) -> None:
     write_records(out, meta, records)
 
 
-def main(argv=None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (``benchmarks/device_call.sh``'s commands are checked against it by a test)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["standard"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[100, 1000])
@@ -530,6 +531,11 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new configuration after this many seconds (the rest are listed as skipped)")
     p.add_argument("--out", default=None, help="JSON file (default results/perf/DEVICE-DATE.json)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = arguments()
     args = p.parse_args(argv)
 
     started = time.perf_counter()

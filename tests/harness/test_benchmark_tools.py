@@ -735,3 +735,46 @@ def test_step_profile_timeline_splits_a_step_into_busy_idle_and_overlapped_time(
     assert 0 < line["busy"] <= line["span"] and line["idle"] >= 0
     assert abs(sum(line["by_running"].values()) - line["busy"]) < 1e-9
     assert abs(line["busy"] - record["counted_ms_per_step"]) < 1e-6  # one CPU thread: nothing overlaps
+
+
+def _device_call_commands():
+    """The python commands of ``benchmarks/device_call.sh``, as (script name, argument list), continuation lines
+    joined and ``$OUT`` paths left as they are."""
+    import shlex
+
+    text = (REPO / "benchmarks" / "device_call.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line.split("#", 1)[0] if not line.lstrip().startswith("python3 -m pip") else "")
+        for i, word in enumerate(words):
+            if word.startswith("benchmarks/") and word.endswith(".py"):
+                argv = words[i + 1:]
+                argv = argv[:argv.index(">")] if ">" in argv else argv
+                commands.append((Path(word).stem, argv))
+    return commands
+
+
+def test_the_prepared_device_call_asks_only_for_what_the_benchmarks_have():
+    """``benchmarks/device_call.sh`` runs on a lent GPU, whose minutes leave no room for a typo: every
+    ``step_time.py`` command parses and names modes, optimizers and precisions its plan has (on CUDA unless it
+    says ``--device``), every ``step_profile.py`` mode is a LocoProp-M mode of that plan or a BackProp one, and
+    ``host_overhead.py`` takes its arguments."""
+    import torch
+
+    commands = _device_call_commands()
+    assert sorted({name for name, _ in commands}) == ["host_overhead", "step_profile", "step_time"]
+    step_time = _module("step_time")
+    cuda_modes = {c[4] for c in step_time.plan(torch.device("cuda"), ["standard"], [1000], list(step_time.OPTIMIZERS),
+                                              [1, 10], ["fp32", "tf32", "bf16"])}
+    for name, argv in commands:
+        args = _module(name).arguments().parse_args(argv)
+        if name == "step_time":
+            assert set(args.optimizers) <= set(step_time.OPTIMIZERS), argv
+            device = torch.device(args.device if "--device" in argv else "cuda")
+            configs = step_time.plan(device, args.models, args.batch_sizes, args.optimizers, args.local_steps,
+                                     args.precisions)
+            chosen = step_time.select_modes(configs, args.modes)
+            assert {c[4] for c in chosen} == set(args.modes), argv  # each mode has a configuration
+            assert {c[5] for c in chosen} == set(args.precisions), argv
+        elif name == "step_profile":
+            assert set(args.modes) <= cuda_modes, argv
