@@ -10,6 +10,7 @@ loss gradients (:class:`LayerCapture`).  It knows nothing about the update.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -1108,20 +1109,22 @@ class LayerCapture:
         self._by_pre: dict[int, list[tuple[int, LayerBatch]]] = {}  # a grouped convolution's layers share one
         self._handles: list = []
 
-    def _linear_hook(self, index: int):
-        @torch.compiler.disable  # in a torch.compile'd model: a graph break, not a compiled hook per step
-        def hook(module, inputs, output):
-            if not output.requires_grad:
-                self.untracked[index] += 1
-                return
-            layer = self.layers[index]
-            batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach(), output), pre=output,
-                               rows_per_example=layer.rows_per_example(output), pre_version=output._version)
-            self.calls[index].append(batch)
-            self.last_called = index
-            self._by_pre.setdefault(id(output), []).append((index, batch))
+    @torch.compiler.disable  # in a torch.compile'd model: a graph break, not a compiled hook per step
+    def _record_linear_call(self, index: int, module, inputs, output) -> None:
+        if not output.requires_grad:
+            self.untracked[index] += 1
+            return
+        layer = self.layers[index]
+        batch = LayerBatch(layer=layer, inputs=layer.input_rows(inputs[0].detach(), output), pre=output,
+                           rows_per_example=layer.rows_per_example(output), pre_version=output._version)
+        self.calls[index].append(batch)
+        self.last_called = index
+        self._by_pre.setdefault(id(output), []).append((index, batch))
 
-        return hook
+    def _linear_hook(self, index: int):
+        """Layer ``index``'s forward hook: :meth:`_record_linear_call`, which ``torch.compiler.disable`` wraps once
+        for the class rather than once per layer and step (a wrapper made anew is a few microseconds)."""
+        return functools.partial(self._record_linear_call, index)
 
     def _attention_hook(self, parts: dict[str, int]):
         """The hook of an ``nn.MultiheadAttention`` whose projections are the layers ``parts`` (part: index): each
