@@ -442,8 +442,12 @@ def test_a_shared_gradient_buffer_follows_the_layers_of_each_stream():
     solver._layers(problems, rule, [0, 1, 1, 1])  # the larger last layer joins stream 1: its buffer grows
     assert solver.buffers_version == version + 1
     assert _gradient_buffers(solver)[0][1].numel() == max(_padded(problems[m].params) for m in (1, 2, 3))
-    solver._layers(problems[1:3], rule, [1, 1])  # smaller layers: the buffer as it is
+    again = solver._layers(problems[1:3], rule, [1, 1])  # smaller layers: the buffer as it is
     assert solver.buffers_version == version + 1
+    assert all(g.untyped_storage().data_ptr() == _gradient_buffers(solver)[0][1].untyped_storage().data_ptr()
+               for lay in again for g in lay.grads)
+    assert solver._layers(problems[1:3], rule, [1, 1])[0].grads is again[0].grads  # the same views, kept
+    assert all(held[0] is _gradient_buffers(solver)[0][s] for (s, _), held in solver._shared_views.items())
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports

@@ -327,6 +327,7 @@ class FusedIterativeSolver:
         #: Counts the growths of the shared gradient buffers (:meth:`_layers`): a graph captured before one
         #: wrote into the buffer it replaced (:class:`~locoprop.CapturedStep` captures again).
         self.buffers_version = 0
+        self._shared_views: dict = {}  # (stream, the layer's parameter ids) -> (shared buffer, the layer's views)
         #: Zero-copy graphs of the solve, by where the step's inputs live (the caching allocator usually
         #: hands a training loop's tensors the same addresses again: one graph per recurring layout).
         #: Once this many are captured and the inputs are somewhere else again, one more graph is
@@ -404,6 +405,7 @@ class FusedIterativeSolver:
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buf
             self.buffers_version += 1
+            self._shared_views = {k: v for k, v in self._shared_views.items() if k[0] != slot}  # the old buffer's
         return buf
 
     def shares_gradient_buffers(self) -> bool:
@@ -433,8 +435,14 @@ class FusedIterativeSolver:
                 continue
             offsets = {m: _aligned_offsets([p.numel() for p in problems[m].params]) for m in members}
             flat = self._shared_buffer(s, max(o[-1] for o in offsets.values()), params[0].dtype, params[0].device)
-            for m in members:
-                grads[m] = [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets[m], problems[m].params)]
+            for m in members:  # the views of the last step where the buffer is the same (no tensor work a step)
+                key = (s, tuple(id(p) for p in problems[m].params))
+                held = self._shared_views.get(key)
+                if held is None or held[0] is not flat or any(g.shape != p.shape for g, p in zip(
+                        held[1], problems[m].params)):
+                    held = (flat, [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets[m], problems[m].params)])
+                    self._shared_views[key] = held
+                grads[m] = held[1]
         return [_Layer(list(pr.params), grads[m], [rule.state(p) for p in pr.params], int(pr.group["local_steps"]))
                 for m, pr in enumerate(problems)]
 

@@ -1146,7 +1146,7 @@ class CapturedStep:
             self.last_mode = "eager"
             return loss
         hyper = self._hyper_key()
-        if self.graph is None or hyper != self._key[:-2]:
+        if self.graph is None or hyper != self._key[:len(hyper)]:
             self._rule = update_rule_for(opt.inner)[0]
         table = solver.host_table(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(), self._rule,
                                   fresh=opt.reset_inner_state)
