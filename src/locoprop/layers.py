@@ -1126,45 +1126,47 @@ class LayerCapture:
         for the class rather than once per layer and step (a wrapper made anew is a few microseconds)."""
         return functools.partial(self._record_linear_call, index)
 
-    def _attention_hook(self, parts: dict[str, int]):
-        """The hook of an ``nn.MultiheadAttention`` whose projections are the layers ``parts`` (part: index): each
+    @torch.compiler.disable  # as _record_linear_call
+    def _record_attention_call(self, parts: dict[str, int], module, args, kwargs, output) -> None:
+        """One call of an ``nn.MultiheadAttention`` whose projections are the layers ``parts`` (part: index): each
         projection's rows and ``∇_â``'s place in the graph, from the products :func:`attention_products` finds."""
-        @torch.compiler.disable
-        def hook(module, args, kwargs, output):
-            inputs = [*args, *(kwargs[k] for k in ("query", "key", "value")[len(args):] if k in kwargs)]
-            out = output[0] if isinstance(output, tuple) else output
-            if not out.requires_grad:
-                for index in parts.values():
-                    self.untracked[index] += 1
-                return
-            # rows per example: the length of the sequence a product's rows come from (queries: also the output's)
-            lengths = [t.shape[1 if module.batch_first else 0] if t.dim() == 3 else t.shape[0] for t in inputs[:3]]
-            length = dict(zip("qkv", lengths), out=lengths[0])
-            found = attention_products(module, out, inputs)
-            missing = sorted(set(parts) - {part for part, *_ in found}, key=AttentionProjection.PARTS.index)
-            if missing:
-                names = [self.layers[parts[p]].name for p in missing]
-                raise RuntimeError(f"layers {names}: LocoProp did not find their products in the autograd graph of "
-                                   f"this {type(module).__name__} call (a torch.compile'd attention, or a new "
-                                   "version of F.multi_head_attention_forward?); pass attention=False to leave "
-                                   "nn.MultiheadAttention's parameters to another optimizer")
-            rows_of: dict[int, torch.Tensor] = {}  # one tensor of rows per product: q, k, v of one share it
-            with torch.no_grad():
-                for part, node, x, columns in found:
-                    if part not in parts:
-                        continue
-                    index = parts[part]
-                    layer = self.layers[index]
-                    rows = rows_of.setdefault(id(node), x.detach())
-                    weight, bias = layer.linear.weight, layer.linear.bias
-                    pre = rows.to(weight.dtype) @ weight.T if bias is None else torch.addmm(
-                        bias, rows.to(weight.dtype), weight.T)
-                    batch = LayerBatch(layer=layer, inputs=rows, pre=pre, rows_per_example=length[part],
-                                       grad_edge=torch.autograd.graph.GradientEdge(node, 0), grad_columns=columns)
-                    self.calls[index].append(batch)
-            self.last_called = parts.get("out", self.last_called)
+        inputs = [*args, *(kwargs[k] for k in ("query", "key", "value")[len(args):] if k in kwargs)]
+        out = output[0] if isinstance(output, tuple) else output
+        if not out.requires_grad:
+            for index in parts.values():
+                self.untracked[index] += 1
+            return
+        # rows per example: the length of the sequence a product's rows come from (queries: also the output's)
+        lengths = [t.shape[1 if module.batch_first else 0] if t.dim() == 3 else t.shape[0] for t in inputs[:3]]
+        length = dict(zip("qkv", lengths), out=lengths[0])
+        found = attention_products(module, out, inputs)
+        missing = sorted(set(parts) - {part for part, *_ in found}, key=AttentionProjection.PARTS.index)
+        if missing:
+            names = [self.layers[parts[p]].name for p in missing]
+            raise RuntimeError(f"layers {names}: LocoProp did not find their products in the autograd graph of "
+                               f"this {type(module).__name__} call (a torch.compile'd attention, or a new "
+                               "version of F.multi_head_attention_forward?); pass attention=False to leave "
+                               "nn.MultiheadAttention's parameters to another optimizer")
+        rows_of: dict[int, torch.Tensor] = {}  # one tensor of rows per product: q, k, v of one share it
+        with torch.no_grad():
+            for part, node, x, columns in found:
+                if part not in parts:
+                    continue
+                index = parts[part]
+                layer = self.layers[index]
+                rows = rows_of.setdefault(id(node), x.detach())
+                weight, bias = layer.linear.weight, layer.linear.bias
+                pre = rows.to(weight.dtype) @ weight.T if bias is None else torch.addmm(
+                    bias, rows.to(weight.dtype), weight.T)
+                batch = LayerBatch(layer=layer, inputs=rows, pre=pre, rows_per_example=length[part],
+                                   grad_edge=torch.autograd.graph.GradientEdge(node, 0), grad_columns=columns)
+                self.calls[index].append(batch)
+        self.last_called = parts.get("out", self.last_called)
 
-        return hook
+    def _attention_hook(self, parts: dict[str, int]):
+        """The forward hook (with keyword arguments) of an ``nn.MultiheadAttention`` whose projections are the
+        layers ``parts``: :meth:`_record_attention_call`."""
+        return functools.partial(self._record_attention_call, parts)
 
     @torch.compiler.disable
     def _transfer_hook(self, module, inputs, output):
