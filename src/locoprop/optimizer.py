@@ -1153,7 +1153,7 @@ class CapturedStep:
         opt._sync_layers()  # outside the graph
         key = self._graph_key(hyper, table)
         if self.graph is None or key != self._key:
-            self._capture(key, table)
+            self._capture(hyper, table)
             self.last_mode = "capture"
         else:
             solver.upload_table(solver.static_table, table, "static")  # only where the learning rates changed
@@ -1169,7 +1169,7 @@ class CapturedStep:
         opt._finish(self.problems)
         return self.loss.clone()
 
-    def _capture(self, key, table: torch.Tensor) -> None:
+    def _capture(self, hyper: tuple, table: torch.Tensor) -> None:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         self.graph = None
         self._model_params = list(opt.model.parameters())
@@ -1183,7 +1183,7 @@ class CapturedStep:
             flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
-        key = key[:-1] + (solver.buffers_version,)  # the buffers the graph captured
+        key = self._graph_key(hyper, table)  # after the capture: the gradient buffers it captured
         self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key
 
 
