@@ -129,14 +129,16 @@ class _RecordingSolver:
         self.seen = []
 
     def solve(self, problems, loss, regularizer, inner):
-        self.seen = [(pr.batch.pre, pr.residual) for pr in problems]
+        self.seen = [(pr.batch.pre, pr.residual, pr.first_residual(loss), pr.batch.post) for pr in problems]
 
 
 @pytest.mark.parametrize("variant", ["S", "M"])
 @pytest.mark.parametrize("retain", [False, True])
 def test_first_residual_is_the_scaled_backprop_gradient_and_the_pre_activation_is_released(variant, retain):
     """δ of iteration 1 is ``γ ∇_â L`` (GD target ``â - γ∇``, MD target ``f(â) - γ∇``), computed when the problem
-    is built; the forward pass's pre-activation is then dropped unless ``retain_problems``."""
+    is built; the forward pass's pre-activation is then dropped unless ``retain_problems``.  LocoProp-M's layers
+    followed by a transfer module keep its output ``ŷ`` instead of ``â`` and of δ₀ (``tests/test_kept_output.py``),
+    and δ₀ = ``ŷ - y`` computed from it is that same ``γ ∇_â L``."""
     model = mixed_mlp()
     x = torch.rand(16, 12, dtype=torch.float64)
     captured = {}
@@ -155,6 +157,14 @@ def test_first_residual_is_the_scaled_backprop_gradient_and_the_pre_activation_i
     for h in handles:
         h.remove()
     assert len(recorder.seen) == len(linears)
-    for i, (pre, residual) in enumerate(recorder.seen):
+    kept_output = 0
+    for i, (pre, residual, first, post) in enumerate(recorder.seen):
         assert (pre is not None) == retain, f"layer {i}: pre-activation {'dropped' if retain else 'kept'}"
-        torch.testing.assert_close(residual, GAMMA * captured[i], rtol=1e-10, atol=1e-12)
+        if residual is None:  # LocoProp-M: ŷ kept in place of â and δ₀
+            assert variant == "M" and not retain and post is not None
+            kept_output += 1
+        else:
+            torch.testing.assert_close(residual, first, rtol=0, atol=0)
+        torch.testing.assert_close(first, GAMMA * captured[i], rtol=1e-10, atol=1e-12)
+    expected = 0 if variant == "S" or retain else sum(lay.transfer_module is not None for lay in opt.layers)
+    assert kept_output == expected and (expected > 0) == (variant == "M" and not retain)

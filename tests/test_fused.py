@@ -522,8 +522,9 @@ class _FakeGraph:
 
     @staticmethod
     def addresses(inputs, table):
-        return [table.data_ptr()] + [t.data_ptr() for x, d, y, a, _, start in inputs
-                                     for t in [x, d, y] + list(a or []) + ([start[0], *start[1]] if start else [])]
+        return [table.data_ptr()] + [t.data_ptr() for x, d, y, a, _, start, post in inputs
+                                     for t in [x, d, y] + list(a or []) + ([start[0], *start[1]] if start else [])
+                                     + ([post] if post is not None else [])]
 
     def replay(self):
         inputs, table = self.static or (self.solver.step_inputs, self.solver.step_table)
@@ -631,14 +632,14 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
     layers = solver._layers(problems, rule, None)
     table = solver.table_for(opt.param_groups, opt.variant.regularizer, False).float()
     shapes = [(pr.batch.inputs.shape, pr.batch.pre.shape, pr.batch.transfer) for pr in problems]
-    persistent = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t, None) for a, b, t in shapes]
-    elsewhere = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t, None) for a, b, t in shapes]
+    persistent = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t, None, None) for a, b, t in shapes]
+    elsewhere = [(torch.empty(a), torch.empty(b), torch.empty(b), None, t, None, None) for a, b, t in shapes]
     _fake_cuda_graphs(monkeypatch, solver)
     state = [s for lay in layers for st in lay.states for s in st] + [p for lay in layers for p in lay.params]
     modes = []
     for i, where in enumerate([persistent] * 4 + [elsewhere, persistent, elsewhere]):
         data = [(torch.rand(a), torch.randn(b) * 0.1, torch.rand(b)) for a, b, _ in shapes]
-        for (x, d, y, _, _, _), (dx, dd, dy) in zip(where, data):
+        for (x, d, y, _, _, _, _), (dx, dd, dy) in zip(where, data):
             x.copy_(dx), d.copy_(dd), y.copy_(dy)
         before = [t.clone() for t in state]
         with torch.no_grad():
@@ -648,7 +649,7 @@ def test_zero_copy_graphs_are_replayed_where_the_inputs_recur(monkeypatch):
         with torch.no_grad():  # the same solve, eagerly, from the same weights and state
             for t, b in zip(state, before):
                 t.copy_(b)
-            fresh = [(dx.clone(), dd.clone(), dy.clone(), None, tr, None)
+            fresh = [(dx.clone(), dd.clone(), dy.clone(), None, tr, None, None)
                      for (dx, dd, dy), (_, _, tr) in zip(data, shapes)]
             solver._run(layers, fresh, loss, rule, table, None)
         assert all(torch.equal(a, b) for a, b in zip(state, graphed)), (i, modes)

@@ -244,6 +244,7 @@ class _Chain:
     transfer: object
     pre: object  # pre(W, b, out): the pre-activation x W̃ᵀ + b̃ into out
     wgrad: object  # wgrad(δ, out): δᵀx into out
+    post: torch.Tensor | None = None  # ŷ = f(â₀) where δ₀ is computed from it into scratch (not yet there)
 
 
 class _CapturedSolve:
@@ -446,6 +447,33 @@ class FusedIterativeSolver:
         return [_Layer(list(pr.params), grads[m], [rule.state(p) for p in pr.params], int(pr.group["local_steps"]))
                 for m, pr in enumerate(problems)]
 
+    def _scratch(self, problems, loss: LocalLoss, stream_of: list[int] | None) -> list[torch.Tensor | None]:
+        """The scratch buffer of each problem that kept the layer's output ``ŷ`` in place of its first residual
+        (``δ₀ = f(â₀) - y`` is computed into it at iteration 0 from ``ŷ``: :meth:`_local_gradient`); ``None``
+        for the others, whose first residual is their scratch.  Like the gradient buffers (:meth:`_layers`),
+        layers whose chains run one after another on a stream share one: a view of a flat tensor the size of
+        the largest layer's, made for this solve, so that a solve holds one layer's ``(b, d)`` on each stream
+        beside every layer's input and target, not a first residual per layer."""
+        wants = [pr.residual is None and pr.batch.pre is None and pr.batch.post is not None
+                 and loss.reads_pre_only_through_f for pr in problems]
+        out: list[torch.Tensor | None] = [None] * len(problems)
+        slots = stream_of if stream_of is not None else [0] * len(problems)
+        per_slot: dict[int, list[int]] = {}
+        for m, (s, w) in enumerate(zip(slots, wants)):
+            if w:
+                per_slot.setdefault(s, []).append(m)
+        for members in per_slot.values():
+            targets = [problems[m].target for m in members]
+            if len(members) == 1 or not self.shares_gradient_buffers() \
+                    or len({(t.dtype, t.device) for t in targets}) > 1:
+                for m, t in zip(members, targets):
+                    out[m] = torch.empty_like(t, memory_format=torch.contiguous_format)
+                continue
+            flat = targets[0].new_empty(max(t.numel() for t in targets))
+            for m, t in zip(members, targets):
+                out[m] = flat[:t.numel()].view(t.shape)
+        return out
+
     @staticmethod
     def table_for(groups: list[dict], regularizer: L2Proximity, anchored: bool, rule: UpdateRule | None = None,
                   fresh: bool = False) -> torch.Tensor:
@@ -591,24 +619,25 @@ class FusedIterativeSolver:
         """Whether the local products round their operands: bf16 anywhere, TF32 on CUDA only."""
         return self.precision == "bf16" or (self.precision == "tf32" and cuda)
 
-    def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer, start=None) -> _Chain:
+    def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer, start=None, post=None) -> _Chain:
         pre, wgrad = self._products(x, start)
-        return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad)
+        return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad, post)
 
     def _local_gradient(self, c: _Chain, k: int, loss: LocalLoss, table: torch.Tensor, proximity: bool = True) -> None:
         """Iteration ``k``'s local gradient of one layer into its gradient buffers: ``δᵀx``, ``Σδ`` and, with
         an anchor and ``proximity``, ``+ c (Θ̃ - Θ)`` (Algorithms 1/2, inner loop; reference notes, step 4).
 
         Iteration 0 uses the problem's first residual, which is the layer's
-        scratch buffer; later ones compute the pre-activation and then ``δ``
-        in place in it.
+        scratch buffer (or is computed into it from the layer's output ``ŷ``
+        where the problem kept that instead: ``f(â₀) - y``, Eq. 2); later ones
+        compute the pre-activation and then ``δ`` in place in it.
         """
         lay = c.layer
         W = lay.params[0]
         b = lay.params[1] if len(lay.params) == 2 else None
         bias_grad = lay.grads[1] if b is not None else None
         if k == 0:
-            delta = c.scratch
+            delta = c.scratch if c.post is None else loss.grad_from_post(c.post, c.target, out=c.scratch)
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         elif self.compile_elementwise:
@@ -727,7 +756,8 @@ class FusedIterativeSolver:
             main.wait_stream(s)
 
     def _run(self, layers: list[_Layer], inputs, loss, rule, table, stream_of: list[int] | None) -> None:
-        """All layers' local iterations; ``inputs[m] = (x, residual, target, anchor, transfer, start)``, layer
+        """All layers' local iterations; ``inputs[m] = (x, scratch, target, anchor, transfer, start, post)``
+        (``scratch``: the first residual, or where ``post`` is given the buffer it is computed into), layer
         ``m`` on stream ``stream_of[m]`` of the pool (:meth:`stream_plan`; ``None``: all on the current stream).
 
         ``"layer-major"``: each layer's whole chain of iterations on its
@@ -773,9 +803,11 @@ class FusedIterativeSolver:
                                    rule)
             table = self.upload_table(self._buffer(("table",), host.shape, param.dtype, param.device), host)
             self.shared_rates = self.shared_rates_of(host)
-        inputs = [(pr.batch.inputs, pr.first_residual(loss), pr.target, pr.anchor, pr.batch.transfer,
-                   (pr.start_pre, pr.start_params) if pr.start_pre is not None else None)
-                  for pr in problems]
+        scratch = self._scratch(problems, loss, stream_of)
+        inputs = [(pr.batch.inputs, pr.first_residual(loss) if s is None else s, pr.target, pr.anchor,
+                   pr.batch.transfer, (pr.start_pre, pr.start_params) if pr.start_pre is not None else None,
+                   None if s is None else pr.batch.post)
+                  for pr, s in zip(problems, scratch)]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
             pr.residual = None
         if capturing or not self._graphs_for(param.device):
@@ -829,9 +861,9 @@ class FusedIterativeSolver:
         parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
                  self.uses_triton(table.device) and self.triton_kernels,
                  self.shared_rates, tuple(table.shape)]
-        for lay, (x, delta, target, anchor, transfer, start) in zip(layers, inputs):
+        for lay, (x, delta, target, anchor, transfer, start, post) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,
-                          anchor is not None, start is not None, repr(transfer),
+                          anchor is not None, start is not None, post is not None, repr(transfer),
                           tuple(t.data_ptr() for t in lay.params + lay.grads + [s for st in lay.states for s in st])))
         return tuple(parts)
 
@@ -839,8 +871,9 @@ class FusedIterativeSolver:
     def _where(inputs, table) -> tuple:
         """Addresses and strides of this step's inputs (a zero-copy graph replays only where they match)."""
         tensors = [table]
-        for x, delta, target, anchor, _, start in inputs:
+        for x, delta, target, anchor, _, start, post in inputs:
             tensors += [x, delta, target] + (list(anchor) if anchor is not None else [])
+            tensors += [post] if post is not None else []
             tensors += [start[0], *start[1]] if start is not None else []
         return tuple((t.data_ptr(), t.stride()) for t in tensors)
 
@@ -875,9 +908,12 @@ class FusedIterativeSolver:
         if self._copying is not None:
             cap = self._copying
             cap.static[0]["table"].copy_(table)
-            for st, (x, delta, target, anchor, _, start) in zip(cap.static[1:], inputs):
+            for st, (x, delta, target, anchor, _, start, post) in zip(cap.static[1:], inputs):
                 st["x"].copy_(x)
-                st["delta"].copy_(delta)
+                if post is None:  # else δ₀ is computed in the graph from the copy of post
+                    st["delta"].copy_(delta)
+                else:
+                    st["post"].copy_(post)
                 st["target"].copy_(target)
                 if anchor is not None:
                     torch._foreach_copy_(st["anchor"], anchor)
@@ -899,13 +935,14 @@ class FusedIterativeSolver:
         if len(self._graphs) >= self.max_zero_copy_graphs:  # the inputs keep moving: a graph of static copies
             static = [{"table": table.clone()}]
             graph_inputs = []
-            for x, delta, target, anchor, transfer, start in inputs:
+            for x, delta, target, anchor, transfer, start, post in inputs:
                 st = {"x": x.clone(), "delta": delta.clone(), "target": target.clone(),
+                      "post": post.clone() if post is not None else None,
                       "anchor": [a.clone() for a in anchor] if anchor is not None else None,
                       "start": [t.clone() for t in (start[0], *start[1])] if start is not None else None}
                 static.append(st)
                 graph_inputs.append((st["x"], st["delta"], st["target"], st["anchor"], transfer,
-                                     (st["start"][0], st["start"][1:]) if start is not None else None))
+                                     (st["start"][0], st["start"][1:]) if start is not None else None, st["post"]))
             graph_table = static[0]["table"]
         graph = self._capture(layers, graph_inputs, loss, rule, graph_table, stream_of)
         if graph is None:  # capture failed: this solve runs eagerly, and so do the later ones

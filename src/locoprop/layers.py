@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -444,7 +445,10 @@ class LayerBatch:
             the problem keeps the first residual instead, see
             :class:`~locoprop.solvers.LocalProblem`).
         grad_pre: ``∇_{â_m} L``.
-        post: ``ŷ_m = f(â_m)`` when captured from the model.
+        post: ``ŷ_m = f(â_m)`` when captured from the model.  Where
+            :class:`LayerCapture` ``shares_post``, the transfer module's
+            output, kept in place of ``pre`` (which is then ``None`` from the
+            forward pass on: ``grad_edge`` gives ``∇_â L``).
         grad_post: ``∇_{ŷ_m} L`` when captured (Algorithms 3, 4).
         grad_pre_sampled: ``∇_{â_m}`` of the loss on labels sampled from the
             model's predictive distribution (for a sampled Fisher, Prop. 1).
@@ -474,6 +478,11 @@ class LayerBatch:
     #: (``pre`` is then recomputed from the rows, outside the graph), and the projection's columns of it.
     grad_edge: object = None
     grad_columns: slice | None = None
+    #: Where ``pre`` was let go for ``post`` (:attr:`LayerCapture.shares_post`): a weak reference to it, whose
+    #: version :meth:`LayerCapture.check` still compares while something else keeps it alive, and ``post``'s
+    #: version when the transfer module returned it.
+    pre_ref: object = None
+    post_version: int = 0
 
     @property
     def transfer(self) -> TransferFunction:
@@ -484,7 +493,7 @@ class LayerBatch:
         return self.inputs.shape[0]
 
     #: The row tensors that :meth:`stack` concatenates (``None`` in every part, or in none).
-    ROW_FIELDS = ("inputs", "pre", "grad_pre", "grad_post", "grad_pre_sampled")
+    ROW_FIELDS = ("inputs", "pre", "post", "grad_pre", "grad_post", "grad_pre_sampled")
 
     @classmethod
     def stack(cls, parts: Sequence["LayerBatch"], shared: dict | None = None) -> "LayerBatch | None":
@@ -505,7 +514,8 @@ class LayerBatch:
                 continue
             if any(v is None for v in values):
                 raise RuntimeError(f"layer {layer.name!r}: {name} is missing in some micro-batches")
-            setattr(out, name, _cat_once(values, shared if name == "inputs" else None))
+            # a layer's output that is the next layer's input is stacked once for both
+            setattr(out, name, _cat_once(values, shared if name in ("inputs", "post") else None))
             for p in parts:
                 setattr(p, name, None)
         return out
@@ -1097,11 +1107,21 @@ class LayerCapture:
     sum over the calls, so one local SGD iteration is still BackProp's step.
     Calls whose output is outside autograd (under ``torch.no_grad``) are not
     part of the loss and are not recorded.
+
+    ``shares_post`` (LocoProp-M's target and matching loss, which read the
+    pre-activation only through ``f(â)``): where a layer's transfer module
+    returns a tensor of its own, the batch keeps that output ``ŷ`` (in a
+    chain, the next layer's input, so no memory of its own) and lets the
+    pre-activation go at once, keeping its place in the autograd graph
+    (``grad_edge``) for ``∇_â L``: one activation set less through the
+    backward pass and the building of the local problems (docs/performance.md,
+    Memory).
     """
 
-    def __init__(self, layers: Iterable[Layer], capture_post: bool = False) -> None:
+    def __init__(self, layers: Iterable[Layer], capture_post: bool = False, shares_post: bool = False) -> None:
         self.layers = list(layers)
-        self.capture_post = capture_post
+        self.capture_post = capture_post or shares_post
+        self.shares_post = shares_post
         self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
         self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
         self.last_called: int | None = None  # the index of the layer the forward pass called last
@@ -1170,9 +1190,19 @@ class LayerCapture:
 
     @torch.compiler.disable
     def _transfer_hook(self, module, inputs, output):
-        for index, batch in self._by_pre.get(id(inputs[0]), ()):
-            if self.layers[index].transfer_module is module:
-                batch.post = output
+        pre = inputs[0]
+        batches = self._by_pre.get(id(pre), ())
+        for index, batch in batches:
+            if self.layers[index].transfer_module is not module:
+                continue
+            batch.post = output
+            if self.shares_post and batch.pre is pre and batch.grad_edge is None and isinstance(output, torch.Tensor) \
+                    and output.shape == pre.shape and output.requires_grad \
+                    and output.untyped_storage().data_ptr() != pre.untyped_storage().data_ptr():
+                batch.grad_edge = torch.autograd.graph.get_gradient_edge(pre)
+                batch.pre_ref, batch.post_version, batch.pre = weakref.ref(pre), output._version, None
+        if batches and all(batch.pre is None for _, batch in batches):  # its id may be a new tensor's once it is freed
+            del self._by_pre[id(pre)]
 
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()
@@ -1212,6 +1242,14 @@ class LayerCapture:
                 out.append(None)
                 continue
             for c in calls:
+                if c.pre is None and c.pre_ref is not None:  # let go for post (shares_post)
+                    pre = c.pre_ref()
+                    if c.post._version != c.post_version or (pre is not None and pre._version != c.pre_version):
+                        raise RuntimeError(f"layer {lay.name!r}: its output or its transfer function's output was "
+                                           "changed in place after the layer returned it (x += ..., say); "
+                                           "LocoProp-M's local problem needs f(â) as the model computed it: use the "
+                                           "out-of-place call")
+                    continue
                 if c.pre._version != c.pre_version:
                     raise RuntimeError(f"layer {lay.name!r}: its output was changed in place after the layer "
                                        "returned it (an in-place activation such as F.relu(x, inplace=True), or "

@@ -33,6 +33,10 @@ class LocalLoss:
 
     domain = "pre"
     needs_transfer = False
+    #: The gradient is a function of ``f(â)`` and the target alone (:meth:`grad_from_post`), so that a problem can
+    #: keep the layer's output ``ŷ = f(â)`` in place of ``â`` (:class:`~locoprop.layers.LayerCapture`'s
+    #: ``shares_post``).
+    reads_pre_only_through_f = False
 
     def value(self, pre: torch.Tensor, target: torch.Tensor, transfer: TransferFunction) -> torch.Tensor:
         """Loss summed over the batch."""
@@ -45,6 +49,12 @@ class LocalLoss:
     def grad_(self, pre: torch.Tensor, target: torch.Tensor, transfer: TransferFunction) -> torch.Tensor:
         """:meth:`grad`, free to overwrite ``pre`` with it (the fast solver's scratch buffer)."""
         return self.grad(pre, target, transfer)
+
+    def grad_from_post(self, post: torch.Tensor, target: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """:meth:`grad` at the ``â`` with ``f(â) = post`` (into ``out`` where given), for losses that
+        :attr:`reads_pre_only_through_f`."""
+        raise TypeError(f"{type(self).__name__}: its gradient needs the pre-activation, not only f(â)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -75,9 +85,13 @@ class MatchingLoss(LocalLoss):
 
     domain = "post"
     needs_transfer = True
+    reads_pre_only_through_f = True
 
     def value(self, pre, target, transfer):
         return transfer.matching_loss(pre, target).sum()
+
+    def grad_from_post(self, post, target, out=None):
+        return torch.sub(post, target, out=out)
 
     def grad(self, pre, target, transfer):
         out = transfer.f(pre)  # one activation set, not two, where f(â) is a new tensor

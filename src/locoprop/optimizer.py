@@ -371,7 +371,8 @@ class LocoProp(Optimizer):
 
     # -- the step -------------------------------------------------------------------------------
     def _capture(self, closure: Callable[[], torch.Tensor]):
-        with LayerCapture(self.layers, capture_post=self.variant.needs_grad_post) as cap:
+        shares_post = self._shares_post()
+        with LayerCapture(self.layers, capture_post=self.variant.needs_grad_post, shares_post=shares_post) as cap:
             with torch.enable_grad():  # also when step() itself is called under torch.no_grad()
                 loss = closure()
                 if not isinstance(loss, torch.Tensor):
@@ -386,6 +387,21 @@ class LocoProp(Optimizer):
         if any(lay.pending for lay in self.layers):
             self._pair_pending_layers(cap, loss)
         return loss, batches
+
+    def _shares_post(self) -> bool:
+        """Whether a step keeps each layer's output ``ŷ = f(â)`` (from its transfer module) in place of its
+        pre-activation ``â`` from the forward pass on (:class:`~locoprop.layers.LayerCapture`): where the target
+        and the local loss read ``â`` only through ``f(â)`` (LocoProp-M, Eqs. 2 and 7), the local iterations
+        start from it, and nothing else needs ``â`` (no closed form, no problems kept for inspection, no update
+        form of reduced-precision products).  In a chain ``ŷ`` is the next layer's input, which the step holds
+        anyway: one activation set less (docs/performance.md, Memory)."""
+        v = self.variant
+        if not (v.target.reads_pre_only_through_f and v.local_loss.reads_pre_only_through_f
+                and v.solver == "iterative" and not self.retain_problems
+                and not v.needs_grad_post and not v.needs_sampled_grad):
+            return False
+        params = self._params()
+        return not (self.fused_solver is not None and params and self.fused_solver.rounds_products(params[0].is_cuda))
 
     def _forward_backward(self, closures: list[Callable[[], torch.Tensor]]):
         """Forward and backward pass of each closure in turn (a micro-batch each), each layer's rows of every
@@ -480,6 +496,11 @@ class LocoProp(Optimizer):
         # torch.autocast the passes produce bfloat16, float16); layers that share their input rows (an attention's
         # query, key and value projections) share the converted rows too
         converted: dict[int, torch.Tensor] = {}
+        by_place = {}  # the layers' inputs by where they lay: a kept output that is one of them is that tensor
+        for b in batches:
+            if b is not None and id(b.inputs) not in converted:
+                converted[id(b.inputs)] = b.inputs.to(b.layer.linear.weight.dtype)
+                by_place.setdefault(_place(b.inputs), converted[id(b.inputs)])
         for b, cs in zip(batches, per_layer):
             if b is None:
                 continue
@@ -487,11 +508,14 @@ class LocoProp(Optimizer):
 
             def local(t, layer=b.layer):
                 return layer.output_rows(t.detach()).to(dtype)
-            if id(b.inputs) not in converted:
-                converted[id(b.inputs)] = b.inputs.to(dtype)
             b.inputs = converted[id(b.inputs)]
             for c in cs:
-                c.pre = local(c.pre)
+                if c.pre is None:  # the output ŷ kept in its place (LayerCapture's shares_post): where it is
+                    rows = b.layer.output_rows(c.post.detach())  # the next layer's input, that one's rows
+                    same = by_place.get(_place(rows))
+                    c.post = same if same is not None and same.dtype == dtype else rows.to(dtype)
+                else:
+                    c.pre = local(c.pre)
                 c.grad_pre = local(c.grad_pre)
                 if c.grad_pre_sampled is not None:
                     c.grad_pre_sampled = local(c.grad_pre_sampled)
@@ -500,9 +524,14 @@ class LocoProp(Optimizer):
                         c.grad_post = b.transfer.pullback_to_post(c.pre, c.grad_pre)
                     else:
                         c.grad_post = local(c.grad_post)
-                c.post = None
+                if c.pre is not None:
+                    c.post = None
             if b.calls:  # one local problem over every call's rows
-                for name in ("pre", "grad_pre", "grad_pre_sampled", "grad_post"):
+                if any(c.pre is None for c in cs) and any(c.pre is not None for c in cs):  # some calls kept ŷ
+                    for c in cs:
+                        c.post = c.post if c.pre is None else b.transfer.f(c.pre)
+                        c.pre = None
+                for name in ("pre", "post", "grad_pre", "grad_pre_sampled", "grad_post"):
                     parts = [getattr(c, name) for c in cs]
                     setattr(b, name, None if parts[0] is None else torch.cat(parts))
                 b.calls = []
@@ -523,16 +552,17 @@ class LocoProp(Optimizer):
                 continue
             with torch.no_grad():
                 target = v.target(b, group["activation_lr"])
-            if target.shape != b.pre.shape:
+            shape = (b.pre if b.pre is not None else b.post).shape
+            if target.shape != shape:
                 raise ValueError(
                     f"layer {b.layer.name!r}: target {v.target!r} has shape {tuple(target.shape)}, expected "
-                    f"the pre-activation shape {tuple(b.pre.shape)}"
+                    f"the pre-activation shape {tuple(shape)}"
                 )
             v.regularizer.prepare(b)
             params = group["params"]
             anchor = starting_weights(params) if needs_anchor else None
             residual = None
-            if v.solver == "iterative":  # δ of the first local iteration, so that the pre-activation can go
+            if v.solver == "iterative" and b.pre is not None:  # δ of the first iteration, so that â can go
                 with torch.no_grad():
                     residual = v.local_loss.grad(b.pre, target, b.transfer)
             start_pre = start_params = None
@@ -1041,7 +1071,12 @@ def _set_gradients(calls: Sequence[LayerBatch], slots: list[int], grads, name: s
         g = grads[slot]
         if g is not None and c.grad_columns is not None:
             g = g[:, c.grad_columns]
-        setattr(c, name, torch.zeros_like(c.pre) if g is None else g)
+        setattr(c, name, torch.zeros_like(c.pre if c.pre is not None else c.post) if g is None else g)
+
+
+def _place(t: torch.Tensor) -> tuple:
+    """Where a tensor's values lie: two tensors with the same place hold the same numbers."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
 
 
 def _closures(closure) -> list[Callable[[], torch.Tensor]]:

@@ -38,9 +38,13 @@ class LocalProblem:
     LocoProp-M, ``â - target`` for LocoProp-S: ``γ ∇_â L``, the BackProp
     gradient, Sec. 2).  :class:`~locoprop.LocoProp` computes it when it builds
     the target, so that the pre-activation itself can be freed before the
-    solve; a solver computes it from ``batch.pre`` when it is ``None``.  The
-    fast solver overwrites it (it is that layer's scratch buffer) and then
-    sets it to ``None``.
+    solve; a solver computes it from ``batch.pre`` when it is ``None``, or,
+    where the step kept the layer's output ``ŷ = f(â)`` in place of ``â``
+    (``batch.pre`` is ``None``: LocoProp-M, :meth:`LocoProp._shares_post
+    <locoprop.LocoProp._shares_post>`), from ``batch.post`` as the first
+    iteration needs it (``f(â) - y``, Eq. 2), so that no layer holds it
+    through the solve.  The fast solver overwrites it (it is that layer's
+    scratch buffer) and then sets it to ``None``.
     """
 
     batch: LayerBatch
@@ -60,6 +64,8 @@ class LocalProblem:
         """``residual``, computed from the forward pass's pre-activation if it is not set."""
         if self.residual is not None:
             return self.residual
+        if self.batch.pre is None and self.batch.post is not None and loss.reads_pre_only_through_f:
+            return loss.grad_from_post(self.batch.post, self.target)
         if self.batch.pre is None:
             raise RuntimeError(f"layer {self.batch.layer.name!r}: the local problem has neither its first "
                                "residual nor the pre-activation (it was already solved by the fast solver)")

@@ -50,6 +50,9 @@ class Target:
     needs_transfer = False
     needs_grad_post = False
     needs_sampled_grad = False
+    #: The target reads ``â`` only through ``f(â)``: it takes the layer's output ``ŷ`` where a problem keeps that
+    #: in place of ``â`` (``batch.pre`` is then ``None``; :class:`~locoprop.layers.LayerCapture`'s ``shares_post``).
+    reads_pre_only_through_f = False
 
     def __call__(self, batch: LayerBatch, gamma: float) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must implement __call__")
@@ -70,9 +73,14 @@ class GradientStepTarget(Target):
 
     def __call__(self, batch, gamma):
         base, step = self.base(batch), gamma * getattr(batch, self.gradient)
-        # where the base is a new tensor (f(â)), the target is written into it: one activation set less while
-        # the problems are built (docs/performance.md, Memory); the same numbers either way
-        return base.sub_(step) if is_new_tensor(base, batch.pre) else base - step
+        # the target is written into a tensor the step made anyway: the base where it is a new tensor (f(â)),
+        # else γ∇ (the base is â, or the layer's output ŷ that the next layer reads); one activation of the layer
+        # less while the problems are built (docs/performance.md, Memory), the same numbers either way
+        if batch.pre is not None and is_new_tensor(base, batch.pre):
+            return base.sub_(step)
+        if step.shape == base.shape and step.dtype == base.dtype and is_new_tensor(step, base):
+            return torch.sub(base, step, out=step)
+        return base - step
 
 
 class GDTarget(GradientStepTarget):
@@ -89,9 +97,10 @@ class MDTarget(GradientStepTarget):
 
     domain = "post"
     needs_transfer = True
+    reads_pre_only_through_f = True
 
-    def base(self, batch):
-        return batch.transfer.f(batch.pre)
+    def base(self, batch):  # ŷ = f(â) itself where the problem kept the layer's output instead of â
+        return batch.transfer.f(batch.pre) if batch.pre is not None else batch.post
 
 
 class PostGDTarget(GradientStepTarget):

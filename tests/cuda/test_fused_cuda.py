@@ -1,6 +1,7 @@
 """The fast solver on CUDA: streams, the captured solve and the captured whole step equal the reference loop."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -221,8 +222,10 @@ def test_triton_elementwises_are_the_cuda_default_and_equal_the_multi_tensor_upd
         model = _model()
         opt = _opt(model, solve_order=order, triton_elementwise=triton_elementwise)
         static_x = torch.empty(256, 784, device=DEV)
-        step = opt.graphed_step(lambda: _loss(model(static_x), static_x)) if graphed else \
-            (lambda: opt.step(lambda: _loss(model(static_x), static_x)))
+
+        def closure(model=model, static_x=static_x):
+            return _loss(model(static_x), static_x)
+        step = opt.graphed_step(closure) if graphed else functools.partial(opt.step, closure)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             for x in _batches(8):
@@ -447,6 +450,42 @@ def test_bf16_products_write_their_float32_accumulator_unrounded():
         err = ((got - exact).norm() / exact.norm()).item()
         err_rounded = ((rounded(exact) - exact).norm() / exact.norm()).item()
         assert err < 1e-5 < err_rounded / 10, (err, err_rounded)
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_kept_output_gives_the_steps_of_the_recomputed_one_and_saves_its_memory(graphed):
+    """LocoProp-M keeps nn.Tanh's output in place of ``â`` and of the first residual (``tests/test_kept_output.py``):
+    on CUDA the same steps as with ``f(â)`` computed again (the default step and ``graphed_step``); without
+    graphs, streams and the rollback copy on the device, the step's peak falls by at least 0.9x the two Tanh
+    layers' ``(b, 300)`` outputs (on the CPU: one activation set, ``docs/performance.md``, Memory)."""
+    models, peaks = {}, {}
+    for shares in (True, False):
+        model = _model()
+        opt = _opt(model, rollback="host") if graphed else _opt(model, rollback="host", cuda_graph=False,
+                                                               layer_streams=False)
+        if not shares:
+            opt._shares_post = lambda: False
+        static_x = torch.empty(256, 784, device=DEV)
+
+        def closure(model=model, static_x=static_x):
+            return _loss(model(static_x), static_x)
+        step = opt.graphed_step(closure) if graphed else functools.partial(opt.step, closure)
+        batches = _batches(5)
+        static_x.copy_(batches[0])
+        step()  # the workspaces, the inner state and the buffers exist before the peak is measured
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for x in batches[1:]:
+            static_x.copy_(x)
+            step()
+        torch.cuda.synchronize()
+        peaks[shares] = torch.cuda.max_memory_allocated() - base
+        models[shares] = model
+        del step, opt
+    assert _rel(models[True], models[False]) < 1e-6
+    if not graphed:  # (a graph's private pool keeps what the capture allocated)
+        assert peaks[False] - peaks[True] >= 0.9 * 2 * 256 * 300 * 4, peaks
 
 
 def test_host_rollback_matches_device_rollback_and_saves_gpu_memory():

@@ -1,0 +1,122 @@
+"""LocoProp-M keeps each layer's output ``ŷ = f(â)`` in place of its pre-activation ``â`` (``LayerCapture``'s
+``shares_post``): the same steps to the bit, ``â`` let go during the forward pass, ``ŷ`` the next layer's input."""
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import locoprop
+from conftest import bce_sum_mean, mixed_mlp, small_autoencoder
+
+
+def _steps(backend, shares, steps=4, closures=1, solve_order="layer-major", variant="M", model=small_autoencoder):
+    torch.manual_seed(0)
+    model = model()
+    d = model[0].in_features
+    opt = locoprop.LocoProp(model, variant=variant, lr=1e-2, activation_lr=5.0, local_steps=3,
+                            output_transfer="sigmoid", backend=backend, solve_order=solve_order,
+                            inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+    if not shares:
+        opt._shares_post = lambda: False
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.rand(32, d, generator=gen, dtype=model[0].weight.dtype)
+        parts = x.chunk(closures)
+        step = [lambda part=part: bce_sum_mean(model(part), part) * (part.shape[0] / x.shape[0]) for part in parts]
+        losses.append(float(opt.step(step if closures > 1 else step[0])))
+    return model, opt, losses
+
+
+@pytest.mark.parametrize("backend,solve_order,closures,model", [
+    ("reference", "layer-major", 1, small_autoencoder), ("fused", "layer-major", 1, small_autoencoder),
+    ("fused", "iteration-major", 1, small_autoencoder), ("fused", "layer-major", 2, small_autoencoder),
+    ("reference", "layer-major", 2, small_autoencoder), ("reference", "layer-major", 1, mixed_mlp),
+    ("fused", "layer-major", 1, lambda: mixed_mlp(torch.float32))])
+def test_keeping_the_output_gives_the_same_steps_to_the_bit(backend, solve_order, closures, model):
+    """The target ``ŷ - γ∇_â L`` and the first residual ``ŷ - y`` from the transfer module's output (nn.Tanh;
+    in the mixed MLP also Softplus, LeakyReLU, ELU and Sigmoid) equal those from ``f(â)`` computed again, to
+    the bit: weights, inner state and losses of several steps (micro-batches too)."""
+    m_kept, o_kept, l_kept = _steps(backend, True, solve_order=solve_order, closures=closures, model=model)
+    m_pre, o_pre, l_pre = _steps(backend, False, solve_order=solve_order, closures=closures, model=model)
+    assert o_kept._shares_post() and o_kept.last_solver == o_pre.last_solver
+    assert l_kept == l_pre
+    for p, q in zip(m_kept.parameters(), m_pre.parameters()):
+        assert torch.equal(p, q)
+        s, t = o_kept.inner.state[p], o_pre.inner.state[q]
+        assert all(torch.equal(s[k], t[k]) for k in s)
+
+
+def test_the_pre_activation_is_let_go_in_the_forward_pass_and_the_output_is_the_next_input(monkeypatch):
+    """When the backward pass starts, the pre-activations of the layers followed by nn.Tanh are gone (one
+    activation set less through the backward pass and the building of the problems); the problems keep the
+    Tanh's output, which is the next layer's input (the same memory), and the output layer (its sigmoid is in
+    the loss) keeps its first residual."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(32, 20)
+    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                            backend="fused")
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    refs, alive_at_backward, seen = {}, {}, {}
+    for i, lin in enumerate(linears):
+        lin.register_forward_hook(lambda mod, inp, out, i=i: refs.__setitem__(i, weakref.ref(out)))
+
+    def closure():
+        loss = bce_sum_mean(model(x), x)
+        loss.register_hook(lambda g: alive_at_backward.update({i: r() is not None for i, r in refs.items()}))
+        return loss
+
+    solve = opt.fused_solver.solve
+
+    def watching(problems, *args):
+        seen["problems"] = [(pr.batch.pre, pr.batch.post, pr.batch.inputs, pr.residual) for pr in problems]
+        return solve(problems, *args)
+    monkeypatch.setattr(opt.fused_solver, "solve", watching)
+    opt.step(closure)
+    # layers 0 and 2 are followed by nn.Tanh; 1's output goes straight into layer 2; 3 is the output layer
+    assert alive_at_backward == {0: False, 1: True, 2: False, 3: True}
+    (pre0, post0, _, res0), (_, _, in1, _), (pre2, post2, _, res2), (pre3, post3, _, res3) = seen["problems"]
+    assert pre0 is None and res0 is None and post0.data_ptr() == in1.data_ptr() and post0.shape == in1.shape
+    assert pre2 is None and res2 is None and post2 is not None
+    assert post3 is None and res3 is not None  # the output layer: its δ₀ from â, as before
+    assert all(r() is None for r in refs.values())  # nothing of the forward pass outlives the step
+
+
+def test_an_output_changed_in_place_after_its_transfer_function_is_refused():
+    """With ``â`` let go, ``f(â)`` is the transfer module's output: changed in place before the backward pass
+    (``h.mul_(2)``, say), it is no longer the layer's output of the forward pass, and the step refuses, naming
+    the layer, with the weights and the inner state untouched."""
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 6), nn.LeakyReLU(0.1), nn.Linear(6, 8)
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            h.mul_(2.0)  # LeakyReLU saves its input, not its output: autograd does not object
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    model = Doubling()
+    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=1.0, local_steps=2,
+                            layers=[(model.fc1, model.act), (model.fc2, "linear")])
+    x = torch.randn(16, 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"layer 'fc1'.*changed in place"):
+        opt.step(lambda: ((model(x) - x) ** 2).mean())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert len(opt.inner.state) == 0
+
+
+def test_variants_that_read_the_pre_activation_keep_it():
+    """Only a target and a local loss that read ``â`` through ``f(â)`` alone (LocoProp-M) let it go: not
+    LocoProp-S, not the post-activation variants, not with ``retain_problems``, not with reduced-precision
+    products (which keep ``â`` for the update form)."""
+    model = small_autoencoder()
+    assert locoprop.LocoProp(model, variant="M", output_transfer="sigmoid")._shares_post()
+    for kwargs in (dict(variant="S"), dict(variant="post-S"), dict(variant="poco-M"),
+                   dict(variant="M", retain_problems=True), dict(variant="M", precision="bf16")):
+        assert not locoprop.LocoProp(model, output_transfer="sigmoid", **kwargs)._shares_post(), kwargs
