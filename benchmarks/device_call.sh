@@ -32,10 +32,11 @@ if part host; then  # the captured step's host work on the device's CPU
     --out "$OUT/host-overhead.json" > "$OUT/host-overhead.txt" 2>&1
   stamp host $?
 fi
-if part memory; then  # the shared gradient buffers, and what fewer streams cost (session 20)
-  timeout 50 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
+if part memory; then  # the shared gradient buffers, fewer streams (session 20), the kept outputs (session 21)
+  timeout 55 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
     --optimizers adam locoprop-m --local-steps 10 --precisions fp32 \
-    --modes eager graphed graphed-host-s0 graphed-s2 graphed-s4 --steps 5 --warmup 2 --deadline-s 45 \
+    --modes eager graphed graphed-host-s0 graphed-host-s0-recompute graphed-s2 graphed-s4 --steps 5 --warmup 2 \
+    --deadline-s 50 \
     --out "$OUT/perf-memory.json" > "$OUT/perf-memory.txt" 2>&1
   stamp memory $?
 fi

@@ -29,7 +29,8 @@ and, on a GPU, ``graphed`` (:meth:`locoprop.LocoProp.graphed_step`, the whole st
 with ``rollback="host"`` (the copies in pinned host memory, made during the forward and backward passes),
 ``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``, ``-iter``
 with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update),
-``-nograph`` (with ``fused``: the solve launched eagerly, not captured; not in the plan, for
+``-recompute`` (LocoProp-M keeping each layer's pre-activation and first residual, as before session 21,
+instead of its transfer module's output: what the kept outputs save), ``-nograph`` (with ``fused``: the solve launched eagerly, not captured; not in the plan, for
 ``benchmarks/step_profile.py``), ``-plain`` (TF32 and bf16: plain products ``x Wᵀ`` instead of the update
 form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time what that form costs).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
@@ -259,6 +260,8 @@ def build_step(spec: dict, model, loss_fn, x):
         for flag in flags:
             if flag == "nocheck":  # without check_finite's rollback copies (memory)
                 opt.check_finite = False
+            elif flag == "recompute":  # LocoProp-M keeps â and δ₀, not the layers' outputs (before session 21)
+                opt._shares_post = lambda: False
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
@@ -433,6 +436,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             fast = "graphed" if cuda else "fused"
                             out.append((model, batch, opt, T, f"{fast}-iter", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
+                            out.append((model, batch, opt, T, f"{fast}-nocheck-recompute", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
                                 out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))
@@ -442,7 +446,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
                                 for flags in ("notriton", "tritonupdate", "iter-notriton", "iter-s0", "host", "s0", "s2", "s4",
-                                              "host-s2", "host-s0"):
+                                              "host-s2", "host-s0", "host-s0-recompute"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))
                             for prec in precisions:

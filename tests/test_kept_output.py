@@ -120,3 +120,55 @@ def test_variants_that_read_the_pre_activation_keep_it():
     for kwargs in (dict(variant="S"), dict(variant="post-S"), dict(variant="poco-M"),
                    dict(variant="M", retain_problems=True), dict(variant="M", precision="bf16")):
         assert not locoprop.LocoProp(model, output_transfer="sigmoid", **kwargs)._shares_post(), kwargs
+
+
+def _shared_weights():  # one Linear called twice, each call followed by nn.Tanh
+    twice = nn.Linear(30, 30)
+    return nn.Sequential(nn.Linear(64, 30), nn.Tanh(), twice, nn.Tanh(), twice, nn.Tanh(), nn.Linear(30, 64))
+
+
+def _grouped_convolutions():  # a convolution of 4 groups: four layers whose rows come from one output
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Tanh(),
+                         nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(8 * 2 * 2, 64))
+
+
+def _transposed_convolutions():
+    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Unflatten(1, (4, 2, 2)),
+                         nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1), nn.Tanh(),
+                         nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1), nn.Flatten())
+
+
+def _sequences():  # Linear layers over (batch, positions, features)
+    return nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(64, 64))
+
+
+@pytest.mark.parametrize("build", [_shared_weights, _grouped_convolutions, _transposed_convolutions, _sequences])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_kept_outputs_of_shared_convolutional_and_sequence_layers_give_the_same_steps(build, backend):
+    """A layer called twice (its calls' outputs stacked), a grouped convolution (four layers reading one output),
+    transposed convolutions and Linear layers over sequences keep their outputs too (every layer but the output
+    layer), with the same steps to the bit as with ``f(â)`` computed again."""
+    weights, kept = {}, {}
+    for shares in (True, False):
+        torch.manual_seed(0)
+        model = build()
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, output_transfer="sigmoid",
+                                backend=backend)
+        if not shares:
+            opt._shares_post = lambda: False
+        solver = opt.fused_solver if backend == "fused" else opt.solver
+        solve = solver.solve
+
+        def watching(problems, *args, solve=solve, shares=shares):
+            kept[shares] = [pr.batch.pre is None and pr.batch.post is not None for pr in problems]
+            return solve(problems, *args)
+        solver.solve = watching
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.rand(8, 64, generator=gen)
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        weights[shares] = list(model.parameters())
+    assert kept[True] == [True] * (len(kept[True]) - 1) + [False] and not any(kept[False])
+    assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))

@@ -15,7 +15,11 @@ notes steps 4-5) as one unit:
   :attr:`~locoprop.solvers.LocalProblem.residual` (made from the forward
   pass's pre-activation, which is freed before the solve), and later
   iterations compute the pre-activation and ``δ`` in place in that same
-  tensor;
+  tensor.  Where LocoProp-M kept a layer's output ``ŷ = f(â)`` instead of
+  ``â`` and of the residual (:meth:`LocoProp._shares_post
+  <locoprop.LocoProp._shares_post>`), the first iteration computes
+  ``δ = ŷ - y`` (Eq. 2) into a scratch buffer, one for the layers whose
+  chains run one after another on a stream (:meth:`FusedIterativeSolver._scratch`);
 * the inner-optimizer update is done here, on the inner optimizer's own state
   tensors (so ``state_dict``, checkpoints and the reference path stay
   interchangeable), with the local learning rates

@@ -452,6 +452,19 @@ def test_bf16_products_write_their_float32_accumulator_unrounded():
         assert err < 1e-5 < err_rounded / 10, (err, err_rounded)
 
 
+def _peak_of_steps(step, static_x, batches) -> int:
+    """Peak GPU memory allocated while ``step()`` runs on each batch (copied into ``static_x``), beyond what was
+    allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for x in batches:
+        static_x.copy_(x)
+        step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.parametrize("graphed", [False, True])
 def test_kept_output_gives_the_steps_of_the_recomputed_one_and_saves_its_memory(graphed):
     """LocoProp-M keeps nn.Tanh's output in place of ``â`` and of the first residual (``tests/test_kept_output.py``):
@@ -473,14 +486,7 @@ def test_kept_output_gives_the_steps_of_the_recomputed_one_and_saves_its_memory(
         batches = _batches(5)
         static_x.copy_(batches[0])
         step()  # the workspaces, the inner state and the buffers exist before the peak is measured
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for x in batches[1:]:
-            static_x.copy_(x)
-            step()
-        torch.cuda.synchronize()
-        peaks[shares] = torch.cuda.max_memory_allocated() - base
+        peaks[shares] = _peak_of_steps(step, static_x, batches[1:])
         models[shares] = model
         del step, opt
     assert _rel(models[True], models[False]) < 1e-6
@@ -499,13 +505,7 @@ def test_host_rollback_matches_device_rollback_and_saves_gpu_memory():
         torch.cuda.synchronize()
         torch._C._cuda_clearCublasWorkspaces()  # both runs pay for the same cuBLAS workspaces
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for x in _batches(5):
-            static_x.copy_(x)
-            step()
-        torch.cuda.synchronize()
-        peaks[where] = torch.cuda.max_memory_allocated() - base
+        peaks[where] = _peak_of_steps(step, static_x, _batches(5))
         models[where] = model
         del step, opt
     assert _rel(models["device"], models["host"]) < 1e-6
