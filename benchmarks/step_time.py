@@ -30,8 +30,8 @@ with ``rollback="host"`` (the copies in pinned host memory, made during the forw
 ``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``, ``-iter``
 with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update),
 ``-recompute`` (LocoProp-M keeping each layer's pre-activation and first residual, as before session 21,
-instead of its transfer module's output: what the kept outputs save), ``-nograph`` (with ``fused``: the solve launched eagerly, not captured; not in the plan, for
-``benchmarks/step_profile.py``), ``-plain`` (TF32 and bf16: plain products ``x Wᵀ`` instead of the update
+instead of its transfer module's output: what the kept outputs save), ``-nograph`` (with ``fused``: the
+solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain`` (TF32 and bf16: plain products ``x Wᵀ`` instead of the update
 form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time what that form costs).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
