@@ -31,8 +31,9 @@ with ``rollback="host"`` (the copies in pinned host memory, made during the forw
 with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update),
 ``-recompute`` (LocoProp-M keeping each layer's pre-activation and first residual, as before session 21,
 instead of its transfer module's output: what the kept outputs save), ``-nograph`` (with ``fused``: the
-solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain`` (TF32 and bf16: plain products ``x Wᵀ`` instead of the update
-form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time what that form costs).  On a
+solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
+(TF32 and bf16: plain products ``x Wᵀ`` instead of the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time
+what that form costs).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
