@@ -1,5 +1,5 @@
 """LocoProp-M keeps each layer's output ``ŷ = f(â)`` in place of its pre-activation ``â`` (``LayerCapture``'s
-``shares_post``): the same steps to the bit, ``â`` let go during the forward pass, ``ŷ`` the next layer's input."""
+``shares_post``): the same steps to the bit, ``â`` let go when the forward pass ends, ``ŷ`` the next layer's input."""
 
 import weakref
 
@@ -49,7 +49,7 @@ def test_keeping_the_output_gives_the_same_steps_to_the_bit(backend, solve_order
         assert all(torch.equal(s[k], t[k]) for k in s)
 
 
-def test_the_pre_activation_is_let_go_in_the_forward_pass_and_the_output_is_the_next_input(monkeypatch):
+def test_the_pre_activation_is_let_go_before_the_backward_pass_and_the_output_is_the_next_input(monkeypatch):
     """When the backward pass starts, the pre-activations of the layers followed by nn.Tanh are gone (one
     activation set less through the backward pass and the building of the problems); the problems keep the
     Tanh's output, which is the next layer's input (the same memory), and the output layer (its sigmoid is in
@@ -85,30 +85,42 @@ def test_the_pre_activation_is_let_go_in_the_forward_pass_and_the_output_is_the_
     assert all(r() is None for r in refs.values())  # nothing of the forward pass outlives the step
 
 
-def test_an_output_changed_in_place_after_its_transfer_function_is_refused():
-    """With ``â`` let go, ``f(â)`` is the transfer module's output: changed in place before the backward pass
-    (``h.mul_(2)``, say), it is no longer the layer's output of the forward pass, and the step refuses, naming
-    the layer, with the weights and the inner state untouched."""
+def test_an_output_changed_in_place_after_its_transfer_function_keeps_the_pre_activation(monkeypatch):
+    """An output changed in place before the forward pass ends (an in-place dropout after it, ``h.mul_(2)``)
+    is no longer ``f(â)``: that layer keeps its pre-activation and first residual, as before, and the steps are
+    those of ``f(â)`` computed again, to the bit; the layer whose output is left alone keeps its output."""
     class Doubling(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(8, 6), nn.LeakyReLU(0.1), nn.Linear(6, 8)
+            self.fc1, self.act1, self.fc2 = nn.Linear(8, 6), nn.LeakyReLU(0.1), nn.Linear(6, 5)
+            self.act2, self.fc3 = nn.Tanh(), nn.Linear(5, 8)
 
         def forward(self, x):
-            h = self.act(self.fc1(x))
+            h = self.act1(self.fc1(x))
             h.mul_(2.0)  # LeakyReLU saves its input, not its output: autograd does not object
-            return self.fc2(h)
+            return self.fc3(self.act2(self.fc2(h)))
 
-    torch.manual_seed(0)
-    model = Doubling()
-    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=1.0, local_steps=2,
-                            layers=[(model.fc1, model.act), (model.fc2, "linear")])
-    x = torch.randn(16, 8)
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"layer 'fc1'.*changed in place"):
-        opt.step(lambda: ((model(x) - x) ** 2).mean())
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert len(opt.inner.state) == 0
+    weights, kept = {}, {}
+    for shares in (True, False):
+        torch.manual_seed(0)
+        model = Doubling()
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=1.0, local_steps=2, backend="fused",
+                                layers=[(model.fc1, model.act1), (model.fc2, model.act2), (model.fc3, "linear")])
+        if not shares:
+            opt._shares_post = lambda: False
+        solve = opt.fused_solver.solve
+
+        def watching(problems, *args, solve=solve, shares=shares):
+            kept[shares] = [pr.batch.pre is None and pr.batch.post is not None for pr in problems]
+            return solve(problems, *args)
+        monkeypatch.setattr(opt.fused_solver, "solve", watching)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(16, 8, generator=gen)
+            opt.step(lambda: ((model(x) - x) ** 2).mean())
+        weights[shares] = list(model.parameters())
+    assert kept == {True: [False, True, False], False: [False, False, False]}
+    assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))
 
 
 def test_variants_that_read_the_pre_activation_keep_it():

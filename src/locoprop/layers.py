@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -447,8 +446,8 @@ class LayerBatch:
         grad_pre: ``∇_{â_m} L``.
         post: ``ŷ_m = f(â_m)`` when captured from the model.  Where
             :class:`LayerCapture` ``shares_post``, the transfer module's
-            output, kept in place of ``pre`` (which is then ``None`` from the
-            forward pass on: ``grad_edge`` gives ``∇_â L``).
+            output, kept in place of ``pre`` (which is ``None`` from the end of
+            the forward pass on: ``grad_edge`` gives ``∇_â L``).
         grad_post: ``∇_{ŷ_m} L`` when captured (Algorithms 3, 4).
         grad_pre_sampled: ``∇_{â_m}`` of the loss on labels sampled from the
             model's predictive distribution (for a sampled Fisher, Prop. 1).
@@ -478,10 +477,7 @@ class LayerBatch:
     #: (``pre`` is then recomputed from the rows, outside the graph), and the projection's columns of it.
     grad_edge: object = None
     grad_columns: slice | None = None
-    #: Where ``pre`` was let go for ``post`` (:attr:`LayerCapture.shares_post`): a weak reference to it, whose
-    #: version :meth:`LayerCapture.check` still compares while something else keeps it alive, and ``post``'s
-    #: version when the transfer module returned it.
-    pre_ref: object = None
+    #: ``post._version`` when the transfer module returned it (:attr:`LayerCapture.shares_post`).
     post_version: int = 0
 
     @property
@@ -1110,12 +1106,14 @@ class LayerCapture:
 
     ``shares_post`` (LocoProp-M's target and matching loss, which read the
     pre-activation only through ``f(â)``): where a layer's transfer module
-    returns a tensor of its own, the batch keeps that output ``ŷ`` (in a
-    chain, the next layer's input, so no memory of its own) and lets the
-    pre-activation go at once, keeping its place in the autograd graph
-    (``grad_edge``) for ``∇_â L``: one activation set less through the
-    backward pass and the building of the local problems (docs/performance.md,
-    Memory).
+    returns a tensor of its own, unchanged when the forward pass ends,
+    :meth:`check` keeps that output ``ŷ`` (in a chain, the next layer's
+    input, so no memory of its own) and lets the pre-activation go, keeping
+    its place in the autograd graph (``grad_edge``) for ``∇_â L``: one
+    activation set less through the backward pass and the building of the
+    local problems (docs/performance.md, Memory).  An output changed in place
+    (an in-place dropout after it, say) is no longer ``f(â)``: that call keeps
+    its pre-activation.
     """
 
     def __init__(self, layers: Iterable[Layer], capture_post: bool = False, shares_post: bool = False) -> None:
@@ -1196,13 +1194,8 @@ class LayerCapture:
             if self.layers[index].transfer_module is not module:
                 continue
             batch.post = output
-            if self.shares_post and batch.pre is pre and batch.grad_edge is None and isinstance(output, torch.Tensor) \
-                    and output.shape == pre.shape and output.requires_grad \
-                    and output.untyped_storage().data_ptr() != pre.untyped_storage().data_ptr():
-                batch.grad_edge = torch.autograd.graph.get_gradient_edge(pre)
-                batch.pre_ref, batch.post_version, batch.pre = weakref.ref(pre), output._version, None
-        if batches and all(batch.pre is None for _, batch in batches):  # its id may be a new tensor's once it is freed
-            del self._by_pre[id(pre)]
+            if isinstance(output, torch.Tensor):
+                batch.post_version = output._version
 
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()
@@ -1226,6 +1219,17 @@ class LayerCapture:
         self._handles.clear()
         self._by_pre.clear()
 
+    @staticmethod
+    def _keep_output(c: LayerBatch) -> None:
+        """:attr:`shares_post`: the call keeps its transfer module's output in place of its pre-activation, where
+        that output is a tensor of its own, of the pre-activation's shape, in the autograd graph, and unchanged
+        since the module returned it."""
+        post, pre = c.post, c.pre
+        if (isinstance(post, torch.Tensor) and pre is not None and c.grad_edge is None and post.requires_grad
+                and post.shape == pre.shape and post._version == c.post_version
+                and post.untyped_storage().data_ptr() != pre.untyped_storage().data_ptr()):
+            c.grad_edge, c.pre = torch.autograd.graph.get_gradient_edge(pre), None
+
     def check(self) -> list[LayerBatch | None]:
         """One batch per layer (its calls' input rows stacked; ``None`` for a layer the forward pass did not
         call, which the step leaves as it is, as ``torch.optim`` leaves a parameter without a gradient), or a
@@ -1242,19 +1246,14 @@ class LayerCapture:
                 out.append(None)
                 continue
             for c in calls:
-                if c.pre is None and c.pre_ref is not None:  # let go for post (shares_post)
-                    pre = c.pre_ref()
-                    if c.post._version != c.post_version or (pre is not None and pre._version != c.pre_version):
-                        raise RuntimeError(f"layer {lay.name!r}: its output or its transfer function's output was "
-                                           "changed in place after the layer returned it (x += ..., say); "
-                                           "LocoProp-M's local problem needs f(â) as the model computed it: use the "
-                                           "out-of-place call")
-                    continue
                 if c.pre._version != c.pre_version:
                     raise RuntimeError(f"layer {lay.name!r}: its output was changed in place after the layer "
                                        "returned it (an in-place activation such as F.relu(x, inplace=True), or "
                                        "x += ...); LocoProp's local problem needs the pre-activation: use the "
                                        "out-of-place call")
+            if self.shares_post:
+                for c in calls:
+                    self._keep_output(c)
             if len(calls) == 1:
                 out.append(calls[0])
                 continue
