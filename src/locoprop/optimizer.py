@@ -390,8 +390,8 @@ class LocoProp(Optimizer):
 
     def _shares_post(self) -> bool:
         """Whether a step keeps each layer's output ``ŷ = f(â)`` (from its transfer module) in place of its
-        pre-activation ``â`` from the forward pass on (:class:`~locoprop.layers.LayerCapture`): where the target
-        and the local loss read ``â`` only through ``f(â)`` (LocoProp-M, Eqs. 2 and 7), the local iterations
+        pre-activation ``â`` from the end of the forward pass on (:class:`~locoprop.layers.LayerCapture`): where
+        the target and the local loss read ``â`` only through ``f(â)`` (LocoProp-M, Eqs. 2 and 7), the local iterations
         start from it, and nothing else needs ``â`` (no closed form, no problems kept for inspection, no update
         form of reduced-precision products).  In a chain ``ŷ`` is the next layer's input, which the step holds
         anyway: one activation set less (docs/performance.md, Memory)."""
