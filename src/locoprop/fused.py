@@ -420,6 +420,15 @@ class FusedIterativeSolver:
         layer's gradients of an iteration at once."""
         return self.order == "layer-major" and self.reduce_local_gradients is None
 
+    @staticmethod
+    def _per_stream(indices, stream_of: list[int] | None) -> dict[int, list[int]]:
+        """The layers of ``indices`` by the stream their chains run on (``stream_of``: each layer's stream;
+        ``None``: all on the current one, stream 0), in order."""
+        per_stream: dict[int, list[int]] = {}
+        for m in indices:
+            per_stream.setdefault(stream_of[m] if stream_of is not None else 0, []).append(m)
+        return per_stream
+
     def _layers(self, problems, rule: UpdateRule, stream_of: list[int] | None) -> list[_Layer]:
         """Each problem's layer: its parameters, gradient buffers, inner state and ``T``.  Layers that run one
         after another on one stream (``stream_of``: each layer's stream; ``None``: all on the current one) share
@@ -427,12 +436,8 @@ class FusedIterativeSolver:
         of it per parameter, each aligned to 64 elements: a solve holds the gradients of the largest layer
         on each stream instead of every layer's (on one stream, 3.0 against 10.8 MiB on the standard
         autoencoder, 30.5 against 101.2 MiB on the wide one)."""
-        slots = stream_of if stream_of is not None else [0] * len(problems)
-        per_slot: dict[int, list[int]] = {}
-        for m, s in enumerate(slots):
-            per_slot.setdefault(s, []).append(m)
         grads: list[list[torch.Tensor]] = [[] for _ in problems]
-        for s, members in per_slot.items():
+        for s, members in self._per_stream(range(len(problems)), stream_of).items():
             params = [p for m in members for p in problems[m].params]
             if len(members) == 1 or not self.shares_gradient_buffers() or len({p.dtype for p in params}) > 1:
                 for m in members:
@@ -458,15 +463,9 @@ class FusedIterativeSolver:
         layers whose chains run one after another on a stream share one: a view of a flat tensor the size of
         the largest layer's, made for this solve, so that a solve holds one layer's ``(b, d)`` on each stream
         beside every layer's input and target, not a first residual per layer."""
-        wants = [pr.residual is None and pr.batch.pre is None and pr.batch.post is not None
-                 and loss.reads_pre_only_through_f for pr in problems]
         out: list[torch.Tensor | None] = [None] * len(problems)
-        slots = stream_of if stream_of is not None else [0] * len(problems)
-        per_slot: dict[int, list[int]] = {}
-        for m, (s, w) in enumerate(zip(slots, wants)):
-            if w:
-                per_slot.setdefault(s, []).append(m)
-        for members in per_slot.values():
+        wanting = [m for m, pr in enumerate(problems) if pr.residual_from_output(loss)]
+        for members in self._per_stream(wanting, stream_of).values():
             targets = [problems[m].target for m in members]
             if len(members) == 1 or not self.shares_gradient_buffers() \
                     or len({(t.dtype, t.device) for t in targets}) > 1:

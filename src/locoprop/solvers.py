@@ -60,11 +60,18 @@ class LocalProblem:
     start_pre: torch.Tensor | None = None
     start_params: list[torch.Tensor] | None = None
 
+    def residual_from_output(self, loss: LocalLoss) -> bool:
+        """Whether the first residual is computed from the layer's kept output ``ŷ`` (``batch.post``), as the
+        first iteration needs it: no residual set, no pre-activation, and a loss that reads ``â`` through
+        ``f(â)`` alone."""
+        return (self.residual is None and self.batch.pre is None and self.batch.post is not None
+                and loss.reads_pre_only_through_f)
+
     def first_residual(self, loss: LocalLoss) -> torch.Tensor:
-        """``residual``, computed from the forward pass's pre-activation if it is not set."""
+        """``residual``, computed from the forward pass's pre-activation, or its kept output, if it is not set."""
         if self.residual is not None:
             return self.residual
-        if self.batch.pre is None and self.batch.post is not None and loss.reads_pre_only_through_f:
+        if self.residual_from_output(loss):
             return loss.grad_from_post(self.batch.post, self.target)
         if self.batch.pre is None:
             raise RuntimeError(f"layer {self.batch.layer.name!r}: the local problem has neither its first "
