@@ -30,7 +30,10 @@ with ``rollback="host"`` (the copies in pinned host memory, made during the forw
 ``-sN`` with at most N layer streams (``-s0``: none), ``-compiled`` with ``compile_elementwise``, ``-iter``
 with ``solve_order="iteration-major"`` (iteration k of every layer, then one multi-tensor update),
 ``-recompute`` (LocoProp-M keeping each layer's pre-activation and first residual, as before session 21,
-instead of its transfer module's output: what the kept outputs save), ``-nograph`` (with ``fused``: the
+instead of its transfer module's output: what the kept outputs save), ``-afterbackward`` (every layer
+solved after the backward pass, as before session 22, instead of each during it where the step allows:
+``solve_in_backward``, what that saves), ``-inbackward`` (solved during it also without the finite check:
+``solve_in_backward=True``), ``-nograph`` (with ``fused``: the
 solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
 (TF32 and bf16: plain products ``x Wᵀ`` instead of the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time
 what that form costs).  On a
@@ -263,6 +266,10 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.check_finite = False
             elif flag == "recompute":  # LocoProp-M keeps â and δ₀, not the layers' outputs (before session 21)
                 opt._shares_post = lambda: False
+            elif flag == "afterbackward":  # every layer solved after the backward pass (before session 22)
+                opt.solve_in_backward = False
+            elif flag == "inbackward":  # layers solved during the backward pass also without check_finite
+                opt.solve_in_backward = True
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
@@ -438,6 +445,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, f"{fast}-iter", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck-recompute", "fp32"))
+                            out.append((model, batch, opt, T, f"{fast}-afterbackward", "fp32"))
+                            out.append((model, batch, opt, T, f"{fast}-nocheck-inbackward", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
                                 out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))

@@ -126,10 +126,11 @@ class _RecordingSolver:
     name = "recording"
 
     def __init__(self):
-        self.seen = []
+        self.seen = {}
 
-    def solve(self, problems, loss, regularizer, inner):
-        self.seen = [(pr.batch.pre, pr.residual, pr.first_residual(loss), pr.batch.post) for pr in problems]
+    def solve(self, problems, loss, regularizer, inner):  # one solve, or one a layer during the backward pass
+        self.seen.update({pr.batch.layer.name: (pr.batch.pre, pr.residual, pr.first_residual(loss), pr.batch.post)
+                          for pr in problems})
 
 
 @pytest.mark.parametrize("variant", ["S", "M"])
@@ -158,7 +159,7 @@ def test_first_residual_is_the_scaled_backprop_gradient_and_the_pre_activation_i
         h.remove()
     assert len(recorder.seen) == len(linears)
     kept_output = 0
-    for i, (pre, residual, first, post) in enumerate(recorder.seen):
+    for i, (pre, residual, first, post) in enumerate(recorder.seen[lay.name] for lay in opt.layers):
         assert (pre is not None) == retain, f"layer {i}: pre-activation {'dropped' if retain else 'kept'}"
         if residual is None:  # LocoProp-M: ŷ kept in place of â and δ₀
             assert variant == "M" and not retain and post is not None

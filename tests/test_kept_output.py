@@ -71,14 +71,16 @@ def test_the_pre_activation_is_let_go_before_the_backward_pass_and_the_output_is
 
     solve = opt.fused_solver.solve
 
-    def watching(problems, *args):
-        seen["problems"] = [(pr.batch.pre, pr.batch.post, pr.batch.inputs, pr.residual) for pr in problems]
+    def watching(problems, *args):  # one solve, or one a layer where they run during the backward pass
+        seen.update({pr.batch.layer.name: (pr.batch.pre, pr.batch.post, pr.batch.inputs, pr.residual)
+                     for pr in problems})
         return solve(problems, *args)
     monkeypatch.setattr(opt.fused_solver, "solve", watching)
     opt.step(closure)
     # layers 0 and 2 are followed by nn.Tanh; 1's output goes straight into layer 2; 3 is the output layer
     assert alive_at_backward == {0: False, 1: True, 2: False, 3: True}
-    (pre0, post0, _, res0), (_, _, in1, _), (pre2, post2, _, res2), (pre3, post3, _, res3) = seen["problems"]
+    (pre0, post0, _, res0), (_, _, in1, _), (pre2, post2, _, res2), (pre3, post3, _, res3) = [
+        seen[lay.name] for lay in opt.layers]
     assert pre0 is None and res0 is None and post0.data_ptr() == in1.data_ptr() and post0.shape == in1.shape
     assert pre2 is None and res2 is None and post2 is not None
     assert post3 is None and res3 is not None  # the output layer: its δ₀ from â, as before
@@ -110,8 +112,9 @@ def test_an_output_changed_in_place_after_its_transfer_function_keeps_the_pre_ac
             opt._shares_post = lambda: False
         solve = opt.fused_solver.solve
 
-        def watching(problems, *args, solve=solve, shares=shares):
-            kept[shares] = [pr.batch.pre is None and pr.batch.post is not None for pr in problems]
+        def watching(problems, *args, solve=solve, shares=shares):  # by layer: a solve may hold one layer
+            kept.setdefault(shares, {}).update({pr.batch.layer.name: pr.batch.pre is None and pr.batch.post is not None
+                                                for pr in problems})
             return solve(problems, *args)
         monkeypatch.setattr(opt.fused_solver, "solve", watching)
         gen = torch.Generator().manual_seed(1)
@@ -119,7 +122,9 @@ def test_an_output_changed_in_place_after_its_transfer_function_keeps_the_pre_ac
             x = torch.randn(16, 8, generator=gen)
             opt.step(lambda: ((model(x) - x) ** 2).mean())
         weights[shares] = list(model.parameters())
-    assert kept == {True: [False, True, False], False: [False, False, False]}
+    names = [lay.name for lay in opt.layers]
+    assert {k: [v[n] for n in names] for k, v in kept.items()} == {True: [False, True, False],
+                                                                   False: [False, False, False]}
     assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))
 
 
@@ -173,8 +178,9 @@ def test_kept_outputs_of_shared_convolutional_and_sequence_layers_give_the_same_
         solver = opt.fused_solver if backend == "fused" else opt.solver
         solve = solver.solve
 
-        def watching(problems, *args, solve=solve, shares=shares):
-            kept[shares] = [pr.batch.pre is None and pr.batch.post is not None for pr in problems]
+        def watching(problems, *args, solve=solve, shares=shares):  # by layer: a solve may hold one layer
+            kept.setdefault(shares, {}).update({pr.batch.layer.name: pr.batch.pre is None and pr.batch.post is not None
+                                                for pr in problems})
             return solve(problems, *args)
         solver.solve = watching
         gen = torch.Generator().manual_seed(1)
@@ -182,5 +188,6 @@ def test_kept_outputs_of_shared_convolutional_and_sequence_layers_give_the_same_
             x = torch.rand(8, 64, generator=gen)
             opt.step(lambda: bce_sum_mean(model(x), x))
         weights[shares] = list(model.parameters())
+    kept = {k: [v[lay.name] for lay in opt.layers] for k, v in kept.items()}
     assert kept[True] == [True] * (len(kept[True]) - 1) + [False] and not any(kept[False])
     assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))

@@ -138,12 +138,12 @@ def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch,
     outlive the step (retain_problems), it is a fresh one.  Either way the update is the same, bit for bit."""
     import locoprop.optimizer as lo
 
-    anchors = []
+    anchors = {}
 
-    class Recording(lo.LocalProblem):
+    class Recording(lo.LocalProblem):  # by layer: built in the backward pass's order where solved during it
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            anchors.append(self.anchor)
+            anchors[self.group["name"]] = self.anchor
 
     torch.manual_seed(0)
     xs = [torch.rand(32, 20) for _ in range(3)]
@@ -159,7 +159,7 @@ def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch,
         start = [p.detach().clone() for p in model.parameters()]
         anchors.clear()
         opt.step(lambda: bce_sum_mean(model(x), x))
-        flat = [a for layer in anchors for a in layer]
+        flat = [a for g in opt.param_groups for a in anchors[g["name"]]]
         assert all(torch.equal(a, s) for a, s in zip(flat, start)) and len(flat) == len(start)
         copies = opt._rollback.copies_of(list(model.parameters())) if check_finite else None
         assert (copies is not None and all(a is c for a, c in zip(flat, copies))) == shared

@@ -435,11 +435,13 @@ class FusedIterativeSolver:
         one gradient buffer where :meth:`shares_gradient_buffers` (and their parameters have one dtype), a view
         of it per parameter, each aligned to 64 elements: a solve holds the gradients of the largest layer
         on each stream instead of every layer's (on one stream, 3.0 against 10.8 MiB on the standard
-        autoencoder, 30.5 against 101.2 MiB on the wide one)."""
+        autoencoder, 30.5 against 101.2 MiB on the wide one).  So does a single layer on the current stream: the
+        layers solved one at a time during the backward pass (``LocoProp(solve_in_backward=True)``) share one."""
         grads: list[list[torch.Tensor]] = [[] for _ in problems]
         for s, members in self._per_stream(range(len(problems)), stream_of).items():
             params = [p for m in members for p in problems[m].params]
-            if len(members) == 1 or not self.shares_gradient_buffers() or len({p.dtype for p in params}) > 1:
+            alone = len(members) == 1 and stream_of is not None  # a layer with a stream of its own keeps its own
+            if alone or not self.shares_gradient_buffers() or len({p.dtype for p in params}) > 1:
                 for m in members:
                     grads[m] = [self._buffer(("grad", id(p)), p.shape, p.dtype, p.device) for p in problems[m].params]
                 continue

@@ -1196,6 +1196,12 @@ class LayerCapture:
             batch.post = output
             if isinstance(output, torch.Tensor):
                 batch.post_version = output._version
+                # autograd keeps ŷ for the transfer's backward, and not â: ŷ now (the class's attribute: reading the
+                # node's would unpack it, and under torch.utils.checkpoint recompute the block)
+                if self.shares_post and hasattr(type(output.grad_fn), "_saved_result"):
+                    self._keep_output(batch)
+        if batches and all(batch.pre is None for _, batch in batches):
+            del self._by_pre[id(pre)]  # â may be freed now, and its id given to another tensor
 
     def __enter__(self) -> "LayerCapture":
         hooked_transfers: set[int] = set()
@@ -1223,7 +1229,10 @@ class LayerCapture:
     def _keep_output(c: LayerBatch) -> None:
         """:attr:`shares_post`: the call keeps its transfer module's output in place of its pre-activation, where
         that output is a tensor of its own, of the pre-activation's shape, in the autograd graph, and unchanged
-        since the module returned it."""
+        since the module returned it.  Done by :meth:`check` when the forward pass has ended, or already when
+        the module returns, where its backward keeps its output (``tanh``, the sigmoid, ReLU: an output changed
+        in place afterwards would fail the backward pass anyway): then the pre-activation, which nothing else
+        holds, is freed during the forward pass, as BackProp's is."""
         post, pre = c.post, c.pre
         if (isinstance(post, torch.Tensor) and pre is not None and c.grad_edge is None and post.requires_grad
                 and post.shape == pre.shape and post._version == c.post_version
@@ -1246,6 +1255,14 @@ class LayerCapture:
                 out.append(None)
                 continue
             for c in calls:
+                if c.pre is None:  # kept its output when the transfer module returned it (_transfer_hook)
+                    if c.post._version != c.post_version:
+                        module = type(lay.transfer_module).__name__
+                        raise RuntimeError(f"layer {lay.name!r}: the output of its {module} "
+                                           "was changed in place after the module returned it (x += ..., an "
+                                           "in-place dropout); its backward pass needs that output: use the "
+                                           "out-of-place call")
+                    continue
                 if c.pre._version != c.pre_version:
                     raise RuntimeError(f"layer {lay.name!r}: its output was changed in place after the layer "
                                        "returned it (an in-place activation such as F.relu(x, inplace=True), or "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from typing import Callable, Sequence
 
@@ -202,6 +203,20 @@ class LocoProp(Optimizer):
             taken as linear: its local problem is the squared loss on its
             pre-activation, LocoProp-S's, so that a GELU transformer trains
             under LocoProp-M without ``layers=``).
+        solve_in_backward: solve a layer's local problem during the backward
+            pass, as soon as the pass has multiplied its gradient by the
+            layer's weights, from the output layer down: the same update to
+            the bit, with less memory at the step's peak (the layers' targets
+            are made and freed one at a time instead of all held through the
+            solve).  ``None`` (default): where the step allows it (one
+            closure, on the CPU, one process, local iterations from ``∇_â L``
+            alone, the layer-major ``solve_order``, the inner state kept) and
+            ``check_finite``'s copy can undo the layers already solved if a
+            later one raises; ``True``: also with ``check_finite=False``
+            (such an error then leaves those layers updated, with a warning
+            naming them); ``False``: every layer solved after the pass.
+            Layers without a bias, called more than once, or convolutions are
+            solved after the pass either way.
     """
 
     def __init__(
@@ -237,6 +252,7 @@ class LocoProp(Optimizer):
         other_grads: bool = True,
         attention: bool | None = None,
         non_monotone: str = "refuse",
+        solve_in_backward: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -317,6 +333,9 @@ class LocoProp(Optimizer):
         self.reset_inner_state = bool(reset_inner_state)
         self.check_finite = bool(check_finite)
         self.retain_problems = bool(retain_problems)
+        if solve_in_backward is not None and not isinstance(solve_in_backward, bool):
+            raise TypeError(f"solve_in_backward: expected None, True or False, got {solve_in_backward!r}")
+        self.solve_in_backward = solve_in_backward
         self.last_problems: list[LocalProblem] | None = None
 
         self.other_grads = bool(other_grads)
@@ -421,6 +440,12 @@ class LocoProp(Optimizer):
             del loss
         shared: dict = {}  # layers whose micro-batches' inputs are the same tensors share one stacked copy
         batches = [LayerBatch.stack([b for b in per_layer if b is not None], shared) for per_layer in zip(*parts)]
+        self._check_ran(batches)
+        return total, batches, (others, other_sums or [])
+
+    def _check_ran(self, batches: list[LayerBatch | None]) -> None:
+        """A ``RuntimeError`` where no layer ran in the forward pass; a warning, once per layer, for a layer that
+        did not."""
         if all(b is None for b in batches):
             raise RuntimeError("closure: none of LocoProp's layers ran in its forward pass (a closure of another "
                                f"model?); the layers are {[lay.name for lay in self.layers][:5]}")
@@ -429,8 +454,7 @@ class LocoProp(Optimizer):
             self._warned_idle.update(idle)
             warnings.warn(f"layer(s) {idle} did not run in the closure's forward pass; a step leaves a layer that "
                           "did not run as it is, as torch.optim leaves a parameter without a gradient (said once "
-                          "per layer)", stacklevel=5)
-        return total, batches, (others, other_sums or [])
+                          "per layer)", stacklevel=6)
 
     def _pair_pending_layers(self, cap: LayerCapture, loss: torch.Tensor) -> None:
         """The first step pairs the layers discovery could not see into (inside an ``nn.TransformerEncoderLayer``,
@@ -473,14 +497,8 @@ class LocoProp(Optimizer):
         posts = [c for c in calls if v.needs_grad_post and c.post is not None]
         others = self._other_params()
         wants = pres + [c.post for c in posts] + others
-        try:  # nothing to take the gradient of: no layer ran in this micro-batch, and no other parameters
-            grads = torch.autograd.grad(loss, wants, allow_unused=True, retain_graph=v.needs_sampled_grad) if wants \
-                else ()
-        except RuntimeError as exc:
-            if "backward through the graph a second time" in str(exc) or "freed" in str(exc):
-                raise RuntimeError("closure: return the loss without calling backward(); LocoProp runs "
-                                   "the backward pass itself") from exc
-            raise
+        # nothing to take the gradient of: no layer ran in this micro-batch, and no other parameters
+        grads = _backward(loss, wants, retain_graph=v.needs_sampled_grad) if wants else ()
         n = len(pres)
         _set_gradients(calls, slots, grads[:n], "grad_pre")
         for c, g in zip(posts, grads[n:n + len(posts)]):
@@ -492,9 +510,19 @@ class LocoProp(Optimizer):
                                    "closure's forward pass; the sampled Fisher draws labels from its output")
             sampled = sum(self._sampler(c.pre) for c in per_layer[self._output_index])
             _set_gradients(calls, slots, torch.autograd.grad(sampled, pres, allow_unused=True), "grad_pre_sampled")
-        # as rows (leading dimensions, a convolution's positions), detached, in the weights' dtype (under
-        # torch.autocast the passes produce bfloat16, float16); layers that share their input rows (an attention's
-        # query, key and value projections) share the converted rows too
+        self._input_rows(batches, per_layer)
+        for b, cs in zip(batches, per_layer):
+            if b is not None:
+                self._gradient_rows(b, cs)
+        return others, other_grads
+
+    @staticmethod
+    def _input_rows(batches: list[LayerBatch | None], per_layer: list[list[LayerBatch]]) -> None:
+        """Each layer's input, and each call's pre-activation or kept output, as rows of its local problem (leading
+        dimensions, a convolution's positions), detached, in the weights' dtype (under ``torch.autocast`` the
+        passes produce bfloat16, float16).  Layers that share their input rows (an attention's query, key and
+        value projections) share the converted rows too, and a kept output ``ŷ`` that is the next layer's input
+        is that layer's converted input tensor."""
         converted: dict[int, torch.Tensor] = {}
         by_place = {}  # the layers' inputs by where they lay: a kept output that is one of them is that tensor
         for b in batches:
@@ -505,9 +533,6 @@ class LocoProp(Optimizer):
             if b is None:
                 continue
             dtype = b.layer.linear.weight.dtype
-
-            def local(t, layer=b.layer):
-                return layer.output_rows(t.detach()).to(dtype)
             b.inputs = converted[id(b.inputs)]
             for c in cs:
                 if c.pre is None:  # the output ŷ kept in its place (LayerCapture's shares_post): where it is
@@ -515,75 +540,85 @@ class LocoProp(Optimizer):
                     same = by_place.get(_place(rows))
                     c.post = same if same is not None and same.dtype == dtype else rows.to(dtype)
                 else:
-                    c.pre = local(c.pre)
-                c.grad_pre = local(c.grad_pre)
-                if c.grad_pre_sampled is not None:
-                    c.grad_pre_sampled = local(c.grad_pre_sampled)
-                if v.needs_grad_post:
-                    if c.grad_post is None:  # transfer inside the loss, or given by name
-                        c.grad_post = b.transfer.pullback_to_post(c.pre, c.grad_pre)
-                    else:
-                        c.grad_post = local(c.grad_post)
-                if c.pre is not None:
-                    c.post = None
-            if b.calls:  # one local problem over every call's rows
-                if any(c.pre is None for c in cs) and any(c.pre is not None for c in cs):  # some calls kept ŷ
-                    for c in cs:
-                        c.post = c.post if c.pre is None else b.transfer.f(c.pre)
-                        c.pre = None
-                for name in ("pre", "post", "grad_pre", "grad_pre_sampled", "grad_post"):
-                    parts = [getattr(c, name) for c in cs]
-                    setattr(b, name, None if parts[0] is None else torch.cat(parts))
-                b.calls = []
-        return others, other_grads
+                    c.pre = b.layer.output_rows(c.pre.detach()).to(dtype)
+
+    def _gradient_rows(self, b: LayerBatch, cs: list[LayerBatch]) -> None:
+        """Layer ``b``'s gradients as rows, as :meth:`_input_rows` its inputs (``∇_ŷ L`` pulled back where the
+        transfer function is inside the loss); a layer called more than once: one local problem over every
+        call's rows."""
+        v = self.variant
+        dtype = b.layer.linear.weight.dtype
+
+        def local(t, layer=b.layer):
+            return layer.output_rows(t.detach()).to(dtype)
+        for c in cs:
+            c.grad_pre = local(c.grad_pre)
+            if c.grad_pre_sampled is not None:
+                c.grad_pre_sampled = local(c.grad_pre_sampled)
+            if v.needs_grad_post:
+                if c.grad_post is None:  # transfer inside the loss, or given by name
+                    c.grad_post = b.transfer.pullback_to_post(c.pre, c.grad_pre)
+                else:
+                    c.grad_post = local(c.grad_post)
+            if c.pre is not None:
+                c.post = None
+        if b.calls:  # one local problem over every call's rows
+            if any(c.pre is None for c in cs) and any(c.pre is not None for c in cs):  # some calls kept ŷ
+                for c in cs:
+                    c.post = c.post if c.pre is None else b.transfer.f(c.pre)
+                    c.pre = None
+            for name in ("pre", "post", "grad_pre", "grad_pre_sampled", "grad_post"):
+                parts = [getattr(c, name) for c in cs]
+                setattr(b, name, None if parts[0] is None else torch.cat(parts))
+            b.calls = []
 
     def _problems(self, batches: list[LayerBatch], saved: "_Rollback | None" = None) -> list[LocalProblem]:
-        """Each layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback
+        """Each layer's local problem (:meth:`_problem`); ``None`` for a layer another rank solves."""
+        return [None if b is None else self._problem(b, group, saved) for b, group in zip(batches, self.param_groups)]
+
+    def _problem(self, b: LayerBatch, group: dict, saved: "_Rollback | None" = None) -> LocalProblem:
+        """One layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback
         holding this step's starting weights on their device, whose copies then serve as the anchors."""
         v = self.variant
-        problems = []
-        needs_anchor = self._needs_anchor()
+        with torch.no_grad():
+            target = v.target(b, group["activation_lr"])
+        shape = (b.pre if b.pre is not None else b.post).shape
+        if target.shape != shape:
+            raise ValueError(
+                f"layer {b.layer.name!r}: target {v.target!r} has shape {tuple(target.shape)}, expected "
+                f"the pre-activation shape {tuple(shape)}"
+            )
+        v.regularizer.prepare(b)
+        params = group["params"]
 
-        def starting_weights(params):  # the rollback's copy where it lies on the device, else a copy of them
+        def starting_weights():  # the rollback's copy where it lies on the device, else a copy of them
             return (saved.copies_of(params) if saved is not None else None) or [p.detach().clone() for p in params]
-        for b, group in zip(batches, self.param_groups):
-            if b is None:  # layer-sharded: another rank solves this layer
-                problems.append(None)
-                continue
+        anchor = starting_weights() if self._needs_anchor() else None
+        residual = None
+        if v.solver == "iterative" and b.pre is not None:  # δ of the first iteration, so that â can go
             with torch.no_grad():
-                target = v.target(b, group["activation_lr"])
-            shape = (b.pre if b.pre is not None else b.post).shape
-            if target.shape != shape:
-                raise ValueError(
-                    f"layer {b.layer.name!r}: target {v.target!r} has shape {tuple(target.shape)}, expected "
-                    f"the pre-activation shape {tuple(shape)}"
-                )
-            v.regularizer.prepare(b)
-            params = group["params"]
-            anchor = starting_weights(params) if needs_anchor else None
-            residual = None
-            if v.solver == "iterative" and b.pre is not None:  # δ of the first iteration, so that â can go
-                with torch.no_grad():
-                    residual = v.local_loss.grad(b.pre, target, b.transfer)
-            start_pre = start_params = None
-            if self.fused_solver is not None and self.fused_solver.rounds_products(params[0].is_cuda):
-                start_pre, start_params = b.pre, anchor or starting_weights(params)  # the fast solver's update form
-            if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
-                b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None
-            problems.append(LocalProblem(b, target, params, anchor, group, residual, start_pre, start_params))
-        return problems
+                residual = v.local_loss.grad(b.pre, target, b.transfer)
+        start_pre = start_params = None
+        if self.fused_solver is not None and self.fused_solver.rounds_products(params[0].is_cuda):
+            start_pre, start_params = b.pre, anchor or starting_weights()  # the fast solver's update form
+        if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
+            b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None
+        return LocalProblem(b, target, params, anchor, group, residual, start_pre, start_params)
 
     def _needs_anchor(self) -> bool:
         """Whether the local problems keep the weights from the start of the step (an explicit regularizer)."""
         return self.variant.regularizer.needs_anchor and self.variant.solver == "iterative"
 
-    def _select_solver(self, problems: list[LocalProblem]):
+    def _select_solver(self, problems: list[LocalProblem] | None, device: torch.device | None = None):
         """The fast solver where ``backend`` and the problems allow it, else the variant's own.  Distributed:
-        judged on the layers this rank solves (``docs/distributed.md``)."""
+        judged on the layers this rank solves (``docs/distributed.md``).  ``problems=None``: judged on the
+        components and ``device`` alone, before the problems are built (:meth:`_backward_solving`)."""
         if self.fused_solver is None or self.backend == "reference":
             return self.solver
-        problems, inner = self._solved(problems)
-        device = next((p.params[0].device for p in problems), None)
+        inner = self.inner
+        if problems is not None:
+            problems, inner = self._solved(problems)
+            device = next((p.params[0].device for p in problems), None)
         if self.backend == "auto" and self.precision == "fp32" and (device is None or device.type != "cuda"):
             return self.solver
         why = FusedIterativeSolver.unsupported(self.variant.regularizer, inner, problems)
@@ -717,6 +752,8 @@ class LocoProp(Optimizer):
         early_copy = self.check_finite and not (self.inner is not None and self.reset_inner_state)
         if early_copy:
             self._rollback.save(self._params(), self.inner, host=not capturing)
+        if self._solves_in_backward(closures, capturing):
+            return self._backward_solving(closures[0], early_copy)
         loss, batches, other_grads = self._forward_backward(closures)
         with self._autocast_off():  # the user's torch.autocast shapes the forward pass, not the local solve
             return self._solve_captured(loss, batches, other_grads, early_copy, capturing)
@@ -764,9 +801,145 @@ class LocoProp(Optimizer):
             if self.check_finite and not capturing:
                 self._rollback.restore(self.inner)
             raise
-        self.last_solver = solver.name if solver is not self.solver else (
-            "reference" if self.variant.solver == "iterative" else self.variant.solver)
+        self.last_solver = self._solver_name(solver)
         return reported.detach(), problems
+
+    def _solver_name(self, solver) -> str:
+        """:attr:`last_solver`'s name for ``solver``."""
+        return solver.name if solver is not self.solver else (
+            "reference" if self.variant.solver == "iterative" else self.variant.solver)
+
+    def _solves_in_backward(self, closures: list[Callable[[], torch.Tensor]], capturing: bool) -> bool:
+        """Whether this step solves layers' local problems during the backward pass (:meth:`_backward_solving`):
+        ``solve_in_backward`` not ``False``, one closure, local iterations whose problems need only ``∇_â L``
+        (no ``∇_ŷ L``, no sampled Fisher, nothing kept for inspection), the inner state not reset, the
+        layer-major order (the iteration-major one runs iteration ``k`` of every layer together), one process,
+        on the CPU; and, unless ``solve_in_backward=True``, ``check_finite``, whose copy also undoes the layers
+        already solved where a later one raises."""
+        v = self.variant
+        if not (self.solve_in_backward is not False and len(closures) == 1 and not capturing
+                and self.distributor is None and v.solver == "iterative" and not self.retain_problems
+                and not v.needs_grad_post and not v.needs_sampled_grad and not self.reset_inner_state
+                and (self.fused_solver is None or self.fused_solver.order == "layer-major")
+                and (self.solve_in_backward or self.check_finite)):
+            return False
+        params = self._params()
+        return bool(params) and all(p.device.type == "cpu" for p in params)
+
+    def _undo_partial_step(self, solved: list[str]) -> str:
+        """After an exception during a step that solves in the backward pass: the rollback restores every
+        layer where ``check_finite`` keeps its copy, else a warning names the layers that kept their update.
+        Returns which of the two, for the error's message."""
+        if self.check_finite:
+            self._rollback.restore(self.inner)
+            return "the step was undone"
+        if solved:
+            warnings.warn(f"check_finite=False: layers {solved}, solved during the backward pass before the error, "
+                          "keep their update", stacklevel=4)
+        return f"layers {solved} keep their update: check_finite=False"
+
+    def _product_edge(self, b: LayerBatch | None, group: dict):
+        """Where layer ``b``'s ``∇_â L`` enters the backward pass (a ``GradientEdge``) if the node there is the one
+        that multiplies by the layer's weights: a Linear with a bias (``nn.Linear``, an attention's output
+        projection) called once, whose weight and bias enter that node directly (the weight through its
+        transpose).  Once that node has run, the backward pass is done with the weights.  Else ``None``."""
+        params = group["params"]
+        if b is None or b.calls or b.grad_columns is not None or len(params) != 2:
+            return None
+        if b.grad_edge is not None:
+            edge = b.grad_edge
+        elif b.pre is not None and b.pre.grad_fn is not None:
+            edge = torch.autograd.graph.get_gradient_edge(b.pre)
+        else:
+            return None
+        leaves = set()
+        for node, _ in edge.node.next_functions:
+            if node is not None and type(node).__name__ == "TBackward0":
+                node = node.next_functions[0][0]
+            if node is not None and hasattr(node, "variable"):
+                leaves.add(id(node.variable))
+        return edge if all(id(p) in leaves for p in params) else None
+
+    def _backward_solving(self, closure: Callable[[], torch.Tensor], early_copy: bool):
+        """One step whose layers are solved during the backward pass (``solve_in_backward``).
+
+        The backward pass is asked for the layers' bias gradients (one column sum each) instead of ``∇_â L``, so
+        that it keeps none of the layers' gradients to the end: a hook on the node that takes a layer's ``∇_â L``
+        reads it, and a hook run once that node has multiplied it by the weights builds the layer's local
+        problem and solves it (Algorithms 1-4), from the output layer down, while the pass goes on below.  Each
+        layer's target, first residual and solve buffers are freed before the next layer's are made: about one
+        activation set less at the peak than solving every layer after the pass, where the step holds every
+        layer's input and target at once (docs/performance.md, Memory).  Layers the hooks do not cover (no bias,
+        called more than once, a convolution's matrix, an attention's input projections) are solved after the
+        pass, as :meth:`_solve_captured` solves them.  Each layer's arithmetic is the same as there: the same
+        weights and inner state to the bit (``tests/test_solve_in_backward.py``)."""
+        loss, batches = self._capture(closure)
+        self._check_ran(batches)
+        if not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
+            raise DivergenceError(f"the closure's loss is {loss.item()}; the step was not taken")
+        if self.check_finite:
+            self._rollback.wait()  # the copy is complete before a hook changes the weights
+        saved = self._rollback if early_copy else None
+        per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]
+        edges = {m: e for m, (b, g) in enumerate(zip(batches, self.param_groups))
+                 if (e := self._product_edge(b, g)) is not None}
+        rest = [c for m, cs in enumerate(per_layer) if m not in edges for c in cs]
+        pres, slots = _gradient_inputs(rest)
+        biases = [self.param_groups[m]["params"][1] for m in edges]
+        others = self._other_params()
+        self._input_rows(batches, per_layer)
+        solver = self._select_solver(None, device=self._params()[0].device)
+        v, problems = self.variant, [None] * len(batches)
+
+        def solve(indices: list[int]) -> None:
+            for m in indices:
+                self._gradient_rows(batches[m], per_layer[m])
+                problems[m] = self._problem(batches[m], self.param_groups[m], saved)
+            with torch.no_grad():
+                solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
+                             InnerView(self.inner, indices))
+            for m in indices:  # what the solve read: freed now, unless another layer's problem holds it
+                problems[m].target = problems[m].residual = problems[m].anchor = None
+                problems[m].batch.inputs = problems[m].batch.post = None
+
+        def take_gradient(grad_outputs, b, nr):
+            b.grad_pre = grad_outputs[nr]
+
+        handles = []
+        for m, edge in edges.items():
+            handles.append(edge.node.register_prehook(functools.partial(take_gradient, b=batches[m],
+                                                                         nr=edge.output_nr)))
+            handles.append(edge.node.register_hook(lambda grad_inputs, grad_outputs, m=m: solve([m])))
+        try:
+            with self._autocast_off():
+                grads = _backward(loss, pres + biases + others)
+        except Exception as exc:
+            solved = [self.layers[m].name for m, p in enumerate(problems) if p is not None]
+            undone = self._undo_partial_step(solved)
+            if isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc):
+                raise RuntimeError(
+                    f"the backward pass still needed the weights of a layer solved during it (layers solved: "
+                    f"{solved}): some part of the loss uses a layer's weights besides its own product; pass "
+                    f"solve_in_backward=False ({undone})") from exc
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        _set_gradients(rest, slots, grads[:len(pres)], "grad_pre")
+        for m in edges:
+            if problems[m] is None and batches[m].grad_pre is None:  # its output does not reach the loss
+                _set_gradients([batches[m]], [0], [None], "grad_pre")
+        late = [m for m, b in enumerate(batches) if b is not None and problems[m] is None]
+        try:
+            with self._autocast_off():
+                if late:
+                    solve(late)
+        except Exception:
+            self._undo_partial_step([self.layers[m].name for m, p in enumerate(problems) if p is not None])
+            raise
+        self._keep_other_grads(others, grads[len(pres) + len(biases):])
+        self.last_solver = self._solver_name(solver)
+        return loss.detach(), problems
 
     def step(self, closure: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]] | None = None
              ) -> torch.Tensor:  # type: ignore[override]
@@ -920,10 +1093,13 @@ class LocoProp(Optimizer):
     def _check_inner_state_shapes(self, inner_sd: dict) -> None:
         """Each saved per-parameter state tensor with its parameter's number of dimensions has its shape."""
         params = [(lay.name, which, p) for lay in self.layers for which, p in lay.named_params]
-        for index, entry in inner_sd.get("state", {}).items():
+        state = inner_sd.get("state", {})
+        for index in state:
             if not isinstance(index, int) or not 0 <= index < len(params):
                 raise ValueError(f"state_dict: inner optimizer state for parameter {index!r}; this optimizer has "
                                  f"{len(params)} parameters")
+        for index in sorted(state):  # in the layers' order (a step solving in the backward pass fills it backwards)
+            entry = state[index]
             layer, which, p = params[index]
             for key, value in entry.items():
                 if torch.is_tensor(value) and value.dim() == p.dim() and value.shape != p.shape:
@@ -1048,6 +1224,18 @@ class _Rollback:
                     st[k].copy_(v)
                 else:
                     st[k] = v
+
+
+def _backward(loss: torch.Tensor, wants: list, retain_graph: bool = False) -> tuple:
+    """``torch.autograd.grad`` of ``loss`` for ``wants`` (``None`` where unused), naming a closure that already
+    ran the backward pass."""
+    try:
+        return torch.autograd.grad(loss, wants, allow_unused=True, retain_graph=retain_graph)
+    except RuntimeError as exc:
+        if "backward through the graph a second time" in str(exc) or "freed" in str(exc):
+            raise RuntimeError("closure: return the loss without calling backward(); LocoProp runs "
+                               "the backward pass itself") from exc
+        raise
 
 
 def _gradient_inputs(calls: Sequence[LayerBatch]) -> tuple[list, list[int]]:

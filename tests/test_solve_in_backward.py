@@ -1,0 +1,278 @@
+"""``LocoProp(solve_in_backward=True)`` (the CPU's default): each layer's local problem is built and solved during
+the backward pass, as soon as the pass has multiplied the layer's gradient by its weights, from the output layer
+down.  The same steps to the bit as solving every layer after the pass; each layer's target freed before the next
+layer's is made; a step it cannot take that way (micro-batches, no finite check, ...) solves after the pass."""
+
+import copy
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import locoprop
+from conftest import bce_sum_mean, mixed_mlp, small_autoencoder
+from test_errors import _assert_unchanged, _snapshot
+
+
+class _Normed(nn.Module):
+    """A LayerNorm (another optimizer's parameters) and a bias-free layer (solved after the pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 6, bias=False))
+        self.norm = nn.LayerNorm(6)
+        self.dec = nn.Sequential(nn.Linear(6, 12), nn.Softplus(), nn.Linear(12, 20))
+
+    def forward(self, x):
+        return self.dec(self.norm(self.enc(x)))
+
+
+class _Attention(nn.Module):
+    """A self-attention (its output projection solved during the pass, the packed input projections after it)
+    between two Linear layers over sequences of 4 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(32, 20)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x.view(-1, 4, 5)))
+        return self.out(self.att(h, h, h, need_weights=False)[0].flatten(1))
+
+
+def _shared_weights():  # one Linear called twice: solved after the pass
+    twice = nn.Linear(12, 12)
+    return nn.Sequential(nn.Linear(20, 12), nn.Tanh(), twice, nn.Tanh(), twice, nn.Tanh(), nn.Linear(12, 20))
+
+
+def _convolutions():  # a convolution's matrix: solved after the pass; the Linear head during it
+    return nn.Sequential(nn.Unflatten(1, (1, 4, 5)), nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(60, 20))
+
+
+MODELS = {"autoencoder": small_autoencoder, "mixed": lambda: mixed_mlp(widths=(20, 10, 9, 8, 7, 20)),
+          "normed": _Normed, "attention": _Attention, "shared": _shared_weights, "convolutions": _convolutions}
+
+
+def _steps(build, solve_in_backward, steps=3, **kwargs):
+    torch.manual_seed(0)
+    model = build().double()
+    settings = dict(lr=1e-2, activation_lr=3.0, local_steps=3, output_transfer="sigmoid",
+                    inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8})
+    settings.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LayerNorm is left to another optimizer
+        opt = locoprop.LocoProp(model, solve_in_backward=solve_in_backward, **settings)
+    during = []  # the layers whose problems were built while a backward pass ran
+    problem = opt._problem
+
+    def building(b, group, saved=None):
+        if torch._C._current_graph_task_id() != -1:
+            during.append(group["name"])
+        return problem(b, group, saved)
+    opt._problem = building
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.rand(16, 20, generator=gen, dtype=torch.float64)
+        losses.append(float(opt.step(lambda: bce_sum_mean(model(x), x))))
+        for p in opt.other_parameters():  # another optimizer's step would follow; keep the gradients apart
+            p.grad = None
+    return model, opt, losses, during
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_solving_in_the_backward_pass_takes_the_same_steps_to_the_bit(name, backend):
+    """Weights, inner state and losses equal those of the step that solves every layer after the backward pass,
+    to the bit, on models where every layer is solved during the pass and where some are solved after it (a
+    bias-free layer, a shared layer, a convolution, an attention's input projections), with another optimizer's
+    parameters in the model (a LayerNorm: their gradients equal too)."""
+    build = MODELS[name]
+    m_in, o_in, l_in, during = _steps(build, True, backend=backend)
+    m_after, o_after, l_after, none = _steps(build, False, backend=backend)
+    assert o_in._solves_in_backward([None], False) and not none
+    assert during and during[0] == o_in.layers[-1].name  # from the output layer down
+    assert o_in.last_solver == o_after.last_solver == ("fused" if backend == "fused" else "reference")
+    assert l_in == l_after
+    for p, q in zip(m_in.parameters(), m_after.parameters()):
+        assert torch.equal(p, q)
+        if p in o_in.inner.state:
+            s, t = o_in.inner.state[p], o_after.inner.state[q]
+            assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+
+
+def test_which_layers_are_solved_during_the_pass():
+    """Layers with a bias whose weights enter the node that takes their gradient are solved during the pass, the
+    output layer first; a bias-free layer, a shared layer's calls, a convolution's matrix are solved after it."""
+    for name, expected in [("autoencoder", ["5", "3", "2", "0"]), ("normed", ["dec.2", "dec.0", "enc.0"]),
+                           ("shared", ["6", "0"]), ("convolutions", ["4"]), ("attention", ["out", "att.out_proj"])]:
+        *_, during = _steps(MODELS[name], True, steps=1)
+        assert during == expected, name
+
+
+def test_each_layers_target_is_freed_before_the_next_one_is_made():
+    """During the backward pass a layer's target, first residual and solve buffers are let go once it is
+    solved: when a layer's problem is built, no earlier layer's target is alive (after the pass all of them
+    are built first and held through the solve)."""
+    for solve_in_backward in (True, False):
+        torch.manual_seed(0)
+        model = small_autoencoder()
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=3.0, local_steps=2, output_transfer="sigmoid",
+                                solve_in_backward=solve_in_backward)
+        targets, alive = [], []
+        problem = opt._problem
+
+        def building(b, group, saved=None):
+            alive.append(sum(t() is not None for t in targets))
+            made = problem(b, group, saved)
+            targets.append(weakref.ref(made.target))
+            return made
+        opt._problem = building
+        x = torch.rand(32, 20)
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        assert alive == ([0, 0, 0, 0] if solve_in_backward else [0, 1, 2, 3]), solve_in_backward
+        assert all(t() is None for t in targets)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(check_finite=False), dict(retain_problems=True), dict(solve_order="iteration-major", backend="fused"),
+    dict(reset_inner_state=True), dict(variant="S", solver="closed_form", regularizer=locoprop.L2Proximity(1.0)),
+    dict(variant="post-S"),
+    dict(solve_in_backward=False)])
+def test_steps_it_cannot_take_that_way_solve_after_the_pass(settings):
+    """No finite check (nothing would undo the layers solved before one that raises), problems kept for
+    inspection, the iteration-major order, a reset inner state, a closed form, a target from ``∇_ŷ L``, or
+    ``solve_in_backward=False``: every layer solved after the pass; so are micro-batches."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    settings = dict(settings)
+    variant = settings.pop("variant", "M")
+    opt = locoprop.LocoProp(model, variant=variant, lr=1e-2, output_transfer="sigmoid", **settings)
+    x = torch.rand(8, 20)
+    closures = [lambda: bce_sum_mean(model(x), x)]
+    assert not opt._solves_in_backward(closures, False)
+    assert locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid")._solves_in_backward(closures, False)
+    assert not locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid")._solves_in_backward(
+        closures * 2, False)  # micro-batches: each layer's problem holds all of them
+    opt.step(closures[0])
+
+
+def test_a_weight_the_pass_still_needs_is_named_and_the_step_undone():
+    """A loss that multiplies by a layer's weights before that layer's own product (so that the backward pass
+    needs them after solving the layer) stops with a RuntimeError naming solve_in_backward=False, weights and
+    inner state as they were; with it the step is taken."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 8))
+    x = torch.rand(16, 8)
+
+    def closure():
+        h = model[1](model[0](x))
+        extra = (h @ model[2].weight.T).pow(2).sum()  # made before model[2]'s product: its backward runs after
+        return bce_sum_mean(model[2](h), x) + 1e-3 * extra
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid")
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    snap = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"layers solved: \['2'\].*solve_in_backward=False"):
+        opt.step(closure)
+    _assert_unchanged(model, opt, snap)
+    opt.solve_in_backward = False
+    assert torch.isfinite(opt.step(closure))
+
+
+def test_a_layer_that_raises_during_the_pass_undoes_the_layers_before_it():
+    """A local problem that fails after other layers were solved during the pass (here a target of the wrong
+    shape for the first layer only) leaves every layer's weights and inner state as they were."""
+    class Bad(locoprop.MDTarget):
+        def __call__(self, batch, gamma):
+            target = super().__call__(batch, gamma)
+            return target[:, :-1] if batch.layer.name == "0" else target
+
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(16, 20)
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid")
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    opt.variant = opt.variant.with_components(Bad(), None, None, None)
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="layer '0': target"):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    _assert_unchanged(model, opt, snap)
+
+
+def test_the_option_is_checked():
+    with pytest.raises(TypeError, match="solve_in_backward: expected None, True or False"):
+        locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", solve_in_backward="yes")
+
+
+def test_a_solved_step_copies_and_pickles():
+    """The option travels with ``copy.deepcopy`` and the copy takes the same steps."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", solve_in_backward=False)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.solve_in_backward is False
+    x = torch.rand(8, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    opt2.step(lambda: bce_sum_mean(model2(x), x))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_transfer_that_keeps_its_output_lets_the_pre_activation_go_in_the_forward_pass():
+    """Where a transfer module's backward keeps its output (tanh, sigmoid, ReLU), LocoProp-M keeps that output
+    from the moment the module returns it, so the pre-activation is freed during the forward pass as BackProp
+    frees it; one whose backward keeps its input (Softplus, LeakyReLU) keeps it until the pass ends, as autograd
+    does.  An output of the first kind changed in place is named (the backward pass would refuse it too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Softplus(), nn.Linear(5, 8))
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid")
+    refs, alive = {}, {}
+    for i in (0, 2):
+        model[i].register_forward_hook(lambda mod, inp, out, i=i: refs.__setitem__(i, weakref.ref(out)))
+    model[4].register_forward_hook(lambda *a: alive.update({i: r() is not None for i, r in refs.items()}))
+    x = torch.rand(4, 8)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert alive == {0: False, 2: True}  # at the last layer's call, before the forward pass has ended
+
+    def doubled():
+        h = model[1](model[0](x))
+        h.mul_(2.0)
+        return bce_sum_mean(model[4](model[3](model[2](h))), x)
+    snap = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"layer '0': the output of its Tanh was changed in place"):
+        opt.step(doubled)
+    _assert_unchanged(model, opt, snap)
+
+
+def test_without_the_finite_check_it_is_asked_for_and_takes_the_same_steps():
+    """``check_finite=False`` solves after the pass unless ``solve_in_backward=True``; then the steps are the
+    same to the bit, a non-finite loss is read before the pass (the step not taken, nothing changed), and an
+    error after some layers were solved keeps their update, with a warning naming them."""
+    auto = locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", check_finite=False)
+    assert not auto._solves_in_backward([None], False)
+    m_in, o_in, l_in, during = _steps(small_autoencoder, True, check_finite=False)
+    m_after, _, l_after, none = _steps(small_autoencoder, False, check_finite=False)
+    assert o_in._solves_in_backward([None], False) and during and not none and l_in == l_after
+    assert all(torch.equal(p, q) for p, q in zip(m_in.parameters(), m_after.parameters()))
+
+    x = torch.rand(16, 20, dtype=torch.float64)
+    snap = _snapshot(m_in, o_in)
+    with pytest.raises(locoprop.DivergenceError, match="loss is nan; the step was not taken"):
+        o_in.step(lambda: bce_sum_mean(m_in(x), x) * float("nan"))
+    _assert_unchanged(m_in, o_in, snap)
+
+    class Bad(locoprop.MDTarget):
+        def __call__(self, batch, gamma):
+            target = super().__call__(batch, gamma)
+            return target[:, :-1] if batch.layer.name == "0" else target
+    o_in.variant = o_in.variant.with_components(Bad(), None, None, None)
+    before = [p.detach().clone() for p in m_in.parameters()]
+    with pytest.warns(UserWarning, match=r"layers \['2', '3', '5'\], solved during the backward pass"):
+        with pytest.raises(ValueError, match="layer '0': target"):
+            o_in.step(lambda: bce_sum_mean(m_in(x), x))
+    changed = [not torch.equal(p, q) for p, q in zip(m_in.parameters(), before)]
+    assert changed == [False, False, True, True, True, True, True, True]  # layer 0 (weight, bias) as it was
