@@ -778,3 +778,31 @@ def test_the_prepared_device_call_asks_only_for_what_the_benchmarks_have():
             assert {c[5] for c in chosen} == set(args.precisions), argv
         elif name == "step_profile":
             assert set(args.modes) <= cuda_modes, argv
+
+
+def test_interleaved_time_times_the_modes_in_turn_and_writes_their_ratios(tmp_path, monkeypatch):
+    """benchmarks/interleaved_time.py: each mode built once and warmed up, then one step of each in turn per
+    round (the order of the calls shows it), medians and ratios to the first mode in a JSON with its command."""
+    mod = _module("interleaved_time")
+    step_time = mod._step_time_module()
+    build, calls = step_time.build_step, []
+
+    def counting(spec, *args):
+        step = build(spec, *args)
+
+        def call():
+            calls.append(spec["mode"])
+            return step()
+        return call
+    monkeypatch.setattr(step_time, "build_step", counting)
+    monkeypatch.setattr(mod, "_step_time_module", lambda: step_time)
+    out = tmp_path / "t.json"
+    assert mod.main(["--models", "tiny", "--batch-sizes", "8", "--modes", "fused", "fused-afterbackward",
+                     "--local-steps", "2", "--rounds", "3", "--warmup", "1", "--out", str(out)]) == 0
+    assert calls == ["fused", "fused-afterbackward"] + ["fused", "fused-afterbackward"] * 3
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"].startswith("python ") and "--rounds 3" in data["meta"]["command"]
+    records = data["records"]
+    assert [r["mode"] for r in records] == ["fused", "fused-afterbackward"]
+    assert records[0]["ratio_to_first_mode"] == 1.0 and all(r["steps_timed"] == 3 for r in records)
+    assert records[1]["ratio_to_first_mode"] == records[1]["step_ms_median"] / records[0]["step_ms_median"]

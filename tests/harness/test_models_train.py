@@ -293,6 +293,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="adam", solve_order="iteration-major"), "solve_order: 'iteration-major' applies to the LocoProp"),
     (dict(optimizer="adam", triton_elementwise=False), "triton_elementwise: False applies to the LocoProp optimizers"),
     (dict(optimizer="locoprop-m", triton_elementwise="yes"), "triton_elementwise: expected true, false or unset"),
+    (dict(optimizer="adam", solve_in_backward=False), "solve_in_backward: False applies to the LocoProp optimizers"),
+    (dict(optimizer="locoprop-m", solve_in_backward="yes"), "solve_in_backward: expected true, false or unset"),
     (dict(optimizer="locoprop-m", solve_order="rows"), "solve_order: expected layer-major or iteration-major"),
     (dict(optimizer="shampoo", shampoo_root="svd"), "shampoo_root: expected newton or eigh, got 'svd'"),
     (dict(optimizer="kfac", shampoo_root="eigh"), "shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"),
@@ -365,6 +367,22 @@ def test_triton_elementwise_setting_reaches_the_fast_solver(tmp_path):
         opt = build_optimizer("locoprop-m", build_autoencoder("tiny", "tanh"), AutoencoderLoss(), lr=1e-3,
                               triton_elementwise=cfg.triton_elementwise)
         assert opt.fused_solver.triton_elementwise is expected
+
+
+def test_solve_in_backward_setting_reaches_the_optimizer(tmp_path):
+    """`--solve-in-backward` / `--no-solve-in-backward` (and the YAML key) reach LocoProp; unset, it stays
+    automatic, and a step on the CPU then solves in the backward pass only with the finite check."""
+    from locoprop.harness.cli import build_parser, _config_from
+
+    for argv, expected in (([], None), (["--no-solve-in-backward"], False), (["--solve-in-backward"], True)):
+        args = build_parser().parse_args(["train", "--optimizer", "locoprop-m", "--out", str(tmp_path), *argv])
+        cfg = _config_from(args)
+        assert cfg.solve_in_backward is expected
+        for check_finite in (True, False):
+            opt = build_optimizer("locoprop-m", build_autoencoder("tiny", "tanh"), AutoencoderLoss(), lr=1e-3,
+                                  check_finite=check_finite, solve_in_backward=cfg.solve_in_backward)
+            assert opt.solve_in_backward is expected
+            assert opt._solves_in_backward([None], False) == (expected is True or (expected is None and check_finite))
 
 
 def test_the_batch_loss_is_the_host_mean_of_the_step_losses_read_only_now_and_then(tmp_path, monkeypatch):

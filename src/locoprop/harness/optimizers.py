@@ -64,12 +64,13 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
                     local_steps: int = 10, inner: str = "tf_rmsprop", inverse_every: int = 1,
                     damping: float | None = None, precision: str = "fp32", kl_clip: float | None = None,
                     rollback: str = "device", check_finite: bool = True, compile_elementwise: bool = False,
-                    triton_elementwise: bool | None = None,
-                    solve_order: str = "layer-major", shampoo_root: str = "newton"):
+                    triton_elementwise: bool | None = None, solve_order: str = "layer-major",
+                    solve_in_backward: bool | None = None, shampoo_root: str = "newton"):
     """An optimizer with ``step(closure)``, ``param_groups`` and ``state_dict``.
 
-    ``precision``, ``rollback``, ``check_finite``, ``compile_elementwise``, ``triton_elementwise`` and
-    ``solve_order`` are :class:`locoprop.LocoProp`'s arguments of the same names (LocoProp optimizers only);
+    ``precision``, ``rollback``, ``check_finite``, ``compile_elementwise``, ``triton_elementwise``,
+    ``solve_order`` and ``solve_in_backward`` are :class:`locoprop.LocoProp`'s arguments of the same names
+    (LocoProp optimizers only);
     ``kl_clip`` and ``shampoo_root`` are :func:`~locoprop.harness.baselines.build_baseline`'s (K-FAC and Shampoo only).
 
     Raises ``ValueError`` naming ``optimizer`` and the valid names when ``name`` is unknown.
@@ -79,7 +80,7 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
             model, variant=LOCOPROP_VARIANTS[name], lr=lr, activation_lr=activation_lr, local_steps=local_steps,
             inner=inner, inner_kwargs=inner_kwargs_for(inner, beta1, beta2, eps), output_transfer=OUTPUT_TRANSFER,
             precision=precision, rollback=rollback, check_finite=check_finite, compile_elementwise=compile_elementwise,
-            triton_elementwise=triton_elementwise, solve_order=solve_order,
+            triton_elementwise=triton_elementwise, solve_order=solve_order, solve_in_backward=solve_in_backward,
         )
     if name in BASELINE_NAMES:
         return build_baseline(name, model, loss_fn, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

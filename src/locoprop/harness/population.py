@@ -93,8 +93,9 @@ def member_of(cfg: TrainConfig) -> Member:
 
 
 #: Settings a population must leave at their defaults (what it does not implement).  It ignores ``rollback``,
-#: ``check_finite``, ``solve_order``, ``triton_elementwise``, ``cuda_graph`` and ``dist_timeout``, which choose how
-#: a single run computes, not what (a population notices a diverged member from its batch losses);
+#: ``check_finite``, ``solve_order``, ``solve_in_backward``, ``triton_elementwise``, ``cuda_graph`` and
+#: ``dist_timeout``, which choose how a single run computes, not what (a population notices a diverged member
+#: from its batch losses);
 #: ``compile_elementwise`` compiles its updates (:class:`Population`'s ``compile_update``).
 _UNSUPPORTED = {"inner": "tf_rmsprop", "weight_decay": 0.0, "distributed": None}
 

@@ -119,6 +119,11 @@ class TrainConfig:
     triton_elementwise: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update and residual as "
                                       "Triton kernels (unset: on CUDA where Triton is installed; false: PyTorch's "
                                       "operations)", default=None)
+    solve_in_backward: bool | None = _opt("LocoProp on the CPU: solve each layer during the backward pass, as soon "
+                                          "as the pass is done with its weights (less memory, the same update; "
+                                          "unset: where the finite check can undo a step that fails midway; true: "
+                                          "also with --no-check-finite; false: every layer after the pass)",
+                                          default=None)
     solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
                             "on its CUDA stream) or iteration-major (iteration k of every layer, then one "
                             "multi-tensor update of all layers); the same result", default="layer-major")
@@ -150,11 +155,13 @@ class TrainConfig:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
-        if self.triton_elementwise not in (None, True, False):
-            raise ValueError(f"triton_elementwise: expected true, false or unset, got {self.triton_elementwise!r}")
+        for name in ("triton_elementwise", "solve_in_backward"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name}: expected true, false or unset, got {getattr(self, name)!r}")
         for name, default in (("precision", "fp32"), ("rollback", "device"), ("check_finite", True),
                               ("compile_elementwise", False),
-                              ("triton_elementwise", None), ("solve_order", "layer-major")):
+                              ("triton_elementwise", None), ("solve_in_backward", None),
+                              ("solve_order", "layer-major")):
             if getattr(self, name) != default and not is_locoprop(self.optimizer):
                 raise ValueError(f"{name}: {getattr(self, name)!r} applies to the LocoProp optimizers only, not "
                                  f"{self.optimizer!r}")
@@ -453,7 +460,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                           inverse_every=cfg.inverse_every, damping=cfg.damping, precision=cfg.precision,
                           kl_clip=cfg.kl_clip, rollback=cfg.rollback, check_finite=cfg.check_finite,
                           compile_elementwise=cfg.compile_elementwise,
-                          triton_elementwise=cfg.triton_elementwise, solve_order=cfg.solve_order, shampoo_root=cfg.shampoo_root)
+                          triton_elementwise=cfg.triton_elementwise, solve_order=cfg.solve_order,
+                          solve_in_backward=cfg.solve_in_backward, shampoo_root=cfg.shampoo_root)
     if cfg.distributed is not None:
         from locoprop.distributed import distribute
 
