@@ -834,8 +834,8 @@ class LocoProp(Optimizer):
             self._rollback.restore(self.inner)
             return "the step was undone"
         if solved:
-            warnings.warn(f"check_finite=False: layers {solved}, solved during the backward pass before the error, "
-                          "keep their update", stacklevel=4)
+            warnings.warn(f"check_finite=False: layers {solved}, solved before the error, keep their update",
+                          stacklevel=4)
         return f"layers {solved} keep their update: check_finite=False"
 
     def _product_edge(self, b: LayerBatch | None, group: dict):
@@ -889,7 +889,7 @@ class LocoProp(Optimizer):
         others = self._other_params()
         self._input_rows(batches, per_layer)
         solver = self._select_solver(None, device=self._params()[0].device)
-        v, problems = self.variant, [None] * len(batches)
+        v, problems, solved = self.variant, [None] * len(batches), []  # solved: the layers' names, in turn
 
         def solve(indices: list[int]) -> None:
             for m in indices:
@@ -898,6 +898,7 @@ class LocoProp(Optimizer):
             with torch.no_grad():
                 solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
                              InnerView(self.inner, indices))
+            solved.extend(self.layers[m].name for m in indices)
             for m in indices:  # what the solve read: freed now, unless another layer's problem holds it
                 problems[m].target = problems[m].residual = problems[m].anchor = None
                 problems[m].batch.inputs = problems[m].batch.post = None
@@ -914,7 +915,6 @@ class LocoProp(Optimizer):
             with self._autocast_off():
                 grads = _backward(loss, pres + biases + others)
         except Exception as exc:
-            solved = [self.layers[m].name for m, p in enumerate(problems) if p is not None]
             undone = self._undo_partial_step(solved)
             if isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc):
                 raise RuntimeError(
@@ -935,7 +935,7 @@ class LocoProp(Optimizer):
                 if late:
                     solve(late)
         except Exception:
-            self._undo_partial_step([self.layers[m].name for m, p in enumerate(problems) if p is not None])
+            self._undo_partial_step(solved)
             raise
         self._keep_other_grads(others, grads[len(pres) + len(biases):])
         self.last_solver = self._solver_name(solver)
