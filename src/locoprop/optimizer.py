@@ -407,6 +407,13 @@ class LocoProp(Optimizer):
             self._pair_pending_layers(cap, loss)
         return loss, batches
 
+    def _iterations_from_grad_pre_alone(self) -> bool:
+        """Whether the step's local problems are solved by local iterations and need of the backward pass only
+        ``∇_â L`` (no ``∇_ŷ L``, no sampled Fisher), and are not kept for inspection (``retain_problems``)."""
+        v = self.variant
+        return (v.solver == "iterative" and not self.retain_problems and not v.needs_grad_post
+                and not v.needs_sampled_grad)
+
     def _shares_post(self) -> bool:
         """Whether a step keeps each layer's output ``ŷ = f(â)`` (from its transfer module) in place of its
         pre-activation ``â`` from the end of the forward pass on (:class:`~locoprop.layers.LayerCapture`): where
@@ -416,8 +423,7 @@ class LocoProp(Optimizer):
         anyway: one activation set less (docs/performance.md, Memory)."""
         v = self.variant
         if not (v.target.reads_pre_only_through_f and v.local_loss.reads_pre_only_through_f
-                and v.solver == "iterative" and not self.retain_problems
-                and not v.needs_grad_post and not v.needs_sampled_grad):
+                and self._iterations_from_grad_pre_alone()):
             return False
         params = self._params()
         return not (self.fused_solver is not None and params and self.fused_solver.rounds_products(params[0].is_cuda))
@@ -540,7 +546,7 @@ class LocoProp(Optimizer):
                     same = by_place.get(_place(rows))
                     c.post = same if same is not None and same.dtype == dtype else rows.to(dtype)
                 else:
-                    c.pre = b.layer.output_rows(c.pre.detach()).to(dtype)
+                    c.pre = _as_rows(b.layer, c.pre, dtype)
 
     def _gradient_rows(self, b: LayerBatch, cs: list[LayerBatch]) -> None:
         """Layer ``b``'s gradients as rows, as :meth:`_input_rows` its inputs (``∇_ŷ L`` pulled back where the
@@ -549,8 +555,8 @@ class LocoProp(Optimizer):
         v = self.variant
         dtype = b.layer.linear.weight.dtype
 
-        def local(t, layer=b.layer):
-            return layer.output_rows(t.detach()).to(dtype)
+        def local(t):
+            return _as_rows(b.layer, t, dtype)
         for c in cs:
             c.grad_pre = local(c.grad_pre)
             if c.grad_pre_sampled is not None:
@@ -816,10 +822,8 @@ class LocoProp(Optimizer):
         layer-major order (the iteration-major one runs iteration ``k`` of every layer together), one process,
         on the CPU; and, unless ``solve_in_backward=True``, ``check_finite``, whose copy also undoes the layers
         already solved where a later one raises."""
-        v = self.variant
         if not (self.solve_in_backward is not False and len(closures) == 1 and not capturing
-                and self.distributor is None and v.solver == "iterative" and not self.retain_problems
-                and not v.needs_grad_post and not v.needs_sampled_grad and not self.reset_inner_state
+                and self.distributor is None and self._iterations_from_grad_pre_alone() and not self.reset_inner_state
                 and (self.fused_solver is None or self.fused_solver.order == "layer-major")
                 and (self.solve_in_backward or self.check_finite)):
             return False
@@ -1224,6 +1228,12 @@ class _Rollback:
                     st[k].copy_(v)
                 else:
                     st[k] = v
+
+
+def _as_rows(layer: Layer, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (a pre-activation, an output or their gradient) as rows of ``layer``'s local problem (its leading
+    dimensions, a convolution's positions), detached, in ``dtype``."""
+    return layer.output_rows(t.detach()).to(dtype)
 
 
 def _backward(loss: torch.Tensor, wants: list, retain_graph: bool = False) -> tuple:
