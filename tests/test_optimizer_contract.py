@@ -129,21 +129,23 @@ def test_works_on_inputs_with_extra_leading_dimensions():
     assert torch.isfinite(l0)
 
 
-@pytest.mark.parametrize("check_finite, retain_problems, shared", [(True, False, True), (False, False, False),
-                                                                    (True, True, False)])
+@pytest.mark.parametrize("check_finite, retain_problems, solve_in_backward, shared", [
+    (True, False, True, True), (True, False, False, True), (False, False, None, False), (True, True, None, False)])
 def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch, check_finite, retain_problems,
-                                                                     shared):
+                                                                     solve_in_backward, shared):
     """An explicit L2 proximity term's anchor (the weights at the start of the step, Eq. 7) is the copy that
-    check_finite takes anyway, so a step holds one copy of the weights, not two; where there is no such copy, or the problems
+    check_finite takes anyway (before the forward pass, or, solving in the backward pass, just before the layer's
+    solve), so a step holds one copy of the weights, not two; where there is no such copy, or the problems
     outlive the step (retain_problems), it is a fresh one.  Either way the update is the same, bit for bit."""
     import locoprop.optimizer as lo
 
-    anchors = {}
+    anchors, copies = {}, {}  # by layer: the anchor, and the rollback's copies of its weights when it was built
 
     class Recording(lo.LocalProblem):  # by layer: built in the backward pass's order where solved during it
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             anchors[self.group["name"]] = self.anchor
+            copies[self.group["name"]] = opt._rollback.copies_of(self.params)
 
     torch.manual_seed(0)
     xs = [torch.rand(32, 20) for _ in range(3)]
@@ -151,7 +153,8 @@ def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch,
               regularizer=locoprop.L2Proximity(0.5))  # an explicit proximity term (the default has none)
     model = small_autoencoder()
     plain_model = copy.deepcopy(model)
-    opt = locoprop.LocoProp(model, check_finite=check_finite, retain_problems=retain_problems, **kw)
+    opt = locoprop.LocoProp(model, check_finite=check_finite, retain_problems=retain_problems,
+                            solve_in_backward=solve_in_backward, **kw)
     plain = locoprop.LocoProp(plain_model, check_finite=False, **kw)
     _run(plain_model, plain, xs)
     monkeypatch.setattr(lo, "LocalProblem", Recording)
@@ -159,10 +162,11 @@ def test_the_proximity_anchor_is_the_rollback_copy_not_a_second_one(monkeypatch,
         start = [p.detach().clone() for p in model.parameters()]
         anchors.clear()
         opt.step(lambda: bce_sum_mean(model(x), x))
-        flat = [a for g in opt.param_groups for a in anchors[g["name"]]]
+        names = [g["name"] for g in opt.param_groups]
+        flat = [a for n in names for a in anchors[n]]
         assert all(torch.equal(a, s) for a, s in zip(flat, start)) and len(flat) == len(start)
-        copies = opt._rollback.copies_of(list(model.parameters())) if check_finite else None
-        assert (copies is not None and all(a is c for a, c in zip(flat, copies))) == shared
+        kept = [c for n in names for c in (copies[n] or [None] * len(anchors[n]))]
+        assert all(a is c for a, c in zip(flat, kept)) == shared
     for p, q in zip(model.parameters(), plain_model.parameters()):
         assert torch.equal(p, q)
 

@@ -753,13 +753,15 @@ class LocoProp(Optimizer):
 
         The rollback copy is started before the forward pass (on CUDA with
         ``rollback="host"`` it runs beside it) unless the inner state is reset
-        in this step, in which case it is taken after the reset.
+        in this step, in which case it is taken after the reset, or the layers
+        are solved during the backward pass, which copies each layer just
+        before its solve.
         """
+        if self._solves_in_backward(closures, capturing):
+            return self._backward_solving(closures[0])
         early_copy = self.check_finite and not (self.inner is not None and self.reset_inner_state)
         if early_copy:
             self._rollback.save(self._params(), self.inner, host=not capturing)
-        if self._solves_in_backward(closures, capturing):
-            return self._backward_solving(closures[0], early_copy)
         loss, batches, other_grads = self._forward_backward(closures)
         with self._autocast_off():  # the user's torch.autocast shapes the forward pass, not the local solve
             return self._solve_captured(loss, batches, other_grads, early_copy, capturing)
@@ -836,6 +838,7 @@ class LocoProp(Optimizer):
         Returns which of the two, for the error's message."""
         if self.check_finite:
             self._rollback.restore(self.inner)
+            self._rollback.end_step()
             return "the step was undone"
         if solved:
             warnings.warn(f"check_finite=False: layers {solved}, solved before the error, keep their update",
@@ -864,7 +867,7 @@ class LocoProp(Optimizer):
                 leaves.add(id(node.variable))
         return edge if all(id(p) in leaves for p in params) else None
 
-    def _backward_solving(self, closure: Callable[[], torch.Tensor], early_copy: bool):
+    def _backward_solving(self, closure: Callable[[], torch.Tensor]):
         """One step whose layers are solved during the backward pass (``solve_in_backward``).
 
         The backward pass is asked for the layers' bias gradients (one column sum each) instead of ``∇_â L``, so
@@ -876,14 +879,16 @@ class LocoProp(Optimizer):
         layer's input and target at once (docs/performance.md, Memory).  Layers the hooks do not cover (no bias,
         called more than once, a convolution's matrix, an attention's input projections) are solved after the
         pass, as :meth:`_solve_captured` solves them.  Each layer's arithmetic is the same as there: the same
-        weights and inner state to the bit (``tests/test_solve_in_backward.py``)."""
+        weights and inner state to the bit (``tests/test_solve_in_backward.py``).  ``check_finite``'s copy is
+        taken layer by layer, just before each layer's solve (``_Rollback.save_layer``), so that the step holds
+        the copies of the layers solved so far rather than of every layer from its start."""
         loss, batches = self._capture(closure)
         self._check_ran(batches)
         if not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
             raise DivergenceError(f"the closure's loss is {loss.item()}; the step was not taken")
-        if self.check_finite:
-            self._rollback.wait()  # the copy is complete before a hook changes the weights
-        saved = self._rollback if early_copy else None
+        saved = self._rollback if self.check_finite else None
+        if saved is not None:
+            saved.begin_layer_by_layer()
         per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]
         edges = {m: e for m, (b, g) in enumerate(zip(batches, self.param_groups))
                  if (e := self._product_edge(b, g)) is not None}
@@ -897,6 +902,8 @@ class LocoProp(Optimizer):
 
         def solve(indices: list[int]) -> None:
             for m in indices:
+                if saved is not None:  # before anything changes the layer; its copy is then its anchor
+                    saved.save_layer(self.param_groups[m]["params"], self.inner)
                 self._gradient_rows(batches[m], per_layer[m])
                 problems[m] = self._problem(batches[m], self.param_groups[m], saved)
             with torch.no_grad():
@@ -969,11 +976,14 @@ class LocoProp(Optimizer):
         self._check_still_frozen_or_trainable()
         self._sync_layers()
         loss, problems = self._step_body(closures)
-        if self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the step's one read-back
-            err = self._divergence(loss)
-            self._rollback.restore(self.inner)
-            self._pending_other_grads = []  # not added for a step that raises
-            raise err
+        try:
+            if self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the one read-back
+                err = self._divergence(loss)
+                self._rollback.restore(self.inner)
+                self._pending_other_grads = []  # not added for a step that raises
+                raise err
+        finally:
+            self._rollback.end_step()
         if self.last_solver == "fused":
             self.fused_solver.count_steps(problems, self.inner)
         self._accumulate_other_grads()
@@ -1142,6 +1152,9 @@ class _Rollback:
     numbers (step counters) are copied on the host.  :meth:`restore` writes
     them back in place (the tensors keep their storage, so captured CUDA
     graphs stay valid) and drops state entries created during the step.
+    A step that solves its layers one at a time during the backward pass
+    copies each layer just before its solve instead (:meth:`save_layer`),
+    into tensors of that step alone.
     """
 
     def __init__(self, where: str = "device") -> None:
@@ -1153,8 +1166,12 @@ class _Rollback:
         self._params: list[torch.Tensor] = []
         self._stream = None  # the side stream of the device-to-host copies
         self._pending = False
+        self.layer_by_layer = False  # this step's copies taken by save_layer, let go when it ends
 
-    def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
+    @staticmethod
+    def _state(params: list[torch.Tensor], inner: Optimizer | None, host: bool) -> tuple[list, dict, list]:
+        """What a copy of ``params`` covers: the device tensors (the weights, then their inner state's tensors on
+        the weights' device), each parameter's state keys, and (``host``) copies of the other state entries."""
         device = params[0].device
         tensors, keys, hosts = list(params), {}, []
         if inner is not None:
@@ -1168,6 +1185,12 @@ class _Rollback:
                         tensors.append(v)
                     elif host:
                         hosts.append((st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
+        return tensors, keys, hosts
+
+    def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
+        device = params[0].device
+        tensors, keys, hosts = self._state(params, inner, host)
+        self.layer_by_layer = False
         to_host = self.where == "host" and device.type == "cuda"
         home = torch.device("cpu") if to_host else device
         if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != home
@@ -1190,10 +1213,35 @@ class _Rollback:
         if host:
             self._host = hosts
 
+    def begin_layer_by_layer(self) -> None:
+        """Start a step that copies each layer just before its solve changes it (:meth:`save_layer`), with no
+        copy yet; the buffers kept from earlier steps are let go."""
+        self._tensors, self._buffers, self._keys, self._params, self._host = [], [], {}, [], []
+        self._pending, self.layer_by_layer = False, True
+
+    def save_layer(self, params: list[torch.Tensor], inner: Optimizer | None) -> None:
+        """Add to this step's copies those of one layer's weights and inner state, taken now, before its solve
+        changes them (a step that solves its layers one at a time during the backward pass,
+        :meth:`LocoProp._backward_solving`): the step holds the copies of the layers solved so far, not of
+        every layer from its start, and none once it ends (:meth:`end_step`)."""
+        tensors, keys, hosts = self._state(params, inner, host=True)
+        with torch.no_grad():
+            self._buffers.extend(t.clone() for t in tensors)
+        self._tensors.extend(tensors)
+        self._keys.update(keys)
+        self._params.extend(params)
+        self._host.extend(hosts)
+
+    def end_step(self) -> None:
+        """After a step: copies taken layer by layer are let go (the buffers :meth:`save` fills stay for the
+        next step)."""
+        if self.layer_by_layer:
+            self.begin_layer_by_layer()
+
     def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The copies of ``params`` taken by the last :meth:`save`, where they are kept on the parameters'
-        device (read them, never write them); None otherwise."""
-        copies = {id(p): b for p, b in zip(self._params, self._buffers) if b.device == p.device}
+        """The copies of ``params`` taken in this step, where they are kept on the parameters' device (read
+        them, never write them); None otherwise."""
+        copies = {id(t): b for t, b in zip(self._tensors, self._buffers) if b.device == t.device}
         try:
             return [copies[id(p)] for p in params]
         except KeyError:
@@ -1211,7 +1259,7 @@ class _Rollback:
             if self._buffers and self._buffers[0].device != self._tensors[0].device:
                 for t, b in zip(self._tensors, self._buffers):  # from pinned host memory
                     t.copy_(b)
-            else:
+            elif self._tensors:  # none where a step copying layer by layer failed before its first solve
                 torch._foreach_copy_(self._tensors, self._buffers)
         if inner is None:
             return
