@@ -838,7 +838,6 @@ class LocoProp(Optimizer):
         Returns which of the two, for the error's message."""
         if self.check_finite:
             self._rollback.restore(self.inner)
-            self._rollback.end_step()
             return "the step was undone"
         if solved:
             warnings.warn(f"check_finite=False: layers {solved}, solved before the error, keep their update",
@@ -882,13 +881,13 @@ class LocoProp(Optimizer):
         weights and inner state to the bit (``tests/test_solve_in_backward.py``).  ``check_finite``'s copy is
         taken layer by layer, just before each layer's solve (``_Rollback.save_layer``), so that the step holds
         the copies of the layers solved so far rather than of every layer from its start."""
+        saved = self._rollback if self.check_finite else None
+        if saved is not None:  # the last step's copies let go before the forward pass, which takes their memory
+            saved.begin_layer_by_layer()
         loss, batches = self._capture(closure)
         self._check_ran(batches)
         if not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
             raise DivergenceError(f"the closure's loss is {loss.item()}; the step was not taken")
-        saved = self._rollback if self.check_finite else None
-        if saved is not None:
-            saved.begin_layer_by_layer()
         per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]
         edges = {m: e for m, (b, g) in enumerate(zip(batches, self.param_groups))
                  if (e := self._product_edge(b, g)) is not None}
@@ -976,14 +975,11 @@ class LocoProp(Optimizer):
         self._check_still_frozen_or_trainable()
         self._sync_layers()
         loss, problems = self._step_body(closures)
-        try:
-            if self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the one read-back
-                err = self._divergence(loss)
-                self._rollback.restore(self.inner)
-                self._pending_other_grads = []  # not added for a step that raises
-                raise err
-        finally:
-            self._rollback.end_step()
+        if self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the step's one read-back
+            err = self._divergence(loss)
+            self._rollback.restore(self.inner)
+            self._pending_other_grads = []  # not added for a step that raises
+            raise err
         if self.last_solver == "fused":
             self.fused_solver.count_steps(problems, self.inner)
         self._accumulate_other_grads()
@@ -1166,7 +1162,6 @@ class _Rollback:
         self._params: list[torch.Tensor] = []
         self._stream = None  # the side stream of the device-to-host copies
         self._pending = False
-        self.layer_by_layer = False  # this step's copies taken by save_layer, let go when it ends
 
     @staticmethod
     def _state(params: list[torch.Tensor], inner: Optimizer | None, host: bool) -> tuple[list, dict, list]:
@@ -1190,7 +1185,6 @@ class _Rollback:
     def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
         device = params[0].device
         tensors, keys, hosts = self._state(params, inner, host)
-        self.layer_by_layer = False
         to_host = self.where == "host" and device.type == "cuda"
         home = torch.device("cpu") if to_host else device
         if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != home
@@ -1215,15 +1209,19 @@ class _Rollback:
 
     def begin_layer_by_layer(self) -> None:
         """Start a step that copies each layer just before its solve changes it (:meth:`save_layer`), with no
-        copy yet; the buffers kept from earlier steps are let go."""
+        copy yet: the copies of the step before (or the buffers :meth:`save` fills) are let go, before the
+        step's forward pass, which takes their memory again.  Let go at the end of a step instead, that memory
+        goes back to the system (the C allocator returns a large free block at the top of its heap) and the
+        next forward pass faults its pages in again: a quarter more time for a batch-100 step on the standard
+        autoencoder on this project's 2-core machine (docs/performance.md, Memory)."""
         self._tensors, self._buffers, self._keys, self._params, self._host = [], [], {}, [], []
-        self._pending, self.layer_by_layer = False, True
+        self._pending = False
 
     def save_layer(self, params: list[torch.Tensor], inner: Optimizer | None) -> None:
         """Add to this step's copies those of one layer's weights and inner state, taken now, before its solve
         changes them (a step that solves its layers one at a time during the backward pass,
         :meth:`LocoProp._backward_solving`): the step holds the copies of the layers solved so far, not of
-        every layer from its start, and none once it ends (:meth:`end_step`)."""
+        every layer from its start."""
         tensors, keys, hosts = self._state(params, inner, host=True)
         with torch.no_grad():
             self._buffers.extend(t.clone() for t in tensors)
@@ -1231,12 +1229,6 @@ class _Rollback:
         self._keys.update(keys)
         self._params.extend(params)
         self._host.extend(hosts)
-
-    def end_step(self) -> None:
-        """After a step: copies taken layer by layer are let go (the buffers :meth:`save` fills stay for the
-        next step)."""
-        if self.layer_by_layer:
-            self.begin_layer_by_layer()
 
     def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The copies of ``params`` taken in this step, where they are kept on the parameters' device (read
