@@ -33,7 +33,10 @@ with ``solve_order="iteration-major"`` (iteration k of every layer, then one mul
 instead of its transfer module's output: what the kept outputs save), ``-afterbackward`` (every layer
 solved after the backward pass, as before session 22, instead of each during it where the step allows:
 ``solve_in_backward``, what that saves), ``-inbackward`` (solved during it also without the finite check:
-``solve_in_backward=True``), ``-nograph`` (with ``fused``: the
+``solve_in_backward=True``), ``-wholecopy`` (solving during the backward pass, ``check_finite``'s copy of every
+layer taken before the forward pass into buffers kept between steps, as before session 23, instead of each
+layer's just before its solve), ``-freeatend`` (those layer-by-layer copies let go when their step ends rather
+than when the next one starts: what that costs in time; neither is in the plan), ``-nograph`` (with ``fused``: the
 solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
 (TF32 and bf16: plain products ``x Wᵀ`` instead of the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time
 what that form costs).  On a
@@ -270,6 +273,12 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.solve_in_backward = False
             elif flag == "inbackward":  # layers solved during the backward pass also without check_finite
                 opt.solve_in_backward = True
+            elif flag == "wholecopy":  # check_finite's copy of every layer before the forward pass (session 22)
+                rollback = opt._rollback
+                rollback.begin_layer_by_layer = lambda rb=rollback: rb.save(opt._params(), opt.inner)
+                rollback.save_layer = lambda params, inner: None
+            elif flag == "freeatend":  # the layer-by-layer copies let go when their step ends, not the next starts
+                pass
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
@@ -289,7 +298,10 @@ def build_step(spec: dict, model, loss_fn, x):
             return opt.graphed_step(lambda: loss_fn(model(x), x))  # a CapturedStep: has .optimizer
 
         def step():
-            return opt.step(lambda: loss_fn(model(x), x))
+            loss = opt.step(lambda: loss_fn(model(x), x))
+            if "freeatend" in flags:
+                opt._rollback.begin_layer_by_layer()  # lets this step's copies go
+            return loss
         step.optimizer = opt
         return step
     if mode == "graph":
