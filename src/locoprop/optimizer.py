@@ -1212,8 +1212,8 @@ class _Rollback:
         copy yet: the copies of the step before (or the buffers :meth:`save` fills) are let go, before the
         step's forward pass, which takes their memory again.  Let go at the end of a step instead, that memory
         goes back to the system (the C allocator returns a large free block at the top of its heap) and the
-        next forward pass faults its pages in again: a quarter more time for a batch-100 step on the standard
-        autoencoder on this project's 2-core machine (docs/performance.md, Memory)."""
+        next forward pass faults its pages in again: about a tenth more time for a batch-100 step with the
+        readable loop on this project's 2-core machine (docs/performance.md, Memory)."""
         self._tensors, self._buffers, self._keys, self._params, self._host = [], [], {}, [], []
         self._pending = False
 
