@@ -36,7 +36,7 @@ solved after the backward pass, as before session 22, instead of each during it 
 ``solve_in_backward=True``), ``-wholecopy`` (solving during the backward pass, ``check_finite``'s copy of every
 layer taken before the forward pass into buffers kept between steps, as before session 23, instead of each
 layer's just before its solve), ``-freeatend`` (those layer-by-layer copies let go when their step ends rather
-than when the next one starts: what that costs in time; neither is in the plan), ``-nograph`` (with ``fused``: the
+than when the next one starts: what that costs in time; not in the plan), ``-nograph`` (with ``fused``: the
 solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
 (TF32 and bf16: plain products ``x Wᵀ`` instead of the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time
 what that form costs).  On a
@@ -459,6 +459,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, f"{fast}-nocheck-recompute", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-afterbackward", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck-inbackward", "fp32"))
+                            if not cuda:  # the copy taken layer by layer: where layers are solved in the pass
+                                out.append((model, batch, opt, T, f"{fast}-wholecopy", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
                                 out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))
