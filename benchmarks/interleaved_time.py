@@ -8,7 +8,8 @@ on all of them alike.  Modes and flags are ``step_time.py``'s (``fused``, ``refe
 ``-nocheck``, ...).  Writes the medians, each mode's ratio to the first mode, and the command, machine and date.
 
     python benchmarks/interleaved_time.py --models standard deep --batch-sizes 100 1000 \\
-        --modes reference reference-afterbackward fused fused-afterbackward --rounds 10 --out results/perf/X.json
+        --modes reference reference-afterbackward fused fused-afterbackward --rounds 10 \\
+        --out results/interleaved-time/X.json
 """
 
 from __future__ import annotations
