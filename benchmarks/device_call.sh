@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next device session's first call (docs/performance.md, "The next device session, prepared"), as one
 # script, so that the call is `bash benchmarks/device_call.sh` with carry [".whl", ".carrydata"] and
-# timeout_s 580 (about 520 s).  Everything it measures is written under $OUT; each part has its own timeout,
+# timeout_s 580 (about 540 s).  Everything it measures is written under $OUT; each part has its own timeout,
 # so one part that hangs leaves the others' files.
 #
 #   PART=tests|perf|host|memory|cpu|profile  runs one part only (a rerun of what failed).
@@ -32,11 +32,12 @@ if part host; then  # the captured step's host work on the device's CPU
     --out "$OUT/host-overhead.json" > "$OUT/host-overhead.txt" 2>&1
   stamp host $?
 fi
-if part memory; then  # the shared gradient buffers, fewer streams (session 20), the kept outputs (session 21)
-  timeout 55 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
+if part memory; then  # the shared gradient buffers, fewer streams (session 20), the kept outputs (session 21),
+  # each layer solved eagerly during the backward pass (solve_in_backward=True on CUDA, session 24)
+  timeout 75 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
     --optimizers adam locoprop-m --local-steps 10 --precisions fp32 \
-    --modes eager graphed graphed-host-s0 graphed-host-s0-recompute graphed-s2 graphed-s4 --steps 5 --warmup 2 \
-    --deadline-s 50 \
+    --modes eager graphed graphed-host-s0 graphed-host-s0-recompute graphed-s2 graphed-s4 \
+    fused-inbackward fused-inbackward-host fused-nocheck-inbackward --steps 5 --warmup 2 --deadline-s 70 \
     --out "$OUT/perf-memory.json" > "$OUT/perf-memory.txt" 2>&1
   stamp memory $?
 fi

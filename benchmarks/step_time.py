@@ -32,11 +32,12 @@ with ``solve_order="iteration-major"`` (iteration k of every layer, then one mul
 ``-recompute`` (LocoProp-M keeping each layer's pre-activation and first residual, as before session 21,
 instead of its transfer module's output: what the kept outputs save), ``-afterbackward`` (every layer
 solved after the backward pass, as before session 22, instead of each during it where the step allows:
-``solve_in_backward``, what that saves), ``-inbackward`` (solved during it also without the finite check:
-``solve_in_backward=True``), ``-wholecopy`` (solving during the backward pass, ``check_finite``'s copy of every
-layer taken before the forward pass into buffers kept between steps, as before session 23, instead of each
-layer's just before its solve), ``-freeatend`` (those layer-by-layer copies let go when their step ends rather
-than when the next one starts: what that costs in time; not in the plan), ``-nograph`` (with ``fused``: the
+``solve_in_backward``, what that saves), ``-inbackward`` (solved during it also without the finite check, and
+on CUDA, each layer's solve launched eagerly on the pass's stream: ``solve_in_backward=True``), ``-wholecopy``
+(solving during the backward pass, ``check_finite``'s copy of every layer taken before the forward pass into
+buffers kept between steps, as before session 23, instead of each layer's just before its solve),
+``-freeatend`` (those layer-by-layer copies let go when their step ends rather than when the next one starts:
+what that costs in time; not in the plan), ``-nograph`` (with ``fused``: the
 solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
 (TF32 and bf16: plain products ``x Wᵀ`` instead of the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time
 what that form costs).  On a
@@ -457,10 +458,12 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, f"{fast}-iter", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck-recompute", "fp32"))
-                            out.append((model, batch, opt, T, f"{fast}-afterbackward", "fp32"))
-                            out.append((model, batch, opt, T, f"{fast}-nocheck-inbackward", "fp32"))
-                            if not cuda:  # the copy taken layer by layer: where layers are solved in the pass
-                                out.append((model, batch, opt, T, f"{fast}-wholecopy", "fp32"))
+                            if cuda:  # solved in the pass: each layer eagerly (a captured step solves after it)
+                                for flags in ("inbackward", "inbackward-host", "nocheck-inbackward"):
+                                    out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
+                            else:  # and the copy taken layer by layer, where layers are solved in the pass
+                                for flags in ("afterbackward", "nocheck-inbackward", "wholecopy"):
+                                    out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
                                 out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))

@@ -981,6 +981,32 @@ def test_the_table_is_made_again_only_when_what_it_is_computed_from_changes():
     assert adam.fused_solver.host_table(adam.param_groups, adam.variant.regularizer, False, adam_rule) is not a
 
 
+def test_a_step_that_solves_each_layer_alone_keeps_each_layers_table():
+    """Solved during the backward pass, each layer's solve asks for a table of its own row: with learning rates
+    that differ by layer, every layer's table is made once and copied once into a buffer of its own, then kept
+    from step to step while the settings stay; a changed rate makes that layer's table again."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", backend="fused", solve_in_backward=True)
+    for m, g in enumerate(opt.param_groups):
+        g["lr"] = 1e-2 * (m + 1)
+    made, table_for = [], opt.fused_solver.table_for
+    opt.fused_solver.table_for = lambda groups, *args: (made.append([g["name"] for g in groups]),
+                                                        table_for(groups, *args))[1]
+    held = []
+    for _ in range(3):
+        x = torch.rand(8, 20)
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        held.append({role: id(host) for role, (_, host) in opt.fused_solver._uploaded.items()})
+    names = [g["name"] for g in opt.param_groups]
+    assert sorted(made) == sorted([n] for n in names) and held[0] == held[1] == held[2]
+    assert set(held[0]) == {("eager", (n,)) for n in names}
+    opt.param_groups[1]["lr"] = 0.5
+    x = torch.rand(8, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert made[len(names):] == [[names[1]]]
+
+
 @pytest.mark.parametrize("inner, inner_kwargs", [("tf_rmsprop", {}), ("adam", {}), ("sgd", {"momentum": 0.9})])
 def test_step_counters_are_advanced_together_and_stay_the_inner_optimizers_own(inner, inner_kwargs, tmp_path):
     """The fast solver advances the inner optimizer's per-parameter step counters as views of one vector (one

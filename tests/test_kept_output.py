@@ -71,10 +71,10 @@ def test_the_pre_activation_is_let_go_before_the_backward_pass_and_the_output_is
 
     solve = opt.fused_solver.solve
 
-    def watching(problems, *args):  # one solve, or one a layer where they run during the backward pass
+    def watching(problems, *args, **kwargs):  # one solve, or one a layer where they run during the backward pass
         seen.update({pr.batch.layer.name: (pr.batch.pre, pr.batch.post, pr.batch.inputs, pr.residual)
                      for pr in problems})
-        return solve(problems, *args)
+        return solve(problems, *args, **kwargs)
     monkeypatch.setattr(opt.fused_solver, "solve", watching)
     opt.step(closure)
     # layers 0 and 2 are followed by nn.Tanh; 1's output goes straight into layer 2; 3 is the output layer
@@ -112,10 +112,10 @@ def test_an_output_changed_in_place_after_its_transfer_function_keeps_the_pre_ac
             opt._shares_post = lambda: False
         solve = opt.fused_solver.solve
 
-        def watching(problems, *args, solve=solve, shares=shares):  # by layer: a solve may hold one layer
+        def watching(problems, *args, solve=solve, shares=shares, **kwargs):  # by layer: a solve may hold one
             kept.setdefault(shares, {}).update({pr.batch.layer.name: pr.batch.pre is None and pr.batch.post is not None
                                                 for pr in problems})
-            return solve(problems, *args)
+            return solve(problems, *args, **kwargs)
         monkeypatch.setattr(opt.fused_solver, "solve", watching)
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
@@ -178,10 +178,10 @@ def test_kept_outputs_of_shared_convolutional_and_sequence_layers_give_the_same_
         solver = opt.fused_solver if backend == "fused" else opt.solver
         solve = solver.solve
 
-        def watching(problems, *args, solve=solve, shares=shares):  # by layer: a solve may hold one layer
+        def watching(problems, *args, solve=solve, shares=shares, **kwargs):  # by layer: a solve may hold one
             kept.setdefault(shares, {}).update({pr.batch.layer.name: pr.batch.pre is None and pr.batch.post is not None
                                                 for pr in problems})
-            return solve(problems, *args)
+            return solve(problems, *args, **kwargs)
         solver.solve = watching
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):

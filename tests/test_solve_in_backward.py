@@ -317,3 +317,76 @@ def test_without_the_finite_check_it_is_asked_for_and_takes_the_same_steps():
             o_in.step(lambda: bce_sum_mean(m_in(x), x))
     changed = [not torch.equal(p, q) for p, q in zip(m_in.parameters(), before)]
     assert changed == [False, False, True, True, True, True, True, True]  # layer 0 (weight, bias) as it was
+
+
+def test_the_fast_solver_solves_each_layer_eagerly_during_the_pass():
+    """During the pass each call of the fast solver holds one layer's problem, new at every call: it asks for
+    the solve to be launched eagerly (``graph=False``: on CUDA a graph per call would be captured and let go at
+    the next); after the pass the one call leaves that to the solver (captured on CUDA)."""
+    for solve_in_backward, expected in ((True, [{"graph": False}] * 4), (False, [{}])):
+        torch.manual_seed(0)
+        model = small_autoencoder()
+        opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", backend="fused",
+                                solve_in_backward=solve_in_backward)
+        calls, solve = [], opt.fused_solver.solve
+
+        def recording(problems, *args, **kwargs):
+            calls.append(kwargs)
+            return solve(problems, *args, **kwargs)
+        opt.fused_solver.solve = recording
+        x = torch.rand(8, 20)
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        assert calls == expected and opt.last_solver == "fused", solve_in_backward
+
+
+def test_off_the_cpu_only_when_asked_for():
+    """By default only a step on the CPU solves in the pass (on CUDA the default step captures the solve of
+    every layer at once); ``solve_in_backward=True`` asks for it on another device too, the layers on one."""
+    opt = locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid")
+    meta = [torch.empty(1, device="meta")]
+    opt._params = lambda: meta
+    assert not opt._solves_in_backward([None], False)
+    opt.solve_in_backward = True
+    assert opt._solves_in_backward([None], False)
+    opt._params = lambda: meta + [torch.empty(1)]  # layers on two kinds of device
+    assert not opt._solves_in_backward([None], False)
+
+
+def test_a_copy_of_every_layer_before_the_pass_serves_as_well():
+    """Where the copy goes to host memory (``rollback="host"`` on CUDA) every layer is copied before the forward
+    pass (:meth:`_Rollback.save`) and each solve during the pass waits for it: forced here on the CPU, the
+    steps are the layer-by-layer copy's to the bit, the copy is held through the forward pass, and a NaN in
+    the last layer solved undoes every layer to the bit."""
+    class NaNFirst(locoprop.MDTarget):
+        def __call__(self, batch, gamma):
+            target = super().__call__(batch, gamma)
+            return target * float("nan") if batch.layer.name == "0" else target
+
+    results = []
+    for whole in (False, True):
+        torch.manual_seed(0)
+        model = small_autoencoder().double()
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=3.0, local_steps=3, output_transfer="sigmoid")
+        if whole:
+            opt._rollback.copies_layer_by_layer = lambda device: False
+        in_forward, waits, wait = [], [], opt._rollback.wait
+        opt._rollback.wait = lambda: (waits.append(1), wait())
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.rand(16, 20, generator=gen, dtype=torch.float64)
+
+            def closure():
+                in_forward.append(len(opt._rollback._buffers))
+                return bce_sum_mean(model(x), x)
+            opt.step(closure)
+        n_params = len(list(model.parameters()))  # the weights; from the second step their inner state too
+        n_state = sum(torch.is_tensor(v) for st in opt.inner.state.values() for v in st.values())
+        assert in_forward == ([n_params] + [n_params + n_state] * 2 if whole else [0] * 3)
+        assert len(waits) == (3 * len(opt.param_groups) if whole else 0)  # before each layer's solve
+        results.append([p.detach().clone() for p in model.parameters()])
+        snap = _snapshot(model, opt)
+        opt.variant = opt.variant.with_components(NaNFirst(), None, None, None)
+        with pytest.raises(locoprop.DivergenceError, match=r"layer\(s\) \['0'\]"):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        _assert_unchanged(model, opt, snap)
+    assert all(torch.equal(p, q) for p, q in zip(*results))

@@ -73,6 +73,7 @@ import contextlib
 import functools
 import gc
 import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -304,6 +305,7 @@ class FusedIterativeSolver:
     """
 
     name = "fused"
+    TABLES_KEPT = 32
 
     def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool | int = True,
                  compile_elementwise: bool = False, order: str = "layer-major",
@@ -348,7 +350,9 @@ class FusedIterativeSolver:
         self.static_table: torch.Tensor | None = None
         self._static_host_table: torch.Tensor | None = None
         self._static_rows: dict[int, int] = {}  # id(parameter group) -> its row of static_table
-        self._table_memo: tuple | None = None  # (what the last table was computed from, the table): host_table
+        #: What each of the last few tables was computed from -> the table (:meth:`host_table`): one per set of
+        #: layers solved together (every layer; or each alone, solved during the backward pass).
+        self._table_memo: dict = {}
         self._uploaded: dict = {}  # role -> (device table, the host table it holds): upload_table
         self._staging: dict = {}  # role -> (pinned buffer, event after the stream read it): upload_table on CUDA
         self._rates_memo: tuple | None = None  # (table, its rate_groups)
@@ -503,7 +507,8 @@ class FusedIterativeSolver:
         """:meth:`table_for`, returning the same tensor again while nothing it is computed from has changed
         (each group's ``lr``, ``local_steps``, ``lr_decay`` and ``min_lr_ratio``, the L2 coefficient, and what
         :meth:`~locoprop.update_rules.UpdateRule.table_key` names): a step's host bookkeeping without the
-        table's Python arithmetic, and a device copy of it only when it changed (:meth:`upload_table`).
+        table's Python arithmetic, and a device copy of it only when it changed (:meth:`upload_table`).  The
+        last :attr:`TABLES_KEPT` tables are kept (a step that solves each layer alone asks for one per layer).
         Read the returned tensor; never write into it."""
         rule_key = () if rule is None else rule.table_key(groups, fresh)
         key = None
@@ -511,19 +516,22 @@ class FusedIterativeSolver:
             key = (anchored, rule_key, tuple((g["lr"], g["local_steps"], g["lr_decay"], g["min_lr_ratio"],
                                               regularizer.coefficient(g["lr"]) if anchored else 0.0)
                                              for g in groups))
-            memo = self._table_memo
-            if memo is not None and memo[0] == key:
-                return memo[1]
+            if key in self._table_memo:
+                return self._table_memo[key]
         table = self.table_for(groups, regularizer, anchored, rule, fresh)
-        self._table_memo = None if key is None else (key, table)
+        if key is not None:
+            if len(self._table_memo) >= self.TABLES_KEPT:
+                del self._table_memo[next(iter(self._table_memo))]  # the oldest
+            self._table_memo[key] = table
         return table
 
-    def upload_table(self, dst: torch.Tensor, host: torch.Tensor, role: str = "eager") -> torch.Tensor:
+    def upload_table(self, dst: torch.Tensor, host: torch.Tensor, role: Hashable = "eager") -> torch.Tensor:
         """``dst.copy_(host)`` unless ``dst`` already holds that host table (:meth:`host_table` returns the
         same tensor while the table is unchanged): on CUDA a copy from pageable host memory waits for the
         stream, so an unchanged table is not copied again, and a changed one goes through pinned memory
         (:meth:`_copy_through_pinned_memory`).  ``role``: which device table this is (the eager solve's
-        buffer, the captured step's ``static_table``); only the last of each role is remembered."""
+        buffer of a set of layers, the captured step's ``static_table``); only the last of each role is
+        remembered."""
         held = self._uploaded.get(role)
         if held is None or held[0] is not dst or held[1] is not host:
             if dst.is_cuda:
@@ -533,7 +541,7 @@ class FusedIterativeSolver:
             self._uploaded[role] = (dst, host)
         return dst
 
-    def _copy_through_pinned_memory(self, dst: torch.Tensor, host: torch.Tensor, role: str) -> None:
+    def _copy_through_pinned_memory(self, dst: torch.Tensor, host: torch.Tensor, role: Hashable) -> None:
         """``dst.copy_(host)`` for a CUDA ``dst`` without waiting for the stream (a table that changes at every
         step: a learning-rate schedule per step, Adam's bias corrections): ``host`` is converted into a pinned
         buffer kept per role, which the stream reads asynchronously; before the buffer is written again the
@@ -791,7 +799,12 @@ class FusedIterativeSolver:
 
     # -- the solver interface ---------------------------------------------------------------------
     def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
-              inner: Optimizer) -> None:
+              inner: Optimizer, graph: bool = True) -> None:
+        """Every layer's ``T`` local iterations (Algorithms 1-4) on ``problems``.  ``graph=False``: launched
+        eagerly even where solves are captured in CUDA graphs (:attr:`cuda_graph`): for a caller whose
+        problems change at every call, as those of a step that solves one layer at a time during the backward
+        pass (:meth:`LocoProp._backward_solving <locoprop.LocoProp._backward_solving>`), which would otherwise
+        capture a graph per call and let it go at the next."""
         reason = self.unsupported(regularizer, inner, problems)
         if reason:
             raise ValueError(f"FusedIterativeSolver: cannot solve these problems: {reason}")
@@ -806,7 +819,9 @@ class FusedIterativeSolver:
         else:  # into a persistent device tensor, so that captured graphs find it where they read it
             host = self.host_table([pr.group for pr in problems], regularizer, problems[0].anchor is not None,
                                    rule)
-            table = self.upload_table(self._buffer(("table",), host.shape, param.dtype, param.device), host)
+            layers_of = tuple(pr.group.get("name", id(pr.group)) for pr in problems)  # a table and buffer each
+            table = self.upload_table(self._buffer(("table", layers_of), host.shape, param.dtype, param.device),
+                                      host, ("eager", layers_of))
             self.shared_rates = self.shared_rates_of(host)
         scratch = self._scratch(problems, loss, stream_of)
         inputs = [(pr.batch.inputs, pr.first_residual(loss) if s is None else s, pr.target, pr.anchor,
@@ -815,7 +830,7 @@ class FusedIterativeSolver:
                   for pr, s in zip(problems, scratch)]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
             pr.residual = None
-        if capturing or not self._graphs_for(param.device):
+        if capturing or not graph or not self._graphs_for(param.device):
             self.last_mode = "inside-capture" if capturing else "eager"
             self._run(layers, inputs, loss, rule, table, stream_of)
         else:

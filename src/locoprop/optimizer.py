@@ -214,7 +214,13 @@ class LocoProp(Optimizer):
             ``check_finite``'s copy can undo the layers already solved if a
             later one raises; ``True``: also with ``check_finite=False``
             (such an error then leaves those layers updated, with a warning
-            naming them); ``False``: every layer solved after the pass.
+            naming them), and on CUDA (the layers on one device), where each
+            layer's solve is launched eagerly on the backward pass's stream,
+            without the default step's CUDA graph and layer streams: one
+            layer's target and one cuBLAS workspace at a time, more kernel
+            launches (``rollback="host"`` then copies every layer to pinned
+            host memory beside the forward pass, and each solve waits for it);
+            ``False``: every layer solved after the pass.
             Layers without a bias, called more than once, or convolutions are
             solved after the pass either way.
     """
@@ -755,7 +761,7 @@ class LocoProp(Optimizer):
         ``rollback="host"`` it runs beside it) unless the inner state is reset
         in this step, in which case it is taken after the reset, or the layers
         are solved during the backward pass, which copies each layer just
-        before its solve.
+        before its solve (where the copy stays on the device).
         """
         if self._solves_in_backward(closures, capturing):
             return self._backward_solving(closures[0])
@@ -822,15 +828,16 @@ class LocoProp(Optimizer):
         ``solve_in_backward`` not ``False``, one closure, local iterations whose problems need only ``∇_â L``
         (no ``∇_ŷ L``, no sampled Fisher, nothing kept for inspection), the inner state not reset, the
         layer-major order (the iteration-major one runs iteration ``k`` of every layer together), one process,
-        on the CPU; and, unless ``solve_in_backward=True``, ``check_finite``, whose copy also undoes the layers
-        already solved where a later one raises."""
+        on the CPU (with ``solve_in_backward=True``: on any one device type, CUDA included); and, unless
+        ``solve_in_backward=True``, ``check_finite``, whose copy also undoes the layers already solved where a
+        later one raises."""
         if not (self.solve_in_backward is not False and len(closures) == 1 and not capturing
                 and self.distributor is None and self._iterations_from_grad_pre_alone() and not self.reset_inner_state
                 and (self.fused_solver is None or self.fused_solver.order == "layer-major")
                 and (self.solve_in_backward or self.check_finite)):
             return False
-        params = self._params()
-        return bool(params) and all(p.device.type == "cpu" for p in params)
+        kinds = {p.device.type for p in self._params()}
+        return kinds == {"cpu"} or (self.solve_in_backward is True and len(kinds) == 1)
 
     def _undo_partial_step(self, solved: list[str]) -> str:
         """After an exception during a step that solves in the backward pass: the rollback restores every
@@ -880,10 +887,17 @@ class LocoProp(Optimizer):
         pass, as :meth:`_solve_captured` solves them.  Each layer's arithmetic is the same as there: the same
         weights and inner state to the bit (``tests/test_solve_in_backward.py``).  ``check_finite``'s copy is
         taken layer by layer, just before each layer's solve (``_Rollback.save_layer``), so that the step holds
-        the copies of the layers solved so far rather than of every layer from its start."""
+        the copies of the layers solved so far rather than of every layer from its start.  Where the copy goes
+        to host memory (``rollback="host"`` on CUDA) it costs the device nothing: every layer is copied
+        before the forward pass, beside it, and each solve waits for the copy.  On CUDA each layer's solve is
+        launched eagerly (``FusedIterativeSolver.solve(..., graph=False)``) on the pass's stream."""
         saved = self._rollback if self.check_finite else None
-        if saved is not None:  # the last step's copies let go before the forward pass, which takes their memory
+        device = self._params()[0].device
+        by_layer = saved is not None and saved.copies_layer_by_layer(device)
+        if by_layer:  # the last step's copies let go before the forward pass, which takes their memory
             saved.begin_layer_by_layer()
+        elif saved is not None:
+            saved.save(self._params(), self.inner)
         loss, batches = self._capture(closure)
         self._check_ran(batches)
         if not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
@@ -896,18 +910,21 @@ class LocoProp(Optimizer):
         biases = [self.param_groups[m]["params"][1] for m in edges]
         others = self._other_params()
         self._input_rows(batches, per_layer)
-        solver = self._select_solver(None, device=self._params()[0].device)
+        solver = self._select_solver(None, device=device)
+        eager = {"graph": False} if solver is self.fused_solver else {}  # each call's problems are new
         v, problems, solved = self.variant, [None] * len(batches), []  # solved: the layers' names, in turn
 
         def solve(indices: list[int]) -> None:
             for m in indices:
-                if saved is not None:  # before anything changes the layer; its copy is then its anchor
+                if by_layer:  # before anything changes the layer; its copy is then its anchor
                     saved.save_layer(self.param_groups[m]["params"], self.inner)
+                elif saved is not None:
+                    saved.wait()  # the copy to host memory is complete before the solve changes the weights
                 self._gradient_rows(batches[m], per_layer[m])
                 problems[m] = self._problem(batches[m], self.param_groups[m], saved)
             with torch.no_grad():
                 solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
-                             InnerView(self.inner, indices))
+                             InnerView(self.inner, indices), **eager)
             solved.extend(self.layers[m].name for m in indices)
             for m in indices:  # what the solve read: freed now, unless another layer's problem holds it
                 problems[m].target = problems[m].residual = problems[m].anchor = None
@@ -1182,10 +1199,20 @@ class _Rollback:
                         hosts.append((st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
         return tensors, keys, hosts
 
+    def copies_to_host(self, device: torch.device) -> bool:
+        """Whether the copies of tensors on ``device`` go to pinned host memory (``where="host"``, CUDA)."""
+        return self.where == "host" and device.type == "cuda"
+
+    def copies_layer_by_layer(self, device: torch.device) -> bool:
+        """Whether a step that solves its layers during the backward pass copies each just before its solve
+        (:meth:`save_layer`: copies on the device, held from there to the step's end) rather than every
+        layer before the forward pass (:meth:`save`: to host memory, which costs the device nothing)."""
+        return not self.copies_to_host(device)
+
     def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
         device = params[0].device
         tensors, keys, hosts = self._state(params, inner, host)
-        to_host = self.where == "host" and device.type == "cuda"
+        to_host = self.copies_to_host(device)
         home = torch.device("cpu") if to_host else device
         if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != home
                                                      for b, t in zip(self._buffers, tensors)):
