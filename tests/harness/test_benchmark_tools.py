@@ -806,3 +806,25 @@ def test_interleaved_time_times_the_modes_in_turn_and_writes_their_ratios(tmp_pa
     assert [r["mode"] for r in records] == ["fused", "fused-afterbackward"]
     assert records[0]["ratio_to_first_mode"] == 1.0 and all(r["steps_timed"] == 3 for r in records)
     assert records[1]["ratio_to_first_mode"] == records[1]["step_ms_median"] / records[0]["step_ms_median"]
+
+
+def test_interleaved_time_times_other_optimizers_and_precisions_beside_locoprop(tmp_path):
+    """``[OPTIMIZER/]MODE[@PRECISION]``: BackProp + RMSProp and LocoProp-M with bf16 local products timed in turn
+    with the FP32 step, each record naming its optimizer and precision; an unknown optimizer or precision is
+    refused by name before anything runs."""
+    import pytest
+
+    mod = _module("interleaved_time")
+    out = tmp_path / "t.json"
+    assert mod.main(["--models", "tiny", "--batch-sizes", "8", "--modes", "rmsprop/eager", "fused", "fused@bf16",
+                     "--local-steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["optimizer"], r["mode"], r["precision"], r["local_steps"]) for r in records] == [
+        ("rmsprop", "rmsprop/eager", "fp32", 0), ("locoprop-m", "fused", "fp32", 2),
+        ("locoprop-m", "fused@bf16", "bf16", 2)]
+    for bad, says in (("adamw/eager", "the optimizer must be one of"), ("fused@fp16", "the precision must be")):
+        with pytest.raises(SystemExit):
+            mod.main(["--modes", bad, "--out", str(tmp_path / "no.json")])
+        with pytest.raises(ValueError, match=says):
+            mod.parse_mode(mod._step_time_module(), bad, 10)
+    assert not (tmp_path / "no.json").exists()
