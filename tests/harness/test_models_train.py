@@ -85,6 +85,17 @@ def test_schedule_epochs_must_cover_the_epochs_trained(value):
     TrainConfig(**TINY, schedule_epochs=4).validate()
 
 
+def test_the_warm_up_is_shorter_than_the_schedule_not_the_epochs_trained():
+    """The first epochs of a long schedule may all lie in its warm-up (two epochs of the notebook's 100-epoch
+    schedule, five of them warm-up); a warm-up as long as the schedule itself is refused, naming it."""
+    TrainConfig(**{**TINY, "epochs": 2, "warmup_epochs": 5, "schedule_epochs": 100}).validate()
+    for settings in (dict(epochs=2, warmup_epochs=5), dict(epochs=2, warmup_epochs=5, schedule_epochs=5),
+                     dict(warmup_epochs=-1)):
+        with pytest.raises(ValueError, match=r"warmup_epochs: expected 0 <= warmup_epochs < \d+ \(the epochs "
+                                             r"the schedule spans"):
+            TrainConfig(**{**TINY, **settings}).validate()
+
+
 def test_early_exit_rules():
     assert early_exit_reason(float("nan"), 500, 1)
     assert early_exit_reason(1001, 500, 1)

@@ -142,12 +142,14 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs, got {self.warmup_epochs}")
         if self.schedule_epochs is not None and not (isinstance(self.schedule_epochs, int)
                                                      and self.schedule_epochs >= self.epochs):
             raise ValueError(f"schedule_epochs: expected an integer >= epochs ({self.epochs}), or none for the "
                              f"schedule to span the epochs trained, got {self.schedule_epochs!r}")
+        span = self.schedule_epochs or self.epochs  # the warm-up is part of the schedule, not of the epochs trained
+        if not 0 <= self.warmup_epochs < span:
+            raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < {span} (the epochs the schedule spans: "
+                             f"schedule_epochs, else epochs), got {self.warmup_epochs}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
                              f"got {self.precision!r}")
