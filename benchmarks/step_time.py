@@ -275,9 +275,7 @@ def build_step(spec: dict, model, loss_fn, x):
             elif flag == "inbackward":  # layers solved during the backward pass also without check_finite
                 opt.solve_in_backward = True
             elif flag == "wholecopy":  # check_finite's copy of every layer before the forward pass (session 22)
-                rollback = opt._rollback
-                rollback.begin_layer_by_layer = lambda rb=rollback: rb.save(opt._params(), opt.inner)
-                rollback.save_layer = lambda params, inner: None
+                opt._rollback.copies_layer_by_layer = lambda device: False  # the path of rollback="host" on CUDA
             elif flag == "freeatend":  # the layer-by-layer copies let go when their step ends, not the next starts
                 pass
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
