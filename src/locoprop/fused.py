@@ -324,6 +324,11 @@ class FusedIterativeSolver:
         #: Which Triton kernels run where :meth:`uses_triton`: ``"update"`` and ``"residual"`` (a benchmark
         #: leaves one out to time the other's share).
         self.triton_kernels: frozenset[str] = frozenset({"update", "residual"})
+        #: Whether the local iterations evaluate ``f(â)`` in place by :meth:`TransferFunction.quick
+        #: <locoprop.transfer.TransferFunction.quick>`'s route (``tanh`` as ``2σ(2a) - 1``): ``None`` (default)
+        #: where the products round to bf16 on the CPU and the elementwise work runs eagerly (PyTorch's CPU
+        #: ``tanh`` is several times slower than its ``sigmoid``; ``torch.compile``'s is vectorized already).
+        self.quick_transfers: bool | None = None
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -374,7 +379,8 @@ class FusedIterativeSolver:
         are made again on the copy's first step."""
         fresh = FusedIterativeSolver(self.precision, self.cuda_graph, self.layer_streams, self.compile_elementwise,
                                      self.order, self.triton_elementwise).__dict__
-        return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs}
+        return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs,
+                "quick_transfers": self.quick_transfers}
 
     # -- support -----------------------------------------------------------------------------
     @staticmethod
@@ -611,7 +617,13 @@ class FusedIterativeSolver:
             if unrounded:
                 torch.mm(a, b, out_dtype=torch.float32, out=out)
                 return out if plus is None else out.add_(plus)
-            return out.copy_(a @ b) if plus is None else torch.add(plus, a @ b, out=out)
+            if plus is None:
+                return out.copy_(a @ b)
+            if plus.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                return torch.add(plus, a @ b, out=out)
+            # the float32 copy, then a float32 sum: the same rounding (the bf16 result is exact in float32)
+            # in two passes that take less time on the CPU than one mixed-dtype addition
+            return out.copy_(a @ b).add_(plus)
 
         def wgrad(delta, out):
             product((delta.to(torch.bfloat16) if bf16 else delta).T, xr, out)
@@ -632,8 +644,17 @@ class FusedIterativeSolver:
         """Whether the local products round their operands: bf16 anywhere, TF32 on CUDA only."""
         return self.precision == "bf16" or (self.precision == "tf32" and cuda)
 
+    def uses_quick_transfers(self, device: torch.device) -> bool:
+        """Whether the local iterations on ``device`` evaluate ``f(â)`` by the quick route
+        (:attr:`quick_transfers`)."""
+        if self.quick_transfers is not None:
+            return self.quick_transfers
+        return self.precision == "bf16" and device.type == "cpu" and not self.compile_elementwise
+
     def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer, start=None, post=None) -> _Chain:
         pre, wgrad = self._products(x, start)
+        if transfer is not None and self.uses_quick_transfers(x.device):
+            transfer = transfer.quick()
         return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad, post)
 
     def _local_gradient(self, c: _Chain, k: int, loss: LocalLoss, table: torch.Tensor, proximity: bool = True) -> None:
