@@ -17,7 +17,11 @@ authors' notebook defaults, γ = 10, and the tuned settings of the CPU studies, 
   NVIDIA's tensor cores does; then float32 products) in the update form and in plain products: an estimate
   of TF32's error on a machine without a GPU (the GPU's own accumulation order is not emulated);
 * ``bf16-forward-only`` / ``bf16-wgrad-only``: plain bf16 (rounded result) in the pre-activation's product
-  only, or in the weight gradient's only, the other in float32: which of the two products costs the accuracy.
+  only, or in the weight gradient's only, the other in float32: which of the two products costs the accuracy;
+* ``bf16-exact-tanh``: ``bf16`` with the local iterations' ``tanh`` evaluated by ``torch.tanh`` (the library's
+  bf16 on the CPU takes ``2σ(2a) - 1``, :class:`locoprop.transfer.TanhViaSigmoid`; on CUDA both modes are
+  ``torch.tanh``), and ``fp32-quick-tanh``: the fast solver in FP32 with ``2σ(2a) - 1`` alone: what the
+  quick ``tanh`` adds to bf16's error, and its own.
 
 The step's residual ``f(a) - y`` is a small difference of two numbers of the size of the activations when γ
 is small, so an error of the pre-activation's product relative to the activation (a plain product's, from
@@ -119,6 +123,14 @@ def _patched(output: str | None):
     if output is None:
         yield
         return
+    if output in ("exact-transfers", "quick-transfers"):  # the library's products, tanh one way or the other
+        quick = FusedIterativeSolver.uses_quick_transfers
+        FusedIterativeSolver.uses_quick_transfers = lambda self, device: output == "quick-transfers"
+        try:
+            yield
+        finally:
+            FusedIterativeSolver.uses_quick_transfers = quick
+        return
     original, rounds = FusedIterativeSolver._products, FusedIterativeSolver.rounds_products
     if output.startswith("tf32-"):
         FusedIterativeSolver._products = _rounded_operand_products(_tf32, update_form=output == "tf32-update-form")
@@ -146,6 +158,8 @@ MODES = {  # mode -> (precision, products patch)
     "tf32-emulated-plain": ("tf32", "tf32-plain"),
     "bf16-forward-only": ("bf16", "forward-only"),
     "bf16-wgrad-only": ("bf16", "wgrad-only"),
+    "bf16-exact-tanh": ("bf16", "exact-transfers"),
+    "fp32-quick-tanh": ("fp32", "quick-transfers"),  # the fast solver in FP32 (the CPU's default is the loop)
 }
 
 
@@ -185,6 +199,8 @@ def main(argv=None) -> int:
             m.load_state_dict(start[0])
             o = _optimizer(m, loss_fn, SETTINGS[name], precision)
             o.load_state_dict(start[1])
+            if output == "quick-transfers":
+                o.backend = "fused"
             with _patched(output):
                 o.step(lambda: loss_fn(m(x), x))
             updates[mode] = torch.cat([(a - b).flatten() for a, b in zip(m.state_dict().values(),

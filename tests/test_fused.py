@@ -234,6 +234,64 @@ def test_bf16_steps_with_a_small_gamma_stay_near_float32():
     assert 0 < err_update < err_plain / 10, (err_update, err_plain)
 
 
+def test_a_bf16_product_plus_a_float32_term_rounds_as_one_mixed_dtype_addition():
+    """On the CPU the bf16 product's result (bf16) is copied to float32, then the float32 term added: the same
+    numbers to the bit as ``torch.add(term, product)``, plain and in the update form, also where the output
+    buffer is the term itself."""
+    g = torch.Generator().manual_seed(0)
+    x, W0, b0 = torch.rand(64, 50, generator=g), torch.randn(30, 50, generator=g), torch.randn(30, generator=g)
+    W, b = W0 + 1e-3 * torch.randn(30, 50, generator=g), b0 + 1e-3 * torch.randn(30, generator=g)
+    solver = FusedIterativeSolver(precision="bf16")
+    xr = x.to(torch.bfloat16)
+    plain, _ = solver._products(x)
+    assert torch.equal(plain(W, b, torch.empty(64, 30)), torch.add(b, xr @ W.to(torch.bfloat16).T))
+    a0 = torch.addmm(b0, x, W0.T)
+    update, _ = solver._products(x, (a0, [W0, b0]))
+    expected = torch.add(a0, xr @ (W - W0).to(torch.bfloat16).T).add_(b - b0)
+    assert torch.equal(update(W, b, torch.empty(64, 30)), expected)
+    update_into_a0, _ = solver._products(x, (a0, [W0, b0]))
+    assert torch.equal(update_into_a0(W, b, a0), expected)
+
+
+def test_bf16_iterations_on_the_cpu_evaluate_tanh_the_quick_way_and_land_as_near_float32():
+    """The fast solver's bf16 iterations on the CPU evaluate ``f(â)`` by ``TransferFunction.quick`` (tanh as
+    ``2σ(2a) - 1``) unless told not to or compiled; FP32 keeps ``torch.tanh``.  One step lands as near the float32
+    step either way: its error is the products'."""
+    from locoprop.transfer import TanhViaSigmoid
+
+    cpu = torch.device("cpu")
+    assert FusedIterativeSolver(precision="bf16").uses_quick_transfers(cpu)
+    assert not FusedIterativeSolver(precision="bf16").uses_quick_transfers(torch.device("cuda"))
+    assert not FusedIterativeSolver(precision="bf16", compile_elementwise=True).uses_quick_transfers(cpu)
+    assert not FusedIterativeSolver().uses_quick_transfers(cpu)
+    calls = []
+    quick_f_ = TanhViaSigmoid.f_
+
+    def counted(self, a):
+        calls.append(a.shape)
+        return quick_f_(self, a)
+
+    def step(precision, quick=None):
+        torch.manual_seed(0)
+        model = small_autoencoder()
+        opt = locoprop.LocoProp(model, lr=1e-3, activation_lr=0.1, local_steps=5, output_transfer="sigmoid",
+                                backend="fused", precision=precision)
+        opt.fused_solver.quick_transfers = quick
+        x = torch.rand(64, 20, generator=torch.Generator().manual_seed(1))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(TanhViaSigmoid, "f_", counted)
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        return torch.cat([p.detach().flatten() for p in model.parameters()]) - before, len(calls)
+
+    (ref, n_fp32), (quick, n_quick), (exact, n_exact) = step("fp32"), step("bf16"), step("bf16", quick=False)
+    assert n_fp32 == n_exact == 0 and n_quick == 2 * 4  # two tanh layers, iterations 1 to 4 (0 reads δ₀)
+    err_quick, err_exact = ((quick - ref).norm() / ref.norm()).item(), ((exact - ref).norm() / ref.norm()).item()
+    assert not torch.equal(quick, exact)
+    assert 0 < err_quick < 1.5 * err_exact, (err_quick, err_exact)
+
+
 def test_backend_auto_uses_the_reference_loop_on_the_cpu():
     _, opt, _ = _run("auto", steps=1)
     assert opt.last_solver == "reference"
@@ -1108,3 +1166,24 @@ def test_a_changed_table_reaches_a_cuda_table_through_one_pinned_buffer_per_role
     solver.upload_table(wider, torch.rand(2, 4, dtype=torch.float64), "static")  # a new shape: a new buffer
     assert solver._staging["static"][0] is not buffer and solver._staging["static"][0].shape == (2, 4)
     assert [e.log for e in events][1:] == [["recorded"], ["recorded"]]  # nothing to wait for in a new buffer
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_products_warns_and_fp32_does_not(monkeypatch):
+    """Where PyTorch has no fast bf16 products on the CPU (AVX2 alone: 126 times slower than float32 in
+    session 13), ``precision="bf16"`` warns that FP32 is faster; it still runs.  On a CPU that has them, and
+    for FP32 anywhere, no warning."""
+    from locoprop import fused
+
+    model = small_autoencoder()
+    monkeypatch.setattr(fused, "cpu_has_fast_bf16_products", lambda: False)
+    with pytest.warns(UserWarning, match="precision='bf16' on this CPU.*precision='fp32' is faster"):
+        opt = locoprop.LocoProp(model, output_transfer="sigmoid", precision="bf16")
+    x = torch.rand(8, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        locoprop.LocoProp(model, output_transfer="sigmoid")
+        monkeypatch.setattr(fused, "cpu_has_fast_bf16_products", lambda: True)
+        locoprop.LocoProp(model, output_transfer="sigmoid", precision="bf16")
+    monkeypatch.undo()
+    assert isinstance(fused.cpu_has_fast_bf16_products(), bool)

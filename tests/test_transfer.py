@@ -145,3 +145,25 @@ def test_jacobian_transpose_product_matches_autograd(name):
 def test_unknown_transfer_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid names"):
         get_transfer("gelu")
+
+
+def test_the_quick_tanh_is_within_two_float32_ulps_of_one_everywhere():
+    """``Tanh.quick()`` evaluates ``f_`` as ``2σ(2a) - 1``: an absolute error below 2e-7 against ``tanh`` in
+    float64, over the whole line (its ends, zero and the smallest numbers included), NaN kept; ``f`` itself
+    stays ``torch.tanh``, and every other function is its own quick form."""
+    from locoprop.transfer import Tanh, TanhViaSigmoid
+
+    quick = get_transfer("tanh").quick()
+    assert isinstance(quick, TanhViaSigmoid) and quick.name == "tanh" and quick.quick() is quick
+    a = torch.cat([torch.linspace(-20, 20, 200_001), torch.logspace(-40, 2, 2001), -torch.logspace(-40, 2, 2001),
+                   torch.tensor([0.0, -0.0, 1e30, -1e30, math.inf, -math.inf])])
+    exact = torch.tanh(a.double())
+    got = quick.f_(a.clone())
+    assert (got.double() - exact).abs().max().item() < 2e-7
+    assert (got.abs() <= 1).all()
+    assert torch.isnan(quick.f_(torch.tensor([math.nan]))).all()
+    assert torch.equal(quick.f(a), torch.tanh(a)) and torch.equal(Tanh().f_(a.clone()), torch.tanh(a))
+    for name in TRANSFER_FUNCTIONS:
+        if name != "tanh":
+            t = get_transfer(name)
+            assert t.quick() is t, name

@@ -87,7 +87,8 @@ from .update_rules import (AdagradRule, AdamRule, RMSpropRule, SGDRule, StepCoun
                            UpdateRule, update_rule_for)
 
 __all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "FusedIterativeSolver", "UpdateRule",
-           "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for"]
+           "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for",
+           "cpu_has_fast_bf16_products"]
 
 #: Precisions of the local matrix products.
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -115,6 +116,17 @@ def bf16_product_has_float32_output(device: torch.device) -> bool:
     """Whether a bfloat16 matrix product on ``device`` can write its float32 accumulator out unrounded
     (``torch.mm(a, b, out_dtype=torch.float32)``: on CUDA where PyTorch has that overload; not on the CPU)."""
     return _MM_OUT_DTYPE and device.type == "cuda"
+
+
+def cpu_has_fast_bf16_products() -> bool:
+    """Whether PyTorch's CPU kernels multiply bfloat16 matrices at a useful rate on this machine (oneDNN's bf16
+    path: AVX512 or native bf16 instructions, ``torch.ops.mkldnn._is_mkldnn_bf16_supported``).  Where not (a
+    CPU with AVX2 alone), a bf16 product ran 126 times slower than a float32 one in session 13
+    (``results/perf/cpu-x86_64-2threads-2026-11-28-session13-avx2.json``).  ``True`` where PyTorch cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 _COMPILED: dict = {}

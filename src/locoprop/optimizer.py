@@ -40,6 +40,7 @@ from .errors import DivergenceError
 from .inner import make_inner_optimizer
 from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, pair_from_autograd,
                      set_output_transfer, split_frozen_layers)
+from . import fused
 from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, capturing_graph, graph_side_stream
 from .transfer import MONOTONE_MODULES, get_transfer
 from .transfer import Linear as LinearTransfer
@@ -333,6 +334,11 @@ class LocoProp(Optimizer):
         elif backend == "fused" or precision != "fp32":
             raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver runs local iterations; "
                              f"variant {self.variant.name} uses solver {self.variant.solver!r}")
+        if precision == "bf16" and any(p.device.type == "cpu" for p in self._params()) \
+                and not fused.cpu_has_fast_bf16_products():
+            warnings.warn("precision='bf16' on this CPU: PyTorch has no fast bfloat16 products here (no AVX512 or "
+                          "bf16 instructions; they can run a hundred times slower than float32); "
+                          "precision='fp32' is faster", stacklevel=2)
         #: Which solver ran the last step: "fused", "reference" or "closed_form".
         self.last_solver = ""
         self._rollback = _Rollback(rollback)
