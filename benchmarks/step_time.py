@@ -40,7 +40,10 @@ buffers kept between steps, as before session 23, instead of each layer's just b
 what that costs in time; not in the plan), ``-nograph`` (with ``fused``: the
 solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
 (TF32 and bf16: plain products ``x Wᵀ`` instead of the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, to time
-what that form costs).  On a
+what that form costs), ``-recomputef`` (bf16, TF32 on CUDA: ``f(â)`` evaluated again for the target and the
+first residual, as before session 25, instead of read from the layer's output kept beside ``â``) and
+``-exacttanh`` (bf16 on the CPU: the local iterations' tanh by ``torch.tanh``, as before session 25, instead of
+``2σ(2a) - 1``); these two are not in the plan, for ``benchmarks/interleaved_time.py``.  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
@@ -270,6 +273,10 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.check_finite = False
             elif flag == "recompute":  # LocoProp-M keeps â and δ₀, not the layers' outputs (before session 21)
                 opt._shares_post = lambda: False
+            elif flag == "recomputef":  # f(â) evaluated again for the target and first residual where the products
+                opt._reads_post_beside_pre = lambda: False  # round, not read from ŷ (before session 25)
+            elif flag == "exacttanh":  # the local iterations' tanh by torch.tanh on the CPU in bf16 (before session 25)
+                opt.fused_solver.quick_transfers = False
             elif flag == "afterbackward":  # every layer solved after the backward pass (before session 22)
                 opt.solve_in_backward = False
             elif flag == "inbackward":  # layers solved during the backward pass also without check_finite

@@ -136,7 +136,9 @@ def test_variants_that_read_the_pre_activation_keep_it():
     assert locoprop.LocoProp(model, variant="M", output_transfer="sigmoid")._shares_post()
     for kwargs in (dict(variant="S"), dict(variant="post-S"), dict(variant="poco-M"),
                    dict(variant="M", retain_problems=True), dict(variant="M", precision="bf16")):
-        assert not locoprop.LocoProp(model, output_transfer="sigmoid", **kwargs)._shares_post(), kwargs
+        opt = locoprop.LocoProp(model, output_transfer="sigmoid", **kwargs)
+        assert not opt._shares_post(), kwargs
+        assert opt._reads_post_beside_pre() == (kwargs == dict(variant="M", precision="bf16")), kwargs
 
 
 def _shared_weights():  # one Linear called twice, each call followed by nn.Tanh
@@ -191,3 +193,77 @@ def test_kept_outputs_of_shared_convolutional_and_sequence_layers_give_the_same_
     kept = {k: [v[lay.name] for lay in opt.layers] for k, v in kept.items()}
     assert kept[True] == [True] * (len(kept[True]) - 1) + [False] and not any(kept[False])
     assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))
+
+
+class _DoublingMLP(nn.Module):  # the first layer's output changed in place before the forward pass ends
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1, self.fc2 = nn.Linear(64, 6), nn.LeakyReLU(0.1), nn.Linear(6, 5)
+        self.act2, self.fc3 = nn.Tanh(), nn.Linear(5, 64)
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x))
+        h.mul_(2.0)  # LeakyReLU saves its input, not its output: autograd does not object
+        return self.fc3(self.act2(self.fc2(h)))
+
+
+def _tanh_autoencoder():
+    return small_autoencoder(d=64)
+
+
+def _mixed_mlp():  # tanh, softplus, leaky ReLU, ELU, sigmoid
+    return mixed_mlp(torch.float32, (64, 10, 9, 8, 7, 64))
+
+
+@pytest.mark.parametrize("build", [_tanh_autoencoder, _mixed_mlp, _shared_weights, _grouped_convolutions,
+                                   _transposed_convolutions, _sequences, _DoublingMLP])
+@pytest.mark.parametrize("solve_in_backward,closures", [(None, 1), (False, 1), (None, 2)])
+def test_reduced_precision_reads_the_output_kept_beside_the_pre_activation_with_the_same_steps(
+        build, solve_in_backward, closures):
+    """With bf16 products the update form keeps ``â``, so the output is not kept in its place: it is kept beside
+    it (``post_beside_pre``), and the target ``ŷ - γ∇_â L`` and the first residual ``ŷ - y`` read it instead of
+    evaluating ``f(â)`` twice more.  The same steps to the bit as with ``f(â)`` evaluated again, solved during
+    the backward pass or after it, with micro-batches; every layer with a transfer module reads its output, but
+    the output layer (its sigmoid is in the loss), a linear layer, one whose output was changed in place
+    (``_DoublingMLP``'s first) and one called twice whose calls are followed by two modules (each call or
+    none: one local problem over both).  With micro-batches a vectorized function (the mixed MLP's softplus and
+    sigmoid) can round an entry of a micro-batch's output (the module's, in the forward pass) otherwise than
+    the same entry of ``f`` over the stacked rows (where it falls in the vector loop's tail, say): within
+    float32's rounding there, not to the bit."""
+    weights, read = {}, {}
+    for beside in (True, False):
+        torch.manual_seed(0)
+        model = build()
+        layers = None
+        if isinstance(model, _DoublingMLP):
+            layers = [(model.fc1, model.act1), (model.fc2, model.act2), (model.fc3, "linear")]
+        opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=5.0, local_steps=3, precision="bf16",
+                                solve_in_backward=solve_in_backward, layers=layers,
+                                output_transfer=None if layers else "sigmoid")
+        assert opt._reads_post_beside_pre() and not opt._shares_post()
+        if not beside:
+            opt._reads_post_beside_pre = lambda: False
+        solve = opt.fused_solver.solve
+
+        def watching(problems, *args, solve=solve, beside=beside, **kwargs):  # by layer: a solve may hold one
+            read.setdefault(beside, {}).update({pr.batch.layer.name: pr.residual is None and pr.batch.post is not None
+                                                for pr in problems})
+            return solve(problems, *args, **kwargs)
+        opt.fused_solver.solve = watching
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.rand(8, 64, generator=gen)
+            parts = x.chunk(closures)
+            step = [lambda part=part: bce_sum_mean(model(part), part) / closures for part in parts]
+            opt.step(step if closures > 1 else step[0])
+        weights[beside] = [p.detach().clone() for p in model.parameters()]
+    read = {k: [v[lay.name] for lay in opt.layers] for k, v in read.items()}
+    expected = [lay.transfer_module is not None for lay in opt.layers]
+    if build in (_DoublingMLP, _shared_weights):  # fc1's output doubled; the shared layer's second call is followed
+        expected[{_DoublingMLP: 0, _shared_weights: 1}[build]] = False  # by another nn.Tanh than its transfer module
+    assert sum(expected) >= 1
+    assert read[True] == expected and not any(read[False])
+    if closures > 1 and build is _mixed_mlp:
+        assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(weights[True], weights[False]))
+    else:
+        assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))

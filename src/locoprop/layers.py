@@ -1113,13 +1113,18 @@ class LayerCapture:
     activation set less through the backward pass and the building of the
     local problems (docs/performance.md, Memory).  An output changed in place
     (an in-place dropout after it, say) is no longer ``f(â)``: that call keeps
-    its pre-activation.
+    its pre-activation.  ``post_beside_pre`` (the same variants where the
+    update form of reduced-precision products needs ``â`` too): each call
+    keeps both, its output where it is such a tensor (else ``post`` is
+    ``None``), so that ``f(â)`` is read rather than evaluated again.
     """
 
-    def __init__(self, layers: Iterable[Layer], capture_post: bool = False, shares_post: bool = False) -> None:
+    def __init__(self, layers: Iterable[Layer], capture_post: bool = False, shares_post: bool = False,
+                 post_beside_pre: bool = False) -> None:
         self.layers = list(layers)
-        self.capture_post = capture_post or shares_post
+        self.capture_post = capture_post or shares_post or post_beside_pre
         self.shares_post = shares_post
+        self.post_beside_pre = post_beside_pre
         self.calls: list[list[LayerBatch]] = [[] for _ in self.layers]
         self.untracked = [0] * len(self.layers)  # calls whose output does not require grad
         self.last_called: int | None = None  # the index of the layer the forward pass called last
@@ -1226,6 +1231,15 @@ class LayerCapture:
         self._by_pre.clear()
 
     @staticmethod
+    def _output_is_f_of_pre(c: LayerBatch) -> bool:
+        """Whether the call's transfer module output ``ŷ`` is ``f(â)`` as it returned it: a tensor of its own, of
+        the pre-activation's shape, in the autograd graph, unchanged since."""
+        post, pre = c.post, c.pre
+        return (isinstance(post, torch.Tensor) and pre is not None and post.requires_grad
+                and post.shape == pre.shape and post._version == c.post_version
+                and post.untyped_storage().data_ptr() != pre.untyped_storage().data_ptr())
+
+    @staticmethod
     def _keep_output(c: LayerBatch) -> None:
         """:attr:`shares_post`: the call keeps its transfer module's output in place of its pre-activation, where
         that output is a tensor of its own, of the pre-activation's shape, in the autograd graph, and unchanged
@@ -1233,11 +1247,8 @@ class LayerCapture:
         the module returns, where its backward keeps its output (``tanh``, the sigmoid, ReLU: an output changed
         in place afterwards would fail the backward pass anyway): then the pre-activation, which nothing else
         holds, is freed during the forward pass, as BackProp's is."""
-        post, pre = c.post, c.pre
-        if (isinstance(post, torch.Tensor) and pre is not None and c.grad_edge is None and post.requires_grad
-                and post.shape == pre.shape and post._version == c.post_version
-                and post.untyped_storage().data_ptr() != pre.untyped_storage().data_ptr()):
-            c.grad_edge, c.pre = torch.autograd.graph.get_gradient_edge(pre), None
+        if c.grad_edge is None and LayerCapture._output_is_f_of_pre(c):
+            c.grad_edge, c.pre = torch.autograd.graph.get_gradient_edge(c.pre), None
 
     def check(self) -> list[LayerBatch | None]:
         """One batch per layer (its calls' input rows stacked; ``None`` for a layer the forward pass did not
@@ -1271,6 +1282,13 @@ class LayerCapture:
             if self.shares_post:
                 for c in calls:
                     self._keep_output(c)
+            elif self.post_beside_pre:
+                for c in calls:
+                    if not self._output_is_f_of_pre(c):
+                        c.post = None
+                if any(c.post is None for c in calls):  # one local problem over the calls: all or none
+                    for c in calls:
+                        c.post = None
             if len(calls) == 1:
                 out.append(calls[0])
                 continue

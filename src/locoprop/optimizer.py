@@ -402,8 +402,8 @@ class LocoProp(Optimizer):
 
     # -- the step -------------------------------------------------------------------------------
     def _capture(self, closure: Callable[[], torch.Tensor]):
-        shares_post = self._shares_post()
-        with LayerCapture(self.layers, capture_post=self.variant.needs_grad_post, shares_post=shares_post) as cap:
+        with LayerCapture(self.layers, capture_post=self.variant.needs_grad_post, shares_post=self._shares_post(),
+                          post_beside_pre=self._reads_post_beside_pre()) as cap:
             with torch.enable_grad():  # also when step() itself is called under torch.no_grad()
                 loss = closure()
                 if not isinstance(loss, torch.Tensor):
@@ -433,12 +433,27 @@ class LocoProp(Optimizer):
         start from it, and nothing else needs ``â`` (no closed form, no problems kept for inspection, no update
         form of reduced-precision products).  In a chain ``ŷ`` is the next layer's input, which the step holds
         anyway: one activation set less (docs/performance.md, Memory)."""
+        return self._reads_pre_only_through_f() and not self._keeps_start_pre()
+
+    def _reads_post_beside_pre(self) -> bool:
+        """Whether a step keeps each layer's output ``ŷ = f(â)`` beside its pre-activation (the update form of
+        reduced-precision products keeps ``â``, so :meth:`_shares_post` does not hold): the target and the first
+        residual read ``f(â)`` from it instead of evaluating ``f`` twice more per layer (the same numbers, the
+        module's own function; in a chain no memory of its own, ``ŷ`` being the next layer's input)."""
+        return self._reads_pre_only_through_f() and self._keeps_start_pre()
+
+    def _reads_pre_only_through_f(self) -> bool:
+        """Whether the target and the local loss read ``â`` only through ``f(â)`` (LocoProp-M, Eqs. 2 and 7) and
+        the local iterations need nothing else of the backward pass (:meth:`_iterations_from_grad_pre_alone`)."""
         v = self.variant
-        if not (v.target.reads_pre_only_through_f and v.local_loss.reads_pre_only_through_f
-                and self._iterations_from_grad_pre_alone()):
-            return False
+        return (v.target.reads_pre_only_through_f and v.local_loss.reads_pre_only_through_f
+                and self._iterations_from_grad_pre_alone())
+
+    def _keeps_start_pre(self) -> bool:
+        """Whether the fast solver's products round here, so that it computes the local pre-activations in the
+        update form from the forward pass's ``â`` (:meth:`~locoprop.fused.FusedIterativeSolver.rounds_products`)."""
         params = self._params()
-        return not (self.fused_solver is not None and params and self.fused_solver.rounds_products(params[0].is_cuda))
+        return bool(self.fused_solver is not None and params and self.fused_solver.rounds_products(params[0].is_cuda))
 
     def _forward_backward(self, closures: list[Callable[[], torch.Tensor]]):
         """Forward and backward pass of each closure in turn (a micro-batch each), each layer's rows of every
@@ -528,19 +543,21 @@ class LocoProp(Optimizer):
                                    "closure's forward pass; the sampled Fisher draws labels from its output")
             sampled = sum(self._sampler(c.pre) for c in per_layer[self._output_index])
             _set_gradients(calls, slots, torch.autograd.grad(sampled, pres, allow_unused=True), "grad_pre_sampled")
-        self._input_rows(batches, per_layer)
+        self._input_rows(batches, per_layer, self._reads_post_beside_pre())
         for b, cs in zip(batches, per_layer):
             if b is not None:
                 self._gradient_rows(b, cs)
         return others, other_grads
 
     @staticmethod
-    def _input_rows(batches: list[LayerBatch | None], per_layer: list[list[LayerBatch]]) -> None:
-        """Each layer's input, and each call's pre-activation or kept output, as rows of its local problem (leading
-        dimensions, a convolution's positions), detached, in the weights' dtype (under ``torch.autocast`` the
-        passes produce bfloat16, float16).  Layers that share their input rows (an attention's query, key and
-        value projections) share the converted rows too, and a kept output ``ŷ`` that is the next layer's input
-        is that layer's converted input tensor."""
+    def _input_rows(batches: list[LayerBatch | None], per_layer: list[list[LayerBatch]],
+                    post_beside_pre: bool = False) -> None:
+        """Each layer's input, and each call's pre-activation or kept output (with ``post_beside_pre``, both:
+        :meth:`_reads_post_beside_pre`), as rows of its local problem (leading dimensions, a convolution's
+        positions), detached, in the weights' dtype (under ``torch.autocast`` the passes produce bfloat16,
+        float16).  Layers that share their input rows (an attention's query, key and value projections) share
+        the converted rows too, and a kept output ``ŷ`` that is the next layer's input is that layer's
+        converted input tensor."""
         converted: dict[int, torch.Tensor] = {}
         by_place = {}  # the layers' inputs by where they lay: a kept output that is one of them is that tensor
         for b in batches:
@@ -553,11 +570,11 @@ class LocoProp(Optimizer):
             dtype = b.layer.linear.weight.dtype
             b.inputs = converted[id(b.inputs)]
             for c in cs:
-                if c.pre is None:  # the output ŷ kept in its place (LayerCapture's shares_post): where it is
-                    rows = b.layer.output_rows(c.post.detach())  # the next layer's input, that one's rows
-                    same = by_place.get(_place(rows))
+                if c.post is not None and (c.pre is None or post_beside_pre):  # ŷ kept in place of â
+                    rows = b.layer.output_rows(c.post.detach())  # (LayerCapture's shares_post) or beside it: where
+                    same = by_place.get(_place(rows))  # it is the next layer's input, that one's rows
                     c.post = same if same is not None and same.dtype == dtype else rows.to(dtype)
-                else:
+                if c.pre is not None:
                     c.pre = _as_rows(b.layer, c.pre, dtype)
 
     def _gradient_rows(self, b: LayerBatch, cs: list[LayerBatch]) -> None:
@@ -578,7 +595,7 @@ class LocoProp(Optimizer):
                     c.grad_post = b.transfer.pullback_to_post(c.pre, c.grad_pre)
                 else:
                     c.grad_post = local(c.grad_post)
-            if c.pre is not None:
+            if c.pre is not None and not self._reads_post_beside_pre():
                 c.post = None
         if b.calls:  # one local problem over every call's rows
             if any(c.pre is None for c in cs) and any(c.pre is not None for c in cs):  # some calls kept ŷ
@@ -613,7 +630,8 @@ class LocoProp(Optimizer):
             return (saved.copies_of(params) if saved is not None else None) or [p.detach().clone() for p in params]
         anchor = starting_weights() if self._needs_anchor() else None
         residual = None
-        if v.solver == "iterative" and b.pre is not None:  # δ of the first iteration, so that â can go
+        if v.solver == "iterative" and b.pre is not None and b.post is None:  # δ of the first iteration, so that
+            # â can go (from ŷ kept beside â, the fast solver computes it into its scratch: first_residual)
             with torch.no_grad():
                 residual = v.local_loss.grad(b.pre, target, b.transfer)
         start_pre = start_params = None
@@ -915,7 +933,7 @@ class LocoProp(Optimizer):
         pres, slots = _gradient_inputs(rest)
         biases = [self.param_groups[m]["params"][1] for m in edges]
         others = self._other_params()
-        self._input_rows(batches, per_layer)
+        self._input_rows(batches, per_layer, self._reads_post_beside_pre())
         solver = self._select_solver(None, device=device)
         eager = {"graph": False} if solver is self.fused_solver else {}  # each call's problems are new
         v, problems, solved = self.variant, [None] * len(batches), []  # solved: the layers' names, in turn

@@ -51,7 +51,8 @@ class Target:
     needs_grad_post = False
     needs_sampled_grad = False
     #: The target reads ``â`` only through ``f(â)``: it takes the layer's output ``ŷ`` where a problem keeps that
-    #: in place of ``â`` (``batch.pre`` is then ``None``; :class:`~locoprop.layers.LayerCapture`'s ``shares_post``).
+    #: in place of ``â`` (``batch.pre`` is then ``None``; :class:`~locoprop.layers.LayerCapture`'s ``shares_post``)
+    #: or beside it (``post_beside_pre``).
     reads_pre_only_through_f = False
 
     def __call__(self, batch: LayerBatch, gamma: float) -> torch.Tensor:
@@ -76,7 +77,7 @@ class GradientStepTarget(Target):
         # the target is written into a tensor the step made anyway: the base where it is a new tensor (f(â)),
         # else γ∇ (the base is â, or the layer's output ŷ that the next layer reads); one activation of the layer
         # less while the problems are built (docs/performance.md, Memory), the same numbers either way
-        if batch.pre is not None and is_new_tensor(base, batch.pre):
+        if batch.pre is not None and base is not batch.post and is_new_tensor(base, batch.pre):
             return base.sub_(step)
         if step.shape == base.shape and step.dtype == base.dtype and is_new_tensor(step, base):
             return torch.sub(base, step, out=step)
@@ -99,8 +100,8 @@ class MDTarget(GradientStepTarget):
     needs_transfer = True
     reads_pre_only_through_f = True
 
-    def base(self, batch):  # ŷ = f(â) itself where the problem kept the layer's output instead of â
-        return batch.transfer.f(batch.pre) if batch.pre is not None else batch.post
+    def base(self, batch):  # ŷ = f(â) itself where the problem kept the layer's output, instead of â or beside it
+        return batch.post if batch.post is not None else batch.transfer.f(batch.pre)
 
 
 class PostGDTarget(GradientStepTarget):

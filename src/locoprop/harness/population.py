@@ -440,7 +440,7 @@ class Population:
         problems = []
         for layer, (h, pre), g in zip(self.layers, kept, grads):
             pre = pre.detach()
-            batch = SimpleNamespace(pre=pre, grad_pre=g, transfer=layer.transfer)
+            batch = SimpleNamespace(pre=pre, post=None, grad_pre=g, transfer=layer.transfer)  # (a LayerBatch)
             target = target_of(batch, self.gamma)
             if h.dim() == 2:
                 h = h.expand(self.size, *h.shape)
