@@ -43,7 +43,7 @@ solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_pro
 what that form costs), ``-recomputef`` (bf16, TF32 on CUDA: ``f(â)`` evaluated again for the target and the
 first residual, as before session 25, instead of read from the layer's output kept beside ``â``) and
 ``-exacttanh`` (bf16 on the CPU: the local iterations' tanh by ``torch.tanh``, as before session 25, instead of
-``2σ(2a) - 1``); these two are not in the plan, for ``benchmarks/interleaved_time.py``.  On a
+``2σ(2a) - 1``).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
@@ -485,6 +485,12 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                 if prec != "fp32":
                                     out.append((model, batch, opt, T, fast, prec))
                                     out.append((model, batch, opt, T, f"{fast}-plain", prec))
+                                    out.append((model, batch, opt, T, f"{fast}-recomputef", prec))
+                                    if not cuda:  # all layers' problems at once, with f(â) read or evaluated
+                                        for flags in ("afterbackward", "afterbackward-recomputef"):
+                                            out.append((model, batch, opt, T, f"fused-{flags}", prec))
+                                        if prec == "bf16":
+                                            out.append((model, batch, opt, T, "fused-exacttanh", prec))
                                     out.append((model, batch, opt, T, f"{fast}-iter", prec))
                                     late.append((model, batch, opt, T, f"{fast}-compiled", prec))
                                     late.append((model, batch, opt, T, f"{fast}-iter-compiled", prec))
