@@ -339,7 +339,7 @@ class FusedIterativeSolver:
         #: Whether the local iterations evaluate ``f(â)`` in place by :meth:`TransferFunction.quick
         #: <locoprop.transfer.TransferFunction.quick>`'s route (``tanh`` as ``2σ(2a) - 1``): ``None`` (default)
         #: where the products round to bf16 on the CPU and the elementwise work runs eagerly (PyTorch's CPU
-        #: ``tanh`` is several times slower than its ``sigmoid``; ``torch.compile``'s is vectorized already).
+        #: ``tanh`` is not vectorized, its ``sigmoid`` is; ``compile_elementwise`` generates its own ``tanh``).
         self.quick_transfers: bool | None = None
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
