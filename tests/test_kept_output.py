@@ -87,25 +87,26 @@ def test_the_pre_activation_is_let_go_before_the_backward_pass_and_the_output_is
     assert all(r() is None for r in refs.values())  # nothing of the forward pass outlives the step
 
 
+class _DoublingMLP(nn.Module):  # the first layer's output changed in place before the forward pass ends
+    def __init__(self, d=64):
+        super().__init__()
+        self.fc1, self.act1, self.fc2 = nn.Linear(d, 6), nn.LeakyReLU(0.1), nn.Linear(6, 5)
+        self.act2, self.fc3 = nn.Tanh(), nn.Linear(5, d)
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x))
+        h.mul_(2.0)  # LeakyReLU saves its input, not its output: autograd does not object
+        return self.fc3(self.act2(self.fc2(h)))
+
+
 def test_an_output_changed_in_place_after_its_transfer_function_keeps_the_pre_activation(monkeypatch):
     """An output changed in place before the forward pass ends (an in-place dropout after it, ``h.mul_(2)``)
     is no longer ``f(â)``: that layer keeps its pre-activation and first residual, as before, and the steps are
     those of ``f(â)`` computed again, to the bit; the layer whose output is left alone keeps its output."""
-    class Doubling(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act1, self.fc2 = nn.Linear(8, 6), nn.LeakyReLU(0.1), nn.Linear(6, 5)
-            self.act2, self.fc3 = nn.Tanh(), nn.Linear(5, 8)
-
-        def forward(self, x):
-            h = self.act1(self.fc1(x))
-            h.mul_(2.0)  # LeakyReLU saves its input, not its output: autograd does not object
-            return self.fc3(self.act2(self.fc2(h)))
-
     weights, kept = {}, {}
     for shares in (True, False):
         torch.manual_seed(0)
-        model = Doubling()
+        model = _DoublingMLP(8)
         opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=1.0, local_steps=2, backend="fused",
                                 layers=[(model.fc1, model.act1), (model.fc2, model.act2), (model.fc3, "linear")])
         if not shares:
@@ -193,18 +194,6 @@ def test_kept_outputs_of_shared_convolutional_and_sequence_layers_give_the_same_
     kept = {k: [v[lay.name] for lay in opt.layers] for k, v in kept.items()}
     assert kept[True] == [True] * (len(kept[True]) - 1) + [False] and not any(kept[False])
     assert all(torch.equal(p, q) for p, q in zip(weights[True], weights[False]))
-
-
-class _DoublingMLP(nn.Module):  # the first layer's output changed in place before the forward pass ends
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act1, self.fc2 = nn.Linear(64, 6), nn.LeakyReLU(0.1), nn.Linear(6, 5)
-        self.act2, self.fc3 = nn.Tanh(), nn.Linear(5, 64)
-
-    def forward(self, x):
-        h = self.act1(self.fc1(x))
-        h.mul_(2.0)  # LeakyReLU saves its input, not its output: autograd does not object
-        return self.fc3(self.act2(self.fc2(h)))
 
 
 def _tanh_autoencoder():
