@@ -543,10 +543,11 @@ class LocoProp(Optimizer):
                                    "closure's forward pass; the sampled Fisher draws labels from its output")
             sampled = sum(self._sampler(c.pre) for c in per_layer[self._output_index])
             _set_gradients(calls, slots, torch.autograd.grad(sampled, pres, allow_unused=True), "grad_pre_sampled")
-        self._input_rows(batches, per_layer, self._reads_post_beside_pre())
+        beside = self._reads_post_beside_pre()
+        self._input_rows(batches, per_layer, beside)
         for b, cs in zip(batches, per_layer):
             if b is not None:
-                self._gradient_rows(b, cs)
+                self._gradient_rows(b, cs, beside)
         return others, other_grads
 
     @staticmethod
@@ -577,10 +578,10 @@ class LocoProp(Optimizer):
                 if c.pre is not None:
                     c.pre = _as_rows(b.layer, c.pre, dtype)
 
-    def _gradient_rows(self, b: LayerBatch, cs: list[LayerBatch]) -> None:
+    def _gradient_rows(self, b: LayerBatch, cs: list[LayerBatch], post_beside_pre: bool = False) -> None:
         """Layer ``b``'s gradients as rows, as :meth:`_input_rows` its inputs (``∇_ŷ L`` pulled back where the
         transfer function is inside the loss); a layer called more than once: one local problem over every
-        call's rows."""
+        call's rows.  A call's output beside its pre-activation is kept with ``post_beside_pre`` only."""
         v = self.variant
         dtype = b.layer.linear.weight.dtype
 
@@ -595,7 +596,7 @@ class LocoProp(Optimizer):
                     c.grad_post = b.transfer.pullback_to_post(c.pre, c.grad_pre)
                 else:
                     c.grad_post = local(c.grad_post)
-            if c.pre is not None and not self._reads_post_beside_pre():
+            if c.pre is not None and not post_beside_pre:
                 c.post = None
         if b.calls:  # one local problem over every call's rows
             if any(c.pre is None for c in cs) and any(c.pre is not None for c in cs):  # some calls kept ŷ
@@ -933,7 +934,8 @@ class LocoProp(Optimizer):
         pres, slots = _gradient_inputs(rest)
         biases = [self.param_groups[m]["params"][1] for m in edges]
         others = self._other_params()
-        self._input_rows(batches, per_layer, self._reads_post_beside_pre())
+        beside = self._reads_post_beside_pre()
+        self._input_rows(batches, per_layer, beside)
         solver = self._select_solver(None, device=device)
         eager = {"graph": False} if solver is self.fused_solver else {}  # each call's problems are new
         v, problems, solved = self.variant, [None] * len(batches), []  # solved: the layers' names, in turn
@@ -944,7 +946,7 @@ class LocoProp(Optimizer):
                     saved.save_layer(self.param_groups[m]["params"], self.inner)
                 elif saved is not None:
                     saved.wait()  # the copy to host memory is complete before the solve changes the weights
-                self._gradient_rows(batches[m], per_layer[m])
+                self._gradient_rows(batches[m], per_layer[m], beside)
                 problems[m] = self._problem(batches[m], self.param_groups[m], saved)
             with torch.no_grad():
                 solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
