@@ -1282,13 +1282,9 @@ class LayerCapture:
             if self.shares_post:
                 for c in calls:
                     self._keep_output(c)
-            elif self.post_beside_pre:
-                for c in calls:
-                    if not self._output_is_f_of_pre(c):
-                        c.post = None
-                if any(c.post is None for c in calls):  # one local problem over the calls: all or none
-                    for c in calls:
-                        c.post = None
+            elif self.post_beside_pre and not all(self._output_is_f_of_pre(c) for c in calls):
+                for c in calls:  # one local problem over the calls: every call's output, or none
+                    c.post = None
             if len(calls) == 1:
                 out.append(calls[0])
                 continue
