@@ -289,12 +289,12 @@ class FusedIterativeSolver:
         compile_elementwise: fuse the elementwise work of an iteration with
             ``torch.compile`` (experimental, off by default): ``δ`` with the
             bias gradient ``Σδ`` in one kernel, and the TF-RMSProp update in
-            one pass over each tensor instead of nine.  It compiles on the
+            one pass over each tensor instead of eight.  It compiles on the
             first step (tens of seconds) and agrees with the eager update up
             to rounding (fused multiply-adds).
         triton_elementwise: the elementwise work of each layer and iteration as
             Triton kernels (:mod:`locoprop.triton_kernels`): the inner
-            optimizer's update in one launch instead of nine multi-tensor
+            optimizer's update in one launch instead of eight multi-tensor
             operations (TF-RMSProp, the paper's inner optimizer; the other
             rules keep their multi-tensor update), and ``δ`` with ``Σδ`` in
             one launch instead of three (the matching loss of tanh, the
@@ -307,10 +307,10 @@ class FusedIterativeSolver:
         order: ``"layer-major"`` (default): each layer's ``T`` iterations
             run as one chain, the chains side by side on the layer streams;
             ``"iteration-major"``: iteration ``k`` of every layer, then one
-            multi-tensor inner-optimizer update of all layers (nine kernels
+            multi-tensor inner-optimizer update of all layers (eight kernels
             for TF-RMSProp, its ``η_k`` multiply once per group of layers
             that share their learning rates, where the layer-major order
-            issues nine per layer), then iteration ``k+1``
+            issues eight per layer), then iteration ``k+1``
             (issue 5's first lead; the products of an iteration still run on
             the layer streams).  Both give the same result, to the bit on the
             CPU.
@@ -697,7 +697,7 @@ class FusedIterativeSolver:
                 torch.sum(delta, 0, out=bias_grad)
         c.wgrad(delta, lay.grads[0])
         if proximity:
-            self._add_proximity(c, table)
+            self._add_proximity(c, table, k)
 
     def _triton_residual(self, c: _Chain, loss: LocalLoss, W, b, bias_grad) -> bool:
         """Iteration ``k ≥ 1``'s pre-activation into ``c.scratch``, then ``δ`` and ``Σδ`` in one Triton launch
@@ -713,12 +713,15 @@ class FusedIterativeSolver:
             pre, c.target, bias_grad, kind), strict=self.triton_elementwise is True)
 
     @staticmethod
-    def _add_proximity(c: _Chain, table: torch.Tensor) -> None:
-        """With an anchor, the L2 proximity's gradient ``+ c (Θ̃ - Θ)`` (Eqs. 3, 7) into the layer's gradients."""
-        if c.anchor is not None:
-            coefficient = table[c.index, -1]
-            for gr, p, a in zip(c.layer.grads, c.layer.params, c.anchor):
-                gr.add_((p - a) * coefficient)
+    def _add_proximity(c: _Chain, table: torch.Tensor, k: int) -> None:
+        """With an anchor, the L2 proximity's gradient ``+ c (Θ̃ - Θ)`` (Eqs. 3, 7) into the layer's gradients at
+        iteration ``k``, rounded as the reference loop rounds it (``(Θ̃ - Θ) c``, then the sum): nothing at
+        ``k = 0``, where the weights are still the anchor (the step's starting weights) and the term is zero."""
+        if c.anchor is None or k == 0:
+            return
+        coefficient = table[c.index, -1]
+        for gr, p, a in zip(c.layer.grads, c.layer.params, c.anchor):
+            gr.add_(torch.sub(p, a).mul_(coefficient))
 
     def uses_triton(self, device: torch.device) -> bool:
         """Whether the elementwise work (the update, ``δ`` and ``Σδ``) runs as Triton kernels on ``device``
@@ -827,7 +830,7 @@ class FusedIterativeSolver:
                 if reduce is not None:  # the sums over the processes' rows, then the (shared) proximity term
                     reduce([g for c in active for g in c.layer.grads])
                     for c in active:
-                        self._add_proximity(c, table)
+                        self._add_proximity(c, table, k)
                 self._update(active, rule, table, k)
 
     # -- the solver interface ---------------------------------------------------------------------

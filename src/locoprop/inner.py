@@ -89,15 +89,14 @@ class TFRMSprop(Optimizer):
                 torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
                 denom = torch._foreach_add(squares, eps)
                 torch._foreach_sqrt_(denom)
-                steps = torch._foreach_div(grads, denom)  # lr * (g / denom), rounded as locoprop.fused does
-                torch._foreach_mul_(steps, lr)
+                steps = torch._foreach_mul(grads, lr)  # (lr g) / denom, rounded as locoprop.fused does
                 torch._foreach_mul_(buffers, mom)
-                torch._foreach_add_(buffers, steps)
+                torch._foreach_addcdiv_(buffers, steps, denom)
                 torch._foreach_sub_(params, buffers)
             else:
                 for p, g, ms, buf in zip(params, grads, squares, buffers):
                     ms.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
-                    buf.mul_(mom).add_(g.div((ms + eps).sqrt()).mul_(lr))
+                    buf.mul_(mom).addcdiv_(g * lr, (ms + eps).sqrt())
                     p.sub_(buf)
         return loss
 

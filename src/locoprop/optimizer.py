@@ -168,7 +168,7 @@ class LocoProp(Optimizer):
             the first step, which a short run may not win back.
         triton_elementwise: the fast solver's elementwise work as Triton kernels
             (:mod:`locoprop.triton_kernels`): each layer's TF-RMSProp update
-            in one launch instead of nine multi-tensor operations, and each
+            in one launch instead of eight multi-tensor operations, and each
             local iteration's ``δ`` with ``Σδ`` in one instead of three.
             ``None`` (default): on CUDA where Triton is installed (it comes
             with PyTorch's CUDA builds), with a warning and PyTorch's

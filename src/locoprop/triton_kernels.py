@@ -3,7 +3,7 @@ r"""Triton kernels for the fast solver's elementwise work on CUDA (issue 5: fusi
 Two kernels (their source: :mod:`locoprop._triton_source`), each one launch per layer and local iteration:
 
 * **the inner-optimizer update.**  The multi-tensor update of
-  :class:`~locoprop.update_rules.TFRMSpropRule` issues nine kernels per layer
+  :class:`~locoprop.update_rules.TFRMSpropRule` issues eight kernels per layer
   and iteration in the default layer-major order, each one pass over the
   weights, their gradient or the two state tensors:
   ``ms ← α ms + (1-α) g²``, ``m ← μ m + η_k g/√(ms+ε)``, ``w ← w - m``

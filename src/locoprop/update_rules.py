@@ -235,7 +235,7 @@ def _scale_each_layer(tensors: list, layers: list[tuple], which: int, op=torch._
 def _tf_rmsprop_tensor_(p, g, state, scalars, hyper) -> None:
     (ms, m), lr, (alpha, mom, eps) = state, scalars[0], hyper
     ms.mul_(alpha).add_(g * g * (1.0 - alpha))  # not addcmul_(value=...): see the note above
-    m.mul_(mom).add_(lr * (g / (ms + eps).sqrt()))
+    m.mul_(mom).add_(lr * g / (ms + eps).sqrt())  # (η g)/√(ms+ε), as TFRMSpropRule.update_layers rounds it
     p.sub_(m)
 
 
@@ -333,14 +333,13 @@ class TFRMSpropRule(UpdateRule):
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
         denom = torch._foreach_add(squares, eps)
         torch._foreach_sqrt_(denom)
-        torch._foreach_div_(grads, denom)
         _scale_each_layer(grads, layers, 0)  # each layer's own η_k
         torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
-        torch._foreach_add_(buffers, grads)
+        torch._foreach_addcdiv_(buffers, grads, denom)  # m + (η g)/√(ms+ε): one pass where a division, a sum
         torch._foreach_sub_(params, buffers)
 
     def update_layers_triton(self, layers, strict=False):
-        """One launch per layer (weights and bias) instead of nine multi-tensor operations
+        """One launch per layer (weights and bias) instead of eight multi-tensor operations
         (:func:`locoprop.triton_kernels.tf_rmsprop_update_`).  Where a launch fails (Triton cannot compile the
         kernel for this device, say), the layers not yet updated get :meth:`update_layers`, the kernels are
         turned off for the process and a warning says why; with ``strict`` the error is raised instead."""

@@ -398,7 +398,7 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
 
 def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_iteration():
     """benchmarks/kernel_count.py counts the operations of one solve: the per-layer work (products, residuals,
-    column sums) is the same in both orders; TF-RMSProp's nine multi-tensor operations run once per layer
+    column sums) is the same in both orders; TF-RMSProp's eight multi-tensor operations run once per layer
     and iteration in the layer-major order and once per iteration in the iteration-major order (its η_k
     multiply once for all the layers that share their learning rates, here all).  With the Triton kernels (the
     CUDA default) each layer's update is one launch in either order, and so is each later iteration's δ with
@@ -412,14 +412,15 @@ def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_ite
     L = sum(isinstance(m, nn.Linear) for m in build_autoencoder("tiny", "tanh").modules())
     lay = mod.solve_operations("tiny", T, "layer-major", batch_size=8)
     it = mod.solve_operations("tiny", T, "iteration-major", batch_size=8)
-    once = ("_foreach_addcmul_", "_foreach_add", "_foreach_sqrt_", "_foreach_div_", "_foreach_add_", "_foreach_sub_")
+    once = ("_foreach_addcmul_", "_foreach_add", "_foreach_sqrt_", "_foreach_addcdiv_", "_foreach_sub_")
     for name in once:
         assert (lay[name], it[name]) == (L * T, T), name
     assert (lay["_foreach_mul_"], it["_foreach_mul_"]) == (3 * L * T, 3 * T)
+    assert "_foreach_div_" not in lay and "_foreach_add_" not in lay  # m + (η g)/√(ms+ε) in one addcdiv
     per_layer = {n: c for n, c in lay.items() if not n.startswith("_foreach")}
     assert per_layer == {n: c for n, c in it.items() if not n.startswith("_foreach")}
     assert (per_layer["mm"], per_layer["addmm"], per_layer["sum"]) == (L * T, L * (T - 1), L * T)
-    assert sum(lay.values()) - sum(it.values()) == T * (9 * L - 9)
+    assert sum(lay.values()) - sum(it.values()) == T * (8 * L - 8)
     for order in ("layer-major", "iteration-major"):  # the CUDA default: one launch a layer for each
         tri = mod.solve_operations("tiny", T, order, batch_size=8, elementwise="triton")
         assert tri.pop("triton:tf_rmsprop_pair") == L * T
@@ -806,6 +807,43 @@ def test_interleaved_time_times_the_modes_in_turn_and_writes_their_ratios(tmp_pa
     assert [r["mode"] for r in records] == ["fused", "fused-afterbackward"]
     assert records[0]["ratio_to_first_mode"] == 1.0 and all(r["steps_timed"] == 3 for r in records)
     assert records[1]["ratio_to_first_mode"] == records[1]["step_ms_median"] / records[0]["step_ms_median"]
+
+
+def test_interleaved_time_times_a_baseline_revision_of_the_library_in_turn(tmp_path, capsys):
+    """``--baseline REV``: each LocoProp mode is built a second time from the library of git revision ``REV`` (its
+    own package, imported under another name: the optimizer is that version's class) and timed in turn with
+    this checkout's; BackProp's modes once; the records and the header name the commits.  A revision git cannot
+    read is refused by name before anything runs."""
+    import subprocess
+
+    import pytest
+
+    from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+    from locoprop.harness.optimizers import build_optimizer
+
+    mod = _module("interleaved_time")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    library, commit = mod.library_of("HEAD", tmp_path / "lib")
+    assert commit == head and library.__name__ == f"locoprop_{head[:12]}"
+    assert not hasattr(library, "harness") and (tmp_path / "lib" / library.__name__ / "fused.py").exists()
+    model = build_autoencoder("tiny", "tanh")
+    with mod.built_with(library):
+        opt = build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-3)
+    assert type(opt).__module__ == f"{library.__name__}.optimizer"
+    assert type(build_optimizer("locoprop-m", model, AutoencoderLoss(), lr=1e-3)).__module__ == "locoprop.optimizer"
+    out = tmp_path / "t.json"
+    assert mod.main(["--models", "tiny", "--batch-sizes", "8", "--modes", "rmsprop/eager", "fused",
+                     "--baseline", "HEAD", "--local-steps", "2", "--rounds", "2", "--warmup", "1",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["baseline_commit"] == head and data["meta"]["commit"].startswith(head)
+    assert [(r["mode"], r["library"]) for r in data["records"]] == [
+        ("rmsprop/eager", "working tree"), ("fused", "working tree"), ("fused", head)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mod.main(["--modes", "fused", "--baseline", "no-such-revision", "--out", str(tmp_path / "no.json")])
+    assert "--baseline 'no-such-revision'" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
 
 
 def test_interleaved_time_times_other_optimizers_and_precisions_beside_locoprop(tmp_path):
