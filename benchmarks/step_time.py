@@ -43,9 +43,7 @@ solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_pro
 what that form costs), ``-recomputef`` (bf16, TF32 on CUDA: ``f(â)`` evaluated again for the target and the
 first residual, as before session 25, instead of read from the layer's output kept beside ``â``) and
 ``-exacttanh`` (bf16 on the CPU: the local iterations' tanh by ``torch.tanh``, as before session 25, instead of
-``2σ(2a) - 1``), ``-nothreads`` (on the CPU: the layers' chains one after another, as before session 26,
-instead of side by side in the layer threads; the default ``solve_in_backward`` then solves each during the
-backward pass, where with the threads every layer is solved after it).  On a
+``2σ(2a) - 1``).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
@@ -279,8 +277,6 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt._reads_post_beside_pre = lambda: False  # round, not read from ŷ (before session 25)
             elif flag == "exacttanh":  # the local iterations' tanh by torch.tanh on the CPU in bf16 (before session 25)
                 opt.fused_solver.quick_transfers = False
-            elif flag == "nothreads":  # the CPU's layers one after another, each solved in the pass (before session 26)
-                opt.fused_solver.layer_threads = False
             elif flag == "afterbackward":  # every layer solved after the backward pass (before session 22)
                 opt.solve_in_backward = False
             elif flag == "inbackward":  # layers solved during the backward pass also without check_finite
@@ -471,8 +467,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                 for flags in ("inbackward", "inbackward-host", "nocheck-inbackward"):
                                     out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
                             else:  # and the copy taken layer by layer, where layers are solved in the pass
-                                for flags in ("afterbackward", "nocheck-inbackward", "wholecopy", "nothreads",
-                                              "afterbackward-nothreads"):
+                                for flags in ("afterbackward", "nocheck-inbackward", "wholecopy"):
                                     out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
@@ -496,7 +491,6 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                             out.append((model, batch, opt, T, f"fused-{flags}", prec))
                                         if prec == "bf16":
                                             out.append((model, batch, opt, T, "fused-exacttanh", prec))
-                                            out.append((model, batch, opt, T, "fused-nothreads", prec))
                                     out.append((model, batch, opt, T, f"{fast}-iter", prec))
                                     late.append((model, batch, opt, T, f"{fast}-compiled", prec))
                                     late.append((model, batch, opt, T, f"{fast}-iter-compiled", prec))

@@ -72,10 +72,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import threading
 import warnings
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -178,48 +176,6 @@ def _shared_streams(device: torch.device, n: int) -> list:
     while len(pool) < n:
         pool.append(torch.cuda.Stream(device=device))
     return pool[:n]
-
-
-_THREAD_POOL: list = []  # [the ThreadPoolExecutor of every solver's layer threads], made at first use
-_THREAD_POOL_LOCK = threading.Lock()
-
-
-class _LayerThreads:
-    """The CPU's counterpart of the layer streams (:attr:`FusedIterativeSolver.layer_threads`): ``n`` lanes, each
-    layer's work run in its lane's turn on a thread of one pool shared by every solver, the calling thread's
-    grad mode carried over; returns once every lane is done, raising the first error only then (no lane is left
-    changing weights behind the caller's back)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    @staticmethod
-    def _pool(n: int) -> ThreadPoolExecutor:
-        with _THREAD_POOL_LOCK:
-            if not _THREAD_POOL or _THREAD_POOL[0]._max_workers < n:
-                if _THREAD_POOL:
-                    _THREAD_POOL[0].shutdown(wait=False)
-                _THREAD_POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="locoprop-layer")]
-            return _THREAD_POOL[0]
-
-    def run(self, indices, work, where: list[int]) -> None:
-        lanes: dict[int, list[int]] = {}
-        for m in indices:
-            lanes.setdefault(where[m], []).append(m)
-        grad = torch.is_grad_enabled()
-
-        def lane(members):
-            with torch.set_grad_enabled(grad):
-                for m in members:
-                    work(m)
-        if len(lanes) < 2:
-            for members in lanes.values():
-                lane(members)
-            return
-        futures = [self._pool(self.n).submit(lane, members) for members in lanes.values()]
-        wait(futures)
-        for f in futures:
-            f.result()  # the first error, once every lane has finished
 
 
 _GRAPH_STREAMS: dict = {}  # device -> the side stream of its CUDA graphs' warm-ups and captures
@@ -330,18 +286,6 @@ class FusedIterativeSolver:
             streams (layers shared out by their product cost), ``False`` none.
             The streams come from one pool per device shared by every solver
             (cuBLAS keeps a workspace per stream: 32 MiB on Hopper).
-        layer_threads: on the CPU, run the layers' chains side by side in
-            threads (one pool shared by every solver), each chain's
-            operations with the process's intra-op threads as before, so the
-            results are the same to the bit: ``True`` (default) as many
-            threads as PyTorch's intra-op threads (``torch.get_num_threads()``,
-            at most one per layer), an integer ``n`` at most ``n``, ``False``
-            (or fewer than two) none.  The layers of one thread share one
-            gradient buffer, as those of a stream do.  PyTorch releases the
-            GIL in its operations, so one chain's products run beside another
-            one's elementwise work and small products, which alone leave a
-            core idle (on 2 cores the bf16 step of the standard autoencoder
-            ran about a fifth faster: ``docs/performance.md``).
         compile_elementwise: fuse the elementwise work of an iteration with
             ``torch.compile`` (experimental, off by default): ``δ`` with the
             bias gradient ``Σδ`` in one kernel, and the TF-RMSProp update in
@@ -377,7 +321,7 @@ class FusedIterativeSolver:
 
     def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool | int = True,
                  compile_elementwise: bool = False, order: str = "layer-major",
-                 triton_elementwise: bool | None = None, layer_threads: bool | int = True) -> None:
+                 triton_elementwise: bool | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if order not in SOLVE_ORDERS:
@@ -403,10 +347,6 @@ class FusedIterativeSolver:
             self.layer_streams = layer_streams
         else:
             raise ValueError(f"layer_streams: expected True, False or an integer >= 0, got {layer_streams!r}")
-        if isinstance(layer_threads, bool) or (isinstance(layer_threads, int) and layer_threads >= 0):
-            self.layer_threads: bool | int = layer_threads
-        else:
-            raise ValueError(f"layer_threads: expected True, False or an integer >= 0, got {layer_threads!r}")
         self._buffers: dict = {}  # persistent gradient buffers and the learning-rate table
         #: Counts the growths of the shared gradient buffers (:meth:`_layers`): a graph captured before one
         #: wrote into the buffer it replaced (:class:`~locoprop.CapturedStep` captures again).
@@ -450,7 +390,7 @@ class FusedIterativeSolver:
         """For copies of a :class:`~locoprop.LocoProp`: the configuration; the buffers, CUDA graphs and tables
         are made again on the copy's first step."""
         fresh = FusedIterativeSolver(self.precision, self.cuda_graph, self.layer_streams, self.compile_elementwise,
-                                     self.order, self.triton_elementwise, self.layer_threads).__dict__
+                                     self.order, self.triton_elementwise).__dict__
         return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs,
                 "quick_transfers": self.quick_transfers}
 
@@ -825,21 +765,12 @@ class FusedIterativeSolver:
 
     def stream_plan(self, problems, use_streams: bool) -> list[int] | None:
         """Each layer's stream in the pool (:meth:`stream_assignment` of the layers' product costs, ``T`` times
-        rows times weights), or ``None`` where every chain runs on the current stream.  On the CPU
-        (``use_streams`` false) each layer's thread (:attr:`layer_threads`, :meth:`thread_count`) instead."""
-        n = self.stream_count(len(problems)) if use_streams else self.thread_count(len(problems))
+        rows times weights), or ``None`` where every chain runs on the current stream."""
+        n = self.stream_count(len(problems)) if use_streams else 0
         if not n:
             return None
         return self.stream_assignment([int(pr.group["local_steps"]) * pr.batch.inputs.shape[0] * pr.params[0].numel()
                                        for pr in problems], n)
-
-    def thread_count(self, n_layers: int) -> int:
-        """Threads the chains of ``n_layers`` layers run in on the CPU (0: one after another in this one)."""
-        if self.layer_threads is False or self.compile_elementwise or self.triton_elementwise is True:
-            return 0  # (torch.compile and Triton's interpreter are not for several threads at once)
-        cap = torch.get_num_threads() if self.layer_threads is True else int(self.layer_threads)
-        n = min(n_layers, cap)
-        return n if n > 1 else 0
 
     def stream_count(self, n_layers: int) -> int:
         """Streams the chains of ``n_layers`` layers run on (0: all on the current stream)."""
@@ -857,13 +788,9 @@ class FusedIterativeSolver:
         return where
 
     @staticmethod
-    def _each_layer(indices, work, streams, where: list[int]) -> None:
+    def _each_layer(indices, work, streams: list, where: list[int]) -> None:
         """``work(m)`` for every layer ``m`` of ``indices``: in order on the current stream, or each on its
-        layer's stream (``streams[where[m]]``), forked from and joined back to the current stream; on the CPU
-        (``streams`` a :class:`_LayerThreads`) the layers of each thread in order in that thread."""
-        if isinstance(streams, _LayerThreads):
-            streams.run(indices, work, where)
-            return
+        layer's stream (``streams[where[m]]``), forked from and joined back to the current stream."""
         if not streams:
             for m in indices:
                 work(m)
@@ -889,12 +816,7 @@ class FusedIterativeSolver:
         iteration.
         """
         with matmul_precision(self.precision):
-            if stream_of and layers[0].params[0].device.type != "cuda":  # the CPU's layer threads
-                streams = _LayerThreads(max(stream_of) + 1)
-            elif stream_of:
-                streams = _shared_streams(torch.cuda.current_stream().device, max(stream_of) + 1)
-            else:
-                streams = []
+            streams = _shared_streams(torch.cuda.current_stream().device, max(stream_of) + 1) if stream_of else []
             reduce = self.reduce_local_gradients
             if self.order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
                 self._each_layer(range(len(layers)), lambda m: self._chain(

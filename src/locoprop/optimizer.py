@@ -158,14 +158,7 @@ class LocoProp(Optimizer):
             integer), or on the current stream (``False``); each stream costs
             a cuBLAS workspace (32 MiB on Hopper), and the layers of one stream
             share one gradient buffer the size of the largest one's (with
-            ``False``, as on the CPU without layer threads, one for all).
-        layer_threads: on the CPU, the fast solver runs the layers side by
-            side in threads: as many as PyTorch's intra-op threads (``True``,
-            default), at most ``n`` (an integer), or none (``False``); each
-            chain's operations keep the process's intra-op threads, so the
-            update is the same to the bit.  Where they run, the default
-            ``solve_in_backward=None`` solves every layer after the backward
-            pass, all at once (faster; the layers' targets held together).
+            ``False``, as on the CPU, one for all).
         compile_elementwise: fuse the fast solver's elementwise work with
             ``torch.compile`` (off by default): ``δ`` with the bias gradient,
             and the TF-RMSProp update in one pass per tensor.  On an H200 it
@@ -218,8 +211,7 @@ class LocoProp(Optimizer):
             are made and freed one at a time instead of all held through the
             solve).  ``None`` (default): where the step allows it (one
             closure, on the CPU, one process, local iterations from ``∇_â L``
-            alone, the layer-major ``solve_order``, the inner state kept, no
-            ``layer_threads`` of the fast solver) and
+            alone, the layer-major ``solve_order``, the inner state kept) and
             ``check_finite``'s copy can undo the layers already solved if a
             later one raises; ``True``: also with ``check_finite=False``
             (such an error then leaves those layers updated, with a warning
@@ -261,7 +253,6 @@ class LocoProp(Optimizer):
         precision: str = "fp32",
         cuda_graph: bool = True,
         layer_streams: bool | int = True,
-        layer_threads: bool | int = True,
         compile_elementwise: bool = False,
         triton_elementwise: bool | None = None,
         solve_order: str = "layer-major",
@@ -333,7 +324,7 @@ class LocoProp(Optimizer):
         self.fused_solver: FusedIterativeSolver | None = None
         if self.variant.solver == "iterative":
             self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph,
-                                                     layer_streams=layer_streams, layer_threads=layer_threads,
+                                                     layer_streams=layer_streams,
                                                      compile_elementwise=compile_elementwise, order=solve_order,
                                                      triton_elementwise=triton_elementwise)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
@@ -871,15 +862,7 @@ class LocoProp(Optimizer):
                 and (self.solve_in_backward or self.check_finite)):
             return False
         kinds = {p.device.type for p in self._params()}
-        if self.solve_in_backward is None and kinds == {"cpu"} and self._threads_layers():
-            return False  # the layers run side by side in threads after the pass (layer_threads)
         return kinds == {"cpu"} or (self.solve_in_backward is True and len(kinds) == 1)
-
-    def _threads_layers(self) -> bool:
-        """Whether the fast solver, selected for the CPU, runs this model's layers in threads
-        (:attr:`~locoprop.fused.FusedIterativeSolver.layer_threads`)."""
-        return (self._select_solver(None, device=torch.device("cpu")) is self.fused_solver
-                and self.fused_solver.thread_count(len(self.layers)) > 1)
 
     def _undo_partial_step(self, solved: list[str]) -> str:
         """After an exception during a step that solves in the backward pass: the rollback restores every
