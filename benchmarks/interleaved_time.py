@@ -19,7 +19,9 @@ each mode's ratio to the first mode, and the command, machine and date.
 of the git revision ``REV`` (its ``src/locoprop`` without the harness, imported under another name; the
 harness, models and BackProp baselines stay this checkout's) and timed in turn with this checkout's, in the
 same process, so that two versions of a step are compared on the same machine state (between processes
-this project's shared 2-core machines drift by 10% and more):
+this project's shared 2-core machines drift by 10% and more).  A mode that runs threads of its own slows the
+other modes of its process (session 26: an unthreaded bf16 step took 485 ms alone and 622 ms beside a step
+whose layers ran in a thread pool, ``results/interleaved-time/``): time such a mode in processes of its own.
 
     python benchmarks/interleaved_time.py --modes rmsprop/eager fused fused@bf16 --baseline 44bb52f \\
         --rounds 20 --out results/interleaved-time/Z.json
