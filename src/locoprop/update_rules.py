@@ -335,7 +335,7 @@ class TFRMSpropRule(UpdateRule):
         torch._foreach_sqrt_(denom)
         _scale_each_layer(grads, layers, 0)  # each layer's own η_k
         torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
-        torch._foreach_addcdiv_(buffers, grads, denom)  # m + (η g)/√(ms+ε): one pass where a division, a sum
+        torch._foreach_addcdiv_(buffers, grads, denom)  # m + (η g)/√(ms+ε): the division and the sum in one pass
         torch._foreach_sub_(params, buffers)
 
     def update_layers_triton(self, layers, strict=False):
