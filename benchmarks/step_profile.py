@@ -32,6 +32,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
+from locoprop.harness.records import processor
 
 
 def _step_time_module():
@@ -41,10 +42,16 @@ def _step_time_module():
     return mod
 
 
+#: Top-level ATen operations on the CPU that are matrix products: ``a @ b`` is counted as ``aten::matmul`` and an
+#: ``nn.Linear`` call as ``aten::linear`` (their ``aten::mm`` / ``aten::addmm`` inside are not counted again).
+CPU_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                "aten::_int_mm"}
+
+
 def kind_of(name: str) -> str:
     """The kind of a kernel (or ATen operation) by its name."""
     low = name.lower()
-    if any(k in low for k in ("gemm", "gemv", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm")):
+    if name in CPU_PRODUCTS or any(k in low for k in ("gemm", "gemv", "cutlass", "xmma")):
         return "product"
     if "foreach" in low or "multi_tensor" in low:
         return "multi-tensor"
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
     if args.out:
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "torch": torch.__version__}
+                "processor": processor(), "threads": torch.get_num_threads(), "torch": torch.__version__}
         Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     return 0
 

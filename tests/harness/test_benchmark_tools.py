@@ -441,6 +441,9 @@ def test_step_profile_sorts_kernels_by_kind_and_counts_a_step(tmp_path):
     assert mod.kind_of("void at::native::reduce_kernel<512, 1, ReduceOp<float, SumOps<float, float>>>") == "reduction"
     assert mod.kind_of("triton_red_fused_sub_sum_tanh_0") == "reduction"
     assert mod.kind_of("void at::native::vectorized_elementwise_kernel<4, tanh_kernel_cuda>") == "elementwise"
+    # the CPU's top-level operations: a bf16 product written a @ b, a Linear's forward; not a product's neighbours
+    assert mod.kind_of("aten::matmul") == mod.kind_of("aten::linear") == mod.kind_of("aten::addmm") == "product"
+    assert mod.kind_of("aten::mul") == mod.kind_of("aten::_to_copy") == "elementwise"
     out = tmp_path / "profile.json"
     assert mod.main(["--model", "tiny", "--batch-size", "16", "--local-steps", "2", "--modes", "eager", "fused",
                      "fused-iter-nograph", "--warmup", "1", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
