@@ -44,8 +44,8 @@ def _step_time_module():
 
 #: Top-level ATen operations on the CPU that are matrix products: ``a @ b`` is counted as ``aten::matmul`` and an
 #: ``nn.Linear`` call as ``aten::linear`` (their ``aten::mm`` / ``aten::addmm`` inside are not counted again).
-CPU_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-                "aten::_int_mm"}
+CPU_PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+                "aten::matmul", "aten::linear", "aten::_int_mm"}
 
 
 def kind_of(name: str) -> str:
