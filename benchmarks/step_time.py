@@ -36,6 +36,8 @@ solved after the backward pass, as before session 22, instead of each during it 
 on CUDA, each layer's solve launched eagerly on the pass's stream: ``solve_in_backward=True``), ``-wholecopy``
 (solving during the backward pass, ``check_finite``'s copy of every layer taken before the forward pass into
 buffers kept between steps, as before session 23, instead of each layer's just before its solve),
+``-layercheck`` (``check_finite="layer"``: each layer's update checked as its solve ends and its copy let go,
+where the layers are solved during the backward pass: one layer's copy at a time),
 ``-freeatend`` (those layer-by-layer copies let go when their step ends rather than when the next one starts:
 what that costs in time; not in the plan), ``-nograph`` (with ``fused``: the
 solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_profile.py``), ``-plain``
@@ -283,6 +285,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.solve_in_backward = True
             elif flag == "wholecopy":  # check_finite's copy of every layer before the forward pass (session 22)
                 opt._rollback.copies_layer_by_layer = lambda device: False  # the path of rollback="host" on CUDA
+            elif flag == "layercheck":  # each layer undone alone if its update is not finite; copies let go
+                opt.check_finite = "layer"
             elif flag == "freeatend":  # the layer-by-layer copies let go when their step ends, not the next starts
                 pass
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
@@ -464,10 +468,11 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             out.append((model, batch, opt, T, f"{fast}-nocheck", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-nocheck-recompute", "fp32"))
                             if cuda:  # solved in the pass: each layer eagerly (a captured step solves after it)
-                                for flags in ("inbackward", "inbackward-host", "nocheck-inbackward"):
+                                for flags in ("inbackward", "inbackward-host", "nocheck-inbackward",
+                                              "inbackward-layercheck"):
                                     out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
                             else:  # and the copy taken layer by layer, where layers are solved in the pass
-                                for flags in ("afterbackward", "nocheck-inbackward", "wholecopy"):
+                                for flags in ("afterbackward", "nocheck-inbackward", "wholecopy", "layercheck"):
                                     out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers

@@ -56,6 +56,9 @@ __all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CapturedStep"]
 BACKENDS = ("auto", "fused", "reference")
 #: Where ``check_finite`` keeps its copy of the weights and inner state (the ``rollback`` argument).
 ROLLBACKS = ("device", "host")
+#: What ``check_finite`` undoes when an update is not finite: nothing (no check), the whole step, or each layer
+#: whose own update is not finite (the ``check_finite`` argument).
+CHECK_FINITE = (False, True, "layer")
 #: What a variant that uses the transfer function does with a layer before a non-monotone activation.
 NON_MONOTONE = ("refuse", "linear")
 
@@ -116,7 +119,17 @@ class LocoProp(Optimizer):
             (default ``False``: it persists from batch to batch, as in the paper).
         check_finite: undo a step whose local update is NaN or infinite and
             raise :class:`~locoprop.DivergenceError` (costs one copy of the
-            weights and inner state per step).
+            weights and inner state per step).  ``"layer"``: check each
+            layer's update as its solve ends and undo only the layers whose
+            update is not finite (weights and inner state); the others keep
+            theirs, which is a valid step of their own local problems (each
+            layer's problem is independent of the others' updates, Sec. 3),
+            and the step raises :class:`~locoprop.DivergenceError` naming
+            the undone layers.  A loss that is not finite undoes every layer.
+            Where the layers are solved during the backward pass
+            (``solve_in_backward``), each layer's copy is let go as soon as
+            its update is checked, so the step holds one layer's copy at a
+            time instead of every layer's (docs/performance.md, Memory).
         rollback: where ``check_finite`` keeps that copy: ``"device"``
             (default; on a GPU it costs GPU memory the size of the weights and
             the inner state) or ``"host"`` (pinned CPU memory: no GPU memory;
@@ -244,7 +257,7 @@ class LocoProp(Optimizer):
         lr_decay: bool = True,
         min_lr_ratio: float = 0.25,
         reset_inner_state: bool = False,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
         rollback: str = "device",
         retain_problems: bool = False,
         distributed=None,
@@ -343,7 +356,7 @@ class LocoProp(Optimizer):
         self.last_solver = ""
         self._rollback = _Rollback(rollback)
         self.reset_inner_state = bool(reset_inner_state)
-        self.check_finite = bool(check_finite)
+        self.check_finite = check_finite
         self.retain_problems = bool(retain_problems)
         if solve_in_backward is not None and not isinstance(solve_in_backward, bool):
             raise TypeError(f"solve_in_backward: expected None, True or False, got {solve_in_backward!r}")
@@ -743,10 +756,67 @@ class LocoProp(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    @property
+    def check_finite(self) -> bool | str:
+        """``True``, ``False`` or ``"layer"`` (the constructor's argument); may be changed between steps."""
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool | str) -> None:
+        if not any(value is v or (isinstance(v, str) and value == v) for v in CHECK_FINITE):
+            raise ValueError(f"check_finite: expected True, False or 'layer', got {value!r}")
+        self._check_finite = value
+
+    def _weights_finite(self, groups: Sequence[int] | None = None) -> torch.Tensor:
+        """A device flag for each weight of the layers ``groups`` (indices of :attr:`param_groups`; default:
+        every layer), in order: finite (the max-abs norm is finite iff every entry is)."""
+        groups = range(len(self.param_groups)) if groups is None else groups
+        params = [p for m in groups for p in self.param_groups[m]["params"]]
+        return torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))))
+
     def _all_finite(self) -> torch.Tensor:
-        """One device flag: every weight is finite (the max-abs norm is finite iff every entry is)."""
-        norms = torch._foreach_norm(self._params(), float("inf"))
-        return torch.isfinite(torch.stack(norms)).all()
+        """One device flag: every weight is finite."""
+        return self._weights_finite().all()
+
+    def _finite_flags(self, loss: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+        """``check_finite="layer"``: one device vector, whether ``loss`` is finite, then :meth:`_weights_finite`
+        (read back at once and split by :meth:`_split_flags`)."""
+        return torch.cat([torch.isfinite(loss.detach()).all().reshape(1), self._weights_finite(groups)])
+
+    def _split_flags(self, flags: list[bool], groups: Sequence[int] | None = None) -> tuple[bool, list[bool]]:
+        """:meth:`_finite_flags` read back: whether the loss is finite, and whether each layer of ``groups`` is."""
+        groups = range(len(self.param_groups)) if groups is None else groups
+        per_layer, i = [], 1
+        for m in groups:
+            n = len(self.param_groups[m]["params"])
+            per_layer.append(all(flags[i:i + n]))
+            i += n
+        return bool(flags[0]), per_layer
+
+    def _undo_layers(self, groups: Sequence[int], finite: list[bool], loss_finite: bool = True,
+                     host: bool = True) -> list[int]:
+        """``check_finite="layer"`` after a solve: restore, from the rollback's copies, those of the layers
+        ``groups`` whose weights are not finite (``finite``, one flag each; every one where the loss is not),
+        with their inner state; returns their indices."""
+        bad = [m for m, ok in zip(groups, finite) if not (ok and loss_finite)]
+        if bad:
+            self._rollback.restore(self.inner, host=host,
+                                   only=[p for m in bad for p in self.param_groups[m]["params"]])
+        return bad
+
+    def _end_partial_step(self, undone: list[int], problems: list, fused: bool, rule=None) -> DivergenceError:
+        """A step that raises with the layers ``undone`` undone (``check_finite="layer"``) or not updated: the
+        layers that kept their update count the step (the fast solver's step counters where ``fused`` solved
+        them, :meth:`_finish`), the other parameters' gradients are not added; the error to raise, naming the
+        undone layers."""
+        kept = [None if m in undone else pr for m, pr in enumerate(problems)]
+        if fused:
+            self.fused_solver.count_steps(kept, self.inner, rule)
+        self._pending_other_grads = []
+        self._finish(kept, undone)
+        names = sorted(self.param_groups[m]["name"] for m in undone)
+        return DivergenceError(f"the local update of layer(s) {names} is not finite; those layers were undone, "
+                               "the others kept their update (check_finite='layer'; lower lr or activation_lr)")
 
     def _loss_checked_after_solve(self) -> bool:
         """Whether :meth:`step` reads whether the loss is finite together with the weights, after the solve (one
@@ -756,7 +826,7 @@ class LocoProp(Optimizer):
         local iterations; a natural-gradient target's Cholesky factorisation would raise instead); not where
         the inner state is reset before the solve, which the rollback does not undo."""
         v = self.variant
-        return (self.check_finite and self.distributor is None and isinstance(v.target, GradientStepTarget)
+        return (self.check_finite is True and self.distributor is None and isinstance(v.target, GradientStepTarget)
                 and type(v.regularizer) is L2Proximity and v.solver == "iterative"
                 and not (self.inner is not None and self.reset_inner_state))  # the reset is not undone
 
@@ -864,17 +934,21 @@ class LocoProp(Optimizer):
         kinds = {p.device.type for p in self._params()}
         return kinds == {"cpu"} or (self.solve_in_backward is True and len(kinds) == 1)
 
-    def _undo_partial_step(self, solved: list[str]) -> str:
+    def _undo_partial_step(self, kept: list[int], problems: list, fused: bool) -> str:
         """After an exception during a step that solves in the backward pass: the rollback restores every
-        layer where ``check_finite`` keeps its copy, else a warning names the layers that kept their update.
-        Returns which of the two, for the error's message."""
+        layer whose copy the step still holds (with ``check_finite=True``, every layer); the layers ``kept``,
+        solved before the error with no copy left (``check_finite=False``, or ``"layer"``, which let their
+        copies go once their update was found finite), keep their update, count the step, and a warning names
+        them.  Returns which of the two, for the error's message."""
         if self.check_finite:
             self._rollback.restore(self.inner)
-            return "the step was undone"
-        if solved:
-            warnings.warn(f"check_finite=False: layers {solved}, solved before the error, keep their update",
-                          stacklevel=4)
-        return f"layers {solved} keep their update: check_finite=False"
+        if not kept:
+            return "the step was undone" if self.check_finite else "no layer was updated: check_finite=False"
+        self._end_partial_step([m for m in range(len(self.param_groups)) if m not in kept], problems, fused)
+        names = [self.param_groups[m]["name"] for m in kept]
+        why = f"check_finite={self.check_finite!r}"
+        warnings.warn(f"{why}: layers {names}, solved before the error, keep their update", stacklevel=4)
+        return f"layers {names} keep their update: {why}"
 
     def _product_edge(self, b: LayerBatch | None, group: dict):
         """Where layer ``b``'s ``∇_â L`` enters the backward pass (a ``GradientEdge``) if the node there is the one
@@ -912,13 +986,16 @@ class LocoProp(Optimizer):
         pass, as :meth:`_solve_captured` solves them.  Each layer's arithmetic is the same as there: the same
         weights and inner state to the bit (``tests/test_solve_in_backward.py``).  ``check_finite``'s copy is
         taken layer by layer, just before each layer's solve (``_Rollback.save_layer``), so that the step holds
-        the copies of the layers solved so far rather than of every layer from its start.  Where the copy goes
+        the copies of the layers solved so far rather than of every layer from its start; with
+        ``check_finite="layer"`` each layer's update is checked as its solve ends, the layer undone alone if it is
+        not finite, and its copy let go, so that the step holds one layer's copy at a time.  Where the copy goes
         to host memory (``rollback="host"`` on CUDA) it costs the device nothing: every layer is copied
         before the forward pass, beside it, and each solve waits for the copy.  On CUDA each layer's solve is
         launched eagerly (``FusedIterativeSolver.solve(..., graph=False)``) on the pass's stream."""
         saved = self._rollback if self.check_finite else None
         device = self._params()[0].device
         by_layer = saved is not None and saved.copies_layer_by_layer(device)
+        each_layer = self.check_finite == "layer"  # each layer checked as its solve ends, its copy let go
         if by_layer:  # the last step's copies let go before the forward pass, which takes their memory
             saved.begin_layer_by_layer()
         elif saved is not None:
@@ -939,6 +1016,7 @@ class LocoProp(Optimizer):
         solver = self._select_solver(None, device=device)
         eager = {"graph": False} if solver is self.fused_solver else {}  # each call's problems are new
         v, problems, solved = self.variant, [None] * len(batches), []  # solved: the layers' names, in turn
+        kept: list[int] = []  # layers solved with no copy left to undo them (check_finite False or "layer")
 
         def solve(indices: list[int]) -> None:
             for m in indices:
@@ -955,6 +1033,15 @@ class LocoProp(Optimizer):
             for m in indices:  # what the solve read: freed now, unless another layer's problem holds it
                 problems[m].target = problems[m].residual = problems[m].anchor = None
                 problems[m].batch.inputs = problems[m].batch.post = None
+            if each_layer:  # undo the layers whose update is not finite; let go of copies taken for this solve
+                undone = self._undo_layers(indices, self._split_flags(self._finite_flags(loss, indices).tolist(),
+                                                                      indices)[1])
+                self._undone += undone
+                if by_layer:
+                    saved.release([p for m in indices for p in self.param_groups[m]["params"]])
+                    kept.extend(m for m in indices if m not in undone)
+            elif saved is None:
+                kept.extend(indices)
 
         def take_gradient(grad_outputs, b, nr):
             b.grad_pre = grad_outputs[nr]
@@ -968,7 +1055,7 @@ class LocoProp(Optimizer):
             with self._autocast_off():
                 grads = _backward(loss, pres + biases + others)
         except Exception as exc:
-            undone = self._undo_partial_step(solved)
+            undone = self._undo_partial_step(kept, problems, solver is self.fused_solver)
             if isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc):
                 raise RuntimeError(
                     f"the backward pass still needed the weights of a layer solved during it (layers solved: "
@@ -988,7 +1075,7 @@ class LocoProp(Optimizer):
                 if late:
                     solve(late)
         except Exception:
-            self._undo_partial_step(solved)
+            self._undo_partial_step(kept, problems, solver is self.fused_solver)
             raise
         self._keep_other_grads(others, grads[len(pres) + len(biases):])
         self.last_solver = self._solver_name(solver)
@@ -1017,8 +1104,14 @@ class LocoProp(Optimizer):
         closures = _closures(closure)
         self._check_still_frozen_or_trainable()
         self._sync_layers()
+        self._undone: list[int] = []  # check_finite="layer": the layers undone as their solve ended
         loss, problems = self._step_body(closures)
-        if self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the step's one read-back
+        if self.check_finite == "layer":
+            loss_finite, finite = self._split_flags(self._finite_flags(loss).tolist())
+            undone = sorted(set(self._undone + self._undo_layers(range(len(finite)), finite, loss_finite)))
+            if undone:
+                raise self._end_partial_step(undone, problems, self.last_solver == "fused")
+        elif self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the step's one read-back
             err = self._divergence(loss)
             self._rollback.restore(self.inner)
             self._pending_other_grads = []  # not added for a step that raises
@@ -1035,14 +1128,16 @@ class LocoProp(Optimizer):
         for lay in self.layers:
             lay.sync()
 
-    def _finish(self, problems) -> None:
-        """After a step that succeeded: kernels that are not their matrices' storage take the new values
-        (:meth:`~locoprop.layers.ConvTransposeMatrix.commit`), the groups count the step."""
+    def _finish(self, problems, undone: Sequence[int] = ()) -> None:
+        """After a step that succeeded (but in the layers ``undone``, ``check_finite="layer"``): kernels that are
+        not their matrices' storage take the new values (:meth:`~locoprop.layers.ConvTransposeMatrix.commit`),
+        the groups count the step."""
         for lay in self.layers:
             lay.commit()
         self.last_problems = problems if self.retain_problems else None
-        for g in self.param_groups:
-            g["step"] = g.get("step", 0) + 1
+        for m, g in enumerate(self.param_groups):
+            if m not in undone:
+                g["step"] = g.get("step", 0) + 1
 
     def graphed_step(self, closure: Callable[[], torch.Tensor], warmup: int = 2) -> "CapturedStep":
         """The whole step (forward, backward, targets, ``T`` local iterations) as one CUDA graph.
@@ -1200,18 +1295,20 @@ class _Rollback:
         self.where = where
         self._tensors: list[torch.Tensor] = []
         self._buffers: list[torch.Tensor] = []
-        self._host: list[tuple[dict, str, object]] = []
+        self._owners: list[torch.Tensor] = []  # the parameter each of ``_tensors`` belongs to (itself or its state)
+        self._host: list[tuple[torch.Tensor, dict, str, object]] = []  # (parameter, its state, key, copy)
         self._keys: dict[torch.Tensor, list[str]] = {}
         self._params: list[torch.Tensor] = []
         self._stream = None  # the side stream of the device-to-host copies
         self._pending = False
 
     @staticmethod
-    def _state(params: list[torch.Tensor], inner: Optimizer | None, host: bool) -> tuple[list, dict, list]:
+    def _state(params: list[torch.Tensor], inner: Optimizer | None, host: bool) -> tuple[list, list, dict, list]:
         """What a copy of ``params`` covers: the device tensors (the weights, then their inner state's tensors on
-        the weights' device), each parameter's state keys, and (``host``) copies of the other state entries."""
+        the weights' device), the parameter each of them belongs to, each parameter's state keys, and
+        (``host``) copies of the other state entries, each with its parameter."""
         device = params[0].device
-        tensors, keys, hosts = list(params), {}, []
+        tensors, owners, keys, hosts = list(params), list(params), {}, []
         if inner is not None:
             for p in params:
                 if p not in inner.state:
@@ -1221,9 +1318,10 @@ class _Rollback:
                 for k, v in st.items():
                     if torch.is_tensor(v) and v.device == device:
                         tensors.append(v)
+                        owners.append(p)
                     elif host:
-                        hosts.append((st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
-        return tensors, keys, hosts
+                        hosts.append((p, st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
+        return tensors, owners, keys, hosts
 
     def copies_to_host(self, device: torch.device) -> bool:
         """Whether the copies of tensors on ``device`` go to pinned host memory (``where="host"``, CUDA)."""
@@ -1237,7 +1335,7 @@ class _Rollback:
 
     def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
         device = params[0].device
-        tensors, keys, hosts = self._state(params, inner, host)
+        tensors, owners, keys, hosts = self._state(params, inner, host)
         to_host = self.copies_to_host(device)
         home = torch.device("cpu") if to_host else device
         if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != home
@@ -1256,7 +1354,7 @@ class _Rollback:
                 self._pending = True
             else:
                 torch._foreach_copy_(self._buffers, tensors)
-        self._tensors, self._keys, self._params = tensors, keys, list(params)
+        self._tensors, self._owners, self._keys, self._params = tensors, owners, keys, list(params)
         if host:
             self._host = hosts
 
@@ -1267,7 +1365,7 @@ class _Rollback:
         goes back to the system (the C allocator returns a large free block at the top of its heap) and the
         next forward pass faults its pages in again: about a tenth more time for a batch-100 step with the
         readable loop on this project's 2-core machine (docs/performance.md, Memory)."""
-        self._tensors, self._buffers, self._keys, self._params, self._host = [], [], {}, [], []
+        self._tensors, self._buffers, self._owners, self._keys, self._params, self._host = [], [], [], {}, [], []
         self._pending = False
 
     def save_layer(self, params: list[torch.Tensor], inner: Optimizer | None) -> None:
@@ -1275,13 +1373,26 @@ class _Rollback:
         changes them (a step that solves its layers one at a time during the backward pass,
         :meth:`LocoProp._backward_solving`): the step holds the copies of the layers solved so far, not of
         every layer from its start."""
-        tensors, keys, hosts = self._state(params, inner, host=True)
+        tensors, owners, keys, hosts = self._state(params, inner, host=True)
         with torch.no_grad():
             self._buffers.extend(t.clone() for t in tensors)
         self._tensors.extend(tensors)
+        self._owners.extend(owners)
         self._keys.update(keys)
         self._params.extend(params)
         self._host.extend(hosts)
+
+    def release(self, params: list[torch.Tensor]) -> None:
+        """Let go of this step's copies of ``params`` and their inner state (``check_finite="layer"``, once a
+        layer's update is found finite): a later :meth:`restore` leaves them as they are."""
+        ids = {id(p) for p in params}
+        kept = [i for i, o in enumerate(self._owners) if id(o) not in ids]
+        self._tensors = [self._tensors[i] for i in kept]
+        self._buffers = [self._buffers[i] for i in kept]
+        self._owners = [self._owners[i] for i in kept]
+        self._params = [p for p in self._params if id(p) not in ids]
+        self._keys = {p: k for p, k in self._keys.items() if id(p) not in ids}
+        self._host = [h for h in self._host if id(h[0]) not in ids]
 
     def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The copies of ``params`` taken in this step, where they are kept on the parameters' device (read
@@ -1298,17 +1409,23 @@ class _Rollback:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
             self._pending = False
 
-    def restore(self, inner: Optimizer | None, host: bool = True) -> None:
+    def restore(self, inner: Optimizer | None, host: bool = True, only: list[torch.Tensor] | None = None) -> None:
+        """Write the copies back: of every parameter copied in this step, or of those in ``only`` (the layers
+        ``check_finite="layer"`` undoes), with their inner state."""
         self.wait()
+        ids = None if only is None else {id(p) for p in only}
+        pairs = [(t, b) for t, b, o in zip(self._tensors, self._buffers, self._owners) if ids is None or id(o) in ids]
         with torch.no_grad():
-            if self._buffers and self._buffers[0].device != self._tensors[0].device:
-                for t, b in zip(self._tensors, self._buffers):  # from pinned host memory
+            if pairs and pairs[0][1].device != pairs[0][0].device:
+                for t, b in pairs:  # from pinned host memory
                     t.copy_(b)
-            elif self._tensors:  # none where a step copying layer by layer failed before its first solve
-                torch._foreach_copy_(self._tensors, self._buffers)
+            elif pairs:  # none where a step copying layer by layer failed before its first solve
+                torch._foreach_copy_([t for t, _ in pairs], [b for _, b in pairs])
         if inner is None:
             return
         for p in self._params:
+            if ids is not None and id(p) not in ids:
+                continue
             if p not in self._keys:
                 inner.state.pop(p, None)
                 continue
@@ -1316,7 +1433,9 @@ class _Rollback:
             for k in [k for k in st if k not in self._keys[p]]:
                 del st[k]
         if host:
-            for st, k, v in self._host:
+            for p, st, k, v in self._host:
+                if ids is not None and id(p) not in ids:
+                    continue
                 if torch.is_tensor(v) and torch.is_tensor(st.get(k)):
                     st[k].copy_(v)
                 else:
@@ -1485,12 +1604,17 @@ class CapturedStep:
             solver.upload_table(solver.static_table, table, "static")  # only where the learning rates changed
             self.last_mode = "replay"
         self.graph.replay()
-        if opt.check_finite and not bool(self.flag):
+        opt.last_solver = "fused"
+        if opt.check_finite == "layer":
+            loss_finite, finite = opt._split_flags(self.flag.tolist())
+            undone = opt._undo_layers(range(len(finite)), finite, loss_finite, host=False)
+            if undone:
+                raise opt._end_partial_step(undone, self.problems, True, self._rule)
+        elif opt.check_finite and not bool(self.flag):
             opt._rollback.restore(opt.inner, host=False)
             raise DivergenceError("the loss or the local update of this step is not finite; the step was undone "
                                   "(lower lr or activation_lr)")
         solver.count_steps(self.problems, opt.inner, self._rule)
-        opt.last_solver = "fused"
         opt._accumulate_other_grads(self.other_grads, copy=True)
         opt._finish(self.problems)
         return self.loss.clone()
@@ -1506,7 +1630,8 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         with capturing_graph(graph, stream=graph_side_stream(first.device)):
             loss, problems = opt._step_body([self.closure], capturing=True)
-            flag = torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None
+            flag = (opt._finite_flags(loss) if opt.check_finite == "layer" else
+                    torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None)
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
         key = self._graph_key(hyper, table)  # after the capture: the gradient buffers it captured
