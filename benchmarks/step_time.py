@@ -474,6 +474,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             else:  # and the copy taken layer by layer, where layers are solved in the pass
                                 for flags in ("afterbackward", "nocheck-inbackward", "wholecopy", "layercheck"):
                                     out.append((model, batch, opt, T, f"fused-{flags}", "fp32"))
+                                out.append((model, batch, opt, T, "reference-layercheck", "fp32"))  # the default loop
                             out.append((model, batch, opt, T, f"{fast}-iter-nocheck", "fp32"))
                             for inner in ("adam", "adagrad"):  # the fast path of torch's inner optimizers
                                 out.append((model, batch, opt, T, f"reference-{inner}", "fp32"))
