@@ -44,6 +44,7 @@ def _locoprop_mode(base: str, settings: dict) -> str:
     multi-tensor update (``triton_elementwise`` false)."""
     flags = ["iter" if settings.get("solve_order") == "iteration-major" else None,
              "nocheck" if settings.get("check_finite") is False else None,
+             "layercheck" if settings.get("check_finite") == "layer" else None,
              "host" if settings.get("rollback") == "host" else None,
              settings.get("inner") if settings.get("inner") in ("adam", "adagrad") else None,
              "compiled" if settings.get("compile_elementwise") else None,

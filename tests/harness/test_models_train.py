@@ -300,6 +300,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
     (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
     (dict(optimizer="rmsprop", check_finite=False), "check_finite: False applies to the LocoProp optimizers only"),
+    (dict(optimizer="rmsprop", check_finite="layer"), "check_finite: 'layer' applies to the LocoProp optimizers"),
+    (dict(optimizer="locoprop-m", check_finite="step"), "check_finite: expected true, false or layer, got 'step'"),
     (dict(optimizer="adam", compile_elementwise=True), "compile_elementwise: True applies to the LocoProp optimizers"),
     (dict(optimizer="adam", solve_order="iteration-major"), "solve_order: 'iteration-major' applies to the LocoProp"),
     (dict(optimizer="adam", triton_elementwise=False), "triton_elementwise: False applies to the LocoProp optimizers"),
@@ -394,6 +396,40 @@ def test_solve_in_backward_setting_reaches_the_optimizer(tmp_path):
                                   check_finite=check_finite, solve_in_backward=cfg.solve_in_backward)
             assert opt.solve_in_backward is expected
             assert opt._solves_in_backward([None], False) == (expected is True or (expected is None and check_finite))
+
+
+def test_check_finite_layer_reaches_the_optimizer_trains_as_the_default_and_stops_a_diverged_run(tmp_path,
+                                                                                                 monkeypatch):
+    """`--check-finite layer` (and the YAML key) build LocoProp with ``check_finite="layer"``: a run trains to the
+    same losses as with the default check, and one whose update diverges stops there as diverged, naming the
+    layers undone; `--check-finite` alone is true, `--no-check-finite` false, another word an error."""
+    from locoprop.harness import train as train_module
+    from locoprop.harness.cli import build_parser, _config_from
+
+    parser = build_parser()
+    for argv, expected in (([], True), (["--check-finite"], True), (["--check-finite", "layer"], "layer"),
+                           (["--no-check-finite"], False)):
+        args = parser.parse_args(["train", "--optimizer", "locoprop-m", "--out", str(tmp_path), *argv])
+        assert _config_from(args).check_finite == expected and type(_config_from(args).check_finite) is type(expected)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--out", str(tmp_path), "--check-finite", "yes"])
+    built = []
+    original = train_module.build_optimizer
+    monkeypatch.setattr(train_module, "build_optimizer", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    settings = dict(optimizer="locoprop-m", lr=1e-4, activation_lr=10.0, local_steps=2, **TINY)
+    train(TrainConfig(**settings), tmp_path / "check", progress=False, log=lambda s: None)
+    result = train(TrainConfig(**settings, check_finite="layer"), tmp_path / "layer", progress=False,
+                   log=lambda s: None)
+    assert built[1].check_finite == "layer" and result.status == "finished"
+    key = lambda r: (r["epoch"], r["train_loss"], r["test_loss"], r.get("batch_loss"))  # noqa: E731
+    assert [key(r) for r in read_metrics(tmp_path / "check")[0]] == \
+        [key(r) for r in read_metrics(tmp_path / "layer")[0]]
+    out = tmp_path / "diverged"
+    result = train(TrainConfig(**{**settings, "activation_lr": 1e300}, check_finite="layer"), out, progress=False,
+                   log=lambda s: None)
+    records, events = read_metrics(out)
+    assert result.status == "diverged" and "were undone, the others kept their update" in events[-1]["reason"]
+    assert records[-1]["epoch"] == 0 and not (out / "checkpoint.pt").exists()
 
 
 def test_the_batch_loss_is_the_host_mean_of_the_step_losses_read_only_now_and_then(tmp_path, monkeypatch):

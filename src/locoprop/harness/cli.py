@@ -55,7 +55,11 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         typ = _field_type(f)
         help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if typ is bool:
+        if typ is bool and f.metadata.get("words"):  # true, false or a word: --NAME [WORD], --no-NAME
+            p.add_argument(flag, dest=f.name, nargs="?", const=True, choices=f.metadata["words"], default=None,
+                           help=help_)
+            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=False, help="false")
+        elif typ is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_)

@@ -63,7 +63,7 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
                     beta2: float | None = None, eps: float | None = None, activation_lr: float = 1.0,
                     local_steps: int = 10, inner: str = "tf_rmsprop", inverse_every: int = 1,
                     damping: float | None = None, precision: str = "fp32", kl_clip: float | None = None,
-                    rollback: str = "device", check_finite: bool = True, compile_elementwise: bool = False,
+                    rollback: str = "device", check_finite: bool | str = True, compile_elementwise: bool = False,
                     triton_elementwise: bool | None = None, solve_order: str = "layer-major",
                     solve_in_backward: bool | None = None, shampoo_root: str = "newton"):
     """An optimizer with ``step(closure)``, ``param_groups`` and ``state_dict``.

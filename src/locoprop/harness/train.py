@@ -108,11 +108,13 @@ class TrainConfig:
                             "(LocoProp.graphed_step)", default=True)
     rollback: str = _opt("LocoProp: where the copy that undoes a diverged step lives, device or host (pinned "
                          "host memory: less GPU memory, slightly slower)", default="device")
-    check_finite: bool = _opt("LocoProp: check every step's update, undo one that is not finite and stop the run "
-                              "there (one read-back of the GPU a step); --no-check-finite: no copy to undo a step, "
-                              "and a captured step (CUDA) reads nothing back: a divergence stops the run at a "
-                              f"later step's non-finite loss (on a GPU read every {LOSS_READ_EVERY} steps)",
-                              default=True)
+    check_finite: bool | str = _opt(
+        "LocoProp: check every step's update, undo one that is not finite and stop the run there (one read-back of "
+        "the GPU a step); --check-finite layer: undo only the layers whose update is not finite (check_finite="
+        "'layer': where the layers are solved in the backward pass, one layer's copy at a time, less memory); "
+        "--no-check-finite: no copy to undo a step, and a captured step (CUDA) reads nothing back: a divergence "
+        f"stops the run at a later step's non-finite loss (on a GPU read every {LOSS_READ_EVERY} steps)",
+        default=True, words=("layer",))
     compile_elementwise: bool = _opt("LocoProp on the fast solver: fuse the local iterations' elementwise work "
                                      "with torch.compile (steps 10 to 15 percent faster on an H200, after a "
                                      "compilation on the first step)", default=False)
@@ -155,6 +157,8 @@ class TrainConfig:
                              f"got {self.precision!r}")
         if self.rollback not in ROLLBACKS:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
+        if not (self.check_finite is True or self.check_finite is False or self.check_finite == "layer"):
+            raise ValueError(f"check_finite: expected true, false or layer, got {self.check_finite!r}")
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
         for name in ("triton_elementwise", "solve_in_backward"):
