@@ -357,6 +357,9 @@ class LocoProp(Optimizer):
         self._rollback = _Rollback(rollback)
         self.reset_inner_state = bool(reset_inner_state)
         self.check_finite = check_finite
+        #: check_finite="layer": the layers undone as their solve ended during this step's backward pass (None: the
+        #: step solved after the pass, and its layers are checked once the solve is done)
+        self._undone: list[int] | None = None
         self.retain_problems = bool(retain_problems)
         if solve_in_backward is not None and not isinstance(solve_in_backward, bool):
             raise TypeError(f"solve_in_backward: expected None, True or False, got {solve_in_backward!r}")
@@ -804,16 +807,20 @@ class LocoProp(Optimizer):
                                    only=[p for m in bad for p in self.param_groups[m]["params"]])
         return bad
 
-    def _end_partial_step(self, undone: list[int], problems: list, fused: bool, rule=None) -> DivergenceError:
+    def _end_partial_step(self, undone: list[int], problems: list, fused: bool, rule=None,
+                          loss_finite: bool = True) -> DivergenceError:
         """A step that raises with the layers ``undone`` undone (``check_finite="layer"``) or not updated: the
         layers that kept their update count the step (the fast solver's step counters where ``fused`` solved
         them, :meth:`_finish`), the other parameters' gradients are not added; the error to raise, naming the
-        undone layers."""
+        undone layers (or the loss, where it was not finite and every layer was undone)."""
         kept = [None if m in undone else pr for m, pr in enumerate(problems)]
         if fused:
             self.fused_solver.count_steps(kept, self.inner, rule)
         self._pending_other_grads = []
         self._finish(kept, undone)
+        if not loss_finite:
+            return DivergenceError("the closure's loss is not finite; every layer was undone (lower lr or "
+                                   "activation_lr)")
         names = sorted(self.param_groups[m]["name"] for m in undone)
         return DivergenceError(f"the local update of layer(s) {names} is not finite; those layers were undone, "
                                "the others kept their update (check_finite='layer'; lower lr or activation_lr)")
@@ -996,6 +1003,8 @@ class LocoProp(Optimizer):
         device = self._params()[0].device
         by_layer = saved is not None and saved.copies_layer_by_layer(device)
         each_layer = self.check_finite == "layer"  # each layer checked as its solve ends, its copy let go
+        if each_layer:
+            self._undone = []
         if by_layer:  # the last step's copies let go before the forward pass, which takes their memory
             saved.begin_layer_by_layer()
         elif saved is not None:
@@ -1104,13 +1113,16 @@ class LocoProp(Optimizer):
         closures = _closures(closure)
         self._check_still_frozen_or_trainable()
         self._sync_layers()
-        self._undone: list[int] = []  # check_finite="layer": the layers undone as their solve ended
+        self._undone = None
         loss, problems = self._step_body(closures)
         if self.check_finite == "layer":
-            loss_finite, finite = self._split_flags(self._finite_flags(loss).tolist())
-            undone = sorted(set(self._undone + self._undo_layers(range(len(finite)), finite, loss_finite)))
+            loss_finite, undone = True, self._undone  # each layer checked as its solve ended, during the pass
+            if undone is None:  # every layer solved after the pass: all checked now, in one read-back
+                loss_finite, finite = self._split_flags(self._finite_flags(loss).tolist())
+                undone = self._undo_layers(range(len(finite)), finite, loss_finite)
             if undone:
-                raise self._end_partial_step(undone, problems, self.last_solver == "fused")
+                raise self._end_partial_step(sorted(undone), problems, self.last_solver == "fused",
+                                             loss_finite=loss_finite)
         elif self.check_finite and not bool(self._all_finite() & torch.isfinite(loss)):  # the step's one read-back
             err = self._divergence(loss)
             self._rollback.restore(self.inner)
@@ -1609,7 +1621,7 @@ class CapturedStep:
             loss_finite, finite = opt._split_flags(self.flag.tolist())
             undone = opt._undo_layers(range(len(finite)), finite, loss_finite, host=False)
             if undone:
-                raise opt._end_partial_step(undone, self.problems, True, self._rule)
+                raise opt._end_partial_step(undone, self.problems, True, self._rule, loss_finite)
         elif opt.check_finite and not bool(self.flag):
             opt._rollback.restore(opt.inner, host=False)
             raise DivergenceError("the loss or the local update of this step is not finite; the step was undone "

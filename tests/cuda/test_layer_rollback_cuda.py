@@ -63,3 +63,24 @@ def test_solving_in_the_pass_undoes_the_diverged_layer_alone_and_holds_less():
     peaks = {name: _peak_mb(settings) for name, settings in (
         ("whole step", dict(solve_in_backward=True)), ("layer", dict(solve_in_backward=True, check_finite="layer")))}
     assert peaks["layer"] < peaks["whole step"], peaks
+
+
+def test_graphed_step_with_a_non_finite_loss_undoes_every_layer_and_names_the_loss():
+    """The captured step cannot read the loss before its solve: a NaN loss is read with the layers' flags, and
+    every layer is undone."""
+    model = _model()
+    opt = _opt(model, check_finite="layer")
+    static_x = torch.empty(256, 784, device=DEV)
+    scale = torch.ones((), device=DEV)
+    step = opt.graphed_step(lambda: _loss(model(static_x), static_x) * scale)
+    batches = _batches(4)
+    for x in batches[:3]:
+        static_x.copy_(x)
+        step()
+    before = [_layer_state(opt, m) for m in range(len(opt.param_groups))]
+    scale.fill_(float("nan"))
+    static_x.copy_(batches[3])
+    with pytest.raises(locoprop.DivergenceError, match="closure's loss is not finite; every layer was undone"):
+        step()
+    assert step.last_mode == "replay"
+    assert all(_equal(_layer_state(opt, m), b) for m, b in enumerate(before))
