@@ -781,20 +781,24 @@ class LocoProp(Optimizer):
         """One device flag: every weight is finite."""
         return self._weights_finite().all()
 
-    def _finite_flags(self, loss: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
-        """``check_finite="layer"``: one device vector, whether ``loss`` is finite, then :meth:`_weights_finite`
-        (read back at once and split by :meth:`_split_flags`)."""
-        return torch.cat([torch.isfinite(loss.detach()).all().reshape(1), self._weights_finite(groups)])
-
-    def _split_flags(self, flags: list[bool], groups: Sequence[int] | None = None) -> tuple[bool, list[bool]]:
-        """:meth:`_finite_flags` read back: whether the loss is finite, and whether each layer of ``groups`` is."""
+    def _layers_finite(self, flags: list[bool], groups: Sequence[int] | None = None) -> list[bool]:
+        """:meth:`_weights_finite` of ``groups``, read back, by layer: whether each layer's weights are finite."""
         groups = range(len(self.param_groups)) if groups is None else groups
-        per_layer, i = [], 1
+        per_layer, i = [], 0
         for m in groups:
             n = len(self.param_groups[m]["params"])
             per_layer.append(all(flags[i:i + n]))
             i += n
-        return bool(flags[0]), per_layer
+        return per_layer
+
+    def _finite_flags(self, loss: torch.Tensor) -> torch.Tensor:
+        """``check_finite="layer"`` after every layer's solve: one device vector, whether ``loss`` is finite, then
+        :meth:`_weights_finite` (read back at once and split by :meth:`_split_flags`)."""
+        return torch.cat([torch.isfinite(loss.detach()).all().reshape(1), self._weights_finite()])
+
+    def _split_flags(self, flags: list[bool]) -> tuple[bool, list[bool]]:
+        """:meth:`_finite_flags` read back: whether the loss is finite, and whether each layer is."""
+        return bool(flags[0]), self._layers_finite(flags[1:])
 
     def _undo_layers(self, groups: Sequence[int], finite: list[bool], loss_finite: bool = True,
                      host: bool = True) -> list[int]:
@@ -1043,8 +1047,8 @@ class LocoProp(Optimizer):
                 problems[m].target = problems[m].residual = problems[m].anchor = None
                 problems[m].batch.inputs = problems[m].batch.post = None
             if each_layer:  # undo the layers whose update is not finite; let go of copies taken for this solve
-                undone = self._undo_layers(indices, self._split_flags(self._finite_flags(loss, indices).tolist(),
-                                                                      indices)[1])
+                undone = self._undo_layers(indices, self._layers_finite(self._weights_finite(indices).tolist(),
+                                                                        indices))
                 self._undone += undone
                 if by_layer:
                     saved.release([p for m in indices for p in self.param_groups[m]["params"]])
