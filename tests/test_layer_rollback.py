@@ -4,6 +4,7 @@ get in a step where every layer is finite (each layer's local problem is indepen
 where the layers are solved during the backward pass, the step holds one layer's copy at a time."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -143,3 +144,39 @@ def test_check_finite_takes_true_false_or_layer_and_names_itself():
     with pytest.raises(ValueError, match="check_finite"):
         opt.check_finite = "step"
     assert opt.check_finite is True
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name", ["normed", "attention", "shared", "convolutions"])
+def test_on_models_with_layers_solved_after_the_pass_each_diverged_layer_is_undone_alone(name, backend):
+    """Models where some layers are solved after the backward pass (a bias-free layer, a shared layer, a
+    convolution's matrix, an attention's input projections) and others during it, with another optimizer's
+    parameters (a LayerNorm): the first layer and the last diverge (``activation_lr`` overflows their targets);
+    both are undone, and every other layer takes the default step's update to the bit."""
+    from test_solve_in_backward import MODELS
+
+    states = []
+    for check in ("layer", True):
+        torch.manual_seed(0)
+        model = MODELS[name]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the LayerNorm is left to another optimizer
+            opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=3.0, local_steps=3, output_transfer="sigmoid",
+                                    backend=backend, check_finite=check)
+        x = torch.rand(16, 20, generator=torch.Generator().manual_seed(1))
+        opt.step(lambda: bce_sum_mean(model(x), x))
+        bad = [0, len(opt.param_groups) - 1] if check == "layer" else []
+        before = {m: _layer_state(opt, m) for m in bad}
+        for m in bad:
+            opt.param_groups[m]["activation_lr"] = 1e300
+        if bad:
+            names = sorted(opt.param_groups[m]["name"] for m in bad)
+            with pytest.raises(locoprop.DivergenceError, match=re.escape(f"layer(s) {names} is not finite")):
+                opt.step(lambda: bce_sum_mean(model(x), x))
+            assert all(_equal(_layer_state(opt, m), s) for m, s in before.items())
+        else:
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        states.append([_layer_state(opt, m) for m in range(len(opt.param_groups))])
+    layer, default = states
+    for m in range(1, len(layer) - 1):
+        assert _equal(layer[m], default[m]), m
