@@ -50,7 +50,7 @@ from .update_rules import update_rule_for
 from .solvers import SOLVER_CLASSES, InnerView, LocalProblem, local_objective
 from .variants import Variant, get_variant, make_regularizer
 
-__all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CapturedStep"]
+__all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CHECK_FINITE", "is_check_finite", "CapturedStep"]
 
 #: Solver back-ends of :class:`LocoProp` (its ``backend`` argument).
 BACKENDS = ("auto", "fused", "reference")
@@ -59,6 +59,11 @@ ROLLBACKS = ("device", "host")
 #: What ``check_finite`` undoes when an update is not finite: nothing (no check), the whole step, or each layer
 #: whose own update is not finite (the ``check_finite`` argument).
 CHECK_FINITE = (False, True, "layer")
+
+
+def is_check_finite(value) -> bool:
+    """Whether ``value`` is one of :data:`CHECK_FINITE` (``True`` and ``False`` themselves, not ``1`` or ``0``)."""
+    return any(value is v if isinstance(v, bool) else value == v for v in CHECK_FINITE)
 #: What a variant that uses the transfer function does with a layer before a non-monotone activation.
 NON_MONOTONE = ("refuse", "linear")
 
@@ -766,7 +771,7 @@ class LocoProp(Optimizer):
 
     @check_finite.setter
     def check_finite(self, value: bool | str) -> None:
-        if not any(value is v or (isinstance(v, str) and value == v) for v in CHECK_FINITE):
+        if not is_check_finite(value):
             raise ValueError(f"check_finite: expected True, False or 'layer', got {value!r}")
         self._check_finite = value
 

@@ -39,7 +39,7 @@ import locoprop
 
 from locoprop.distributed import batch_shard
 from locoprop.fused import PRECISIONS, SOLVE_ORDERS
-from locoprop.optimizer import ROLLBACKS
+from locoprop.optimizer import ROLLBACKS, is_check_finite
 
 from .baselines import check_shampoo_root
 from .data import load_dataset
@@ -157,7 +157,7 @@ class TrainConfig:
                              f"got {self.precision!r}")
         if self.rollback not in ROLLBACKS:
             raise ValueError(f"rollback: expected {' or '.join(ROLLBACKS)}, got {self.rollback!r}")
-        if not (self.check_finite is True or self.check_finite is False or self.check_finite == "layer"):
+        if not is_check_finite(self.check_finite):
             raise ValueError(f"check_finite: expected true, false or layer, got {self.check_finite!r}")
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
