@@ -354,7 +354,7 @@ def test_off_the_cpu_only_when_asked_for():
 
 def test_a_copy_of_every_layer_before_the_pass_serves_as_well():
     """Where the copy goes to host memory (``rollback="host"`` on CUDA) every layer is copied before the forward
-    pass (:meth:`_Rollback.save`) and each solve during the pass waits for it: forced here on the CPU, the
+    pass (:meth:`locoprop.rollback.Rollback.save`) and each solve during the pass waits for it: forced here on the CPU, the
     steps are the layer-by-layer copy's to the bit, the copy is held through the forward pass, and a NaN in
     the last layer solved undoes every layer to the bit."""
     class NaNFirst(locoprop.MDTarget):

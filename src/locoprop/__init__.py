@@ -6,7 +6,8 @@ The optimizer is :class:`LocoProp`; its components live in
 :mod:`locoprop.variants` (named combinations), :mod:`locoprop.layers` (layer
 discovery), :mod:`locoprop.solvers` (local iterations, closed form),
 :mod:`locoprop.fused` (the fast layer-parallel solver: CUDA streams and graphs,
-reduced-precision products) and :mod:`locoprop.inner` (inner optimizers).  The experiment harness is
+reduced-precision products), :mod:`locoprop.inner` (inner optimizers) and :mod:`locoprop.rollback` (the copy
+that undoes a diverged step or layer).  The experiment harness is
 :mod:`locoprop.harness`.
 """
 

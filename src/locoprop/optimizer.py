@@ -37,6 +37,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .errors import DivergenceError
+from .rollback import Rollback
 from .inner import make_inner_optimizer
 from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, pair_from_autograd,
                      set_output_transfer, split_frozen_layers)
@@ -359,7 +360,7 @@ class LocoProp(Optimizer):
                           "precision='fp32' is faster", stacklevel=2)
         #: Which solver ran the last step: "fused", "reference" or "closed_form".
         self.last_solver = ""
-        self._rollback = _Rollback(rollback)
+        self._rollback = Rollback(rollback)
         self.reset_inner_state = bool(reset_inner_state)
         self.check_finite = check_finite
         #: check_finite="layer": the layers undone as their solve ended during this step's backward pass (None: the
@@ -629,11 +630,11 @@ class LocoProp(Optimizer):
                 setattr(b, name, None if parts[0] is None else torch.cat(parts))
             b.calls = []
 
-    def _problems(self, batches: list[LayerBatch], saved: "_Rollback | None" = None) -> list[LocalProblem]:
+    def _problems(self, batches: list[LayerBatch], saved: "Rollback | None" = None) -> list[LocalProblem]:
         """Each layer's local problem (:meth:`_problem`); ``None`` for a layer another rank solves."""
         return [None if b is None else self._problem(b, group, saved) for b, group in zip(batches, self.param_groups)]
 
-    def _problem(self, b: LayerBatch, group: dict, saved: "_Rollback | None" = None) -> LocalProblem:
+    def _problem(self, b: LayerBatch, group: dict, saved: "Rollback | None" = None) -> LocalProblem:
         """One layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback
         holding this step's starting weights on their device, whose copies then serve as the anchors."""
         v = self.variant
@@ -862,7 +863,7 @@ class LocoProp(Optimizer):
     def rollback(self, where: str) -> None:
         if where not in ROLLBACKS:
             raise ValueError(f"rollback: expected one of {ROLLBACKS}, got {where!r}")
-        self._rollback = _Rollback(where)
+        self._rollback = Rollback(where)
 
     def _step_body(self, closures: list[Callable[[], torch.Tensor]], capturing: bool = False):
         """Forward, backward (of each micro-batch's closure), targets and solve; the loss and problems.
@@ -1001,7 +1002,7 @@ class LocoProp(Optimizer):
         called more than once, a convolution's matrix, an attention's input projections) are solved after the
         pass, as :meth:`_solve_captured` solves them.  Each layer's arithmetic is the same as there: the same
         weights and inner state to the bit (``tests/test_solve_in_backward.py``).  ``check_finite``'s copy is
-        taken layer by layer, just before each layer's solve (``_Rollback.save_layer``), so that the step holds
+        taken layer by layer, just before each layer's solve (``Rollback.save_layer``), so that the step holds
         the copies of the layers solved so far rather than of every layer from its start; with
         ``check_finite="layer"`` each layer's update is checked as its solve ends, the layer undone alone if it is
         not finite, and its copy let go, so that the step holds one layer's copy at a time.  Where the copy goes
@@ -1208,7 +1209,7 @@ class LocoProp(Optimizer):
             raise TypeError("LocoProp with distributed=... cannot be copied or pickled (it holds a process "
                             "group); save state_dict() instead")
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
-        state["_rollback"] = _Rollback(self._rollback.where)
+        state["_rollback"] = Rollback(self._rollback.where)
         return state
 
     def state_dict(self) -> dict:
@@ -1294,173 +1295,6 @@ class LocoProp(Optimizer):
 
 def _class_name(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-class _Rollback:
-    """Copies of the weights and the inner optimizer's state taken before the solve (``check_finite``).
-
-    The device tensors are copied into buffers kept from step to step (no
-    allocation after the first step): on the same device with one
-    multi-tensor copy (``where="device"``), or, for CUDA tensors with
-    ``where="host"``, into pinned host memory by asynchronous copies on a side
-    stream, which the solve waits for (:meth:`wait`).  Host tensors and
-    numbers (step counters) are copied on the host.  :meth:`restore` writes
-    them back in place (the tensors keep their storage, so captured CUDA
-    graphs stay valid) and drops state entries created during the step.
-    A step that solves its layers one at a time during the backward pass
-    copies each layer just before its solve instead (:meth:`save_layer`),
-    into tensors of that step alone.
-    """
-
-    def __init__(self, where: str = "device") -> None:
-        self.where = where
-        self._tensors: list[torch.Tensor] = []
-        self._buffers: list[torch.Tensor] = []
-        self._owners: list[torch.Tensor] = []  # the parameter each of ``_tensors`` belongs to (itself or its state)
-        self._host: list[tuple[torch.Tensor, dict, str, object]] = []  # (parameter, its state, key, copy)
-        self._keys: dict[torch.Tensor, list[str]] = {}
-        self._params: list[torch.Tensor] = []
-        self._stream = None  # the side stream of the device-to-host copies
-        self._pending = False
-
-    @staticmethod
-    def _state(params: list[torch.Tensor], inner: Optimizer | None, host: bool) -> tuple[list, list, dict, list]:
-        """What a copy of ``params`` covers: the device tensors (the weights, then their inner state's tensors on
-        the weights' device), the parameter each of them belongs to, each parameter's state keys, and
-        (``host``) copies of the other state entries, each with its parameter."""
-        device = params[0].device
-        tensors, owners, keys, hosts = list(params), list(params), {}, []
-        if inner is not None:
-            for p in params:
-                if p not in inner.state:
-                    continue
-                st = inner.state[p]
-                keys[p] = list(st)
-                for k, v in st.items():
-                    if torch.is_tensor(v) and v.device == device:
-                        tensors.append(v)
-                        owners.append(p)
-                    elif host:
-                        hosts.append((p, st, k, v.clone() if torch.is_tensor(v) else copy.deepcopy(v)))
-        return tensors, owners, keys, hosts
-
-    def copies_to_host(self, device: torch.device) -> bool:
-        """Whether the copies of tensors on ``device`` go to pinned host memory (``where="host"``, CUDA)."""
-        return self.where == "host" and device.type == "cuda"
-
-    def copies_layer_by_layer(self, device: torch.device) -> bool:
-        """Whether a step that solves its layers during the backward pass copies each just before its solve
-        (:meth:`save_layer`: copies on the device, held from there to the step's end) rather than every
-        layer before the forward pass (:meth:`save`: to host memory, which costs the device nothing)."""
-        return not self.copies_to_host(device)
-
-    def save(self, params: list[torch.Tensor], inner: Optimizer | None, host: bool = True) -> None:
-        device = params[0].device
-        tensors, owners, keys, hosts = self._state(params, inner, host)
-        to_host = self.copies_to_host(device)
-        home = torch.device("cpu") if to_host else device
-        if len(self._buffers) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != home
-                                                     for b, t in zip(self._buffers, tensors)):
-            self._buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if to_host else torch.empty_like(t)
-                             for t in tensors]
-        with torch.no_grad():
-            if to_host:
-                main = torch.cuda.current_stream(device)
-                if self._stream is None or self._stream.device != device:
-                    self._stream = torch.cuda.Stream(device)
-                self._stream.wait_stream(main)
-                with torch.cuda.stream(self._stream):
-                    for b, t in zip(self._buffers, tensors):
-                        b.copy_(t, non_blocking=True)
-                self._pending = True
-            else:
-                torch._foreach_copy_(self._buffers, tensors)
-        self._tensors, self._owners, self._keys, self._params = tensors, owners, keys, list(params)
-        if host:
-            self._host = hosts
-
-    def begin_layer_by_layer(self) -> None:
-        """Start a step that copies each layer just before its solve changes it (:meth:`save_layer`), with no
-        copy yet: the copies of the step before (or the buffers :meth:`save` fills) are let go, before the
-        step's forward pass, which takes their memory again.  Let go at the end of a step instead, that memory
-        goes back to the system (the C allocator returns a large free block at the top of its heap) and the
-        next forward pass faults its pages in again: about a tenth more time for a batch-100 step with the
-        readable loop on this project's 2-core machine (docs/performance.md, Memory)."""
-        self._tensors, self._buffers, self._owners, self._keys, self._params, self._host = [], [], [], {}, [], []
-        self._pending = False
-
-    def save_layer(self, params: list[torch.Tensor], inner: Optimizer | None) -> None:
-        """Add to this step's copies those of one layer's weights and inner state, taken now, before its solve
-        changes them (a step that solves its layers one at a time during the backward pass,
-        :meth:`LocoProp._backward_solving`): the step holds the copies of the layers solved so far, not of
-        every layer from its start."""
-        tensors, owners, keys, hosts = self._state(params, inner, host=True)
-        with torch.no_grad():
-            self._buffers.extend(t.clone() for t in tensors)
-        self._tensors.extend(tensors)
-        self._owners.extend(owners)
-        self._keys.update(keys)
-        self._params.extend(params)
-        self._host.extend(hosts)
-
-    def release(self, params: list[torch.Tensor]) -> None:
-        """Let go of this step's copies of ``params`` and their inner state (``check_finite="layer"``, once a
-        layer's update is found finite): a later :meth:`restore` leaves them as they are."""
-        ids = {id(p) for p in params}
-        kept = [i for i, o in enumerate(self._owners) if id(o) not in ids]
-        self._tensors = [self._tensors[i] for i in kept]
-        self._buffers = [self._buffers[i] for i in kept]
-        self._owners = [self._owners[i] for i in kept]
-        self._params = [p for p in self._params if id(p) not in ids]
-        self._keys = {p: k for p, k in self._keys.items() if id(p) not in ids}
-        self._host = [h for h in self._host if id(h[0]) not in ids]
-
-    def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The copies of ``params`` taken in this step, where they are kept on the parameters' device (read
-        them, never write them); None otherwise."""
-        copies = {id(t): b for t, b in zip(self._tensors, self._buffers) if b.device == t.device}
-        try:
-            return [copies[id(p)] for p in params]
-        except KeyError:
-            return None
-
-    def wait(self) -> None:
-        """Make the current stream wait for the device-to-host copies (before anything changes the weights)."""
-        if self._pending:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-            self._pending = False
-
-    def restore(self, inner: Optimizer | None, host: bool = True, only: list[torch.Tensor] | None = None) -> None:
-        """Write the copies back: of every parameter copied in this step, or of those in ``only`` (the layers
-        ``check_finite="layer"`` undoes), with their inner state."""
-        self.wait()
-        ids = None if only is None else {id(p) for p in only}
-        pairs = [(t, b) for t, b, o in zip(self._tensors, self._buffers, self._owners) if ids is None or id(o) in ids]
-        with torch.no_grad():
-            if pairs and pairs[0][1].device != pairs[0][0].device:
-                for t, b in pairs:  # from pinned host memory
-                    t.copy_(b)
-            elif pairs:  # none where a step copying layer by layer failed before its first solve
-                torch._foreach_copy_([t for t, _ in pairs], [b for _, b in pairs])
-        if inner is None:
-            return
-        for p in self._params:
-            if ids is not None and id(p) not in ids:
-                continue
-            if p not in self._keys:
-                inner.state.pop(p, None)
-                continue
-            st = inner.state[p]
-            for k in [k for k in st if k not in self._keys[p]]:
-                del st[k]
-        if host:
-            for p, st, k, v in self._host:
-                if ids is not None and id(p) not in ids:
-                    continue
-                if torch.is_tensor(v) and torch.is_tensor(st.get(k)):
-                    st[k].copy_(v)
-                else:
-                    st[k] = v
 
 
 def _as_rows(layer: Layer, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
