@@ -199,6 +199,22 @@ def _worker(scenario: str, out: Path) -> None:
             except ValueError as exc:
                 errors[f"lengths-{mode}"] = str(exc)
             errors[f"lengths-{mode}-unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+        for mode in ("data", "layers"):  # check_finite="layer": the first layer diverges, undone alone on every rank
+            model = _model()
+            opt = locoprop.LocoProp(model, "M", output_transfer="sigmoid", distributed=mode, check_finite="layer")
+            opt.step(lambda: _loss(model(xb), xb))
+            start = [p.detach().clone() for p in model.parameters()]
+            opt.param_groups[0]["activation_lr"] = float("inf")  # its targets are infinite: its update is not finite
+            try:
+                opt.step(lambda: _loss(model(xb), xb))
+                errors[f"layer-{mode}"] = "no error"
+            except locoprop.DivergenceError as exc:
+                errors[f"layer-{mode}"] = str(exc)
+            now, first = list(model.parameters()), len(opt.param_groups[0]["params"])
+            errors[f"layer-{mode}-first-unchanged"] = all(torch.equal(p, q) for p, q in zip(now[:first], start))
+            errors[f"layer-{mode}-rest-moved"] = all(not torch.equal(p, q)
+                                                     for p, q in zip(now[first:], start[first:]))
+            errors[f"layer-{mode}-sums"] = [float(p.sum()) for p in now]  # alike on every rank
         (out / f"errors-rank{rank}.json").write_text(json.dumps(errors))
         for name in CASES:
             model, opt, losses = _run_case(name, rank, world, distributed=True)
@@ -303,6 +319,10 @@ def _check_match(world: int, tmp_path: Path) -> None:
             assert errors[f"idle-{mode}-unchanged"], mode
             assert "different numbers of rows per example" in errors[f"lengths-{mode}"], errors
             assert errors[f"lengths-{mode}-unchanged"], mode
+            assert "layer(s) ['0'] is not finite; those layers were undone" in errors[f"layer-{mode}"], errors
+            assert errors[f"layer-{mode}-first-unchanged"] and errors[f"layer-{mode}-rest-moved"], mode
+            first = json.loads((tmp_path / "errors-rank0.json").read_text())
+            assert errors[f"layer-{mode}-sums"] == first[f"layer-{mode}-sums"], (r, mode)
     for name in CASES:
         model, opt, losses = _run_case(name)
         want = [p.detach() for p in model.parameters()]
