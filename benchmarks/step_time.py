@@ -495,6 +495,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                     if not cuda:  # all layers' problems at once, with f(â) read or evaluated
                                         for flags in ("afterbackward", "afterbackward-recomputef"):
                                             out.append((model, batch, opt, T, f"fused-{flags}", prec))
+                                        out.append((model, batch, opt, T, "fused-layercheck", prec))  # one copy
                                         if prec == "bf16":
                                             out.append((model, batch, opt, T, "fused-exacttanh", prec))
                                     out.append((model, batch, opt, T, f"{fast}-iter", prec))

@@ -70,9 +70,11 @@ def test_a_layer_whose_update_is_not_finite_is_undone_and_the_others_keep_theirs
     assert torch.isfinite(opt.step(lambda: bce_sum_mean(model(x), x)))
 
 
-@pytest.mark.parametrize("backend, solve_in_backward", PATHS)
-def test_a_finite_step_is_the_default_step_to_the_bit(backend, solve_in_backward):
-    (model, opt), (twin_model, twin), x = _pair(backend, solve_in_backward)
+# bf16 local products (the fast solver's): their update form reads W₀ from the layer's copy
+@pytest.mark.parametrize("backend, solve_in_backward, precision",
+                         [(*path, "fp32") for path in PATHS] + [("fused", None, "bf16"), ("fused", False, "bf16")])
+def test_a_finite_step_is_the_default_step_to_the_bit(backend, solve_in_backward, precision):
+    (model, opt), (twin_model, twin), x = _pair(backend, solve_in_backward, precision=precision)
     for _ in range(2):
         assert torch.equal(opt.step(lambda: bce_sum_mean(model(x), x)),
                            twin.step(lambda: bce_sum_mean(twin_model(x), x)))
