@@ -850,7 +850,8 @@ class LocoProp(Optimizer):
     def _divergence(self, loss: torch.Tensor) -> DivergenceError:
         if not torch.isfinite(loss).all():
             return DivergenceError(f"the closure's loss is {loss.item()}; the step was undone")
-        names = [g["name"] for g in self.param_groups if not all(torch.isfinite(p).all() for p in g["params"])]
+        finite = self._layers_finite(self._weights_finite().tolist())
+        names = [g["name"] for g, ok in zip(self.param_groups, finite) if not ok]
         return DivergenceError(f"the local update of layer(s) {sorted(names)} is not finite; the step was undone "
                                "(lower lr or activation_lr)")
 
