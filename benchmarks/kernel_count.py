@@ -63,6 +63,7 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
     opt = locoprop.LocoProp(model, variant="M", lr=1e-4, activation_lr=10.0, local_steps=local_steps,
                             output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order, inner=inner,
                             triton_elementwise=elementwise == "triton")
+    opt.fused_solver.denominators_in_residual = False  # the multi-tensor update as CUDA issues it
     counter = OperationCount()
     rule, _ = update_rule_for(opt.inner)
 

@@ -66,7 +66,7 @@ def _products_with(output: str):
     def products(self, x, start=None):  # plain products: the step's start is ignored
         xb = x.to(torch.bfloat16)
         if output in ("forward-only", "wgrad-only"):
-            def pre(W, b, out):
+            def pre(W, b, out, free=None):
                 if output == "forward-only":
                     return torch.add(xb @ W.to(torch.bfloat16).T, b, out=out)
                 return torch.addmm(b, x, W.T, out=out)
@@ -76,7 +76,7 @@ def _products_with(output: str):
                     return out.copy_(delta.to(torch.bfloat16).T @ xb)
                 return torch.mm(delta.T, x, out=out)
             return pre, wgrad
-        def pre(W, b, out):  # "bfloat16": the product's result rounded to bf16
+        def pre(W, b, out, free=None):  # "bfloat16": the product's result rounded to bf16
             product = xb @ W.to(torch.bfloat16).T
             return out.copy_(product) if b is None else torch.add(product, b, out=out)
 
@@ -105,11 +105,11 @@ def _rounded_operand_products(rounded, update_form: bool):
         if update_form:
             a0, (W0, *b0) = start
 
-            def pre(W, b, out):
+            def pre(W, b, out, free=None):
                 torch.addmm(a0, xr, rounded(W - W0).T, out=out)
                 return out if b is None else out.add_(b - b0[0])
         else:
-            def pre(W, b, out):
+            def pre(W, b, out, free=None):
                 Wr = rounded(W)
                 return torch.mm(xr, Wr.T, out=out) if b is None else torch.addmm(b, xr, Wr.T, out=out)
         return pre, wgrad

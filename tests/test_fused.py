@@ -1187,3 +1187,78 @@ def test_bf16_on_a_cpu_without_fast_bf16_products_warns_and_fp32_does_not(monkey
         locoprop.LocoProp(model, output_transfer="sigmoid", precision="bf16")
     monkeypatch.undo()
     assert isinstance(fused.cpu_has_fast_bf16_products(), bool)
+
+
+@pytest.mark.parametrize("space", [1.0, 0.5, 0.37, 0.26, 0.1, "float64", "strided", None])
+def test_tf_rmsprop_denominators_in_a_workspace_are_the_same_bits(space):
+    """TF-RMSProp's multi-tensor update with its denominators ``√(ms+ε)`` computed into a workspace (the
+    layer's residual buffer, on the CPU) in one piece or up to four (sizes that cut rows and SIMD widths
+    unevenly) takes the same steps, to the bit, as with new tensors; where a workspace cannot serve a tensor
+    (smaller than a quarter of it, another dtype, not contiguous) that tensor's denominators are a new tensor
+    and the update is the same."""
+    from locoprop.inner import TFRMSprop
+    from locoprop.update_rules import TFRMSpropRule
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(37, 29), (37,)]
+
+    def layer():
+        return ([torch.randn(s, generator=gen) for s in shapes],
+                [[torch.rand(s, generator=gen), torch.randn(s, generator=gen)] for s in shapes])
+    params, states = layer()
+    ref_params, ref_states = copy.deepcopy((params, states))
+    rule = TFRMSpropRule(TFRMSprop([torch.zeros(1)], lr=1.0, alpha=0.9, momentum=0.5, eps=1e-8))
+    n = 37 * 29
+    if space == "float64":
+        work = torch.full((n,), 7.0, dtype=torch.float64)
+    elif space == "strided":
+        work = torch.full((2 * n,), 7.0)[::2]
+    elif space is not None:
+        work = torch.full((int(n * space) + 1,), 7.0)
+    for k in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        lr = torch.tensor(0.1 / (k + 1))
+        rule.update_layers([(params, [g.clone() for g in grads], states, (lr,))],
+                           None if space is None else [work, work])
+        rule.update_layers([(ref_params, [g.clone() for g in grads], ref_states, (lr,))])
+    assert all(torch.equal(a, b) for a, b in zip(params + sum(states, []), ref_params + sum(ref_states, [])))
+    used = space is not None and not isinstance(space, str)  # at 0.1 by the bias only (the weights' would
+    assert used == (space is not None and not bool((work == 7.0).all())), space  # take 10 pieces: a new tensor)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("check_finite", [False, "layer", True])
+def test_a_cpu_step_makes_no_float32_tensor_of_a_weights_size_but_its_copies(precision, check_finite):
+    """In the local iterations on the CPU neither TF-RMSProp's denominators nor the update form's weight change
+    ``W - W₀`` (bf16) is a new weight-sized float32 tensor: they go into the residual and the gradient buffers.
+    The step's only such tensors are check_finite's copies of the weights and inner state (3 per weight) and,
+    in bf16, the start weights of the update form where no copy serves as them (check_finite=False)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewWeightSized(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == 37 * 20 \
+                        and t.untyped_storage().data_ptr() not in inputs:
+                    self.made.append(str(func))
+            return out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 37), nn.Tanh(), nn.Linear(37, 20))
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid", backend="fused", precision=precision, local_steps=5,
+                            check_finite=check_finite, lr=1e-2, activation_lr=1.0)
+    x = torch.rand(64, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))  # the inner state is made
+    mode = NewWeightSized()
+    with mode:
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    copies = 0 if check_finite is False else 3 * 2
+    starts = 2 if precision == "bf16" and check_finite is False else 0
+    assert sorted(mode.made) == sorted(["aten.clone.default"] * (copies + starts)), mode.made

@@ -70,10 +70,10 @@ def _steps(build, solve_in_backward, steps=3, **kwargs):
     during = []  # the layers whose problems were built while a backward pass ran
     problem = opt._problem
 
-    def building(b, group, saved=None):
+    def building(b, group, saved=None, **kw):
         if torch._C._current_graph_task_id() != -1:
             during.append(group["name"])
-        return problem(b, group, saved)
+        return problem(b, group, saved, **kw)
     opt._problem = building
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -127,9 +127,9 @@ def test_each_layers_target_is_freed_before_the_next_one_is_made():
         targets, alive = [], []
         problem = opt._problem
 
-        def building(b, group, saved=None):
+        def building(b, group, saved=None, **kw):
             alive.append(sum(t() is not None for t in targets))
-            made = problem(b, group, saved)
+            made = problem(b, group, saved, **kw)
             targets.append(weakref.ref(made.target))
             return made
         opt._problem = building
@@ -171,9 +171,9 @@ def test_a_weight_the_pass_still_needs_is_named_and_the_step_undone():
     x = torch.rand(16, 8)
 
     def closure():
-        h = model[1](model[0](x))
-        extra = (h @ model[2].weight.T).pow(2).sum()  # made before model[2]'s product: its backward runs after
-        return bce_sum_mean(model[2](h), x) + 1e-3 * extra
+        z = model[0](x)
+        extra = (z @ model[2].weight.T).pow(2).sum()  # made before model[2]'s input: its backward runs after
+        return bce_sum_mean(model[2](model[1](z)), x) + 1e-3 * extra
     opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid")
     opt.step(lambda: bce_sum_mean(model(x), x))
     snap = _snapshot(model, opt)
@@ -182,6 +182,64 @@ def test_a_weight_the_pass_still_needs_is_named_and_the_step_undone():
     _assert_unchanged(model, opt, snap)
     opt.solve_in_backward = False
     assert torch.isfinite(opt.step(closure))
+
+
+def test_the_pass_lets_go_of_a_layers_gradient_before_its_solve():
+    """A layer whose input takes a gradient is solved as the node that gradient goes to starts, when the
+    backward pass no longer holds the gradient it handed the layer's own node (``∇_â L``, which it holds through
+    that node's hooks): once the layer's problem is made from it, nothing else holds its storage, so the solve
+    does not hold it beside its copies and buffers.  (The first layer, whose input is the data, is solved as
+    its own node ends.)  Counted by the storage's references (a private PyTorch function)."""
+    def holders(t):  # references to t's storage besides t, its base (a view holds it) and the storage object asked
+        storage = t.untyped_storage()
+        return torch._C._storage_Use_Count(storage._cdata) - 2 - t._is_view()
+
+    base = torch.empty(5, 2)
+    assert holders(base) == holders(base.view(10)) == 0
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=3.0, local_steps=2, output_transfer="sigmoid")
+    held, problem = {}, opt._problem
+
+    def building(b, group, saved=None, **kw):
+        gradient = b.grad_pre
+        made = problem(b, group, saved, **kw)
+        held[group["name"]] = holders(gradient)
+        return made
+    opt._problem = building
+    x = torch.rand(32, 20)
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    assert len(held) == len(opt.layers) and all(held[layer.name] == 0 for layer in opt.layers[1:]), held
+
+
+def test_a_layer_is_solved_once_every_use_of_its_input_is_done():
+    """A layer is solved as the node its input's gradient goes to starts, which the backward pass runs once every
+    use of that input is done: a loss that also multiplies the layer's input by its weights (whose backward
+    needs them) takes the step the after-pass solve takes, to the bit, the layer still solved during the pass."""
+    def closure_of(model, x):
+        def closure():
+            h = model[1](model[0](x))
+            extra = (h @ model[2].weight.T).pow(2).sum()  # made before model[2]'s product: its backward runs after
+            return bce_sum_mean(model[2](h), x) + 1e-3 * extra
+        return closure
+    runs = []
+    for solve_in_backward in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 8))
+        x = torch.rand(16, 8)
+        opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", solve_in_backward=solve_in_backward)
+        during, problem = [], opt._problem
+
+        def building(b, group, saved=None, **kw):
+            if torch._C._current_graph_task_id() != -1:
+                during.append(group["name"])
+            return problem(b, group, saved, **kw)
+        opt._problem = building
+        losses = [float(opt.step(closure_of(model, x))) for _ in range(3)]
+        runs.append((model, losses, during))
+    (m_in, l_in, during), (m_after, l_after, none) = runs
+    assert during == ["2", "0"] * 3 and not none
+    assert l_in == l_after and all(torch.equal(p, q) for p, q in zip(m_in.parameters(), m_after.parameters()))
 
 
 def test_a_layer_that_raises_during_the_pass_undoes_the_layers_before_it():
@@ -206,8 +264,9 @@ def test_a_layer_that_raises_during_the_pass_undoes_the_layers_before_it():
 
 def test_the_rollback_copies_each_layer_just_before_its_solve():
     """With ``check_finite`` a step that solves in the backward pass copies a layer's weights and inner state
-    just before its solve, so that when a layer's problem is built the copies held are those of the layers
-    solved before it and its own (not every layer's from the step's start); the last step's copies are let go
+    just before its solve, as its problem is made (after its target and first residual), so that the copies
+    held are those of the layers solved before it and its own (not every layer's from the step's start); the
+    last step's copies are let go
     before the forward pass.  A local update that is not finite in the last layer solved (the first layer, a NaN
     in its target) undoes every layer, those solved before it included, to the bit."""
     class NaNFirst(locoprop.MDTarget):
@@ -220,9 +279,11 @@ def test_the_rollback_copies_each_layer_just_before_its_solve():
     opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=3.0, local_steps=2, output_transfer="sigmoid")
     held, in_forward, problem = [], [], opt._problem
 
-    def building(b, group, saved=None):
-        held.append(([id(p) for p in opt._rollback._params], [id(p) for p in group["params"]]))
-        return problem(b, group, saved)
+    def building(b, group, saved=None, **kw):
+        before = [id(p) for p in opt._rollback._params]
+        made = problem(b, group, saved, **kw)
+        held.append((before, [id(p) for p in opt._rollback._params], [id(p) for p in group["params"]]))
+        return made
     opt._problem = building
     x = torch.rand(32, 20)
 
@@ -234,7 +295,8 @@ def test_the_rollback_copies_each_layer_just_before_its_solve():
         opt.step(closure)
         assert len(held) == len(opt.param_groups)
         solved = []
-        for copied, params in held:
+        for copied_before, copied, params in held:
+            assert copied_before == solved  # its own copy is taken as its problem is made, after its target
             solved += params
             assert copied == solved
     assert in_forward == [0, 0] and opt._rollback._buffers  # kept until the next step starts

@@ -259,7 +259,7 @@ class _Chain:
     target: torch.Tensor
     anchor: list[torch.Tensor] | None
     transfer: object
-    pre: object  # pre(W, b, out): the pre-activation x W̃ᵀ + b̃ into out
+    pre: object  # pre(W, b, out, free): the pre-activation x W̃ᵀ + b̃ into out (free: the gradient buffers)
     wgrad: object  # wgrad(δ, out): δᵀx into out
     post: torch.Tensor | None = None  # ŷ = f(â₀) where δ₀ is computed from it into scratch (not yet there)
 
@@ -341,6 +341,13 @@ class FusedIterativeSolver:
         #: where the products round to bf16 on the CPU and the elementwise work runs eagerly (PyTorch's CPU
         #: ``tanh`` is not vectorized, its ``sigmoid`` is; ``compile_elementwise`` generates its own ``tanh``).
         self.quick_transfers: bool | None = None
+        #: Whether TF-RMSProp's multi-tensor update computes its denominators ``√(ms+ε)`` into each layer's
+        #: residual buffer ``δ`` (free once ``δᵀx`` is made) instead of new tensors of the weights' size
+        #: (:meth:`~locoprop.update_rules.TFRMSpropRule.update_layers`: the same bits, one weight-sized
+        #: tensor less at the step's peak): ``None`` (default) on the CPU, where a multi-tensor operation is a
+        #: loop over its tensors anyway; on CUDA it would be several launches per tensor instead of one
+        #: (and the Triton update kernel, the CUDA default, makes no such tensor).
+        self.denominators_in_residual: bool | None = None
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -392,7 +399,7 @@ class FusedIterativeSolver:
         fresh = FusedIterativeSolver(self.precision, self.cuda_graph, self.layer_streams, self.compile_elementwise,
                                      self.order, self.triton_elementwise).__dict__
         return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs,
-                "quick_transfers": self.quick_transfers}
+                "quick_transfers": self.quick_transfers, "denominators_in_residual": self.denominators_in_residual}
 
     # -- support -----------------------------------------------------------------------------
     @staticmethod
@@ -611,12 +618,15 @@ class FusedIterativeSolver:
 
     # -- the local iterations of one layer ----------------------------------------------------------
     def _products(self, x: torch.Tensor, start=None):
-        """``(pre(W, b, out), grad(δ, out))`` in the chosen precision, writing into ``out``.
+        """``(pre(W, b, out, free), grad(δ, out))`` in the chosen precision, writing into ``out``.
 
         With ``start = (a₀, [W₀, b₀])`` (the forward pass's pre-activation and its weights, which
         :class:`~locoprop.LocoProp` keeps where the products round, :meth:`rounds_products`), ``pre`` is the
         *update form* ``a₀ + x (W - W₀)ᵀ + (b - b₀)``: only the product of the weights' change is rounded, so
-        its error is relative to the change and not to the activation (see the module docstring)."""
+        its error is relative to the change and not to the activation (see the module docstring).  The
+        change is written into ``free`` (tensors shaped as ``W`` and ``b`` that hold nothing needed now: the
+        layer's gradient buffers, which the last update consumed and the next ``δᵀx`` overwrites) rather
+        than a new weight-sized tensor at every iteration (on the wide autoencoder 30.5 MiB)."""
         bf16 = self.precision == "bf16"
         xr = x.to(torch.bfloat16) if bf16 else x  # TF32 (CUDA): the product rounds its operands itself
         unrounded = bf16 and bf16_product_has_float32_output(x.device)
@@ -643,12 +653,12 @@ class FusedIterativeSolver:
         if start is not None:
             a0, (W0, *b0) = start
 
-            def pre(W, b, out):
-                change = torch.sub(W, W0)
+            def pre(W, b, out, free=(None, None)):
+                change = torch.sub(W, W0, out=free[0])
                 product(xr, (change.to(torch.bfloat16) if bf16 else change).T, out, plus=a0)
-                return out if b is None else out.add_(torch.sub(b, b0[0]))
+                return out if b is None else out.add_(torch.sub(b, b0[0], out=free[-1]))
         else:  # plain: x Wᵀ + b, the bias in the product's epilogue (fp32, TF32) or in the same pass (bf16)
-            def pre(W, b, out):
+            def pre(W, b, out, free=None):
                 return product(xr, (W.to(torch.bfloat16) if bf16 else W).T, out, plus=b)
         return pre, wgrad
 
@@ -687,12 +697,12 @@ class FusedIterativeSolver:
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         elif self.compile_elementwise:
-            delta = compile_once(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch), c.target, c.transfer,
-                                                        bias_grad)
+            delta = compile_once(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch, lay.grads), c.target,
+                                                        c.transfer, bias_grad)
         elif self._triton_residual(c, loss, W, b, bias_grad):
             delta = c.scratch
         else:
-            delta = loss.grad_(c.pre(W, b, c.scratch), c.target, c.transfer)
+            delta = loss.grad_(c.pre(W, b, c.scratch, lay.grads), c.target, c.transfer)
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         c.wgrad(delta, lay.grads[0])
@@ -708,7 +718,8 @@ class FusedIterativeSolver:
         if kind is None or "residual" not in self.triton_kernels or not self.uses_triton(c.scratch.device) \
                 or not triton_kernels.residual_suits(c.scratch, c.target, bias_grad):
             return False
-        pre = c.pre(W, b, c.scratch)  # (where the kernel fails, before it ran, the caller computes it again)
+        pre = c.pre(W, b, c.scratch, c.layer.grads)  # (where the kernel fails, before it ran, the caller computes
+        # it again)
         return triton_kernels.launch_or_fall_back("residual", lambda: triton_kernels.residual_(
             pre, c.target, bias_grad, kind), strict=self.triton_elementwise is True)
 
@@ -755,7 +766,13 @@ class FusedIterativeSolver:
             rule.update_layers_compiled(layers)
         elif not ("update" in self.triton_kernels and self.uses_triton(table.device)
                   and rule.update_layers_triton(layers, strict=self.triton_elementwise is True)):
-            rule.update_layers(layers)
+            in_residual = self.denominators_in_residual
+            if isinstance(rule, TFRMSpropRule) and (table.device.type == "cpu" if in_residual is None
+                                                    else in_residual):  # each layer's δ, free now
+                rule.update_layers(layers, [c.scratch for members in groups for c in members
+                                            for _ in c.layer.params])
+            else:
+                rule.update_layers(layers)
 
     def _chain(self, c: _Chain, loss: LocalLoss, rule: UpdateRule, table: torch.Tensor) -> None:
         """All ``T`` local iterations of one layer, one after another (layer-major)."""

@@ -634,9 +634,14 @@ class LocoProp(Optimizer):
         """Each layer's local problem (:meth:`_problem`); ``None`` for a layer another rank solves."""
         return [None if b is None else self._problem(b, group, saved) for b, group in zip(batches, self.param_groups)]
 
-    def _problem(self, b: LayerBatch, group: dict, saved: "Rollback | None" = None) -> LocalProblem:
+    def _problem(self, b: LayerBatch, group: dict, saved: "Rollback | None" = None,
+                 save_layer: bool = False) -> LocalProblem:
         """One layer's local problem (target, Eqs. 5 and 8; anchor; first residual).  ``saved``: a rollback
-        holding this step's starting weights on their device, whose copies then serve as the anchors."""
+        holding this step's starting weights on their device, whose copies then serve as the anchors.
+        ``save_layer``: ``saved`` copies this layer's weights and inner state here (``Rollback.save_layer``),
+        once the target and first residual are made and the tensors they were made from let go, so that the
+        copies are not held beside those (one activation of the layer less at the standard autoencoder's
+        peak: docs/performance.md, Memory); nothing before this changes the weights or the inner state."""
         v = self.variant
         with torch.no_grad():
             target = v.target(b, group["activation_lr"])
@@ -651,17 +656,19 @@ class LocoProp(Optimizer):
 
         def starting_weights():  # the rollback's copy where it lies on the device, else a copy of them
             return (saved.copies_of(params) if saved is not None else None) or [p.detach().clone() for p in params]
-        anchor = starting_weights() if self._needs_anchor() else None
         residual = None
         if v.solver == "iterative" and b.pre is not None and b.post is None:  # δ of the first iteration, so that
             # â can go (from ŷ kept beside â, the fast solver computes it into its scratch: first_residual)
             with torch.no_grad():
                 residual = v.local_loss.grad(b.pre, target, b.transfer)
-        start_pre = start_params = None
-        if self.fused_solver is not None and self.fused_solver.rounds_products(params[0].is_cuda):
-            start_pre, start_params = b.pre, anchor or starting_weights()  # the fast solver's update form
+        rounds = self.fused_solver is not None and self.fused_solver.rounds_products(params[0].is_cuda)
+        start_pre = b.pre if rounds else None  # the fast solver's update form reads â
         if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
             b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None
+        if save_layer:
+            saved.save_layer(params, self.inner)
+        anchor = starting_weights() if self._needs_anchor() else None
+        start_params = (anchor or starting_weights()) if rounds else None
         return LocalProblem(b, target, params, anchor, group, residual, start_pre, start_params)
 
     def _needs_anchor(self) -> bool:
@@ -996,14 +1003,20 @@ class LocoProp(Optimizer):
         The backward pass is asked for the layers' bias gradients (one column sum each) instead of ``∇_â L``, so
         that it keeps none of the layers' gradients to the end: a hook on the node that takes a layer's ``∇_â L``
         reads it, and a hook run once that node has multiplied it by the weights builds the layer's local
-        problem and solves it (Algorithms 1-4), from the output layer down, while the pass goes on below.  Each
+        problem and solves it (Algorithms 1-4), from the output layer down, while the pass goes on below.  That
+        hook is on the node the layer's input gradient goes to, run as it starts: by then the pass has let go
+        of the ``∇_â L`` it handed the layer's node (which it holds through that node's own hooks), and every
+        use of the layer's input is done, so a loss that multiplies the input by the weights elsewhere too is
+        solved during the pass as well.  Where the input takes no gradient (the first layer) the hook is on the
+        layer's node, run as it ends.  Each
         layer's target, first residual and solve buffers are freed before the next layer's are made: about one
         activation set less at the peak than solving every layer after the pass, where the step holds every
         layer's input and target at once (docs/performance.md, Memory).  Layers the hooks do not cover (no bias,
         called more than once, a convolution's matrix, an attention's input projections) are solved after the
         pass, as :meth:`_solve_captured` solves them.  Each layer's arithmetic is the same as there: the same
         weights and inner state to the bit (``tests/test_solve_in_backward.py``).  ``check_finite``'s copy is
-        taken layer by layer, just before each layer's solve (``Rollback.save_layer``), so that the step holds
+        taken layer by layer, just before each layer's solve, once its target and first residual are made
+        (``Rollback.save_layer`` in :meth:`_problem`), so that the step holds
         the copies of the layers solved so far rather than of every layer from its start; with
         ``check_finite="layer"`` each layer's update is checked as its solve ends, the layer undone alone if it is
         not finite, and its copy let go, so that the step holds one layer's copy at a time.  Where the copy goes
@@ -1040,12 +1053,12 @@ class LocoProp(Optimizer):
 
         def solve(indices: list[int]) -> None:
             for m in indices:
-                if by_layer:  # before anything changes the layer; its copy is then its anchor
-                    saved.save_layer(self.param_groups[m]["params"], self.inner)
-                elif saved is not None:
+                if saved is not None and not by_layer:
                     saved.wait()  # the copy to host memory is complete before the solve changes the weights
                 self._gradient_rows(batches[m], per_layer[m], beside)
-                problems[m] = self._problem(batches[m], self.param_groups[m], saved)
+                # by_layer: the layer's copy is taken as its problem is made, before anything changes the layer;
+                # the copy is then its anchor
+                problems[m] = self._problem(batches[m], self.param_groups[m], saved, save_layer=by_layer)
             with torch.no_grad():
                 solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
                              InnerView(self.inner, indices), **eager)
@@ -1066,11 +1079,21 @@ class LocoProp(Optimizer):
         def take_gradient(grad_outputs, b, nr):
             b.grad_pre = grad_outputs[nr]
 
+        def solve_once(m: int) -> None:
+            if problems[m] is None:
+                solve([m])
+
         handles = []
         for m, edge in edges.items():
             handles.append(edge.node.register_prehook(functools.partial(take_gradient, b=batches[m],
                                                                          nr=edge.output_nr)))
-            handles.append(edge.node.register_hook(lambda grad_inputs, grad_outputs, m=m: solve([m])))
+            after = _input_gradient_node(edge.node, self.param_groups[m]["params"])
+            if after is not None:  # solved as the node its input's gradient goes to starts: by then the engine
+                # has let go of the gradient it handed the layer's node (∇_â L), which it holds through that
+                # node's own hooks (one activation of the layer less while the layer is solved)
+                handles.append(after.register_prehook(lambda grad_outputs, m=m: solve_once(m)))
+            else:  # its input takes no gradient: solved as its node ends
+                handles.append(edge.node.register_hook(lambda grad_inputs, grad_outputs, m=m: solve_once(m)))
         try:
             with self._autocast_off():
                 grads = _backward(loss, pres + biases + others)
@@ -1302,6 +1325,23 @@ def _as_rows(layer: Layer, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` (a pre-activation, an output or their gradient) as rows of ``layer``'s local problem (its leading
     dimensions, a convolution's positions), detached, in ``dtype``."""
     return layer.output_rows(t.detach()).to(dtype)
+
+
+def _input_gradient_node(node, params: list[torch.Tensor]):
+    """The backward node that the gradient of a layer's input goes to from ``node``, the node that multiplies
+    by the layer's weights (:meth:`LocoProp._product_edge`): the one next function of ``node`` that is neither
+    the weights' (through their transpose) nor the bias's, where it is not a leaf's accumulator; else ``None``
+    (the input takes no gradient: the network's input)."""
+    ids = {id(p) for p in params}
+    rest = []
+    for nxt, _ in node.next_functions:
+        if nxt is None:
+            continue
+        leaf = nxt.next_functions[0][0] if type(nxt).__name__ == "TBackward0" and nxt.next_functions else nxt
+        if leaf is not None and id(getattr(leaf, "variable", None)) in ids:
+            continue
+        rest.append(nxt)
+    return rest[0] if len(rest) == 1 and not hasattr(rest[0], "variable") else None
 
 
 def _backward(loss: torch.Tensor, wants: list, retain_graph: bool = False) -> tuple:

@@ -211,6 +211,42 @@ def _flat(layers: list[tuple], part: int) -> list:
     return [t for lay in layers for t in lay[part]]
 
 
+#: At most this many pieces of a tensor share one workspace (:meth:`TFRMSpropRule.update_layers`); a tensor that
+#: would need more gets a new tensor for its denominators, as without a workspace.
+WORKSPACE_PIECES = 4
+
+
+def _workspace_views(tensors: list[torch.Tensor], workspaces: list | None) -> list | None:
+    """Flat views of ``workspaces`` for the first ``len(workspaces)`` of ``tensors`` (the others: tensors of the
+    same shapes, updated beside them), each ``None`` where its workspace cannot serve (another dtype or device,
+    not contiguous, or smaller than ``1/WORKSPACE_PIECES`` of the tensor); ``None`` where none can serve."""
+    if workspaces is None:
+        return None
+    n = len(workspaces)
+    views = []
+    for i, space in enumerate(workspaces):
+        t = tensors[i]
+        fits = space is not None and space.dtype == t.dtype and space.device == t.device \
+            and space.is_contiguous() and space.numel() * WORKSPACE_PIECES >= t.numel() \
+            and all(u.is_contiguous() for u in tensors[i::n])
+        views.append(space.view(-1) if fits else None)
+    return views if any(v is not None for v in views) else None
+
+
+def _pieces(*tensors: torch.Tensor, space: torch.Tensor | None):
+    """``tensors`` (of one shape) cut into pieces of at most ``space.numel()`` elements, each with a view of
+    ``space`` of its size: ``(piece of each tensor..., view)``; the whole tensors and a new tensor where
+    ``space`` is ``None``."""
+    if space is None:
+        yield (*tensors, torch.empty_like(tensors[0]))
+        return
+    flat = [t.view(-1) for t in tensors]
+    n, size = flat[0].numel(), space.numel()
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        yield (*(t[start:end] for t in flat), space[:end - start])
+
+
 def _scale_each_layer(tensors: list, layers: list[tuple], which: int, op=torch._foreach_mul_) -> None:
     """Multiply (or ``op``: divide, ...) the tensors of each entry of ``layers`` (a list aligned with their
     parameters) by that entry's scalar ``which``."""
@@ -324,18 +360,30 @@ class TFRMSpropRule(UpdateRule):
         s = self.inner._init_state(p)
         return [s["mean_square"], s["momentum_buffer"]]
 
-    def update_layers(self, layers):
+    def update_layers(self, layers, workspaces=None):
+        """See :meth:`UpdateRule.update_layers`.  ``workspaces``: one tensor per parameter (in the order of
+        ``layers``) that holds nothing needed during the update, or ``None``.  The denominators ``√(ms+ε)``
+        are then computed into it, in at most :data:`WORKSPACE_PIECES` pieces, instead of into a new tensor
+        of each parameter's size: the same operations on each element, so the same bits (the fast solver
+        passes each layer's residual buffer ``δ``, free once ``δᵀx`` is made, on the CPU)."""
         alpha, mom, eps = self.hyper()
         params, grads, states = _flat(layers, 0), _flat(layers, 1), _flat(layers, 2)
         squares = [s[0] for s in states]
         buffers = [s[1] for s in states]
         torch._foreach_mul_(squares, alpha)
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
-        denom = torch._foreach_add(squares, eps)
-        torch._foreach_sqrt_(denom)
+        spaces = _workspace_views(squares + grads + buffers, workspaces)
+        if spaces is None:
+            denom = torch._foreach_add(squares, eps)
+            torch._foreach_sqrt_(denom)
         _scale_each_layer(grads, layers, 0)  # each layer's own η_k
         torch._foreach_mul_(buffers, mom)  # as TFRMSprop does (also for mom = 0: same rounding, same NaN)
-        torch._foreach_addcdiv_(buffers, grads, denom)  # m + (η g)/√(ms+ε): the division and the sum in one pass
+        if spaces is None:
+            torch._foreach_addcdiv_(buffers, grads, denom)  # m + (η g)/√(ms+ε): the division and the sum in one pass
+        else:
+            for square, grad, buffer, space in zip(squares, grads, buffers, spaces):
+                for sq, g, buf, d in _pieces(square, grad, buffer, space=space):
+                    buf.addcdiv_(g, torch.add(sq, eps, out=d).sqrt_())
         torch._foreach_sub_(params, buffers)
 
     def update_layers_triton(self, layers, strict=False):

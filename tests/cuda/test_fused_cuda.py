@@ -413,7 +413,7 @@ def test_reduced_precision_update_form_keeps_a_small_gamma_step_near_float32(pre
 def _rounded_bf16_products(x):
     xb = x.to(torch.bfloat16)
 
-    def pre(W, b, out):
+    def pre(W, b, out, free=None):
         return torch.add(xb @ W.to(torch.bfloat16).T, b, out=out)
 
     def wgrad(delta, out):
