@@ -289,6 +289,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.check_finite = "layer"
             elif flag == "freeatend":  # the layer-by-layer copies let go when their step ends, not the next starts
                 pass
+            elif flag == "newdenominators":  # TF-RMSProp's denominators as new tensors (before session 29)
+                opt.fused_solver.denominators_in_residual = False
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)

@@ -399,6 +399,9 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
     layercheck = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-layercheck", "local_steps": 2,
                                  "precision": "fp32"}, model, AutoencoderLoss(), x)
     assert layercheck.optimizer.check_finite == "layer" and torch.isfinite(layercheck())
+    allocating = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-newdenominators", "local_steps": 2,
+                                 "precision": "fp32"}, model, AutoencoderLoss(), x)
+    assert allocating.optimizer.fused_solver.denominators_in_residual is False and torch.isfinite(allocating())
 
 
 def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_iteration():
