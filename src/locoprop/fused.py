@@ -673,6 +673,13 @@ class FusedIterativeSolver:
             return self.quick_transfers
         return self.precision == "bf16" and device.type == "cpu" and not self.compile_elementwise
 
+    def uses_denominators_in_residual(self, device: torch.device) -> bool:
+        """Whether TF-RMSProp's multi-tensor update on ``device`` computes its denominators into the layers'
+        residual buffers (:attr:`denominators_in_residual`)."""
+        if self.denominators_in_residual is not None:
+            return self.denominators_in_residual
+        return torch.device(device).type == "cpu"
+
     def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer, start=None, post=None) -> _Chain:
         pre, wgrad = self._products(x, start)
         if transfer is not None and self.uses_quick_transfers(x.device):
@@ -766,10 +773,8 @@ class FusedIterativeSolver:
             rule.update_layers_compiled(layers)
         elif not ("update" in self.triton_kernels and self.uses_triton(table.device)
                   and rule.update_layers_triton(layers, strict=self.triton_elementwise is True)):
-            in_residual = self.denominators_in_residual
-            if isinstance(rule, TFRMSpropRule) and (table.device.type == "cpu" if in_residual is None
-                                                    else in_residual):  # each layer's δ, free now
-                rule.update_layers(layers, [c.scratch for members in groups for c in members
+            if isinstance(rule, TFRMSpropRule) and self.uses_denominators_in_residual(table.device):
+                rule.update_layers(layers, [c.scratch for members in groups for c in members  # each δ, free now
                                             for _ in c.layer.params])
             else:
                 rule.update_layers(layers)
