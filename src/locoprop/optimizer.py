@@ -989,12 +989,7 @@ class LocoProp(Optimizer):
             edge = torch.autograd.graph.get_gradient_edge(b.pre)
         else:
             return None
-        leaves = set()
-        for node, _ in edge.node.next_functions:
-            if node is not None and type(node).__name__ == "TBackward0":
-                node = node.next_functions[0][0]
-            if node is not None and hasattr(node, "variable"):
-                leaves.add(id(node.variable))
+        leaves = {id(_leaf_variable(node)) for node, _ in edge.node.next_functions}
         return edge if all(id(p) in leaves for p in params) else None
 
     def _backward_solving(self, closure: Callable[[], torch.Tensor]):
@@ -1333,15 +1328,16 @@ def _input_gradient_node(node, params: list[torch.Tensor]):
     the weights' (through their transpose) nor the bias's, where it is not a leaf's accumulator; else ``None``
     (the input takes no gradient: the network's input)."""
     ids = {id(p) for p in params}
-    rest = []
-    for nxt, _ in node.next_functions:
-        if nxt is None:
-            continue
-        leaf = nxt.next_functions[0][0] if type(nxt).__name__ == "TBackward0" and nxt.next_functions else nxt
-        if leaf is not None and id(getattr(leaf, "variable", None)) in ids:
-            continue
-        rest.append(nxt)
+    rest = [nxt for nxt, _ in node.next_functions if nxt is not None and id(_leaf_variable(nxt)) not in ids]
     return rest[0] if len(rest) == 1 and not hasattr(rest[0], "variable") else None
+
+
+def _leaf_variable(node) -> torch.Tensor | None:
+    """The leaf tensor whose gradient accumulator the backward node ``node`` is, directly or through a
+    transpose (``TBackward0``: ``nn.Linear``'s weight); ``None`` for any other node."""
+    if node is not None and type(node).__name__ == "TBackward0" and node.next_functions:
+        node = node.next_functions[0][0]
+    return getattr(node, "variable", None)
 
 
 def _backward(loss: torch.Tensor, wants: list, retain_graph: bool = False) -> tuple:
