@@ -216,19 +216,18 @@ def _flat(layers: list[tuple], part: int) -> list:
 WORKSPACE_PIECES = 4
 
 
-def _workspace_views(tensors: list[torch.Tensor], workspaces: list | None) -> list | None:
-    """Flat views of ``workspaces`` for the first ``len(workspaces)`` of ``tensors`` (the others: tensors of the
-    same shapes, updated beside them), each ``None`` where its workspace cannot serve (another dtype or device,
-    not contiguous, or smaller than ``1/WORKSPACE_PIECES`` of the tensor); ``None`` where none can serve."""
+def _workspace_views(workspaces: list | None, *aligned: list[torch.Tensor]) -> list | None:
+    """Flat views of ``workspaces[i]`` for the tensors ``aligned[0][i], aligned[1][i], ...`` (of one shape,
+    updated together), each ``None`` where the workspace cannot serve them (another dtype or device, not
+    contiguous, or smaller than ``1/WORKSPACE_PIECES`` of them); ``None`` where none can serve."""
     if workspaces is None:
         return None
-    n = len(workspaces)
     views = []
-    for i, space in enumerate(workspaces):
-        t = tensors[i]
+    for space, tensors in zip(workspaces, zip(*aligned)):
+        t = tensors[0]
         fits = space is not None and space.dtype == t.dtype and space.device == t.device \
             and space.is_contiguous() and space.numel() * WORKSPACE_PIECES >= t.numel() \
-            and all(u.is_contiguous() for u in tensors[i::n])
+            and all(u.is_contiguous() for u in tensors)
         views.append(space.view(-1) if fits else None)
     return views if any(v is not None for v in views) else None
 
@@ -372,7 +371,7 @@ class TFRMSpropRule(UpdateRule):
         buffers = [s[1] for s in states]
         torch._foreach_mul_(squares, alpha)
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
-        spaces = _workspace_views(squares + grads + buffers, workspaces)
+        spaces = _workspace_views(workspaces, squares, grads, buffers)
         if spaces is None:
             denom = torch._foreach_add(squares, eps)
             torch._foreach_sqrt_(denom)
