@@ -4,7 +4,7 @@
 # timeout_s 580 (about 540 s).  Everything it measures is written under $OUT; each part has its own timeout,
 # so one part that hangs leaves the others' files.
 #
-#   PART=tests|perf|host|memory|cpu|profile  runs one part only (a rerun of what failed).
+#   PART=tests|perf|change|host|memory|cpu|profile  runs one part only (a rerun of what failed).
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder the results go to}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -27,6 +27,13 @@ if part perf; then  # step times at T = 1, 5, 10, with and without the finite ch
     --out "$OUT/perf.json" > "$OUT/perf.txt" 2>&1
   stamp perf $?
 fi
+if part change; then  # the update form (TF32, bf16) with and without its changes written by the Triton kernels
+  # (session 30: 678 against 390 launches a solve of the standard model, results/kernel-counts/)
+  timeout 40 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 --optimizers locoprop-m \
+    --local-steps 10 --precisions tf32 bf16 --modes graphed graphed-nochange --steps 20 --warmup 3 \
+    --deadline-s 35 --out "$OUT/perf-change.json" > "$OUT/perf-change.txt" 2>&1
+  stamp change $?
+fi
 if part host; then  # the captured step's host work on the device's CPU
   timeout 30 python3 benchmarks/host_overhead.py --calls 3000 --models standard deep --label "device host" \
     --out "$OUT/host-overhead.json" > "$OUT/host-overhead.txt" 2>&1
@@ -37,15 +44,15 @@ if part memory; then  # the shared gradient buffers, fewer streams (session 20),
   # check_finite="layer" (one layer's rollback copy at a time, session 28)
   timeout 75 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
     --optimizers adam locoprop-m --local-steps 10 --precisions fp32 \
-    --modes eager graphed graphed-host-s0 graphed-host-s0-recompute graphed-s2 graphed-s4 \
+    --modes eager graphed graphed-host graphed-host-s0 graphed-host-s0-recompute graphed-s2 graphed-s4 \
     fused-inbackward fused-inbackward-host fused-nocheck-inbackward fused-inbackward-layercheck --steps 5 --warmup 2 --deadline-s 70 \
     --out "$OUT/perf-memory.json" > "$OUT/perf-memory.txt" 2>&1
   stamp memory $?
 fi
 if part cpu; then  # the issue's CPU goal on the device's Xeon (AVX512-bf16, AMX), two threads
-  timeout 120 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
+  timeout 100 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
     --optimizers rmsprop locoprop-m --local-steps 10 --precisions fp32 bf16 \
-    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 100 \
+    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 85 \
     --out "$OUT/perf-cpu-amx.json" > "$OUT/perf-cpu-amx.txt" 2>&1
   stamp cpu $?
 fi

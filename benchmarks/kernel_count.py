@@ -44,26 +44,37 @@ class OperationCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view and not self.paused:
             self.ops[func.overloadpacket.__name__] += 1
+            out = (kwargs or {}).get("out")
+            if func is torch.ops.aten.addmm.out and args[0].dim() == 2 and out is not None \
+                    and args[0].data_ptr() != out.data_ptr():  # CUDA's addmm first copies a matrix it adds into
+                self.ops["addmm:copy"] += 1  # its output, a kernel of its own (a bias vector goes to cuBLASLt's
+                # epilogue instead)
         return func(*args, **(kwargs or {}))
 
 
 def solve_operations(model_name: str, local_steps: int, order: str, batch_size: int = 64,
-                     inner: str = "tf_rmsprop", elementwise: str = "torch") -> collections.Counter:
+                     inner: str = "tf_rmsprop", elementwise: str = "torch", precision: str = "fp32",
+                     change_in_update: bool | None = None) -> collections.Counter:
     """The operations of one local solve of LocoProp-M (with ``inner`` as inner optimizer) on ``model_name``.
 
     ``elementwise="triton"``: the elementwise work as the CUDA default issues it (``triton_elementwise``): one Triton
     launch per layer and iteration for the update, counted as ``triton:tf_rmsprop_pair``, and one for ``δ`` and
     ``Σδ`` of every iteration after the first, ``triton:residual_column_sums``; on the CPU each launch's
     arithmetic is done by PyTorch's operations, uncounted (the count is of what the solver issues, which the
-    values do not change)."""
+    values do not change).  ``precision="tf32"``: the local products as CUDA's TF32 issues them, in the update
+    form ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` (on the CPU in float32: the same operations); ``change_in_update``: the
+    solver's attribute (``False``: the update form's changes by operations of their own, not by the kernels)."""
     torch.manual_seed(0)
     model = build_autoencoder(model_name, "tanh")
     loss_fn = AutoencoderLoss()
     x = torch.rand(batch_size, 784)
     opt = locoprop.LocoProp(model, variant="M", lr=1e-4, activation_lr=10.0, local_steps=local_steps,
                             output_transfer=OUTPUT_TRANSFER, backend="fused", solve_order=order, inner=inner,
-                            triton_elementwise=elementwise == "triton")
+                            triton_elementwise=elementwise == "triton", precision=precision)
     opt.fused_solver.denominators_in_residual = False  # the multi-tensor update as CUDA issues it
+    opt.fused_solver.change_in_update = change_in_update
+    if precision == "tf32":  # the update form, as on CUDA (the CPU's TF32 is float32's plain product)
+        opt.fused_solver.rounds_products = lambda cuda: True
     counter = OperationCount()
     rule, _ = update_rule_for(opt.inner)
 
@@ -75,13 +86,20 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
         finally:
             counter.paused = False
 
-    def update_launch(params, grads, states, lr, *hyper):
-        uncounted("tf_rmsprop_pair", lambda: rule.update_layers([(params, grads, states, (lr,))]))
+    def update_launch(params, grads, states, lr, *hyper, starts=None):
+        def work():  # with starts, the launch also writes each tensor's change into its gradient
+            rule.update_layers([(params, grads, states, (lr,))])
+            for p, g, start in zip(params, grads, starts or []):
+                torch.sub(p.detach(), start, out=g)
+        uncounted("tf_rmsprop_pair", work)
 
-    def residual_launch(pre, target, bias_grad, transfer):
+    def residual_launch(pre, target, bias_grad, transfer, shift=None, base=None):
         one_block = pre.shape[0] <= triton_kernels.BLOCK_ROWS  # the kernel then writes the bias gradient itself
 
         def work():
+            for added in (base, shift):  # the update form's a₀ and bias change, added as the kernel reads the product
+                if added is not None:
+                    pre.add_(added)
             [lambda a: a, torch.tanh_, torch.sigmoid_][transfer](pre).sub_(target)
             if bias_grad is not None and one_block:
                 torch.sum(pre, 0, out=bias_grad)
@@ -115,25 +133,33 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1000,
                    help="rows of the batch (the Triton residual adds a sum of its tiles' sums above 128 rows)")
     p.add_argument("--inners", nargs="+", default=["tf_rmsprop"], help="inner optimizers (locoprop.inner names)")
-    p.add_argument("--elementwise", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
-                   help="the elementwise work as PyTorch's operations, or as the Triton kernels (TF-RMSProp only)")
+    p.add_argument("--elementwise", nargs="+", default=["torch", "triton"],
+                   choices=["torch", "triton", "triton-nochange"],
+                   help="the elementwise work as PyTorch's operations, or as the Triton kernels (TF-RMSProp only; "
+                        "triton-nochange: the update form's weight change by operations of their own)")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32"],
+                   help="the local products' precision; tf32 as CUDA runs it, in the update form")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
     records = []
     for model_name in args.models:
         for inner in args.inners:
-            for elementwise in args.elementwise:
-                if elementwise == "triton" and inner != "tf_rmsprop":  # the only rule with a Triton kernel
+            for elementwise, precision in [(e, q) for q in args.precisions for e in args.elementwise]:
+                if elementwise != "torch" and inner != "tf_rmsprop":  # the only rule with a Triton kernel
+                    continue
+                if elementwise == "triton-nochange" and precision == "fp32":  # no update form: nothing changes
                     continue
                 for order in SOLVE_ORDERS:
-                    ops = solve_operations(model_name, args.local_steps, order, args.batch_size, inner, elementwise)
+                    ops = solve_operations(model_name, args.local_steps, order, args.batch_size, inner,
+                                           elementwise.split("-")[0], precision,
+                                           False if elementwise.endswith("nochange") else None)
                     records.append({"model": model_name, "local_steps": args.local_steps, "batch_size": args.batch_size,
-                                    "inner": inner, "elementwise": elementwise, "order": order,
+                                    "inner": inner, "elementwise": elementwise, "precision": precision, "order": order,
                                     "operations": sum(ops.values()),
                                     "per_iteration": sum(ops.values()) / args.local_steps, "by_name": dict(ops)})
-                    print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {elementwise:8} {order:16} "
-                          f"{sum(ops.values()):6d} operations ({sum(ops.values()) / args.local_steps:.1f} per "
-                          "iteration)", flush=True)
+                    print(f"{model_name:9} T={args.local_steps:<3} {inner:10} {elementwise:15} {precision:5} "
+                          f"{order:16} {sum(ops.values()):6d} operations "
+                          f"({sum(ops.values()) / args.local_steps:.1f} per iteration)", flush=True)
     if args.out:
         meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
                 "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
@@ -149,13 +175,14 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
     lines = ["# Operations of one local solve, by order of the fast solver", "",
              f"Written by `benchmarks/kernel_count.py` with `{json_name}` (its docstring says what is counted): "
              f"{meta['what']}. Command: `{meta['command']}`; torch {meta['torch']}; {meta['date']}.", "",
-             "| model | batch | T | inner optimizer | elementwise | order | operations | per iteration | update's "
-             "operations |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | batch | T | inner optimizer | elementwise | precision | order | operations | per iteration | "
+             "update's operations |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:tf_rmsprop")))
         lines.append(f"| {r['model']} | {r.get('batch_size', 64)} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
-                     f"{r.get('elementwise', 'torch')} | {r['order']} | {r['operations']} | {r['per_iteration']:.1f} | "
+                     f"{r.get('elementwise', 'torch')} | {r.get('precision', 'fp32')} | {r['order']} | "
+                     f"{r['operations']} | {r['per_iteration']:.1f} | "
                      f"{update} |")
     return "\n".join(lines) + "\n"
 

@@ -45,7 +45,9 @@ solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_pro
 what that form costs), ``-recomputef`` (bf16, TF32 on CUDA: ``f(â)`` evaluated again for the target and the
 first residual, as before session 25, instead of read from the layer's output kept beside ``â``) and
 ``-exacttanh`` (bf16 on the CPU: the local iterations' tanh by ``torch.tanh``, as before session 25, instead of
-``2σ(2a) - 1``).  On a
+``2σ(2a) - 1``) and ``-nochange`` (TF32 and bf16 on CUDA: the update form's weight change ``W - W₀``, ``b - b₀``
+by three launches of its own per layer and iteration, as before session 30, instead of written by the Triton
+update kernel and the bias's added by the residual kernel).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
@@ -291,6 +293,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 pass
             elif flag == "newdenominators":  # TF-RMSProp's denominators as new tensors (before session 29)
                 opt.fused_solver.denominators_in_residual = False
+            elif flag == "nochange":  # the update form's W - W₀, b - b₀ by launches of their own (before session 30)
+                opt.fused_solver.change_in_update = False
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
@@ -493,6 +497,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                 if prec != "fp32":
                                     out.append((model, batch, opt, T, fast, prec))
                                     out.append((model, batch, opt, T, f"{fast}-plain", prec))
+                                    if cuda:  # the weights' change by launches of their own, not the kernels
+                                        out.append((model, batch, opt, T, f"{fast}-nochange", prec))
                                     out.append((model, batch, opt, T, f"{fast}-recomputef", prec))
                                     if not cuda:  # all layers' problems at once, with f(â) read or evaluated
                                         for flags in ("afterbackward", "afterbackward-recomputef"):
@@ -523,6 +529,12 @@ def select_modes(configs: list[tuple], modes: list[str] | None) -> list[tuple]:
     if unknown:
         raise ValueError(f"--modes: {unknown} are not in this plan; its modes are {known}")
     return [c for c in configs if c[4] in modes]
+
+
+def select_precisions(configs: list[tuple], precisions: list[str]) -> list[tuple]:
+    """The configurations of :func:`plan` in one of ``precisions``: LocoProp's FP32 rows only where ``fp32`` is
+    asked for (the BackProp baselines, FP32 by definition, stay)."""
+    return [c for c in configs if c[5] in precisions or not c[2].startswith("locoprop")]
 
 
 def _worker(spec, queue):
@@ -619,7 +631,7 @@ def main(argv=None) -> int:
     floors: dict = {}  # (model, batch, precision) -> shape_floor(...)
     configs = plan(device, args.models, args.batch_sizes, args.optimizers, args.local_steps, args.precisions)
     try:
-        configs = select_modes(configs, args.modes)
+        configs = select_precisions(select_modes(configs, args.modes), args.precisions)
     except ValueError as exc:
         p.error(str(exc))
     for repeat, (model, batch, opt, T, mode, prec) in [(i, c) for i in range(args.repeat) for c in configs]:

@@ -77,12 +77,14 @@ def test_kernel_takes_only_float32_contiguous_tensors_on_the_rates_device(interp
         triton_kernels.tf_rmsprop_update_([w] * 3, [w] * 3, [[w, w]] * 3, lr, 0.9, 0.0, 1e-8)
 
 
-def _train(steps=4, local_steps=3, dtype=torch.float32, solve_order="layer-major", **kwargs):
+def _train(steps=4, local_steps=3, dtype=torch.float32, solve_order="layer-major", model=None, change_in_update=None,
+           **kwargs):
     torch.manual_seed(0)
-    model = small_autoencoder(dtype)
+    model = small_autoencoder(dtype) if model is None else model
     opt = locoprop.LocoProp(model, variant="M", lr=1e-2, activation_lr=1.0, local_steps=local_steps,
                             inner="tf_rmsprop", inner_kwargs={"momentum": 0.9, "alpha": 0.9, "eps": 1e-8},
                             output_transfer="sigmoid", backend="fused", solve_order=solve_order, **kwargs)
+    opt.fused_solver.change_in_update = change_in_update
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.rand(16, 20, generator=gen, dtype=dtype)
@@ -96,14 +98,14 @@ def _count_launches(monkeypatch, residuals=None):
     calls = []
     update, residual = triton_kernels.tf_rmsprop_update_, triton_kernels.residual_
 
-    def counted_update(params, *args):
+    def counted_update(params, *args, **kwargs):
         calls.append(len(params))
-        return update(params, *args)
+        return update(params, *args, **kwargs)
 
-    def counted_residual(pre, target, bias_grad, transfer):
+    def counted_residual(pre, target, bias_grad, transfer, **added):
         if residuals is not None:
             residuals.append(transfer)
-        return residual(pre, target, bias_grad, transfer)
+        return residual(pre, target, bias_grad, transfer, **added)
     monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted_update)
     monkeypatch.setattr(triton_kernels, "residual_", counted_residual)
     return calls
@@ -148,11 +150,11 @@ def _failing_on_launch(monkeypatch, which):
     ``which`` (1-based); the list of launches."""
     launch, calls = triton_kernels.tf_rmsprop_update_, []
 
-    def fails(params, *args):
+    def fails(params, *args, **kwargs):
         calls.append(len(params))
         if len(calls) == which:
             raise RuntimeError("no kernel for this device")
-        return launch(params, *args)
+        return launch(params, *args, **kwargs)
     monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", fails)
     return calls
 
@@ -214,13 +216,17 @@ def test_kernels_compile_for_ampere_and_hopper_with_rounded_division_and_root(ar
     round), tanh is CUDA's accurate ``tanhf`` (libdevice), not the hardware's approximation, and the bias
     sums use no atomics (the same sums from run to run)."""
     ptx = _compiled_ptx(arch)
-    update = ptx["tf_rmsprop_pair"]
-    assert re.search(ROUNDED_DIVISION, update) and re.search(r"sqrt\.rn(\.ftz)?\.f32", update)
-    assert "div.full" not in update and "sqrt.approx" not in update
-    for transfer in (0, 1, 2):
-        residual = ptx[f"residual_column_sums-{transfer}"]
-        assert "atom." not in residual and "tanh.approx" not in residual and "div.full" not in residual
-        assert bool(re.search(ROUNDED_DIVISION, residual)) == (transfer == 2)
+    for change in ("", "-change"):  # and the variants of the update form (the weights' and the bias's change)
+        update = ptx["tf_rmsprop_pair" + change]
+        assert re.search(ROUNDED_DIVISION, update) and re.search(r"sqrt\.rn(\.ftz)?\.f32", update)
+        assert "div.full" not in update and "sqrt.approx" not in update
+        for transfer in (0, 1, 2):
+            residual = ptx[f"residual_column_sums-{transfer}{change}"]
+            assert "atom." not in residual and "tanh.approx" not in residual and "div.full" not in residual
+            assert bool(re.search(ROUNDED_DIVISION, residual)) == (transfer == 2)
+    # the change is one more store of the update (a subtraction, no contracted multiply-add)
+    stores = [len(re.findall(r"st\.global", ptx["tf_rmsprop_pair" + c])) for c in ("", "-change")]
+    assert stores[1] > stores[0]
 
 
 _COMPILE_SCRIPT = """
@@ -228,11 +234,13 @@ import json, sys
 from locoprop import triton_kernels
 arch = int(sys.argv[1])
 out = {}
-for name, kernel, transfer in [("tf_rmsprop_pair", "tf_rmsprop_pair", 1)] + [
-        (f"residual_column_sums-{t}", "residual_column_sums", t) for t in (0, 1, 2)]:
-    compiled = triton_kernels.compile_for(arch, kernel, transfer)
-    assert len(compiled.asm["cubin"]) > 0, name
-    out[name] = compiled.asm["ptx"]
+for change in (False, True):
+    suffix = "-change" if change else ""
+    for name, kernel, transfer in [("tf_rmsprop_pair", "tf_rmsprop_pair", 1)] + [
+            (f"residual_column_sums-{t}", "residual_column_sums", t) for t in (0, 1, 2)]:
+        compiled = triton_kernels.compile_for(arch, kernel, transfer, change=change)
+        assert len(compiled.asm["cubin"]) > 0, name
+        out[name + suffix] = compiled.asm["ptx"]
 json.dump(out, sys.stdout)
 """
 
@@ -308,3 +316,133 @@ def test_either_kernel_can_be_left_out(interpreted, monkeypatch):
     assert len(calls) == both[0] and residuals == []
     for p, q in zip(m_both.parameters(), m_update.parameters()):
         assert ((p - q).norm() / p.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("shapes", [[(37, 29), (37,)], [(3000,)], [(1030, 2), (1,)]])
+def test_update_kernel_writes_each_tensors_change_from_its_start(interpreted, shapes):
+    """With ``starts`` the kernel's update is the one without, to the bit, and each gradient then holds its
+    tensor's change from its start exactly as ``torch.sub`` makes it after the update (what the update form's
+    next pre-activation reads, instead of two subtractions of its own)."""
+    params, grads, states = _layer_tensors(shapes)
+    starts = [p + torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 1e-3 for p in params]
+    plain = copy.deepcopy((params, grads, states))
+    lr = torch.tensor(0.3)
+    triton_kernels.tf_rmsprop_update_(params, grads, states, lr, 0.9, 0.5, 1e-8, starts=starts)
+    triton_kernels.tf_rmsprop_update_(*plain, lr, 0.9, 0.5, 1e-8)
+    flat = params + [s for st in states for s in st]
+    assert all(torch.equal(a, b) for a, b in zip(flat, plain[0] + [s for st in plain[2] for s in st]))
+    assert all(torch.equal(g, torch.sub(p, s)) for g, p, s in zip(grads, params, starts))
+    assert not any(torch.equal(g, h) for g, h in zip(grads, plain[1]))
+    with pytest.raises(ValueError, match=r"starts of shapes \[\(2, 2\)"):
+        triton_kernels.tf_rmsprop_update_(params, grads, states, lr, 0.9, 0.5, 1e-8,
+                                          starts=[torch.zeros(2, 2)] * len(params))
+
+
+@pytest.mark.parametrize("transfer", [0, 1, 2])
+@pytest.mark.parametrize("rows", [40, 300])
+@pytest.mark.parametrize("aliased", [False, True])
+@pytest.mark.parametrize("based", [False, True])
+def test_residual_kernel_adds_a0_and_the_bias_change_as_add_does(interpreted, transfer, rows, aliased, based):
+    """``residual_(..., shift=, base=)`` is ``pre.add_(base).add_(shift)`` then the kernel without them, to the
+    bit: ``δ`` and the column sums, with one block of rows (the kernel writes the sums itself) and several, with
+    ``shift`` the bias gradient itself (where the update kernel left the bias's change), with and without
+    ``base`` (the update form's ``a₀``)."""
+    gen = torch.Generator().manual_seed(transfer)
+    pre = torch.randn(rows, 37, generator=gen) * 0.01
+    target, shift = torch.rand(rows, 37, generator=gen), torch.randn(37, generator=gen) * 0.1
+    base = torch.randn(rows, 37, generator=gen) * 2 if based else None
+    expected, expected_sums = pre.clone(), torch.full((37,), float("nan"))
+    if based:
+        expected.add_(base)
+    triton_kernels.residual_(expected.add_(shift), target, expected_sums, transfer)
+    bias_grad = shift.clone() if aliased else torch.full((37,), float("nan"))
+    out = triton_kernels.residual_(pre, target, bias_grad, transfer, shift=bias_grad if aliased else shift,
+                                   **({"base": base} if based else {}))
+    assert out is pre and torch.equal(pre, expected) and torch.equal(bias_grad, expected_sums)
+    assert triton_kernels.residual_suits(pre, target, bias_grad, base=base)
+    assert not triton_kernels.residual_suits(pre, target, bias_grad, base=torch.zeros(rows, 36))
+
+
+def _with_a_layer_without_bias():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6, bias=False),
+                               torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 20))
+
+
+@pytest.mark.filterwarnings("ignore:precision='bf16'")
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+@pytest.mark.parametrize("build", [small_autoencoder, _with_a_layer_without_bias])
+def test_the_update_form_reads_the_change_the_kernels_wrote_to_the_bit(interpreted, monkeypatch, order, build):
+    """bf16 products, so the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``: where the update kernel writes the
+    change and the residual kernel adds the bias's (``change_in_update``, by default where both kernels run),
+    four steps give the weights and inner state of ``change_in_update=False`` (the subtractions and the addition
+    as launches of their own) to the bit, in both orders (the iteration-major one updates every layer in one
+    call).  Every update but each layer's last of a step wrote the change, and every residual kernel added
+    ``a₀`` and the bias's change to the product."""
+    updates, residuals = [], []
+    update, residual = triton_kernels.tf_rmsprop_update_, triton_kernels.residual_
+
+    def counted_update(params, *args, starts=None):
+        updates.append(starts is not None)
+        return update(params, *args, **({} if starts is None else {"starts": starts}))
+
+    def counted_residual(pre, target, bias_grad, transfer, shift=None, base=None):
+        residuals.append((base is not None, shift is not None, bias_grad is not None and shift is bias_grad))
+        return residual(pre, target, bias_grad, transfer, **{k: v for k, v in (("shift", shift), ("base", base))
+                                                              if v is not None})
+    monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted_update)
+    monkeypatch.setattr(triton_kernels, "residual_", counted_residual)
+    runs = {}
+    for change in (False, None):
+        updates.clear()
+        residuals.clear()
+        runs[change] = _train(model=build(), solve_order=order, precision="bf16", triton_elementwise=True,
+                              change_in_update=change)
+        assert runs[change][1].fused_solver.writes_change(torch.device("cpu")) is (change is None)
+    (m_off, o_off), (m_on, o_on) = runs[False], runs[None]
+    for p, q in zip(m_off.parameters(), m_on.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(a, o_on.inner.state[q][k]) for k, a in o_off.inner.state[p].items()
+                   if torch.is_tensor(a))
+    steps, T, layers = 4, 3, len(o_on.layers)
+    if order == "layer-major":  # one launch per layer and iteration: all but the last of each chain change
+        assert sum(updates) == steps * (T - 1) * layers and len(updates) == steps * T * layers
+    else:  # one update call of every layer per iteration: one launch per pair of tensors
+        assert sum(updates) == len(updates) * (T - 1) // T
+    # the residual kernel (here for the identity and sigmoid layers: the tanh layers' quick route on the CPU has
+    # no kernel, and reads the change the update wrote all the same) adds the change of every bias it sees
+    assert residuals and all(based and shifted == with_bias for based, shifted, with_bias in residuals)
+    assert any(shifted for _, shifted, _ in residuals) and len(residuals) == steps * (T - 1) * 2
+
+
+def test_a_failing_kernel_still_leaves_each_change_where_the_update_form_reads_it(interpreted, monkeypatch):
+    """Three layers in one update with their starts, the kernel failing on the second: the second and third get
+    the multi-tensor update and then their changes by ``torch.sub``, so that every gradient holds its weight's
+    change from its start after the call, as the launches that ran left theirs."""
+    _failing_on_launch(monkeypatch, 2)
+    rule = TFRMSpropRule(TFRMSprop([torch.zeros(1)], lr=1.0, alpha=0.9, momentum=0.5, eps=1e-8))
+    rates = torch.tensor([0.1, 0.2, 0.3])
+    layers = [(*_layer_tensors([(5, 4), (5,)], seed=m), (rates[m],)) for m in range(3)]
+    starts = [[p.clone() for p in params] for params, *_ in layers]
+    ref = copy.deepcopy(layers)
+    with pytest.warns(RuntimeWarning, match="the TF-RMSProp kernel failed"):
+        assert rule.update_layers_triton(layers, starts=starts)
+    rule.update_layers(ref)
+    for (params, grads, states, _), (rp, _, rs, _), start in zip(layers, ref, starts):
+        assert _max_rel(params + [s for st in states for s in st], rp + [s for st in rs for s in st]) < 1e-6
+        assert all(torch.equal(g, torch.sub(p, s)) for g, p, s in zip(grads, params, start))
+
+
+def test_a_start_the_kernel_does_not_take_gets_its_change_by_torch_sub(interpreted, monkeypatch):
+    """A start the kernel cannot read (not contiguous): the layer keeps its one launch, without the change,
+    which ``torch.sub`` then writes; the other layer's change comes from its launch."""
+    calls = _count_launches(monkeypatch)
+    rule = TFRMSpropRule(TFRMSprop([torch.zeros(1)], lr=1.0, alpha=0.9, momentum=0.5, eps=1e-8))
+    rates = torch.tensor([0.1, 0.2])
+    layers = [(*_layer_tensors([(5, 4), (5,)], seed=m), (rates[m],)) for m in range(2)]
+    starts = [[p.clone() for p in params] for params, *_ in layers]
+    starts[1][0] = starts[1][0].T.contiguous().T  # the same values, strided
+    assert rule.update_layers_triton(layers, starts=starts)
+    assert calls == [2, 2]
+    for (params, grads, _, _), start in zip(layers, starts):
+        assert all(torch.equal(g, torch.sub(p, s)) for g, p, s in zip(grads, params, start))

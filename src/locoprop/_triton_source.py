@@ -18,14 +18,16 @@ except ImportError:  # an old Triton: the residual kernel is not made, the updat
 # kernel serves every layer.
 @triton.jit(do_not_specialize=["n0", "blocks0", "n1"])
 def tf_rmsprop_pair(w0, g0, ms0, m0, n0, blocks0, w1, g1, ms1, m1, n1, lr, alpha, one_minus_alpha, momentum,
-                    eps, BLOCK: tl.constexpr):
+                    eps, s0, s1, BLOCK: tl.constexpr, CHANGE: tl.constexpr):
     """Two tensors (a layer's weights and bias) in one launch: programs ``[0, blocks0)`` update the first,
-    the rest the second; ``η_k`` is read from the 0-d tensor ``lr``."""
+    the rest the second; ``η_k`` is read from the 0-d tensor ``lr``.  With ``CHANGE``, each tensor's change
+    from its start ``s`` (``w - s``, the new ``w``) then goes into its gradient ``g``, which the update has
+    consumed: the next iteration's update form reads it there (``s0``, ``s1`` are not read without it)."""
     pid = tl.program_id(0)
     if pid < blocks0:
-        w, g, ms, m, n, block = w0, g0, ms0, m0, n0, pid
+        w, g, ms, m, n, s, block = w0, g0, ms0, m0, n0, s0, pid
     else:
-        w, g, ms, m, n, block = w1, g1, ms1, m1, n1, pid - blocks0
+        w, g, ms, m, n, s, block = w1, g1, ms1, m1, n1, s1, pid - blocks0
     offsets = block * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     grad = tl.load(g + offsets, mask=inside, other=0.0)
@@ -34,7 +36,10 @@ def tf_rmsprop_pair(w0, g0, ms0, m0, n0, blocks0, w1, g1, ms1, m1, n1, lr, alpha
         tl.div_rn(grad, tl.sqrt_rn(square + eps)) * tl.load(lr)
     tl.store(ms + offsets, square, mask=inside)
     tl.store(m + offsets, step, mask=inside)
-    tl.store(w + offsets, tl.load(w + offsets, mask=inside, other=0.0) - step, mask=inside)
+    weight = tl.load(w + offsets, mask=inside, other=0.0) - step
+    tl.store(w + offsets, weight, mask=inside)
+    if CHANGE:
+        tl.store(g + offsets, weight - tl.load(s + offsets, mask=inside, other=0.0), mask=inside)
 
 
 # The kernels call only Triton's built-in operations and jitted functions of this module: the interpreter runs
@@ -45,12 +50,17 @@ def _add(a, b):
 
 
 @triton.jit(do_not_specialize=["rows", "cols"])
-def residual_column_sums(pre, target, sums, rows, cols, TRANSFER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def residual_column_sums(pre, target, sums, shift, base, rows, cols, TRANSFER: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, BASE: tl.constexpr, LIBDEVICE: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``δ = f(â) - y`` in place in ``pre`` (``rows x cols``, row-major), each program one tile of ``BLOCK_R``
     rows and ``BLOCK_C`` columns; with a bias, each tile's column sums go to row ``program_id(1)`` of ``sums``
     (one row per block of rows), which the caller then sums over its rows, in a fixed order (no atomics: the
-    same sums from run to run); with one block of rows ``sums`` is the bias gradient itself.  ``TRANSFER``: 0
+    same sums from run to run); with one block of rows ``sums`` is the bias gradient itself.  With ``BASE``,
+    ``â`` is ``pre`` plus ``base`` (a matrix of ``pre``'s shape: the update form's ``a₀``, added to the product
+    ``x (W - W₀)ᵀ``), then with ``SHIFT`` plus ``shift`` (one value a column, added to every row, as the update
+    form adds the bias's change ``b - b₀``), in that order; each program reads its columns of ``shift``
+    before it writes its sums, so ``shift`` may be ``sums`` itself.  ``TRANSFER``: 0
     identity, 1 tanh, 2 sigmoid.  ``LIBDEVICE``: CUDA's accurate ``tanhf`` and ``expf`` (on a GPU); Triton's
     interpreter has no libdevice and evaluates tanh from ``exp`` instead (its Taylor series near 0, where
     ``1 - e^{-2|a|}`` would cancel)."""
@@ -60,6 +70,10 @@ def residual_column_sums(pre, target, sums, rows, cols, TRANSFER: tl.constexpr, 
     offsets = r[:, None] * cols + columns[None, :]
     inside = (r[:, None] < rows) & in_columns[None, :]
     a = tl.load(pre + offsets, mask=inside, other=0.0)
+    if BASE:
+        a = a + tl.load(base + offsets, mask=inside, other=0.0)
+    if SHIFT:
+        a = a + tl.load(shift + columns, mask=in_columns, other=0.0)[None, :]
     if TRANSFER == 1:
         if LIBDEVICE:
             a = libdevice.tanh(a)

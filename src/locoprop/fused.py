@@ -262,6 +262,14 @@ class _Chain:
     pre: object  # pre(W, b, out, free): the pre-activation x W̃ᵀ + b̃ into out (free: the gradient buffers)
     wgrad: object  # wgrad(δ, out): δᵀx into out
     post: torch.Tensor | None = None  # ŷ = f(â₀) where δ₀ is computed from it into scratch (not yet there)
+    #: The update form's starting weights ``[W₀, b₀]`` and pre-activation ``a₀`` where ``pre`` is the solver's
+    #: own update form (it then takes ``ready`` and ``fold``: :meth:`FusedIterativeSolver._products`), else
+    #: ``None``.
+    start_params: list[torch.Tensor] | None = None
+    start_pre: torch.Tensor | None = None
+    #: Whether the last update wrote the weights' change ``W - W₀``, ``b - b₀`` into the gradient buffers
+    #: (:meth:`FusedIterativeSolver.writes_change`), for the next ``pre`` to read.
+    change_ready: bool = False
 
 
 class _CapturedSolve:
@@ -348,6 +356,13 @@ class FusedIterativeSolver:
         #: loop over its tensors anyway; on CUDA it would be several launches per tensor instead of one
         #: (and the Triton update kernel, the CUDA default, makes no such tensor).
         self.denominators_in_residual: bool | None = None
+        #: Whether, in the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` (TF32 and bf16 products), the Triton
+        #: update kernel also writes the weights' change ``W - W₀``, ``b - b₀`` into the gradient buffers it
+        #: consumed, and the residual kernel adds ``a₀`` and the bias's change to the product as it reads it,
+        #: instead of four launches of their own per layer and iteration (two subtractions, the product's copy
+        #: of ``a₀`` into its output, the bias's addition): ``None`` (default) wherever both Triton kernels run
+        #: (:meth:`writes_change`); the same roundings either way.
+        self.change_in_update: bool | None = None
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -399,7 +414,8 @@ class FusedIterativeSolver:
         fresh = FusedIterativeSolver(self.precision, self.cuda_graph, self.layer_streams, self.compile_elementwise,
                                      self.order, self.triton_elementwise).__dict__
         return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs,
-                "quick_transfers": self.quick_transfers, "denominators_in_residual": self.denominators_in_residual}
+                "quick_transfers": self.quick_transfers, "denominators_in_residual": self.denominators_in_residual,
+                "change_in_update": self.change_in_update}
 
     # -- support -----------------------------------------------------------------------------
     @staticmethod
@@ -653,10 +669,17 @@ class FusedIterativeSolver:
         if start is not None:
             a0, (W0, *b0) = start
 
-            def pre(W, b, out, free=(None, None)):
-                change = torch.sub(W, W0, out=free[0])
-                product(xr, (change.to(torch.bfloat16) if bf16 else change).T, out, plus=a0)
-                return out if b is None else out.add_(torch.sub(b, b0[0], out=free[-1]))
+            def pre(W, b, out, free=(None, None), ready=False, fold=False):
+                """``ready``: ``free`` already holds the change (the update wrote it); ``fold``: only the
+                product ``x (W - W₀)ᵀ`` into ``out``, ``a₀`` and the bias's change (left in ``free[-1]``) for
+                the caller to add (the residual kernel adds them as it reads the product)."""
+                change = free[0] if ready else torch.sub(W, W0, out=free[0])
+                product(xr, (change.to(torch.bfloat16) if bf16 else change).T, out, plus=None if fold else a0)
+                if b is None:
+                    return out
+                bias_change = free[-1] if ready else torch.sub(b, b0[0], out=free[-1])
+                return out if fold else out.add_(bias_change)
+            pre.takes_change = True
         else:  # plain: x Wᵀ + b, the bias in the product's epilogue (fp32, TF32) or in the same pass (bf16)
             def pre(W, b, out, free=None):
                 return product(xr, (W.to(torch.bfloat16) if bf16 else W).T, out, plus=b)
@@ -680,11 +703,22 @@ class FusedIterativeSolver:
             return self.denominators_in_residual
         return torch.device(device).type == "cpu"
 
+    def writes_change(self, device: torch.device) -> bool:
+        """Whether the update form's weight change is written by the Triton update kernel, and ``a₀`` and the
+        bias's change added by the residual kernel, on ``device`` (:attr:`change_in_update`): where both
+        kernels run."""
+        if self.change_in_update is not None:
+            return self.change_in_update
+        return self.triton_kernels >= {"update", "residual"} and not self.compile_elementwise and \
+            self.uses_triton(device)
+
     def _open_chain(self, lay: _Layer, m: int, x, delta, target, anchor, transfer, start=None, post=None) -> _Chain:
         pre, wgrad = self._products(x, start)
         if transfer is not None and self.uses_quick_transfers(x.device):
             transfer = transfer.quick()
-        return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad, post)
+        own_form = start is not None and getattr(pre, "takes_change", False)  # (a benchmark may replace _products)
+        return _Chain(lay, m, delta, target, anchor, transfer, pre, wgrad, post,
+                      start_params=list(start[1]) if own_form else None, start_pre=start[0] if own_form else None)
 
     def _local_gradient(self, c: _Chain, k: int, loss: LocalLoss, table: torch.Tensor, proximity: bool = True) -> None:
         """Iteration ``k``'s local gradient of one layer into its gradient buffers: ``δᵀx``, ``Σδ`` and, with
@@ -704,17 +738,27 @@ class FusedIterativeSolver:
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         elif self.compile_elementwise:
-            delta = compile_once(_residual_and_bias_grad_)(loss, c.pre(W, b, c.scratch, lay.grads), c.target,
-                                                        c.transfer, bias_grad)
+            delta = compile_once(_residual_and_bias_grad_)(loss, self._pre(c, W, b), c.target, c.transfer, bias_grad)
         elif self._triton_residual(c, loss, W, b, bias_grad):
             delta = c.scratch
         else:
-            delta = loss.grad_(c.pre(W, b, c.scratch, lay.grads), c.target, c.transfer)
+            delta = loss.grad_(self._pre(c, W, b), c.target, c.transfer)
             if b is not None:
                 torch.sum(delta, 0, out=bias_grad)
         c.wgrad(delta, lay.grads[0])
         if proximity:
             self._add_proximity(c, table, k)
+
+    @staticmethod
+    def _pre(c: _Chain, W, b, fold: bool = False) -> torch.Tensor:
+        """Iteration ``k ≥ 1``'s pre-activation of ``c`` into its scratch buffer (``c.pre``), in the solver's own
+        update form reading the weights' change from the gradient buffers where the last update wrote it there
+        (:attr:`_Chain.change_ready`); ``fold``: only the product ``x (W - W₀)ᵀ``, without ``a₀`` and the bias's
+        change, which is left in the bias's gradient buffer (update form only)."""
+        if c.start_params is None:
+            return c.pre(W, b, c.scratch, c.layer.grads)
+        ready, c.change_ready = c.change_ready, False
+        return c.pre(W, b, c.scratch, c.layer.grads, ready=ready, fold=fold)
 
     def _triton_residual(self, c: _Chain, loss: LocalLoss, W, b, bias_grad) -> bool:
         """Iteration ``k ≥ 1``'s pre-activation into ``c.scratch``, then ``δ`` and ``Σδ`` in one Triton launch
@@ -725,10 +769,13 @@ class FusedIterativeSolver:
         if kind is None or "residual" not in self.triton_kernels or not self.uses_triton(c.scratch.device) \
                 or not triton_kernels.residual_suits(c.scratch, c.target, bias_grad):
             return False
-        pre = c.pre(W, b, c.scratch, c.layer.grads)  # (where the kernel fails, before it ran, the caller computes
-        # it again)
+        # where the kernel fails, before it ran, the caller computes the pre-activation again (from the weights)
+        fold = c.start_params is not None and self.writes_change(c.scratch.device) and \
+            triton_kernels.residual_suits(c.scratch, c.target, bias_grad, base=c.start_pre)
+        pre = self._pre(c, W, b, fold=fold)  # the update form's a₀ and b - b₀ then added by the kernel
+        added = {"base": c.start_pre, **({"shift": bias_grad} if b is not None else {})} if fold else {}
         return triton_kernels.launch_or_fall_back("residual", lambda: triton_kernels.residual_(
-            pre, c.target, bias_grad, kind), strict=self.triton_elementwise is True)
+            pre, c.target, bias_grad, kind, **added), strict=self.triton_elementwise is True)
 
     @staticmethod
     def _add_proximity(c: _Chain, table: torch.Tensor, k: int) -> None:
@@ -769,10 +816,19 @@ class FusedIterativeSolver:
                    [st for c in members for st in c.layer.states],
                    self.iteration_scalars_of(table, members[0].index, k, rule.scalars))
                   for members in groups if members]
+        groups = [members for members in groups if members]
+        # the update form's change W - W₀ for the next iteration: written by the update kernel where it runs
+        starts = [[s for c in members for s in c.start_params]
+                  if all(c.start_params is not None and k + 1 < c.layer.steps for c in members) else None
+                  for members in groups] if self.writes_change(table.device) else None
         if self.compile_elementwise and rule.tensor_kernel is not None:
             rule.update_layers_compiled(layers)
-        elif not ("update" in self.triton_kernels and self.uses_triton(table.device)
-                  and rule.update_layers_triton(layers, strict=self.triton_elementwise is True)):
+        elif "update" in self.triton_kernels and self.uses_triton(table.device) and rule.update_layers_triton(
+                layers, strict=self.triton_elementwise is True, starts=starts):
+            for members, start in zip(groups, starts or [None] * len(groups)):
+                for c in members:
+                    c.change_ready = start is not None
+        else:
             if isinstance(rule, TFRMSpropRule) and self.uses_denominators_in_residual(table.device):
                 rule.update_layers(layers, [c.scratch for members in groups for c in members  # each δ, free now
                                             for _ in c.layer.params])
@@ -937,7 +993,7 @@ class FusedIterativeSolver:
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
-                 self.uses_triton(table.device) and self.triton_kernels,
+                 self.uses_triton(table.device) and self.triton_kernels, self.writes_change(table.device),
                  self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer, start, post) in zip(layers, inputs):
             parts.append((lay.steps, tuple(x.shape), tuple(delta.shape), tuple(target.shape), x.dtype, target.dtype,

@@ -1456,7 +1456,8 @@ class CapturedStep:
             self._model_params = list(opt.model.parameters())
         others = tuple(id(p) for p in opt._other_params(self._model_params))  # the gradients the graph computes
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, others, solver.order,
-                solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels)
+                solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels,
+                solver.change_in_update)
 
     def _graph_key(self, hyper: tuple, table: torch.Tensor) -> tuple:
         """:meth:`_hyper_key` with what the solver's state adds: the layers that share their learning rates (they

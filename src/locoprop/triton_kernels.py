@@ -13,14 +13,21 @@ Two kernels (their source: :mod:`locoprop._triton_source`), each one launch per 
   does the recurrence of one layer (weights and bias) in one launch, reading
   ``g``, ``ms``, ``m``, ``w`` once and writing ``ms``, ``m``, ``w`` once;
   ``η_k`` is read from the solver's learning-rate table on the device, so a
-  captured CUDA graph follows schedules without recapture;
+  captured CUDA graph follows schedules without recapture.  Where the next
+  iteration computes its pre-activation in the update form
+  ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` (TF32 and bf16 products), the same launch
+  writes the change ``W - W₀``, ``b - b₀`` into the gradients it consumed,
+  where that form reads it: two launches fewer per iteration;
 * **the residual.**  :func:`residual_` computes iteration ``k``'s
   ``δ = f(â) - y`` in place and its column sums ``Σδ`` (the bias gradient)
   in one launch over tiles of the whole matrix (and, for a batch of more than
   ``BLOCK_ROWS`` rows, one sum of the tiles' sums) where PyTorch issues three
   (``f``, the difference, the sum):
   the matching loss's gradient (Eq. 2) for tanh, the sigmoid and the
-  identity, and the squared pre-activation loss's (Eq. 3).
+  identity, and the squared pre-activation loss's (Eq. 3).  In the update
+  form it reads ``â`` as the product ``x (W - W₀)ᵀ`` plus ``a₀`` plus the
+  bias's change ``b - b₀``: two launches fewer (the product's own copy of
+  ``a₀`` into its output, and the bias's addition).
 
 Division and square root round to nearest (``div_rn``, ``sqrt_rn``) and tanh
 and ``exp`` are CUDA's accurate ``libdevice`` functions, as in PyTorch's own
@@ -145,10 +152,11 @@ SIGNATURES = {
     "tf_rmsprop_pair": {**{name: "*fp32" for name in ("w0", "g0", "ms0", "m0")}, "n0": "i32", "blocks0": "i32",
                         **{name: "*fp32" for name in ("w1", "g1", "ms1", "m1")}, "n1": "i32", "lr": "*fp32",
                         **{name: "fp32" for name in ("alpha", "one_minus_alpha", "momentum", "eps")},
-                        "BLOCK": "constexpr"},
-    "residual_column_sums": {"pre": "*fp32", "target": "*fp32", "sums": "*fp32", "rows": "i32", "cols": "i32",
-                             **{name: "constexpr" for name in ("TRANSFER", "HAS_BIAS", "LIBDEVICE", "BLOCK_R",
-                                                               "BLOCK_C")}},
+                        "s0": "*fp32", "s1": "*fp32", "BLOCK": "constexpr", "CHANGE": "constexpr"},
+    "residual_column_sums": {"pre": "*fp32", "target": "*fp32", "sums": "*fp32", "shift": "*fp32", "base": "*fp32",
+                             "rows": "i32", "cols": "i32",
+                             **{name: "constexpr" for name in ("TRANSFER", "HAS_BIAS", "SHIFT", "BASE", "LIBDEVICE",
+                                                               "BLOCK_R", "BLOCK_C")}},
 }
 
 
@@ -158,17 +166,21 @@ SIGNATURES = {
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
-def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, warp_size: int = 32):
+def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, warp_size: int = 32,
+                change: bool = False):
     """``kernel`` (``"tf_rmsprop_pair"`` or ``"residual_column_sums"``, the latter for the transfer code
     ``transfer``, with a bias) compiled ahead of time for the CUDA architecture ``arch`` (``90``: Hopper, the
     H100 and H200), on any machine, no GPU needed (Triton brings its own ``ptxas``): what a first launch on
-    such a GPU compiles, for checks and for timing the compilation (``asm["ptx"]``, ``asm["cubin"]``)."""
+    such a GPU compiles, for checks and for timing the compilation (``asm["ptx"]``, ``asm["cubin"]``).
+    ``change``: the variant the update form runs (the update writing the weights' change, the residual adding
+    ``a₀`` and the bias's change)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constants = {"BLOCK": BLOCK} if kernel == "tf_rmsprop_pair" else {
-        "TRANSFER": transfer, "HAS_BIAS": True, "LIBDEVICE": True, "BLOCK_R": BLOCK_ROWS, "BLOCK_C": BLOCK_COLUMNS}
+    constants = {"BLOCK": BLOCK, "CHANGE": change} if kernel == "tf_rmsprop_pair" else {
+        "TRANSFER": transfer, "HAS_BIAS": True, "SHIFT": change, "BASE": change, "LIBDEVICE": True,
+        "BLOCK_R": BLOCK_ROWS, "BLOCK_C": BLOCK_COLUMNS}
     source = ASTSource(fn=_kernels(False)[kernel], signature=SIGNATURES[kernel], constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, warp_size), options=COMPILE_OPTIONS)
 
@@ -192,14 +204,20 @@ def suits(tensors: list[torch.Tensor], lr: torch.Tensor) -> bool:
 
 
 def tf_rmsprop_update_(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]],
-                       lr: torch.Tensor, alpha: float, momentum: float, eps: float) -> None:
+                       lr: torch.Tensor, alpha: float, momentum: float, eps: float,
+                       starts: list[torch.Tensor] | None = None) -> None:
     """One TF-RMSProp update of one or two tensors (a layer's weights and bias) in one launch, with
-    ``states[i] = [ms, m]`` and the rate in the 0-d device tensor ``lr``.  The tensors must :func:`suit <suits>`
-    the kernel."""
+    ``states[i] = [ms, m]`` and the rate in the 0-d device tensor ``lr``; with ``starts`` (a tensor shaped as
+    each of ``params``), each tensor's change ``params[i] - starts[i]`` after the update is then written into
+    ``grads[i]``.  The tensors must :func:`suit <suits>` the kernel."""
     if not 1 <= len(params) <= 2:
         raise ValueError(f"tf_rmsprop_update_: expected one or two tensors, got {len(params)}")
+    if starts is not None and [s.shape for s in starts] != [p.shape for p in params]:
+        raise ValueError(f"tf_rmsprop_update_: starts of shapes {[tuple(s.shape) for s in starts]}, expected "
+                         f"{[tuple(p.shape) for p in params]}")
     first = (params[0].detach(), grads[0], *states[0])
     second = (params[1].detach(), grads[1], *states[1]) if len(params) == 2 else first
+    origins = [first[0], second[0]] if starts is None else [starts[0], starts[-1]]  # not read without starts
     n0 = first[0].numel()
     n1 = second[0].numel() if len(params) == 2 else 0
     blocks0 = -(-n0 // BLOCK)
@@ -209,7 +227,8 @@ def tf_rmsprop_update_(params: list[torch.Tensor], grads: list[torch.Tensor], st
     pair = _kernels(interpreting())["tf_rmsprop_pair"]
     hyper = (float(alpha), 1.0 - float(alpha), float(momentum), float(eps))
     with _on(lr.device):
-        pair[(blocks,)](*first, n0, blocks0, *second, n1, lr, *hyper, BLOCK=BLOCK, **COMPILE_OPTIONS)
+        pair[(blocks,)](*first, n0, blocks0, *second, n1, lr, *hyper, *origins, BLOCK=BLOCK, CHANGE=starts is not None,
+                        **COMPILE_OPTIONS)
 
 
 def residual_transfer(loss, transfer) -> int | None:
@@ -232,20 +251,26 @@ def _residual_transfer_of(loss_class: type, transfer_class: type) -> int | None:
     return None
 
 
-def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None) -> bool:
-    """Whether the residual kernel takes these tensors: float32, contiguous, one device it runs on, ``pre`` and
-    ``target`` of one 2-d shape, ``bias_grad`` one value per column."""
-    tensors = [pre, target] + ([bias_grad] if bias_grad is not None else [])
+def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None,
+                   base: torch.Tensor | None = None) -> bool:
+    """Whether the residual kernel takes these tensors: float32, contiguous, one device it runs on, ``pre``,
+    ``target`` (and ``base``) of one 2-d shape, ``bias_grad`` one value per column."""
+    tensors = [pre, target] + [t for t in (bias_grad, base) if t is not None]
     return (_float32_contiguous_on(pre.device, tensors) and "residual_column_sums" in _kernels(interpreting())
-            and pre.dim() == 2 and target.shape == pre.shape
+            and pre.dim() == 2 and target.shape == pre.shape and (base is None or base.shape == pre.shape)
             and (bias_grad is None or bias_grad.shape == pre.shape[1:]))
 
 
-def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None, transfer: int) -> torch.Tensor:
+def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None, transfer: int,
+              shift: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
     """``δ = f(pre) - target`` in place in ``pre`` and, with ``bias_grad``, ``Σδ`` over the rows into it
     (``transfer``: :func:`residual_transfer`'s code): one launch over tiles of the whole matrix, and, where the
     batch has more than ``BLOCK_ROWS`` rows, a sum of the tiles' column sums (``torch.sum``: in a fixed order).
-    The tensors must :func:`suit <residual_suits>` the kernel.  Returns ``pre`` (now ``δ``)."""
+    With ``base`` (a matrix shaped as ``pre``) and ``shift`` (one value a column), ``f((pre + base) + shift) -
+    target``, each sum rounded as ``pre.add_(base).add_(shift)`` rounds it: the update form's ``a₀`` added to its
+    product ``x (W - W₀)ᵀ``, and its bias change; ``shift`` may be ``bias_grad`` itself (where the update kernel
+    wrote the bias's change).  The tensors must :func:`suit <residual_suits>` the kernel.  Returns
+    ``pre`` (now ``δ``)."""
     rows, cols = pre.shape
     if pre.numel() == 0:
         if bias_grad is not None:
@@ -257,8 +282,11 @@ def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor |
     interpreted = interpreting()
     kernel = _kernels(interpreted)["residual_column_sums"]
     with _on(pre.device):
-        kernel[(-(-cols // BLOCK_COLUMNS), row_blocks)](pre, target, sums, rows, cols, TRANSFER=transfer,
-                                                        HAS_BIAS=bias_grad is not None, LIBDEVICE=not interpreted,
+        kernel[(-(-cols // BLOCK_COLUMNS), row_blocks)](pre, target, sums, pre if shift is None else shift,
+                                                        pre if base is None else base, rows, cols,
+                                                        TRANSFER=transfer, HAS_BIAS=bias_grad is not None,
+                                                        SHIFT=shift is not None, BASE=base is not None,
+                                                        LIBDEVICE=not interpreted,
                                                         BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS, **COMPILE_OPTIONS)
     if bias_grad is not None and row_blocks > 1:
         torch.sum(sums, 0, out=bias_grad)

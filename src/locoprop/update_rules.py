@@ -133,10 +133,12 @@ class UpdateRule:
             [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
             scalars, self.kernel_hyper() + self.branches())
 
-    def update_layers_triton(self, layers: list[tuple], strict: bool = False) -> bool:
+    def update_layers_triton(self, layers: list[tuple], strict: bool = False, starts: list | None = None) -> bool:
         """:meth:`update_layers` with one Triton kernel launch per layer (:mod:`locoprop.triton_kernels`) where
         this rule has a kernel and every tensor suits it; ``False``, having changed nothing, where not (the
-        caller then runs :meth:`update_layers`)."""
+        caller then runs :meth:`update_layers`).  ``starts``: for each entry of ``layers``, ``None`` or one
+        tensor per parameter; after the update each such parameter's change from it (``p - start``) is in
+        its gradient tensor (the update form's next pre-activation reads it there)."""
         return False
 
     def count_steps(self, p: torch.Tensor, steps: int) -> None:
@@ -385,24 +387,38 @@ class TFRMSpropRule(UpdateRule):
                     buf.addcdiv_(g, torch.add(sq, eps, out=d).sqrt_())
         torch._foreach_sub_(params, buffers)
 
-    def update_layers_triton(self, layers, strict=False):
+    def update_layers_triton(self, layers, strict=False, starts=None):
         """One launch per layer (weights and bias) instead of eight multi-tensor operations
-        (:func:`locoprop.triton_kernels.tf_rmsprop_update_`).  Where a launch fails (Triton cannot compile the
-        kernel for this device, say), the layers not yet updated get :meth:`update_layers`, the kernels are
-        turned off for the process and a warning says why; with ``strict`` the error is raised instead."""
+        (:func:`locoprop.triton_kernels.tf_rmsprop_update_`; with ``starts``, the same launch writes each
+        weight's change into its gradient).  Where a launch fails (Triton cannot compile the kernel for this
+        device, say), the layers not yet updated get :meth:`update_layers` (and their changes by
+        ``torch.sub``), the kernels are turned off for the process and a warning says why; with ``strict`` the
+        error is raised instead."""
         from . import triton_kernels
 
-        pairs = [(params[i:i + 2], grads[i:i + 2], states[i:i + 2], scalars)
-                 for params, grads, states, scalars in layers for i in range(0, len(params), 2)]
+        starts = [None] * len(layers) if starts is None else starts
+        pairs = [(params[i:i + 2], grads[i:i + 2], states[i:i + 2], scalars, None if start is None else start[i:i + 2])
+                 for (params, grads, states, scalars), start in zip(layers, starts) for i in range(0, len(params), 2)]
         if not all(triton_kernels.suits([p.detach() for p in params] + list(grads) + [s for st in states for s in st],
-                                        scalars[0]) for params, grads, states, scalars in pairs):
+                                        scalars[0]) for params, grads, states, scalars, _ in pairs):
             return False
         alpha, mom, eps = self.hyper()
-        for done, (params, grads, states, scalars) in enumerate(pairs):
+
+        def changes(params, grads, start):  # what the kernel writes with starts, where it did not
+            for p, g, origin in zip(params, grads, start or []):
+                torch.sub(p.detach(), origin, out=g)
+        for done, (params, grads, states, scalars, start) in enumerate(pairs):
+            in_kernel = start is not None and triton_kernels.suits(start, scalars[0])  # else torch.sub after it
             if not triton_kernels.launch_or_fall_back("TF-RMSProp", lambda: triton_kernels.tf_rmsprop_update_(
-                    params, grads, states, scalars[0], alpha, mom, eps), strict):
-                self.update_layers(pairs[done:])
+                    params, grads, states, scalars[0], alpha, mom, eps, **({"starts": start} if in_kernel else {})),
+                    strict):
+                rest = pairs[done:]
+                self.update_layers([pair[:4] for pair in rest])
+                for params, grads, _, _, start in rest:
+                    changes(params, grads, start)
                 break
+            if not in_kernel:
+                changes(params, grads, start)
         return True
 
 

@@ -213,9 +213,9 @@ def test_triton_elementwises_are_the_cuda_default_and_equal_the_multi_tensor_upd
     launches = []
     launch = triton_kernels.tf_rmsprop_update_
 
-    def counted(params, *args):
+    def counted(params, *args, **kwargs):
         launches.append(len(params))
-        return launch(params, *args)
+        return launch(params, *args, **kwargs)
     monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted)
     models, opts = [], []
     for triton_elementwise in (None, False):
@@ -408,6 +408,43 @@ def test_reduced_precision_update_form_keeps_a_small_gamma_step_near_float32(pre
     ref, form, plain = update("fp32"), update(precision), update(precision, plain=True)
     err_form, err_plain = ((form - ref).norm() / ref.norm()).item(), ((plain - ref).norm() / ref.norm()).item()
     assert 0 < err_form < err_plain / 10, (err_form, err_plain)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_update_form_changes_written_by_the_kernels_equal_their_own_launches(monkeypatch, precision, graphed):
+    """The CUDA default in the update form (session 30): the Triton update kernel writes ``W - W₀`` and ``b - b₀``
+    where the next iteration reads them, and the residual kernel adds ``a₀`` and ``b - b₀`` to the product,
+    where two subtractions, the product's own addition of ``a₀`` (a copy and the product) and the bias's
+    addition were launches of their own (``change_in_update=False``).  The same roundings: 6 steps agree to
+    1e-5 (a product that adds ``a₀`` itself may sum in another order than the plain product; else to the bit),
+    and the residual kernel was handed ``a₀`` only by default."""
+    from locoprop import triton_kernels
+
+    based, residual = [], triton_kernels.residual_
+
+    def counted(pre, target, bias_grad, transfer, **added):
+        based.append("base" in added)
+        return residual(pre, target, bias_grad, transfer, **added)
+    monkeypatch.setattr(triton_kernels, "residual_", counted)
+    models = []
+    for change in (None, False):
+        model = _model()
+        opt = _opt(model, precision=precision)
+        opt.fused_solver.change_in_update = change
+        assert opt.fused_solver.writes_change(DEV) is (change is None)
+        static_x = torch.empty(256, 784, device=DEV)
+        step = opt.graphed_step(lambda model=model, x=static_x: _loss(model(x), x)) if graphed else None
+        based.clear()
+        for x in _batches(6):
+            if graphed:
+                static_x.copy_(x)
+                step()
+            else:
+                opt.step(lambda model=model, x=x: _loss(model(x), x))
+        assert based and all(based) is (change is None) and any(based) is (change is None)
+        models.append(model)
+    assert _rel(*models) < 1e-5
 
 
 def _rounded_bf16_products(x):

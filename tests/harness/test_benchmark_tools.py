@@ -376,6 +376,11 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
         ("locoprop-m", "graphed", "tf32"), ("locoprop-m", "graphed-iter", "tf32"),
         ("locoprop-m", "graphed-iter-compiled", "fp32"), ("locoprop-m", "graphed-iter-compiled", "tf32")]
     assert mod.select_modes(cuda, None) == cuda
+    # --precisions tf32 alone: LocoProp's FP32 rows left out, the (FP32) BackProp baseline kept
+    assert [(c[2], c[4], c[5]) for c in mod.select_precisions(chosen, ["tf32"])] == [
+        ("rmsprop", "eager", "fp32"), ("locoprop-m", "graphed", "tf32"), ("locoprop-m", "graphed-iter", "tf32"),
+        ("locoprop-m", "graphed-iter-compiled", "tf32")]
+    assert mod.select_precisions(chosen, ["fp32", "tf32"]) == chosen
     memory_rows = ["eager", "graph", "graphed", "graphed-host", "graphed-s0", "graphed-host-s0"]  # docs/performance.md
     small = mod.plan(torch.device("cuda"), ["standard"], [100], ["adam", "locoprop-m"], [10], ["fp32"])
     assert [c[4] for c in mod.select_modes(small, memory_rows)] == memory_rows
@@ -402,6 +407,11 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
     allocating = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-newdenominators", "local_steps": 2,
                                  "precision": "fp32"}, model, AutoencoderLoss(), x)
     assert allocating.optimizer.fused_solver.denominators_in_residual is False and torch.isfinite(allocating())
+    assert ("locoprop-m", "graphed-nochange", "tf32") in {(c[2], c[4], c[5]) for c in cuda}
+    assert not any(c[4].endswith("nochange") for c in cpu)  # the kernels it turns off run on CUDA only
+    unchanged = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-nochange", "local_steps": 2,
+                                "precision": "bf16"}, model, AutoencoderLoss(), x)
+    assert unchanged.optimizer.fused_solver.change_in_update is False and torch.isfinite(unchanged())
 
 
 def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_iteration():
@@ -785,7 +795,7 @@ def test_the_prepared_device_call_asks_only_for_what_the_benchmarks_have():
             device = torch.device(args.device if "--device" in argv else "cuda")
             configs = step_time.plan(device, args.models, args.batch_sizes, args.optimizers, args.local_steps,
                                      args.precisions)
-            chosen = step_time.select_modes(configs, args.modes)
+            chosen = step_time.select_precisions(step_time.select_modes(configs, args.modes), args.precisions)
             assert {c[4] for c in chosen} == set(args.modes), argv  # each mode has a configuration
             assert {c[5] for c in chosen} == set(args.precisions), argv
         elif name == "step_profile":
