@@ -4,7 +4,7 @@
 # timeout_s 580 (about 540 s).  Everything it measures is written under $OUT; each part has its own timeout,
 # so one part that hangs leaves the others' files.
 #
-#   PART=tests|perf|change|host|memory|cpu|profile  runs one part only (a rerun of what failed).
+#   PART=tests|perf|change|overlap|host|memory|cpu|profile  runs one part only (a rerun of what failed).
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder the results go to}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -34,6 +34,13 @@ if part change; then  # the update form (TF32, bf16) with and without its change
     --deadline-s 35 --out "$OUT/perf-change.json" > "$OUT/perf-change.txt" 2>&1
   stamp change $?
 fi
+if part overlap; then  # each layer solved beside the rest of the backward pass, on its stream, in the one graph
+  # (session 30: solve_in_backward="overlap"), against the default (every layer after the pass)
+  timeout 45 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 --optimizers locoprop-m \
+    --local-steps 10 --precisions fp32 --modes graphed graphed-nocheck graphed-overlap graphed-overlap-nocheck \
+    --steps 20 --warmup 3 --deadline-s 40 --out "$OUT/perf-overlap.json" > "$OUT/perf-overlap.txt" 2>&1
+  stamp overlap $?
+fi
 if part host; then  # the captured step's host work on the device's CPU
   timeout 30 python3 benchmarks/host_overhead.py --calls 3000 --models standard deep --label "device host" \
     --out "$OUT/host-overhead.json" > "$OUT/host-overhead.txt" 2>&1
@@ -50,14 +57,14 @@ if part memory; then  # the shared gradient buffers, fewer streams (session 20),
   stamp memory $?
 fi
 if part cpu; then  # the issue's CPU goal on the device's Xeon (AVX512-bf16, AMX), two threads
-  timeout 100 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
+  timeout 75 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
     --optimizers rmsprop locoprop-m --local-steps 10 --precisions fp32 bf16 \
-    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 85 \
+    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 65 \
     --out "$OUT/perf-cpu-amx.json" > "$OUT/perf-cpu-amx.txt" 2>&1
   stamp cpu $?
 fi
 if part profile; then  # where the standard step's time goes: kernels by kind, and the timeline
-  timeout 40 python3 benchmarks/step_profile.py --model standard --modes graphed graphed-nocheck \
+  timeout 40 python3 benchmarks/step_profile.py --model standard --modes graphed graphed-nocheck graphed-overlap \
     --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
   stamp profile $?
 fi

@@ -54,6 +54,8 @@ def captured_step_on_the_cpu(opt: locoprop.LocoProp, closure) -> CapturedStep:
     step.optimizer, step.closure, step.warmup, step.calls = opt, closure, 0, 0
     step.other_grads, step.last_mode, step._model_params, step._rule = [], "", None, rule
     step.graph, step.loss, step.problems, step.flag = _NoReplay(), loss.detach(), problems, torch.tensor(True)
+    if hasattr(opt._rollback, "held"):  # since session 30: the copies the graph writes, taken back after a replay
+        step._copies = opt._rollback.held()
     graph_key = getattr(step, "_graph_key", None)  # before session 20: the settings and the shared rates
     hyper = step._hyper_key()
     step._key = graph_key(hyper, table) if graph_key else hyper + (solver.shared_rates_of(table),)

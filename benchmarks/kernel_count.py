@@ -116,10 +116,10 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
         opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
         solver, run = opt.fused_solver, opt.fused_solver._run
 
-        def counted(*args):
+        def counted(*args, **kwargs):
             counter.counting = True
             with counter:
-                run(*args)
+                run(*args, **kwargs)
 
         solver._run = counted
         opt.step(lambda: loss_fn(model(x), x))

@@ -47,7 +47,9 @@ first residual, as before session 25, instead of read from the layer's output ke
 ``-exacttanh`` (bf16 on the CPU: the local iterations' tanh by ``torch.tanh``, as before session 25, instead of
 ``2σ(2a) - 1``) and ``-nochange`` (TF32 and bf16 on CUDA: the update form's weight change ``W - W₀``, ``b - b₀``
 by three launches of its own per layer and iteration, as before session 30, instead of written by the Triton
-update kernel and the bias's added by the residual kernel).  On a
+update kernel and the bias's added by the residual kernel) and ``-overlap`` (CUDA: ``solve_in_backward="overlap"``,
+each layer's chain on its layer stream as soon as the backward pass is done with its weights, beside the rest of
+the pass; with ``graphed``, inside its one graph).  On a
 GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
@@ -295,6 +297,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.denominators_in_residual = False
             elif flag == "nochange":  # the update form's W - W₀, b - b₀ by launches of their own (before session 30)
                 opt.fused_solver.change_in_update = False
+            elif flag == "overlap":  # each layer solved in the pass on its layer stream, beside the pass's rest
+                opt.solve_in_backward = "overlap"
             elif flag.startswith("s") and flag[1:].isdigit():  # at most N layer streams (s0: none)
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
@@ -490,7 +494,7 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
                                 for flags in ("notriton", "tritonupdate", "iter-notriton", "iter-s0", "host", "s0", "s2", "s4",
-                                              "host-s2", "host-s0", "host-s0-recompute"):
+                                              "host-s2", "host-s0", "host-s0-recompute", "overlap", "overlap-nocheck"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))
                             for prec in precisions:

@@ -324,7 +324,7 @@ def test_the_rollback_copies_each_layer_just_before_its_solve():
 
 
 def test_the_option_is_checked():
-    with pytest.raises(TypeError, match="solve_in_backward: expected None, True or False"):
+    with pytest.raises(TypeError, match="solve_in_backward: expected None, True, False or .overlap."):
         locoprop.LocoProp(small_autoencoder(), output_transfer="sigmoid", solve_in_backward="yes")
 
 
@@ -468,3 +468,94 @@ def test_a_copy_of_every_layer_before_the_pass_serves_as_well():
             opt.step(lambda: bce_sum_mean(model(x), x))
         _assert_unchanged(model, opt, snap)
     assert all(torch.equal(p, q) for p, q in zip(*results))
+
+
+def _overlapping(monkeypatch, opt):
+    """``opt`` taking the path of ``solve_in_backward="overlap"`` on the CPU (no streams there: each solve
+    runs at once), recording the fast solver's calls' keyword arguments and its joins."""
+    monkeypatch.setattr(opt, "_overlaps_backward", lambda: True)
+    calls, joins, solve, join = [], [], opt.fused_solver.solve, opt.fused_solver.join_streams
+
+    def recording(problems, *args, **kwargs):
+        calls.append(kwargs)
+        return solve(problems, *args, **kwargs)
+
+    def joining():
+        joins.append(len(calls))
+        return join()
+    monkeypatch.setattr(opt.fused_solver, "solve", recording)
+    monkeypatch.setattr(opt.fused_solver, "join_streams", joining)
+    return calls, joins
+
+
+def test_overlap_on_the_cpu_is_solving_in_the_pass():
+    """``solve_in_backward="overlap"`` needs CUDA streams: on the CPU it steps as ``True`` does, to the bit, and
+    a captured step solves in the pass only with it (``_overlaps_backward``: the fast solver on CUDA)."""
+    runs = []
+    for setting in (True, "overlap"):
+        torch.manual_seed(0)
+        model = small_autoencoder()
+        opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", backend="fused", solve_in_backward=setting)
+        assert not opt._overlaps_backward() and not opt._solves_in_backward([None], True)
+        x = torch.rand(8, 20)
+        for _ in range(3):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        runs.append(model)
+    assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in runs)))
+
+
+@pytest.mark.parametrize("check, precision", [(True, "fp32"), (False, "fp32"), (True, "bf16")])
+def test_the_overlap_path_puts_each_layer_on_its_stream_and_joins_after_the_pass(monkeypatch, check, precision):
+    """The path of ``"overlap"`` (forced on the CPU, where the solver runs each call at once): each layer solved
+    in the pass asks for its layer stream (the costliest layers on streams of their own, as ``stream_plan``
+    shares them out), the streams are joined once, after the pass, and the steps are those of solving in the
+    pass on the pass's stream, to the bit."""
+    runs = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = small_autoencoder()
+        with warnings.catch_warnings():  # bf16 on a CPU without bf16 instructions warns
+            warnings.simplefilter("ignore")
+            opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", backend="fused",
+                                    solve_in_backward=True, check_finite=check, precision=precision)
+        calls, joins = _overlapping(monkeypatch, opt) if overlap else ([], [])
+        x = torch.rand(8, 20)
+        for _ in range(2):
+            opt.step(lambda: bce_sum_mean(model(x), x))
+        runs.append(model)
+    layers = len(opt.param_groups)
+    assert joins == [layers, 2 * layers]  # once a step, after every layer's solve
+    streams = [c.pop("on_stream") for c in calls]
+    assert all(c == {"graph": False} for c in calls)
+    costs = [int(g["local_steps"]) * g["params"][0].numel() for g in opt.param_groups]
+    where = opt.fused_solver.stream_assignment(costs, layers)
+    assert sorted(where) == list(range(layers))  # each on a stream of its own
+    assert streams == [where[m] for m in reversed(range(layers))] * 2  # solved from the output layer down
+    assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in runs)))
+
+
+def test_the_overlap_path_checks_each_layer_once_the_pass_is_done(monkeypatch):
+    """``check_finite="layer"`` on the path of ``"overlap"``: the layers run on their streams during the pass, so
+    each is checked once they are joined; a layer whose targets overflow is undone alone, its copy and every
+    other layer's held until then, and the others keep the update of a finite step, to the bit."""
+    torch.manual_seed(0)
+    model = small_autoencoder()
+    x = torch.rand(16, 20)
+    opt = locoprop.LocoProp(model, lr=1e-2, output_transfer="sigmoid", backend="fused", check_finite="layer")
+    opt.step(lambda: bce_sum_mean(model(x), x))
+    twin_model, twin = copy.deepcopy((model, opt))
+    _, joins = _overlapping(monkeypatch, opt)
+    held, release = [], opt._rollback.release
+    monkeypatch.setattr(opt._rollback, "release", lambda params: (held.append(len(opt._rollback._params)),
+                                                                 release(params)))
+    bad = 2
+    before = [p.detach().clone() for p in opt.param_groups[bad]["params"]]
+    opt.param_groups[bad]["activation_lr"] = 1e300
+    name = opt.param_groups[bad]["name"]
+    with pytest.raises(locoprop.DivergenceError, match=rf"layer\(s\) \['{name}'\].*undone, the others kept"):
+        opt.step(lambda: bce_sum_mean(model(x), x))
+    twin.step(lambda: bce_sum_mean(twin_model(x), x))
+    assert len(joins) == 1 and held == [2 * len(opt.param_groups)]  # every layer's copy, let go after the pass
+    for m, (group, twin_group) in enumerate(zip(opt.param_groups, twin.param_groups)):
+        expected = before if m == bad else twin_group["params"]
+        assert all(torch.equal(p, q) for p, q in zip(group["params"], expected, strict=True)), m

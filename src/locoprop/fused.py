@@ -272,6 +272,16 @@ class _Chain:
     change_ready: bool = False
 
 
+def _tensors_of(inputs) -> list[torch.Tensor]:
+    """The tensors of :meth:`FusedIterativeSolver._run`'s ``inputs`` (``x``, the scratch or first residual, the
+    target, the anchor, the update form's start, the kept output)."""
+    out = []
+    for x, delta, target, anchor, _, start, post in inputs:
+        out += [x, delta, target] + list(anchor or []) + ([post] if post is not None else [])
+        out += [start[0], *start[1]] if start is not None else []
+    return out
+
+
 class _CapturedSolve:
     """A CUDA graph of the whole solve with the static inputs it reads."""
 
@@ -404,6 +414,7 @@ class FusedIterativeSolver:
         #: :class:`~locoprop.distributed.DataParallelDistributor`).  With it the solve runs in the
         #: iteration-major order and is not captured in a CUDA graph.
         self.reduce_local_gradients = None
+        self._forked: list = []  # layer streams with chains not yet joined (solve's on_stream): join_streams
         #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
         #: "graph-replay-copy" (the graph of static copies), "inside-capture".
         self.last_mode = ""
@@ -865,24 +876,38 @@ class FusedIterativeSolver:
             where[m], load[s] = s, load[s] + costs[m]
         return where
 
-    @staticmethod
-    def _each_layer(indices, work, streams: list, where: list[int]) -> None:
+    def _each_layer(self, indices, work, streams: list, where: list[int], join: bool = True) -> None:
         """``work(m)`` for every layer ``m`` of ``indices``: in order on the current stream, or each on its
-        layer's stream (``streams[where[m]]``), forked from and joined back to the current stream."""
+        layer's stream (``streams[where[m]]``), forked from and joined back to the current stream (``join=False``:
+        left to :meth:`join_streams`)."""
         if not streams:
             for m in indices:
                 work(m)
             return
         main = torch.cuda.current_stream()
-        for s in streams:
+        used = [streams[s] for s in sorted({where[m] for m in indices})]
+        for s in used:
             s.wait_stream(main)
         for m in indices:
             with torch.cuda.stream(streams[where[m]]):
                 work(m)
-        for s in streams:
+        if not join:
+            self._forked += [s for s in used if s not in self._forked]
+            return
+        for s in used:
             main.wait_stream(s)
 
-    def _run(self, layers: list[_Layer], inputs, loss, rule, table, stream_of: list[int] | None) -> None:
+    def join_streams(self) -> None:
+        """Make the current stream wait for the chains :meth:`solve` left running on layer streams
+        (``on_stream``)."""
+        if self._forked:
+            main = torch.cuda.current_stream(self._forked[0].device)
+            for s in self._forked:
+                main.wait_stream(s)
+        self._forked = []
+
+    def _run(self, layers: list[_Layer], inputs, loss, rule, table, stream_of: list[int] | None,
+             join: bool = True) -> None:
         """All layers' local iterations; ``inputs[m] = (x, scratch, target, anchor, transfer, start, post)``
         (``scratch``: the first residual, or where ``post`` is given the buffer it is computed into), layer
         ``m`` on stream ``stream_of[m]`` of the pool (:meth:`stream_plan`; ``None``: all on the current stream).
@@ -898,7 +923,7 @@ class FusedIterativeSolver:
             reduce = self.reduce_local_gradients
             if self.order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
                 self._each_layer(range(len(layers)), lambda m: self._chain(
-                    self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, stream_of)
+                    self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, stream_of, join)
                 return
             chains = [self._open_chain(lay, m, *inp) for m, (lay, inp) in enumerate(zip(layers, inputs))]
             for k in range(max(lay.steps for lay in layers)):
@@ -913,19 +938,23 @@ class FusedIterativeSolver:
 
     # -- the solver interface ---------------------------------------------------------------------
     def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
-              inner: Optimizer, graph: bool = True) -> None:
+              inner: Optimizer, graph: bool = True, on_stream: int | None = None) -> None:
         """Every layer's ``T`` local iterations (Algorithms 1-4) on ``problems``.  ``graph=False``: launched
         eagerly even where solves are captured in CUDA graphs (:attr:`cuda_graph`): for a caller whose
         problems change at every call, as those of a step that solves one layer at a time during the backward
         pass (:meth:`LocoProp._backward_solving <locoprop.LocoProp._backward_solving>`), which would otherwise
-        capture a graph per call and let it go at the next."""
+        capture a graph per call and let it go at the next.  ``on_stream`` (CUDA, with ``graph=False``): the
+        chains run on that stream of the pool, forked from the current stream and left running (the caller
+        joins them with :meth:`join_streams`); every tensor they read that the solve did not make is kept for
+        that stream (``record_stream``), so that its memory is not handed out again before they are done."""
         reason = self.unsupported(regularizer, inner, problems)
         if reason:
             raise ValueError(f"FusedIterativeSolver: cannot solve these problems: {reason}")
         rule, _ = update_rule_for(inner)
         param = problems[0].params[0]
         cuda = param.device.type == "cuda"
-        stream_of = self.stream_plan(problems, cuda)
+        on_stream = on_stream if cuda and not graph else None
+        stream_of = self.stream_plan(problems, cuda) if on_stream is None else [on_stream] * len(problems)
         layers = self._layers(problems, rule, stream_of)
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
@@ -944,9 +973,13 @@ class FusedIterativeSolver:
                   for pr, s in zip(problems, scratch)]
         for pr in problems:  # each residual is now its layer's scratch buffer: overwritten by the solve
             pr.residual = None
+        if on_stream is not None:
+            side = _shared_streams(torch.cuda.current_stream().device, on_stream + 1)[on_stream]  # as _run's
+            for t in _tensors_of(inputs) + [table]:
+                t.record_stream(side)
         if capturing or not graph or not self._graphs_for(param.device):
             self.last_mode = "inside-capture" if capturing else "eager"
-            self._run(layers, inputs, loss, rule, table, stream_of)
+            self._run(layers, inputs, loss, rule, table, stream_of, **({} if on_stream is None else {"join": False}))
         else:
             self._solve_graphed(problems, layers, inputs, loss, rule, table, stream_of)
 

@@ -240,7 +240,14 @@ class LocoProp(Optimizer):
             layer's target and one cuBLAS workspace at a time, more kernel
             launches (``rollback="host"`` then copies every layer to pinned
             host memory beside the forward pass, and each solve waits for it);
-            ``False``: every layer solved after the pass.
+            ``False``: every layer solved after the pass.  ``"overlap"``
+            (experimental; on the CPU as ``True``): on CUDA each layer's
+            chain is launched on its layer stream (the fast solver's
+            ``layer_streams``), forked from the pass's stream once the pass
+            is done with the layer's weights and joined back when the pass
+            ends, so that the upper layers' local iterations run beside the
+            rest of the backward pass; :meth:`graphed_step` captures that in
+            its one graph (where every other setting solves after the pass).
             Layers without a bias, called more than once, or convolutions are
             solved after the pass either way.
     """
@@ -367,8 +374,8 @@ class LocoProp(Optimizer):
         #: step solved after the pass, and its layers are checked once the solve is done)
         self._undone: list[int] | None = None
         self.retain_problems = bool(retain_problems)
-        if solve_in_backward is not None and not isinstance(solve_in_backward, bool):
-            raise TypeError(f"solve_in_backward: expected None, True or False, got {solve_in_backward!r}")
+        if solve_in_backward is not None and not isinstance(solve_in_backward, bool) and solve_in_backward != "overlap":
+            raise TypeError(f"solve_in_backward: expected None, True, False or 'overlap', got {solve_in_backward!r}")
         self.solve_in_backward = solve_in_backward
         self.last_problems: list[LocalProblem] | None = None
 
@@ -884,7 +891,7 @@ class LocoProp(Optimizer):
         before its solve (where the copy stays on the device).
         """
         if self._solves_in_backward(closures, capturing):
-            return self._backward_solving(closures[0])
+            return self._backward_solving(closures[0], capturing)
         early_copy = self.check_finite and not (self.inner is not None and self.reset_inner_state)
         if early_copy:
             self._rollback.save(self._params(), self.inner, host=not capturing)
@@ -948,16 +955,27 @@ class LocoProp(Optimizer):
         ``solve_in_backward`` not ``False``, one closure, local iterations whose problems need only ``∇_â L``
         (no ``∇_ŷ L``, no sampled Fisher, nothing kept for inspection), the inner state not reset, the
         layer-major order (the iteration-major one runs iteration ``k`` of every layer together), one process,
-        on the CPU (with ``solve_in_backward=True``: on any one device type, CUDA included); and, unless
-        ``solve_in_backward=True``, ``check_finite``, whose copy also undoes the layers already solved where a
-        later one raises."""
-        if not (self.solve_in_backward is not False and len(closures) == 1 and not capturing
+        on the CPU (with ``solve_in_backward=True`` or ``"overlap"``: on any one device type, CUDA included);
+        and, unless ``solve_in_backward`` is ``True`` or ``"overlap"``, ``check_finite``, whose copy also undoes the
+        layers already solved where a later one raises.  Inside a capture of the whole step
+        (:meth:`graphed_step`) only with ``"overlap"`` on the fast solver (:meth:`_overlaps_backward`)."""
+        if capturing and not self._overlaps_backward():
+            return False
+        if not (self.solve_in_backward is not False and len(closures) == 1
                 and self.distributor is None and self._iterations_from_grad_pre_alone() and not self.reset_inner_state
                 and (self.fused_solver is None or self.fused_solver.order == "layer-major")
                 and (self.solve_in_backward or self.check_finite)):
             return False
         kinds = {p.device.type for p in self._params()}
-        return kinds == {"cpu"} or (self.solve_in_backward is True and len(kinds) == 1)
+        return kinds == {"cpu"} or (self.solve_in_backward in (True, "overlap") and len(kinds) == 1)
+
+    def _overlaps_backward(self) -> bool:
+        """Whether layers solved during the backward pass run on layer streams beside the rest of the pass
+        (``solve_in_backward="overlap"``, the fast solver on CUDA with ``layer_streams`` not ``False``)."""
+        params = self._params()
+        return (self.solve_in_backward == "overlap" and self.fused_solver is not None and self.backend != "reference"
+                and bool(params) and params[0].is_cuda and self.fused_solver.layer_streams is not False
+                and self.fused_solver.order == "layer-major")
 
     def _undo_partial_step(self, kept: list[int], problems: list, fused: bool) -> str:
         """After an exception during a step that solves in the backward pass: the rollback restores every
@@ -992,7 +1010,7 @@ class LocoProp(Optimizer):
         leaves = {id(_leaf_variable(node)) for node, _ in edge.node.next_functions}
         return edge if all(id(p) in leaves for p in params) else None
 
-    def _backward_solving(self, closure: Callable[[], torch.Tensor]):
+    def _backward_solving(self, closure: Callable[[], torch.Tensor], capturing: bool = False):
         """One step whose layers are solved during the backward pass (``solve_in_backward``).
 
         The backward pass is asked for the layers' bias gradients (one column sum each) instead of ``∇_â L``, so
@@ -1017,11 +1035,19 @@ class LocoProp(Optimizer):
         not finite, and its copy let go, so that the step holds one layer's copy at a time.  Where the copy goes
         to host memory (``rollback="host"`` on CUDA) it costs the device nothing: every layer is copied
         before the forward pass, beside it, and each solve waits for the copy.  On CUDA each layer's solve is
-        launched eagerly (``FusedIterativeSolver.solve(..., graph=False)``) on the pass's stream."""
+        launched eagerly (``FusedIterativeSolver.solve(..., graph=False)``) on the pass's stream; with
+        ``solve_in_backward="overlap"`` on its layer stream, forked from the pass's stream and joined back when
+        the pass ends (:meth:`_overlaps_backward`): each layer's problem is made on the pass's stream, its chain
+        runs beside the rest of the pass, and ``check_finite="layer"`` checks the layers once they are joined.
+        ``capturing``: inside :meth:`graphed_step`'s capture (``"overlap"`` only), where nothing is read back
+        and every copy is kept for the checks after the replay."""
         saved = self._rollback if self.check_finite else None
         device = self._params()[0].device
         by_layer = saved is not None and saved.copies_layer_by_layer(device)
-        each_layer = self.check_finite == "layer"  # each layer checked as its solve ends, its copy let go
+        overlap = self._overlaps_backward()
+        # each layer checked as its solve ends and its copy let go; overlapping the pass, once the layers are
+        # joined; in a capture, after the replay (CapturedStep)
+        each_layer = self.check_finite == "layer" and not capturing
         if each_layer:
             self._undone = []
         if by_layer:  # the last step's copies let go before the forward pass, which takes their memory
@@ -1030,7 +1056,7 @@ class LocoProp(Optimizer):
             saved.save(self._params(), self.inner)
         loss, batches = self._capture(closure)
         self._check_ran(batches)
-        if not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
+        if not capturing and not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
             raise DivergenceError(f"the closure's loss is {loss.item()}; the step was not taken")
         per_layer = [(b.calls or [b]) if b is not None else [] for b in batches]
         edges = {m: e for m, (b, g) in enumerate(zip(batches, self.param_groups))
@@ -1043,10 +1069,16 @@ class LocoProp(Optimizer):
         self._input_rows(batches, per_layer, beside)
         solver = self._select_solver(None, device=device)
         eager = {"graph": False} if solver is self.fused_solver else {}  # each call's problems are new
+        overlap = overlap and solver is self.fused_solver
+        streams = solver.stream_assignment([int(self.param_groups[m]["local_steps"])
+                                            * self.param_groups[m]["params"][0].numel() for m in edges],
+                                           solver.stream_count(len(edges)) or 1) if overlap else []
+        stream_of = dict(zip(edges, streams))  # each layer's stream in the solver's pool, overlapping the pass
         v, problems, solved = self.variant, [None] * len(batches), []  # solved: the layers' names, in turn
         kept: list[int] = []  # layers solved with no copy left to undo them (check_finite False or "layer")
+        joined: list[int] = []  # layers solved on their streams and not yet checked (overlap, "layer")
 
-        def solve(indices: list[int]) -> None:
+        def solve(indices: list[int], in_pass: bool = False) -> None:  # in_pass: from a hook, during the pass
             for m in indices:
                 if saved is not None and not by_layer:
                     saved.wait()  # the copy to host memory is complete before the solve changes the weights
@@ -1054,14 +1086,17 @@ class LocoProp(Optimizer):
                 # by_layer: the layer's copy is taken as its problem is made, before anything changes the layer;
                 # the copy is then its anchor
                 problems[m] = self._problem(batches[m], self.param_groups[m], saved, save_layer=by_layer)
-            with torch.no_grad():
+            on = {"on_stream": stream_of[indices[0]]} if in_pass and indices[0] in stream_of else {}
+            with torch.no_grad():  # (on a layer stream, the solver keeps what it reads for that stream)
                 solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
-                             InnerView(self.inner, indices), **eager)
+                             InnerView(self.inner, indices), **eager, **on)
             solved.extend(self.layers[m].name for m in indices)
             for m in indices:  # what the solve read: freed now, unless another layer's problem holds it
                 problems[m].target = problems[m].residual = problems[m].anchor = None
                 problems[m].batch.inputs = problems[m].batch.post = None
-            if each_layer:  # undo the layers whose update is not finite; let go of copies taken for this solve
+            if on and each_layer:  # checked once joined, after the pass
+                joined.extend(indices)
+            elif each_layer:  # undo the layers whose update is not finite; let go of copies taken for this solve
                 undone = self._undo_layers(indices, self._layers_finite(self._weights_finite(indices).tolist(),
                                                                         indices))
                 self._undone += undone
@@ -1071,12 +1106,21 @@ class LocoProp(Optimizer):
             elif saved is None:
                 kept.extend(indices)
 
+        def check_joined() -> None:  # overlap with check_finite="layer": the layers solved on streams, now joined
+            if joined:
+                undone = self._undo_layers(joined, self._layers_finite(self._weights_finite(joined).tolist(), joined))
+                self._undone += undone
+                if by_layer:
+                    saved.release([p for m in joined for p in self.param_groups[m]["params"]])
+                    kept.extend(m for m in joined if m not in undone)
+                joined.clear()
+
         def take_gradient(grad_outputs, b, nr):
             b.grad_pre = grad_outputs[nr]
 
         def solve_once(m: int) -> None:
             if problems[m] is None:
-                solve([m])
+                solve([m], in_pass=True)
 
         handles = []
         for m, edge in edges.items():
@@ -1092,7 +1136,12 @@ class LocoProp(Optimizer):
         try:
             with self._autocast_off():
                 grads = _backward(loss, pres + biases + others)
+            if overlap:
+                solver.join_streams()
+                check_joined()
         except Exception as exc:
+            if overlap:  # the chains still running are done before anything is undone
+                solver.join_streams()
             undone = self._undo_partial_step(kept, problems, solver is self.fused_solver)
             if isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc):
                 raise RuntimeError(
@@ -1441,6 +1490,7 @@ class CapturedStep:
         self._rule = None  # the inner optimizer's update rule, derived again when its hyper-parameters change
         #: How the last call ran: "eager", "capture" or "replay".
         self.last_mode = ""
+        self._copies: tuple = ()  # Rollback.held() after the capture
 
     def _hyper_key(self) -> tuple:
         """What the captured graph is specific to besides the learning rates (which it reads from the table):
@@ -1455,9 +1505,9 @@ class CapturedStep:
         if self._model_params is None:
             self._model_params = list(opt.model.parameters())
         others = tuple(id(p) for p in opt._other_params(self._model_params))  # the gradients the graph computes
-        return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, others, solver.order,
-                solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise, solver.triton_kernels,
-                solver.change_in_update)
+        return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, opt.solve_in_backward, others,
+                solver.order, solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise,
+                solver.triton_kernels, solver.change_in_update)
 
     def _graph_key(self, hyper: tuple, table: torch.Tensor) -> tuple:
         """:meth:`_hyper_key` with what the solver's state adds: the layers that share their learning rates (they
@@ -1498,6 +1548,8 @@ class CapturedStep:
             self.last_mode = "replay"
         self.graph.replay()
         opt.last_solver = "fused"
+        if opt.check_finite:  # the copies this graph writes (an eager step since may have taken others)
+            opt._rollback.hold(self._copies)
         if opt.check_finite == "layer":
             loss_finite, finite = opt._split_flags(self.flag.tolist())
             undone = opt._undo_layers(range(len(finite)), finite, loss_finite, host=False)
@@ -1529,6 +1581,7 @@ class CapturedStep:
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
         key = self._graph_key(hyper, table)  # after the capture: the gradient buffers it captured
         self.graph, self.loss, self.problems, self.flag, self._key = graph, loss, problems, flag, key
+        self._copies = opt._rollback.held()  # the rollback's copies the graph writes (the solve's in the pass)
 
 
 class _OutputSampler:

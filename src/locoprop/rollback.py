@@ -136,6 +136,16 @@ class Rollback:
         self._keys = {p: k for p, k in self._keys.items() if id(p) not in ids}
         self._host = [h for h in self._host if id(h[0]) not in ids]
 
+    def held(self) -> tuple:
+        """This step's copies and what they belong to, for :meth:`hold` (a captured step keeps those its graph
+        writes, since an eager step in between takes copies of its own)."""
+        return self._tensors, self._buffers, self._owners, self._keys, self._params, self._host
+
+    def hold(self, held: tuple) -> None:
+        """Take :meth:`held`'s copies back as this step's (the replay of a graph refreshed them)."""
+        self._tensors, self._buffers, self._owners, self._keys, self._params, self._host = held
+        self._pending = False
+
     def copies_of(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The copies of ``params`` taken in this step, where they are kept on the parameters' device (read
         them, never write them); None otherwise."""

@@ -76,3 +76,61 @@ def test_solving_in_the_pass_on_cuda_holds_less_at_the_peak():
     peaks = {name: _peak_mb(settings) for name, settings in (
         ("default", {}), ("in the pass", dict(solve_in_backward=True, rollback="host")))}
     assert peaks["in the pass"] < peaks["default"], peaks
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+@pytest.mark.parametrize("settings", [dict(), dict(check_finite=False), dict(rollback="host"),
+                                      dict(check_finite="layer"), dict(layer_streams=2)])
+def test_solving_beside_the_pass_on_layer_streams_equals_the_captured_solve(graphed, settings):
+    """``solve_in_backward="overlap"``: each layer's chain on its layer stream, forked as the pass is done with
+    its weights and joined when the pass ends, eagerly or inside ``graphed_step``'s one graph; six steps within
+    1e-5 of the default step (every layer after the pass), and no stream left unjoined."""
+    over_model, after_model = _model(), _model()
+    over = _opt(over_model, solve_in_backward="overlap", **settings)
+    after = _opt(after_model)
+    assert over._overlaps_backward()
+    static_x = torch.empty(256, 784, device=DEV)
+    step = over.graphed_step(lambda: _loss(over_model(static_x), static_x)) if graphed else None
+    for x in _batches(6):
+        if graphed:
+            static_x.copy_(x)
+            step()
+        else:
+            over.step(lambda: _loss(over_model(x), x))
+        after.step(lambda: _loss(after_model(x), x))
+    assert not over.fused_solver._forked
+    if graphed:
+        assert step.last_mode == "replay"
+    assert _rel(over_model, after_model) < 1e-5
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_diverged_step_beside_the_pass_is_undone(graphed):
+    """Eagerly, a NaN target in the last layer solved beside the pass: a DivergenceError naming it, every layer
+    as it was.  Captured, a batch of NaNs after the capture: the step's flag, read after the replay, undoes
+    every layer's update (the copies taken in the graph, also after an eager step in between)."""
+    model = _model()
+    opt = _opt(model, solve_in_backward="overlap")
+    x = _batches(1)[0]
+    if graphed:
+        static_x = x.clone()
+        step = opt.graphed_step(lambda: _loss(model(static_x), static_x))
+        for _ in range(3):  # two warm-ups, then the capture
+            step()
+        assert step.last_mode == "capture"
+        half = x[:128]  # an eager step in between (a last, smaller batch) takes copies of its own
+        opt.step(lambda: _loss(model(half), half))
+        step()
+        snap = _snapshot(model, opt)
+        static_x.fill_(float("nan"))
+        with pytest.raises(locoprop.DivergenceError):
+            step()
+        assert step.last_mode == "replay"
+        _assert_unchanged(model, opt, snap)
+        return
+    opt.step(lambda: _loss(model(x), x))
+    snap = _snapshot(model, opt)
+    opt.variant = opt.variant.with_components(_NaNFirst(), None, None, None)
+    with pytest.raises(locoprop.DivergenceError, match=r"layer\(s\) \['0'\]"):
+        opt.step(lambda: _loss(model(x), x))
+    _assert_unchanged(model, opt, snap)

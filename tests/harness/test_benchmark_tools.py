@@ -412,6 +412,11 @@ def test_step_time_times_the_iteration_major_order_and_selects_modes():
     unchanged = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-nochange", "local_steps": 2,
                                 "precision": "bf16"}, model, AutoencoderLoss(), x)
     assert unchanged.optimizer.fused_solver.change_in_update is False and torch.isfinite(unchanged())
+    assert {("locoprop-m", f"graphed-{f}", "fp32") for f in ("overlap", "overlap-nocheck")} <= {
+        (c[2], c[4], c[5]) for c in cuda}
+    overlapping = mod.build_step({"optimizer": "locoprop-m", "mode": "fused-overlap", "local_steps": 2,
+                                 "precision": "fp32"}, model, AutoencoderLoss(), x)  # on the CPU: in the pass
+    assert overlapping.optimizer.solve_in_backward == "overlap" and torch.isfinite(overlapping())
 
 
 def test_kernel_count_shows_the_iteration_major_order_issuing_one_update_per_iteration():
