@@ -821,13 +821,13 @@ class FusedIterativeSolver:
             groups = [[c] for c in chains]
         else:
             by_index = {c.index: c for c in chains}
-            groups = [[by_index[m] for m in group if m in by_index] for group in self.shared_rates]
+            groups = [members for group in self.shared_rates if (members := [by_index[m] for m in group
+                                                                             if m in by_index])]
         layers = [([p for c in members for p in c.layer.params],  # (params, grads, states, scalars) of each group
                    [g for c in members for g in c.layer.grads],
                    [st for c in members for st in c.layer.states],
                    self.iteration_scalars_of(table, members[0].index, k, rule.scalars))
-                  for members in groups if members]
-        groups = [members for members in groups if members]
+                  for members in groups]
         # the update form's change W - W₀ for the next iteration: written by the update kernel where it runs
         starts = [[s for c in members for s in c.start_params]
                   if all(c.start_params is not None and k + 1 < c.layer.steps for c in members) else None
@@ -838,7 +838,7 @@ class FusedIterativeSolver:
                 layers, strict=self.triton_elementwise is True, starts=starts):
             for members, start in zip(groups, starts or [None] * len(groups)):
                 for c in members:
-                    c.change_ready = start is not None
+                    c.change_ready = start is not None  # read by the next iteration's _pre
         else:
             if isinstance(rule, TFRMSpropRule) and self.uses_denominators_in_residual(table.device):
                 rule.update_layers(layers, [c.scratch for members in groups for c in members  # each δ, free now
