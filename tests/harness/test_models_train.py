@@ -307,7 +307,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="adam", triton_elementwise=False), "triton_elementwise: False applies to the LocoProp optimizers"),
     (dict(optimizer="locoprop-m", triton_elementwise="yes"), "triton_elementwise: expected true, false or unset"),
     (dict(optimizer="adam", solve_in_backward=False), "solve_in_backward: False applies to the LocoProp optimizers"),
-    (dict(optimizer="locoprop-m", solve_in_backward="yes"), "solve_in_backward: expected true, false or unset"),
+    (dict(optimizer="locoprop-m", solve_in_backward="yes"),
+     "solve_in_backward: expected true, false, overlap or unset"),
     (dict(optimizer="locoprop-m", solve_order="rows"), "solve_order: expected layer-major or iteration-major"),
     (dict(optimizer="shampoo", shampoo_root="svd"), "shampoo_root: expected newton or eigh, got 'svd'"),
     (dict(optimizer="kfac", shampoo_root="eigh"), "shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"),
@@ -387,15 +388,17 @@ def test_solve_in_backward_setting_reaches_the_optimizer(tmp_path):
     automatic, and a step on the CPU then solves in the backward pass only with the finite check."""
     from locoprop.harness.cli import build_parser, _config_from
 
-    for argv, expected in (([], None), (["--no-solve-in-backward"], False), (["--solve-in-backward"], True)):
+    for argv, expected in (([], None), (["--no-solve-in-backward"], False), (["--solve-in-backward"], True),
+                           (["--solve-in-backward", "overlap"], "overlap")):
         args = build_parser().parse_args(["train", "--optimizer", "locoprop-m", "--out", str(tmp_path), *argv])
         cfg = _config_from(args)
-        assert cfg.solve_in_backward is expected
+        assert cfg.solve_in_backward == expected and type(cfg.solve_in_backward) is type(expected)
         for check_finite in (True, False):
             opt = build_optimizer("locoprop-m", build_autoencoder("tiny", "tanh"), AutoencoderLoss(), lr=1e-3,
                                   check_finite=check_finite, solve_in_backward=cfg.solve_in_backward)
-            assert opt.solve_in_backward is expected
-            assert opt._solves_in_backward([None], False) == (expected is True or (expected is None and check_finite))
+            assert opt.solve_in_backward == expected
+            assert opt._solves_in_backward([None], False) == (expected in (True, "overlap")
+                                                               or (expected is None and check_finite))
 
 
 def test_check_finite_layer_reaches_the_optimizer_trains_as_the_default_and_stops_a_diverged_run(tmp_path,

@@ -65,7 +65,7 @@ def build_optimizer(name: str, model: nn.Module, loss_fn: nn.Module, *, lr: floa
                     damping: float | None = None, precision: str = "fp32", kl_clip: float | None = None,
                     rollback: str = "device", check_finite: bool | str = True, compile_elementwise: bool = False,
                     triton_elementwise: bool | None = None, solve_order: str = "layer-major",
-                    solve_in_backward: bool | None = None, shampoo_root: str = "newton"):
+                    solve_in_backward: bool | str | None = None, shampoo_root: str = "newton"):
     """An optimizer with ``step(closure)``, ``param_groups`` and ``state_dict``.
 
     ``precision``, ``rollback``, ``check_finite``, ``compile_elementwise``, ``triton_elementwise``,

@@ -121,11 +121,12 @@ class TrainConfig:
     triton_elementwise: bool | None = _opt("LocoProp on the fast solver: each layer's TF-RMSProp update and residual as "
                                       "Triton kernels (unset: on CUDA where Triton is installed; false: PyTorch's "
                                       "operations)", default=None)
-    solve_in_backward: bool | None = _opt("LocoProp on the CPU: solve each layer during the backward pass, as soon "
-                                          "as the pass is done with its weights (less memory, the same update; "
-                                          "unset: where the finite check can undo a step that fails midway; true: "
-                                          "also with --no-check-finite; false: every layer after the pass)",
-                                          default=None)
+    solve_in_backward: bool | str | None = _opt(
+        "LocoProp on the CPU: solve each layer during the backward pass, as soon as the pass is done with its "
+        "weights (less memory, the same update; unset: where the finite check can undo a step that fails midway; "
+        "true: also with --no-check-finite; false: every layer after the pass); --solve-in-backward overlap "
+        "(experimental, CUDA): each layer's solve on its stream beside the rest of the pass, also in the "
+        "captured step", default=None, words=("overlap",))
     solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
                             "on its CUDA stream) or iteration-major (iteration k of every layer, then one "
                             "multi-tensor update of all layers); the same result", default="layer-major")
@@ -161,9 +162,11 @@ class TrainConfig:
             raise ValueError(f"check_finite: expected true, false or layer, got {self.check_finite!r}")
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected {' or '.join(SOLVE_ORDERS)}, got {self.solve_order!r}")
-        for name in ("triton_elementwise", "solve_in_backward"):
-            if getattr(self, name) not in (None, True, False):
-                raise ValueError(f"{name}: expected true, false or unset, got {getattr(self, name)!r}")
+        if self.triton_elementwise not in (None, True, False):
+            raise ValueError(f"triton_elementwise: expected true, false or unset, got {self.triton_elementwise!r}")
+        if self.solve_in_backward not in (None, True, False) and self.solve_in_backward != "overlap":
+            raise ValueError(f"solve_in_backward: expected true, false, overlap or unset, got "
+                             f"{self.solve_in_backward!r}")
         for name, default in (("precision", "fp32"), ("rollback", "device"), ("check_finite", True),
                               ("compile_elementwise", False),
                               ("triton_elementwise", None), ("solve_in_backward", None),
