@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The next device session's first call (docs/performance.md, "The next device session, prepared"), as one
 # script, so that the call is `bash benchmarks/device_call.sh` with carry [".whl", ".carrydata"] and
-# timeout_s 580 (about 540 s).  Everything it measures is written under $OUT; each part has its own timeout,
-# so one part that hangs leaves the others' files.
+# timeout_s 580 (its parts' timeouts add up to 555 s).  Everything it measures is written under $OUT; each part
+# has its own timeout, so one part that hangs leaves the others' files.
 #
 #   PART=tests|perf|change|overlap|host|memory|cpu|profile  runs one part only (a rerun of what failed).
 set -uo pipefail
@@ -42,7 +42,7 @@ if part overlap; then  # each layer solved beside the rest of the backward pass,
   stamp overlap $?
 fi
 if part host; then  # the captured step's host work on the device's CPU
-  timeout 30 python3 benchmarks/host_overhead.py --calls 3000 --models standard deep --label "device host" \
+  timeout 25 python3 benchmarks/host_overhead.py --calls 3000 --models standard deep --label "device host" \
     --out "$OUT/host-overhead.json" > "$OUT/host-overhead.txt" 2>&1
   stamp host $?
 fi
@@ -57,9 +57,9 @@ if part memory; then  # the shared gradient buffers, fewer streams (session 20),
   stamp memory $?
 fi
 if part cpu; then  # the issue's CPU goal on the device's Xeon (AVX512-bf16, AMX), two threads
-  timeout 75 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
+  timeout 70 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
     --optimizers rmsprop locoprop-m --local-steps 10 --precisions fp32 bf16 \
-    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 65 \
+    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 60 \
     --out "$OUT/perf-cpu-amx.json" > "$OUT/perf-cpu-amx.txt" 2>&1
   stamp cpu $?
 fi
