@@ -777,13 +777,17 @@ class FusedIterativeSolver:
         and transfer function; ``False`` where not, or where the kernel failed (the kernels are then off:
         :func:`~locoprop.triton_kernels.launch_or_fall_back`)."""
         kind = triton_kernels.residual_transfer(loss, c.transfer)
-        if kind is None or "residual" not in self.triton_kernels or not self.uses_triton(c.scratch.device) \
-                or not triton_kernels.residual_suits(c.scratch, c.target, bias_grad):
+        if kind is None or "residual" not in self.triton_kernels or not self.uses_triton(c.scratch.device):
             return False
+        # the update form's a₀ and b - b₀ added by the kernel where it takes a₀ too (one check on that path)
+        base = c.start_pre if c.start_params is not None and self.writes_change(c.scratch.device) else None
+        if not triton_kernels.residual_suits(c.scratch, c.target, bias_grad, base=base):
+            if base is None or not triton_kernels.residual_suits(c.scratch, c.target, bias_grad):
+                return False
+            base = None
+        fold = base is not None
         # where the kernel fails, before it ran, the caller computes the pre-activation again (from the weights)
-        fold = c.start_params is not None and self.writes_change(c.scratch.device) and \
-            triton_kernels.residual_suits(c.scratch, c.target, bias_grad, base=c.start_pre)
-        pre = self._pre(c, W, b, fold=fold)  # the update form's a₀ and b - b₀ then added by the kernel
+        pre = self._pre(c, W, b, fold=fold)
         added = {"base": c.start_pre, **({"shift": bias_grad} if b is not None else {})} if fold else {}
         return triton_kernels.launch_or_fall_back("residual", lambda: triton_kernels.residual_(
             pre, c.target, bias_grad, kind, **added), strict=self.triton_elementwise is True)
