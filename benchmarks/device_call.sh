@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The next device session's first call (docs/performance.md, "The next device session, prepared"), as one
 # script, so that the call is `bash benchmarks/device_call.sh` with carry [".whl", ".carrydata"] and
-# timeout_s 580 (its parts' timeouts add up to 555 s).  Everything it measures is written under $OUT; each part
+# timeout_s 580 (its parts' timeouts add up to 555 s).  Since session 31 a TF32 row runs its whole step
+# with TF32 allowed (the issue's TF32 goal); -localtf32 is the former row (TF32 in the local products
+# alone).  Everything it measures is written under $OUT; each part
 # has its own timeout, so one part that hangs leaves the others' files.
 #
 #   PART=tests|perf|change|overlap|host|memory|cpu|profile  runs one part only (a rerun of what failed).
@@ -28,10 +30,11 @@ if part perf; then  # step times at T = 1, 5, 10, with and without the finite ch
   stamp perf $?
 fi
 if part change; then  # the update form (TF32, bf16) with and without its changes written by the Triton kernels
-  # (session 30: 678 against 390 launches a solve of the standard model, results/kernel-counts/)
-  timeout 40 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 --optimizers locoprop-m \
-    --local-steps 10 --precisions tf32 bf16 --modes graphed graphed-nochange --steps 20 --warmup 3 \
-    --deadline-s 35 --out "$OUT/perf-change.json" > "$OUT/perf-change.txt" 2>&1
+  # (session 30: 678 against 390 launches a solve of the standard model, results/kernel-counts/), and TF32 in
+  # the local products alone (session 18's 4.72x of the TF32 floor was measured so)
+  timeout 50 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 --optimizers locoprop-m \
+    --local-steps 10 --precisions tf32 bf16 --modes graphed graphed-nochange graphed-localtf32 --steps 20 \
+    --warmup 3 --deadline-s 45 --out "$OUT/perf-change.json" > "$OUT/perf-change.txt" 2>&1
   stamp change $?
 fi
 if part overlap; then  # each layer solved beside the rest of the backward pass, on its stream, in the one graph
@@ -57,9 +60,9 @@ if part memory; then  # the shared gradient buffers, fewer streams (session 20),
   stamp memory $?
 fi
 if part cpu; then  # the issue's CPU goal on the device's Xeon (AVX512-bf16, AMX), two threads
-  timeout 70 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
+  timeout 60 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
     --optimizers rmsprop locoprop-m --local-steps 10 --precisions fp32 bf16 \
-    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 60 \
+    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 50 \
     --out "$OUT/perf-cpu-amx.json" > "$OUT/perf-cpu-amx.txt" 2>&1
   stamp cpu $?
 fi

@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
 from locoprop.harness.records import processor
+from locoprop.precision import set_cuda_matmul_tf32
 
 
 def _step_time_module():
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     args = arguments().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
+        set_cuda_matmul_tf32(False)
     step_time = _step_time_module()
     records = []
     for mode in args.modes:

@@ -45,12 +45,14 @@ solve launched eagerly, not captured; not in the plan, for ``benchmarks/step_pro
 what that form costs), ``-recomputef`` (bf16, TF32 on CUDA: ``f(â)`` evaluated again for the target and the
 first residual, as before session 25, instead of read from the layer's output kept beside ``â``) and
 ``-exacttanh`` (bf16 on the CPU: the local iterations' tanh by ``torch.tanh``, as before session 25, instead of
-``2σ(2a) - 1``) and ``-nochange`` (TF32 and bf16 on CUDA: the update form's weight change ``W - W₀``, ``b - b₀``
-by three launches of its own per layer and iteration, as before session 30, instead of written by the Triton
-update kernel and the bias's added by the residual kernel) and ``-overlap`` (CUDA: ``solve_in_backward="overlap"``,
-each layer's chain on its layer stream as soon as the backward pass is done with its weights, beside the rest of
-the pass; with ``graphed``, inside its one graph).  On a
-GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
+``2σ(2a) - 1``) and ``-localtf32`` (TF32 on CUDA: TF32 in the local products alone, the forward and backward
+pass in FP32, as the TF32 rows of sessions 10 to 30 were; a TF32 row without it runs the whole step with TF32
+allowed, the issue's TF32 goal, and so does BackProp's ``graph`` row in TF32), ``-nochange`` (TF32 and bf16 on
+CUDA: the update form's weight change ``W - W₀``, ``b - b₀`` by three launches of its own per layer and
+iteration, as before session 30, instead of written by the Triton update kernel and the bias's added by the
+residual kernel) and ``-overlap`` (CUDA: ``solve_in_backward="overlap"``, each layer's chain on its layer stream
+as soon as the backward pass is done with its weights, beside the rest of the pass; with ``graphed``, inside its
+one graph). On a GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
 steps and, for ``graphed``, the CUDA graph's capture), ``peak_mem_mb_steady`` (the timed calls),
@@ -83,6 +85,7 @@ from pathlib import Path
 import torch
 
 from locoprop.fused import capturing_graph, graph_side_stream
+from locoprop.precision import float32_products, set_cuda_matmul_tf32
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
 from locoprop.harness.optimizers import build_optimizer
 from locoprop.harness.records import processor, write_records
@@ -176,14 +179,13 @@ def shape_floor(model: torch.nn.Module, batch: int, precision: str, device: torc
         g = torch.randn(batch, m.out_features, device=device)
         W = torch.randn(m.out_features, m.in_features, device=device)
         bias = torch.randn(m.out_features, device=device)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        backprop += _time_ms(lambda: torch.addmm(bias, x, W.T), device)  # forward
-        backprop += _time_ms(lambda: g @ W, device)  # backward to the input
-        backprop += _time_ms(lambda: g.T @ x, device)  # backward to the weights
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        with float32_products(False):
+            backprop += _time_ms(lambda: torch.addmm(bias, x, W.T), device)  # forward
+            backprop += _time_ms(lambda: g @ W, device)  # backward to the input
+            backprop += _time_ms(lambda: g.T @ x, device)  # backward to the weights
         xl, gl, Wl = x.to(dtype), g.to(dtype), W.to(dtype)
-        iteration += _time_ms(lambda: xl @ Wl.T, device) + _time_ms(lambda: gl.T @ xl, device)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        with float32_products(precision == "tf32"):
+            iteration += _time_ms(lambda: xl @ Wl.T, device) + _time_ms(lambda: gl.T @ xl, device)
     return {"backprop_ms": backprop, "iteration_ms": iteration}
 
 
@@ -311,6 +313,8 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.triton_elementwise = False
             elif flag == "tritonupdate":  # the Triton update kernel only; δ and Σδ by PyTorch's operations
                 opt.fused_solver.triton_kernels = frozenset({"update"})
+            elif flag == "localtf32":  # TF32 in the local products only (measure: the pass in FP32)
+                pass
             elif flag not in ("host", "compiled", *INNER_FLAGS):
                 raise ValueError(f"unknown mode flag {flag!r}")
         opt.backend = {"reference": "reference", "fused": "fused", "graphed": "auto"}[mode]
@@ -397,8 +401,9 @@ def measure(spec: dict) -> dict:
     """Run one configuration (in its own process on the CPU) and return its record."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32 (precision="tf32" turns it on locally)
+    if device.type == "cuda":  # FP32 means FP32; a TF32 row's whole step with TF32 allowed, as the issue's TF32
+        # goal is stated ("with TF32 allowed"), unless -localtf32 (the local products alone: sessions 10 to 30)
+        set_cuda_matmul_tf32(spec["precision"] == "tf32" and "localtf32" not in spec["mode"].split("-"))
         gc.collect()
         free_cublas_workspaces(device)  # each configuration pays for the workspaces of its streams
         torch.cuda.reset_peak_memory_stats(device)
@@ -503,6 +508,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                     out.append((model, batch, opt, T, f"{fast}-plain", prec))
                                     if cuda:  # the weights' change by launches of their own, not the kernels
                                         out.append((model, batch, opt, T, f"{fast}-nochange", prec))
+                                    if cuda and prec == "tf32":  # the forward and backward pass in FP32
+                                        out.append((model, batch, opt, T, f"{fast}-localtf32", prec))
                                     out.append((model, batch, opt, T, f"{fast}-recomputef", prec))
                                     if not cuda:  # all layers' problems at once, with f(â) read or evaluated
                                         for flags in ("afterbackward", "afterbackward-recomputef"):
@@ -516,6 +523,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                 elif opt in ("sgd", "adam", "rmsprop"):
                     for mode in (["eager", "graph"] if cuda else ["eager"]):
                         out.append((model, batch, opt, 0, mode, "fp32"))
+                    if cuda and "tf32" in precisions:  # the whole BackProp step with TF32 allowed
+                        out.append((model, batch, opt, 0, "graph", "tf32"))
                     late.append((model, batch, opt, 0, "compiled", "fp32"))
                 else:
                     for mode in (["eager", "eager-eigh"] if opt == "shampoo" else ["eager"]):
@@ -537,8 +546,8 @@ def select_modes(configs: list[tuple], modes: list[str] | None) -> list[tuple]:
 
 def select_precisions(configs: list[tuple], precisions: list[str]) -> list[tuple]:
     """The configurations of :func:`plan` in one of ``precisions``: LocoProp's FP32 rows only where ``fp32`` is
-    asked for (the BackProp baselines, FP32 by definition, stay)."""
-    return [c for c in configs if c[5] in precisions or not c[2].startswith("locoprop")]
+    asked for (the FP32 BackProp baselines, the yardstick of every ratio, stay)."""
+    return [c for c in configs if c[5] in precisions or (not c[2].startswith("locoprop") and c[5] == "fp32")]
 
 
 def _worker(spec, queue):
@@ -609,12 +618,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
+        set_cuda_matmul_tf32(False)
     rates = {"fp32": matmul_rate(device)}
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        rates["tf32"] = matmul_rate(device)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        with float32_products(True):
+            rates["tf32"] = matmul_rate(device)
     else:
         rates["tf32"] = rates["fp32"]  # TF32 is a CUDA mode: the CPU computes FP32
     rates["bf16"] = matmul_rate(device, torch.bfloat16)

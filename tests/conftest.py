@@ -2,6 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from locoprop.precision import float32_products
+
 # tests/cuda checks the fast solver on a GPU (run by benchmarks/gpu_session.py); without one it is not collected
 if not torch.cuda.is_available():
     collect_ignore_glob = ["cuda/*"]
@@ -9,11 +11,10 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _exact_fp32():
-    """FP32 comparisons (tests/cuda among them): TF32 products off unless a test turns them on itself."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+    """FP32 comparisons (tests/cuda among them): TF32 products off unless a test turns them on itself (through
+    PyTorch's newer setting where it has one, so that a test may use either: locoprop.precision)."""
+    with float32_products(False):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ down.  The same steps to the bit as solving every layer after the pass; each lay
 layer's is made; a step it cannot take that way (micro-batches, no finite check, ...) solves after the pass."""
 
 import copy
+import types
 import warnings
 import weakref
 
@@ -486,6 +487,16 @@ def _overlapping(monkeypatch, opt):
     monkeypatch.setattr(opt.fused_solver, "solve", recording)
     monkeypatch.setattr(opt.fused_solver, "join_streams", joining)
     return calls, joins
+
+
+@pytest.mark.parametrize("streams, overlaps", [(True, True), (2, True), (False, False), (0, False)])
+def test_overlap_needs_layer_streams(monkeypatch, streams, overlaps):
+    """On CUDA (the parameters' device, faked) "overlap" runs the chains on layer streams: not with
+    ``layer_streams`` ``False`` or ``0``, which both mean none."""
+    model = small_autoencoder()
+    opt = locoprop.LocoProp(model, output_transfer="sigmoid", solve_in_backward="overlap", layer_streams=streams)
+    monkeypatch.setattr(opt, "_params", lambda: [types.SimpleNamespace(is_cuda=True)])
+    assert opt._overlaps_backward() is overlaps
 
 
 def test_overlap_on_the_cpu_is_solving_in_the_pass():

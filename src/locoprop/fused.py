@@ -81,6 +81,7 @@ from torch.optim import Optimizer
 
 from . import triton_kernels
 from .losses import LocalLoss
+from .precision import PRECISIONS, matmul_precision, products_precision
 from .regularizers import L2Proximity, Regularizer
 from .solvers import LocalProblem, local_lr
 from .update_rules import (AdagradRule, AdamRule, RMSpropRule, SGDRule, StepCounters, TFRMSpropRule,  # noqa: F401
@@ -90,8 +91,6 @@ __all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "Fu
            "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for",
            "cpu_has_fast_bf16_products"]
 
-#: Precisions of the local matrix products.
-PRECISIONS = ("fp32", "tf32", "bf16")
 SOLVE_ORDERS = ("layer-major", "iteration-major")
 
 
@@ -214,21 +213,6 @@ def capturing_graph(graph: "torch.cuda.CUDAGraph", **kwargs):
             gc.enable()
 
 
-@contextlib.contextmanager
-def matmul_precision(precision: str):
-    """Inside it, CUDA matrix products run in TF32 where ``precision="tf32"`` (float32 accumulation); any other
-    precision leaves the setting as it is.  The setting is restored on exit."""
-    if precision != "tf32":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def _aligned_offsets(numels: list[int], alignment: int = 64) -> list[int]:
     """Where each of tensors of ``numels`` elements starts in one flat buffer, each start a multiple of
     ``alignment`` elements, and, last, the buffer's length."""
@@ -294,8 +278,10 @@ class FusedIterativeSolver:
     """Layer-parallel local iterations on persistent buffers (see the module docstring).
 
     Args:
-        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
-            matrix products.
+        precision: ``"auto"`` (default: TF32 on CUDA where PyTorch's float32
+            matrix-product setting allows it, else float32), ``"fp32"``
+            (float32 whatever that setting), ``"tf32"`` or ``"bf16"`` for the
+            local matrix products (:mod:`locoprop.precision`).
         cuda_graph: on CUDA, capture the solve in a CUDA graph after one eager
             warm-up step with the same shapes and replay it afterwards
             (:attr:`max_zero_copy_graphs`).
@@ -337,7 +323,7 @@ class FusedIterativeSolver:
     name = "fused"
     TABLES_KEPT = 32
 
-    def __init__(self, precision: str = "fp32", cuda_graph: bool = True, layer_streams: bool | int = True,
+    def __init__(self, precision: str = "auto", cuda_graph: bool = True, layer_streams: bool | int = True,
                  compile_elementwise: bool = False, order: str = "layer-major",
                  triton_elementwise: bool | None = None) -> None:
         if precision not in PRECISIONS:
@@ -696,9 +682,17 @@ class FusedIterativeSolver:
                 return product(xr, (W.to(torch.bfloat16) if bf16 else W).T, out, plus=b)
         return pre, wgrad
 
+    def products_precision(self, cuda: bool) -> str:
+        """The precision the local products run in now, on CUDA (``cuda=True``) or not: :attr:`precision`, with
+        ``"auto"`` resolved by PyTorch's float32 matrix-product setting
+        (:func:`locoprop.precision.products_precision`)."""
+        return products_precision(self.precision, cuda)
+
     def rounds_products(self, cuda: bool) -> bool:
-        """Whether the local products round their operands: bf16 anywhere, TF32 on CUDA only."""
-        return self.precision == "bf16" or (self.precision == "tf32" and cuda)
+        """Whether the local products round their operands: bf16 anywhere, TF32 on CUDA only (also ``"auto"``
+        where PyTorch allows TF32 now)."""
+        precision = self.products_precision(cuda)
+        return precision == "bf16" or (precision == "tf32" and cuda)
 
     def uses_quick_transfers(self, device: torch.device) -> bool:
         """Whether the local iterations on ``device`` evaluate ``f(â)`` by the quick route
@@ -922,7 +916,7 @@ class FusedIterativeSolver:
         layers, then iteration ``k + 1``: fewer, larger kernels, a join per
         iteration.
         """
-        with matmul_precision(self.precision):
+        with matmul_precision(self.products_precision(table.device.type == "cuda")):
             streams = _shared_streams(torch.cuda.current_stream().device, max(stream_of) + 1) if stream_of else []
             reduce = self.reduce_local_gradients
             if self.order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
@@ -1029,7 +1023,8 @@ class FusedIterativeSolver:
 
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
-        parts = [type(loss).__name__, rule.hyper(), self.precision, self.compile_elementwise, self.order,
+        parts = [type(loss).__name__, rule.hyper(), self.products_precision(table.device.type == "cuda"),
+                 self.compile_elementwise, self.order,
                  self.uses_triton(table.device) and self.triton_kernels, self.writes_change(table.device),
                  self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer, start, post) in zip(layers, inputs):

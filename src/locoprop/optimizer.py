@@ -42,7 +42,8 @@ from .inner import make_inner_optimizer
 from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, pair_from_autograd,
                      set_output_transfer, split_frozen_layers)
 from . import fused
-from .fused import PRECISIONS, SOLVE_ORDERS, FusedIterativeSolver, capturing_graph, graph_side_stream
+from .fused import SOLVE_ORDERS, FusedIterativeSolver, capturing_graph, graph_side_stream
+from .precision import PRECISIONS, cuda_matmul_tf32, matmul_precision, products_precision
 from .transfer import MONOTONE_MODULES, get_transfer
 from .transfer import Linear as LinearTransfer
 from .regularizers import L2Proximity
@@ -53,6 +54,8 @@ from .variants import Variant, get_variant, make_regularizer
 
 __all__ = ["LocoProp", "BACKENDS", "ROLLBACKS", "CHECK_FINITE", "is_check_finite", "CapturedStep"]
 
+#: Settings of ``precision`` that any solver runs (the others select the fast solver).
+FLOAT32_PRECISIONS = ("auto", "fp32")
 #: Solver back-ends of :class:`LocoProp` (its ``backend`` argument).
 BACKENDS = ("auto", "fused", "reference")
 #: Where ``check_finite`` keeps its copy of the weights and inner state (the ``rollback`` argument).
@@ -162,11 +165,15 @@ class LocoProp(Optimizer):
             layers it owns (``"layers"``), or on its rows with the local
             gradients summed over the ranks in every iteration (``"data"``;
             then in the iteration-major order, without a CUDA graph).
-        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` for the local
-            matrix products of the fast solver (accumulation in float32; a
-            bf16 product's result is kept in float32 on CUDA and rounded to
-            bfloat16 once on the CPU);
-            anything but ``"fp32"`` selects the fast solver.
+        precision: the local matrix products (:mod:`locoprop.precision`):
+            ``"auto"`` (default) as PyTorch's float32 matrix-product setting
+            says, read at each step (TF32 on CUDA where it allows TF32, then
+            on the fast solver in the update form, as ``"tf32"``; else
+            float32); ``"fp32"`` float32 whatever that setting (on either
+            solver); ``"tf32"`` or ``"bf16"`` on the fast solver, which they
+            select (accumulation in float32; a bf16 product's result is kept
+            in float32 on CUDA and rounded to bfloat16 once on the CPU).
+            The forward and backward pass run as PyTorch's setting says.
         cuda_graph: on CUDA, the fast solver captures the local iterations in
             a CUDA graph after one warm-up step and replays it, reading the
             step's tensors where the caching allocator put them (a few graphs,
@@ -276,7 +283,7 @@ class LocoProp(Optimizer):
         distributed=None,
         process_group=None,
         backend: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         cuda_graph: bool = True,
         layer_streams: bool | int = True,
         compile_elementwise: bool = False,
@@ -354,10 +361,10 @@ class LocoProp(Optimizer):
                                                      compile_elementwise=compile_elementwise, order=solve_order,
                                                      triton_elementwise=triton_elementwise)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
-            if why and (backend == "fused" or precision != "fp32"):
+            if why and (backend == "fused" or precision not in FLOAT32_PRECISIONS):
                 raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
                                  f"{why}; use backend='reference' with precision='fp32'")
-        elif backend == "fused" or precision != "fp32":
+        elif backend == "fused" or precision not in FLOAT32_PRECISIONS:
             raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver runs local iterations; "
                              f"variant {self.variant.name} uses solver {self.variant.solver!r}")
         if precision == "bf16" and any(p.device.type == "cpu" for p in self._params()) \
@@ -678,6 +685,16 @@ class LocoProp(Optimizer):
         start_params = (anchor or starting_weights()) if rounds else None
         return LocalProblem(b, target, params, anchor, group, residual, start_pre, start_params)
 
+    def _products(self, solver):
+        """The context in which a solver other than the fast one (which sets its own:
+        :meth:`FusedIterativeSolver._run <locoprop.fused.FusedIterativeSolver._run>`) makes its local products:
+        float32 whatever PyTorch's setting (``"fp32"``, and ``"auto"`` where that setting does not allow TF32 on
+        CUDA), or TF32 on CUDA (``"auto"`` where it does), as the fast solver's products would run."""
+        if solver is self.fused_solver:
+            return contextlib.nullcontext()
+        params = self._params()
+        return matmul_precision(products_precision(self.precision, bool(params) and params[0].is_cuda))
+
     def _needs_anchor(self) -> bool:
         """Whether the local problems keep the weights from the start of the step (an explicit regularizer)."""
         return self.variant.regularizer.needs_anchor and self.variant.solver == "iterative"
@@ -692,11 +709,12 @@ class LocoProp(Optimizer):
         if problems is not None:
             problems, inner = self._solved(problems)
             device = next((p.params[0].device for p in problems), None)
-        if self.backend == "auto" and self.precision == "fp32" and (device is None or device.type != "cuda"):
+        if (self.backend == "auto" and self.precision in FLOAT32_PRECISIONS
+                and (device is None or device.type != "cuda")):
             return self.solver
         why = FusedIterativeSolver.unsupported(self.variant.regularizer, inner, problems)
         if why:
-            if self.backend == "fused" or self.precision != "fp32":
+            if self.backend == "fused" or self.precision not in FLOAT32_PRECISIONS:
                 raise ValueError(f"backend={self.backend!r}: the fast solver cannot run this step: {why}")
             return self.solver
         return self.fused_solver
@@ -931,7 +949,7 @@ class LocoProp(Optimizer):
                 self._rollback.save(self._params(), self.inner, host=not capturing)
             self._rollback.wait()  # the copy is complete before the solve changes the weights
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._products(solver):
                 if self.distributor is None:
                     solved, inner = self._solved(problems)  # a layer that did not run is left as it is
                     solver.solve(solved, self.variant.local_loss, self.variant.regularizer, inner)
@@ -971,10 +989,11 @@ class LocoProp(Optimizer):
 
     def _overlaps_backward(self) -> bool:
         """Whether layers solved during the backward pass run on layer streams beside the rest of the pass
-        (``solve_in_backward="overlap"``, the fast solver on CUDA with ``layer_streams`` not ``False``)."""
+        (``solve_in_backward="overlap"``, the fast solver on CUDA with layer streams: ``layer_streams`` neither
+        ``False`` nor ``0``)."""
         params = self._params()
         return (self.solve_in_backward == "overlap" and self.fused_solver is not None and self.backend != "reference"
-                and bool(params) and params[0].is_cuda and self.fused_solver.layer_streams is not False
+                and bool(params) and params[0].is_cuda and bool(self.fused_solver.layer_streams)
                 and self.fused_solver.order == "layer-major")
 
     def _undo_partial_step(self, kept: list[int], problems: list, fused: bool) -> str:
@@ -1053,7 +1072,7 @@ class LocoProp(Optimizer):
         if by_layer:  # the last step's copies let go before the forward pass, which takes their memory
             saved.begin_layer_by_layer()
         elif saved is not None:
-            saved.save(self._params(), self.inner)
+            saved.save(self._params(), self.inner, host=not capturing)  # (as the step after the pass does)
         loss, batches = self._capture(closure)
         self._check_ran(batches)
         if not capturing and not self._loss_checked_after_solve() and not torch.isfinite(loss.detach()).all():
@@ -1087,7 +1106,7 @@ class LocoProp(Optimizer):
                 # the copy is then its anchor
                 problems[m] = self._problem(batches[m], self.param_groups[m], saved, save_layer=by_layer)
             on = {"on_stream": stream_of[indices[0]]} if in_pass and indices[0] in stream_of else {}
-            with torch.no_grad():  # (on a layer stream, the solver keeps what it reads for that stream)
+            with torch.no_grad(), self._products(solver):  # (on a layer stream, the solver keeps what it reads)
                 solver.solve([problems[m] for m in indices], v.local_loss, v.regularizer,
                              InnerView(self.inner, indices), **eager, **on)
             solved.extend(self.layers[m].name for m in indices)
@@ -1141,7 +1160,11 @@ class LocoProp(Optimizer):
                 check_joined()
         except Exception as exc:
             if overlap:  # the chains still running are done before anything is undone
-                solver.join_streams()
+                try:
+                    solver.join_streams()
+                except RuntimeError:  # a capture that the error invalidated: the error is the one to raise
+                    if not capturing:
+                        raise
             undone = self._undo_partial_step(kept, problems, solver is self.fused_solver)
             if isinstance(exc, RuntimeError) and "modified by an inplace operation" in str(exc):
                 raise RuntimeError(
@@ -1495,7 +1518,9 @@ class CapturedStep:
     def _hyper_key(self) -> tuple:
         """What the captured graph is specific to besides the learning rates (which it reads from the table):
         the groups' and the inner optimizer's other hyper-parameters, the optimizer's and solver's settings,
-        the other parameters whose gradients it computes.  Computed before every replay, so kept cheap (the
+        whether PyTorch lets float32 products use TF32 (the captured forward and backward pass, and the local
+        products of ``precision="auto"``, run as it said at the capture), the other parameters whose gradients it
+        computes.  Computed before every replay, so kept cheap (the
         groups as copied dicts, compared with ``==``; the model's parameters as they were at the capture, since
         a graph replays the modules it captured)."""
         opt = self.optimizer
@@ -1507,7 +1532,7 @@ class CapturedStep:
         others = tuple(id(p) for p in opt._other_params(self._model_params))  # the gradients the graph computes
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, opt.solve_in_backward, others,
                 solver.order, solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise,
-                solver.triton_kernels, solver.change_in_update)
+                solver.triton_kernels, solver.change_in_update, solver.precision, cuda_matmul_tf32())
 
     def _graph_key(self, hyper: tuple, table: torch.Tensor) -> tuple:
         """:meth:`_hyper_key` with what the solver's state adds: the layers that share their learning rates (they

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import locoprop
+from locoprop.precision import float32_products
 from test_errors import _assert_unchanged, _snapshot
 
 DEV = torch.device("cuda")
@@ -412,13 +413,15 @@ def test_reduced_precision_update_form_keeps_a_small_gamma_step_near_float32(pre
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("graphed", [False, True])
-def test_update_form_changes_written_by_the_kernels_equal_their_own_launches(monkeypatch, precision, graphed):
+@pytest.mark.parametrize("batch", [256, 100])
+def test_update_form_changes_written_by_the_kernels_equal_their_own_launches(monkeypatch, precision, graphed, batch):
     """The CUDA default in the update form (session 30): the Triton update kernel writes ``W - W₀`` and ``b - b₀``
     where the next iteration reads them, and the residual kernel adds ``a₀`` and ``b - b₀`` to the product,
     where two subtractions, the product's own addition of ``a₀`` (a copy and the product) and the bias's
     addition were launches of their own (``change_in_update=False``).  The same roundings: 6 steps agree to
     1e-5 (a product that adds ``a₀`` itself may sum in another order than the plain product; else to the bit),
-    and the residual kernel was handed ``a₀`` only by default."""
+    and the residual kernel was handed ``a₀`` only by default.  At a batch of at most 128 rows (one row block)
+    the kernel's column sums are the bias gradient, which it also reads as ``b - b₀``."""
     from locoprop import triton_kernels
 
     based, residual = [], triton_kernels.residual_
@@ -433,10 +436,10 @@ def test_update_form_changes_written_by_the_kernels_equal_their_own_launches(mon
         opt = _opt(model, precision=precision)
         opt.fused_solver.change_in_update = change
         assert opt.fused_solver.writes_change(DEV) is (change is None)
-        static_x = torch.empty(256, 784, device=DEV)
+        static_x = torch.empty(batch, 784, device=DEV)
         step = opt.graphed_step(lambda model=model, x=static_x: _loss(model(x), x)) if graphed else None
         based.clear()
-        for x in _batches(6):
+        for x in _batches(6, b=batch):
             if graphed:
                 static_x.copy_(x)
                 step()
@@ -445,6 +448,34 @@ def test_update_form_changes_written_by_the_kernels_equal_their_own_launches(mon
         assert based and all(based) is (change is None) and any(based) is (change is None)
         models.append(model)
     assert _rel(*models) < 1e-5
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_auto_precision_follows_pytorchs_tf32_setting(graphed):
+    """Where the process allows TF32 (PyTorch's newer setting, ``fp32_precision``), the default
+    ``precision="auto"`` takes ``precision="tf32"``'s steps to the bit (TF32 local products in the update form),
+    and ``precision="fp32"`` keeps its local products in float32: within 1e-5 of the reference loop's, whose
+    products are float32 too under the same setting (the forward and backward pass in TF32 in all of them)."""
+    def run(graphed_run, **kw):
+        model = _model()
+        opt = _opt(model, **kw)
+        static_x = torch.empty(256, 784, device=DEV)
+        step = opt.graphed_step(lambda: _loss(model(static_x), static_x)) if graphed_run else None
+        for x in _batches(6):
+            if step is not None:
+                static_x.copy_(x)
+                step()
+            else:
+                opt.step(lambda: _loss(model(x), x))
+        return model, opt
+
+    with float32_products(True):
+        (auto, opt), (tf32, _) = run(graphed), run(graphed, precision="tf32")
+        (fp32, _), (ref, _) = run(graphed, precision="fp32"), run(False, precision="fp32", backend="reference")
+        assert opt.precision == "auto" and opt.fused_solver.rounds_products(cuda=True)
+    assert all(torch.equal(p, q) for p, q in zip(auto.parameters(), tf32.parameters()))
+    assert _rel(fp32, ref) < 1e-5
+    assert _rel(auto, fp32) > 0
 
 
 def _rounded_bf16_products(x):
@@ -476,13 +507,9 @@ def test_bf16_products_write_their_float32_accumulator_unrounded():
     pre(W, b, a)
     wgrad(delta, G)
     rounded = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 products of the rounded operands
-    try:
+    with float32_products(False):  # the float32 products of the rounded operands
         a_exact = torch.addmm(b, rounded(x), rounded(W).T)
         G_exact = rounded(delta).T @ rounded(x)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     for got, exact in ((a, a_exact), (G, G_exact)):
         err = ((got - exact).norm() / exact.norm()).item()
         err_rounded = ((rounded(exact) - exact).norm() / exact.norm()).item()

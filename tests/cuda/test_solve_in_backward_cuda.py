@@ -82,14 +82,16 @@ def test_solving_in_the_pass_on_cuda_holds_less_at_the_peak():
 
 @pytest.mark.parametrize("graphed", [False, True])
 @pytest.mark.parametrize("settings", [dict(), dict(check_finite=False), dict(rollback="host"),
-                                      dict(check_finite="layer"), dict(layer_streams=2)])
+                                      dict(check_finite="layer"), dict(layer_streams=2), dict(precision="tf32"),
+                                      dict(precision="bf16")])
 def test_solving_beside_the_pass_on_layer_streams_equals_the_captured_solve(graphed, settings):
     """``solve_in_backward="overlap"``: each layer's chain on its layer stream, forked as the pass is done with
     its weights and joined when the pass ends, eagerly or inside ``graphed_step``'s one graph; six steps within
-    1e-5 of the default step (every layer after the pass), and no stream left unjoined."""
+    1e-5 of the default step (every layer after the pass, in the same precision: TF32 and bf16 in the update form,
+    whose a₀, W₀ and b₀ the side streams read too), and no stream left unjoined."""
     over_model, after_model = _model(), _model()
     over = _opt(over_model, solve_in_backward="overlap", **settings)
-    after = _opt(after_model)
+    after = _opt(after_model, precision=settings.get("precision", "auto"))
     assert over._overlaps_backward()
     static_x = torch.empty(256, 784, device=DEV)
     step = over.graphed_step(lambda: _loss(over_model(static_x), static_x)) if graphed else None

@@ -296,7 +296,7 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
 
 @pytest.mark.parametrize("values, match", [
     (dict(optimizer="adam", precision="bf16"), "precision: 'bf16' applies to the LocoProp optimizers only"),
-    (dict(optimizer="locoprop-m", precision="fp16"), "precision: expected fp32, tf32 or bf16"),
+    (dict(optimizer="locoprop-m", precision="fp16"), "precision: expected auto, fp32, tf32 or bf16"),
     (dict(optimizer="locoprop-m", rollback="disk"), "rollback: expected device or host, got 'disk'"),
     (dict(optimizer="rmsprop", rollback="host"), "rollback: 'host' applies to the LocoProp optimizers only"),
     (dict(optimizer="rmsprop", check_finite=False), "check_finite: False applies to the LocoProp optimizers only"),

@@ -162,7 +162,7 @@ def test_bad_population_input_names_the_setting(tmp_path):
     configs = _configs("locoprop-m")
     cases = [
         ([replace(configs[0], optimizer="shampoo")], "optimizer: a population trains .*, not 'shampoo'"),
-        ([replace(configs[0], precision="bf16")], "precision: a population runs fp32 or tf32"),
+        ([replace(configs[0], precision="bf16")], "precision: a population runs auto, fp32 or tf32"),
         ([replace(configs[0], inner="adam")], "inner: a population runs inner='tf_rmsprop' only"),
         ([configs[0], replace(configs[1], epochs=5)], r"configs\[1\]: differs from configs\[0\] in \['epochs'\]"),
     ]

@@ -55,7 +55,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from locoprop.fused import compile_once, matmul_precision
+from locoprop.fused import compile_once
+from locoprop.precision import matmul_precision, products_precision
 from locoprop.layers import discover_layers
 from locoprop.transfer import TransferFunction
 from locoprop.variants import get_variant
@@ -113,8 +114,8 @@ def check_population_config(cfg: TrainConfig) -> None:
     for name, default in _UNSUPPORTED.items():
         if getattr(cfg, name) != default:
             raise ValueError(f"{name}: a population runs {name}={default!r} only, got {getattr(cfg, name)!r}")
-    if cfg.precision not in ("fp32", "tf32"):
-        raise ValueError(f"precision: a population runs fp32 or tf32 local products, got {cfg.precision!r}")
+    if cfg.precision not in ("auto", "fp32", "tf32"):
+        raise ValueError(f"precision: a population runs auto, fp32 or tf32 local products, got {cfg.precision!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,9 +326,10 @@ class Population:
         locoprop = optimizer in LOCOPROP_VARIANTS
         if locoprop and int(local_steps) < 1:
             raise ValueError(f"local_steps: expected an integer >= 1, got {local_steps}")
-        if precision not in ("fp32", "tf32") or (precision == "tf32" and not locoprop):
+        if precision not in ("auto", "fp32", "tf32") or (precision == "tf32" and not locoprop):
             raise ValueError(f"precision: a population of {optimizer} runs "
-                             f"{'fp32 or tf32 local' if locoprop else 'fp32'} products, got {precision!r}")
+                             f"{'auto, fp32 or tf32 local' if locoprop else 'auto or fp32'} products, "
+                             f"got {precision!r}")
         self.precision = precision
         self.optimizer = optimizer
         self.local_steps = int(local_steps)
@@ -445,7 +447,8 @@ class Population:
             if h.dim() == 2:
                 h = h.expand(self.size, *h.shape)
             problems.append((layer, h.detach(), target, loss.grad(pre, target, layer.transfer)))
-        with matmul_precision(self.precision):  # TF32 local products as LocoProp's precision="tf32"
+        # the local products as LocoProp's: TF32 for "tf32" (and "auto" where PyTorch allows it), else float32
+        with matmul_precision(products_precision(self.precision, self.layers[0].weight.is_cuda)):
             self._local_iterations(problems, loss, lr)
 
     def _local_iterations(self, problems, loss, lr: torch.Tensor) -> None:

@@ -38,7 +38,8 @@ import torch
 import locoprop
 
 from locoprop.distributed import batch_shard
-from locoprop.fused import PRECISIONS, SOLVE_ORDERS
+from locoprop.fused import SOLVE_ORDERS
+from locoprop.precision import PRECISIONS
 from locoprop.optimizer import ROLLBACKS, is_check_finite
 
 from .baselines import check_shampoo_root
@@ -102,8 +103,9 @@ class TrainConfig:
     limit_test: int | None = _opt("use only the first N test images", default=None)
     data_dir: str | None = _opt("folder holding the dataset files", default=None)
     early_exit: bool = _opt("apply the notebook's early-exit rules", default=True)
-    precision: str = _opt("LocoProp: precision of the local matrix products, fp32, tf32 or bf16 (float32 "
-                          "accumulation)", default="fp32")
+    precision: str = _opt("LocoProp: precision of the local matrix products: fp32, auto (TF32 on CUDA where "
+                          "PyTorch's float32 setting allows it, else fp32), tf32 or bf16 (float32 accumulation)",
+                          default="fp32")
     cuda_graph: bool = _opt("LocoProp on CUDA: run each full batch as one captured CUDA graph of the whole step "
                             "(LocoProp.graphed_step)", default=True)
     rollback: str = _opt("LocoProp: where the copy that undoes a diverged step lives, device or host (pinned "
