@@ -18,8 +18,10 @@ part() { [ -z "${PART:-}" ] || [ "$PART" = "$1" ]; }
 started=$(date +%s)
 stamp() { echo "$1: done after $(( $(date +%s) - started )) s (rc $2)" | tee -a "$OUT/parts.txt"; }
 
-if part tests; then  # the CUDA tests, and the fast solver's CPU tests on the device's Python
-  timeout 170 python3 -m pytest -q -p no:cacheprovider -n 8 tests/cuda tests/test_fused.py > "$OUT/tests.txt" 2>&1
+if part tests; then  # the CUDA tests, and the fast solver's CPU tests on the device's Python (about 175 tests:
+  # session 18 ran 150 in 110 s on 8 workers); -v: each test's result as it ends, kept should the timeout hit
+  timeout 170 python3 -m pytest -v --tb=short -p no:cacheprovider -n 12 tests/cuda tests/test_fused.py \
+    > "$OUT/tests.txt" 2>&1
   stamp tests $?
 fi
 if part perf; then  # step times at T = 1, 5, 10, with and without the finite check, FP32 and TF32
