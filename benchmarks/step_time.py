@@ -166,7 +166,8 @@ def shape_floor(model: torch.nn.Module, batch: int, precision: str, device: torc
     """The floor from the products' own shapes: each product of one step timed alone, one after another.
 
     ``{"backprop_ms": ..., "iteration_ms": ...}``: the 3 products per layer of the forward and backward pass
-    (FP32), and the 2 per layer of one local iteration (pre-activation ``x Wᵀ + b`` and weight gradient
+    (FP32; TF32 for ``precision="tf32"``, whose rows allow TF32 in the whole step), and the 2 per layer of one
+    local iteration (pre-activation ``x Wᵀ + b`` and weight gradient
     ``δᵀ x``) in ``precision``.  Where the large-square rate of :func:`matmul_rate` overstates what the
     layers' small products reach, this is the fairer floor; layer streams can beat it by running products
     side by side."""
@@ -179,7 +180,7 @@ def shape_floor(model: torch.nn.Module, batch: int, precision: str, device: torc
         g = torch.randn(batch, m.out_features, device=device)
         W = torch.randn(m.out_features, m.in_features, device=device)
         bias = torch.randn(m.out_features, device=device)
-        with float32_products(False):
+        with float32_products(precision == "tf32"):  # a TF32 row's whole step runs with TF32 allowed
             backprop += _time_ms(lambda: torch.addmm(bias, x, W.T), device)  # forward
             backprop += _time_ms(lambda: g @ W, device)  # backward to the input
             backprop += _time_ms(lambda: g.T @ x, device)  # backward to the weights
