@@ -18,7 +18,26 @@ EXTRA_COLUMNS = (("repeat", "pass", "d"), ("ratio_to_rmsprop_compiled", "x RMSPr
                  ("streams", "streams", "d"), ("peak_mem_mb_without_workspaces", "peak MB w/o cuBLAS workspaces",
                                                ".1f"),
                  ("peak_mem_mb_warmup", "warm-up peak MB", ".1f"), ("peak_mem_mb_steady", "steady peak MB", ".1f"),
-                 ("mem_mb_held_after", "held after MB", ".1f"))
+                 ("mem_mb_held_after", "held after MB", ".1f"),
+                 ("tf32_floor_ms", "TF32 floor ms (every product)", ".3f"), ("ratio_to_tf32_floor", "x TF32 floor",
+                                                                             ".2f"))
+
+
+def tf32_floor_ms(record: dict, rates) -> float | None:
+    """The issue's TF32 floor of a TF32 record ("with TF32 allowed": every product of the step at the measured
+    TF32 rate); ``None`` for another precision.  Records before session 31 priced the forward and backward pass at
+    the FP32 rate (``floor_pass_precision`` absent): their floor is ``bp / fp32 + local / tf32`` with ``local =
+    2T/3 bp`` (3 products per layer for the pass, 2 per local iteration), from which ``bp`` and so the TF32 floor
+    ``(bp + local) / tf32`` follow."""
+    if record.get("precision") != "tf32" or not isinstance(rates, dict) or "error" in record or "skipped" in record:
+        return None
+    if record.get("floor_pass_precision") == "tf32":
+        return record["floor_ms"]
+    if record.get("product_gflop"):
+        return record["product_gflop"] / rates["tf32"]
+    local_per_pass = 2 * (record.get("local_steps") or 0) / 3
+    bp = record["floor_ms"] / (1 / rates["fp32"] + local_per_pass / rates["tf32"])
+    return bp * (1 + local_per_pass) / rates["tf32"]
 
 
 def _table(records: list[dict]) -> list[str]:
@@ -56,6 +75,10 @@ def main(argv=None) -> int:
         rates = meta.get("matmul_tflops")
         rates = ", ".join(f"{k} {v:.3g}" for k, v in rates.items()) if isinstance(rates, dict) else f"fp32 {rates:.3f}"
         ok = [r for r in data["records"] if "skipped" not in r]
+        for r in ok:  # derived columns (not stored in the JSON)
+            floor = tf32_floor_ms(r, meta.get("matmul_tflops"))
+            if floor is not None:
+                r["tf32_floor_ms"], r["ratio_to_tf32_floor"] = floor, r["step_ms_median"] / floor
         skipped = len(data["records"]) - len(ok)
         processor = f"; processor {meta['processor']}" if meta.get("processor") else ""
         lines += [f"## {path.name}", "", f"- Device: {meta['device']}{processor}; torch {meta.get('torch')}; date "

@@ -14,6 +14,10 @@ same machine:
 * LocoProp with T local iterations: those 3 plus 2 per layer per local iteration (at the rate of the
   local precision: fp32, tf32 or bf16).
 
+The forward and backward products are priced at the FP32 rate, except in TF32 rows, whose floor is the issue's
+TF32 floor ("with TF32 allowed"): every product at the TF32 rate (``floor_pass_precision``; until session 30 a TF32
+row priced the pass at the FP32 rate, ``floor_ms_pass_fp32``, and ran it in FP32).
+
 ``shape_floor_ms`` is a second floor: the same products, each timed alone at its own shape and precision
 (:func:`shape_floor`) and summed, since small products run below the large-square rate; a step that runs
 layers side by side on streams can beat it.
@@ -448,7 +452,12 @@ def measure(spec: dict) -> dict:
     bp_flops = product_flops(model, spec["batch_size"], 0, False)
     local_flops = product_flops(model, spec["batch_size"], T, locoprop) - bp_flops
     rates = spec["rates"]
-    floor = bp_flops / rates["fp32"] + local_flops / rates[spec["precision"]]
+    # the issue's floors: FP32 prices every product at the FP32 rate, TF32 ("with TF32 allowed") every product at
+    # the TF32 rate; bf16 the forward and backward pass at the FP32 rate (the model's own products)
+    pass_precision = "tf32" if spec["precision"] == "tf32" else "fp32"
+    floor = bp_flops / rates[pass_precision] + local_flops / rates[spec["precision"]]
+    if pass_precision == "tf32":  # the floor of sessions 10 to 30's TF32 rows: the pass at the FP32 rate
+        extra["floor_ms_pass_fp32"] = (bp_flops / rates["fp32"] + local_flops / rates["tf32"]) * 1e3
     shapes = spec.get("shape_floor")
     if shapes is not None:
         extra["shape_floor_ms"] = shapes["backprop_ms"] + (T * shapes["iteration_ms"] if locoprop else 0.0)
@@ -461,6 +470,7 @@ def measure(spec: dict) -> dict:
         "graphs)" if device.type == "cuda" else "CPU peak RSS growth of a fresh process during the steps",
         "peak_tensor_mb": tensors, **extra,
         "product_gflop": (bp_flops + local_flops) / 1e9, "floor_ms": floor * 1e3,
+        "floor_pass_precision": pass_precision,
     }
 
 

@@ -110,6 +110,23 @@ def test_perf_readme_lists_every_record(tmp_path):
     assert "1 configurations were not run" in text and "a note" in text
 
 
+def test_the_issues_tf32_floor_prices_every_product_at_the_tf32_rate():
+    """A TF32 record's floor before session 31 priced the forward and backward pass (3 products per layer) at
+    the FP32 rate and the 2T local products at the TF32 rate; the issue's TF32 floor prices all at the TF32 rate.
+    perf_readme derives it from the record (its product count, else its floor and T), and takes a newer
+    record's own floor as it is."""
+    mod = _module("perf_readme")
+    rates, bp = {"fp32": 50.0, "tf32": 400.0}, 17.0  # GFLOP of the pass; local = 2T/3 of it at T = 10
+    old = {"precision": "tf32", "local_steps": 10, "floor_ms": bp / 50.0 + bp * 20 / 3 / 400.0}
+    assert mod.tf32_floor_ms(old, rates) == pytest.approx(bp * (1 + 20 / 3) / 400.0, rel=1e-12)
+    assert mod.tf32_floor_ms({**old, "product_gflop": 130.0}, rates) == pytest.approx(130.0 / 400.0)
+    new = {**old, "floor_ms": 0.3, "floor_pass_precision": "tf32"}
+    assert mod.tf32_floor_ms(new, rates) == 0.3
+    backprop = {"precision": "tf32", "local_steps": 0, "floor_ms": bp / 50.0}
+    assert mod.tf32_floor_ms(backprop, rates) == pytest.approx(bp / 400.0)
+    assert mod.tf32_floor_ms({**old, "precision": "fp32"}, rates) is None
+
+
 def test_step_time_writes_its_records_with_ratios_after_each_one(tmp_path):
     """step_time.py rewrites its JSON after every configuration (a command killed at its time limit keeps what it
     measured), each time with the ratios to the RMSProp step and the Adam memory of the same model and batch."""
