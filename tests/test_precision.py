@@ -66,9 +66,58 @@ def test_the_setting_is_read_and_restored_whichever_way_the_process_set_it(how):
         assert CUDA.allow_tf32 is True
 
 
+@pytest.mark.parametrize("setting", ["highest", "high", "medium"])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_inside_the_two_settings_agree_and_outside_each_is_as_it_was(setting, tf32):
+    """The context moves PyTorch's older setting with the newer one (torch.compile, among others, reads
+    ``allow_tf32``, which raises where the two disagree), and restores both: "medium" stays "medium"."""
+    torch.set_float32_matmul_precision(setting)
+    before = CUDA.fp32_precision, ONEDNN.fp32_precision, torch.get_float32_matmul_precision()
+    with float32_products(tf32):
+        assert CUDA.allow_tf32 is tf32 and cuda_matmul_tf32() is tf32
+        torch.get_float32_matmul_precision()  # readable
+        if not tf32:
+            assert ONEDNN.fp32_precision == "ieee"
+    assert (CUDA.fp32_precision, ONEDNN.fp32_precision, torch.get_float32_matmul_precision()) == before
+
+
+def test_with_pytorchs_defaults_float32_writes_nothing():
+    """Where the setting already says float32 the context leaves it alone (no write: the newer setting stays
+    "none", which a write would make "ieee")."""
+    assert CUDA.fp32_precision == "none"
+    with float32_products(False):
+        assert CUDA.fp32_precision == "none"
+
+
+class _OlderCuBLAS:
+    """``torch.backends.cuda.matmul`` of a PyTorch before 2.9: ``allow_tf32`` a view of the one older setting."""
+
+    @property
+    def allow_tf32(self):
+        return torch.get_float32_matmul_precision() != "highest"
+
+    @allow_tf32.setter
+    def allow_tf32(self, value):
+        torch.set_float32_matmul_precision("high" if value else "highest")
+
+
+def test_on_an_older_pytorch_medium_stays_medium(monkeypatch):
+    """Without ``fp32_precision`` the context sets ``allow_tf32`` and restores the older setting itself, since
+    ``allow_tf32 = True`` would turn "medium" into "high"."""
+    monkeypatch.setattr(torch.backends.cuda, "matmul", _OlderCuBLAS())
+    torch.set_float32_matmul_precision("medium")
+    assert cuda_matmul_tf32()
+    with float32_products(False):
+        assert not cuda_matmul_tf32()
+    assert torch.get_float32_matmul_precision() == "medium"
+    set_cuda_matmul_tf32(False)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 def test_without_tf32_auto_is_float32_and_the_other_settings_are_themselves():
     assert not cuda_matmul_tf32()
     assert [products_precision(p, cuda=True) for p in PRECISIONS] == ["fp32", "fp32", "tf32", "bf16"]
+    assert [products_precision(p, cuda=False) for p in PRECISIONS] == ["fp32", "fp32", "fp32", "bf16"]
     set_cuda_matmul_tf32(True)
     assert [products_precision(p, cuda=True) for p in PRECISIONS] == ["tf32", "fp32", "tf32", "bf16"]
     set_cuda_matmul_tf32(False)
@@ -84,6 +133,22 @@ def test_the_fast_solver_takes_the_update_form_where_auto_resolves_to_tf32():
     torch.set_float32_matmul_precision("high")
     assert auto.rounds_products(cuda=True) and auto.products_precision(cuda=True) == "tf32"
     assert not auto.rounds_products(cuda=False) and not fp32.rounds_products(cuda=True)
+
+
+def test_the_update_form_is_kept_only_for_the_fast_solver():
+    """Where ``"auto"`` resolves to TF32 the problems keep the forward pass's ``â`` and weights for the fast
+    solver's update form; not where the readable loop solves (``backend="reference"``, or a regularizer the
+    fast solver lacks), whose products have no update form."""
+    def model():
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6))
+    fast = locoprop.LocoProp(model(), local_steps=2, output_transfer="linear")
+    reference = locoprop.LocoProp(model(), local_steps=2, output_transfer="linear", backend="reference")
+    l1 = locoprop.LocoProp(model(), local_steps=2, output_transfer="linear", regularizer=locoprop.L1Proximity(0.1))
+    set_cuda_matmul_tf32(True)
+    assert [o._rounds_products(cuda=True) for o in (fast, reference, l1)] == [True, False, False]
+    assert not fast._rounds_products(cuda=False)
+    set_cuda_matmul_tf32(False)
+    assert not fast._rounds_products(cuda=True)
 
 
 class _ProductSettings(TorchDispatchMode):

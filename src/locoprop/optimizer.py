@@ -361,6 +361,7 @@ class LocoProp(Optimizer):
                                                      compile_elementwise=compile_elementwise, order=solve_order,
                                                      triton_elementwise=triton_elementwise)
             why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
+            self._fused_unsupported = why  # (the step's problems may add reasons: _select_solver)
             if why and (backend == "fused" or precision not in FLOAT32_PRECISIONS):
                 raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
                                  f"{why}; use backend='reference' with precision='fp32'")
@@ -489,7 +490,15 @@ class LocoProp(Optimizer):
         """Whether the fast solver's products round here, so that it computes the local pre-activations in the
         update form from the forward pass's ``â`` (:meth:`~locoprop.fused.FusedIterativeSolver.rounds_products`)."""
         params = self._params()
-        return bool(self.fused_solver is not None and params and self.fused_solver.rounds_products(params[0].is_cuda))
+        return bool(params) and self._rounds_products(params[0].is_cuda)
+
+    def _rounds_products(self, cuda: bool) -> bool:
+        """Whether the fast solver's local products round here (TF32 or bf16, ``"auto"`` where PyTorch allows
+        TF32: :meth:`~locoprop.fused.FusedIterativeSolver.rounds_products`), so that the problems keep what its
+        update form reads; not where the readable loop solves (``backend="reference"``, or components the fast
+        solver lacks)."""
+        return (self.fused_solver is not None and self.backend != "reference"
+                and not getattr(self, "_fused_unsupported", "") and self.fused_solver.rounds_products(cuda))
 
     def _forward_backward(self, closures: list[Callable[[], torch.Tensor]]):
         """Forward and backward pass of each closure in turn (a micro-batch each), each layer's rows of every
@@ -675,7 +684,7 @@ class LocoProp(Optimizer):
             # â can go (from ŷ kept beside â, the fast solver computes it into its scratch: first_residual)
             with torch.no_grad():
                 residual = v.local_loss.grad(b.pre, target, b.transfer)
-        rounds = self.fused_solver is not None and self.fused_solver.rounds_products(params[0].is_cuda)
+        rounds = self._rounds_products(params[0].is_cuda)
         start_pre = b.pre if rounds else None  # the fast solver's update form reads â
         if not self.retain_problems:  # the solvers read inputs, target and residual only: free the rest
             b.pre = b.grad_pre = b.grad_post = b.grad_pre_sampled = None

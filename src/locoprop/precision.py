@@ -14,10 +14,16 @@ their products round matters more than the forward pass's (``docs/performance.md
 * ``"tf32"``: TF32 products on CUDA (float32 on the CPU), in the update form;
 * ``"bf16"``: bfloat16 operands, float32 accumulation, in the update form.
 
+``"auto"`` is read when a step begins (whether its forward pass keeps what the update form reads) and again where
+the step uses it: change PyTorch's setting between steps, not inside a closure (one that turns TF32 on during
+its own forward pass leaves that step's local products in TF32 without the update form).
+:meth:`~locoprop.LocoProp.graphed_step` captures again when the setting changes between calls.
+
 PyTorch has two ways of saying whether float32 CUDA products may use TF32: ``torch.backends.cuda.matmul.allow_tf32``
 and, since 2.9, ``torch.backends.cuda.matmul.fp32_precision``; reading the old one after the new one was set
-raises ("mix of the legacy and new APIs").  :func:`cuda_matmul_tf32` and :func:`float32_products` read and set
-the new one where this PyTorch has it, so a process that uses either way keeps working.
+raises ("mix of the legacy and new APIs").  :func:`cuda_matmul_tf32` reads the new one where this PyTorch has
+it, and :func:`float32_products` moves both together and restores both, so a process that uses either way
+keeps working, inside the local solve too (``torch.compile`` reads the old one).
 """
 
 from __future__ import annotations
@@ -33,56 +39,90 @@ __all__ = ["PRECISIONS", "cuda_matmul_tf32", "set_cuda_matmul_tf32", "float32_pr
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
-def _settings() -> list[tuple[object, str]]:
-    """PyTorch's float32 matrix-product settings this process has: ``(object, attribute)`` of the CUDA one and,
-    where PyTorch has it, oneDNN's (the CPU's)."""
-    cuda = torch.backends.cuda.matmul
-    found = [(cuda, "fp32_precision" if hasattr(cuda, "fp32_precision") else "allow_tf32")]
+def _onednn():
+    """oneDNN's float32 matrix-product setting (the CPU's), where this PyTorch has it, else ``None``."""
     onednn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if onednn is not None and hasattr(onednn, "fp32_precision"):
-        found.append((onednn, "fp32_precision"))
-    return found
+    return onednn if onednn is not None and hasattr(onednn, "fp32_precision") else None
+
+
+def _read(get):
+    """``get()``, or ``None`` where it raises: PyTorch's older setting cannot be read once a process has set the
+    two settings apart ("mix of the legacy and new APIs")."""
+    try:
+        return get()
+    except RuntimeError:
+        return None
 
 
 def cuda_matmul_tf32() -> bool:
     """Whether PyTorch lets float32 CUDA matrix products run in TF32 now
     (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which also reflects ``allow_tf32`` and
     ``torch.set_float32_matmul_precision``; ``allow_tf32`` itself on a PyTorch without it)."""
-    holder, name = _settings()[0]
-    value = getattr(holder, name)
-    return value == "tf32" if name == "fp32_precision" else bool(value)
+    cuda = torch.backends.cuda.matmul
+    if not hasattr(cuda, "fp32_precision"):  # PyTorch before 2.9
+        return bool(cuda.allow_tf32)
+    return cuda.fp32_precision == "tf32"
 
 
 def set_cuda_matmul_tf32(enabled: bool) -> None:
-    """Let float32 CUDA matrix products run in TF32 (``True``) or not, from now on, through PyTorch's newer
-    setting where it has one (as ``torch.backends.cuda.matmul.allow_tf32 = enabled`` otherwise)."""
-    holder, name = _settings()[0]
-    setattr(holder, name, bool(enabled) if name == "allow_tf32" else ("tf32" if enabled else "ieee"))
+    """Let float32 CUDA matrix products run in TF32 (``True``) or not, from now on: PyTorch's older setting
+    (``allow_tf32``, which moves the newer one with it) where the two agree or the newer one is absent, else
+    the newer one alone."""
+    cuda = torch.backends.cuda.matmul
+    if not hasattr(cuda, "fp32_precision") or _read(lambda: cuda.allow_tf32) is not None:
+        cuda.allow_tf32 = bool(enabled)
+    if hasattr(cuda, "fp32_precision"):
+        cuda.fp32_precision = "tf32" if enabled else "ieee"
 
 
 @contextlib.contextmanager
 def float32_products(tf32: bool):
     """Inside it, float32 CUDA matrix products run in TF32 (``tf32=True``) or in full float32 (``False``: also
     oneDNN's float32 products on the CPU, which ``torch.set_float32_matmul_precision("medium")`` may let
-    round to bfloat16), whatever PyTorch's setting outside; each setting is restored on exit."""
-    changed = []
+    round to bfloat16), whatever PyTorch's setting outside.  Where the setting already says so it writes
+    nothing (with PyTorch's defaults, ``False`` never writes).  Otherwise it moves PyTorch's two settings
+    together, so that code inside may read either, and on exit restores each as it was, exactly.  The setting is
+    the process's: two threads inside such contexts at once (a model on two GPUs solving in its backward pass)
+    may see each other's, though each restores what it found."""
+    cuda, onednn = torch.backends.cuda.matmul, _onednn()
+    if not hasattr(cuda, "fp32_precision"):  # PyTorch before 2.9: allow_tf32 is a view of the older setting
+        if bool(cuda.allow_tf32) == tf32:
+            yield
+            return
+        before = torch.get_float32_matmul_precision()
+        cuda.allow_tf32 = tf32
+        try:
+            yield
+        finally:  # (allow_tf32 = its old value would turn "medium" into "high")
+            torch.set_float32_matmul_precision(before)
+        return
+    onednn_float32 = tf32 or onednn is None or onednn.fp32_precision in ("none", "ieee")
+    if cuda_matmul_tf32() == tf32 and onednn_float32:
+        yield
+        return
+    saved = [(cuda, cuda.fp32_precision)] + ([(onednn, onednn.fp32_precision)] if onednn is not None else [])
+    legacy = _read(torch.get_float32_matmul_precision) if _read(lambda: cuda.allow_tf32) is not None else None
     try:
-        for i, (holder, name) in enumerate(_settings()):
-            if i > 0 and tf32:  # TF32 is a CUDA mode: the CPU's setting is left alone
-                continue
-            value = (tf32 if name == "allow_tf32" else ("tf32" if tf32 else "ieee"))
-            changed.append((holder, name, getattr(holder, name)))
-            setattr(holder, name, value)
+        if legacy is not None:
+            cuda.allow_tf32 = tf32  # the older setting, which moves the newer one with it
+        cuda.fp32_precision = "tf32" if tf32 else "ieee"
+        if not tf32 and onednn is not None:
+            onednn.fp32_precision = "ieee"
         yield
     finally:
-        for holder, name, before in reversed(changed):
-            setattr(holder, name, before)
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for holder, before in reversed(saved):
+            holder.fp32_precision = before
 
 
 def products_precision(precision: str, cuda: bool) -> str:
     """The precision the local products run in for the setting ``precision`` (one of :data:`PRECISIONS`), on
     CUDA (``cuda=True``) or not: ``"auto"`` is ``"tf32"`` on CUDA where PyTorch allows TF32 now
-    (:func:`cuda_matmul_tf32`), else ``"fp32"``; any other setting is itself."""
+    (:func:`cuda_matmul_tf32`), else ``"fp32"``; ``"tf32"`` is ``"fp32"`` off CUDA; any other setting is
+    itself."""
+    if precision == "tf32" and not cuda:  # TF32 is a CUDA mode: float32 on the CPU, whatever oneDNN's setting
+        return "fp32"
     if precision != "auto":
         return precision
     return "tf32" if cuda and cuda_matmul_tf32() else "fp32"
