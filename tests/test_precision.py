@@ -203,6 +203,31 @@ def test_a_captured_step_is_captured_again_when_the_setting_changes():
     assert step._hyper_key() != before
 
 
+def test_reduced_precision_on_the_readable_loop_is_refused_and_settings_change_between_steps():
+    """``backend="reference"`` with ``"tf32"`` or ``"bf16"`` took the readable loop's float32 products without a
+    word; now it is refused, at construction and when either setting changes later, which leaves both as they
+    were.  A change that the fast solver allows reaches it."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6))
+    with pytest.raises(ValueError, match=r"backend='reference', precision='bf16': the readable loop"):
+        locoprop.LocoProp(model, backend="reference", precision="bf16", output_transfer="linear")
+    opt = locoprop.LocoProp(model, backend="reference", output_transfer="linear")
+    with pytest.raises(ValueError, match=r"backend='reference', precision='tf32'"):
+        opt.precision = "tf32"
+    assert (opt.backend, opt.precision, opt.fused_solver.precision) == ("reference", "auto", "auto")
+    opt.backend = "fused"
+    opt.precision = "bf16"
+    assert (opt.backend, opt.precision, opt.fused_solver.precision) == ("fused", "bf16", "bf16")
+    with pytest.raises(ValueError, match=r"backend='reference', precision='bf16'"):
+        opt.backend = "reference"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        opt.backend = "cuda"
+    assert opt.backend == "fused"
+    closed = locoprop.LocoProp(model, variant="S-closed", output_transfer="linear")
+    with pytest.raises(ValueError, match="the fast solver runs local iterations"):
+        closed.precision = "bf16"
+    assert closed.precision == "auto"
+
+
 def test_precision_names_what_it_takes():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6))
     with pytest.raises(ValueError, match=r"precision: expected one of \('auto', 'fp32', 'tf32', 'bf16'\)"):

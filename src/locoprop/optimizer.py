@@ -171,7 +171,7 @@ class LocoProp(Optimizer):
             on the fast solver in the update form, as ``"tf32"``; else
             float32); ``"fp32"`` float32 whatever that setting (on either
             solver); ``"tf32"`` or ``"bf16"`` on the fast solver, which they
-            select (accumulation in float32; a bf16 product's result is kept
+            select (refused with ``backend="reference"``; accumulation in float32; a bf16 product's result is kept
             in float32 on CUDA and rounded to bfloat16 once on the CPU).
             The forward and backward pass run as PyTorch's setting says.
         cuda_graph: on CUDA, the fast solver captures the local iterations in
@@ -347,27 +347,21 @@ class LocoProp(Optimizer):
         if self.variant.solver == "iterative":
             self.inner = make_inner_optimizer(inner, [{"params": lay.params} for lay in self.layers], lr,
                                               self.inner_kwargs)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if solve_order not in SOLVE_ORDERS:
             raise ValueError(f"solve_order: expected one of {SOLVE_ORDERS}, got {solve_order!r}")
-        self.backend, self.precision = backend, precision
         self.fused_solver: FusedIterativeSolver | None = None
+        #: Why the fast solver cannot run this optimizer's components (None: it can; a step's problems may add
+        #: reasons, :meth:`_select_solver`).
+        self._fused_unsupported = None
+        if self.variant.solver == "iterative":
+            self._fused_unsupported = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
+        self._check_solver_settings(backend, precision)
+        self._backend, self._precision = backend, precision
         if self.variant.solver == "iterative":
             self.fused_solver = FusedIterativeSolver(precision=precision, cuda_graph=cuda_graph,
                                                      layer_streams=layer_streams,
                                                      compile_elementwise=compile_elementwise, order=solve_order,
                                                      triton_elementwise=triton_elementwise)
-            why = FusedIterativeSolver.unsupported(self.variant.regularizer, self.inner)
-            self._fused_unsupported = why  # (the step's problems may add reasons: _select_solver)
-            if why and (backend == "fused" or precision not in FLOAT32_PRECISIONS):
-                raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
-                                 f"{why}; use backend='reference' with precision='fp32'")
-        elif backend == "fused" or precision not in FLOAT32_PRECISIONS:
-            raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver runs local iterations; "
-                             f"variant {self.variant.name} uses solver {self.variant.solver!r}")
         if precision == "bf16" and any(p.device.type == "cpu" for p in self._params()) \
                 and not fused.cpu_has_fast_bf16_products():
             warnings.warn("precision='bf16' on this CPU: PyTorch has no fast bfloat16 products here (no AVX512 or "
@@ -497,8 +491,8 @@ class LocoProp(Optimizer):
         TF32: :meth:`~locoprop.fused.FusedIterativeSolver.rounds_products`), so that the problems keep what its
         update form reads; not where the readable loop solves (``backend="reference"``, or components the fast
         solver lacks)."""
-        return (self.fused_solver is not None and self.backend != "reference"
-                and not getattr(self, "_fused_unsupported", "") and self.fused_solver.rounds_products(cuda))
+        return (self.fused_solver is not None and self.backend != "reference" and not self._fused_unsupported
+                and self.fused_solver.rounds_products(cuda))
 
     def _forward_backward(self, closures: list[Callable[[], torch.Tensor]]):
         """Forward and backward pass of each closure in turn (a micro-batch each), each layer's rows of every
@@ -805,6 +799,50 @@ class LocoProp(Optimizer):
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+    def _check_solver_settings(self, backend: str, precision: str) -> None:
+        """A ``ValueError`` naming ``backend`` and ``precision`` where they are not one of :data:`BACKENDS` and
+        :data:`~locoprop.precision.PRECISIONS`, or ask for the fast solver (``backend="fused"``; ``"tf32"`` and
+        ``"bf16"``, whose products only it makes) where it cannot run: a variant without local iterations,
+        components it lacks, or ``backend="reference"`` (the readable loop, whose products are float32)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        fast = backend == "fused" or precision not in FLOAT32_PRECISIONS
+        if fast and self.variant.solver != "iterative":
+            raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver runs local iterations; "
+                             f"variant {self.variant.name} uses solver {self.variant.solver!r}")
+        if fast and self._fused_unsupported:
+            raise ValueError(f"backend={backend!r}, precision={precision!r}: the fast solver does not support "
+                             f"{self._fused_unsupported}; use backend='reference' with precision='fp32'")
+        if backend == "reference" and precision not in FLOAT32_PRECISIONS:
+            raise ValueError(f"backend='reference', precision={precision!r}: the readable loop makes float32 "
+                             f"products; {precision!r} products are the fast solver's (backend 'auto' or 'fused'), "
+                             f"or use precision='fp32'")
+
+    @property
+    def backend(self) -> str:
+        """Which solver runs the local iterations (:data:`BACKENDS`); may be changed between steps."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._check_solver_settings(value, self.precision)
+        self._backend = value
+
+    @property
+    def precision(self) -> str:
+        """The local products' precision (:mod:`locoprop.precision`); may be changed between steps (a captured
+        step captures again)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._check_solver_settings(self.backend, value)
+        self._precision = value
+        if self.fused_solver is not None:
+            self.fused_solver.precision = value
 
     @property
     def check_finite(self) -> bool | str:
