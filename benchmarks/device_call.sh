@@ -62,14 +62,18 @@ if part memory; then  # the shared gradient buffers, fewer streams (session 20),
   stamp memory $?
 fi
 if part cpu; then  # the CPU goal on the device's Xeon (AVX512-bf16, AMX), two threads
-  timeout 60 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
+  timeout 50 python3 benchmarks/step_time.py --device cpu --threads 2 --models standard --batch-sizes 1000 \
     --optimizers rmsprop locoprop-m --local-steps 10 --precisions fp32 bf16 \
-    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 50 \
+    --modes eager fused fused-compiled --steps 5 --warmup 2 --deadline-s 40 \
     --out "$OUT/perf-cpu-amx.json" > "$OUT/perf-cpu-amx.txt" 2>&1
   stamp cpu $?
 fi
 if part profile; then  # where the standard step's time goes: kernels by kind, and the timeline
-  timeout 40 python3 benchmarks/step_profile.py --model standard --modes graphed graphed-nocheck graphed-overlap \
-    --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
+  timeout 30 python3 benchmarks/step_profile.py --model standard --modes graphed graphed-nocheck graphed-overlap \
+    --warmup 3 --steps 3 --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1
   stamp profile $?
+  # and the TF32 step (8.57x of the TF32 floor in session 18): where its time goes
+  timeout 20 python3 benchmarks/step_profile.py --model standard --modes graphed --precision tf32 --warmup 3 \
+    --steps 3 --out "$OUT/profile-tf32.json" > "$OUT/profile-tf32.txt" 2>&1
+  stamp profile-tf32 $?
 fi

@@ -175,8 +175,8 @@ def arguments() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = arguments().parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        set_cuda_matmul_tf32(False)
+    if device.type == "cuda":  # a TF32 step with TF32 allowed in all of it, as step_time.py's TF32 rows
+        set_cuda_matmul_tf32(args.precision == "tf32")
     step_time = _step_time_module()
     records = []
     for mode in args.modes:
