@@ -228,6 +228,48 @@ def test_reduced_precision_on_the_readable_loop_is_refused_and_settings_change_b
     assert closed.precision == "auto"
 
 
+def test_a_captured_step_warms_up_again_when_a_setting_changes(monkeypatch):
+    """``graphed_step`` captures after eager warm-up steps (a capture must not compile or load a kernel); when a
+    setting of its key changes (here PyTorch's TF32 setting, under which ``"auto"`` makes other products), it
+    warms up again before capturing anew.  Run on the CPU: the CUDA streams stand in as no-ops and the capture
+    as one eager step body with a replay that does nothing (as ``benchmarks/host_overhead.py`` does)."""
+    import contextlib
+
+    import locoprop.optimizer as optimizer_module
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    class _Graph:
+        def replay(self):
+            pass
+    monkeypatch.setattr(optimizer_module, "graph_side_stream", lambda device: _Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6))
+    opt = locoprop.LocoProp(model, local_steps=2, output_transfer="linear", check_finite=False)
+    x = torch.randn(4, 6)
+    step = object.__new__(CapturedStep)  # __init__ refuses a CPU model; the attributes it sets:
+    step.optimizer, step.closure, step.warmup, step.calls = opt, lambda: ((model(x) - x) ** 2).sum(), 2, 0
+    step.other_grads, step.last_mode, step._model_params, step._rule = [], "", None, None
+    step.graph, step._key, step._copies, step._warmed = None, None, (), None
+
+    def capture(hyper, table):
+        loss, problems = opt._step_body([step.closure])
+        opt.fused_solver.prepare_capture(table, opt.param_groups, table.dtype, table.device)
+        step.graph, step._key, step.flag = _Graph(), step._graph_key(hyper, table), torch.tensor(True)
+        step.loss, step.problems = loss.detach(), problems
+    step._capture = capture
+    modes = []
+    for tf32 in (False, False, False, False, True, True, True, True, False, False, False):
+        set_cuda_matmul_tf32(tf32)
+        step()
+        modes.append(step.last_mode)
+    assert modes == ["eager", "eager", "capture", "replay", "eager", "eager", "capture", "replay", "eager", "eager",
+                     "capture"], modes
+
+
 def test_precision_names_what_it_takes():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6))
     with pytest.raises(ValueError, match=r"precision: expected one of \('auto', 'fp32', 'tf32', 'bf16'\)"):

@@ -1309,7 +1309,8 @@ class LocoProp(Optimizer):
         its batch from tensors that you overwrite in place
         (``x_static.copy_(batch)``) and keep the batch shape; learning rates
         (``param_groups[m]["lr"]``) may change between calls, any other
-        hyper-parameter change makes a new capture.  CUDA only; the fast
+        hyper-parameter change (and a change of PyTorch's TF32 setting) makes
+        new warm-up steps and a new capture.  CUDA only; the fast
         solver must support the components.
 
         Each call reads one flag back from the GPU (``check_finite``: a step
@@ -1561,6 +1562,7 @@ class CapturedStep:
         #: How the last call ran: "eager", "capture" or "replay".
         self.last_mode = ""
         self._copies: tuple = ()  # Rollback.held() after the capture
+        self._warmed: tuple | None = None  # the settings (_hyper_key) the last warm-up step ran
 
     def _hyper_key(self) -> tuple:
         """What the captured graph is specific to besides the learning rates (which it reads from the table):
@@ -1592,6 +1594,12 @@ class CapturedStep:
     def __call__(self) -> torch.Tensor:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         opt._check_still_frozen_or_trainable()
+        hyper = self._hyper_key() if self.calls >= self.warmup else None
+        if hyper is not None and self.warmup and hyper != self._warmed:
+            # a setting changed since the warm-up (a precision, PyTorch's TF32 setting, a flag): what the new
+            # settings run (a Triton kernel not compiled yet, cuBLAS's TF32 kernels) is warmed up again, eagerly,
+            # before a capture, which must not compile or load anything
+            self.calls, hyper = 0, None
         if self.calls < self.warmup:  # ordinary steps on a side stream (CUDA graph capture needs warm-up)
             self.calls += 1
             side = graph_side_stream(opt._params()[0].device)
@@ -1604,8 +1612,8 @@ class CapturedStep:
                 solver.cuda_graph = previous
                 torch.cuda.current_stream().wait_stream(side)
             self.last_mode = "eager"
+            self._warmed = self._hyper_key()
             return loss
-        hyper = self._hyper_key()
         if self.graph is None or hyper != self._key[:len(hyper)]:
             self._rule = update_rule_for(opt.inner)[0]
         table = solver.host_table(opt.param_groups, opt.variant.regularizer, opt._needs_anchor(), self._rule,

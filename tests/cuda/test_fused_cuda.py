@@ -478,6 +478,26 @@ def test_auto_precision_follows_pytorchs_tf32_setting(graphed):
     assert _rel(auto, fp32) > 0
 
 
+def test_a_captured_step_captures_again_when_pytorchs_tf32_setting_changes():
+    """The whole-step graph holds its products as PyTorch's TF32 setting was at its capture (the forward and
+    backward pass, and ``"auto"``'s local products, in the update form under TF32, with Triton kernels of its
+    own): a change between calls warms up again (nothing compiles inside a capture) and captures anew instead
+    of replaying the old products; so does changing it back."""
+    model = _model()
+    opt = _opt(model)
+    static_x = torch.empty(256, 784, device=DEV)
+    step = opt.graphed_step(lambda: _loss(model(static_x), static_x))
+    modes = []
+    for tf32, x in zip((False, False, False, False, True, True, True, True, False, False, False), _batches(11)):
+        static_x.copy_(x)
+        with float32_products(tf32):
+            step()
+        modes.append(step.last_mode)
+    assert modes == ["eager", "eager", "capture", "replay", "eager", "eager", "capture", "replay", "eager", "eager",
+                     "capture"], modes
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def _rounded_bf16_products(x):
     xb = x.to(torch.bfloat16)
 
