@@ -61,7 +61,10 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
     launch per layer and iteration for the update, counted as ``triton:tf_rmsprop_pair``, and one for ``δ`` and
     ``Σδ`` of every iteration after the first, ``triton:residual_column_sums``; on the CPU each launch's
     arithmetic is done by PyTorch's operations, uncounted (the count is of what the solver issues, which the
-    values do not change).  ``precision="tf32"``: the local products as CUDA's TF32 issues them, in the update
+    values do not change).  The grouped order (``order="grouped"``, Triton only) counts its two launches per
+    iteration for all layers, ``triton:grouped_residual`` and ``triton:grouped_gradient_update``, and leaves
+    their arithmetic out (the solve issues the same launches whatever the values).  ``precision="tf32"``: the
+    local products as CUDA's TF32 issues them, in the update
     form ``a₀ + x (W - W₀)ᵀ + (b - b₀)`` (on the CPU in float32: the same operations); ``change_in_update``: the
     solver's attribute (``False``: the update form's changes by operations of their own, not by the kernels)."""
     torch.manual_seed(0)
@@ -108,11 +111,17 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
             torch.sum(pre, 0, out=bias_grad)
         return pre
 
+    def grouped_launch(name: str):  # the grouped order's launches; their arithmetic left out (not the count's)
+        return lambda *args, **kwargs: uncounted(name, lambda: None)
+
     with contextlib.ExitStack() as stack:
         if elementwise == "triton":
             stack.enter_context(mock.patch.object(triton_kernels, "available", lambda device: True))
             stack.enter_context(mock.patch.object(triton_kernels, "tf_rmsprop_update_", update_launch))
             stack.enter_context(mock.patch.object(triton_kernels, "residual_", residual_launch))
+            stack.enter_context(mock.patch.object(triton_kernels, "grouped_compile", lambda *args: None))
+            for name in ("grouped_residual", "grouped_gradient_update"):
+                stack.enter_context(mock.patch.object(triton_kernels, name + "_", grouped_launch(name)))
         opt.step(lambda: loss_fn(model(x), x))  # creates the inner state, as on every later step
         solver, run = opt.fused_solver, opt.fused_solver._run
 
@@ -150,6 +159,8 @@ def main(argv=None) -> int:
                 if elementwise == "triton-nochange" and precision == "fp32":  # no update form: nothing changes
                     continue
                 for order in SOLVE_ORDERS:
+                    if order == "grouped" and elementwise != "triton":  # its kernels are Triton's (else the
+                        continue  # layer-major order runs, with a warning)
                     ops = solve_operations(model_name, args.local_steps, order, args.batch_size, inner,
                                            elementwise.split("-")[0], precision,
                                            False if elementwise.endswith("nochange") else None)
@@ -165,7 +176,8 @@ def main(argv=None) -> int:
                 "torch": torch.__version__, "what": "non-view ATen operations of one local solve of LocoProp-M, "
                 "counted by a TorchDispatchMode on the CPU (the fast solver's eager path; compile_elementwise "
                 "off; without the CUDA streams' fork and join); with elementwise triton, each Triton launch (the "
-                "CUDA default: the update, and δ with Σδ) counts as one operation"}
+                "CUDA default: the update, and δ with Σδ; the grouped order's two launches an iteration for all "
+                "layers) counts as one operation"}
         write_records(args.out, meta, records, readme)
     return 0
 
@@ -179,7 +191,8 @@ def readme(meta: dict, records: list[dict], json_name: str) -> str:
              "update's operations |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        update = sum(c for n, c in r["by_name"].items() if n.startswith(("_foreach", "triton:tf_rmsprop")))
+        update = sum(c for n, c in r["by_name"].items()
+                     if n.startswith(("_foreach", "triton:tf_rmsprop", "triton:grouped_gradient_update")))
         lines.append(f"| {r['model']} | {r.get('batch_size', 64)} | {r['local_steps']} | {r.get('inner', 'tf_rmsprop')} | "
                      f"{r.get('elementwise', 'torch')} | {r.get('precision', 'fp32')} | {r['order']} | "
                      f"{r['operations']} | {r['per_iteration']:.1f} | "

@@ -56,7 +56,9 @@ CUDA: the update form's weight change ``W - W₀``, ``b - b₀`` by three launch
 iteration, as before session 30, instead of written by the Triton update kernel and the bias's added by the
 residual kernel) and ``-overlap`` (CUDA: ``solve_in_backward="overlap"``, each layer's chain on its layer stream
 as soon as the backward pass is done with its weights, beside the rest of the pass; with ``graphed``, inside its
-one graph). On a GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
+one graph) and ``-grouped`` (CUDA: ``solve_order="grouped"``, iteration k of every layer in two Triton launches,
+the products inside the kernels with the residual and the update applied to their tiles; ``-grouped-tf32x3``: its
+FP32 products emulated by three TF32 products on the tensor cores). On a GPU each configuration starts with cuBLAS's workspaces freed, so its peak counts the workspaces of the
 streams it uses (one per stream: 32 MiB on Hopper; ``cublas_workspace_mb`` and ``streams`` in the
 record, ``peak_mem_mb_without_workspaces``).  The peak is split too: ``peak_mem_mb_warmup`` (the warm-up calls: eager
 steps and, for ``graphed``, the CUDA graph's capture), ``peak_mem_mb_steady`` (the timed calls),
@@ -310,6 +312,10 @@ def build_step(spec: dict, model, loss_fn, x):
                 opt.fused_solver.layer_streams = int(flag[1:]) or False
             elif flag == "iter":  # iteration k of every layer, then one multi-tensor update (solve_order)
                 opt.fused_solver.order = "iteration-major"
+            elif flag == "grouped":  # iteration k of every layer in two Triton launches (solve_order, session 32)
+                opt.fused_solver.order = "grouped"
+            elif flag == "tf32x3":  # the grouped order's float32 products as three TF32 products (tensor cores)
+                opt.fused_solver.grouped_fp32_products = "tf32x3"
             elif flag == "nograph":  # the fast solver launched eagerly (a profile sees every kernel)
                 opt.fused_solver.cuda_graph = False
             elif flag == "plain":  # reduced-precision products x Wᵀ, not the update form (what that form costs)
@@ -510,7 +516,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                             late.append((model, batch, opt, T, f"{fast}-iter-compiled", "fp32"))
                             if cuda:
                                 for flags in ("notriton", "tritonupdate", "iter-notriton", "iter-s0", "host", "s0", "s2", "s4",
-                                              "host-s2", "host-s0", "host-s0-recompute", "overlap", "overlap-nocheck"):
+                                              "host-s2", "host-s0", "host-s0-recompute", "overlap", "overlap-nocheck",
+                                              "grouped", "grouped-nocheck", "grouped-tf32x3"):
                                     out.append((model, batch, opt, T, f"graphed-{flags}", "fp32"))
                                 late.append((model, batch, opt, T, "graphed-compiled-s2", "fp32"))
                             for prec in precisions:
@@ -521,6 +528,8 @@ def plan(device: torch.device, models, batches, optimizers, local_steps, precisi
                                         out.append((model, batch, opt, T, f"{fast}-nochange", prec))
                                     if cuda and prec == "tf32":  # the forward and backward pass in FP32
                                         out.append((model, batch, opt, T, f"{fast}-localtf32", prec))
+                                    if cuda:  # two Triton launches per local iteration for all layers
+                                        out.append((model, batch, opt, T, f"{fast}-grouped", prec))
                                     out.append((model, batch, opt, T, f"{fast}-recomputef", prec))
                                     if not cuda:  # all layers' problems at once, with f(â) read or evaluated
                                         for flags in ("afterbackward", "afterbackward-recomputef"):

@@ -17,6 +17,17 @@ def _exact_fp32():
         yield
 
 
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter on (``TRITON_INTERPRET=1``: the kernels' source executed with NumPy on CPU tensors)
+    and the kernels on (a test may turn them off), both undone after the test."""
+    from locoprop import triton_kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_kernels, "_DISABLED", [])
+    assert triton_kernels.available(torch.device("cpu"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

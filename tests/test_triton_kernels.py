@@ -29,14 +29,6 @@ pytest.importorskip("triton", reason="Triton has no wheel for this platform (the
                                      "x86_64)")
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Triton's interpreter on, the kernels on (a test may turn them off), both undone after the test."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(triton_kernels, "_DISABLED", [])
-    assert triton_kernels.available(torch.device("cpu"))
-
-
 def _max_rel(a_tensors, b_tensors):
     return max(((a - b).norm() / a.norm().clamp_min(1e-30)).item() for a, b in zip(a_tensors, b_tensors))
 

@@ -29,6 +29,15 @@ notes steps 4-5) as one unit:
   (each layer's products on its stream), then one multi-tensor
   inner-optimizer update of all layers, then iteration ``k + 1``: the same
   arithmetic in fewer kernels (issue 5's first lead);
+* ``order="grouped"`` (CUDA, experimental) runs iteration ``k`` of every
+  layer as two Triton launches in all: one computes every layer's ``δ`` tile
+  by tile, the product ``x Wᵀ`` in the tile and ``f(â) - y`` applied to it
+  before it leaves the registers, the other every layer's ``δᵀx`` and ``Σδ``
+  tile by tile, applying TF-RMSProp's update to each tile of the weights as
+  it is summed, so the local gradients are never written to memory
+  (:func:`locoprop.triton_kernels.grouped_residual_`, issue 5's leads of
+  one kernel for all layers and of fused elementwise chains): ``2T``
+  launches per solve where the other orders issue hundreds;
 * on CUDA each layer's chain is issued on its own stream, so small layers run
   beside large ones, and the whole solve is captured in a CUDA graph and
   replayed on later steps (static shapes; a new shape, dtype or parameter
@@ -91,7 +100,7 @@ __all__ = ["PRECISIONS", "SOLVE_ORDERS", "matmul_precision", "compile_once", "Fu
            "TFRMSpropRule", "SGDRule", "AdamRule", "RMSpropRule", "AdagradRule", "update_rule_for",
            "cpu_has_fast_bf16_products"]
 
-SOLVE_ORDERS = ("layer-major", "iteration-major")
+SOLVE_ORDERS = ("layer-major", "iteration-major", "grouped")
 
 
 def _residual_and_bias_grad_(loss, pre, target, transfer, bias_grad):
@@ -317,7 +326,15 @@ class FusedIterativeSolver:
             issues eight per layer), then iteration ``k+1``
             (issue 5's first lead; the products of an iteration still run on
             the layer streams).  Both give the same result, to the bit on the
-            CPU.
+            CPU.  ``"grouped"`` (experimental): iteration ``k`` of every layer
+            in two Triton launches, the products inside the kernels with the
+            residual and the update applied to their tiles
+            (:meth:`_run_grouped`; TF-RMSProp, the residuals the residual
+            kernel computes, no proximity term, Triton available:
+            ``triton_elementwise``).  Where it cannot run, the solve runs in
+            the layer-major order, with a warning naming why, once per
+            reason.  The same result as the others up to float32 rounding
+            (the products sum in another order).
     """
 
     name = "fused"
@@ -359,6 +376,12 @@ class FusedIterativeSolver:
         #: of ``a₀`` into its output, the bias's addition): ``None`` (default) wherever both Triton kernels run
         #: (:meth:`writes_change`); the same roundings either way.
         self.change_in_update: bool | None = None
+        #: How the grouped order (``order="grouped"``) computes float32 products (``precision`` ``"fp32"``, or
+        #: ``"auto"`` without TF32): ``"ieee"`` (default), float32 products on the CUDA cores, or ``"tf32x3"``,
+        #: float32 emulated on the tensor cores by three TF32 products (each operand a TF32 part plus the TF32
+        #: part of its rest; experimental: whether it is faster, and how close to IEEE products it lands, are
+        #: for a GPU to measure).
+        self.grouped_fp32_products = "ieee"
         if isinstance(layer_streams, bool):
             self.layer_streams: bool | int = layer_streams
         elif isinstance(layer_streams, int) and layer_streams >= 0:
@@ -401,6 +424,14 @@ class FusedIterativeSolver:
         #: iteration-major order and is not captured in a CUDA graph.
         self.reduce_local_gradients = None
         self._forked: list = []  # layer streams with chains not yet joined (solve's on_stream): join_streams
+        #: The order this solve runs in: :attr:`order`, but the layer-major order where ``"grouped"`` cannot run
+        #: (:meth:`grouped_unsupported`).
+        self.solve_order = "layer-major" if order == "grouped" else order
+        self._grouped_tables: dict = {}  # the grouped kernels' device tables by their contents (eager solves)
+        self._grouped_held: list = []  # the device tables captured graphs read
+        self._grouped_staging: torch.Tensor | None = None  # pinned host memory their graphs copy them from
+        self._grouped_staged = 0  # elements of _grouped_staging in use
+        self._grouped_warned: set = set()
         #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
         #: "graph-replay-copy" (the graph of static copies), "inside-capture".
         self.last_mode = ""
@@ -412,7 +443,7 @@ class FusedIterativeSolver:
                                      self.order, self.triton_elementwise).__dict__
         return {**fresh, "triton_kernels": self.triton_kernels, "max_zero_copy_graphs": self.max_zero_copy_graphs,
                 "quick_transfers": self.quick_transfers, "denominators_in_residual": self.denominators_in_residual,
-                "change_in_update": self.change_in_update}
+                "change_in_update": self.change_in_update, "grouped_fp32_products": self.grouped_fp32_products}
 
     # -- support -----------------------------------------------------------------------------
     @staticmethod
@@ -460,7 +491,7 @@ class FusedIterativeSolver:
         share one gradient buffer: in the layer-major order, where a chain's gradients live only in its own
         turn; not in the iteration-major order or with :attr:`reduce_local_gradients`, which hold every
         layer's gradients of an iteration at once."""
-        return self.order == "layer-major" and self.reduce_local_gradients is None
+        return self.solve_order == "layer-major" and self.reduce_local_gradients is None
 
     @staticmethod
     def _per_stream(indices, stream_of: list[int] | None) -> dict[int, list[int]]:
@@ -471,16 +502,18 @@ class FusedIterativeSolver:
             per_stream.setdefault(stream_of[m] if stream_of is not None else 0, []).append(m)
         return per_stream
 
-    def _layers(self, problems, rule: UpdateRule, stream_of: list[int] | None) -> list[_Layer]:
+    def _layers(self, problems, rule: UpdateRule, stream_of: list[int] | None, grads: bool = True) -> list[_Layer]:
         """Each problem's layer: its parameters, gradient buffers, inner state and ``T``.  Layers that run one
         after another on one stream (``stream_of``: each layer's stream; ``None``: all on the current one) share
         one gradient buffer where :meth:`shares_gradient_buffers` (and their parameters have one dtype), a view
         of it per parameter, each aligned to 64 elements: a solve holds the gradients of the largest layer
         on each stream instead of every layer's (on one stream, 3.0 against 10.8 MiB on the standard
         autoencoder, 30.5 against 101.2 MiB on the wide one).  So does a single layer on the current stream: the
-        layers solved one at a time during the backward pass (``LocoProp(solve_in_backward=True)``) share one."""
+        layers solved one at a time during the backward pass (``LocoProp(solve_in_backward=True)``) share one.
+        ``grads=False``: none (the grouped order keeps its gradients in registers)."""
+        made = grads
         grads: list[list[torch.Tensor]] = [[] for _ in problems]
-        for s, members in self._per_stream(range(len(problems)), stream_of).items():
+        for s, members in self._per_stream(range(len(problems)) if made else [], stream_of).items():
             params = [p for m in members for p in problems[m].params]
             alone = len(members) == 1 and stream_of is not None  # a layer with a stream of its own keeps its own
             if alone or not self.shares_gradient_buffers() or len({p.dtype for p in params}) > 1:
@@ -628,6 +661,9 @@ class FusedIterativeSolver:
         self._copying = None
         self._graph_key = None
         self._pool = None
+        if self._grouped_staged:  # a replay still in flight may read the staging memory that is written again next
+            torch.cuda.synchronize(self._grouped_staging.device if self._grouped_staging.is_cuda else None)
+        self._grouped_held, self._grouped_staged = [], 0
 
     # -- the local iterations of one layer ----------------------------------------------------------
     def _products(self, x: torch.Tensor, start=None):
@@ -916,10 +952,17 @@ class FusedIterativeSolver:
         layers, then iteration ``k + 1``: fewer, larger kernels, a join per
         iteration.
         """
+        if self.solve_order == "grouped":
+            if self._run_grouped(layers, inputs, loss, rule, table):
+                return
+            self.solve_order = "layer-major"  # the kernels failed before they ran: this solve as the default's
+            for lay in layers:
+                lay.grads = [self._buffer(("grad", id(p)), p.shape, p.dtype, p.device) for p in lay.params]
+            stream_of = None
         with matmul_precision(self.products_precision(table.device.type == "cuda")):
             streams = _shared_streams(torch.cuda.current_stream().device, max(stream_of) + 1) if stream_of else []
             reduce = self.reduce_local_gradients
-            if self.order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
+            if self.solve_order == "layer-major" and reduce is None:  # a chain's working tensors live only in its turn
                 self._each_layer(range(len(layers)), lambda m: self._chain(
                     self._open_chain(layers[m], m, *inputs[m]), loss, rule, table), streams, stream_of, join)
                 return
@@ -933,6 +976,128 @@ class FusedIterativeSolver:
                     for c in active:
                         self._add_proximity(c, table, k)
                 self._update(active, rule, table, k)
+
+    # -- the grouped order ---------------------------------------------------------------------------
+    def grouped_unsupported(self, problems, loss: LocalLoss, rule: UpdateRule, device: torch.device) -> str | None:
+        """Why ``order="grouped"`` cannot solve these problems (``None``: it can, as far as the components say;
+        :func:`locoprop.triton_kernels.grouped_suits` then checks the tensors)."""
+        if not isinstance(rule, TFRMSpropRule):
+            return f"its update is TF-RMSProp's, not {type(rule).__name__}'s"
+        if self.compile_elementwise:
+            return "compile_elementwise=True"
+        if self.reduce_local_gradients is not None:
+            return "local gradients summed over processes"
+        if not self.uses_triton(device):
+            return f"the Triton kernels do not run on {device} (triton_elementwise={self.triton_elementwise!r})"
+        for m, pr in enumerate(problems):
+            if pr.anchor is not None:
+                return f"layer {m} has a proximity term (L2Proximity with c > 0)"
+            if triton_kernels.residual_transfer(loss, pr.batch.transfer) is None:
+                return f"layer {m}: the kernels do not compute {loss!r} with {pr.batch.transfer!r}"
+        return None
+
+    def _order_for(self, problems, loss: LocalLoss, rule: UpdateRule, device: torch.device) -> str:
+        """The order this solve runs in: :attr:`order`, or the layer-major order where the grouped order cannot
+        run (with a warning, once per reason)."""
+        if self.order != "grouped":
+            return self.order
+        reason = self.grouped_unsupported(problems, loss, rule, device)
+        if reason is None:
+            return "grouped"
+        self._warn_grouped(reason)
+        return "layer-major"
+
+    def _warn_grouped(self, reason: str) -> None:
+        if reason not in self._grouped_warned:
+            self._grouped_warned.add(reason)
+            warnings.warn(f"FusedIterativeSolver: order='grouped' cannot run here ({reason}); these solves run in "
+                          "the layer-major order", RuntimeWarning, stacklevel=5)
+
+    #: int64 elements of pinned host memory kept for the tables of the grouped kernels that CUDA graphs read.
+    GROUPED_STAGING = 1 << 13
+
+    def _prepare_grouped_staging(self, device: torch.device) -> None:
+        """Pinned host memory for the tables of captured grouped solves, made outside a capture (on CUDA, where the
+        order is grouped): pinning memory during a capture is not permitted."""
+        if self.order == "grouped" and device.type == "cuda" and self._grouped_staging is None:
+            self._grouped_staging = torch.empty(self.GROUPED_STAGING, dtype=torch.int64, pin_memory=True)
+
+    def _grouped_device_table(self, flat: list[int], device: torch.device) -> torch.Tensor:
+        """The grouped kernels' table (:func:`~locoprop.triton_kernels.grouped_table`) on ``device``.  Eagerly, the
+        same tensor again for the same contents (a training loop's tensors recur at a few addresses).  Inside a
+        CUDA graph capture, a device tensor of the graph filled by a copy in the graph from a slice of pinned host
+        memory (:meth:`_prepare_grouped_staging`) that is not written again while the graph lives: each replay
+        copies it anew, a few hundred bytes (the graph's activations lie where only the capture knows)."""
+        host = torch.tensor(flat, dtype=torch.int64)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            staging, used = self._grouped_staging, self._grouped_staged
+            if staging is None or used + len(flat) > staging.numel():
+                raise RuntimeError("FusedIterativeSolver: order='grouped' has no pinned staging memory left for the "
+                                   "tables of a CUDA graph capture (an eager solve or prepare_capture makes it)")
+            view = staging[used:used + len(flat)]
+            view.copy_(host)
+            self._grouped_staged += len(flat)
+            table = torch.empty(len(flat), dtype=torch.int64, device=device)
+            table.copy_(view, non_blocking=True)
+            self._grouped_held.append(table)
+            return table
+        self._prepare_grouped_staging(device)
+        key = (device, tuple(flat))
+        table = self._grouped_tables.get(key)
+        if table is None:
+            table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+            if len(self._grouped_tables) >= self.TABLES_KEPT:
+                del self._grouped_tables[next(iter(self._grouped_tables))]
+            self._grouped_tables[key] = table
+        elif device.type == "cuda":  # made on another stream, perhaps (a warm-up's)
+            table.record_stream(torch.cuda.current_stream(device))
+        return table
+
+    def _run_grouped(self, layers: list[_Layer], inputs, loss: LocalLoss, rule: TFRMSpropRule,
+                     table: torch.Tensor) -> bool:
+        """Every layer's ``T`` local iterations in ``2T`` launches (``order="grouped"``, Algorithms 1-4 with
+        TF-RMSProp as the inner optimizer): for each ``k`` every layer's ``δ``
+        (:func:`~locoprop.triton_kernels.grouped_residual_`; at ``k = 0`` the first residual ``ŷ - y`` (Eq. 2)
+        of the layers whose problem kept their output ``ŷ``, the others' being given; no launch where none did)
+        and every layer's gradient and update (:func:`~locoprop.triton_kernels.grouped_gradient_update_`).
+        ``False`` where the kernels do not take these tensors or failed to compile (before anything ran; turned off for the process, with a
+        warning, unless ``triton_elementwise=True``, which raises)."""
+        precision = self.products_precision(table.device.type == "cuda")
+        if precision == "fp32" and self.grouped_fp32_products == "tf32x3":
+            precision = "tf32x3"
+        elif self.grouped_fp32_products != "ieee":
+            raise ValueError(f"grouped_fp32_products: expected 'ieee' or 'tf32x3', got {self.grouped_fp32_products!r}")
+        group = []
+        for m, (lay, (x, delta, target, anchor, transfer, start, post)) in enumerate(zip(layers, inputs)):
+            W = lay.params[0]
+            b = lay.params[1] if len(lay.params) == 2 else None
+            form = None if start is None else (start[0], start[1][0], start[1][1] if b is not None else None)
+            group.append(triton_kernels.GroupedLayer(
+                x, W, b, lay.states[0], lay.states[1] if b is not None else None, target, delta,
+                triton_kernels.residual_transfer(loss, transfer), lay.steps, m * table.stride(0), form, post))
+        if table.dtype != torch.float32 or not table.is_contiguous() or not triton_kernels.grouped_suits(group):
+            self._warn_grouped("tensors the kernels do not take (float32, contiguous, 2-d weights)")
+            return False
+        flat, residual_tiles, update_tiles = triton_kernels.grouped_table(group)
+        kernels = self._grouped_device_table(flat, table.device)
+        update_form = group[0].start is not None
+        alpha, momentum, eps = rule.hyper()
+
+        def update(k):
+            triton_kernels.grouped_gradient_update_(kernels, len(group), update_tiles, k, table, alpha, momentum,
+                                                    eps, precision)
+
+        def residual(k):
+            triton_kernels.grouped_residual_(kernels, len(group), residual_tiles, k, update_form, precision)
+        strict = self.triton_elementwise is True
+        if not triton_kernels.launch_or_fall_back("grouped", lambda: triton_kernels.grouped_compile(
+                kernels, table, update_form, precision), strict):
+            return False
+        for k in range(max(lay.steps for lay in layers)):
+            if k > 0 or any(lay.output is not None for lay in group):  # k = 0: δ₀ = ŷ - y where ŷ was kept
+                residual(k)
+            update(k)
+        return True
 
     # -- the solver interface ---------------------------------------------------------------------
     def solve(self, problems: list[LocalProblem], loss: LocalLoss, regularizer: Regularizer,
@@ -951,9 +1116,12 @@ class FusedIterativeSolver:
         rule, _ = update_rule_for(inner)
         param = problems[0].params[0]
         cuda = param.device.type == "cuda"
-        on_stream = on_stream if cuda and not graph else None
-        stream_of = self.stream_plan(problems, cuda) if on_stream is None else [on_stream] * len(problems)
-        layers = self._layers(problems, rule, stream_of)
+        self.solve_order = self._order_for(problems, loss, rule, param.device)
+        grouped = self.solve_order == "grouped"
+        on_stream = on_stream if cuda and not graph and not grouped else None
+        stream_of = None if grouped else self.stream_plan(problems, cuda) if on_stream is None else \
+            [on_stream] * len(problems)
+        layers = self._layers(problems, rule, stream_of, grads=not grouped)
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
             table = self._captured_table(problems)
@@ -986,6 +1154,7 @@ class FusedIterativeSolver:
         """Before a capture of the whole step: the device table it reads (``table``, :meth:`table_for` of
         every parameter group ``groups``, refilled before each replay)."""
         self.static_table = self.upload_table(torch.empty(table.shape, dtype=dtype, device=device), table, "static")
+        self._prepare_grouped_staging(device)
         self._static_host_table = table
         self._static_rows = {id(g): m for m, g in enumerate(groups)}
         self.shared_rates = self.shared_rates_of(table)
@@ -1024,7 +1193,7 @@ class FusedIterativeSolver:
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.products_precision(table.device.type == "cuda"),
-                 self.compile_elementwise, self.order,
+                 self.compile_elementwise, self.solve_order,
                  self.uses_triton(table.device) and self.triton_kernels, self.writes_change(table.device),
                  self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer, start, post) in zip(layers, inputs):

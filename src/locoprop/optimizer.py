@@ -202,10 +202,15 @@ class LocoProp(Optimizer):
             ``False``: never.
         solve_order: the fast solver's order of work: ``"layer-major"``
             (default: each layer's ``T`` iterations as one chain on its
-            stream) or ``"iteration-major"`` (iteration ``k`` of every layer,
+            stream), ``"iteration-major"`` (iteration ``k`` of every layer,
             then one multi-tensor update of all layers: fewer kernels, one
-            join per iteration).  The same result; which is faster depends on
-            the device (``docs/performance.md``).
+            join per iteration) or ``"grouped"`` (experimental, CUDA:
+            iteration ``k`` of every layer in two Triton launches, the
+            products computed inside them with the residual and TF-RMSProp's
+            update applied to each tile, ``2T`` launches a solve; where it
+            cannot run, the layer-major order with a warning).  The same
+            result up to float32 rounding; which is faster depends on the
+            device (``docs/performance.md``).
         other_grads: accumulate into ``.grad`` the loss gradient of the
             model's other trainable parameters (those outside LocoProp's
             layers: a LayerNorm, an embedding, a layer left out of

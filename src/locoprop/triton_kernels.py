@@ -52,12 +52,14 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 __all__ = ["available", "interpreting", "suits", "disable", "disabled_because", "launch_or_fall_back",
            "tf_rmsprop_update_", "residual_transfer", "residual_suits", "residual_", "compile_for",
-           "SIGNATURES"]
+           "SIGNATURES", "GroupedLayer", "GROUPED_COLUMNS", "grouped_suits", "grouped_table", "grouped_residual_",
+           "grouped_gradient_update_", "grouped_compile"]
 
 #: Elements of one tensor a program of the update kernel updates.
 BLOCK = 1024
@@ -157,6 +159,12 @@ SIGNATURES = {
                              "rows": "i32", "cols": "i32",
                              **{name: "constexpr" for name in ("TRANSFER", "HAS_BIAS", "SHIFT", "BASE", "LIBDEVICE",
                                                                "BLOCK_R", "BLOCK_C")}},
+    "grouped_residual": {"layers": "*i64", "n_layers": "i32", "k": "i32",
+                         **{name: "constexpr" for name in ("UPDATE_FORM", "PRECISION", "LIBDEVICE", "BLOCK_M",
+                                                           "BLOCK_N", "BLOCK_K")}},
+    "grouped_gradient_update": {"layers": "*i64", "n_layers": "i32", "k": "i32", "rates": "*fp32",
+                                **{name: "fp32" for name in ("alpha", "one_minus_alpha", "momentum", "eps")},
+                                **{name: "constexpr" for name in ("PRECISION", "BLOCK_O", "BLOCK_I", "BLOCK_K")}},
 }
 
 
@@ -167,9 +175,10 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, warp_size: int = 32,
-                change: bool = False):
-    """``kernel`` (``"tf_rmsprop_pair"`` or ``"residual_column_sums"``, the latter for the transfer code
-    ``transfer``, with a bias) compiled ahead of time for the CUDA architecture ``arch`` (``90``: Hopper, the
+                change: bool = False, precision: str = "fp32"):
+    """``kernel`` (``"tf_rmsprop_pair"``, ``"residual_column_sums"`` for the transfer code ``transfer``, with a
+    bias, or one of the grouped solve's, ``"grouped_residual"`` and ``"grouped_gradient_update"``, with its
+    products in ``precision``) compiled ahead of time for the CUDA architecture ``arch`` (``90``: Hopper, the
     H100 and H200), on any machine, no GPU needed (Triton brings its own ``ptxas``): what a first launch on
     such a GPU compiles, for checks and for timing the compilation (``asm["ptx"]``, ``asm["cubin"]``).
     ``change``: the variant the update form runs (the update writing the weights' change, the residual adding
@@ -178,9 +187,17 @@ def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, w
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constants = {"BLOCK": BLOCK, "CHANGE": change} if kernel == "tf_rmsprop_pair" else {
-        "TRANSFER": transfer, "HAS_BIAS": True, "SHIFT": change, "BASE": change, "LIBDEVICE": True,
-        "BLOCK_R": BLOCK_ROWS, "BLOCK_C": BLOCK_COLUMNS}
+    if kernel == "tf_rmsprop_pair":
+        constants = {"BLOCK": BLOCK, "CHANGE": change}
+    elif kernel == "residual_column_sums":
+        constants = {"TRANSFER": transfer, "HAS_BIAS": True, "SHIFT": change, "BASE": change, "LIBDEVICE": True,
+                     "BLOCK_R": BLOCK_ROWS, "BLOCK_C": BLOCK_COLUMNS}
+    elif kernel == "grouped_residual":
+        constants = {"UPDATE_FORM": change, "PRECISION": GROUPED_PRECISIONS[precision], "LIBDEVICE": True,
+                     **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), GROUPED_RESIDUAL_BLOCKS))}
+    else:
+        constants = {"PRECISION": GROUPED_PRECISIONS[precision],
+                     **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_K"), GROUPED_UPDATE_BLOCKS))}
     source = ASTSource(fn=_kernels(False)[kernel], signature=SIGNATURES[kernel], constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, warp_size), options=COMPILE_OPTIONS)
 
@@ -291,3 +308,139 @@ def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor |
     if bias_grad is not None and row_blocks > 1:
         torch.sum(sums, 0, out=bias_grad)
     return pre
+
+
+# -- the grouped solve (``FusedIterativeSolver(order="grouped")``) ---------------------------------------------
+#: The columns of a layer's row in the grouped kernels' int64 table (``_triton_source.grouped_residual`` reads
+#: them by position): its tensors' addresses, then its sizes and where its programs start in each grid.
+GROUPED_COLUMNS = ("x", "weight", "bias", "weight_start", "bias_start", "pre_start", "target", "residual",
+                   "weight_mean_square", "weight_momentum", "bias_mean_square", "bias_momentum",
+                   "rows", "inputs", "outputs", "has_bias", "transfer", "update_form", "steps", "rate_offset",
+                   "residual_tiles_start", "update_tiles_start", "output", "has_output")
+#: The grouped kernels' product precisions (their ``PRECISION`` code): ``"tf32x3"`` is float32 emulated by three
+#: TF32 products (``FusedIterativeSolver.grouped_fp32_products``).
+GROUPED_PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 4}
+#: Tiles of the grouped residual (rows, columns of ``δ``, columns of ``x`` summed at a time) and of the grouped
+#: update (rows and columns of ``W``, rows of the batch summed at a time).
+GROUPED_RESIDUAL_BLOCKS = (64, 64, 32)
+GROUPED_UPDATE_BLOCKS = (64, 64, 32)
+
+
+class GroupedLayer(NamedTuple):
+    """One layer's tensors for the grouped kernels (all float32, contiguous, on one device): its input ``x``
+    ``(b, n_in)``, weights ``(n_out, n_in)`` and bias ``(n_out,)`` or ``None``, their TF-RMSProp states
+    ``[ms, m]``, the target ``y`` ``(b, n_out)``, the residual buffer ``δ`` (``(b, n_out)``, holding ``δ₀`` before
+    iteration 0), the transfer code (:func:`residual_transfer`), ``T``, the layer's offset in the rate table
+    (``η_k`` at ``offset + k``), for the update form ``(a₀, W₀, b₀)``, and the layer's output ``ŷ = f(â₀)`` where
+    its first residual is to be computed from it, as ``ŷ - y``, at iteration 0 (else ``residual`` holds it)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    weight_state: list
+    bias_state: list | None
+    target: torch.Tensor
+    residual: torch.Tensor
+    transfer: int
+    steps: int
+    rate_offset: int
+    start: tuple | None = None
+    output: torch.Tensor | None = None
+
+
+def grouped_suits(layers: list[GroupedLayer]) -> bool:
+    """Whether the grouped kernels take these layers: the kernels :func:`available` on their device (with
+    libdevice's ``tanh``), every tensor :func:`suits <suits>` them, the shapes agree, and either every layer or
+    none is in the update form."""
+    if not layers or "grouped_residual" not in _kernels(interpreting()):
+        return False
+    device = layers[0].weight.device
+    if len({lay.start is None for lay in layers}) > 1:
+        return False
+    for lay in layers:
+        tensors = [lay.x, lay.weight.detach(), lay.target, lay.residual, *lay.weight_state]
+        tensors += [lay.bias.detach(), *lay.bias_state] if lay.bias is not None else []
+        tensors += [t for t in lay.start if t is not None] if lay.start is not None else []
+        tensors += [lay.output] if lay.output is not None else []
+        if not _float32_contiguous_on(device, tensors) or lay.weight.dim() != 2 or lay.x.dim() != 2:
+            return False
+        (n_out, n_in), rows = lay.weight.shape, lay.x.shape[0]
+        if lay.x.shape[1] != n_in or lay.target.shape != (rows, n_out) or lay.residual.shape != (rows, n_out):
+            return False
+        if lay.bias is not None and lay.bias.shape != (n_out,):
+            return False
+        if lay.output is not None and lay.output.shape != (rows, n_out):
+            return False
+        if lay.start is not None and (lay.start[0].shape != (rows, n_out) or lay.start[1].shape != lay.weight.shape
+                                      or (lay.bias is not None and lay.start[2].shape != lay.bias.shape)):
+            return False
+    return True
+
+
+def grouped_table(layers: list[GroupedLayer]) -> tuple[list[int], int, int]:
+    """The grouped kernels' table of ``layers`` (one row of :data:`GROUPED_COLUMNS` per layer, flattened) and the
+    number of programs of the residual launch and of the update launch."""
+    (bm, bn, _), (bo, bi, _) = GROUPED_RESIDUAL_BLOCKS, GROUPED_UPDATE_BLOCKS
+    flat, residual_tiles, update_tiles = [], 0, 0
+    for lay in layers:
+        (n_out, n_in), rows = lay.weight.shape, lay.x.shape[0]
+        weight = lay.weight.detach()
+        bias = lay.bias.detach() if lay.bias is not None else weight  # never read without a bias
+        bias_state = lay.bias_state if lay.bias is not None else lay.weight_state
+        start = lay.start if lay.start is not None else (lay.target, weight, bias)  # never read without
+        row = [lay.x, weight, bias, start[1], start[2] if lay.bias is not None else bias, start[0], lay.target,
+               lay.residual, *lay.weight_state, *bias_state]
+        flat += [t.data_ptr() for t in row]
+        flat += [rows, n_in, n_out, int(lay.bias is not None), lay.transfer, int(lay.start is not None), lay.steps,
+                 lay.rate_offset, residual_tiles, update_tiles,
+                 (lay.output if lay.output is not None else lay.target).data_ptr(), int(lay.output is not None)]
+        residual_tiles += -(-rows // bm) * -(-n_out // bn)
+        update_tiles += -(-n_out // bo) * -(-n_in // bi)
+    return flat, residual_tiles, update_tiles
+
+
+def _grouped_precision(precision: str, interpreted: bool) -> int:
+    """The grouped kernels' ``PRECISION`` code: under the interpreter, whose conversion to bfloat16 truncates,
+    bf16's operands are rounded from their bits instead."""
+    return 3 if precision == "bf16" and interpreted else GROUPED_PRECISIONS[precision]
+
+
+def grouped_residual_(table: torch.Tensor, n_layers: int, tiles: int, k: int, update_form: bool,
+                      precision: str) -> None:
+    """Iteration ``k``'s ``δ = f(â) - y`` of every layer of ``table`` (:func:`grouped_table`, on the layers'
+    device) into their residual buffers: one launch of ``tiles`` programs (at ``k = 0``, ``ŷ - y`` of the layers
+    that give their output)."""
+    interpreted = interpreting()
+    bm, bn, bk = GROUPED_RESIDUAL_BLOCKS
+    with _on(table.device):
+        _kernels(interpreted)["grouped_residual"][(tiles,)](
+            table, n_layers, k, UPDATE_FORM=update_form, PRECISION=_grouped_precision(precision, interpreted),
+            LIBDEVICE=not interpreted, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **COMPILE_OPTIONS)
+
+
+def grouped_gradient_update_(table: torch.Tensor, n_layers: int, tiles: int, k: int, rates: torch.Tensor,
+                             alpha: float, momentum: float, eps: float, precision: str) -> None:
+    """Iteration ``k``'s gradients ``δᵀx``, ``Σδ`` and TF-RMSProp update of every layer of ``table``: one launch
+    of ``tiles`` programs; ``rates``: the float32 table ``η_k`` is read from (each layer's ``rate_offset``)."""
+    bo, bi, bk = GROUPED_UPDATE_BLOCKS
+    interpreted = interpreting()
+    with _on(table.device):
+        _kernels(interpreted)["grouped_gradient_update"][(tiles,)](
+            table, n_layers, k, rates, float(alpha), 1.0 - float(alpha), float(momentum), float(eps),
+            PRECISION=_grouped_precision(precision, interpreted), BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, **COMPILE_OPTIONS)
+
+
+def grouped_compile(table: torch.Tensor, rates: torch.Tensor, update_form: bool, precision: str) -> None:
+    """Compile both grouped kernels for these arguments without running them (Triton's ``warmup``), so that a
+    compilation that fails does so before the solve has changed anything (nothing to do under the interpreter)."""
+    if interpreting():
+        return
+    (bm, bn, bk), (bo, bi, bk2) = GROUPED_RESIDUAL_BLOCKS, GROUPED_UPDATE_BLOCKS
+    code = _grouped_precision(precision, False)
+    kernels = _kernels(False)
+    with _on(table.device):
+        kernels["grouped_residual"].warmup(table, 1, 1, UPDATE_FORM=update_form, PRECISION=code, LIBDEVICE=True,
+                                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, grid=(1,), **COMPILE_OPTIONS)
+        kernels["grouped_gradient_update"].warmup(table, 1, 1, rates, 0.9, 0.1, 0.0, 1e-7, PRECISION=code,
+                                                  BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk2, grid=(1,),
+                                                  **COMPILE_OPTIONS)

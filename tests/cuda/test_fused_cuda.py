@@ -61,7 +61,8 @@ def _opt(model, **kw):
     return locoprop.LocoProp(model, **base)
 
 
-@pytest.mark.parametrize("variant, order", [("M", "layer-major"), ("S", "layer-major"), ("M", "iteration-major")])
+@pytest.mark.parametrize("variant, order", [("M", "layer-major"), ("S", "layer-major"), ("M", "iteration-major"),
+                                            ("M", "grouped"), ("S", "grouped")])
 def test_default_cuda_path_equals_reference(variant, order):
     """Eager warm-up, capture and replays of the solve; 8 steps, weights within 1e-5 (issue 5)."""
     ref_model, fast_model = _model(), _model()
@@ -75,7 +76,7 @@ def test_default_cuda_path_equals_reference(variant, order):
         ref.step(lambda: _loss(ref_model(x), x))
         fast.step(lambda: _loss(fast_model(x), x))
         modes.append(fast.fused_solver.last_mode)
-    assert fast.last_solver == "fused"
+    assert fast.last_solver == "fused" and fast.fused_solver.solve_order == order
     # eight batch tensors alive at once: the first layer's input is somewhere new in every step, so after
     # max_zero_copy_graphs captures the solver falls back to the graph that reads static copies
     n = fast.fused_solver.max_zero_copy_graphs
@@ -153,7 +154,7 @@ def test_graphed_step_captures_again_after_its_shared_gradient_buffer_grew():
     assert _rel(ref_model, fast_model) < 1e-5
 
 
-@pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
+@pytest.mark.parametrize("order", ["layer-major", "iteration-major", "grouped"])
 def test_graphed_step_equals_reference(order):
     ref_model, fast_model = _model(), _model()
     ref = _opt(ref_model, backend="reference")
@@ -201,14 +202,29 @@ def test_triton_kernel_compiles_and_equals_the_multi_tensor_update(shapes):
         assert ((a - b).norm() / b.norm()).item() < 1e-6
 
 
+def _eight_steps_without_warnings(model, opt, graphed: bool) -> None:
+    """Eight batches through ``opt.step`` or, ``graphed``, its captured whole step, with a RuntimeWarning (a
+    kernel that failed, a fallback) an error."""
+    import warnings
+
+    static_x = torch.empty(256, 784, device=DEV)
+
+    def closure():
+        return _loss(model(static_x), static_x)
+    step = opt.graphed_step(closure) if graphed else functools.partial(opt.step, closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for x in _batches(8):
+            static_x.copy_(x)
+            step()
+
+
 @pytest.mark.parametrize("graphed", [False, True])
 @pytest.mark.parametrize("order", ["layer-major", "iteration-major"])
 def test_triton_elementwises_are_the_cuda_default_and_equal_the_multi_tensor_update(monkeypatch, graphed, order):
     """On CUDA the update is one Triton kernel per layer and iteration by default (Triton comes with PyTorch's
     CUDA builds), compiled without a warning, inside the solve graphs and the captured whole step alike; 8
     steps agree with the multi-tensor update to 1e-5, weights and inner state."""
-    import warnings
-
     from locoprop import triton_kernels
 
     launches = []
@@ -222,16 +238,7 @@ def test_triton_elementwises_are_the_cuda_default_and_equal_the_multi_tensor_upd
     for triton_elementwise in (None, False):
         model = _model()
         opt = _opt(model, solve_order=order, triton_elementwise=triton_elementwise)
-        static_x = torch.empty(256, 784, device=DEV)
-
-        def closure(model=model, static_x=static_x):
-            return _loss(model(static_x), static_x)
-        step = opt.graphed_step(closure) if graphed else functools.partial(opt.step, closure)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
-            for x in _batches(8):
-                static_x.copy_(x)
-                step()
+        _eight_steps_without_warnings(model, opt, graphed)
         models.append(model)
         opts.append(opt)
     assert opts[0].fused_solver.uses_triton(DEV) and not opts[1].fused_solver.uses_triton(DEV)
@@ -815,3 +822,40 @@ def test_graphed_step_of_other_architectures_equals_reference(build, names):
     assert modes[2:] == ["capture", "replay", "replay", "replay"]
     assert [lay.name for lay in fast.layers] == names
     assert _rel(ref_model, fast_model) < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "tf32x3"])
+def test_grouped_order_launches_two_kernels_an_iteration_and_agrees_with_the_layer_major_order(monkeypatch, precision):
+    """``solve_order="grouped"`` on CUDA, eagerly and in the captured whole step: every solve is ``2T``
+    launches (a residual and an update for each iteration, all layers at once; at ``k = 0`` the residual of the
+    tanh layers, from their kept outputs),
+    compiled without a warning; 8 steps within 1e-5 of the layer-major order in FP32, also with the grouped
+    order's FP32 products emulated by three TF32 products (``"tf32x3"``: the layer-major order in FP32), and
+    within 1e-3 in TF32 and bf16, where the two round the products' operands in their own kernels (cuBLAS's and
+    Triton's)."""
+    from locoprop import triton_kernels
+
+    launches = []
+    for name in ("grouped_residual_", "grouped_gradient_update_"):
+        launch = getattr(triton_kernels, name)
+
+        def counted(*args, launch=launch, name=name, **kwargs):
+            launches.append(name)
+            return launch(*args, **kwargs)
+        monkeypatch.setattr(triton_kernels, name, counted)
+    models = []
+    for order in ("layer-major", "grouped"):
+        for graphed in (False, True):
+            model = _model()
+            opt = _opt(model, solve_order=order, precision="fp32" if precision == "tf32x3" else precision)
+            if order == "grouped" and precision == "tf32x3":
+                opt.fused_solver.grouped_fp32_products = "tf32x3"
+            _eight_steps_without_warnings(model, opt, graphed)
+            assert opt.fused_solver.solve_order == order
+            models.append(model)
+    per_solve = 2 * 10
+    assert launches and len(launches) % per_solve == 0
+    assert launches[:per_solve] == ["grouped_residual_", "grouped_gradient_update_"] * 10
+    tolerance = 1e-5 if precision in ("fp32", "tf32x3") else 1e-3
+    assert _rel(models[0], models[2]) < tolerance and _rel(models[1], models[3]) < tolerance
+    assert _rel(models[2], models[3]) < tolerance  # eager and captured grouped steps

@@ -309,7 +309,8 @@ def test_precision_setting_reaches_the_locoprop_fast_solver(tmp_path):
     (dict(optimizer="adam", solve_in_backward=False), "solve_in_backward: False applies to the LocoProp optimizers"),
     (dict(optimizer="locoprop-m", solve_in_backward="yes"),
      "solve_in_backward: expected true, false, overlap or unset"),
-    (dict(optimizer="locoprop-m", solve_order="rows"), "solve_order: expected layer-major or iteration-major"),
+    (dict(optimizer="locoprop-m", solve_order="rows"),
+     "solve_order: expected layer-major or iteration-major or grouped"),
     (dict(optimizer="shampoo", shampoo_root="svd"), "shampoo_root: expected newton or eigh, got 'svd'"),
     (dict(optimizer="kfac", shampoo_root="eigh"), "shampoo_root: 'eigh' applies to shampoo only, not 'kfac'"),
 ])

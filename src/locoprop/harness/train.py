@@ -130,8 +130,10 @@ class TrainConfig:
         "(experimental, CUDA): each layer's solve on its stream beside the rest of the pass, also in the "
         "captured step", default=None, words=("overlap",))
     solve_order: str = _opt("LocoProp on the fast solver: layer-major (each layer's T local iterations as one chain "
-                            "on its CUDA stream) or iteration-major (iteration k of every layer, then one "
-                            "multi-tensor update of all layers); the same result", default="layer-major")
+                            "on its CUDA stream), iteration-major (iteration k of every layer, then one "
+                            "multi-tensor update of all layers) or grouped (CUDA, experimental: iteration k of "
+                            "every layer in two Triton launches); the same result up to rounding",
+                            default="layer-major")
     distributed: str | None = _opt("split each step over torch.distributed ranks (launch with torchrun): data "
                                    "(exact data-parallel) or layers (layer-sharded); LocoProp optimizers only",
                                    default=None)
