@@ -199,7 +199,8 @@ def compile_for(arch: int, kernel: str = "tf_rmsprop_pair", transfer: int = 1, w
         constants = {"PRECISION": GROUPED_PRECISIONS[precision],
                      **dict(zip(("BLOCK_O", "BLOCK_I", "BLOCK_K"), GROUPED_UPDATE_BLOCKS))}
     source = ASTSource(fn=_kernels(False)[kernel], signature=SIGNATURES[kernel], constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, warp_size), options=COMPILE_OPTIONS)
+    options = {**COMPILE_OPTIONS, **(GROUPED_LAUNCH_OPTIONS if kernel.startswith("grouped") else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, warp_size), options=options)
 
 
 def _float32_contiguous_on(device: torch.device, tensors: list[torch.Tensor]) -> bool:
@@ -324,6 +325,10 @@ GROUPED_PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 4}
 #: update (rows and columns of ``W``, rows of the batch summed at a time).
 GROUPED_RESIDUAL_BLOCKS = (64, 64, 32)
 GROUPED_UPDATE_BLOCKS = (64, 64, 32)
+#: Triton's launch options of both grouped kernels (``num_warps``, ``num_stages``; empty: Triton's defaults, 4 warps
+#: and 3 stages on Hopper).  These and the tiles above were chosen without a GPU; ``benchmarks/grouped_tiles.py``
+#: times others.
+GROUPED_LAUNCH_OPTIONS: dict = {}
 
 
 class GroupedLayer(NamedTuple):
@@ -415,7 +420,7 @@ def grouped_residual_(table: torch.Tensor, n_layers: int, tiles: int, k: int, up
     with _on(table.device):
         _kernels(interpreted)["grouped_residual"][(tiles,)](
             table, n_layers, k, UPDATE_FORM=update_form, PRECISION=_grouped_precision(precision, interpreted),
-            LIBDEVICE=not interpreted, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **COMPILE_OPTIONS)
+            LIBDEVICE=not interpreted, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **COMPILE_OPTIONS, **GROUPED_LAUNCH_OPTIONS)
 
 
 def grouped_gradient_update_(table: torch.Tensor, n_layers: int, tiles: int, k: int, rates: torch.Tensor,
@@ -427,7 +432,8 @@ def grouped_gradient_update_(table: torch.Tensor, n_layers: int, tiles: int, k: 
     with _on(table.device):
         _kernels(interpreted)["grouped_gradient_update"][(tiles,)](
             table, n_layers, k, rates, float(alpha), 1.0 - float(alpha), float(momentum), float(eps),
-            PRECISION=_grouped_precision(precision, interpreted), BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, **COMPILE_OPTIONS)
+            PRECISION=_grouped_precision(precision, interpreted), BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, **COMPILE_OPTIONS,
+            **GROUPED_LAUNCH_OPTIONS)
 
 
 def grouped_compile(table: torch.Tensor, rates: torch.Tensor, update_form: bool, precision: str) -> None:
@@ -440,7 +446,8 @@ def grouped_compile(table: torch.Tensor, rates: torch.Tensor, update_form: bool,
     kernels = _kernels(False)
     with _on(table.device):
         kernels["grouped_residual"].warmup(table, 1, 1, UPDATE_FORM=update_form, PRECISION=code, LIBDEVICE=True,
-                                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, grid=(1,), **COMPILE_OPTIONS)
+                                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, grid=(1,), **COMPILE_OPTIONS,
+                                           **GROUPED_LAUNCH_OPTIONS)
         kernels["grouped_gradient_update"].warmup(table, 1, 1, rates, 0.9, 0.1, 0.0, 1e-7, PRECISION=code,
                                                   BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk2, grid=(1,),
-                                                  **COMPILE_OPTIONS)
+                                                  **COMPILE_OPTIONS, **GROUPED_LAUNCH_OPTIONS)

@@ -801,12 +801,12 @@ def _device_call_commands():
 def test_the_prepared_device_call_asks_only_for_what_the_benchmarks_have():
     """``benchmarks/device_call.sh`` runs on a lent GPU, whose minutes leave no room for a typo: every
     ``step_time.py`` command parses and names modes, optimizers and precisions its plan has (on CUDA unless it
-    says ``--device``), every ``step_profile.py`` mode is a LocoProp-M mode of that plan or a BackProp one, and
-    ``host_overhead.py`` takes its arguments."""
+    says ``--device``), every ``step_profile.py`` mode is a LocoProp-M mode of that plan or a BackProp one,
+    ``grouped_tiles.py``'s configurations parse, and ``host_overhead.py`` takes its arguments."""
     import torch
 
     commands = _device_call_commands()
-    assert sorted({name for name, _ in commands}) == ["host_overhead", "step_profile", "step_time"]
+    assert sorted({name for name, _ in commands}) == ["grouped_tiles", "host_overhead", "step_profile", "step_time"]
     step_time = _module("step_time")
     cuda_modes = {c[4] for c in step_time.plan(torch.device("cuda"), ["standard"], [1000], list(step_time.OPTIMIZERS),
                                               [1, 10], ["fp32", "tf32", "bf16"])}
@@ -822,6 +822,34 @@ def test_the_prepared_device_call_asks_only_for_what_the_benchmarks_have():
             assert {c[5] for c in chosen} == set(args.precisions), argv
         elif name == "step_profile":
             assert set(args.modes) <= cuda_modes, argv
+        elif name == "grouped_tiles":  # every configuration parses
+            assert all(_module(name).parse_config(c) for c in args.configs), argv
+
+
+def test_grouped_tiles_times_each_tile_configuration_beside_the_layer_major_step(tmp_path, interpreted):
+    """benchmarks/grouped_tiles.py (on the CPU, the grouped kernels in Triton's interpreter): one record for the
+    layer-major step and one per configuration, in the grouped order with that configuration's tiles and launch
+    options (the module's settings restored after each), ratios to the layer-major step, a README beside the
+    JSON; a malformed configuration is refused by name before anything runs."""
+    from locoprop import triton_kernels
+
+    mod = _module("grouped_tiles")
+    with pytest.raises(ValueError, match="--configs '64x48x32,64x64x32,4,3': expected RESIDUAL,UPDATE,WARPS,STAGES"):
+        mod.main(["--configs", "64x48x32,64x64x32,4,3", "--device", "cpu"])
+    before = (triton_kernels.GROUPED_RESIDUAL_BLOCKS, triton_kernels.GROUPED_UPDATE_BLOCKS,
+              triton_kernels.GROUPED_LAUNCH_OPTIONS)
+    out = tmp_path / "tiles.json"
+    assert mod.main(["--device", "cpu", "--models", "tiny", "--batch-size", "8", "--local-steps", "2",
+                     "--precisions", "fp32", "--configs", "32x32x16,16x32x16,2,-", "--warmup", "0", "--steps", "1",
+                     "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["order"] for r in records] == ["layer-major", "grouped"]
+    assert records[1]["residual_blocks"] == [32, 32, 16] and records[1]["update_blocks"] == [16, 32, 16]
+    assert records[1]["launch_options"] == {"num_warps": 2} and records[0]["ratio_to_layer_major"] == 1.0
+    assert records[1]["ratio_to_layer_major"] == records[1]["step_ms_median"] / records[0]["step_ms_median"]
+    assert (triton_kernels.GROUPED_RESIDUAL_BLOCKS, triton_kernels.GROUPED_UPDATE_BLOCKS,
+            triton_kernels.GROUPED_LAUNCH_OPTIONS) == before
+    assert "| tiny | fp32 | grouped | [32, 32, 16] |" in (tmp_path / "README.md").read_text()
 
 
 def test_interleaved_time_times_the_modes_in_turn_and_writes_their_ratios(tmp_path, monkeypatch):
