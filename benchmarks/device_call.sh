@@ -51,8 +51,8 @@ if part grouped; then  # iteration k of every layer in two Triton launches (sess
 fi
 if part tiles; then  # the grouped kernels' tiles and launch options, chosen without a GPU, on the TF32 step
   timeout 25 python3 benchmarks/grouped_tiles.py --models standard --precisions tf32 --configs \
-    64x64x32,64x64x32,4,3 128x64x32,64x64x64,4,3 64x128x32,128x64x32,8,3 64x64x64,64x64x64,4,2 \
-    32x64x32,64x32x64,4,4 --warmup 3 --steps 20 --out "$OUT/grouped-tiles.json" > "$OUT/grouped-tiles.txt" 2>&1
+    64x64x32,64x64x32,8,3 64x64x32,64x64x32,4,3 64x64x32,64x64x32,8,2 128x64x32,32x64x64,8,3 \
+    64x128x32,32x64x32,8,3 --warmup 3 --steps 20 --out "$OUT/grouped-tiles.json" > "$OUT/grouped-tiles.txt" 2>&1
   stamp tiles $?
 fi
 if part overlap; then  # each layer solved beside the rest of the backward pass, on its stream, in the one graph

@@ -14,6 +14,14 @@ columns of ``x`` summed at a time), the update kernel's (rows x columns of ``W``
 time), ``num_warps`` and ``num_stages`` (``-`` for Triton's default).  Precision ``tf32x3`` is FP32 with the
 grouped kernels' products emulated by three TF32 products.  On the CPU (``--device cpu``, for the tests) the
 kernels run in Triton's interpreter and the step is not captured: the times mean nothing there.
+
+``--resources ARCH`` times nothing and needs no GPU: it compiles both kernels of each configuration and precision
+for the CUDA architecture ``ARCH`` (``90``: the H100/H200; Triton brings its own compiler) and records what each
+compiled kernel uses per thread and block (registers, stack: what ``ptxas`` spilled, shared memory), read from the
+cubin by the ``cuobjdump`` that comes with Triton::
+
+    python benchmarks/grouped_tiles.py --resources 90 --precisions fp32 tf32 bf16 tf32x3 \
+        --configs 64x64x32,64x64x32,4,- 64x64x32,64x64x32,8,- --out results/grouped-tiles-sm90/resources.json
 """
 
 from __future__ import annotations
@@ -21,8 +29,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import os
+import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -97,6 +110,74 @@ def time_config(step_time, model_name: str, batch: int, local_steps: int, precis
             set_cuda_matmul_tf32(False)
 
 
+def compiled_resources(arch: int, kernel: str, precision: str, update_form: bool, config: dict) -> dict:
+    """What ``kernel`` compiled for ``sm_{arch}`` with ``config``'s tiles and launch options uses: registers per
+    thread, stack bytes per thread (spills), shared memory per block, warps."""
+    import triton
+
+    saved = (triton_kernels.GROUPED_RESIDUAL_BLOCKS, triton_kernels.GROUPED_UPDATE_BLOCKS,
+             triton_kernels.GROUPED_LAUNCH_OPTIONS)
+    try:
+        triton_kernels.GROUPED_RESIDUAL_BLOCKS = config["residual_blocks"]
+        triton_kernels.GROUPED_UPDATE_BLOCKS = config["update_blocks"]
+        triton_kernels.GROUPED_LAUNCH_OPTIONS = config["launch_options"]
+        compiled = triton_kernels.compile_for(arch, kernel, change=update_form, precision=precision)
+    finally:
+        (triton_kernels.GROUPED_RESIDUAL_BLOCKS, triton_kernels.GROUPED_UPDATE_BLOCKS,
+         triton_kernels.GROUPED_LAUNCH_OPTIONS) = saved
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage: no resource line in {usage!r}")
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)),
+            "shared_bytes": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+            "num_stages": compiled.metadata.num_stages}
+
+
+def resources(arch: int, precisions: list[str], configs: list[dict]) -> list[dict]:
+    """:func:`compiled_resources` of both kernels (the residual plain and, for TF32 and bf16, in the update form
+    it runs in there) for each precision and configuration."""
+    records = []
+    for config in configs:
+        for precision in precisions:
+            for kernel in ("grouped_residual", "grouped_gradient_update"):
+                forms = [False] + ([True] if kernel == "grouped_residual" and precision in ("tf32", "bf16") else [])
+                for form in forms:
+                    record = {"arch": arch, "kernel": kernel, "precision": precision, "update_form": form,
+                              "residual_blocks": list(config["residual_blocks"]),
+                              "update_blocks": list(config["update_blocks"]),
+                              "launch_options": dict(config["launch_options"]),
+                              **compiled_resources(arch, kernel, precision, form, config)}
+                    records.append(record)
+                    tile = record["residual_blocks" if kernel == "grouped_residual" else "update_blocks"]
+                    print(f"sm_{arch} {kernel:24} {precision:6} {'update form' if form else '':11} {str(tile):15} "
+                          f"warps {record['num_warps']} stages {record['num_stages']}: {record['registers']} "
+                          f"registers, {record['stack_bytes']} B stack, {record['shared_bytes'] // 1024} KiB shared",
+                          flush=True)
+    return records
+
+
+def resources_readme(meta: dict, records: list[dict], json_name: str) -> str:
+    """A Markdown page of :func:`resources`' records (nothing in it typed by hand)."""
+    lines = ["# What the grouped kernels use, compiled ahead of time", "",
+             f"Written by `benchmarks/grouped_tiles.py --resources` with `{json_name}`: {meta['what']}. Command: "
+             f"`{meta['command']}`; {meta['machine']}; Triton {meta['triton']}; torch {meta['torch']}; "
+             f"{meta['date']}.", "",
+             "| kernel | precision | update form | tile | warps | stages | registers | stack B | shared KiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        tile = r["residual_blocks"] if r["kernel"] == "grouped_residual" else r["update_blocks"]
+        lines.append(f"| {r['kernel']} | {r['precision']} | {'yes' if r['update_form'] else 'no'} | "
+                     f"{'x'.join(map(str, tile))} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+                     f"{r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["standard"])
@@ -108,6 +189,9 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--resources", type=int, default=None, metavar="ARCH",
+                   help="time nothing: compile each configuration for this CUDA architecture (90: Hopper) and record "
+                        "its registers, spills and shared memory (no GPU needed)")
     p.add_argument("--out", default=None, help="JSON file (default: print only)")
     return p
 
@@ -115,6 +199,20 @@ def arguments() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = arguments().parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
+    if args.resources is not None:
+        import triton
+
+        records = resources(args.resources, args.precisions, configs)
+        if args.out:
+            meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
+                    "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), no GPU",
+                    "triton": triton.__version__,
+                    "torch": torch.__version__,
+                    "what": f"registers and stack (spills) per thread and shared memory per block of each grouped "
+                            f"kernel compiled for sm_{args.resources} (Triton's compiler, read from the cubin by "
+                            "cuobjdump -res-usage); nothing run"}
+            write_records(args.out, meta, records, resources_readme)
+        return 0
     device = torch.device(args.device)
     step_time = _step_time_module()
     records = []

@@ -1119,6 +1119,8 @@ def test_a_captured_steps_key_follows_every_setting_but_the_learning_rates():
     changes = [lambda: opt.param_groups[1].__setitem__("local_steps", 7),
                lambda: opt.inner.param_groups[0].__setitem__("momentum", 0.5),
                lambda: setattr(opt, "check_finite", False),
+               lambda: setattr(opt.fused_solver, "order", "grouped"),
+               lambda: setattr(opt.fused_solver, "grouped_fp32_products", "tf32x3"),
                lambda: model[2].weight.requires_grad_(False)]
     for change in changes:
         change()

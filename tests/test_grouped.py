@@ -30,7 +30,7 @@ ALPHA, MOMENTUM, EPS = 0.9, 0.5, 1e-7
 TRANSFERS = [lambda a: a, torch.tanh, torch.sigmoid]  # the kernels' transfer codes 0, 1, 2
 
 
-def _layer(gen, rows, n_in, n_out, transfer, bias=True, steps=3, offset=0, form=False):
+def _layer(gen, rows, n_in, n_out, transfer, bias=True, steps=3, offset=0, form=False, device="cpu"):
     W = torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5
     b = torch.randn(n_out, generator=gen) if bias else None
     state = [torch.rand(n_out, n_in, generator=gen), 0.01 * torch.randn(n_out, n_in, generator=gen)]
@@ -39,9 +39,12 @@ def _layer(gen, rows, n_in, n_out, transfer, bias=True, steps=3, offset=0, form=
     if form:  # a₀, W₀, b₀: the update form's start, near the weights
         start = (torch.randn(rows, n_out, generator=gen), W + 0.01 * torch.randn(W.shape, generator=gen),
                  b + 0.01 * torch.randn(n_out, generator=gen) if bias else None)
-    return triton_kernels.GroupedLayer(torch.randn(rows, n_in, generator=gen), W, b, state, bias_state,
-                                       torch.rand(rows, n_out, generator=gen), torch.empty(rows, n_out), transfer,
-                                       steps, offset, start)
+    layer = triton_kernels.GroupedLayer(torch.randn(rows, n_in, generator=gen), W, b, state, bias_state,
+                                        torch.rand(rows, n_out, generator=gen), torch.empty(rows, n_out), transfer,
+                                        steps, offset, start)
+    return layer if device == "cpu" else triton_kernels.GroupedLayer(*[  # the same values on the device
+        t.to(device) if torch.is_tensor(t) else [u.to(device) for u in t] if isinstance(t, list) else
+        tuple(u if u is None else u.to(device) for u in t) if isinstance(t, tuple) else t for t in layer])
 
 
 def _rounded(precision):
@@ -73,8 +76,9 @@ def _expected_update(lay, r, lr):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "tf32x3"])
 @pytest.mark.parametrize("form", [False, True])
 def test_grouped_kernels_are_the_residual_and_the_tf_rmsprop_update_of_every_layer(interpreted, precision, form):
-    """Three layers of sizes that leave partial tiles, in one launch each: a tanh layer with a bias, a sigmoid
-    one without, and an identity one whose ``T = 1`` is spent at ``k = 1``.  The residual launch writes each
+    """Four layers of sizes that leave partial tiles, in one launch each: a tanh layer with a bias, a sigmoid
+    one without, an identity one whose ``T = 1`` is spent at ``k = 1``, and a tanh layer of several tiles in
+    each dimension of its weights.  The residual launch writes each
     layer's ``f(â) - y`` (plain or in the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, the products' operands
     rounded as the precision says), the update launch applies TF-RMSProp to the weights and bias from ``δᵀx``
     and ``Σδ`` at each layer's own rate, both within float32 rounding of PyTorch's operations; the spent
@@ -82,23 +86,25 @@ def test_grouped_kernels_are_the_residual_and_the_tf_rmsprop_update_of_every_lay
     gen = torch.Generator().manual_seed(0)
     layers = [_layer(gen, 70, 50, 33, 1, offset=0, form=form), _layer(gen, 70, 33, 17, 2, bias=False, offset=4,
                                                                        form=form),
-              _layer(gen, 70, 17, 5, 0, steps=1, offset=8, form=form)]
+              _layer(gen, 70, 17, 5, 0, steps=1, offset=8, form=form), _layer(gen, 70, 130, 70, 1, offset=12,
+                                                                                  form=form)]
     assert triton_kernels.grouped_suits(layers)
     flat, residual_tiles, update_tiles = triton_kernels.grouped_table(layers)
     assert len(flat) == len(layers) * len(triton_kernels.GROUPED_COLUMNS)
-    assert (residual_tiles, update_tiles) == (2 * 1 + 2 * 1 + 2 * 1, 1 * 1 + 1 * 1 + 1 * 1)
+    assert (residual_tiles, update_tiles) == (2 * 1 + 2 * 1 + 2 * 1 + 2 * 2, 1 * 1 + 1 * 1 + 1 * 1 + 2 * 3)
     table = torch.tensor(flat, dtype=torch.int64)
-    rates = torch.linspace(0.1, 1.2, 12)
+    rates = torch.linspace(0.1, 1.6, 16)
     r, k = _rounded(precision), 1
     spent = [t.clone() for t in (layers[2].weight, layers[2].bias, layers[2].residual.fill_(7.0))]
-    expected = [_expected_residual(lay, r) for lay in layers[:2]]
+    live = layers[:2] + layers[3:]
+    expected = [_expected_residual(lay, r) for lay in live]
     triton_kernels.grouped_residual_(table, len(layers), residual_tiles, k, form, precision)
-    for lay, want in zip(layers, expected):
+    for lay, want in zip(live, expected):
         assert (lay.residual - want).abs().max().item() < 1e-5
-    expected = [_expected_update(lay, r, rates[lay.rate_offset + k]) for lay in layers[:2]]
+    expected = [_expected_update(lay, r, rates[lay.rate_offset + k]) for lay in live]
     triton_kernels.grouped_gradient_update_(table, len(layers), update_tiles, k, rates, ALPHA, MOMENTUM, EPS,
                                             precision)
-    for lay, want in zip(layers, expected):
+    for lay, want in zip(live, expected):
         tensors = [(lay.weight, *lay.weight_state)] + ([(lay.bias, *lay.bias_state)] if lay.bias is not None else [])
         for got, wanted in zip(tensors, want):
             for a, b in zip(got, wanted):
@@ -254,11 +260,14 @@ def test_grouped_tables_are_made_once_per_layout(interpreted):
 
 def test_grouped_order_checks_how_it_computes_float32_products(interpreted):
     """``grouped_fp32_products``: "ieee" or "tf32x3" (on the CPU the interpreter's products are float32's either
-    way: the same steps to the bit); anything else is refused with an error that names it, before the solve
-    changes anything."""
+    way: the same steps to the bit; with bf16 products it plays no part); anything else is refused with an error
+    that names it, before the solve changes anything."""
     ieee, _ = _train("grouped", triton_elementwise=True)
     model, opt = _train("grouped", triton_elementwise=True, fp32_products="tf32x3")
     assert all(torch.equal(p, q) for p, q in zip(ieee.parameters(), model.parameters()))
+    bf16, _ = _train("grouped", triton_elementwise=True, precision="bf16")  # not FP32: the setting plays no part
+    also, _ = _train("grouped", triton_elementwise=True, precision="bf16", fp32_products="tf32x3")
+    assert all(torch.equal(p, q) for p, q in zip(bf16.parameters(), also.parameters()))
     opt.fused_solver.grouped_fp32_products = "fast"
     before = [p.clone() for p in model.parameters()]
     x = torch.rand(16, 20)

@@ -275,6 +275,42 @@ def _tensors_of(inputs) -> list[torch.Tensor]:
     return out
 
 
+class GroupedStaging:
+    """Pinned host memory that the CUDA graphs of one owner (the solver's own captured solves, or one captured whole
+    step) copy the grouped kernels' tables from at each replay (:meth:`FusedIterativeSolver._grouped_device_table`):
+    made outside a capture (pinning memory during one is not permitted), each table a slice of its own, never
+    written again while its graphs live.  ``held``: those tables' device tensors (memory of the graphs' pools).
+    :meth:`release` lets both go, after waiting for the device: a replay still in flight may read them."""
+
+    ELEMENTS = 1 << 13
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffer = torch.empty(self.ELEMENTS, dtype=torch.int64, pin_memory=True)
+        self.used = 0
+        self.held: list[torch.Tensor] = []
+
+    def table(self, host: torch.Tensor) -> torch.Tensor:
+        """Inside a capture: a device tensor of the graph, filled in the graph by a copy from a slice of
+        :attr:`buffer` that holds ``host``."""
+        n = host.numel()
+        if self.used + n > self.buffer.numel():
+            raise RuntimeError("FusedIterativeSolver: order='grouped' has no pinned staging memory left for the "
+                               f"tables of this CUDA graph ({self.buffer.numel()} elements)")
+        view = self.buffer[self.used:self.used + n]
+        view.copy_(host)
+        self.used += n
+        table = torch.empty(n, dtype=torch.int64, device=self.device)
+        table.copy_(view, non_blocking=True)
+        self.held.append(table)
+        return table
+
+    def release(self) -> None:
+        if self.used:
+            torch.cuda.synchronize(self.device)
+        self.used, self.held = 0, []
+
+
 class _CapturedSolve:
     """A CUDA graph of the whole solve with the static inputs it reads."""
 
@@ -428,9 +464,11 @@ class FusedIterativeSolver:
         #: (:meth:`grouped_unsupported`).
         self.solve_order = "layer-major" if order == "grouped" else order
         self._grouped_tables: dict = {}  # the grouped kernels' device tables by their contents (eager solves)
-        self._grouped_held: list = []  # the device tables captured graphs read
-        self._grouped_staging: torch.Tensor | None = None  # pinned host memory their graphs copy them from
-        self._grouped_staged = 0  # elements of _grouped_staging in use
+        self._own_staging: GroupedStaging | None = None  # the tables of the solver's own captured solves
+        #: Where the tables of the capture now under way go: the solver's own staging during its captures
+        #: (:meth:`_capture`), a new one for each capture of the whole step (:meth:`prepare_capture`, handed to
+        #: the captured step, which keeps it as long as its graph: :meth:`take_capture_staging`).
+        self.capture_staging: GroupedStaging | None = None
         self._grouped_warned: set = set()
         #: How the last solve ran: "eager", "graph-capture", "graph-replay", "graph-capture-copy",
         #: "graph-replay-copy" (the graph of static copies), "inside-capture".
@@ -661,9 +699,8 @@ class FusedIterativeSolver:
         self._copying = None
         self._graph_key = None
         self._pool = None
-        if self._grouped_staged:  # a replay still in flight may read the staging memory that is written again next
-            torch.cuda.synchronize(self._grouped_staging.device if self._grouped_staging.is_cuda else None)
-        self._grouped_held, self._grouped_staged = [], 0
+        if self._own_staging is not None:  # the graphs that read it are gone: its slices may be written again
+            self._own_staging.release()
 
     # -- the local iterations of one layer ----------------------------------------------------------
     def _products(self, x: torch.Tensor, start=None):
@@ -988,7 +1025,9 @@ class FusedIterativeSolver:
         if self.reduce_local_gradients is not None:
             return "local gradients summed over processes"
         if not self.uses_triton(device):
-            return f"the Triton kernels do not run on {device} (triton_elementwise={self.triton_elementwise!r})"
+            off = triton_kernels.disabled_because()
+            return (f"the Triton kernels do not run on {device} (triton_elementwise={self.triton_elementwise!r}"
+                    + (f"; turned off after a failure: {off})" if off else ")"))
         for m, pr in enumerate(problems):
             if pr.anchor is not None:
                 return f"layer {m} has a proximity term (L2Proximity with c > 0)"
@@ -1013,35 +1052,24 @@ class FusedIterativeSolver:
             warnings.warn(f"FusedIterativeSolver: order='grouped' cannot run here ({reason}); these solves run in "
                           "the layer-major order", RuntimeWarning, stacklevel=5)
 
-    #: int64 elements of pinned host memory kept for the tables of the grouped kernels that CUDA graphs read.
-    GROUPED_STAGING = 1 << 13
-
-    def _prepare_grouped_staging(self, device: torch.device) -> None:
-        """Pinned host memory for the tables of captured grouped solves, made outside a capture (on CUDA, where the
-        order is grouped): pinning memory during a capture is not permitted."""
-        if self.order == "grouped" and device.type == "cuda" and self._grouped_staging is None:
-            self._grouped_staging = torch.empty(self.GROUPED_STAGING, dtype=torch.int64, pin_memory=True)
+    def take_capture_staging(self) -> GroupedStaging | None:
+        """After a capture of the whole step: the staging its graph reads (``None`` where it made none), which
+        the caller keeps as long as the graph; the solver forgets it."""
+        staging, self.capture_staging = self.capture_staging, None
+        return staging
 
     def _grouped_device_table(self, flat: list[int], device: torch.device) -> torch.Tensor:
         """The grouped kernels' table (:func:`~locoprop.triton_kernels.grouped_table`) on ``device``.  Eagerly, the
         same tensor again for the same contents (a training loop's tensors recur at a few addresses).  Inside a
         CUDA graph capture, a device tensor of the graph filled by a copy in the graph from a slice of pinned host
-        memory (:meth:`_prepare_grouped_staging`) that is not written again while the graph lives: each replay
-        copies it anew, a few hundred bytes (the graph's activations lie where only the capture knows)."""
+        memory kept for the graph's owner (:class:`GroupedStaging`, :attr:`capture_staging`): each replay copies
+        it anew, a few hundred bytes (the graph's activations lie where only the capture knows)."""
         host = torch.tensor(flat, dtype=torch.int64)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            staging, used = self._grouped_staging, self._grouped_staged
-            if staging is None or used + len(flat) > staging.numel():
-                raise RuntimeError("FusedIterativeSolver: order='grouped' has no pinned staging memory left for the "
-                                   "tables of a CUDA graph capture (an eager solve or prepare_capture makes it)")
-            view = staging[used:used + len(flat)]
-            view.copy_(host)
-            self._grouped_staged += len(flat)
-            table = torch.empty(len(flat), dtype=torch.int64, device=device)
-            table.copy_(view, non_blocking=True)
-            self._grouped_held.append(table)
-            return table
-        self._prepare_grouped_staging(device)
+            if self.capture_staging is None:
+                raise RuntimeError("FusedIterativeSolver: order='grouped' inside a CUDA graph capture needs pinned "
+                                   "staging memory made before it (LocoProp.graphed_step prepares it)")
+            return self.capture_staging.table(host)
         key = (device, tuple(flat))
         table = self._grouped_tables.get(key)
         if table is None:
@@ -1060,13 +1088,13 @@ class FusedIterativeSolver:
         (:func:`~locoprop.triton_kernels.grouped_residual_`; at ``k = 0`` the first residual ``ŷ - y`` (Eq. 2)
         of the layers whose problem kept their output ``ŷ``, the others' being given; no launch where none did)
         and every layer's gradient and update (:func:`~locoprop.triton_kernels.grouped_gradient_update_`).
-        ``False`` where the kernels do not take these tensors or failed to compile (before anything ran; turned off for the process, with a
-        warning, unless ``triton_elementwise=True``, which raises)."""
+        ``False`` where the kernels do not take these tensors or failed to compile (before anything ran; turned
+        off for the process, with a warning, unless ``triton_elementwise=True``, which raises)."""
+        if self.grouped_fp32_products not in ("ieee", "tf32x3"):
+            raise ValueError(f"grouped_fp32_products: expected 'ieee' or 'tf32x3', got {self.grouped_fp32_products!r}")
         precision = self.products_precision(table.device.type == "cuda")
         if precision == "fp32" and self.grouped_fp32_products == "tf32x3":
             precision = "tf32x3"
-        elif self.grouped_fp32_products != "ieee":
-            raise ValueError(f"grouped_fp32_products: expected 'ieee' or 'tf32x3', got {self.grouped_fp32_products!r}")
         group = []
         for m, (lay, (x, delta, target, anchor, transfer, start, post)) in enumerate(zip(layers, inputs)):
             W = lay.params[0]
@@ -1154,7 +1182,8 @@ class FusedIterativeSolver:
         """Before a capture of the whole step: the device table it reads (``table``, :meth:`table_for` of
         every parameter group ``groups``, refilled before each replay)."""
         self.static_table = self.upload_table(torch.empty(table.shape, dtype=dtype, device=device), table, "static")
-        self._prepare_grouped_staging(device)
+        # the tables of this capture's grouped solves: memory of its own, kept by the captured step with its graph
+        self.capture_staging = GroupedStaging(device) if self.order == "grouped" and device.type == "cuda" else None
         self._static_host_table = table
         self._static_rows = {id(g): m for m, g in enumerate(groups)}
         self.shared_rates = self.shared_rates_of(table)
@@ -1193,7 +1222,7 @@ class FusedIterativeSolver:
     def _key(self, layers, inputs, loss, rule, table) -> tuple:
         """What a captured solve is specific to, apart from where this step's inputs live."""
         parts = [type(loss).__name__, rule.hyper(), self.products_precision(table.device.type == "cuda"),
-                 self.compile_elementwise, self.solve_order,
+                 self.compile_elementwise, self.solve_order, self.grouped_fp32_products,
                  self.uses_triton(table.device) and self.triton_kernels, self.writes_change(table.device),
                  self.shared_rates, tuple(table.shape)]
         for lay, (x, delta, target, anchor, transfer, start, post) in zip(layers, inputs):
@@ -1218,14 +1247,20 @@ class FusedIterativeSolver:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
+        device = layers[0].params[0].device
+        if self.solve_order == "grouped" and self._own_staging is None:
+            self._own_staging = GroupedStaging(device)
+        self.capture_staging = self._own_staging
         try:
-            with capturing_graph(graph, pool=self._pool, stream=graph_side_stream(layers[0].params[0].device)):
+            with capturing_graph(graph, pool=self._pool, stream=graph_side_stream(device)):
                 self._run(layers, inputs, loss, rule, table, stream_of)
         except Exception as exc:  # capture failed: nothing ran; solve eagerly and stop trying
+            self.capture_staging = None
             self.release_graph()
             self.cuda_graph = False
             warnings.warn(f"FusedIterativeSolver: CUDA graph capture failed ({exc}); running eagerly", stacklevel=4)
             return None
+        self.capture_staging = None
         graph.replay()  # capture records, it does not run: this is the step
         return graph
 

@@ -1568,6 +1568,9 @@ class CapturedStep:
         self.last_mode = ""
         self._copies: tuple = ()  # Rollback.held() after the capture
         self._warmed: tuple | None = None  # the settings (_hyper_key) the last warm-up step ran
+        #: The pinned memory the graph copies the grouped kernels' tables from (``solve_order="grouped"``; kept as
+        #: long as the graph: FusedIterativeSolver.take_capture_staging).
+        self._grouped_staging = None
 
     def _hyper_key(self) -> tuple:
         """What the captured graph is specific to besides the learning rates (which it reads from the table):
@@ -1586,7 +1589,8 @@ class CapturedStep:
         others = tuple(id(p) for p in opt._other_params(self._model_params))  # the gradients the graph computes
         return (groups, inner, opt.reset_inner_state, opt.check_finite, opt.rollback, opt.solve_in_backward, others,
                 solver.order, solver.layer_streams, solver.compile_elementwise, solver.triton_elementwise,
-                solver.triton_kernels, solver.change_in_update, solver.precision, cuda_matmul_tf32())
+                solver.triton_kernels, solver.change_in_update, solver.precision, cuda_matmul_tf32(),
+                solver.grouped_fp32_products)
 
     def _graph_key(self, hyper: tuple, table: torch.Tensor) -> tuple:
         """:meth:`_hyper_key` with what the solver's state adds: the layers that share their learning rates (they
@@ -1652,16 +1656,22 @@ class CapturedStep:
     def _capture(self, hyper: tuple, table: torch.Tensor) -> None:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         self.graph = None
+        if self._grouped_staging is not None:  # the old graph's tables (after a wait for the device)
+            self._grouped_staging.release()
+            self._grouped_staging = None
         self._model_params = list(opt.model.parameters())
         solver.release_graph()
         # the learning-rate table the graph reads, filled before every replay
         first = opt._params()[0]  # the same dtype as the eager path's table
         solver.prepare_capture(table, opt.param_groups, first.dtype, first.device)
         graph = torch.cuda.CUDAGraph()
-        with capturing_graph(graph, stream=graph_side_stream(first.device)):
-            loss, problems = opt._step_body([self.closure], capturing=True)
-            flag = (opt._finite_flags(loss) if opt.check_finite == "layer" else
-                    torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None)
+        try:
+            with capturing_graph(graph, stream=graph_side_stream(first.device)):
+                loss, problems = opt._step_body([self.closure], capturing=True)
+                flag = (opt._finite_flags(loss) if opt.check_finite == "layer" else
+                        torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None)
+        finally:  # this graph's own staging of the grouped kernels' tables (None where it made none)
+            self._grouped_staging = solver.take_capture_staging()
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
         key = self._graph_key(hyper, table)  # after the capture: the gradient buffers it captured

@@ -325,10 +325,11 @@ GROUPED_PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 4}
 #: update (rows and columns of ``W``, rows of the batch summed at a time).
 GROUPED_RESIDUAL_BLOCKS = (64, 64, 32)
 GROUPED_UPDATE_BLOCKS = (64, 64, 32)
-#: Triton's launch options of both grouped kernels (``num_warps``, ``num_stages``; empty: Triton's defaults, 4 warps
-#: and 3 stages on Hopper).  These and the tiles above were chosen without a GPU; ``benchmarks/grouped_tiles.py``
-#: times others.
-GROUPED_LAUNCH_OPTIONS: dict = {}
+#: Triton's launch options of both grouped kernels (``num_warps``, ``num_stages``).  Eight warps, not Triton's four:
+#: compiled for Hopper with four, the kernels use all 255 registers a thread may have and the update kernel spills
+#: 248 to 392 bytes a thread to the stack; with eight none spills (``results/grouped-tiles-sm90/``, compiled ahead of
+#: time without a GPU).  These and the tiles above are yet to be timed on a GPU (``benchmarks/grouped_tiles.py``).
+GROUPED_LAUNCH_OPTIONS: dict = {"num_warps": 8}
 
 
 class GroupedLayer(NamedTuple):

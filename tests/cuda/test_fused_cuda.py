@@ -859,3 +859,68 @@ def test_grouped_order_launches_two_kernels_an_iteration_and_agrees_with_the_lay
     tolerance = 1e-5 if precision in ("fp32", "tf32x3") else 1e-3
     assert _rel(models[0], models[2]) < tolerance and _rel(models[1], models[3]) < tolerance
     assert _rel(models[2], models[3]) < tolerance  # eager and captured grouped steps
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "tf32x3"])
+@pytest.mark.parametrize("form", [False, True])
+def test_grouped_kernels_compile_and_equal_pytorchs_operations_on_cuda(precision, form):
+    """The grouped kernels as the GPU compiles them (tests/test_grouped.py runs them in the interpreter), on layers
+    of several tiles in each dimension (784 -> 300 tanh, 300 -> 30 sigmoid without bias, 30 -> 300 identity, a
+    batch of 300): each layer's residual and TF-RMSProp update within 1e-5 of PyTorch's FP32 operations on the
+    same operands (bf16: rounded to bfloat16 first), also with FP32 emulated by three TF32 products; TF32 within
+    2e-3 (Triton's TF32 operands are truncated, not rounded)."""
+    from test_grouped import ALPHA, EPS, MOMENTUM, _expected_residual, _expected_update, _layer, _rounded
+
+    from locoprop import triton_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [_layer(gen, 300, 784, 300, 1, form=form, device=DEV),
+              _layer(gen, 300, 300, 30, 2, bias=False, offset=4, form=form, device=DEV),
+              _layer(gen, 300, 30, 300, 0, offset=8, form=form, device=DEV)]
+    assert triton_kernels.grouped_suits(layers)
+    flat, residual_tiles, update_tiles = triton_kernels.grouped_table(layers)
+    table = torch.tensor(flat, dtype=torch.int64, device=DEV)
+    rates = torch.linspace(0.1, 1.2, 12, device=DEV)
+    r, k = _rounded(precision), 1
+    tolerance = 2e-3 if precision == "tf32" else 1e-5
+    expected = [_expected_residual(lay, r) for lay in layers]
+    triton_kernels.grouped_residual_(table, len(layers), residual_tiles, k, form, precision)
+    for lay, want in zip(layers, expected):
+        assert ((lay.residual - want).norm() / want.norm()).item() < tolerance
+    expected = [_expected_update(lay, r, rates[lay.rate_offset + k]) for lay in layers]
+    triton_kernels.grouped_gradient_update_(table, len(layers), update_tiles, k, rates, ALPHA, MOMENTUM, EPS,
+                                            precision)
+    for lay, want in zip(layers, expected):
+        tensors = [(lay.weight, *lay.weight_state)] + ([(lay.bias, *lay.bias_state)] if lay.bias is not None else [])
+        for got, wanted in zip(tensors, want):
+            for a, b in zip(got, wanted):
+                assert ((a - b).norm() / b.norm()).item() < tolerance
+
+
+def test_a_captured_grouped_step_keeps_its_tables_while_the_solver_captures_its_own():
+    """``graphed_step`` in the grouped order, then two eager steps of a smaller batch (the solver captures a graph
+    of its own for them, whose tables go to the solver's staging memory, not the captured step's), then the
+    captured step again: every step equals the reference loop's (within 1e-5), so the captured step's graph
+    still reads its own tables (session 32's review)."""
+    ref_model, fast_model = _model(), _model()
+    ref = _opt(ref_model, backend="reference")
+    fast = _opt(fast_model, solve_order="grouped")
+    static_x = torch.empty(256, 784, device=DEV)
+    step = fast.graphed_step(lambda: _loss(fast_model(static_x), static_x))
+    modes, solver_modes = [], []
+    batches = _batches(10)
+    for i, x in enumerate(batches):
+        if i in (4, 5, 8, 9):  # a last, smaller batch through the eager step (warm-up, then the solver's capture)
+            small = x[:100]
+            ref.step(lambda: _loss(ref_model(small), small))
+            fast.step(lambda: _loss(fast_model(small), small))
+            solver_modes.append(fast.fused_solver.last_mode)
+            continue
+        ref.step(lambda: _loss(ref_model(x), x))
+        static_x.copy_(x)
+        step()
+        modes.append(step.last_mode)
+    assert modes[:4] == ["eager", "eager", "capture", "replay"] and modes[-2:] == ["replay", "replay"], modes
+    assert "graph-capture" in solver_modes, solver_modes
+    assert fast.fused_solver.solve_order == "grouped"
+    assert _rel(ref_model, fast_model) < 1e-5

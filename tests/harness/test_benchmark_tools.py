@@ -852,6 +852,33 @@ def test_grouped_tiles_times_each_tile_configuration_beside_the_layer_major_step
     assert "| tiny | fp32 | grouped | [32, 32, 16] |" in (tmp_path / "README.md").read_text()
 
 
+def test_grouped_tiles_resources_compile_each_kernel_for_hopper_and_read_its_registers_and_spills(tmp_path):
+    """``benchmarks/grouped_tiles.py --resources 90`` (no GPU: Triton compiles for the H100/H200 here, in a process
+    of its own, as tests/test_triton_kernels.py compiles): both grouped kernels of the default tiles and launch
+    options, with their registers, stack and shared memory read from the cubin; with eight warps neither spills
+    (the reason for the default, triton_kernels.GROUPED_LAUNCH_OPTIONS)."""
+    import os
+    import subprocess
+    import sys
+
+    from locoprop import triton_kernels
+
+    pytest.importorskip("triton")
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_tiles.py"), "--resources", "90",
+                           "--precisions", "fp32", "--configs", "64x64x32,64x64x32,8,-", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [r["kernel"] for r in records] == ["grouped_residual", "grouped_gradient_update"]
+    assert triton_kernels.GROUPED_LAUNCH_OPTIONS == {"num_warps": 8}
+    for r in records:
+        assert r["arch"] == 90 and r["num_warps"] == 8 and 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
+        assert r["stack_bytes"] == 0, r
+    assert "| grouped_gradient_update | fp32 | no | 64x64x32 | 8 |" in (tmp_path / "README.md").read_text()
+
+
 def test_interleaved_time_times_the_modes_in_turn_and_writes_their_ratios(tmp_path, monkeypatch):
     """benchmarks/interleaved_time.py: each mode built once and warmed up, then one step of each in turn per
     round (the order of the calls shows it), medians and ratios to the first mode in a JSON with its command."""
