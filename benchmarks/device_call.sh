@@ -68,12 +68,14 @@ if part host; then  # the captured step's host work on the device's CPU
   stamp host $?
 fi
 if part memory; then  # the shared gradient buffers, fewer streams (session 20), the kept outputs (session 21),
-  # each layer solved eagerly during the backward pass (solve_in_backward=True on CUDA, session 24), and with
-  # check_finite="layer" (one layer's rollback copy at a time, session 28)
+  # each layer solved eagerly during the backward pass (solve_in_backward=True on CUDA, session 24), with
+  # check_finite="layer" (one layer's rollback copy at a time, session 28), and the grouped order (session 32:
+  # one stream, so one cuBLAS workspace, and no gradient buffers)
   timeout 60 python3 benchmarks/step_time.py --models standard wide --batch-sizes 1000 \
     --optimizers adam locoprop-m --local-steps 10 --precisions fp32 \
     --modes eager graphed graphed-host graphed-host-s0 graphed-host-s0-recompute graphed-s2 graphed-s4 \
-    fused-inbackward fused-inbackward-host fused-nocheck-inbackward fused-inbackward-layercheck --steps 5 --warmup 2 --deadline-s 55 \
+    fused-inbackward fused-inbackward-host fused-nocheck-inbackward fused-inbackward-layercheck graphed-grouped \
+    --steps 5 --warmup 2 --deadline-s 55 \
     --out "$OUT/perf-memory.json" > "$OUT/perf-memory.txt" 2>&1
   stamp memory $?
 fi
