@@ -96,14 +96,15 @@ def solve_operations(model_name: str, local_steps: int, order: str, batch_size: 
                 torch.sub(p.detach(), start, out=g)
         uncounted("tf_rmsprop_pair", work)
 
-    def residual_launch(pre, target, bias_grad, transfer, shift=None, base=None):
+    def residual_launch(pre, target, bias_grad, transfer, shift=None, base=None, slope=0.0):
         one_block = pre.shape[0] <= triton_kernels.BLOCK_ROWS  # the kernel then writes the bias gradient itself
 
         def work():
             for added in (base, shift):  # the update form's a₀ and bias change, added as the kernel reads the product
                 if added is not None:
                     pre.add_(added)
-            [lambda a: a, torch.tanh_, torch.sigmoid_][transfer](pre).sub_(target)
+            [lambda a: a, torch.tanh_, torch.sigmoid_,
+             lambda a: a.copy_(torch.where(a > 0, a, a * slope))][transfer](pre).sub_(target)
             if bias_grad is not None and one_block:
                 torch.sum(pre, 0, out=bias_grad)
         uncounted("residual_column_sums", work)

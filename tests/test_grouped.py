@@ -19,6 +19,7 @@ import torch
 import locoprop
 from locoprop import triton_kernels
 from locoprop.fused import FusedIterativeSolver
+from locoprop.transfer import LeakyReLU
 
 from conftest import bce_sum_mean, small_autoencoder
 
@@ -27,7 +28,8 @@ pytest.importorskip("triton", reason="Triton has no wheel for this platform (the
 
 
 ALPHA, MOMENTUM, EPS = 0.9, 0.5, 1e-7
-TRANSFERS = [lambda a: a, torch.tanh, torch.sigmoid]  # the kernels' transfer codes 0, 1, 2
+TRANSFERS = [lambda a, slope: a, lambda a, slope: torch.tanh(a), lambda a, slope: torch.sigmoid(a),
+             lambda a, slope: LeakyReLU(slope).f(a)]  # the kernels' transfer codes 0, 1, 2, 3
 
 
 def _layer(gen, rows, n_in, n_out, transfer, bias=True, steps=3, offset=0, form=False, device="cpu"):
@@ -59,7 +61,7 @@ def _expected_residual(lay, r):
     else:
         a0, W0, b0 = lay.start
         pre = a0 + r(lay.x) @ r(W - W0).T + (b - b0 if b is not None else 0.0)
-    return TRANSFERS[lay.transfer](pre) - lay.target
+    return TRANSFERS[lay.transfer](pre, lay.slope) - lay.target
 
 
 def _expected_update(lay, r, lr):
@@ -77,8 +79,8 @@ def _expected_update(lay, r, lr):
 @pytest.mark.parametrize("form", [False, True])
 def test_grouped_kernels_are_the_residual_and_the_tf_rmsprop_update_of_every_layer(interpreted, precision, form):
     """Four layers of sizes that leave partial tiles, in one launch each: a tanh layer with a bias, a sigmoid
-    one without, an identity one whose ``T = 1`` is spent at ``k = 1``, and a tanh layer of several tiles in
-    each dimension of its weights.  The residual launch writes each
+    one without, an identity one whose ``T = 1`` is spent at ``k = 1``, and a leaky ReLU layer (slope 0.1) of
+    several tiles in each dimension of its weights.  The residual launch writes each
     layer's ``f(â) - y`` (plain or in the update form ``a₀ + x (W - W₀)ᵀ + (b - b₀)``, the products' operands
     rounded as the precision says), the update launch applies TF-RMSProp to the weights and bias from ``δᵀx``
     and ``Σδ`` at each layer's own rate, both within float32 rounding of PyTorch's operations; the spent
@@ -86,8 +88,8 @@ def test_grouped_kernels_are_the_residual_and_the_tf_rmsprop_update_of_every_lay
     gen = torch.Generator().manual_seed(0)
     layers = [_layer(gen, 70, 50, 33, 1, offset=0, form=form), _layer(gen, 70, 33, 17, 2, bias=False, offset=4,
                                                                        form=form),
-              _layer(gen, 70, 17, 5, 0, steps=1, offset=8, form=form), _layer(gen, 70, 130, 70, 1, offset=12,
-                                                                                  form=form)]
+              _layer(gen, 70, 17, 5, 0, steps=1, offset=8, form=form),
+              _layer(gen, 70, 130, 70, 3, offset=12, form=form)._replace(slope=0.1)]
     assert triton_kernels.grouped_suits(layers)
     flat, residual_tiles, update_tiles = triton_kernels.grouped_table(layers)
     assert len(flat) == len(layers) * len(triton_kernels.GROUPED_COLUMNS)
@@ -138,9 +140,9 @@ def test_grouped_kernels_take_only_float32_contiguous_layers_all_or_none_in_the_
     assert not triton_kernels.grouped_suits([])
 
 
-def _train(order, steps=4, local_steps=3, variant="M", fp32_products="ieee", **kwargs):
+def _train(order, steps=4, local_steps=3, variant="M", fp32_products="ieee", model=None, **kwargs):
     torch.manual_seed(0)
-    model = small_autoencoder()
+    model = small_autoencoder() if model is None else model
     opt = locoprop.LocoProp(model, variant=variant, lr=1e-2, activation_lr=1.0, local_steps=local_steps,
                             inner=kwargs.pop("inner", "tf_rmsprop"),
                             inner_kwargs=kwargs.pop("inner_kwargs", {"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}),
@@ -189,6 +191,34 @@ def test_grouped_order_equals_the_layer_major_order_in_two_launches_an_iteration
         for key in ("mean_square", "momentum_buffer"):
             a, b = ref.inner.state[p][key], opt.inner.state[q][key]
             assert ((a - b).norm() / a.norm()).item() < 1e-4
+
+
+def test_grouped_order_and_the_layer_major_kernels_take_relu_and_leaky_relu_layers(interpreted, monkeypatch):
+    """LocoProp-M on an MLP of ReLU and leaky ReLU layers (the residual kernels' code 3 with each layer's slope):
+    the grouped order and the layer-major order with the Triton kernels both within 1e-5 of the layer-major
+    order with PyTorch's operations over four steps, with no fallback."""
+    def relu_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12),
+                                   torch.nn.LeakyReLU(0.1), torch.nn.Linear(12, 20))
+
+    residuals = []
+    residual = triton_kernels.residual_
+
+    def counted(pre, target, bias_grad, transfer, **kwargs):
+        residuals.append((transfer, kwargs.get("slope", 0.0)))
+        return residual(pre, target, bias_grad, transfer, **kwargs)
+    monkeypatch.setattr(triton_kernels, "residual_", counted)
+    models = {}
+    for name, order, triton in [("torch", "layer-major", False), ("kernels", "layer-major", True),
+                                ("grouped", "grouped", True)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            models[name], opt = _train(order, model=relu_model(), triton_elementwise=triton)
+        assert opt.fused_solver.solve_order == order
+    assert {3} <= {t for t, _ in residuals} and (3, 0.1) in residuals and (3, 0.0) in residuals
+    assert _max_rel(models["torch"], models["kernels"]) < 1e-5
+    assert _max_rel(models["torch"], models["grouped"]) < 1e-5
 
 
 def test_grouped_order_in_bf16_rounds_the_products_operands_in_the_update_form(interpreted):

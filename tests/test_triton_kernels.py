@@ -20,6 +20,7 @@ import torch
 import locoprop
 from locoprop import triton_kernels
 from locoprop.inner import TFRMSprop
+from locoprop.transfer import LeakyReLU, ReLU
 from locoprop.update_rules import TFRMSpropRule
 
 from conftest import bce_sum_mean, small_autoencoder
@@ -212,7 +213,7 @@ def test_kernels_compile_for_ampere_and_hopper_with_rounded_division_and_root(ar
         update = ptx["tf_rmsprop_pair" + change]
         assert re.search(ROUNDED_DIVISION, update) and re.search(r"sqrt\.rn(\.ftz)?\.f32", update)
         assert "div.full" not in update and "sqrt.approx" not in update
-        for transfer in (0, 1, 2):
+        for transfer in (0, 1, 2, 3):
             residual = ptx[f"residual_column_sums-{transfer}{change}"]
             assert "atom." not in residual and "tanh.approx" not in residual and "div.full" not in residual
             assert bool(re.search(ROUNDED_DIVISION, residual)) == (transfer == 2)
@@ -229,7 +230,7 @@ out = {}
 for change in (False, True):
     suffix = "-change" if change else ""
     for name, kernel, transfer in [("tf_rmsprop_pair", "tf_rmsprop_pair", 1)] + [
-            (f"residual_column_sums-{t}", "residual_column_sums", t) for t in (0, 1, 2)]:
+            (f"residual_column_sums-{t}", "residual_column_sums", t) for t in (0, 1, 2, 3)]:
         compiled = triton_kernels.compile_for(arch, kernel, transfer, change=change)
         assert len(compiled.asm["cubin"]) > 0, name
         out[name + suffix] = compiled.asm["ptx"]
@@ -250,32 +251,37 @@ def _compiled_ptx(arch: int) -> dict[str, str]:
     return ptx
 
 
-@pytest.mark.parametrize("transfer, f", [(0, lambda a: a), (1, torch.tanh), (2, torch.sigmoid)])
+@pytest.mark.parametrize("transfer, f, slope", [(0, lambda a: a, 0.0), (1, torch.tanh, 0.0), (2, torch.sigmoid, 0.0),
+                                               (3, LeakyReLU(0.1).f, 0.1), (3, ReLU().f, 0.0)])
 @pytest.mark.parametrize("shape", [(40, 37), (70, 65), (1, 1), (3, 100), (300, 37), (257, 65)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_residual_kernel_is_f_minus_target_and_its_column_sums(interpreted, transfer, f, shape, bias):
+def test_residual_kernel_is_f_minus_target_and_its_column_sums(interpreted, transfer, f, slope, shape, bias):
     """``δ = f(â) - y`` in place and ``Σδ`` over the rows (tiles that do not divide the shape; batches of one
     block of rows and of several, whose tiles' sums are then summed; pre-activations from 1e-4 to 5 in size,
-    where the interpreter's tanh switches from its series to ``exp``)."""
+    where the interpreter's tanh switches from its series to ``exp``); a leaky ReLU and ReLU to the bit of
+    :class:`~locoprop.transfer.LeakyReLU`'s ``f``."""
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(shape, generator=gen) * torch.logspace(-4, 0.7, shape[1])
     target = torch.rand(shape, generator=gen)
     expected = f(pre) - target
     bias_grad = torch.full(shape[1:], float("nan")) if bias else None
-    out = triton_kernels.residual_(pre, target, bias_grad, transfer)
+    out = triton_kernels.residual_(pre, target, bias_grad, transfer, slope=slope)
     assert out is pre
     assert torch.allclose(pre, expected, rtol=1e-6, atol=2.5e-7)  # δ of values near 1: two of their last places
+    if transfer == 3:
+        assert torch.equal(pre, expected)
     if bias:
         assert torch.allclose(bias_grad, expected.sum(0), rtol=1e-5, atol=1e-6)
 
 
-def test_residual_kernel_covers_the_matching_loss_of_three_transfer_functions_and_the_squared_loss():
+def test_residual_kernel_covers_the_matching_loss_of_five_transfer_functions_and_the_squared_loss():
     from locoprop.losses import DualMatchingLoss, MatchingLoss, SquaredPostLoss, SquaredPreLoss
-    from locoprop.transfer import Linear, ReLU, Sigmoid, Softmax, Tanh
+    from locoprop.transfer import Linear, Sigmoid, Softmax, Softplus, Tanh
 
     code = triton_kernels.residual_transfer
-    assert [code(MatchingLoss(), t) for t in (Linear(), Tanh(), Sigmoid())] == [0, 1, 2]
-    assert code(MatchingLoss(), ReLU()) is None and code(MatchingLoss(), Softmax()) is None
+    assert [code(MatchingLoss(), t) for t in (Linear(), Tanh(), Sigmoid(), ReLU(), LeakyReLU(0.2))] == [0, 1, 2, 3, 3]
+    assert [triton_kernels.residual_slope(t) for t in (Tanh(), ReLU(), LeakyReLU(0.2))] == [0.0, 0.0, 0.2]
+    assert code(MatchingLoss(), Softplus()) is None and code(MatchingLoss(), Softmax()) is None
     assert code(SquaredPreLoss(), None) == 0 and code(SquaredPreLoss(), Tanh()) == 0
     assert code(SquaredPostLoss(), Tanh()) is None and code(DualMatchingLoss(), Tanh()) is None
 

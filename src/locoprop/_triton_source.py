@@ -45,10 +45,11 @@ def _add(a, b):
 
 
 @triton.jit
-def _transfer(a, kind, LIBDEVICE: tl.constexpr):
-    """``f(a)``: ``kind`` 0 identity, 1 tanh, 2 sigmoid.  ``LIBDEVICE``: CUDA's accurate ``tanhf`` and ``expf`` (on a
-    GPU); Triton's interpreter has no libdevice and evaluates tanh from ``exp`` instead (its Taylor series near
-    0, where ``1 - e^{-2|a|}`` would cancel)."""
+def _transfer(a, kind, slope, LIBDEVICE: tl.constexpr):
+    """``f(a)``: ``kind`` 0 identity, 1 tanh, 2 sigmoid, 3 leaky ReLU of negative slope ``slope`` (ReLU: 0;
+    ``β a`` below 0, the bits of ``-(β · -a)``, as :class:`~locoprop.transfer.LeakyReLU` computes it).
+    ``LIBDEVICE``: CUDA's accurate ``tanhf`` and ``expf`` (on a GPU); Triton's interpreter has no libdevice and
+    evaluates tanh from ``exp`` instead (its Taylor series near 0, where ``1 - e^{-2|a|}`` would cancel)."""
     if kind == 1:
         if LIBDEVICE:
             a = libdevice.tanh(a)
@@ -63,11 +64,13 @@ def _transfer(a, kind, LIBDEVICE: tl.constexpr):
             a = tl.div_rn(1.0, 1.0 + libdevice.exp(-a))
         else:
             a = tl.div_rn(1.0, 1.0 + tl.exp(-a))
+    elif kind == 3:
+        a = tl.where(a > 0.0, a, a * slope)
     return a
 
 
 @triton.jit(do_not_specialize=["rows", "cols"])
-def residual_column_sums(pre, target, sums, shift, base, rows, cols, TRANSFER: tl.constexpr,
+def residual_column_sums(pre, target, sums, shift, base, rows, cols, slope, TRANSFER: tl.constexpr,
                          HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, BASE: tl.constexpr, LIBDEVICE: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``δ = f(â) - y`` in place in ``pre`` (``rows x cols``, row-major), each program one tile of ``BLOCK_R``
@@ -78,7 +81,7 @@ def residual_column_sums(pre, target, sums, shift, base, rows, cols, TRANSFER: t
     ``x (W - W₀)ᵀ``), then with ``SHIFT`` plus ``shift`` (one value a column, added to every row, as the update
     form adds the bias's change ``b - b₀``), in that order; each program reads its columns of ``shift``
     before it writes its sums, so ``shift`` may be ``sums`` itself.  ``TRANSFER``: 0
-    identity, 1 tanh, 2 sigmoid (:func:`_transfer`)."""
+    identity, 1 tanh, 2 sigmoid, 3 leaky ReLU of negative slope ``slope`` (:func:`_transfer`)."""
     columns = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_columns = columns < cols
@@ -89,7 +92,7 @@ def residual_column_sums(pre, target, sums, shift, base, rows, cols, TRANSFER: t
         a = a + tl.load(base + offsets, mask=inside, other=0.0)
     if SHIFT:
         a = a + tl.load(shift + columns, mask=in_columns, other=0.0)[None, :]
-    a = _transfer(a, TRANSFER, LIBDEVICE)
+    a = _transfer(a, TRANSFER, slope, LIBDEVICE)
     delta = a - tl.load(target + offsets, mask=inside, other=0.0)
     tl.store(pre + offsets, delta, mask=inside)
     if HAS_BIAS:
@@ -110,6 +113,12 @@ def _row_of(layers, n_layers, pid, START: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _slope(row):
+    """The layer's negative slope (a leaky ReLU's), kept in the table as its float32 bits."""
+    return tl.load(row + 24).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _layer_tile(layers, n_layers, START: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_A: tl.constexpr,
                 BLOCK_B: tl.constexpr):
     """This program's layer and tile: the layer's row of the table (its programs start at column ``START``), its
@@ -117,7 +126,7 @@ def _layer_tile(layers, n_layers, START: tl.constexpr, COLUMNS: tl.constexpr, BL
     ``BLOCK_B`` of them; the matrix has as many columns as the table's column ``COLUMNS`` says) and the first
     of the latter."""
     pid = tl.program_id(0)
-    row = _row_of(layers, n_layers, pid, START, 24)
+    row = _row_of(layers, n_layers, pid, START, 25)
     tile = pid - tl.load(row + START).to(tl.int32)
     column_blocks = (tl.load(row + COLUMNS).to(tl.int32) + BLOCK_B - 1) // BLOCK_B
     first_b = (tile % column_blocks) * BLOCK_B
@@ -202,7 +211,8 @@ def grouped_residual(layers, n_layers, k, UPDATE_FORM: tl.constexpr, PRECISION: 
     if UPDATE_FORM:
         bias = bias - tl.load(_address(row, 4) + c, mask=in_bias, other=0.0)
     acc = acc + bias[None, :]
-    delta = _transfer(acc, tl.load(row + 16), LIBDEVICE) - tl.load(_address(row, 6) + offsets, mask=inside, other=0.0)
+    f = _transfer(acc, tl.load(row + 16), _slope(row), LIBDEVICE)
+    delta = f - tl.load(_address(row, 6) + offsets, mask=inside, other=0.0)
     tl.store(_address(row, 7) + offsets, delta, mask=inside)
 
 

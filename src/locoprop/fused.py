@@ -347,7 +347,8 @@ class FusedIterativeSolver:
             operations (TF-RMSProp, the paper's inner optimizer; the other
             rules keep their multi-tensor update), and ``δ`` with ``Σδ`` in
             one launch instead of three (the matching loss of tanh, the
-            sigmoid and the identity, and the squared loss).  ``None``
+            sigmoid, the identity, ReLU and the leaky ReLU, and the squared
+            loss).  ``None``
             (default): on CUDA where Triton is installed, falling back to
             PyTorch's operations with a warning if a kernel fails to compile;
             ``True``: required (an error where they cannot run; on the CPU
@@ -856,6 +857,8 @@ class FusedIterativeSolver:
         # where the kernel fails, before it ran, the caller computes the pre-activation again (from the weights)
         pre = self._pre(c, W, b, fold=fold)
         added = {"base": c.start_pre, **({"shift": bias_grad} if b is not None else {})} if fold else {}
+        if kind == 3:  # a leaky ReLU's slope
+            added["slope"] = triton_kernels.residual_slope(c.transfer)
         return triton_kernels.launch_or_fall_back("residual", lambda: triton_kernels.residual_(
             pre, c.target, bias_grad, kind, **added), strict=self.triton_elementwise is True)
 
@@ -1102,7 +1105,8 @@ class FusedIterativeSolver:
             form = None if start is None else (start[0], start[1][0], start[1][1] if b is not None else None)
             group.append(triton_kernels.GroupedLayer(
                 x, W, b, lay.states[0], lay.states[1] if b is not None else None, target, delta,
-                triton_kernels.residual_transfer(loss, transfer), lay.steps, m * table.stride(0), form, post))
+                triton_kernels.residual_transfer(loss, transfer), lay.steps, m * table.stride(0), form, post,
+                triton_kernels.residual_slope(transfer)))
         if table.dtype != torch.float32 or not table.is_contiguous() or not triton_kernels.grouped_suits(group):
             self._warn_grouped("tensors the kernels do not take (float32, contiguous, 2-d weights)")
             return False

@@ -23,8 +23,9 @@ Two kernels (their source: :mod:`locoprop._triton_source`), each one launch per 
   in one launch over tiles of the whole matrix (and, for a batch of more than
   ``BLOCK_ROWS`` rows, one sum of the tiles' sums) where PyTorch issues three
   (``f``, the difference, the sum):
-  the matching loss's gradient (Eq. 2) for tanh, the sigmoid and the
-  identity, and the squared pre-activation loss's (Eq. 3).  In the update
+  the matching loss's gradient (Eq. 2) for tanh, the sigmoid, the
+  identity, ReLU and the leaky ReLU (session 32), and the squared
+  pre-activation loss's (Eq. 3).  In the update
   form it reads ``â`` as the product ``x (W - W₀)ᵀ`` plus ``a₀`` plus the
   bias's change ``b - b₀``: two launches fewer (the product's own copy of
   ``a₀`` into its output, and the bias's addition).
@@ -51,13 +52,14 @@ import functools
 import importlib.util
 import os
 import warnings
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["available", "interpreting", "suits", "disable", "disabled_because", "launch_or_fall_back",
-           "tf_rmsprop_update_", "residual_transfer", "residual_suits", "residual_", "compile_for",
+           "tf_rmsprop_update_", "residual_transfer", "residual_slope", "residual_suits", "residual_", "compile_for",
            "SIGNATURES", "GroupedLayer", "GROUPED_COLUMNS", "grouped_suits", "grouped_table", "grouped_residual_",
            "grouped_gradient_update_", "grouped_compile"]
 
@@ -156,7 +158,7 @@ SIGNATURES = {
                         **{name: "fp32" for name in ("alpha", "one_minus_alpha", "momentum", "eps")},
                         "s0": "*fp32", "s1": "*fp32", "BLOCK": "constexpr", "CHANGE": "constexpr"},
     "residual_column_sums": {"pre": "*fp32", "target": "*fp32", "sums": "*fp32", "shift": "*fp32", "base": "*fp32",
-                             "rows": "i32", "cols": "i32",
+                             "rows": "i32", "cols": "i32", "slope": "fp32",
                              **{name: "constexpr" for name in ("TRANSFER", "HAS_BIAS", "SHIFT", "BASE", "LIBDEVICE",
                                                                "BLOCK_R", "BLOCK_C")}},
     "grouped_residual": {"layers": "*i64", "n_layers": "i32", "k": "i32",
@@ -251,21 +253,29 @@ def tf_rmsprop_update_(params: list[torch.Tensor], grads: list[torch.Tensor], st
 
 def residual_transfer(loss, transfer) -> int | None:
     """The residual kernel's code for this local loss and transfer function: the matching loss's ``f(â) - y``
-    (paper Eq. 2) with ``f`` the identity (0), tanh (1) or the sigmoid (2), or the squared pre-activation
-    loss's ``â - a`` (Eq. 3; 0); ``None`` where the kernel does not compute it (the loss's own ``grad_`` then
-    does).  It depends on the two classes only (asked once per layer and iteration: decided once per pair)."""
+    (paper Eq. 2) with ``f`` the identity (0), tanh (1), the sigmoid (2) or a leaky ReLU or ReLU (3; its slope:
+    :func:`residual_slope`), or the squared pre-activation loss's ``â - a`` (Eq. 3; 0); ``None`` where the kernel
+    does not compute it (the loss's own ``grad_`` then does).  It depends on the two classes only (asked once per
+    layer and iteration: decided once per pair)."""
     return _residual_transfer_of(type(loss), type(transfer))
+
+
+def residual_slope(transfer) -> float:
+    """The negative slope the residual kernel's leaky ReLU (code 3) takes for ``transfer`` (0 for the others)."""
+    from .transfer import LeakyReLU
+
+    return float(transfer.beta) if isinstance(transfer, LeakyReLU) else 0.0
 
 
 @functools.cache
 def _residual_transfer_of(loss_class: type, transfer_class: type) -> int | None:
     from .losses import MatchingLoss, SquaredPreLoss
-    from .transfer import Linear, Sigmoid, Tanh
+    from .transfer import LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 
     if loss_class is SquaredPreLoss:
         return 0
     if loss_class is MatchingLoss:
-        return {Linear: 0, Tanh: 1, Sigmoid: 2}.get(transfer_class)
+        return {Linear: 0, Tanh: 1, Sigmoid: 2, LeakyReLU: 3, ReLU: 3}.get(transfer_class)
     return None
 
 
@@ -280,15 +290,15 @@ def residual_suits(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Ten
 
 
 def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor | None, transfer: int,
-              shift: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+              shift: torch.Tensor | None = None, base: torch.Tensor | None = None, slope: float = 0.0) -> torch.Tensor:
     """``δ = f(pre) - target`` in place in ``pre`` and, with ``bias_grad``, ``Σδ`` over the rows into it
-    (``transfer``: :func:`residual_transfer`'s code): one launch over tiles of the whole matrix, and, where the
-    batch has more than ``BLOCK_ROWS`` rows, a sum of the tiles' column sums (``torch.sum``: in a fixed order).
-    With ``base`` (a matrix shaped as ``pre``) and ``shift`` (one value a column), ``f((pre + base) + shift) -
-    target``, each sum rounded as ``pre.add_(base).add_(shift)`` rounds it: the update form's ``a₀`` added to its
-    product ``x (W - W₀)ᵀ``, and its bias change; ``shift`` may be ``bias_grad`` itself (where the update kernel
-    wrote the bias's change).  The tensors must :func:`suit <residual_suits>` the kernel.  Returns
-    ``pre`` (now ``δ``)."""
+    (``transfer``: :func:`residual_transfer`'s code; ``slope``: a leaky ReLU's, :func:`residual_slope`): one launch
+    over tiles of the whole matrix, and, where the batch has more than ``BLOCK_ROWS`` rows, a sum of the tiles'
+    column sums (``torch.sum``: in a fixed order). With ``base`` (a matrix shaped as ``pre``) and ``shift`` (one
+    value a column), ``f((pre + base) + shift) - target``, each sum rounded as ``pre.add_(base).add_(shift)`` rounds
+    it: the update form's ``a₀`` added to its product ``x (W - W₀)ᵀ``, and its bias change; ``shift`` may be
+    ``bias_grad`` itself (where the update kernel wrote the bias's change).  The tensors must :func:`suit
+    <residual_suits>` the kernel.  Returns ``pre`` (now ``δ``)."""
     rows, cols = pre.shape
     if pre.numel() == 0:
         if bias_grad is not None:
@@ -301,7 +311,7 @@ def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor |
     kernel = _kernels(interpreted)["residual_column_sums"]
     with _on(pre.device):
         kernel[(-(-cols // BLOCK_COLUMNS), row_blocks)](pre, target, sums, pre if shift is None else shift,
-                                                        pre if base is None else base, rows, cols,
+                                                        pre if base is None else base, rows, cols, float(slope),
                                                         TRANSFER=transfer, HAS_BIAS=bias_grad is not None,
                                                         SHIFT=shift is not None, BASE=base is not None,
                                                         LIBDEVICE=not interpreted,
@@ -317,7 +327,7 @@ def residual_(pre: torch.Tensor, target: torch.Tensor, bias_grad: torch.Tensor |
 GROUPED_COLUMNS = ("x", "weight", "bias", "weight_start", "bias_start", "pre_start", "target", "residual",
                    "weight_mean_square", "weight_momentum", "bias_mean_square", "bias_momentum",
                    "rows", "inputs", "outputs", "has_bias", "transfer", "update_form", "steps", "rate_offset",
-                   "residual_tiles_start", "update_tiles_start", "output", "has_output")
+                   "residual_tiles_start", "update_tiles_start", "output", "has_output", "negative_slope_bits")
 #: The grouped kernels' product precisions (their ``PRECISION`` code): ``"tf32x3"`` is float32 emulated by three
 #: TF32 products (``FusedIterativeSolver.grouped_fp32_products``).
 GROUPED_PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2, "tf32x3": 4}
@@ -337,8 +347,9 @@ class GroupedLayer(NamedTuple):
     ``(b, n_in)``, weights ``(n_out, n_in)`` and bias ``(n_out,)`` or ``None``, their TF-RMSProp states
     ``[ms, m]``, the target ``y`` ``(b, n_out)``, the residual buffer ``δ`` (``(b, n_out)``, holding ``δ₀`` before
     iteration 0), the transfer code (:func:`residual_transfer`), ``T``, the layer's offset in the rate table
-    (``η_k`` at ``offset + k``), for the update form ``(a₀, W₀, b₀)``, and the layer's output ``ŷ = f(â₀)`` where
-    its first residual is to be computed from it, as ``ŷ - y``, at iteration 0 (else ``residual`` holds it)."""
+    (``η_k`` at ``offset + k``), for the update form ``(a₀, W₀, b₀)``, the layer's output ``ŷ = f(â₀)`` where
+    its first residual is to be computed from it, as ``ŷ - y``, at iteration 0 (else ``residual`` holds it), and
+    a leaky ReLU's negative slope (:func:`residual_slope`)."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -352,6 +363,7 @@ class GroupedLayer(NamedTuple):
     rate_offset: int
     start: tuple | None = None
     output: torch.Tensor | None = None
+    slope: float = 0.0
 
 
 def grouped_suits(layers: list[GroupedLayer]) -> bool:
@@ -399,7 +411,8 @@ def grouped_table(layers: list[GroupedLayer]) -> tuple[list[int], int, int]:
         flat += [t.data_ptr() for t in row]
         flat += [rows, n_in, n_out, int(lay.bias is not None), lay.transfer, int(lay.start is not None), lay.steps,
                  lay.rate_offset, residual_tiles, update_tiles,
-                 (lay.output if lay.output is not None else lay.target).data_ptr(), int(lay.output is not None)]
+                 (lay.output if lay.output is not None else lay.target).data_ptr(), int(lay.output is not None),
+                 struct.unpack("<i", struct.pack("<f", lay.slope))[0]]
         residual_tiles += -(-rows // bm) * -(-n_out // bn)
         update_tiles += -(-n_out // bo) * -(-n_in // bi)
     return flat, residual_tiles, update_tiles

@@ -864,10 +864,10 @@ def test_grouped_order_launches_two_kernels_an_iteration_and_agrees_with_the_lay
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "tf32x3"])
 @pytest.mark.parametrize("form", [False, True])
 def test_grouped_kernels_compile_and_equal_pytorchs_operations_on_cuda(precision, form):
-    """The grouped kernels as the GPU compiles them (tests/test_grouped.py runs them in the interpreter), on layers
-    of several tiles in each dimension (784 -> 300 tanh, 300 -> 30 sigmoid without bias, 30 -> 300 identity, a
-    batch of 300): each layer's residual and TF-RMSProp update within 1e-5 of PyTorch's FP32 operations on the
-    same operands (bf16: rounded to bfloat16 first), also with FP32 emulated by three TF32 products; TF32 within
+    """The grouped kernels as the GPU compiles them (tests/test_grouped.py runs them in the interpreter), on layers of
+    several tiles in each dimension (784 -> 300 tanh, 300 -> 30 sigmoid without bias, 30 -> 300 leaky ReLU of slope
+    0.1, a batch of 300): each layer's residual and TF-RMSProp update within 1e-5 of PyTorch's FP32 operations on
+    the same operands (bf16: rounded to bfloat16 first), also with FP32 emulated by three TF32 products; TF32 within
     2e-3 (Triton's TF32 operands are truncated, not rounded)."""
     from test_grouped import ALPHA, EPS, MOMENTUM, _expected_residual, _expected_update, _layer, _rounded
 
@@ -876,7 +876,7 @@ def test_grouped_kernels_compile_and_equal_pytorchs_operations_on_cuda(precision
     gen = torch.Generator().manual_seed(0)
     layers = [_layer(gen, 300, 784, 300, 1, form=form, device=DEV),
               _layer(gen, 300, 300, 30, 2, bias=False, offset=4, form=form, device=DEV),
-              _layer(gen, 300, 30, 300, 0, offset=8, form=form, device=DEV)]
+              _layer(gen, 300, 30, 300, 3, offset=8, form=form, device=DEV)._replace(slope=0.1)]
     assert triton_kernels.grouped_suits(layers)
     flat, residual_tiles, update_tiles = triton_kernels.grouped_table(layers)
     table = torch.tensor(flat, dtype=torch.int64, device=DEV)
