@@ -353,9 +353,13 @@ def build_step(spec: dict, model, loss_fn, x):
 
 def elementwise_kind(solver, device: torch.device) -> str:
     """How the fast solver ran its elementwise work (the update, ``δ`` and ``Σδ``): ``compiled``
-    (compile_elementwise), ``triton`` (triton_elementwise's kernels) or ``torch`` (PyTorch's operations)."""
+    (compile_elementwise), ``triton`` (triton_elementwise's kernels), ``triton:grouped`` (the grouped order's two
+    kernels an iteration, products inside them; ``-tf32x3`` with its FP32 products on the tensor cores) or
+    ``torch`` (PyTorch's operations)."""
     if solver.compile_elementwise:
         return "compiled"
+    if solver.solve_order == "grouped":  # the order the last solve ran in (a fallback says layer-major)
+        return "triton:grouped" + ("-tf32x3" if solver.grouped_fp32_products == "tf32x3" else "")
     if not solver.uses_triton(device):
         return "torch"
     kernels = sorted(solver.triton_kernels)
@@ -443,7 +447,8 @@ def measure(spec: dict) -> dict:
         peak = max(warmup_peak + [steady])
         solver = getattr(getattr(step, "optimizer", None), "fused_solver", None)
         layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-        streams = 1 + (solver.stream_count(layers) if solver is not None and spec["mode"] != "reference" else 0)
+        streams = 1 + (solver.stream_count(layers) if solver is not None and spec["mode"] != "reference"
+                       and solver.solve_order != "grouped" else 0)  # the grouped order: the current stream alone
         extra = {"streams": streams, "elementwise": elementwise_kind(solver, device) if solver is not None else None,
                  "cublas_workspace_mb": spec["workspace_mb"],
                  "peak_mem_mb_without_workspaces": peak - streams * spec["workspace_mb"],

@@ -826,6 +826,24 @@ def test_the_prepared_device_call_asks_only_for_what_the_benchmarks_have():
             assert all(_module(name).parse_config(c) for c in args.configs), argv
 
 
+def test_step_time_records_which_kernels_and_order_the_solve_ran_in():
+    """``step_time.elementwise_kind``: PyTorch's operations on the CPU, the compiled update, and the grouped order
+    (with its FP32 products on the tensor cores) where the last solve ran in it, not where it fell back."""
+    import torch
+
+    from locoprop.fused import FusedIterativeSolver
+
+    kind, cpu = _module("step_time").elementwise_kind, torch.device("cpu")
+    assert kind(FusedIterativeSolver(), cpu) == "torch"
+    assert kind(FusedIterativeSolver(compile_elementwise=True), cpu) == "compiled"
+    grouped = FusedIterativeSolver(order="grouped")
+    assert grouped.solve_order == "layer-major" and kind(grouped, cpu) == "torch"  # no solve in that order yet
+    grouped.solve_order = "grouped"  # as a solve that ran in it leaves it
+    assert kind(grouped, cpu) == "triton:grouped"
+    grouped.grouped_fp32_products = "tf32x3"
+    assert kind(grouped, cpu) == "triton:grouped-tf32x3"
+
+
 def test_grouped_tiles_times_each_tile_configuration_beside_the_layer_major_step(tmp_path, interpreted):
     """benchmarks/grouped_tiles.py (on the CPU, the grouped kernels in Triton's interpreter): one record for the
     layer-major step and one per configuration, in the grouped order with that configuration's tiles and launch
