@@ -456,6 +456,10 @@ def grouped_compile(table: torch.Tensor, rates: torch.Tensor, update_form: bool,
     if interpreting():
         return
     (bm, bn, bk), (bo, bi, bk2) = GROUPED_RESIDUAL_BLOCKS, GROUPED_UPDATE_BLOCKS
+    key = (table.device, update_form, precision, GROUPED_RESIDUAL_BLOCKS, GROUPED_UPDATE_BLOCKS,
+           tuple(sorted(GROUPED_LAUNCH_OPTIONS.items())))
+    if key in _GROUPED_COMPILED:  # (Triton would find them in its cache, at a cost of the host's time each call)
+        return
     code = _grouped_precision(precision, False)
     kernels = _kernels(False)
     with _on(table.device):
@@ -465,3 +469,7 @@ def grouped_compile(table: torch.Tensor, rates: torch.Tensor, update_form: bool,
         kernels["grouped_gradient_update"].warmup(table, 1, 1, rates, 0.9, 0.1, 0.0, 1e-7, PRECISION=code,
                                                   BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk2, grid=(1,),
                                                   **COMPILE_OPTIONS, **GROUPED_LAUNCH_OPTIONS)
+    _GROUPED_COMPILED.add(key)
+
+
+_GROUPED_COMPILED: set = set()  # what grouped_compile has compiled in this process
