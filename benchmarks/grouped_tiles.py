@@ -42,7 +42,7 @@ import torch
 
 from locoprop import triton_kernels
 from locoprop.harness.models import AutoencoderLoss, build_autoencoder
-from locoprop.harness.records import write_records
+from locoprop.harness.records import readme_header, write_records
 from locoprop.precision import set_cuda_matmul_tf32
 
 
@@ -164,12 +164,9 @@ def resources(arch: int, precisions: list[str], configs: list[dict]) -> list[dic
 
 def resources_readme(meta: dict, records: list[dict], json_name: str) -> str:
     """A Markdown page of :func:`resources`' records (nothing in it typed by hand)."""
-    lines = ["# What the grouped kernels use, compiled ahead of time", "",
-             f"Written by `benchmarks/grouped_tiles.py --resources` with `{json_name}`: {meta['what']}. Command: "
-             f"`{meta['command']}`; {meta['machine']}; Triton {meta['triton']}; torch {meta['torch']}; "
-             f"{meta['date']}.", "",
-             "| kernel | precision | update form | tile | warps | stages | registers | stack B | shared KiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = readme_header("benchmarks/grouped_tiles.py", meta, json_name) + [
+        "| kernel | precision | update form | tile | warps | stages | registers | stack B | shared KiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         tile = r["residual_blocks"] if r["kernel"] == "grouped_residual" else r["update_blocks"]
         lines.append(f"| {r['kernel']} | {r['precision']} | {'yes' if r['update_form'] else 'no'} | "
@@ -204,22 +201,24 @@ def main(argv=None) -> int:
 
         records = resources(args.resources, args.precisions, configs)
         if args.out:
-            meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
-                    "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), no GPU",
-                    "triton": triton.__version__,
-                    "torch": torch.__version__,
-                    "what": f"registers and stack (spills) per thread and shared memory per block of each grouped "
-                            f"kernel compiled for sm_{args.resources} (Triton's compiler, read from the cubin by "
-                            "cuobjdump -res-usage); nothing run"}
+            meta = {"title": "What the grouped kernels use, compiled ahead of time",
+                    "command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
+                    "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), no GPU, "
+                               f"Triton {triton.__version__}",
+                    "triton": triton.__version__, "torch": torch.__version__,
+                    "about": f"Registers and stack (spills) per thread and shared memory per block of each grouped "
+                             f"kernel compiled for sm_{args.resources} (Triton's compiler, read from the cubin by "
+                             "cuobjdump -res-usage); nothing run."}
             write_records(args.out, meta, records, resources_readme)
         return 0
     device = torch.device(args.device)
     step_time = _step_time_module()
     records = []
-    meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.date.today().isoformat(),
-            "device": step_time.device_name(device), "torch": torch.__version__,
-            "what": "median step of LocoProp-M (T local iterations, batch rows) captured by graphed_step in the "
-                    "grouped order for each tile configuration, and in the default layer-major order"}
+    meta = {"title": "The grouped order's tiles", "command": " ".join(["python"] + sys.argv),
+            "date": datetime.date.today().isoformat(), "machine": step_time.device_name(device),
+            "torch": torch.__version__,
+            "about": "The median step of LocoProp-M (T local iterations, batch rows) captured by graphed_step in "
+                     "the grouped order for each tile configuration, and in the default layer-major order."}
     for model_name in args.models:
         for precision in args.precisions:
             for config in [None] + configs:
@@ -240,11 +239,9 @@ def main(argv=None) -> int:
 
 def readme(meta: dict, records: list[dict], json_name: str) -> str:
     """A Markdown page of the records (written beside the JSON; nothing in it typed by hand)."""
-    lines = ["# The grouped order's tiles", "",
-             f"Written by `benchmarks/grouped_tiles.py` with `{json_name}`: {meta['what']}. Command: "
-             f"`{meta['command']}`; {meta['device']}; torch {meta['torch']}; {meta['date']}.", "",
-             "| model | precision | order | residual tile | update tile | launch options | step ms | x layer-major |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = readme_header("benchmarks/grouped_tiles.py", meta, json_name) + [
+        "| model | precision | order | residual tile | update tile | launch options | step ms | x layer-major |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         lines.append(f"| {r['model']} | {r['precision']} | {r['order']} | {r['residual_blocks'] or ''} | "
                      f"{r['update_blocks'] or ''} | {r['launch_options'] if r['launch_options'] is not None else ''} | "

@@ -869,32 +869,13 @@ def test_grouped_kernels_compile_and_equal_pytorchs_operations_on_cuda(precision
     0.1, a batch of 300): each layer's residual and TF-RMSProp update within 1e-5 of PyTorch's FP32 operations on
     the same operands (bf16: rounded to bfloat16 first), also with FP32 emulated by three TF32 products; TF32 within
     2e-3 (Triton's TF32 operands are truncated, not rounded)."""
-    from test_grouped import ALPHA, EPS, MOMENTUM, _expected_residual, _expected_update, _layer, _rounded
-
-    from locoprop import triton_kernels
+    from test_grouped import _layer, check_grouped_kernels
 
     gen = torch.Generator().manual_seed(0)
     layers = [_layer(gen, 300, 784, 300, 1, form=form, device=DEV),
               _layer(gen, 300, 300, 30, 2, bias=False, offset=4, form=form, device=DEV),
               _layer(gen, 300, 30, 300, 3, offset=8, form=form, device=DEV)._replace(slope=0.1)]
-    assert triton_kernels.grouped_suits(layers)
-    flat, residual_tiles, update_tiles = triton_kernels.grouped_table(layers)
-    table = torch.tensor(flat, dtype=torch.int64, device=DEV)
-    rates = torch.linspace(0.1, 1.2, 12, device=DEV)
-    r, k = _rounded(precision), 1
-    tolerance = 2e-3 if precision == "tf32" else 1e-5
-    expected = [_expected_residual(lay, r) for lay in layers]
-    triton_kernels.grouped_residual_(table, len(layers), residual_tiles, k, form, precision)
-    for lay, want in zip(layers, expected):
-        assert ((lay.residual - want).norm() / want.norm()).item() < tolerance
-    expected = [_expected_update(lay, r, rates[lay.rate_offset + k]) for lay in layers]
-    triton_kernels.grouped_gradient_update_(table, len(layers), update_tiles, k, rates, ALPHA, MOMENTUM, EPS,
-                                            precision)
-    for lay, want in zip(layers, expected):
-        tensors = [(lay.weight, *lay.weight_state)] + ([(lay.bias, *lay.bias_state)] if lay.bias is not None else [])
-        for got, wanted in zip(tensors, want):
-            for a, b in zip(got, wanted):
-                assert ((a - b).norm() / b.norm()).item() < tolerance
+    check_grouped_kernels(layers, precision, form, tolerance=2e-3 if precision == "tf32" else 1e-5)
 
 
 def test_a_captured_grouped_step_keeps_its_tables_while_the_solver_captures_its_own():
