@@ -54,6 +54,8 @@ def captured_step_on_the_cpu(opt: locoprop.LocoProp, closure) -> CapturedStep:
     step.optimizer, step.closure, step.warmup, step.calls = opt, closure, 0, 0
     step.other_grads, step.last_mode, step._model_params, step._rule = [], "", None, rule
     step.graph, step.loss, step.problems, step.flag = _NoReplay(), loss.detach(), problems, torch.tensor(True)
+    # since session 32: the learning-rate table the graph reads, its own (and no grouped kernels' staging)
+    step._static_table, step._grouped_staging, step._staging_finalizer = solver.static_table, None, None
     if hasattr(opt._rollback, "held"):  # since session 30: the copies the graph writes, taken back after a replay
         step._copies = opt._rollback.held()
     graph_key = getattr(step, "_graph_key", None)  # before session 20: the settings and the shared rates

@@ -359,3 +359,24 @@ def test_grouped_kernels_compile_with_tensor_core_products_for_tf32_and_bf16_and
             assert "div.full" not in text and "sqrt.approx" not in text, name
     if arch == 90:
         assert "wgmma" in ptx["grouped_residual-tf32"] and "wgmma" in ptx["grouped_gradient_update-bf16"]
+
+
+def test_a_retired_staging_is_let_go_after_a_wait_for_its_device(monkeypatch):
+    """``GroupedStaging.retire`` (what a captured step dropped with its graph calls, from a finaliser) makes no
+    CUDA call; the retired stagings are let go when the next staging is made, after one wait for each of their
+    devices (stand-ins for the CUDA calls here; tests/cuda runs the real ones)."""
+    from types import SimpleNamespace
+
+    from locoprop.fused import GroupedStaging
+
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    monkeypatch.setattr(GroupedStaging, "_retired", [])
+    for device in ("cuda:0", "cuda:1", "cuda:0"):
+        GroupedStaging.retire(SimpleNamespace(device=device))
+    GroupedStaging.retire(None)
+    assert waits == [] and len(GroupedStaging._retired) == 3
+    GroupedStaging._let_retired_go()
+    assert sorted(waits) == ["cuda:0", "cuda:1"] and GroupedStaging._retired == []
+    GroupedStaging._let_retired_go()
+    assert len(waits) == 2

@@ -254,10 +254,12 @@ def test_a_captured_step_warms_up_again_when_a_setting_changes(monkeypatch):
     step.optimizer, step.closure, step.warmup, step.calls = opt, lambda: ((model(x) - x) ** 2).sum(), 2, 0
     step.other_grads, step.last_mode, step._model_params, step._rule = [], "", None, None
     step.graph, step._key, step._copies, step._warmed = None, None, (), None
+    step._static_table, step._grouped_staging, step._staging_finalizer = None, None, None
 
     def capture(hyper, table):
         loss, problems = opt._step_body([step.closure])
         opt.fused_solver.prepare_capture(table, opt.param_groups, table.dtype, table.device)
+        step._static_table = opt.fused_solver.static_table
         step.graph, step._key, step.flag = _Graph(), step._graph_key(hyper, table), torch.tensor(True)
         step.loss, step.problems = loss.detach(), problems
     step._capture = capture

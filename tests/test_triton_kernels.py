@@ -384,10 +384,10 @@ def test_the_update_form_reads_the_change_the_kernels_wrote_to_the_bit(interpret
         updates.append(starts is not None)
         return update(params, *args, **({} if starts is None else {"starts": starts}))
 
-    def counted_residual(pre, target, bias_grad, transfer, shift=None, base=None):
+    def counted_residual(pre, target, bias_grad, transfer, shift=None, base=None, **kwargs):
         residuals.append((base is not None, shift is not None, bias_grad is not None and shift is bias_grad))
         return residual(pre, target, bias_grad, transfer, **{k: v for k, v in (("shift", shift), ("base", base))
-                                                              if v is not None})
+                                                              if v is not None}, **kwargs)
     monkeypatch.setattr(triton_kernels, "tf_rmsprop_update_", counted_update)
     monkeypatch.setattr(triton_kernels, "residual_", counted_residual)
     runs = {}

@@ -280,24 +280,49 @@ class GroupedStaging:
     step) copy the grouped kernels' tables from at each replay (:meth:`FusedIterativeSolver._grouped_device_table`):
     made outside a capture (pinning memory during one is not permitted), each table a slice of its own, never
     written again while its graphs live.  ``held``: those tables' device tensors (memory of the graphs' pools).
-    :meth:`release` lets both go, after waiting for the device: a replay still in flight may read them."""
+    :meth:`release` lets both go, after waiting for the device: a replay still in flight may read them.  An owner
+    dropped without :meth:`release` (a captured step no longer referenced) retires its staging (:meth:`retire`):
+    the buffers are let go when the next staging is made, outside any capture, after waiting for the device."""
 
     ELEMENTS = 1 << 13
+    #: Stagings retired by owners that are gone, kept until a wait for the device (:meth:`_let_retired_go`).
+    _retired: list = []
 
     def __init__(self, device: torch.device) -> None:
+        self._let_retired_go()
         self.device = device
-        self.buffer = torch.empty(self.ELEMENTS, dtype=torch.int64, pin_memory=True)
-        self.used = 0
+        self.buffers = [torch.empty(self.ELEMENTS, dtype=torch.int64, pin_memory=True)]
+        self.used = 0  # elements of the last buffer in use
         self.held: list[torch.Tensor] = []
 
+    @classmethod
+    def _let_retired_go(cls) -> None:
+        if cls._retired:
+            for device in {staging.device for staging in cls._retired}:
+                torch.cuda.synchronize(device)
+            cls._retired.clear()
+
+    @staticmethod
+    def retire(staging: "GroupedStaging | None") -> None:
+        """Keep ``staging`` until a wait for the device (no CUDA call here: this may run in a finaliser)."""
+        if staging is not None:
+            GroupedStaging._retired.append(staging)
+
+    def reserve(self, n: int) -> None:
+        """Outside a capture: room for ``n`` more elements (another pinned buffer where the last lacks it)."""
+        if self.used + n > self.buffers[-1].numel():
+            self.buffers.append(torch.empty(max(self.ELEMENTS, n), dtype=torch.int64, pin_memory=True))
+            self.used = 0
+
     def table(self, host: torch.Tensor) -> torch.Tensor:
-        """Inside a capture: a device tensor of the graph, filled in the graph by a copy from a slice of
-        :attr:`buffer` that holds ``host``."""
+        """Inside a capture: a device tensor of the graph, filled in the graph by a copy from a slice of pinned
+        memory (kept by :meth:`reserve` before the capture) that holds ``host``."""
         n = host.numel()
-        if self.used + n > self.buffer.numel():
+        buffer = self.buffers[-1]
+        if self.used + n > buffer.numel():
             raise RuntimeError("FusedIterativeSolver: order='grouped' has no pinned staging memory left for the "
-                               f"tables of this CUDA graph ({self.buffer.numel()} elements)")
-        view = self.buffer[self.used:self.used + n]
+                               f"tables of this CUDA graph ({buffer.numel() - self.used} of {n} elements)")
+        view = buffer[self.used:self.used + n]
         view.copy_(host)
         self.used += n
         table = torch.empty(n, dtype=torch.int64, device=self.device)
@@ -306,9 +331,10 @@ class GroupedStaging:
         return table
 
     def release(self) -> None:
-        if self.used:
+        """Outside a capture, once the graphs that read this staging are gone: its memory may be written again."""
+        if self.used or len(self.buffers) > 1:
             torch.cuda.synchronize(self.device)
-        self.used, self.held = 0, []
+        self.buffers, self.used, self.held = self.buffers[:1], 0, []
 
 
 class _CapturedSolve:
@@ -1188,6 +1214,8 @@ class FusedIterativeSolver:
         self.static_table = self.upload_table(torch.empty(table.shape, dtype=dtype, device=device), table, "static")
         # the tables of this capture's grouped solves: memory of its own, kept by the captured step with its graph
         self.capture_staging = GroupedStaging(device) if self.order == "grouped" and device.type == "cuda" else None
+        if self.capture_staging is not None:  # one solve of every layer after the pass
+            self.capture_staging.reserve(len(triton_kernels.GROUPED_COLUMNS) * len(groups))
         self._static_host_table = table
         self._static_rows = {id(g): m for m, g in enumerate(groups)}
         self.shared_rates = self.shared_rates_of(table)
@@ -1252,8 +1280,13 @@ class FusedIterativeSolver:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool for all graphs: never replayed concurrently
         device = layers[0].params[0].device
-        if self.solve_order == "grouped" and self._own_staging is None:
-            self._own_staging = GroupedStaging(device)
+        if self.solve_order == "grouped":
+            if self._own_staging is not None and self._own_staging.device != device:  # the model moved
+                self._own_staging.release()
+                self._own_staging = None
+            if self._own_staging is None:
+                self._own_staging = GroupedStaging(device)
+            self._own_staging.reserve(len(triton_kernels.GROUPED_COLUMNS) * len(layers))  # this graph's table
         self.capture_staging = self._own_staging
         try:
             with capturing_graph(graph, pool=self._pool, stream=graph_side_stream(device)):

@@ -29,6 +29,7 @@ import contextlib
 import copy
 import functools
 import warnings
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -42,7 +43,7 @@ from .inner import make_inner_optimizer
 from .layers import (Layer, LayerBatch, LayerCapture, check_solvable_layers, discover_layers, pair_from_autograd,
                      set_output_transfer, split_frozen_layers)
 from . import fused
-from .fused import SOLVE_ORDERS, FusedIterativeSolver, capturing_graph, graph_side_stream
+from .fused import SOLVE_ORDERS, FusedIterativeSolver, GroupedStaging, capturing_graph, graph_side_stream
 from .precision import PRECISIONS, cuda_matmul_tf32, matmul_precision, products_precision
 from .transfer import MONOTONE_MODULES, get_transfer
 from .transfer import Linear as LinearTransfer
@@ -1569,8 +1570,13 @@ class CapturedStep:
         self._copies: tuple = ()  # Rollback.held() after the capture
         self._warmed: tuple | None = None  # the settings (_hyper_key) the last warm-up step ran
         #: The pinned memory the graph copies the grouped kernels' tables from (``solve_order="grouped"``; kept as
-        #: long as the graph: FusedIterativeSolver.take_capture_staging).
+        #: long as the graph: FusedIterativeSolver.take_capture_staging), and what retires it should this step be
+        #: dropped with its graph (GroupedStaging.retire).
         self._grouped_staging = None
+        self._staging_finalizer = None
+        #: The learning-rate table this step's graph reads (FusedIterativeSolver.prepare_capture made it; a later
+        #: capture of another captured step on the same optimizer makes its own).
+        self._static_table: torch.Tensor | None = None
 
     def _hyper_key(self) -> tuple:
         """What the captured graph is specific to besides the learning rates (which it reads from the table):
@@ -1633,7 +1639,9 @@ class CapturedStep:
             self._capture(hyper, table)
             self.last_mode = "capture"
         else:
-            solver.upload_table(solver.static_table, table, "static")  # only where the learning rates changed
+            # into this step's own table (another captured step on the optimizer has one of its own), only where
+            # the learning rates changed
+            solver.upload_table(self._static_table, table, ("static", id(self)))
             self.last_mode = "replay"
         self.graph.replay()
         opt.last_solver = "fused"
@@ -1657,6 +1665,7 @@ class CapturedStep:
         opt, solver = self.optimizer, self.optimizer.fused_solver
         self.graph = None
         if self._grouped_staging is not None:  # the old graph's tables (after a wait for the device)
+            self._staging_finalizer.detach()
             self._grouped_staging.release()
             self._grouped_staging = None
         self._model_params = list(opt.model.parameters())
@@ -1664,6 +1673,7 @@ class CapturedStep:
         # the learning-rate table the graph reads, filled before every replay
         first = opt._params()[0]  # the same dtype as the eager path's table
         solver.prepare_capture(table, opt.param_groups, first.dtype, first.device)
+        self._static_table = solver.static_table
         graph = torch.cuda.CUDAGraph()
         try:
             with capturing_graph(graph, stream=graph_side_stream(first.device)):
@@ -1672,6 +1682,8 @@ class CapturedStep:
                         torch.isfinite(loss) & opt._all_finite() if opt.check_finite else None)
         finally:  # this graph's own staging of the grouped kernels' tables (None where it made none)
             self._grouped_staging = solver.take_capture_staging()
+            if self._grouped_staging is not None:
+                self._staging_finalizer = weakref.finalize(self, GroupedStaging.retire, self._grouped_staging)
         # the other parameters' gradients: tensors of the graph, added to .grad after each replay
         self.other_grads, opt._pending_other_grads = opt._pending_other_grads, []
         key = self._graph_key(hyper, table)  # after the capture: the gradient buffers it captured

@@ -905,3 +905,41 @@ def test_a_captured_grouped_step_keeps_its_tables_while_the_solver_captures_its_
     assert "graph-capture" in solver_modes, solver_modes
     assert fast.fused_solver.solve_order == "grouped"
     assert _rel(ref_model, fast_model) < 1e-5
+
+
+@pytest.mark.parametrize("order", ["layer-major", "grouped"])
+def test_two_captured_steps_on_one_optimizer_each_read_their_own_learning_rates(order):
+    """Two ``graphed_step`` objects on one optimizer (a batch of 256 and one of 100), called in turn, with the
+    learning rate halved midway: every step equals the reference loop's (within 1e-5).  Each captured step
+    keeps the learning-rate table its graph reads (before session 32's second review the second capture's
+    table replaced the first's, which its graph went on reading after it was freed), and in the grouped order
+    its own staging of the kernels' tables; a captured step dropped with its graph retires its staging, let go
+    at the next capture after a wait for the device."""
+    import gc
+
+    from locoprop.fused import GroupedStaging
+
+    ref_model, fast_model = _model(), _model()
+    ref, fast = _opt(ref_model, backend="reference"), _opt(fast_model, solve_order=order)
+    big, small = torch.empty(256, 784, device=DEV), torch.empty(100, 784, device=DEV)
+    steps = [fast.graphed_step(lambda x=x: _loss(fast_model(x), x)) for x in (big, small)]
+    for i, x in enumerate(_batches(12)):
+        if i == 8:
+            for g in ref.param_groups + fast.param_groups:
+                g["lr"] *= 0.5
+        static = (big, small)[i % 2]
+        batch = x[:static.shape[0]]
+        ref.step(lambda: _loss(ref_model(batch), batch))
+        static.copy_(batch)
+        steps[i % 2]()
+    assert [s.last_mode for s in steps] == ["replay", "replay"]
+    assert _rel(ref_model, fast_model) < 1e-5
+    if order == "grouped":
+        assert all(s._grouped_staging is not None for s in steps)
+        del steps
+        gc.collect()
+        assert len(GroupedStaging._retired) == 2
+        again = fast.graphed_step(lambda: _loss(fast_model(big), big))
+        for _ in range(3):
+            again()
+        assert again.last_mode == "capture" and GroupedStaging._retired == []
