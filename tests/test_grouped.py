@@ -267,8 +267,9 @@ def test_grouped_order_falls_back_to_the_layer_major_order_with_a_warning_once(i
 def test_a_grouped_kernel_that_fails_to_compile_leaves_the_step_to_the_layer_major_order(interpreted, monkeypatch):
     """A compilation that fails (before anything ran): required (``triton_elementwise=True``), the step raises an
     error naming ``triton_elementwise`` and leaves the weights and inner state as they were; otherwise (the
-    kernels allowed, as on CUDA by default) a warning, the kernels off for the process, and this and later
-    solves in the layer-major order, the same steps to the bit as that order's."""
+    kernels allowed, as on CUDA by default) a warning, the grouped kernels off for the process (the other
+    kernels on), and this and later solves in the layer-major order, the same steps to the bit as that
+    order's, with a warning that says why."""
     model, opt = _train("grouped", steps=1, triton_elementwise=True)
     before = ([p.clone() for p in model.parameters()],
               [t.clone() for st in opt.inner.state.values() for t in st.values() if torch.is_tensor(t)])
@@ -284,10 +285,18 @@ def test_a_grouped_kernel_that_fails_to_compile_leaves_the_step_to_the_layer_maj
     assert all(torch.equal(a, b) for a, b in zip(before[1], after))
 
     monkeypatch.setattr(FusedIterativeSolver, "uses_triton", lambda self, device: True)  # as on CUDA by default
-    with pytest.warns(RuntimeWarning, match="the grouped kernel failed"):
+    monkeypatch.setattr(triton_kernels, "_GROUPED_DISABLED", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model, opt = _train("grouped", triton_elementwise=None)
-    assert triton_kernels.disabled_because() == "RuntimeError: no kernel for this device"
-    ref_model, _ = _train("layer-major", triton_elementwise=False)
+    messages = [str(w.message) for w in caught]
+    assert any("the grouped kernel failed (RuntimeError: no kernel for this device); the layer-major order runs in "
+               "place of the grouped one from now on" in m for m in messages), messages
+    assert any("order='grouped' cannot run here (the grouped kernels failed in this process (RuntimeError: no "
+               "kernel for this device))" in m for m in messages), messages
+    assert triton_kernels.grouped_disabled_because() == "RuntimeError: no kernel for this device"
+    assert triton_kernels.disabled_because() is None and triton_kernels.available(torch.device("cpu"))
+    ref_model, _ = _train("layer-major", triton_elementwise=None)  # the layer-major order's Triton kernels
     assert all(torch.equal(p, q) for p, q in zip(ref_model.parameters(), model.parameters()))
 
 

@@ -1053,6 +1053,8 @@ class FusedIterativeSolver:
             return "compile_elementwise=True"
         if self.reduce_local_gradients is not None:
             return "local gradients summed over processes"
+        if triton_kernels.grouped_disabled_because():
+            return f"the grouped kernels failed in this process ({triton_kernels.grouped_disabled_because()})"
         if not self.uses_triton(device):
             off = triton_kernels.disabled_because()
             return (f"the Triton kernels do not run on {device} (triton_elementwise={self.triton_elementwise!r}"
@@ -1117,8 +1119,9 @@ class FusedIterativeSolver:
         (:func:`~locoprop.triton_kernels.grouped_residual_`; at ``k = 0`` the first residual ``ŷ - y`` (Eq. 2)
         of the layers whose problem kept their output ``ŷ``, the others' being given; no launch where none did)
         and every layer's gradient and update (:func:`~locoprop.triton_kernels.grouped_gradient_update_`).
-        ``False`` where the kernels do not take these tensors or failed to compile (before anything ran; turned
-        off for the process, with a warning, unless ``triton_elementwise=True``, which raises)."""
+        ``False`` where the kernels do not take these tensors or failed to compile (before anything ran; the
+        grouped kernels, not the others, turned off for the process, with a warning, unless
+        ``triton_elementwise=True``, which raises)."""
         if self.grouped_fp32_products not in ("ieee", "tf32x3"):
             raise ValueError(f"grouped_fp32_products: expected 'ieee' or 'tf32x3', got {self.grouped_fp32_products!r}")
         precision = self.products_precision(table.device.type == "cuda")
@@ -1149,7 +1152,8 @@ class FusedIterativeSolver:
             triton_kernels.grouped_residual_(kernels, len(group), residual_tiles, k, update_form, precision)
         strict = self.triton_elementwise is True
         if not triton_kernels.launch_or_fall_back("grouped", lambda: triton_kernels.grouped_compile(
-                kernels, table, update_form, precision), strict):
+                kernels, table, update_form, precision), strict, turn_off=triton_kernels.disable_grouped,
+                instead="the layer-major order runs in place of the grouped one"):
             return False
         for k in range(max(lay.steps for lay in layers)):
             if k > 0 or any(lay.output is not None for lay in group):  # k = 0: δ₀ = ŷ - y where ŷ was kept

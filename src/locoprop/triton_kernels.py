@@ -61,7 +61,7 @@ import torch
 __all__ = ["available", "interpreting", "suits", "disable", "disabled_because", "launch_or_fall_back",
            "tf_rmsprop_update_", "residual_transfer", "residual_slope", "residual_suits", "residual_", "compile_for",
            "SIGNATURES", "GroupedLayer", "GROUPED_COLUMNS", "grouped_suits", "grouped_table", "grouped_residual_",
-           "grouped_gradient_update_", "grouped_compile"]
+           "grouped_gradient_update_", "grouped_compile", "disable_grouped", "grouped_disabled_because"]
 
 #: Elements of one tensor a program of the update kernel updates.
 BLOCK = 1024
@@ -93,20 +93,21 @@ def disable(reason: str) -> None:
     _DISABLED.append(reason)
 
 
-def launch_or_fall_back(what: str, launch, strict: bool) -> bool:
+def launch_or_fall_back(what: str, launch, strict: bool, turn_off=None,
+                        instead: str = "PyTorch's operations run in place of the Triton kernels") -> bool:
     """``launch()`` (one kernel launch); ``True`` if it ran.  Where it raises (Triton compiles a kernel before
     launching it, so the kernel has changed nothing): with ``strict`` (``triton_elementwise=True``) a
-    ``RuntimeError`` naming ``triton_elementwise``; otherwise the kernels are turned off for the process
-    (:func:`disable`), a ``RuntimeWarning`` says why, and ``False``: the caller runs PyTorch's operations."""
+    ``RuntimeError`` naming ``triton_elementwise``; otherwise what failed is turned off for the process
+    (``turn_off(reason)``; default :func:`disable`, every kernel), a ``RuntimeWarning`` says why and what runs
+    ``instead``, and ``False``: the caller runs that."""
     try:
         launch()
     except Exception as exc:
         message = f"triton_elementwise: the {what} kernel failed ({type(exc).__name__}: {exc})"
         if strict:
             raise RuntimeError(message) from exc
-        disable(f"{type(exc).__name__}: {exc}")
-        warnings.warn(message + "; PyTorch's operations run in place of the Triton kernels from now on",
-                      RuntimeWarning, stacklevel=4)
+        (turn_off or disable)(f"{type(exc).__name__}: {exc}")
+        warnings.warn(message + f"; {instead} from now on", RuntimeWarning, stacklevel=4)
         return False
     return True
 
@@ -448,6 +449,20 @@ def grouped_gradient_update_(table: torch.Tensor, n_layers: int, tiles: int, k: 
             table, n_layers, k, rates, float(alpha), 1.0 - float(alpha), float(momentum), float(eps),
             PRECISION=_grouped_precision(precision, interpreted), BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, **COMPILE_OPTIONS,
             **GROUPED_LAUNCH_OPTIONS)
+
+
+_GROUPED_DISABLED: list[str] = []  # why the grouped kernels were turned off in this process (a failed compilation)
+
+
+def disable_grouped(reason: str) -> None:
+    """Turn the grouped kernels off for the rest of the process (the other kernels stay: a failure of these two
+    does not say the others fail)."""
+    _GROUPED_DISABLED.append(reason)
+
+
+def grouped_disabled_because() -> str | None:
+    """Why :func:`disable_grouped` turned the grouped kernels off (``None``: it did not)."""
+    return _GROUPED_DISABLED[0] if _GROUPED_DISABLED else None
 
 
 def grouped_compile(table: torch.Tensor, rates: torch.Tensor, update_form: bool, precision: str) -> None:
