@@ -1095,15 +1095,15 @@ class FusedIterativeSolver:
         CUDA graph capture, a device tensor of the graph filled by a copy in the graph from a slice of pinned host
         memory kept for the graph's owner (:class:`GroupedStaging`, :attr:`capture_staging`): each replay copies
         it anew, a few hundred bytes (the graph's activations lie where only the capture knows)."""
-        host = torch.tensor(flat, dtype=torch.int64)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             if self.capture_staging is None:
                 raise RuntimeError("FusedIterativeSolver: order='grouped' inside a CUDA graph capture needs pinned "
                                    "staging memory made before it (LocoProp.graphed_step prepares it)")
-            return self.capture_staging.table(host)
+            return self.capture_staging.table(torch.tensor(flat, dtype=torch.int64))
         key = (device, tuple(flat))
         table = self._grouped_tables.get(key)
-        if table is None:
+        if table is None:  # a host tensor only for a table not made before
+            host = torch.tensor(flat, dtype=torch.int64)
             table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
             if len(self._grouped_tables) >= self.TABLES_KEPT:
                 del self._grouped_tables[next(iter(self._grouped_tables))]
