@@ -112,6 +112,19 @@ def _residual_and_bias_grad_(loss, pre, target, transfer, bias_grad):
     return delta
 
 
+def _bf16_residual_(loss, product, start_pre, bias_change, target, transfer):
+    """Iteration ``k ≥ 1``'s ``δ`` in the update form from the bf16 product ``x (W - W₀)ᵀ`` as the CPU's bf16
+    product writes it: ``a₀ + product + (b - b₀)`` in float32 (the same two roundings as the eager path's
+    float32 copy of the product and its two additions), ``f``, minus the target (Eq. 2's gradient).  Returns
+    ``δ`` rounded to bf16, the operand of ``δᵀx``, and, with a bias, ``Σδ`` of the float32 ``δ`` (else
+    ``None``): for ``torch.compile``, one pass over the product, ``a₀`` and the target."""
+    pre = product.float() + start_pre
+    if bias_change is not None:
+        pre = pre + bias_change
+    delta = loss.grad_(pre, target, transfer)
+    return delta.to(torch.bfloat16), delta.sum(0) if bias_change is not None else None
+
+
 def _has_float32_output_mm() -> bool:
     schemas = torch._C._jit_get_schemas_for_operator("aten::mm")
     return any(getattr(s, "overload_name", "") == "dtype_out" for s in schemas)
@@ -364,9 +377,13 @@ class FusedIterativeSolver:
         compile_elementwise: fuse the elementwise work of an iteration with
             ``torch.compile`` (experimental, off by default): ``δ`` with the
             bias gradient ``Σδ`` in one kernel, and the TF-RMSProp update in
-            one pass over each tensor instead of eight.  It compiles on the
-            first step (tens of seconds) and agrees with the eager update up
-            to rounding (fused multiply-adds).
+            one pass over each tensor instead of eight.  With bf16 products on
+            the CPU (no float32 output there) each layer's chain runs as two
+            compiled programs an iteration that read the products' bf16
+            results as they are, the update also making the next product's
+            bf16 weight change (:meth:`_bf16_chain_compiled`).  It compiles on
+            the first step (tens of seconds) and agrees with the eager update
+            up to rounding (fused multiply-adds).
         triton_elementwise: the elementwise work of each layer and iteration as
             Triton kernels (:mod:`locoprop.triton_kernels`): the inner
             optimizer's update in one launch instead of eight multi-tensor
@@ -422,8 +439,9 @@ class FusedIterativeSolver:
         self.triton_kernels: frozenset[str] = frozenset({"update", "residual"})
         #: Whether the local iterations evaluate ``f(â)`` in place by :meth:`TransferFunction.quick
         #: <locoprop.transfer.TransferFunction.quick>`'s route (``tanh`` as ``2σ(2a) - 1``): ``None`` (default)
-        #: where the products round to bf16 on the CPU and the elementwise work runs eagerly (PyTorch's CPU
-        #: ``tanh`` is not vectorized, its ``sigmoid`` is; ``compile_elementwise`` generates its own ``tanh``).
+        #: where the products round to bf16 on the CPU (PyTorch's CPU ``tanh`` is not vectorized, its ``sigmoid``
+        #: is; with ``compile_elementwise`` the compiler's vectorized ``tanh``, accurate to 1 ulp, took 0.9 ms a
+        #: million elements on this project's 2-core CPU, its ``2σ(2a) - 1`` 0.3 ms).
         self.quick_transfers: bool | None = None
         #: Whether TF-RMSProp's multi-tensor update computes its denominators ``√(ms+ε)`` into each layer's
         #: residual buffer ``δ`` (free once ``δᵀx`` is made) instead of new tensors of the weights' size
@@ -780,6 +798,7 @@ class FusedIterativeSolver:
         else:  # plain: x Wᵀ + b, the bias in the product's epilogue (fp32, TF32) or in the same pass (bf16)
             def pre(W, b, out, free=None):
                 return product(xr, (W.to(torch.bfloat16) if bf16 else W).T, out, plus=b)
+        pre.rounded_input = xr if bf16 else None  # the bf16 x, for _bf16_chain_compiled
         return pre, wgrad
 
     def products_precision(self, cuda: bool) -> str:
@@ -799,7 +818,7 @@ class FusedIterativeSolver:
         (:attr:`quick_transfers`)."""
         if self.quick_transfers is not None:
             return self.quick_transfers
-        return self.precision == "bf16" and device.type == "cpu" and not self.compile_elementwise
+        return self.precision == "bf16" and device.type == "cpu"
 
     def uses_denominators_in_residual(self, device: torch.device) -> bool:
         """Whether TF-RMSProp's multi-tensor update on ``device`` computes its denominators into the layers'
@@ -948,9 +967,57 @@ class FusedIterativeSolver:
 
     def _chain(self, c: _Chain, loss: LocalLoss, rule: UpdateRule, table: torch.Tensor) -> None:
         """All ``T`` local iterations of one layer, one after another (layer-major)."""
+        if self.compiles_bf16_epilogues(c, rule):
+            return self._bf16_chain_compiled(c, loss, rule, table)
         for k in range(c.layer.steps):
             self._local_gradient(c, k, loss, table)
             self._update([c], rule, table, k)
+
+    def compiles_bf16_epilogues(self, c: _Chain, rule: UpdateRule) -> bool:
+        """Whether :meth:`_bf16_chain_compiled` runs ``c``'s chain: ``compile_elementwise``, bf16 products with no
+        float32 output (the CPU: :func:`bf16_product_has_float32_output`) in the solver's own update form, an
+        update rule with a one-tensor kernel, no proximity term, no local gradients summed over processes, and
+        contiguous weights, states and starting weights (the compiled update sees flat views)."""
+        lay = c.layer
+        return self.compile_elementwise and self.precision == "bf16" and c.start_params is not None \
+            and c.anchor is None and rule.tensor_kernel is not None and self.reduce_local_gradients is None \
+            and getattr(c.pre, "rounded_input", None) is not None \
+            and not bf16_product_has_float32_output(c.scratch.device) \
+            and all(t.is_contiguous() for t in [*lay.params, *c.start_params, *(s for st in lay.states for s in st)])
+
+    def _bf16_chain_compiled(self, c: _Chain, loss: LocalLoss, rule: UpdateRule, table: torch.Tensor) -> None:
+        """All ``T`` local iterations of one layer (Algorithm 1's inner loop in the update form) where the bf16
+        products have no float32 output (the CPU), the elementwise work of an iteration in two compiled
+        programs that read each product's bf16 result as it is, instead of a float32 copy of it first and a
+        pass per operation (:meth:`compiles_bf16_epilogues`):
+
+        * ``δ = f(a₀ + x (W - W₀)ᵀ + (b - b₀)) - y`` with ``Σδ`` and ``δ`` rounded to bf16 for ``δᵀx``
+          (:func:`_bf16_residual_`);
+        * the inner optimizer's update of the weights and bias from ``δᵀx`` (bf16) and ``Σδ``, which also
+          returns the weights' change ``W - W₀`` rounded to bf16 (and the bias's in float32) for the next
+          iteration's product (:meth:`~locoprop.update_rules.UpdateRule.update_layer_compiled_with_change`).
+
+        The products and their roundings are the eager path's; the elementwise arithmetic agrees with it up to
+        float32 rounding (fused multiply-adds, the compiler's ``tanh``)."""
+        lay = c.layer
+        xr, a0 = c.pre.rounded_input, c.start_pre
+        has_bias = len(lay.params) == 2
+        residual = compile_once(_bf16_residual_)
+        dtypes = [torch.bfloat16, torch.float32][:len(lay.params)]
+        changes = None
+        for k in range(lay.steps):
+            if k == 0:
+                delta = c.scratch if c.post is None else loss.grad_from_post(c.post, c.target, out=c.scratch)
+                bias_grad = torch.sum(delta, 0, out=lay.grads[1]) if has_bias else None
+                delta = delta.to(torch.bfloat16)
+            else:
+                delta, bias_grad = residual(loss, xr @ changes[0].T, a0, changes[1] if has_bias else None, c.target,
+                                            c.transfer)
+            grads = [delta.T @ xr] + ([bias_grad] if has_bias else [])
+            starts = c.start_params if k + 1 < lay.steps else None
+            changes = rule.update_layer_compiled_with_change(
+                lay.params, grads, lay.states, self.iteration_scalars_of(table, c.index, k, rule.scalars), starts,
+                dtypes)
 
     def stream_plan(self, problems, use_streams: bool) -> list[int] | None:
         """Each layer's stream in the pool (:meth:`stream_assignment` of the layers' product costs, ``T`` times

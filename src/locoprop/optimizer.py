@@ -192,7 +192,10 @@ class LocoProp(Optimizer):
             cut the LocoProp-M T=10 ``graphed_step`` by 10-15% (standard
             5.11 -> 4.37 ms, wide 30.1 -> 27.1, deep 11.6 -> 9.9;
             ``results/perf/NVIDIA-H200-2026-11-27.json``), but it compiles on
-            the first step, which a short run may not win back.
+            the first step, which a short run may not win back.  With
+            ``precision="bf16"`` on the CPU each layer's local iteration is
+            then two compiled programs that read the bf16 products' results
+            as they are (``docs/performance.md``, session 33).
         triton_elementwise: the fast solver's elementwise work as Triton kernels
             (:mod:`locoprop.triton_kernels`): each layer's TF-RMSProp update
             in one launch instead of eight multi-tensor operations, and each

@@ -133,6 +133,26 @@ class UpdateRule:
             [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
             scalars, self.kernel_hyper() + self.branches())
 
+    def update_layer_compiled_with_change(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                                          states: list[list[torch.Tensor]], scalars: tuple,
+                                          starts: list[torch.Tensor] | None,
+                                          change_dtypes: list[torch.dtype]) -> list[torch.Tensor] | None:
+        """One layer's update as one compiled program (:func:`each_tensor_with_change` of :attr:`tensor_kernel`)
+        that reads each gradient in float32 as it reads it (a bfloat16 product's result, without a float32
+        copy of it first) and, with ``starts`` (one tensor per parameter), returns each parameter's change
+        ``p - start`` in ``change_dtypes[i]`` from the same pass: what the update form's next product reads
+        (the fast solver's bf16 products on the CPU, :meth:`FusedIterativeSolver._bf16_chain_compiled
+        <locoprop.fused.FusedIterativeSolver._bf16_chain_compiled>`).  Every tensor must be contiguous (the
+        program sees flat views, as :meth:`update_layers_compiled`'s does); ``None`` without ``starts``."""
+        from .fused import compile_once
+
+        params = [p.detach() for p in params]
+        flat_starts = [s.view(-1) for s in starts] if starts is not None else [None] * len(params)
+        changes = compile_once(each_tensor_with_change(type(self).tensor_kernel))(
+            [p.view(-1) for p in params], [g.view(-1) for g in grads], [[s.view(-1) for s in st] for st in states],
+            [scalars] * len(params), self.kernel_hyper() + self.branches(), flat_starts, list(change_dtypes))
+        return [c.view(p.shape) for c, p in zip(changes, params)] if starts is not None else None
+
     def update_layers_triton(self, layers: list[tuple], strict: bool = False, starts: list | None = None) -> bool:
         """:meth:`update_layers` with one Triton kernel launch per layer (:mod:`locoprop.triton_kernels`) where
         this rule has a kernel and every tensor suits it; ``False``, having changed nothing, where not (the
@@ -339,6 +359,27 @@ def each_tensor(kernel):
         for p, g, st, sc in zip(params, grads, states, scalars):
             kernel(p, g, st, sc, hyper)
     name = kernel.__name__.replace("_tensor_", "_tensors_")
+    loop = types.FunctionType(update.__code__.replace(co_name=name), update.__globals__, name, None,
+                              update.__closure__)
+    loop.__qualname__ = name
+    return loop
+
+
+@functools.cache
+def each_tensor_with_change(kernel):
+    """``kernel`` over one layer's tensors, each gradient converted to float32 as it is read, and each parameter's
+    change ``p - start`` after the update returned in ``dtypes[i]`` where ``starts[i]`` is given (what
+    :meth:`UpdateRule.update_layer_compiled_with_change` compiles: the update form's weight change, rounded to
+    bf16 for the next product, made in the pass that updates the weights), named after the kernel
+    (``_tf_rmsprop_tensors_with_change_``; a code object of its own, as :func:`each_tensor` says why)."""
+    def update(params, grads, states, scalars, hyper, starts, dtypes):
+        changes = []
+        for p, g, st, sc, start, dtype in zip(params, grads, states, scalars, starts, dtypes):
+            kernel(p, g.float(), st, sc, hyper)
+            if start is not None:
+                changes.append((p - start).to(dtype))
+        return changes
+    name = kernel.__name__.replace("_tensor_", "_tensors_with_change_")
     loop = types.FunctionType(update.__code__.replace(co_name=name), update.__globals__, name, None,
                               update.__closure__)
     loop.__qualname__ = name
