@@ -255,9 +255,9 @@ def test_a_bf16_product_plus_a_float32_term_rounds_as_one_mixed_dtype_addition()
 
 def test_bf16_iterations_on_the_cpu_evaluate_tanh_the_quick_way_and_land_as_near_float32():
     """The fast solver's bf16 iterations on the CPU evaluate ``f(â)`` by ``TransferFunction.quick`` (tanh as
-    ``2σ(2a) - 1``) unless told not to, compiled or not (the compiler's vectorized ``tanh`` took 0.9 ms a million
-    elements on this project's CPU, its ``2σ(2a) - 1`` 0.3 ms); FP32 keeps ``torch.tanh``.  One step lands as
-    near the float32 step either way: its error is the products'."""
+    ``2σ(2a) - 1``) unless told not to, compiled or not (the compiler's own ``tanh`` is slower:
+    ``results/cpu-residual-kernels/``); FP32 keeps ``torch.tanh``.  One step lands as near the float32 step
+    either way: its error is the products'."""
     from locoprop.transfer import TanhViaSigmoid
 
     cpu = torch.device("cpu")

@@ -982,3 +982,35 @@ def test_interleaved_time_times_other_optimizers_and_precisions_beside_locoprop(
         with pytest.raises(ValueError, match=says):
             mod.parse_mode(mod._step_time_module(), bad, 10)
     assert not (tmp_path / "no.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_cpu_residual_kernels_times_the_solvers_compiled_residual_and_its_eager_chain(tmp_path):
+    """``cpu_residual_kernels.py`` times the library's compiled bf16 residual and the eager chain's operations
+    for the same result (which agree: checked here), writes the records with the command and machine, and
+    refuses a malformed shape by name before anything runs."""
+    import torch
+
+    from locoprop.losses import MatchingLoss
+    from locoprop.transfer import Tanh
+
+    mod = _module("cpu_residual_kernels")
+    out = tmp_path / "r.json"
+    assert mod.main(["--shapes", "12x5", "--variants", "compiled-quick-tanh", "eager-quick-tanh", "--repeats", "2",
+                     "--flush-mb", "1", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"].startswith("python benchmarks/cpu_residual_kernels.py --shapes 12x5")
+    assert [(r["variant"], r["rows"], r["columns"], r["repeats"]) for r in data["records"]] == [
+        ("compiled-quick-tanh", 12, 5, 2), ("eager-quick-tanh", 12, 5, 2)]
+    assert all(r["ms_min"] <= r["ms_median"] for r in data["records"])
+    torch.manual_seed(0)  # the eager stand-in computes what the library's residual computes
+    product = torch.randn(6, 4).to(torch.bfloat16)
+    a0, y, db = torch.randn(6, 4), torch.rand(6, 4), torch.randn(4)
+    from locoprop import fused
+
+    ours = fused._bf16_residual_(MatchingLoss(), product, a0, db, y, Tanh().quick())
+    eager = mod._eager_residual(MatchingLoss(), product, a0, db, y, Tanh().quick())
+    assert torch.equal(ours[0], eager[0]) and torch.allclose(ours[1], eager[1])
+    with pytest.raises(SystemExit):
+        mod.main(["--shapes", "12by5", "--out", str(tmp_path / "no.json")])
+    assert not (tmp_path / "no.json").exists()
