@@ -921,10 +921,12 @@ def test_a_new_solve_order_is_captured_anew_and_stays_bitwise_the_other(monkeypa
     assert modes == ["eager", "graph-capture-copy", "graph-replay-copy"] * 2, modes
 
 
-def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(monkeypatch):
+@pytest.mark.parametrize("precision, update_kernel", [("fp32", "_tf_rmsprop_tensors_"),
+                                                     ("bf16", "_tf_rmsprop_tensors_with_change_")])
+def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(monkeypatch, precision, update_kernel):
     """An exception inside the solve (here torch.compile failing after some layers were already updated)
     restores the weights and inner state from check_finite's copy, and a compile failure names
-    compile_elementwise."""
+    compile_elementwise; also in the CPU's compiled bf16 chain."""
     import torch._dynamo.exc
 
     from locoprop import fused
@@ -948,7 +950,7 @@ def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(mo
     model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 12))
     x = torch.rand(32, 12)
     opt = locoprop.LocoProp(model, lr=1e-2, activation_lr=10.0, local_steps=4, output_transfer="sigmoid",
-                            backend="fused", compile_elementwise=True)
+                            backend="fused", compile_elementwise=True, precision=precision)
     opt.step(lambda: bce_sum_mean(model(x), x))  # a step that works, so the inner state exists
     calls.clear()
     fail_after[0] = 3  # three kernels of the next step run (and change weights), the fourth fails
@@ -956,7 +958,7 @@ def test_a_failed_compilation_names_the_option_and_leaves_the_model_untouched(mo
     inner_before = copy.deepcopy(opt.inner.state_dict())
     with pytest.raises(RuntimeError, match="compile_elementwise: torch.compile of .* failed .*no C\\+\\+ compiler"):
         opt.step(lambda: bce_sum_mean(model(x), x))
-    assert len(calls) == 4 and "_tf_rmsprop_tensors_" in calls[:3]  # weights changed before the failure
+    assert len(calls) == 4 and update_kernel in calls[:3]  # weights changed before the failure
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for p, s in opt.inner.state_dict()["state"].items():
