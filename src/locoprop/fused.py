@@ -999,7 +999,7 @@ class FusedIterativeSolver:
           iteration's product (:meth:`~locoprop.update_rules.UpdateRule.update_layer_compiled_with_change`).
 
         The products and their roundings are the eager path's; the elementwise arithmetic agrees with it up to
-        float32 rounding (fused multiply-adds, the compiler's ``tanh``)."""
+        float32 rounding (fused multiply-adds)."""
         lay = c.layer
         xr, a0 = c.pre.rounded_input, c.start_pre
         has_bias = len(lay.params) == 2

@@ -358,11 +358,16 @@ def each_tensor(kernel):
     def update(params, grads, states, scalars, hyper) -> None:
         for p, g, st, sc in zip(params, grads, states, scalars):
             kernel(p, g, st, sc, hyper)
-    name = kernel.__name__.replace("_tensor_", "_tensors_")
-    loop = types.FunctionType(update.__code__.replace(co_name=name), update.__globals__, name, None,
-                              update.__closure__)
-    loop.__qualname__ = name
-    return loop
+    return _renamed(update, kernel.__name__.replace("_tensor_", "_tensors_"))
+
+
+def _renamed(loop, name: str):
+    """``loop`` as a function named ``name`` with a code object of its own (torch.compile keeps its
+    compilations per code object: see :func:`each_tensor`)."""
+    renamed = types.FunctionType(loop.__code__.replace(co_name=name), loop.__globals__, name, None,
+                                 loop.__closure__)
+    renamed.__qualname__ = name
+    return renamed
 
 
 @functools.cache
@@ -379,11 +384,7 @@ def each_tensor_with_change(kernel):
             if start is not None:
                 changes.append((p - start).to(dtype))
         return changes
-    name = kernel.__name__.replace("_tensor_", "_tensors_with_change_")
-    loop = types.FunctionType(update.__code__.replace(co_name=name), update.__globals__, name, None,
-                              update.__closure__)
-    loop.__qualname__ = name
-    return loop
+    return _renamed(update, kernel.__name__.replace("_tensor_", "_tensors_with_change_"))
 
 
 _tf_rmsprop_tensors_ = each_tensor(_tf_rmsprop_tensor_)
