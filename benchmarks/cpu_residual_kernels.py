@@ -11,7 +11,10 @@ products in a step, for each variant:
 * ``compiled-exact-tanh``: the same program with ``torch.tanh`` (the compiler's vectorized ``tanh``);
 * ``compiled-quick-tanh-no-bias``: without ``Σδ`` (a layer without bias): what the column sum costs;
 * ``eager-quick-tanh``: the eager chain's operations for the same result (the product's float32 copy, the two
-  additions, ``2σ(2a) - 1`` in place, the difference, the column sum, ``δ`` rounded to bf16).
+  additions, ``2σ(2a) - 1`` in place, the difference, the column sum, ``δ`` rounded to bf16);
+* ``compiled-quick-tanh-bf16-sum``: not the library's: ``Σδ`` summed from the bf16-rounded ``δ`` (the operand
+  of ``δᵀx``) inside the compiled program, which then need not keep the float32 ``δ`` for its column sum
+  (another rounding of the bias gradient than the eager chain's, so the library does not do it).
 
 It also records each compiled variant's first call (its compilation, shorter where the compiler's cache on
 this machine already holds it).  Writes ``--out`` (JSON: command, machine, date, records) and prints a table.
@@ -37,7 +40,8 @@ from locoprop.harness.records import processor
 from locoprop.losses import MatchingLoss
 from locoprop.transfer import Tanh
 
-VARIANTS = ("compiled-quick-tanh", "compiled-exact-tanh", "compiled-quick-tanh-no-bias", "eager-quick-tanh")
+VARIANTS = ("compiled-quick-tanh", "compiled-exact-tanh", "compiled-quick-tanh-no-bias", "eager-quick-tanh",
+            "compiled-quick-tanh-bf16-sum")
 
 
 def _eager_residual(loss, product, start_pre, bias_change, target, transfer):
@@ -48,6 +52,15 @@ def _eager_residual(loss, product, start_pre, bias_change, target, transfer):
         pre.add_(bias_change)
     delta = loss.grad_(pre, target, transfer)
     return delta.to(torch.bfloat16), delta.sum(0) if bias_change is not None else None
+
+
+def _bf16_sum_residual(loss, product, start_pre, bias_change, target, transfer):
+    """``compiled-quick-tanh-bf16-sum``: the library's residual with ``Σδ`` of the bf16-rounded ``δ``."""
+    pre = product.float() + start_pre
+    if bias_change is not None:
+        pre = pre + bias_change
+    delta = loss.grad_(pre, target, transfer).to(torch.bfloat16)
+    return delta, delta.float().sum(0) if bias_change is not None else None
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -69,7 +82,10 @@ def time_variant(variant: str, shape: tuple[int, int], repeats: int, flush_mb: i
     start_pre, target = torch.randn(rows, cols), torch.rand(rows, cols) * 1.6 - 0.8
     bias_change = None if variant.endswith("no-bias") else 0.01 * torch.randn(cols)
     transfer = Tanh() if "exact" in variant else Tanh().quick()
-    fn = fused.compile_once(fused._bf16_residual_) if variant.startswith("compiled") else _eager_residual
+    if variant.endswith("bf16-sum"):
+        fn = fused.compile_once(_bf16_sum_residual)
+    else:
+        fn = fused.compile_once(fused._bf16_residual_) if variant.startswith("compiled") else _eager_residual
     flush = torch.empty(max(flush_mb, 0) * 2 ** 18)
 
     def call():

@@ -441,7 +441,7 @@ class FusedIterativeSolver:
         #: <locoprop.transfer.TransferFunction.quick>`'s route (``tanh`` as ``2σ(2a) - 1``): ``None`` (default)
         #: where the products round to bf16 on the CPU (PyTorch's CPU ``tanh`` is not vectorized, its ``sigmoid``
         #: is; with ``compile_elementwise`` too: the compiler's vectorized ``tanh``, accurate to 1 ulp, made the
-        #: compiled residual of a 1000 x 1000 layer 1.6 times as long on this project's 2-core CPU,
+        #: compiled residual of a 1000 x 1000 layer 1.7 times as long on this project's 2-core CPU,
         #: ``results/cpu-residual-kernels/``).
         self.quick_transfers: bool | None = None
         #: Whether TF-RMSProp's multi-tensor update computes its denominators ``√(ms+ε)`` into each layer's
