@@ -572,14 +572,15 @@ def test_compiled_updates_of_torch_inner_optimizers_agree_with_their_eager_updat
             assert _max_rel([s0[key]], [s1[key]]) < 1e-4, key
 
 
-def _bf16_eager_and_compiled(inner="tf_rmsprop", inner_kwargs=None, precision="bf16", **kwargs):
+def _bf16_eager_and_compiled(inner="tf_rmsprop", inner_kwargs=None, precision="bf16", dtype=torch.float32,
+                             **kwargs):
     """Three steps of the fast solver with bf16 local products on the CPU, eagerly and with compile_elementwise,
     from the same start; the compiled chain (:meth:`FusedIterativeSolver._bf16_chain_compiled`) counted."""
     from locoprop import fused
 
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 12))
-    x = torch.rand(48, 12)
+    base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 12)).to(dtype)
+    x = torch.rand(48, 12, dtype=dtype)
     models, opts, chains = [], [], []
     for compiled in (False, True):
         model = copy.deepcopy(base)
@@ -603,18 +604,20 @@ def _bf16_eager_and_compiled(inner="tf_rmsprop", inner_kwargs=None, precision="b
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
-@pytest.mark.parametrize("inner, inner_kwargs", [("tf_rmsprop", {"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}),
-                                                 ("adam", {"weight_decay": 0.1})])
-def test_compiled_bf16_chain_on_the_cpu_agrees_with_the_eager_bf16_chain(inner, inner_kwargs):
+@pytest.mark.parametrize("inner, inner_kwargs, dtype", [
+    ("tf_rmsprop", {"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}, torch.float32),
+    ("adam", {"weight_decay": 0.1}, torch.float32),
+    ("tf_rmsprop", {"momentum": 0.9, "alpha": 0.9, "eps": 1e-8}, torch.float64)])
+def test_compiled_bf16_chain_on_the_cpu_agrees_with_the_eager_bf16_chain(inner, inner_kwargs, dtype):
     """With bf16 products on the CPU, compile_elementwise runs each layer's chain as two compiled programs an
     iteration that read the products' bf16 results as they are (``δ`` with ``Σδ``; the update, which also
     returns the next product's bf16 weight change): the same products, rounded the same way, as the eager
-    chain, whose weights and inner state it matches up to float32 rounding of the elementwise work (and the
-    rare bf16 rounding of ``δ`` that this flips), three steps on.  Every layer of every step ran it; the eager
-    solver never did."""
+    chain, whose weights and inner state it matches up to the rounding of the elementwise work (and the rare
+    bf16 rounding of ``δ`` that this flips), three steps on, also for a float64 model (its gradients and bias
+    changes kept in float64).  Every layer of every step ran it; the eager solver never did."""
     from locoprop import fused
 
-    base, models, opts, chains = _bf16_eager_and_compiled(inner, inner_kwargs)
+    base, models, opts, chains = _bf16_eager_and_compiled(inner, inner_kwargs, dtype=dtype)
     assert chains == [0, 3 * 3]
     assert {"_bf16_residual_", f"_{'tf_rmsprop' if inner == 'tf_rmsprop' else inner}_tensors_with_change_"} <= {
         fn.__name__ for fn in fused._COMPILED}
@@ -628,6 +631,42 @@ def test_compiled_bf16_chain_on_the_cpu_agrees_with_the_eager_bf16_chain(inner, 
                 assert _max_rel([s0[key]], [s1[key]]) < 1e-2, key
             else:
                 assert torch.equal(torch.as_tensor(s0[key]), torch.as_tensor(s1[key]))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_update_with_change_reads_each_gradient_in_its_parameters_dtype(dtype):
+    """``update_layer_compiled_with_change`` (the compiled bf16 chain's update): a bf16 weight gradient and a bias
+    gradient of the parameters' dtype give the eager TF-RMSProp update of the same gradients in that dtype (a
+    float64 bias gradient is not rounded to float32 on the way), and the changes ``p - start`` come back in
+    the dtypes asked, equal to the parameters' change after the update."""
+    from locoprop.inner import TFRMSprop
+    from locoprop.update_rules import TFRMSpropRule
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, 7, dtype=dtype), torch.randn(5, dtype=dtype)]
+    grads = [torch.randn(5, 7).to(torch.bfloat16), torch.randn(5, dtype=dtype)]
+    starts = [p.clone() for p in params]
+    results = []
+    for compiled in (False, True):
+        ps = [p.clone() for p in params]
+        rule = TFRMSpropRule(TFRMSprop(ps, lr=0.1, momentum=0.9, alpha=0.9, eps=1e-8))
+        states = [rule.state(p) for p in ps]
+        for st in states:
+            st[0].fill_(0.5)
+        lr = torch.tensor(0.01, dtype=dtype)
+        if compiled:
+            changes = rule.update_layer_compiled_with_change(ps, grads, states, (lr,), starts,
+                                                             [torch.bfloat16, dtype])
+            assert [c.dtype for c in changes] == [torch.bfloat16, dtype]
+            assert torch.equal(changes[0], (ps[0] - starts[0]).to(torch.bfloat16))
+            assert torch.equal(changes[1], ps[1] - starts[1])
+        else:
+            rule.update_layers([(ps, [g.to(dtype, copy=True) for g in grads], states, (lr,))])  # (scales them)
+        results.append(ps)
+    for eager, compiled in zip(*results):
+        assert not torch.equal(eager, params[0]) if eager.dim() == 2 else not torch.equal(eager, params[1])
+        torch.testing.assert_close(compiled, eager, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

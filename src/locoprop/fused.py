@@ -995,7 +995,7 @@ class FusedIterativeSolver:
         * ``δ = f(a₀ + x (W - W₀)ᵀ + (b - b₀)) - y`` with ``Σδ`` and ``δ`` rounded to bf16 for ``δᵀx``
           (:func:`_bf16_residual_`);
         * the inner optimizer's update of the weights and bias from ``δᵀx`` (bf16) and ``Σδ``, which also
-          returns the weights' change ``W - W₀`` rounded to bf16 (and the bias's in float32) for the next
+          returns the weights' change ``W - W₀`` rounded to bf16 (and the bias's in its own dtype) for the next
           iteration's product (:meth:`~locoprop.update_rules.UpdateRule.update_layer_compiled_with_change`).
 
         The products and their roundings are the eager path's; the elementwise arithmetic agrees with it up to
@@ -1004,7 +1004,7 @@ class FusedIterativeSolver:
         xr, a0 = c.pre.rounded_input, c.start_pre
         has_bias = len(lay.params) == 2
         residual = compile_once(_bf16_residual_)
-        dtypes = [torch.bfloat16, torch.float32][:len(lay.params)]
+        dtypes = [torch.bfloat16] + [b.dtype for b in lay.params[1:]]  # the bias's change as the eager form adds it
         changes = None
         for k in range(lay.steps):
             if k == 0:

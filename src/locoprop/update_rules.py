@@ -138,8 +138,8 @@ class UpdateRule:
                                           starts: list[torch.Tensor] | None,
                                           change_dtypes: list[torch.dtype]) -> list[torch.Tensor] | None:
         """One layer's update as one compiled program (:func:`each_tensor_with_change` of :attr:`tensor_kernel`)
-        that reads each gradient in float32 as it reads it (a bfloat16 product's result, without a float32
-        copy of it first) and, with ``starts`` (one tensor per parameter), returns each parameter's change
+        that reads each gradient in its parameter's dtype as it reads it (a bfloat16 product's result, without a
+        float32 copy of it first) and, with ``starts`` (one tensor per parameter), returns each parameter's change
         ``p - start`` in ``change_dtypes[i]`` from the same pass: what the update form's next product reads
         (the fast solver's bf16 products on the CPU, :meth:`FusedIterativeSolver._bf16_chain_compiled
         <locoprop.fused.FusedIterativeSolver._bf16_chain_compiled>`).  Every tensor must be contiguous (the
@@ -372,7 +372,8 @@ def _renamed(loop, name: str):
 
 @functools.cache
 def each_tensor_with_change(kernel):
-    """``kernel`` over one layer's tensors, each gradient converted to float32 as it is read, and each parameter's
+    """``kernel`` over one layer's tensors, each gradient converted to its parameter's dtype as it is read (a bf16
+    product's result to float32), and each parameter's
     change ``p - start`` after the update returned in ``dtypes[i]`` where ``starts[i]`` is given (what
     :meth:`UpdateRule.update_layer_compiled_with_change` compiles: the update form's weight change, rounded to
     bf16 for the next product, made in the pass that updates the weights), named after the kernel
@@ -380,7 +381,7 @@ def each_tensor_with_change(kernel):
     def update(params, grads, states, scalars, hyper, starts, dtypes):
         changes = []
         for p, g, st, sc, start, dtype in zip(params, grads, states, scalars, starts, dtypes):
-            kernel(p, g.float(), st, sc, hyper)
+            kernel(p, g.to(p.dtype), st, sc, hyper)
             if start is not None:
                 changes.append((p - start).to(dtype))
         return changes
