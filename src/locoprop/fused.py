@@ -859,9 +859,7 @@ class FusedIterativeSolver:
         b = lay.params[1] if len(lay.params) == 2 else None
         bias_grad = lay.grads[1] if b is not None else None
         if k == 0:
-            delta = c.scratch if c.post is None else loss.grad_from_post(c.post, c.target, out=c.scratch)
-            if b is not None:
-                torch.sum(delta, 0, out=bias_grad)
+            delta = self._first_residual(c, loss, bias_grad)
         elif self.compile_elementwise:
             delta = compile_once(_residual_and_bias_grad_)(loss, self._pre(c, W, b), c.target, c.transfer, bias_grad)
         elif self._triton_residual(c, loss, W, b, bias_grad):
@@ -873,6 +871,16 @@ class FusedIterativeSolver:
         c.wgrad(delta, lay.grads[0])
         if proximity:
             self._add_proximity(c, table, k)
+
+    @staticmethod
+    def _first_residual(c: _Chain, loss: LocalLoss, bias_grad: torch.Tensor | None) -> torch.Tensor:
+        """Iteration 0's ``δ``: the problem's first residual, which is the layer's scratch buffer, or, where the
+        problem kept the layer's output ``ŷ`` instead, ``f(â₀) - y`` computed into it from ``ŷ`` (Eq. 2); with a
+        bias, ``Σδ`` into ``bias_grad``."""
+        delta = c.scratch if c.post is None else loss.grad_from_post(c.post, c.target, out=c.scratch)
+        if bias_grad is not None:
+            torch.sum(delta, 0, out=bias_grad)
+        return delta
 
     @staticmethod
     def _pre(c: _Chain, W, b, fold: bool = False) -> torch.Tensor:
@@ -1008,9 +1016,8 @@ class FusedIterativeSolver:
         changes = None
         for k in range(lay.steps):
             if k == 0:
-                delta = c.scratch if c.post is None else loss.grad_from_post(c.post, c.target, out=c.scratch)
-                bias_grad = torch.sum(delta, 0, out=lay.grads[1]) if has_bias else None
-                delta = delta.to(torch.bfloat16)
+                bias_grad = lay.grads[1] if has_bias else None
+                delta = self._first_residual(c, loss, bias_grad).to(torch.bfloat16)
             else:
                 delta, bias_grad = residual(loss, xr @ changes[0].T, a0, changes[1] if has_bias else None, c.target,
                                             c.transfer)
